@@ -1,0 +1,34 @@
+"""tngraph: compress trained PyTorch models by rewriting their graphs into tensor networks."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import logging
+
+from .api import CompressResult, compress, compress_with_result
+from .artifact import load, save
+from .capture import capture
+from .config import Config
+from .errors import ArtifactError, CaptureError, ConfigError, DataError, ModelError, PassError, TngraphError
+from .passes import PassContext, PassResult
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "ArtifactError",
+    "CaptureError",
+    "CompressResult",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "PassContext",
+    "PassError",
+    "PassResult",
+    "TngraphError",
+    "capture",
+    "compress",
+    "compress_with_result",
+    "load",
+    "save",
+]

@@ -1,0 +1,181 @@
+"""tngraph.compress: capture -> pass pipeline -> plan -> the user's module with its targets swapped."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import __version__
+from .capture import capture, normalize_inputs
+from .config import Config
+from .errors import DataError, ModelError
+from .models import ModelSource, tokenize, weights_hash
+from .modules import LowRankLinear
+from .passes import PassContext
+from .pipeline import run_passes
+from .plan import TargetPlan
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+
+
+@dataclass
+class CompressResult:
+    """What one compression produced: the module, the rewritten graph, the pass context and the recipe."""
+
+    module: torch.nn.Module
+    graph: fx.GraphModule
+    context: PassContext
+    recipe: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def calibration_batches(
+    calibration: Sequence[Any] | None, config: Config, tokenizer: Any = None
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Texts (tokenized in batches of config.batch_size) or a list of example inputs, as (args, kwargs)."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Sequence):
+        raise DataError(f"calibration must be a list of samples, got {type(calibration).__name__}", "pass a list of texts or of example inputs")
+    samples = list(calibration)
+    if not samples:
+        raise DataError("calibration data is empty", "pass at least one sample, or None for data-free decomposition")
+    if all(isinstance(s, str) for s in samples):
+        if tokenizer is None:
+            raise DataError("calibration texts need a tokenizer", "pass tokenizer= or tokenized example inputs")
+        samples = _by_token_length(samples[: config.calibration_samples], tokenizer, config.max_length)
+        return [
+            ((), tokenize(tokenizer, samples[i : i + config.batch_size], config.max_length))
+            for i in range(0, len(samples), config.batch_size)
+        ]
+    if any(isinstance(s, str) for s in samples):
+        raise DataError("calibration mixes texts and tensors", "pass only texts or only example inputs")
+    return [normalize_inputs(s) for s in samples]
+
+
+def _by_token_length(texts: list[str], tokenizer: Any, max_length: int) -> list[str]:
+    """Batch texts of similar length together: padded positions would distort the statistics."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return [texts[i] for i in sorted(range(len(texts)), key=lambda i: (lengths[i], i))]
+
+
+def compress(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    calibration: Sequence[Any] | None = None,
+    config: Config | None = None,
+    *,
+    tokenizer: Any = None,
+    **options: Any,
+) -> torch.nn.Module:
+    """Return a compressed copy of `model` that takes the same inputs and returns the same structure.
+
+    `calibration` is a list of texts (with `tokenizer`) or of example inputs; without it the
+    decomposition is data-free. Options may be given as `config=Config(...)` or as keywords.
+    """
+    return compress_with_result(model, example_inputs, calibration, config, tokenizer=tokenizer, **options).module
+
+
+def compress_with_result(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    calibration: Sequence[Any] | None = None,
+    config: Config | None = None,
+    *,
+    tokenizer: Any = None,
+    source: ModelSource | None = None,
+    **options: Any,
+) -> CompressResult:
+    config = (config or Config()).replace(**options) if options else (config or Config())
+    batches = calibration_batches(calibration, config, tokenizer)
+    if example_inputs is None:
+        if not batches:
+            raise DataError("compress needs example inputs to capture the model", "pass example_inputs= or calibration=")
+        example_inputs = batches[0]
+    source = source or ModelSource("module")
+    start = time.perf_counter()
+    gm = capture(model, example_inputs)
+    timings = {"capture": time.perf_counter() - start}
+    ctx = PassContext(config=config, calibration=batches)
+    gm = run_passes(gm, ctx)
+    timings.update(ctx.timings)
+    compressed = apply_plan(copy.deepcopy(model), ctx.plan.values())
+    recipe = make_recipe(model, ctx.plan.values(), config, source)
+    attach(compressed, recipe)
+    return CompressResult(compressed, gm, ctx, recipe, timings)
+
+
+def apply_plan(model: torch.nn.Module, plans: Any) -> torch.nn.Module:
+    """Swap each planned nn.Linear of `model` for its factorized module (in place; returns model)."""
+    for plan in plans:
+        try:
+            owner = model.get_submodule(plan.name)
+        except AttributeError as exc:
+            raise ModelError(f"the model has no module {plan.name!r}", "apply the recipe to the model it was made from") from exc
+        if not isinstance(owner, torch.nn.Linear):
+            raise ModelError(
+                f"target {plan.name!r} is a {type(owner).__name__}, not an nn.Linear",
+                "restrict targets to nn.Linear modules with Config(include=..., exclude=...)",
+            )
+        if (owner.out_features, owner.in_features) != (plan.out_features, plan.in_features):
+            raise ModelError(
+                f"target {plan.name!r} is {owner.out_features}x{owner.in_features}, the recipe says {plan.out_features}x{plan.in_features}",
+                "apply the recipe to the model it was made from",
+            )
+        if plan.format != "lowrank":
+            raise ModelError(f"unknown format {plan.format!r} for {plan.name!r}", "upgrade tngraph")
+        bias = owner.bias.detach().clone() if owner.bias is not None else None
+        new = LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias)
+        new.to(device=owner.weight.device)
+        parent_name, _, child = plan.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
+
+
+def make_recipe(model: torch.nn.Module, plans: Any, config: Config, source: ModelSource) -> dict[str, Any]:
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("dump_dir", "progress")}
+    cfg["include"], cfg["exclude"] = list(config.include), list(config.exclude)
+    return {
+        "recipe_version": RECIPE_VERSION,
+        "tngraph_version": __version__,
+        "source": source.to_json(),
+        "source_hash": weights_hash(model),
+        "config": cfg,
+        "targets": [p.recipe() for p in sorted(plans, key=lambda p: p.name)],
+    }
+
+
+def attach(module: torch.nn.Module, recipe: dict[str, Any]) -> None:
+    module.tngraph_recipe = recipe  # type: ignore[attr-defined]
+
+
+def plans_from_module(module: torch.nn.Module) -> list[TargetPlan]:
+    """The plan as the module holds it now (factors may have been trained since compression)."""
+    recipe = getattr(module, "tngraph_recipe", None)
+    if recipe is None:
+        raise ModelError("this module was not produced by tngraph.compress or tngraph.load", "compress it first")
+    plans = []
+    for entry in recipe["targets"]:
+        sub = module.get_submodule(entry["name"])
+        if not isinstance(sub, LowRankLinear):
+            raise ModelError(f"module {entry['name']!r} is no longer a tngraph factorized layer", "save the module returned by compress()")
+        plans.append(
+            TargetPlan(
+                name=entry["name"],
+                format=entry["format"],
+                rank=entry["rank"],
+                in_features=entry["in_features"],
+                out_features=entry["out_features"],
+                has_bias=entry["bias"],
+                factors={"a": sub.a.detach(), "b": sub.b.detach()},
+            )
+        )
+    return plans

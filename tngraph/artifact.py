@@ -1,0 +1,147 @@
+"""Artifacts: factors as safetensors plus a JSON recipe; written atomically, verified when loaded."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .api import RECIPE_VERSION, apply_plan, attach, plans_from_module
+from .errors import ArtifactError
+from .models import ModelSource, load_model, weights_hash
+from .plan import TargetPlan
+
+log = logging.getLogger(__name__)
+
+RECIPE = "recipe.json"
+FACTORS = "factors.safetensors"
+
+
+def check_output_dir(path: str | os.PathLike, force: bool) -> pathlib.Path:
+    """Refuse an existing output directory unless `force`; call before any long work."""
+    out = pathlib.Path(path)
+    if out.exists() and not force:
+        raise ArtifactError(f"output directory {str(out)!r} already exists", "pass --force (force=True) to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output path {str(out)!r} exists and is not a directory", "choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[pathlib.Path]:
+    """Yield a temporary sibling folder; on success it replaces `path` in one rename, on failure it vanishes."""
+    out = check_output_dir(path, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(module: torch.nn.Module, path: str | os.PathLike, *, force: bool = False, extra: dict[str, Any] | None = None) -> pathlib.Path:
+    """Write `module`'s recipe and factors to the folder `path` (plus `extra` JSON files, e.g. a report)."""
+    plans = plans_from_module(module)
+    recipe = dict(module.tngraph_recipe)  # type: ignore[attr-defined]
+    tensors = {f"{p.name}.{k}": v.detach().to("cpu").contiguous() for p in plans for k, v in p.factors.items()}
+    with atomic_dir(path, force) as tmp:
+        save_file(tensors, str(tmp / FACTORS), metadata={"format": "pt", "producer": "tngraph"})
+        recipe["files"] = {FACTORS: {"sha256": _sha256(tmp / FACTORS)}}
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name, data in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    log.info("saved %d factorized targets to %s", len(plans), path)
+    return pathlib.Path(path)
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise ArtifactError(f"no artifact at {str(folder)!r}", "pass the --out folder of a `tngraph compress` run")
+    recipe_path = folder / RECIPE
+    if not recipe_path.is_file():
+        raise ArtifactError(f"{str(folder)!r} has no {RECIPE}", "pass the --out folder of a `tngraph compress` run")
+    try:
+        recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{str(recipe_path)!r} is unreadable or corrupt: {exc}", "recompress the model to rebuild the artifact") from None
+    required = ("recipe_version", "source", "source_hash", "targets", "files")
+    if not isinstance(recipe, dict) or any(k not in recipe for k in required):
+        raise ArtifactError(f"{str(recipe_path)!r} is not a tngraph recipe", "recompress the model to rebuild the artifact")
+    if recipe["recipe_version"] > RECIPE_VERSION:
+        raise ArtifactError(f"recipe version {recipe['recipe_version']} is newer than this tngraph understands", "upgrade tngraph")
+    return recipe
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Rebuild the compressed model: the source model from its own definition, then the recipe applied.
+
+    `model` is needed only when the artifact was made from a user-supplied module; it must hold the
+    same weights as the module that was compressed.
+    """
+    folder = pathlib.Path(path)
+    recipe = read_recipe(folder)
+    factors_path = folder / FACTORS
+    if not factors_path.is_file():
+        raise ArtifactError(f"{str(folder)!r} has no {FACTORS}", "recompress the model to rebuild the artifact")
+    expected = recipe["files"].get(FACTORS, {}).get("sha256")
+    if expected != _sha256(factors_path):
+        raise ArtifactError(f"{str(factors_path)!r} does not match the hash in its recipe (truncated or modified)", "recompress the model")
+    try:
+        tensors = load_file(str(factors_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{str(factors_path)!r} is corrupt: {exc}", "recompress the model") from None
+    if model is None:
+        model, _ = load_model(ModelSource.from_json(recipe["source"]))
+    else:
+        model = model.eval()
+    if weights_hash(model) != recipe["source_hash"]:
+        raise ArtifactError("this artifact was made from a different source model (weights hash differs)", "load it onto the model it was compressed from")
+    plans = [_plan(entry, tensors) for entry in recipe["targets"]]
+    module = apply_plan(model, plans)
+    recipe = {k: v for k, v in recipe.items() if k != "files"}
+    attach(module, recipe)
+    return module
+
+
+def _plan(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TargetPlan:
+    factors = {}
+    for key, shape in entry["factors"].items():
+        tensor = tensors.get(f"{entry['name']}.{key}")
+        if tensor is None or list(tensor.shape) != list(shape):
+            raise ArtifactError(f"factor {entry['name']}.{key} is missing or has the wrong shape", "recompress the model")
+        factors[key] = tensor
+    return TargetPlan(
+        name=entry["name"],
+        format=entry["format"],
+        rank=entry["rank"],
+        in_features=entry["in_features"],
+        out_features=entry["out_features"],
+        has_bias=entry["bias"],
+        factors=factors,
+    )

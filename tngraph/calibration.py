@@ -1,0 +1,30 @@
+"""Streaming per-target input statistics (X^T X, rows, mean |x|), never keeping activations."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GramStats:
+    """Running sums over the rows x (last dimension = in_features) that reach one target."""
+
+    in_features: int
+    gram: torch.Tensor = field(init=False)
+    abs_sum: torch.Tensor = field(init=False)
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, self.in_features).to(torch.float64)
+        self.gram.addmm_(rows.T, rows)
+        self.abs_sum.add_(rows.abs().sum(0))
+        self.rows += rows.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)

@@ -1,0 +1,177 @@
+"""The tngraph command line: compress and demo. It owns the terminal; errors are one line, no traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from .errors import ConfigError, TngraphError
+
+log = logging.getLogger("tngraph.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"tngraph: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _budget(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
+
+
+def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> None:
+    p.add_argument("--budget", type=_budget, default=0.5, help="fraction of the targets' parameters kept, in (0, 1] (default 0.5)")
+    p.add_argument("--out", required=out_required, default=None if out_required else "demo-out", help="artifact folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
+    p.add_argument("--calibration-samples", type=int, default=512, help="calibration samples used (default 512)")
+    p.add_argument("--eval-samples", type=int, default=2000, help="held-out sentences for the agreement report (default 2000)")
+    p.add_argument("--no-eval", action="store_true", help="skip the agreement and latency measurements")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain-SVD comparison in the report")
+    p.add_argument("--no-whiten", action="store_true", help="plain (data-free) SVD instead of activation-whitened SVD")
+    p.add_argument("--include", action="append", default=None, metavar="REGEX", help="target only module paths matching REGEX (repeatable)")
+    p.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="never target module paths matching REGEX (repeatable)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for calibration and latency (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data sets and latency inputs (default 0)")
+    p.add_argument("--dump", metavar="DIR", help="write the graph after each pass to DIR (as TNGRAPH_DUMP=DIR)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tngraph", description="Compress PyTorch models by rewriting their graphs into tensor networks.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    c = sub.add_parser("compress", help="compress a model and write an artifact folder with a report")
+    c.add_argument("--model", required=True, help="'minilm' (the bundled all-MiniLM-L6-v2) or a local Hugging Face model folder")
+    _add_compress_options(c, out_required=True)
+    d = sub.add_parser("demo", help="compress the bundled MiniLM at budget 0.5 and print the report")
+    _add_compress_options(d, out_required=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        if args.command == "demo":
+            args.model = "minilm"
+        return _compress(args)
+    except TngraphError as exc:
+        print(f"tngraph: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tngraph: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet or not args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tngraph").setLevel(logging.ERROR if args.quiet else level)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .api import compress_with_result
+    from .artifact import check_output_dir, save
+    from .config import Config
+    from .data import read_lines, sentence_sets
+    from .models import default_include, load_model, resolve
+
+    hf_logging.set_verbosity_error()
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    source = resolve(args.model)
+    options: dict[str, Any] = dict(
+        budget=args.budget,
+        whiten=not args.no_whiten,
+        include=tuple(args.include) if args.include else default_include(source),
+        exclude=tuple(args.exclude or ()),
+        calibration_samples=args.calibration_samples,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    if args.dump:
+        options["dump_dir"] = args.dump
+    config = Config(**options)
+    check_output_dir(args.out, args.force)
+    started = time.perf_counter()
+    model, tokenizer = load_model(source)
+    if tokenizer is None:
+        raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
+    builtin = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+    calibration = read_lines(args.calibration) if args.calibration else builtin.calibration
+    result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source)
+    report = _report(args, source, model, tokenizer, result, builtin.evaluation, config)
+    report["timings"]["total"] = time.perf_counter() - started
+    save(result.module, args.out, force=args.force, extra={"report.json": report})
+    report["out"] = os.path.abspath(args.out)
+    from .report import format_table
+
+    print(format_table(report))
+    return 0
+
+
+def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[str, Any]:
+    import torch
+
+    from .api import compress_with_result
+    from .evaluate import agreement, count_params, latency, latency_inputs, sentence_embeddings
+
+    names = tuple(t["name"] for t in result.recipe["targets"])
+    tb, tbb = count_params(model, names)
+    ta, tab = count_params(result.module, names)
+    mb, mbb = count_params(model)
+    ma, mab = count_params(result.module)
+    report: dict[str, Any] = {
+        "model": args.model,
+        "budget": config.budget,
+        "format": config.format,
+        "whiten": config.whiten,
+        "targets": len(names),
+        "params": {"targets_before": tb, "targets_after": ta, "model_before": mb, "model_after": ma, "targets_kept": ta / tb if tb else None},
+        "bytes": {"targets_before": tbb, "targets_after": tab, "model_before": mbb, "model_after": mab},
+        "ranks": {t["name"]: t["rank"] for t in result.recipe["targets"]},
+        "counters": dict(result.context.counters),
+        "timings": dict(result.timings),
+    }
+    if args.no_eval:
+        return report
+    start = time.perf_counter()
+    show = not args.quiet
+    ref = sentence_embeddings(model, tokenizer, evaluation, max_length=config.max_length, show=show)
+    report["agreement"] = {"compressed": agreement(ref, sentence_embeddings(result.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()}
+    if not args.no_baseline and config.whiten:
+        plain = compress_with_result(model, example_inputs=latency_inputs(tokenizer.vocab_size, 2, 16), config=config.replace(whiten=False, dump_dir=None))
+        report["agreement"]["plain_svd"] = agreement(ref, sentence_embeddings(plain.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
+    report["timings"]["evaluate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    batch, length = 32, 128
+    inputs = latency_inputs(tokenizer.vocab_size, batch, length, config.seed)
+    times = latency({"dense": model, "compressed": result.module}, inputs)
+    report["latency"] = {
+        "batch": batch,
+        "length": length,
+        "threads": torch.get_num_threads(),
+        "dense_ms": times["dense"] * 1e3,
+        "compressed_ms": times["compressed"] * 1e3,
+        "ratio": times["compressed"] / times["dense"],
+    }
+    report["timings"]["latency"] = time.perf_counter() - start
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

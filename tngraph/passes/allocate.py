@@ -1,0 +1,36 @@
+"""allocate: choose format and rank per target so that `budget` of its parameters is kept.
+
+This first allocator is uniform: every target keeps the same fraction. A target whose factorization
+would not be smaller than the dense layer stays dense.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+
+from .. import meta
+from ..tn import lowrank_params, rank_for_budget
+from .base import PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+
+def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    budget = ctx.config.budget
+    chosen = 0
+    for node in meta.targets(gm):
+        t = meta.info(node).target
+        bias = t.out_features if t.bias else 0
+        rank = rank_for_budget(t.out_features, t.in_features, budget, bias=bool(t.bias))
+        after = lowrank_params(t.out_features, t.in_features, rank) + bias
+        if after >= t.dense_params:
+            plan = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="factorization not smaller")
+            ctx.counters["allocate.dense.not_smaller"] += 1
+        else:
+            plan = meta.PlanInfo(ctx.config.format, rank, t.dense_params, after)
+            ctx.counters[f"allocate.{ctx.config.format}"] += 1
+            chosen += 1
+        meta.update(node, plan=plan)
+    log.info("allocate: %d targets factorized at budget %.3g", chosen, budget)
+    return PassResult(gm, modified=chosen > 0, summary={"factorized": chosen})

@@ -1,0 +1,45 @@
+"""Core types of the pass pipeline: PassContext, PassResult and the Pass signature."""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.fx as fx
+
+from ..calibration import GramStats
+from ..config import Config
+from ..plan import TargetPlan
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(Protocol):
+    __name__: str
+
+    def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult: ...
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read or add to besides the graph itself."""
+
+    config: Config
+    # calibration batches, each (args, kwargs) accepted by the captured module
+    calibration: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    stats: dict[str, GramStats] = field(default_factory=dict)
+    plan: dict[str, TargetPlan] = field(default_factory=dict)
+    counters: collections.Counter = field(default_factory=collections.Counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)
+    current_pass: str = ""
+
+
+PassFn = Callable[[fx.GraphModule, PassContext], PassResult]

@@ -1,0 +1,75 @@
+"""calibrate: stream calibration batches through the graph, accumulating each target's X^T X.
+
+Observer nodes are inserted before the targets for the duration of the pass and removed after it,
+so the graph leaves this pass as it entered.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .. import meta
+from ..calibration import GramStats
+from ..errors import DataError
+from ..progress import progress
+from .base import PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+_ACTIVE: dict[str, GramStats] = {}
+
+
+def _observe(x: torch.Tensor, key: str) -> None:
+    stats = _ACTIVE.get(key)
+    if stats is not None:
+        stats.update(x)
+
+
+def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    nodes = meta.targets(gm)
+    if not ctx.calibration or not nodes:
+        if nodes:
+            log.info("calibrate: no calibration data; decompositions will be data-free")
+        return PassResult(gm, modified=False, summary={"batches": 0})
+    stats = {meta.info(n).target.name: GramStats(meta.info(n).target.in_features) for n in nodes}
+    observers = []
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            observers.append(gm.graph.call_function(_observe, (node.args[_x_index(node)], meta.info(node).target.name)))
+    gm.recompile()
+    _ACTIVE.clear()
+    _ACTIVE.update(stats)
+    try:
+        with torch.no_grad():
+            for args, kwargs in progress(ctx.calibration, desc="calibrate", enabled=ctx.config.progress, unit="batch"):
+                _run(gm, args, kwargs)
+    finally:
+        _ACTIVE.clear()
+        for obs in observers:
+            gm.graph.erase_node(obs)
+        gm.recompile()
+    for node in nodes:
+        s = stats[meta.info(node).target.name]
+        meta.update(node, calibration=meta.CalibrationInfo(rows=s.rows, mean_abs=float(s.mean_abs.mean())))
+    ctx.stats.update(stats)
+    rows = next(iter(stats.values())).rows
+    ctx.counters["calibrate.batches"] += len(ctx.calibration)
+    log.info("calibrate: %d batches, %d rows per target", len(ctx.calibration), rows)
+    return PassResult(gm, modified=True, summary={"batches": len(ctx.calibration), "rows": rows})
+
+
+def _x_index(node: fx.Node) -> int:
+    return 1 if node.target == torch.ops.aten.addmm.default else 0
+
+
+def _run(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    try:
+        gm(*args, **kwargs)
+    except Exception as exc:
+        raise DataError(
+            f"a calibration batch does not fit the captured model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            "pass calibration samples with the same structure, dtypes and ranks as the example inputs",
+        ) from exc

@@ -1,0 +1,126 @@
+"""targets: mark linear-like nodes with a constant weight (aten.linear / addmm / mm) as compression targets."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .. import meta
+from ..errors import ModelError
+from .base import PassContext, PassResult
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+_TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+
+
+@dataclass(frozen=True)
+class LinearMatch:
+    """A matched linear-like node: y = x @ W^T (+ b) with W = gm.<weight>."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node  # the get_attr node of W (out x in)
+    bias: fx.Node | None
+
+
+def match_linear(node: fx.Node) -> LinearMatch | None:
+    """Pattern side of every linear rewrite: which nodes compute x @ W^T + b with a constant W."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.linear.default:
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if _is_attr(w) and (b is None or _is_attr(b)):
+            return LinearMatch(node, x, w, b)
+        return None
+    if node.target in (aten.addmm.default, aten.mm.default):
+        b, x, wt = (node.args[0], node.args[1], node.args[2]) if node.target == aten.addmm.default else (None, *node.args[:2])
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        if isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in _TRANSPOSES and _is_transpose(wt):
+            w = wt.args[0]
+            if _is_attr(w) and (b is None or _is_attr(b)):
+                return LinearMatch(node, x, w, b)
+    return None
+
+
+def _is_attr(value: object) -> bool:
+    return isinstance(value, fx.Node) and value.op == "get_attr"
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.target == aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    if node.target == aten.transpose.int:
+        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    return True
+
+
+def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    if include and not any(re.search(p, name) for p in include):
+        return False
+    return not any(re.search(p, name) for p in exclude)
+
+
+def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    found = 0
+    for node in gm.graph.nodes:
+        m = match_linear(node)
+        if m is None:
+            continue
+        weight_name = str(m.weight.target)
+        name = weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name
+        if not _selected(name, cfg.include, cfg.exclude):
+            ctx.counters["targets.skipped.filtered"] += 1
+            continue
+        weight = gm.get_parameter(weight_name) if _has_param(gm, weight_name) else getattr_path(gm, weight_name)
+        if weight.dim() != 2 or not weight.is_floating_point():
+            ctx.counters["targets.skipped.not_float_matrix"] += 1
+            continue
+        if len(m.weight.users) > 1:
+            # a shared (tied) weight: factorizing one use would untie it
+            ctx.counters["targets.skipped.shared_weight"] += 1
+            continue
+        if not torch.isfinite(weight).all():
+            bad = int((~torch.isfinite(weight)).sum())
+            raise ModelError(
+                f"weight {weight_name!r} holds {bad} NaN/Inf values",
+                "repair or reload the model's weights before compressing it",
+            )
+        out_features, in_features = weight.shape
+        meta.update(
+            node,
+            target=meta.TargetInfo(
+                name=name,
+                weight=weight_name,
+                bias=str(m.bias.target) if m.bias is not None else None,
+                in_features=int(in_features),
+                out_features=int(out_features),
+            ),
+        )
+        found += 1
+    ctx.counters["targets.found"] += found
+    log.info("targets: %d linear-like nodes selected", found)
+    return PassResult(gm, modified=found > 0, summary={"targets": found})
+
+
+def _has_param(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def getattr_path(root: torch.nn.Module, path: str) -> torch.Tensor:
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    assert isinstance(obj, torch.Tensor)
+    return obj

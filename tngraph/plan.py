@@ -1,0 +1,36 @@
+"""The plan: per target, a format, a rank and the factor tensors; what artifacts store and modules apply."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TargetPlan:
+    name: str
+    format: str
+    rank: int
+    in_features: int
+    out_features: int
+    has_bias: bool
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def params_before(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.has_bias else 0)
+
+    @property
+    def params_after(self) -> int:
+        return sum(t.numel() for t in self.factors.values()) + (self.out_features if self.has_bias else 0)
+
+    def recipe(self) -> dict:
+        return {
+            "name": self.name,
+            "format": self.format,
+            "rank": self.rank,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.has_bias,
+            "factors": {k: list(v.shape) for k, v in sorted(self.factors.items())},
+        }

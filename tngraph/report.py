@@ -1,0 +1,47 @@
+"""The compression report: a JSON-able dict and the table the CLI prints."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB"
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}" if before else "-"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Rows of (quantity, dense, compressed, ratio), then agreement and pass times."""
+    rows: list[tuple[str, str, str, str]] = [("", "dense", "compressed", "ratio")]
+    p = report["params"]
+    rows.append(("parameters, targets", f"{p['targets_before']:,}", f"{p['targets_after']:,}", _ratio(p["targets_after"], p["targets_before"])))
+    rows.append(("parameters, model", f"{p['model_before']:,}", f"{p['model_after']:,}", _ratio(p["model_after"], p["model_before"])))
+    b = report["bytes"]
+    rows.append(("weight bytes, targets", _mb(b["targets_before"]), _mb(b["targets_after"]), _ratio(b["targets_after"], b["targets_before"])))
+    rows.append(("weight bytes, model", _mb(b["model_before"]), _mb(b["model_after"]), _ratio(b["model_after"], b["model_before"])))
+    lat = report.get("latency")
+    if lat:
+        shape = f"{lat['batch']}x{lat['length']}, {lat['threads']} thr"
+        rows.append((f"CPU latency ({shape})", f"{lat['dense_ms']:.1f} ms", f"{lat['compressed_ms']:.1f} ms", f"{lat['ratio']:.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"tngraph: {report['model']} at budget {report['budget']:g} ({report['targets']} targets, format {report['format']})"]
+    for i, r in enumerate(rows):
+        lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
+        if i == 0:
+            lines.append("-" * (sum(widths) + 6))
+    agree = report.get("agreement")
+    if agree:
+        lines.append("")
+        lines.append(f"embedding agreement on {agree['compressed']['sentences']} held-out sentences:")
+        lines.append(f"  {'':24}{'mean cos':>10}{'min cos':>10}{'top-10':>10}")
+        for key, label in (("compressed", "tngraph"), ("plain_svd", "plain SVD, same ranks")):
+            if key in agree:
+                a = agree[key]
+                lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
+    lines.append("")
+    lines.append("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()))
+    if report.get("out"):
+        lines.append(f"artifact: {report['out']}")
+    return "\n".join(lines)

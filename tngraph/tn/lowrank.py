@@ -1,0 +1,42 @@
+"""Low-rank format: W (out x in) -> A (out x r) @ B (r x in), by truncated (whitened) SVD."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .whitening import Whitening
+
+
+def lowrank_params(out_features: int, in_features: int, rank: int) -> int:
+    return rank * (out_features + in_features)
+
+
+def rank_for_budget(out_features: int, in_features: int, budget: float, bias: bool = False) -> int:
+    """Largest rank whose factors plus the (kept) bias stay within `budget` of the dense parameters."""
+    bias_params = out_features if bias else 0
+    dense = out_features * in_features + bias_params
+    rank = math.floor((budget * dense - bias_params) / (out_features + in_features) + 1e-9)
+    return max(1, min(rank, min(out_features, in_features)))
+
+
+def decompose_lowrank(
+    weight: torch.Tensor, rank: int, whitening: Whitening | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (A, B) with A @ B the best rank-`rank` approximation of W (in the whitened norm if given).
+
+    Computed in float64 whatever the weight's dtype; the factors come back in the weight's dtype,
+    with the singular values split evenly between them.
+    """
+    out_features, in_features = weight.shape
+    if not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(f"rank {rank} out of range [1, {min(out_features, in_features)}] for a {tuple(weight.shape)} weight")
+    w = weight.detach().to(torch.float64)
+    target = whitening.apply(w) if whitening is not None else w
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    root = s[:rank].sqrt()
+    a = u[:, :rank] * root
+    b = root[:, None] * vh[:rank]
+    if whitening is not None:
+        b = whitening.unapply(b)
+    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
