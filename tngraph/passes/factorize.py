@@ -54,15 +54,17 @@ def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Nod
         has_bias=t.bias is not None,
         factors={"a": a, "b": b},
     )
-    owner_path, _, _ = t.weight.rpartition(".")
+    owner_path, _, weight_attr = t.weight.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
-    owner.register_parameter("a", torch.nn.Parameter(a, requires_grad=False))
-    owner.register_parameter("b", torch.nn.Parameter(b, requires_grad=False))
     prefix = f"{owner_path}." if owner_path else ""
+    a_name = _free_name(owner, f"{weight_attr}_lowrank_a")
+    b_name = _free_name(owner, f"{weight_attr}_lowrank_b")
+    owner.register_parameter(a_name, torch.nn.Parameter(a, requires_grad=False))
+    owner.register_parameter(b_name, torch.nn.Parameter(b, requires_grad=False))
     graph = gm.graph
     with graph.inserting_before(m.node):
-        b_node = graph.get_attr(prefix + "b")
-        a_node = graph.get_attr(prefix + "a")
+        b_node = graph.get_attr(prefix + b_name)
+        a_node = graph.get_attr(prefix + a_name)
         hidden = graph.call_function(aten.linear.default, (m.x, b_node))
         out_args = (hidden, a_node, m.bias) if m.bias is not None else (hidden, a_node)
         out = graph.call_function(aten.linear.default, out_args)
@@ -74,6 +76,13 @@ def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Nod
     meta.update(out, target=t, plan=plan, calibration=node_info.calibration)
     _set_vals(m, a_node, b_node, hidden, a, b)
     return out
+
+
+def _free_name(owner: torch.nn.Module, name: str) -> str:
+    candidate, i = name, 1
+    while hasattr(owner, candidate):
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
 
 
 def _set_vals(m: LinearMatch, a_node: fx.Node, b_node: fx.Node, hidden: fx.Node, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -1,0 +1,73 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from tngraph.models import ModelSource, load_model
+
+    model, tokenizer = load_model(ModelSource("minilm"))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def sentences():
+    from tngraph.data import sentence_sets
+
+    return sentence_sets(calibration=96, evaluation=200, seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm_compressed(minilm, sentences):
+    """The bundled MiniLM compressed at budget 0.5 with whitening (96 calibration sentences)."""
+    import tngraph
+    from tngraph.models import MINILM_INCLUDE, ModelSource
+
+    model, tokenizer = minilm
+    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, progress=False)
+    return tngraph.compress_with_result(
+        model, calibration=sentences.calibration, config=config, tokenizer=tokenizer, source=ModelSource("minilm")
+    )
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, dims=(24, 48, 40, 16), seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+@pytest.fixture
+def mlp():
+    return MLP().eval()
+
+
+@pytest.fixture
+def mlp_data():
+    g = torch.Generator().manual_seed(1)
+    # correlated inputs, so that whitening has something to do
+    mix = torch.randn(24, 24, generator=g)
+    return [((torch.randn(16, 24, generator=g) @ mix,), {}) for _ in range(8)]

@@ -1,0 +1,183 @@
+import json
+
+import pytest
+import torch
+
+import tngraph
+from tngraph import meta
+from tngraph.config import Config
+from tngraph.errors import ModelError, PassError
+from tngraph.passes import PIPELINE, PassContext, PassResult, allocate, calibrate, factorize, targets
+from tngraph.pipeline import run_passes
+
+aten = torch.ops.aten
+
+
+def _run(model, data, passes=PIPELINE, example=None, **options):
+    gm = tngraph.capture(model, example if example is not None else data[0])
+    ctx = PassContext(config=Config(progress=False, **options), calibration=data)
+    return run_passes(gm, ctx, passes), ctx
+
+
+def _ops(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _weights_read_by_linears(gm):
+    return sorted(str(n.args[1].target) for n in gm.graph.nodes if n.target == aten.linear.default)
+
+
+def test_targets_are_found_and_annotated(mlp, mlp_data):
+    gm, ctx = _run(mlp, mlp_data, passes=[targets])
+    found = meta.targets(gm)
+    assert [meta.info(n).target.name for n in found] == ["layers.0", "layers.1", "layers.2"]
+    t = meta.info(found[0]).target
+    assert (t.in_features, t.out_features, t.weight, t.bias) == (24, 48, "layers.0.weight", "layers.0.bias")
+    assert ctx.counters["targets.found"] == 3
+
+
+def test_factorize_rewrites_every_linear_into_a_chain(mlp, mlp_data):
+    gm, ctx = _run(mlp, mlp_data, budget=0.5)
+    gm.graph.lint()
+    # structure: each target became two linears reading the factors; no dense weight is left
+    assert _ops(gm).count(aten.linear.default) == 6
+    assert _weights_read_by_linears(gm) == sorted(f"layers.{i}.weight_lowrank_{f}" for i in range(3) for f in "ab")
+    assert not any(name.endswith(".weight") for name, _ in gm.named_parameters())
+    assert ctx.counters["lowrank_linear.applied"] == 3
+    # provenance and torch's own metadata on the created nodes
+    created = [n for n in gm.graph.nodes if meta.info(n).provenance is not None]
+    assert {meta.info(n).provenance.role for n in created} == {"factor_a", "factor_b", "down", "up"}
+    assert all(meta.info(n).provenance.created_by == "factorize" for n in created)
+    assert all("nn_module_stack" in n.meta and "val" in n.meta for n in created)
+    down = next(n for n in created if meta.info(n).provenance.role == "down")
+    assert down.meta["val"].shape[-1] == meta.info(down.users.__iter__().__next__()).plan.rank
+    # numbers: close to the original (random weights are nearly full rank, so half the
+    # parameters cannot be exact; full rank is checked exactly below)
+    x = mlp_data[0][0][0]
+    err = (gm(x) - mlp(x)).norm() / mlp(x).norm()
+    assert err < 0.6
+
+
+def test_graph_and_module_materializations_agree(mlp, mlp_data):
+    result = tngraph.compress_with_result(mlp, calibration=mlp_data, config=Config(budget=0.4, progress=False))
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(result.graph(x), result.module(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(result.module.layers[1], tngraph.modules.LowRankLinear)
+    assert isinstance(mlp.layers[1], torch.nn.Linear), "the user's model must not be modified"
+
+
+def _full_rank_allocate(gm, ctx):
+    for node in meta.targets(gm):
+        t = meta.info(node).target
+        r = min(t.in_features, t.out_features)
+        meta.update(node, plan=meta.PlanInfo("lowrank", r, t.dense_params, r * (t.in_features + t.out_features)))
+    return PassResult(gm, modified=True)
+
+
+_full_rank_allocate.__name__ = "allocate"
+
+
+def test_full_rank_reproduces_the_original(mlp, mlp_data):
+    gm, _ = _run(mlp, mlp_data, passes=[targets, calibrate, _full_rank_allocate, factorize])
+    x = torch.randn(7, 24)
+    torch.testing.assert_close(gm(x), mlp(x), atol=1e-4, rtol=0)
+
+
+def test_error_falls_as_rank_grows(mlp, mlp_data):
+    x = torch.cat([d[0][0] for d in mlp_data])
+    errors = []
+    for budget in (0.15, 0.3, 0.5, 0.7, 0.9):
+        gm, _ = _run(mlp, mlp_data, budget=budget)
+        errors.append(((gm(x) - mlp(x)).norm() / mlp(x).norm()).item())
+    assert errors == sorted(errors, reverse=True), errors
+    assert errors[-1] < 0.5 * errors[0]
+
+
+def test_whitening_beats_plain_svd_on_calibration_like_data(mlp, mlp_data):
+    x = torch.cat([d[0][0] for d in mlp_data])
+    white, _ = _run(mlp, mlp_data, budget=0.4)
+    plain, _ = _run(mlp, mlp_data, budget=0.4, whiten=False)
+    assert (white(x) - mlp(x)).norm() < (plain(x) - mlp(x)).norm()
+
+
+def test_never_factorizes_into_more_parameters(mlp_data):
+    # even rank 1 of a 1 x 24 or 24 x 1 weight is not smaller than the weight itself
+    model = torch.nn.Sequential(torch.nn.Linear(24, 1), torch.nn.Linear(1, 24), torch.nn.Linear(24, 24)).eval()
+    gm, ctx = _run(model, mlp_data, budget=1.0)
+    assert ctx.counters["allocate.dense.not_smaller"] == 3
+    assert ctx.counters["lowrank_linear.applied"] == 0
+    assert _weights_read_by_linears(gm) == ["0.weight", "1.weight", "2.weight"]
+    gm, ctx = _run(model, mlp_data, budget=0.5)
+    assert ctx.counters["allocate.dense.not_smaller"] == 2 and ctx.counters["lowrank_linear.applied"] == 1
+
+
+def test_include_exclude_filters(mlp, mlp_data):
+    gm, ctx = _run(mlp, mlp_data, include=(r"layers\.[01]$",), exclude=(r"\.0$",))
+    assert [meta.info(n).target.name for n in meta.targets(gm)] == ["layers.1"]
+    assert ctx.counters["targets.skipped.filtered"] == 2
+
+
+def test_tied_weights_are_left_alone(mlp_data):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(24, 24))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(torch.nn.functional.linear(x, self.w), self.w)
+
+    gm, ctx = _run(Tied().eval(), mlp_data)
+    assert ctx.counters["targets.skipped.shared_weight"] == 2 and not meta.targets(gm)
+
+
+def test_addmm_with_a_constant_weight_is_a_target(mlp_data):
+    class AddMM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(40, 24))
+            self.b = torch.nn.Parameter(torch.randn(40))
+
+        def forward(self, x):
+            return torch.addmm(self.b, x, self.w.t())
+
+    model = AddMM().eval()
+    gm, ctx = _run(model, mlp_data, budget=0.6)
+    assert ctx.counters["lowrank_linear.applied"] == 1
+    assert aten.addmm.default not in _ops(gm) and aten.t.default not in _ops(gm)
+    gm.graph.lint()
+    x = mlp_data[0][0][0]
+    assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.5
+
+
+def test_nan_weights_are_refused(mlp, mlp_data):
+    with torch.no_grad():
+        mlp.layers[1].weight[3, 4] = float("nan")
+    with pytest.raises(ModelError, match=r"layers\.1\.weight.*NaN.*pass 'targets'"):
+        _run(mlp, mlp_data)
+
+
+def test_failing_pass_is_named_with_its_predecessors_and_dumped(mlp, mlp_data, tmp_path):
+    def explode(gm, ctx):
+        raise RuntimeError("boom")
+
+    with pytest.raises(PassError) as info:
+        _run(mlp, mlp_data, passes=[targets, allocate, explode], dump_dir=str(tmp_path))
+    text = str(info.value)
+    assert "pass 'explode' (after: targets, allocate) failed: RuntimeError: boom" in text
+    failed = tmp_path / "03_explode.failed"
+    assert (failed / "graph.txt").is_file() and "boom" in (failed / "pass.json").read_text()
+
+
+def test_dump_after_each_changing_pass(mlp, tmp_path):
+    gm, _ = _run(mlp, [((torch.randn(4, 24),), {})], dump_dir=str(tmp_path))
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert folders == ["00_captured", "01_targets", "02_calibrate", "03_allocate", "04_factorize"]
+    table = (tmp_path / "04_factorize" / "graph.txt").read_text()
+    assert "plan=lowrank@" in table and "from=factorize" in table and "aten.linear.default" in table
+    info = json.loads((tmp_path / "04_factorize" / "pass.json").read_text())
+    assert info["counters"]["lowrank_linear.applied"] == 3
+
+
+def test_unchanged_pass_writes_no_dump(mlp, tmp_path):
+    _run(mlp, [], passes=[targets, calibrate], example=torch.randn(2, 24), dump_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_captured", "01_targets"]
