@@ -70,7 +70,8 @@ def save(module: torch.nn.Module, path: str | os.PathLike, *, force: bool = Fals
     recipe = dict(module.tngraph_recipe)  # type: ignore[attr-defined]
     tensors = {f"{p.name}.{k}": v.detach().to("cpu").contiguous() for p in plans for k, v in p.factors.items()}
     with atomic_dir(path, force) as tmp:
-        save_file(tensors, str(tmp / FACTORS), metadata={"format": "pt", "producer": "tngraph"})
+        # a single metadata key: safetensors writes several in an arbitrary order, breaking byte-identity
+        save_file(tensors, str(tmp / FACTORS), metadata={"format": "pt"})
         recipe["files"] = {FACTORS: {"sha256": _sha256(tmp / FACTORS)}}
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, data in (extra or {}).items():

@@ -52,13 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_options(c, out_required=True)
     d = sub.add_parser("demo", help="compress the bundled MiniLM at budget 0.5 and print the report")
     _add_compress_options(d, out_required=False)
+    i = sub.add_parser("info", help="verify an artifact folder (hashes, source model) and summarise it")
+    i.add_argument("artifact", help="folder written by `tngraph compress`")
+    i.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    i.add_argument("-v", "--verbose", action="store_true", help="log while loading")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(args)
     try:
+        if args.command == "info":
+            return _info(args)
         if args.command == "demo":
             args.model = "minilm"
         return _compress(args)
@@ -121,6 +130,22 @@ def _compress(args: argparse.Namespace) -> int:
     from .report import format_table
 
     print(format_table(report))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .artifact import load
+    from .evaluate import count_params
+
+    module = load(args.artifact)
+    recipe = module.tngraph_recipe
+    names = tuple(t["name"] for t in recipe["targets"])
+    kept, _ = count_params(module, names)
+    dense = sum(t["in_features"] * t["out_features"] + (t["out_features"] if t["bias"] else 0) for t in recipe["targets"])
+    print(f"artifact {args.artifact}: verified (factors hash, source model {recipe['source']['kind']})")
+    print(f"{len(names)} targets, parameters kept {kept:,} of {dense:,} ({kept / dense:.3f})")
+    for t in recipe["targets"]:
+        print(f"  {t['name']:48} {t['format']:8} rank {t['rank']:5}  {t['out_features']}x{t['in_features']}")
     return 0
 
 

@@ -1,0 +1,141 @@
+"""The command line: a real run on the MiniLM, a local Hugging Face folder, and every bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tngraph
+from tngraph.cli import main
+
+SMALL = ["--calibration-samples", "32", "--eval-samples", "40", "--quiet"]
+
+
+def _fail(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc != 0
+    assert len(lines) == 1 and lines[0].startswith("tngraph: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory, minilm):
+    """A small BERT in a local Hugging Face folder, with the MiniLM's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    _, tokenizer = minilm
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_compress_minilm_end_to_end(tmp_path):
+    """The installed console script, as a user runs it."""
+    out = tmp_path / "art"
+    exe = os.path.join(os.path.dirname(sys.executable), "tngraph")
+    proc = subprocess.run([exe, "compress", "--model", "minilm", "--budget", "0.5", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("parameters, targets", "weight bytes, model", "CPU latency (32x128", "mean cos", "plain SVD, same ranks", "time per step"):
+        assert row in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["targets"] == 36 and report["params"]["targets_kept"] <= 0.505
+    assert report["agreement"]["compressed"]["mean_cos"] > report["agreement"]["plain_svd"]["mean_cos"]
+    assert report["latency"]["ratio"] > 0 and report["latency"]["threads"] == 2
+    assert set(report["timings"]) >= {"capture", "targets", "calibrate", "allocate", "factorize", "evaluate", "latency", "total"}
+    loaded = tngraph.load(out)
+    assert len(loaded.tngraph_recipe["targets"]) == 36
+    info = subprocess.run([exe, "info", str(out)], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0 and "verified" in info.stdout and "36 targets" in info.stdout
+
+
+def test_compress_a_local_hugging_face_folder(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--budget", "0.3", "--no-eval", *SMALL]) == 0
+    assert "parameters, targets" in capsys.readouterr().out
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["source"] == {"kind": "hf", "path": str(tiny_hf.resolve())}
+    # every linear of a generic model is a target, the pooler included
+    assert len(recipe["targets"]) == 2 * 6 + 1
+    loaded = tngraph.load(out)
+    assert loaded.encoder.layer[0].attention.self.query.rank == recipe["targets"][0]["rank"]
+
+
+def test_calibration_file(tiny_hf, tmp_path, capsys):
+    data = tmp_path / "calib.txt"
+    data.write_text("\n".join(f"calibration sentence number {i} about things." for i in range(20)), encoding="utf-8")
+    assert main(["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "a"), "--calibration", str(data), "--no-eval", "--quiet"]) == 0
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["counters"]["calibrate.batches"] == 1
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.2", "nan", "half"])
+def test_bad_budget(budget, tmp_path, capsys):
+    line = _fail(capsys, ["compress", "--model", "minilm", "--budget", budget, "--out", str(tmp_path / "o")])
+    assert "budget" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_option(capsys, tmp_path):
+    line = _fail(capsys, ["compress", "--model", "minilm", "--out", str(tmp_path / "o"), "--colour", "red"])
+    assert "unrecognized arguments: --colour red" in line
+
+
+def test_unknown_model_name_or_path(capsys, tmp_path):
+    assert "unknown model 'bert-huge'" in _fail(capsys, ["compress", "--model", "bert-huge", "--out", str(tmp_path / "o")])
+    (tmp_path / "notamodel").mkdir()
+    assert "no config.json" in _fail(capsys, ["compress", "--model", str(tmp_path / "notamodel"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_needs_force(capsys, tmp_path, tiny_hf):
+    (tmp_path / "o").mkdir()
+    assert "already exists" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "o")])
+    assert list((tmp_path / "o").iterdir()) == []
+    assert main(["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "o"), "--force", "--no-eval", "--quiet"]) == 0
+    assert (tmp_path / "o" / "recipe.json").is_file()
+
+
+def test_missing_calibration_file(capsys, tmp_path, tiny_hf):
+    line = _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "o"), "--calibration", str(tmp_path / "none.txt")])
+    assert "does not exist" in line and not (tmp_path / "o").exists()
+
+
+def test_nan_weights(capsys, tmp_path, tiny_hf):
+    from transformers import BertModel
+
+    bad = tmp_path / "nan-bert"
+    model = BertModel.from_pretrained(tiny_hf)
+    with torch.no_grad():
+        model.encoder.layer[1].output.dense.weight[0, 0] = float("inf")
+    model.save_pretrained(bad)
+    for name in os.listdir(tiny_hf):
+        if "token" in name or name == "vocab.txt":
+            (bad / name).write_bytes((tiny_hf / name).read_bytes())
+    line = _fail(capsys, ["compress", "--model", str(bad), "--out", str(tmp_path / "o"), "--no-eval"])
+    assert "encoder.layer.1.output.dense.weight" in line and "NaN/Inf" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_artifacts(capsys, tmp_path, tiny_hf):
+    assert "no artifact" in _fail(capsys, ["info", str(tmp_path / "missing")])
+    out = tmp_path / "art"
+    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--no-eval", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    capsys.readouterr()
+    data = (out / "factors.safetensors").read_bytes()
+    (out / "factors.safetensors").write_bytes(data[:-10] + b"0123456789")
+    assert "does not match the hash" in _fail(capsys, ["info", str(out)])
+    (out / "recipe.json").write_text("garbage")
+    assert "corrupt" in _fail(capsys, ["info", str(out)])
+    (out / "recipe.json").chmod(0)
+    if os.geteuid() != 0:  # root reads any file
+        assert "unreadable" in _fail(capsys, ["info", str(out)])

@@ -1,0 +1,81 @@
+"""End to end on the real bundled all-MiniLM-L6-v2."""
+import pytest
+import torch
+
+import tngraph
+from tngraph.evaluate import agreement, count_params, sentence_embeddings
+from tngraph.models import MINILM_INCLUDE, ModelSource, tokenize
+from tngraph.modules import LowRankLinear
+
+aten = torch.ops.aten
+
+
+def _target_ratio(module, names, dense_model):
+    return count_params(module, names)[0] / count_params(dense_model, names)[0]
+
+
+def test_compressed_structure_and_budget(minilm, minilm_compressed):
+    model, _ = minilm
+    result = minilm_compressed
+    names = [t["name"] for t in result.recipe["targets"]]
+    assert len(names) == 36 and all(n.startswith("encoder.layer.") for n in names)
+    assert all(isinstance(result.module.get_submodule(n), LowRankLinear) for n in names)
+    assert isinstance(result.module.pooler.dense, torch.nn.Linear)
+    assert _target_ratio(result.module, tuple(names), model) <= 0.505
+    result.graph.graph.lint()
+    linears = [n for n in result.graph.graph.nodes if n.target == aten.linear.default]
+    assert len(linears) == 2 * 36 + 1
+    assert result.context.counters["lowrank_linear.applied"] == 36
+
+
+def test_graph_and_module_agree_and_keep_the_output_structure(minilm, minilm_compressed, sentences):
+    _, tokenizer = minilm
+    enc = tokenize(tokenizer, sentences.evaluation[:16], 128)
+    with torch.no_grad():
+        from_module = minilm_compressed.module(**enc)
+        from_graph = minilm_compressed.graph(**enc)
+    assert from_module.last_hidden_state.shape == (16, enc["input_ids"].shape[1], 384)
+    assert from_module.pooler_output.shape == (16, 384)
+    torch.testing.assert_close(from_graph.last_hidden_state, from_module.last_hidden_state, atol=1e-4, rtol=1e-4)
+
+
+def test_whitened_beats_plain_svd_at_the_same_ranks(minilm, minilm_compressed, sentences):
+    model, tokenizer = minilm
+    plain = tngraph.compress(model, example_inputs=tokenize(tokenizer, ["an example"], 16), config=tngraph.Config(budget=0.5, include=MINILM_INCLUDE, whiten=False, progress=False))
+    assert [t["rank"] for t in plain.tngraph_recipe["targets"]] == [t["rank"] for t in minilm_compressed.recipe["targets"]]
+    texts = sentences.evaluation
+    ref = sentence_embeddings(model, tokenizer, texts)
+    white = agreement(ref, sentence_embeddings(minilm_compressed.module, tokenizer, texts))
+    base = agreement(ref, sentence_embeddings(plain, tokenizer, texts))
+    assert white.mean_cos > base.mean_cos + 0.2
+    assert white.top10_overlap > base.top10_overlap
+    assert white.mean_cos > 0.7
+
+
+def test_save_load_round_trip_rebuilds_from_the_package(minilm, minilm_compressed, sentences, tmp_path):
+    model, tokenizer = minilm
+    out = tngraph.save(minilm_compressed.module, tmp_path / "art")
+    loaded = tngraph.load(out)
+    names = tuple(t["name"] for t in loaded.tngraph_recipe["targets"])
+    assert _target_ratio(loaded, names, model) <= 0.505
+    enc = tokenize(tokenizer, sentences.evaluation[:8], 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).last_hidden_state, minilm_compressed.module(**enc).last_hidden_state, atol=0, rtol=0)
+
+
+def test_two_runs_write_byte_identical_factors(minilm, minilm_compressed, sentences, tmp_path):
+    model, tokenizer = minilm
+    again = tngraph.compress(
+        model, calibration=sentences.calibration, tokenizer=tokenizer, config=tngraph.Config(budget=0.5, include=MINILM_INCLUDE, progress=False)
+    )
+    a = tngraph.save(minilm_compressed.module, tmp_path / "a")
+    b = tngraph.save(again, tmp_path / "b")
+    assert (a / "factors.safetensors").read_bytes() == (b / "factors.safetensors").read_bytes()
+
+
+def test_text_calibration_needs_a_tokenizer(minilm):
+    model, _ = minilm
+    with pytest.raises(tngraph.DataError, match="need a tokenizer"):
+        tngraph.compress(model, calibration=["some text here"])
+    with pytest.raises(tngraph.DataError, match="empty"):
+        tngraph.compress(model, calibration=[])
