@@ -20,6 +20,8 @@ class GramStats:
         self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
+        if self.rows == 0 and self.gram.device != x.device:  # accumulate where the activations live
+            self.gram, self.abs_sum = self.gram.to(x.device), self.abs_sum.to(x.device)
         rows = x.detach().reshape(-1, self.in_features).to(torch.float64)
         self.gram.addmm_(rows.T, rows)
         self.abs_sum.add_(rows.abs().sum(0))
