@@ -149,6 +149,8 @@ def make_recipe(model: torch.nn.Module, plans: Any, config: Config, source: Mode
         "source": source.to_json(),
         "source_hash": weights_hash(model),
         "config": cfg,
+        # factors are byte-identical across runs with the same inputs, seed, torch and thread count
+        "environment": {"torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()},
         "targets": [p.recipe() for p in sorted(plans, key=lambda p: p.name)],
     }
 
