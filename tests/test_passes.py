@@ -181,3 +181,34 @@ def test_dump_after_each_changing_pass(mlp, tmp_path):
 def test_unchanged_pass_writes_no_dump(mlp, tmp_path):
     _run(mlp, [], passes=[targets, calibrate], example=torch.randn(2, 24), dump_dir=str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00_captured", "01_targets"]
+
+
+def test_tt_format_rewrites_into_einsum_chains(mlp, mlp_data):
+    gm, ctx = _run(mlp, mlp_data, budget=0.5, format="tt")
+    gm.graph.lint()
+    ops = _ops(gm)
+    assert ops.count(aten.einsum.default) == 3 and aten.linear.default not in ops
+    assert ctx.counters["network_linear.applied"] == 3 and ctx.counters["lowrank_linear.refused.other_format"] == 3
+    assert not any(name.endswith(".weight") for name, _ in gm.named_parameters())
+    for name, plan in ctx.plan.items():
+        assert plan.params_after <= 0.5 * plan.params_before
+    einsum = next(n for n in gm.graph.nodes if n.target == aten.einsum.default)
+    assert meta.info(einsum).provenance.role == "contract" and "val" in einsum.meta
+    x = torch.randn(9, 24)
+    assert ((gm(x) - mlp(x)).norm() / mlp(x).norm()) < 0.8
+
+
+def test_tt_graph_module_and_artifact_agree(mlp, mlp_data, tmp_path):
+    result = tngraph.compress_with_result(mlp, calibration=mlp_data, config=Config(budget=0.4, format="tt", progress=False))
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(result.graph(x), result.module(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(result.module.layers[0], tngraph.modules.NetworkLinear)
+    out = tngraph.save(result.module, tmp_path / "tt")
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["targets"][0]["network"]["core_labels"] and recipe["targets"][0]["format"] == "tt"
+    loaded = tngraph.load(out, model=type(mlp)())
+    torch.testing.assert_close(loaded(x), result.module(x), atol=0, rtol=0)
+
+
+def test_svd_is_an_alias_of_lowrank():
+    assert Config(format="svd").format == "lowrank"

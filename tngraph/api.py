@@ -15,7 +15,7 @@ from .capture import capture, normalize_inputs
 from .config import Config
 from .errors import DataError, ModelError
 from .models import ModelSource, tokenize, weights_hash
-from .modules import LowRankLinear
+from .modules import LowRankLinear, NetworkLinear
 from .passes import PassContext
 from .pipeline import run_passes
 from .plan import TargetPlan
@@ -129,10 +129,15 @@ def apply_plan(model: torch.nn.Module, plans: Any) -> torch.nn.Module:
                 f"target {plan.name!r} is {owner.out_features}x{owner.in_features}, the recipe says {plan.out_features}x{plan.in_features}",
                 "apply the recipe to the model it was made from",
             )
-        if plan.format != "lowrank":
-            raise ModelError(f"unknown format {plan.format!r} for {plan.name!r}", "upgrade tngraph")
         bias = owner.bias.detach().clone() if owner.bias is not None else None
-        new = LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias)
+        if plan.format == "lowrank":
+            new = LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias)
+        elif plan.network is not None:
+            net = plan.tensor_network()
+            net.cores = [c.detach().clone() for c in net.cores]
+            new = NetworkLinear(net, bias)
+        else:
+            raise ModelError(f"unknown format {plan.format!r} for {plan.name!r}", "upgrade tngraph")
         new.to(device=owner.weight.device)
         parent_name, _, child = plan.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -167,7 +172,11 @@ def plans_from_module(module: torch.nn.Module) -> list[TargetPlan]:
     plans = []
     for entry in recipe["targets"]:
         sub = module.get_submodule(entry["name"])
-        if not isinstance(sub, LowRankLinear):
+        if isinstance(sub, LowRankLinear):
+            factors = {"a": sub.a.detach(), "b": sub.b.detach()}
+        elif isinstance(sub, NetworkLinear):
+            factors = {f"core{k}": c.detach() for k, c in enumerate(sub.cores)}
+        else:
             raise ModelError(f"module {entry['name']!r} is no longer a tngraph factorized layer", "save the module returned by compress()")
         plans.append(
             TargetPlan(
@@ -177,7 +186,8 @@ def plans_from_module(module: torch.nn.Module) -> list[TargetPlan]:
                 in_features=entry["in_features"],
                 out_features=entry["out_features"],
                 has_bias=entry["bias"],
-                factors={"a": sub.a.detach(), "b": sub.b.detach()},
+                factors=factors,
+                network=entry.get("network"),
             )
         )
     return plans

@@ -145,4 +145,5 @@ def _plan(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TargetPlan
         out_features=entry["out_features"],
         has_bias=entry["bias"],
         factors=factors,
+        network=entry.get("network"),
     )

@@ -29,6 +29,8 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--budget", type=_budget, default=0.5, help="fraction of the targets' parameters kept, in (0, 1] (default 0.5)")
     p.add_argument("--out", required=out_required, default=None if out_required else "demo-out", help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--format", default="lowrank", help="lowrank (alias svd; whitened SVD, default) or tt (tensor-train matrix, data-free)")
+    p.add_argument("--tt-cores", type=int, default=2, help="cores of the tt format (default 2)")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
     p.add_argument("--calibration-samples", type=int, default=512, help="calibration samples used (default 512)")
     p.add_argument("--eval-samples", type=int, default=2000, help="held-out sentences for the agreement report (default 2000)")
@@ -104,6 +106,8 @@ def _compress(args: argparse.Namespace) -> int:
     source = resolve(args.model)
     options: dict[str, Any] = dict(
         budget=args.budget,
+        format=args.format,
+        tt_cores=args.tt_cores,
         whiten=not args.no_whiten,
         include=tuple(args.include) if args.include else default_include(source),
         exclude=tuple(args.exclude or ()),
@@ -178,7 +182,7 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
     show = not args.quiet
     ref = sentence_embeddings(model, tokenizer, evaluation, max_length=config.max_length, show=show)
     report["agreement"] = {"compressed": agreement(ref, sentence_embeddings(result.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()}
-    if not args.no_baseline and config.whiten:
+    if not args.no_baseline and config.whiten and config.format == "lowrank":
         plain = compress_with_result(model, example_inputs=latency_inputs(tokenizer.vocab_size, 2, 16), config=config.replace(whiten=False, dump_dir=None))
         report["agreement"]["plain_svd"] = agreement(ref, sentence_embeddings(plain.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
     report["timings"]["evaluate"] = time.perf_counter() - start

@@ -9,7 +9,9 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-FORMATS = ("lowrank",)
+# "lowrank" (alias "svd"): x @ B.T @ A.T + b as two linears; "tt": a tensor-train matrix as one einsum
+FORMATS = ("lowrank", "tt")
+_ALIASES = {"svd": "lowrank"}
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,9 @@ class Config:
     """Options of a tngraph run.
 
     budget: fraction of the targeted layers' parameters (weights and biases) that is kept, in (0, 1].
-    format: factorization of every target ("lowrank": truncated SVD, x @ B.T @ A.T + b).
+    format: factorization of every target: "lowrank" (or "svd"; truncated SVD, x @ B.T @ A.T + b) or
+        "tt" (tensor-train matrix with tt_cores cores, TT-SVD; data-free for now).
+    tt_cores: number of cores of the "tt" format (in and out are split into balanced factors).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
     damping: relative diagonal damping of the calibration Gram matrix before its Cholesky factor.
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
@@ -32,6 +36,7 @@ class Config:
 
     budget: float = 0.5
     format: str = "lowrank"
+    tt_cores: int = 2
     whiten: bool = True
     damping: float = 1e-4
     include: tuple[str, ...] = ()
@@ -47,9 +52,12 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_number("budget", self.budget, low=0.0, high=1.0, low_open=True)
+        object.__setattr__(self, "format", _ALIASES.get(self.format, self.format))
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}", f"choose one of {', '.join(FORMATS)}")
         _check_number("damping", self.damping, low=0.0, high=1.0)
+        if isinstance(self.tt_cores, bool) or not isinstance(self.tt_cores, int) or not 2 <= self.tt_cores <= 6:
+            raise ConfigError(f"tt_cores must be an integer in [2, 6], got {self.tt_cores!r}")
         for name in ("calibration_samples", "eval_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -25,3 +25,38 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class NetworkLinear(nn.Module):
+    """y = contract(x, cores) + bias: a TensorNetwork stand-in for an nn.Linear."""
+
+    def __init__(self, network: "TensorNetwork", bias: torch.Tensor | None = None):
+        super().__init__()
+        from .tn.network import TensorNetwork
+
+        self.cores = nn.ParameterList(nn.Parameter(c) for c in network.cores)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self._spec = dict(
+            core_labels=list(network.core_labels),
+            in_dims=tuple(network.in_dims),
+            out_dims=tuple(network.out_dims),
+            in_labels=network.in_labels,
+            out_labels=network.out_labels,
+            format=network.format,
+        )
+        self._network = TensorNetwork(list(self.cores), **self._spec)
+        self.in_features = network.in_features
+        self.out_features = network.out_features
+
+    @property
+    def network(self) -> "TensorNetwork":
+        self._network.cores = list(self.cores)  # follow .to() and training of the parameters
+        return self._network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.network.contract(x)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join("x".join(map(str, c.shape)) for c in self.cores)
+        return f"{self._spec['format']}: in_features={self.in_features}, out_features={self.out_features}, cores=[{shapes}]"

@@ -15,6 +15,8 @@ class TargetPlan:
     out_features: int
     has_bias: bool
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # for tensor-network formats: core_labels, in_dims, out_dims, in_labels, out_labels, format
+    network: dict | None = None
 
     @property
     def params_before(self) -> int:
@@ -33,4 +35,14 @@ class TargetPlan:
             "out_features": self.out_features,
             "bias": self.has_bias,
             "factors": {k: list(v.shape) for k, v in sorted(self.factors.items())},
+            **({"network": {k: list(v) if isinstance(v, tuple) else v for k, v in self.network.items()}} if self.network else {}),
         }
+
+    def tensor_network(self):
+        """The factors as a TensorNetwork (tensor-network formats only)."""
+        from .tn.network import TensorNetwork
+
+        spec = dict(self.network or {})
+        spec["in_dims"], spec["out_dims"] = tuple(spec["in_dims"]), tuple(spec["out_dims"])
+        cores = [self.factors[f"core{k}"] for k in range(len(spec["core_labels"]))]
+        return TensorNetwork(cores, **spec)

@@ -1,7 +1,8 @@
 """allocate: choose format and rank per target so that `budget` of its parameters is kept.
 
-This first allocator is uniform: every target keeps the same fraction. A target whose factorization
-would not be smaller than the dense layer stays dense.
+This first allocator is uniform: every target keeps the same fraction, at the largest rank whose
+closed-form parameter count fits. A target whose factorization would not be smaller than the dense
+layer stays dense.
 """
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import torch.fx as fx
 
 from .. import meta
 from ..tn import lowrank_params, rank_for_budget
+from ..tn.formats import FORMATS, rank_for_params
 from .base import PassContext, PassResult
 
 log = logging.getLogger(__name__)
+
+
+def format_options(ctx: PassContext) -> dict:
+    """Shape options of the configured format (the same for allocation and decomposition)."""
+    return {"cores": ctx.config.tt_cores} if ctx.config.format == "tt" else {}
 
 
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -22,8 +29,13 @@ def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in meta.targets(gm):
         t = meta.info(node).target
         bias = t.out_features if t.bias else 0
-        rank = rank_for_budget(t.out_features, t.in_features, budget, bias=bool(t.bias))
-        after = lowrank_params(t.out_features, t.in_features, rank) + bias
+        if ctx.config.format == "lowrank":
+            rank = rank_for_budget(t.out_features, t.in_features, budget, bias=bool(t.bias))
+            after = lowrank_params(t.out_features, t.in_features, rank) + bias
+        else:
+            fmt, options = FORMATS[ctx.config.format], format_options(ctx)
+            rank = rank_for_params(fmt, t.out_features, t.in_features, budget * t.dense_params - bias, **options)
+            after = fmt.params(t.out_features, t.in_features, rank, **options) + bias
         if after >= t.dense_params:
             plan = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="factorization not smaller")
             ctx.counters["allocate.dense.not_smaller"] += 1

@@ -1,4 +1,5 @@
-"""factorize: linear(x, W, b) -> linear(linear(x, B), A, b) with A @ B the (whitened) truncated SVD of W."""
+"""factorize: linear(x, W, b) -> linear(linear(x, B), A, b)  (lowrank: A @ B the whitened truncated SVD)
+           linear(x, W, b) -> flatten(einsum(eq, unflatten(x), *cores)) + b  (tensor-network formats)."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,8 @@ from .. import meta
 from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import decompose_lowrank, whitening_from_gram
+from ..tn.formats import FORMATS
+from .allocate import format_options
 from .base import PassContext, PassResult
 from .rewrite import RewriteRule, apply_rules
 from .targets import LinearMatch, getattr_path, match_linear
@@ -34,6 +37,69 @@ def _check(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
     if plan.format != "lowrank":
         return "other_format"
     return None
+
+
+def _check_network(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    plan = meta.info(m.node).plan
+    if plan is None:
+        return "unplanned"
+    if plan.format in ("dense", "lowrank"):
+        return "other_format"
+    return None
+
+
+def _copy_meta(source: fx.Node, created: list[tuple[fx.Node, str]]) -> None:
+    for node, role in created:
+        for key in _COPIED_META:
+            if key in source.meta:
+                node.meta[key] = source.meta[key]
+        meta.update(node, provenance=meta.Provenance("factorize", source.name, role))
+
+
+def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    node_info = meta.info(m.node)
+    t, plan = node_info.target, node_info.plan
+    weight = getattr_path(gm, t.weight)
+    if ctx.config.whiten and ctx.stats.get(t.name) is not None:
+        ctx.counters[f"factorize.{plan.format}.data_free"] += 1  # whitening is not yet taken by this format
+    net = FORMATS[plan.format].decompose(weight, plan.rank, **format_options(ctx))
+    factors = {f"core{k}": c for k, c in enumerate(net.cores)}
+    spec = dict(core_labels=list(net.core_labels), in_dims=list(net.in_dims), out_dims=list(net.out_dims),
+                in_labels=net.in_labels, out_labels=net.out_labels, format=net.format)
+    ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, spec)
+    owner_path, _, weight_attr = t.weight.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    prefix = f"{owner_path}." if owner_path else ""
+    graph = gm.graph
+    equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
+    created: list[tuple[fx.Node, str]] = []
+    with graph.inserting_before(m.node):
+        core_nodes = []
+        for k, core in enumerate(net.cores):
+            name = _free_name(owner, f"{weight_attr}_{plan.format}_core{k}")
+            owner.register_parameter(name, torch.nn.Parameter(core, requires_grad=False))
+            core_nodes.append(graph.get_attr(prefix + name))
+            core_nodes[-1].meta["val"] = core
+            created.append((core_nodes[-1], f"core{k}"))
+        xs = graph.call_function(aten.unflatten.int, (m.x, -1, list(net.in_dims)))
+        ys = graph.call_function(aten.einsum.default, (equation, [xs, *core_nodes]))
+        out = graph.call_function(aten.flatten.using_ints, (ys, -len(net.out_dims), -1))
+        created += [(xs, "unflatten"), (ys, "contract"), (out, "flatten")]
+        if m.bias is not None:
+            out = graph.call_function(aten.add.Tensor, (out, m.bias))
+            created.append((out, "bias"))
+    _copy_meta(m.node, created)
+    meta.update(out, target=t, plan=plan, calibration=node_info.calibration)
+    x_val = m.x.meta.get("val")
+    fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
+    if fake_mode is not None:
+        with fake_mode:
+            fakes = [fake_mode.from_tensor(c) for c in net.cores]
+            xs.meta["val"] = aten.unflatten.int(x_val, -1, list(net.in_dims))
+            ys.meta["val"] = aten.einsum.default(equation, [xs.meta["val"], *fakes])
+            flat = aten.flatten.using_ints(ys.meta["val"], -len(net.out_dims), -1)
+            out.meta["val"] = flat
+    return out
 
 
 def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
@@ -116,7 +182,8 @@ def _erase_dead_weights(gm: fx.GraphModule, weights: set[str]) -> int:
 
 
 LOWRANK_LINEAR = RewriteRule("lowrank_linear", _pattern, _check, _replacement)
-RULES = [LOWRANK_LINEAR]
+NETWORK_LINEAR = RewriteRule("network_linear", _pattern, _check_network, _network_replacement)
+RULES = [LOWRANK_LINEAR, NETWORK_LINEAR]
 
 
 def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
