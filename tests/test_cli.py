@@ -139,3 +139,14 @@ def test_bad_artifacts(capsys, tmp_path, tiny_hf):
     (out / "recipe.json").chmod(0)
     if os.geteuid() != 0:  # root reads any file
         assert "unreadable" in _fail(capsys, ["info", str(out)])
+
+
+def test_tt_format_from_the_command_line(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "tt"
+    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--format", "tt", "--budget", "0.5", "--no-eval", "--quiet"]) == 0
+    assert "format tt" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["targets_kept"] <= 0.5 and report["counters"]["network_linear.applied"] == 13
+    loaded = tngraph.load(out)
+    assert type(loaded.encoder.layer[0].output.dense).__name__ == "NetworkLinear"
+    assert "unknown format 'cp'" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "cp"])
