@@ -85,12 +85,27 @@ def test_svd_network_is_whitened_when_asked():
     assert torch.linalg.norm(white.contract(x) - x @ w.T) < torch.linalg.norm(plain.contract(x) - x @ w.T)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_whitened_full_rank_reproduces_and_low_rank_beats_plain(name):
+    fmt = FORMATS[name]
+    w = _weight(24, 24, seed=2)
+    g = torch.Generator().manual_seed(4)
+    # inputs whose covariance is a Kronecker product, as the per-axis whitening assumes
+    x = torch.randn(2000, 24, generator=g, dtype=torch.float64) @ torch.kron(torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64))
+    white = fmt.whitening(x.T @ x, 24, 24, 0.0)
+    full = fmt.decompose(w, fmt.max_rank(24, 24), white)
+    assert torch.linalg.norm(full.to_dense() - w) <= 1e-5 * torch.linalg.norm(w)
+    rank = max(1, fmt.max_rank(24, 24) // 4)
+    err = lambda net: torch.linalg.norm(net.contract(x) - x @ w.T)  # noqa: E731
+    assert err(fmt.decompose(w, rank, white)) < err(fmt.decompose(w, rank))
+
+
 def test_tt_cores_and_shapes():
     net = FORMATS["tt"].decompose(_weight(384, 1536).float(), 10, cores=3)
     assert net.in_dims == (16, 12, 8) and net.out_dims == (8, 8, 6)
     assert [tuple(c.shape) for c in net.cores] == [(8, 16, 10), (10, 8, 12, 10), (10, 6, 8)]
-    with pytest.raises(ValueError, match="tt format does not take a whitening"):
-        FORMATS["tt"].decompose(_weight(8, 8), 2, whitening=whitening_from_gram(torch.eye(8, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="one whitening per input axis"):
+        FORMATS["tt"].decompose(_weight(8, 8), 2, whitening=[whitening_from_gram(torch.eye(8, dtype=torch.float64))])
 
 
 def test_contraction_paths_are_cached_per_row_bucket():
@@ -107,3 +122,18 @@ def test_network_checks_its_labels():
     with pytest.raises(ValueError, match="has sizes"):
         TensorNetwork([torch.randn(3, 5)], ["ab"], (4,), (3,), "b", "a")
     assert balanced_factors(384, 2) == (24, 16) and balanced_factors(7, 2) == (7, 1)
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_tt_refit_never_raises_the_calibration_error(cores):
+    from tngraph.tn.formats.tt import refit_last_core
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 40, generator=g, dtype=torch.float64)
+    x = torch.randn(3000, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64)
+    err = lambda net: torch.linalg.norm(net.contract(x) - x @ w.T)  # noqa: E731
+    for rank in (2, 6, 12):
+        net = FORMATS["tt"].decompose(w, rank, cores=cores)
+        refit = refit_last_core(net, w, x.T @ x)
+        assert [c.shape for c in refit.cores] == [c.shape for c in net.cores]
+        assert err(refit) <= err(net) * (1 + 1e-9)

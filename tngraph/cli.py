@@ -31,6 +31,7 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--format", default="lowrank", help="lowrank (alias svd; whitened SVD, default) or tt (tensor-train matrix, data-free)")
     p.add_argument("--tt-cores", type=int, default=2, help="cores of the tt format (default 2)")
+    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the last tt core")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
     p.add_argument("--calibration-samples", type=int, default=512, help="calibration samples used (default 512)")
     p.add_argument("--eval-samples", type=int, default=2000, help="held-out sentences for the agreement report (default 2000)")
@@ -108,6 +109,7 @@ def _compress(args: argparse.Namespace) -> int:
         budget=args.budget,
         format=args.format,
         tt_cores=args.tt_cores,
+        refit=not args.no_refit,
         whiten=not args.no_whiten,
         include=tuple(args.include) if args.include else default_include(source),
         exclude=tuple(args.exclude or ()),

@@ -22,6 +22,8 @@ class Config:
     format: factorization of every target: "lowrank" (or "svd"; truncated SVD, x @ B.T @ A.T + b) or
         "tt" (tensor-train matrix with tt_cores cores, TT-SVD; data-free for now).
     tt_cores: number of cores of the "tt" format (in and out are split into balanced factors).
+    refit: after decomposing, refit the last core by closed-form least squares on the calibration
+        statistics ("tt"; low-rank's whitened SVD is already optimal, so it is unaffected).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
     damping: relative diagonal damping of the calibration Gram matrix before its Cholesky factor.
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
@@ -37,6 +39,7 @@ class Config:
     budget: float = 0.5
     format: str = "lowrank"
     tt_cores: int = 2
+    refit: bool = True
     whiten: bool = True
     damping: float = 1e-4
     include: tuple[str, ...] = ()

@@ -13,6 +13,7 @@ from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import decompose_lowrank, whitening_from_gram
 from ..tn.formats import FORMATS
+from ..tn.formats.tt import refit_last_core
 from .allocate import format_options
 from .base import PassContext, PassResult
 from .rewrite import RewriteRule, apply_rules
@@ -60,9 +61,16 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
     node_info = meta.info(m.node)
     t, plan = node_info.target, node_info.plan
     weight = getattr_path(gm, t.weight)
-    if ctx.config.whiten and ctx.stats.get(t.name) is not None:
-        ctx.counters[f"factorize.{plan.format}.data_free"] += 1  # whitening is not yet taken by this format
-    net = FORMATS[plan.format].decompose(weight, plan.rank, **format_options(ctx))
+    fmt, options = FORMATS[plan.format], format_options(ctx)
+    stats = ctx.stats.get(t.name)
+    whitening = None
+    if ctx.config.whiten and stats is not None and stats.rows > 0:
+        whitening = fmt.whitening(stats.gram, t.out_features, t.in_features, ctx.config.damping, **options)
+        ctx.counters[f"factorize.{plan.format}.whitened"] += 1
+    net = fmt.decompose(weight, plan.rank, whitening, **options)
+    if ctx.config.refit and stats is not None and stats.rows > 0 and plan.format == "tt":
+        net = refit_last_core(net, weight, stats.gram)
+        ctx.counters[f"factorize.{plan.format}.refit"] += 1
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
     spec = dict(core_labels=list(net.core_labels), in_dims=list(net.in_dims), out_dims=list(net.out_dims),
                 in_labels=net.in_labels, out_labels=net.out_labels, format=net.format)

@@ -28,7 +28,7 @@ class Whitening:
         """M -> M S^-1 (maps a factor of W S back to one of W)."""
         if self.lower:
             return torch.linalg.solve_triangular(self.s, factor, upper=False, left=False)
-        return torch.linalg.solve(self.s.T, factor.T).T
+        return torch.linalg.solve(self.s.T, factor.mT).mT
 
 
 def whitening_from_gram(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
@@ -48,3 +48,26 @@ def whitening_from_gram(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
     values, vectors = torch.linalg.eigh((damped + damped.T) / 2)
     values = values.clamp_min(max(damping, 1e-12) * scale)
     return Whitening(vectors * values.sqrt(), lower=False)
+
+
+def kronecker_whitening(gram: torch.Tensor, dims: tuple[int, ...], damping: float = 1e-4) -> list[Whitening]:
+    """One whitening per input axis, from the nearest Kronecker product G ~= G_1 ⊗ G_2 ⊗ ... (Van Loan).
+
+    For formats whose cores each touch one factor i_k of the input (tensor trains, Kronecker sums),
+    W·(S_1 ⊗ S_2 ⊗ ...) is decomposed and every core's i_k axis is mapped back by S_k^-1, so the
+    whitening stays inside the cores instead of adding a dense in x in matrix.
+    """
+    g = gram.to(torch.float64)
+    factors: list[torch.Tensor] = []
+    for k, n1 in enumerate(dims[:-1]):
+        n2 = g.shape[0] // n1
+        rearranged = g.reshape(n1, n2, n1, n2).permute(0, 2, 1, 3).reshape(n1 * n1, n2 * n2)
+        u, s, vh = torch.linalg.svd(rearranged, full_matrices=False)
+        g1 = (u[:, 0] * s[0].sqrt()).reshape(n1, n1)
+        g2 = (vh[0] * s[0].sqrt()).reshape(n2, n2)
+        if torch.trace(g1) < 0:  # the singular pair's sign is arbitrary; Gram factors are PSD
+            g1, g2 = -g1, -g2
+        factors.append((g1 + g1.T) / 2)
+        g = (g2 + g2.T) / 2
+    factors.append(g)
+    return [whitening_from_gram(f, damping) for f in factors]

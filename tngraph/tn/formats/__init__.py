@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..network import TensorNetwork
-from ..whitening import Whitening
+from ..whitening import Whitening, kronecker_whitening, whitening_from_gram
 from . import lowrank, tt
 
 
@@ -21,12 +21,22 @@ class Format:
     decompose: Callable[..., TensorNetwork]  # (weight, rank, whitening=None, **shape options)
     params: Callable[..., int]  # (out, in, rank, **shape options)
     max_rank: Callable[..., int]  # (out, in, **shape options)
-    whitening: bool  # whether decompose() takes a Whitening
+    # (gram, out, in, damping, **shape options) -> the whitening decompose() takes: the shared step,
+    # shaped to the format (one S for svd, one S_k per input axis for tt)
+    whitening: Callable[..., object]
+
+
+def _svd_whitening(gram: torch.Tensor, out_features: int, in_features: int, damping: float) -> Whitening:
+    return whitening_from_gram(gram, damping)
+
+
+def _tt_whitening(gram: torch.Tensor, out_features: int, in_features: int, damping: float, cores: int = 2) -> list[Whitening]:
+    return kronecker_whitening(gram, tt.in_dims(out_features, in_features, cores), damping)
 
 
 FORMATS: dict[str, Format] = {
-    "svd": Format("svd", lowrank.decompose, lowrank.params, lowrank.max_rank, whitening=True),
-    "tt": Format("tt", tt.decompose, tt.params, tt.max_rank, whitening=False),
+    "svd": Format("svd", lowrank.decompose, lowrank.params, lowrank.max_rank, _svd_whitening),
+    "tt": Format("tt", tt.decompose, tt.params, tt.max_rank, _tt_whitening),
 }
 
 

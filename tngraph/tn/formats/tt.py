@@ -6,10 +6,13 @@ out and in are each split into `cores` balanced factors (o_k, i_k); core k has s
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import opt_einsum as oe
 import torch
 
 from ..network import TensorNetwork, balanced_factors, labels
+from ..whitening import Whitening
 
 
 def _dims(out_features: int, in_features: int, cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -36,18 +39,30 @@ def max_rank(out_features: int, in_features: int, cores: int = 2) -> int:
     return max(_rank_caps(*_dims(out_features, in_features, cores)), default=1)
 
 
-def decompose(weight: torch.Tensor, rank: int, whitening=None, cores: int = 2) -> TensorNetwork:
+def in_dims(out_features: int, in_features: int, cores: int = 2) -> tuple[int, ...]:
+    """How the input is split across the cores (what a per-axis whitening must match)."""
+    return _dims(out_features, in_features, cores)[1]
+
+
+def decompose(
+    weight: torch.Tensor, rank: int, whitening: Sequence[Whitening] | None = None, cores: int = 2
+) -> TensorNetwork:
+    """TT-SVD of W, or of W·(S_1 ⊗ ... ⊗ S_d) with each core's input axis mapped back by S_k^-1 when
+    `whitening` gives one Whitening per input axis (see whitening.kronecker_whitening)."""
     from . import check_weight
 
-    if whitening is not None:
-        raise ValueError("the tt format does not take a whitening yet; decompose data-free")
     if cores < 2:
         raise ValueError(f"a tensor train needs at least 2 cores, got {cores}")
     check_weight(weight, rank, lambda o, i: max_rank(o, i, cores))
     out_features, in_features = weight.shape
     out_dims, in_dims = _dims(out_features, in_features, cores)
     ranks = _ranks(out_dims, in_dims, rank)
+    if whitening is not None and [w.s.shape[0] for w in whitening] != list(in_dims):
+        raise ValueError(f"the tt format needs one whitening per input axis {in_dims}, got {len(whitening)}")
     w = weight.detach().to(torch.float64).reshape(*out_dims, *in_dims)
+    if whitening is not None:
+        for k, white in enumerate(whitening):
+            w = torch.movedim(torch.movedim(w, cores + k, -1) @ white.s, -1, cores + k)
     order = [axis for k in range(cores) for axis in (k, cores + k)]  # (o1, i1, o2, i2, ...)
     rest = w.permute(order).reshape(-1)
     result, prev = [], 1
@@ -59,6 +74,8 @@ def decompose(weight: torch.Tensor, rank: int, whitening=None, cores: int = 2) -
         rest = s[:r, None] * vh[:r]
         prev = r
     result.append(rest.reshape(prev, out_dims[-1], in_dims[-1], 1))
+    if whitening is not None:  # core k is (r, o_k, i_k, r'): map its i_k axis back
+        result = [torch.movedim(whitening[k].unapply(torch.movedim(c, 2, -1)), -1, 2) for k, c in enumerate(result)]
     result[0], result[-1] = result[0][0], result[-1][..., 0]
     o_lab, i_lab = labels(cores), labels(cores, skip=labels(cores))
     r_lab = labels(cores - 1, skip=o_lab + i_lab)
@@ -69,3 +86,30 @@ def decompose(weight: torch.Tensor, rank: int, whitening=None, cores: int = 2) -
         core_labels.append(left + o_lab[k] + i_lab[k] + right)
     dtype = weight.dtype
     return TensorNetwork([c.to(dtype).contiguous() for c in result], core_labels, in_dims, out_dims, i_lab, o_lab, format="tt")
+
+
+def refit_last_core(net: TensorNetwork, weight: torch.Tensor, gram: torch.Tensor, damping: float = 1e-6) -> TensorNetwork:
+    """Closed-form least-squares refit of the last core on calibration statistics.
+
+    With the other cores fixed, W' is linear in the last core G_d (r, o_d, i_d); minimising
+    ||(W - W') X^T||_F^2 = tr((W - W') X^T X (W - W')^T) gives one linear system N g = b whose
+    matrix N (r·i_d square) is shared by every o_d.
+    """
+    *left_labels, last = net.core_labels
+    bond = last[0]
+    o_lab, i_lab = net.out_labels, net.in_labels
+    left = oe.contract(",".join(left_labels) + "->" + o_lab[:-1] + i_lab[:-1] + bond, *net.cores[:-1], backend="torch").to(torch.float64)
+    o_left, i_left = math.prod(net.out_dims[:-1]), math.prod(net.in_dims[:-1])
+    o_d, i_d = net.out_dims[-1], net.in_dims[-1]
+    r = left.shape[-1]
+    left = left.reshape(o_left, i_left, r)
+    g = gram.to(torch.float64)
+    g4 = g.reshape(i_left, i_d, i_left, i_d)
+    normal = oe.contract("pir,ijkl,pks->rjsl", left, g4, left, backend="torch").reshape(r * i_d, r * i_d)
+    wg = (weight.to(torch.float64) @ g).reshape(o_left, o_d, i_left, i_d)
+    rhs = oe.contract("pir,pqij->rjq", left, wg, backend="torch").reshape(r * i_d, o_d)
+    scale = torch.diagonal(normal).mean().clamp_min(1e-30)
+    normal = normal + damping * scale * torch.eye(r * i_d, dtype=torch.float64)
+    solution = torch.linalg.solve(normal, rhs).reshape(r, i_d, o_d).permute(0, 2, 1)
+    cores = [*net.cores[:-1], solution.to(net.cores[-1].dtype).contiguous()]
+    return TensorNetwork(cores, list(net.core_labels), net.in_dims, net.out_dims, net.in_labels, net.out_labels, format=net.format)
