@@ -49,6 +49,7 @@ def test_factorize_rewrites_every_linear_into_a_chain(mlp, mlp_data):
     assert {meta.info(n).provenance.role for n in created} == {"factor_a", "factor_b", "down", "up"}
     assert all(meta.info(n).provenance.created_by == "factorize" for n in created)
     assert all("nn_module_stack" in n.meta and "val" in n.meta for n in created)
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
     down = next(n for n in created if meta.info(n).provenance.role == "down")
     assert down.meta["val"].shape[-1] == meta.info(down.users.__iter__().__next__()).plan.rank
     # numbers: close to the original (random weights are nearly full rank, so half the
@@ -192,6 +193,7 @@ def test_tt_format_rewrites_into_einsum_chains(mlp, mlp_data):
     assert not any(name.endswith(".weight") for name, _ in gm.named_parameters())
     for name, plan in ctx.plan.items():
         assert plan.params_after <= 0.5 * plan.params_before
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
     einsum = next(n for n in gm.graph.nodes if n.target == aten.einsum.default)
     assert meta.info(einsum).provenance.role == "contract" and "val" in einsum.meta
     x = torch.randn(9, 24)

@@ -11,7 +11,7 @@ from torch._guards import detect_fake_mode
 from .. import meta
 from ..plan import TargetPlan
 from ..progress import progress
-from ..tn import decompose_lowrank, whitening_from_gram
+from ..tn import decompose_lowrank
 from ..tn.formats import FORMATS
 from ..tn.formats.tt import refit_last_core
 from .allocate import format_options
@@ -49,107 +49,98 @@ def _check_network(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str 
     return None
 
 
-def _copy_meta(source: fx.Node, created: list[tuple[fx.Node, str]]) -> None:
-    for node, role in created:
-        for key in _COPIED_META:
-            if key in source.meta:
-                node.meta[key] = source.meta[key]
-        meta.update(node, provenance=meta.Provenance("factorize", source.name, role))
-
-
-def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+def _inputs(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, fmt_name: str, options: dict):
+    """The target, its plan, the dense weight, its calibration stats and the format's whitening."""
     node_info = meta.info(m.node)
     t, plan = node_info.target, node_info.plan
     weight = getattr_path(gm, t.weight)
-    fmt, options = FORMATS[plan.format], format_options(ctx)
     stats = ctx.stats.get(t.name)
+    if not (stats is not None and stats.rows > 0):
+        stats = None
     whitening = None
-    if ctx.config.whiten and stats is not None and stats.rows > 0:
-        whitening = fmt.whitening(stats.gram, t.out_features, t.in_features, ctx.config.damping, **options)
+    if ctx.config.whiten and stats is not None:
+        whitening = FORMATS[fmt_name].whitening(stats.gram, t.out_features, t.in_features, ctx.config.damping, **options)
         ctx.counters[f"factorize.{plan.format}.whitened"] += 1
-    net = fmt.decompose(weight, plan.rank, whitening, **options)
-    if ctx.config.refit and stats is not None and stats.rows > 0 and plan.format == "tt":
+    return t, plan, weight, stats, whitening
+
+
+def _add_factor(gm: fx.GraphModule, t: meta.TargetInfo, suffix: str, tensor: torch.Tensor) -> fx.Node:
+    """Register `tensor` next to the dense weight it replaces and return a get_attr node for it."""
+    owner_path, _, weight_attr = t.weight.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    name = _free_name(owner, f"{weight_attr}_{suffix}")
+    owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    return gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
+
+
+def _finish(m: LinearMatch, created: list[tuple[fx.Node, str]], out: fx.Node) -> fx.Node:
+    """Torch's metadata, provenance and FakeTensor values on the created nodes; annotations on `out`."""
+    old = meta.info(m.node)
+    x_val = m.x.meta.get("val")
+    fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
+    for node, role in created:
+        for key in _COPIED_META:
+            if key in m.node.meta:
+                node.meta[key] = m.node.meta[key]
+        meta.update(node, provenance=meta.Provenance("factorize", m.node.name, role))
+        if node.op == "get_attr":
+            node.meta["val"] = fake_mode.from_tensor(_attr_of(node)) if fake_mode else _attr_of(node)
+        elif fake_mode is not None:
+            with fake_mode:
+                args = fx.node.map_arg(node.args, lambda n: _val(n, fake_mode))
+                node.meta["val"] = node.target(*args)
+    meta.update(out, target=old.target, plan=old.plan, calibration=old.calibration)
+    return out
+
+
+def _val(node: fx.Node, fake_mode) -> torch.Tensor:
+    if "val" not in node.meta and node.op == "get_attr":
+        node.meta["val"] = fake_mode.from_tensor(_attr_of(node))
+    return node.meta["val"]
+
+
+def _attr_of(node: fx.Node) -> torch.Tensor:
+    return getattr_path(node.graph.owning_module, str(node.target))
+
+
+def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    plan_format = meta.info(m.node).plan.format
+    options = format_options(ctx)
+    t, plan, weight, stats, whitening = _inputs(m, gm, ctx, plan_format, options)
+    net = FORMATS[plan.format].decompose(weight, plan.rank, whitening, **options)
+    if ctx.config.refit and stats is not None and plan.format == "tt":
         net = refit_last_core(net, weight, stats.gram)
         ctx.counters[f"factorize.{plan.format}.refit"] += 1
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
     spec = dict(core_labels=list(net.core_labels), in_dims=list(net.in_dims), out_dims=list(net.out_dims),
                 in_labels=net.in_labels, out_labels=net.out_labels, format=net.format)
     ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, spec)
-    owner_path, _, weight_attr = t.weight.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    prefix = f"{owner_path}." if owner_path else ""
     graph = gm.graph
     equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
-    created: list[tuple[fx.Node, str]] = []
     with graph.inserting_before(m.node):
-        core_nodes = []
-        for k, core in enumerate(net.cores):
-            name = _free_name(owner, f"{weight_attr}_{plan.format}_core{k}")
-            owner.register_parameter(name, torch.nn.Parameter(core, requires_grad=False))
-            core_nodes.append(graph.get_attr(prefix + name))
-            core_nodes[-1].meta["val"] = core
-            created.append((core_nodes[-1], f"core{k}"))
+        core_nodes = [_add_factor(gm, t, f"{plan.format}_core{k}", core) for k, core in enumerate(net.cores)]
         xs = graph.call_function(aten.unflatten.int, (m.x, -1, list(net.in_dims)))
         ys = graph.call_function(aten.einsum.default, (equation, [xs, *core_nodes]))
         out = graph.call_function(aten.flatten.using_ints, (ys, -len(net.out_dims), -1))
-        created += [(xs, "unflatten"), (ys, "contract"), (out, "flatten")]
+        created = [(c, f"core{k}") for k, c in enumerate(core_nodes)] + [(xs, "unflatten"), (ys, "contract"), (out, "flatten")]
         if m.bias is not None:
             out = graph.call_function(aten.add.Tensor, (out, m.bias))
             created.append((out, "bias"))
-    _copy_meta(m.node, created)
-    meta.update(out, target=t, plan=plan, calibration=node_info.calibration)
-    x_val = m.x.meta.get("val")
-    fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
-    if fake_mode is not None:
-        with fake_mode:
-            fakes = [fake_mode.from_tensor(c) for c in net.cores]
-            xs.meta["val"] = aten.unflatten.int(x_val, -1, list(net.in_dims))
-            ys.meta["val"] = aten.einsum.default(equation, [xs.meta["val"], *fakes])
-            flat = aten.flatten.using_ints(ys.meta["val"], -len(net.out_dims), -1)
-            out.meta["val"] = flat
-    return out
+    return _finish(m, created, out)
 
 
 def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
-    node_info = meta.info(m.node)
-    t, plan = node_info.target, node_info.plan
-    weight = getattr_path(gm, t.weight)
-    whitening = None
-    stats = ctx.stats.get(t.name)
-    if ctx.config.whiten and stats is not None and stats.rows > 0:
-        whitening = whitening_from_gram(stats.gram, ctx.config.damping)
+    t, plan, weight, _, whitening = _inputs(m, gm, ctx, "svd", {})
     a, b = decompose_lowrank(weight, plan.rank, whitening)
-    ctx.plan[t.name] = TargetPlan(
-        name=t.name,
-        format="lowrank",
-        rank=plan.rank,
-        in_features=t.in_features,
-        out_features=t.out_features,
-        has_bias=t.bias is not None,
-        factors={"a": a, "b": b},
-    )
-    owner_path, _, weight_attr = t.weight.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    prefix = f"{owner_path}." if owner_path else ""
-    a_name = _free_name(owner, f"{weight_attr}_lowrank_a")
-    b_name = _free_name(owner, f"{weight_attr}_lowrank_b")
-    owner.register_parameter(a_name, torch.nn.Parameter(a, requires_grad=False))
-    owner.register_parameter(b_name, torch.nn.Parameter(b, requires_grad=False))
+    ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
     graph = gm.graph
     with graph.inserting_before(m.node):
-        b_node = graph.get_attr(prefix + b_name)
-        a_node = graph.get_attr(prefix + a_name)
+        b_node = _add_factor(gm, t, "lowrank_b", b)
+        a_node = _add_factor(gm, t, "lowrank_a", a)
         hidden = graph.call_function(aten.linear.default, (m.x, b_node))
         out_args = (hidden, a_node, m.bias) if m.bias is not None else (hidden, a_node)
         out = graph.call_function(aten.linear.default, out_args)
-    for created, role in ((b_node, "factor_b"), (a_node, "factor_a"), (hidden, "down"), (out, "up")):
-        for key in _COPIED_META:
-            if key in m.node.meta:
-                created.meta[key] = m.node.meta[key]
-        meta.update(created, provenance=meta.Provenance("factorize", m.node.name, role))
-    meta.update(out, target=t, plan=plan, calibration=node_info.calibration)
-    _set_vals(m, a_node, b_node, hidden, a, b)
-    return out
+    return _finish(m, [(b_node, "factor_b"), (a_node, "factor_a"), (hidden, "down"), (out, "up")], out)
 
 
 def _free_name(owner: torch.nn.Module, name: str) -> str:
@@ -157,17 +148,6 @@ def _free_name(owner: torch.nn.Module, name: str) -> str:
     while hasattr(owner, candidate):
         candidate, i = f"{name}_{i}", i + 1
     return candidate
-
-
-def _set_vals(m: LinearMatch, a_node: fx.Node, b_node: fx.Node, hidden: fx.Node, a: torch.Tensor, b: torch.Tensor) -> None:
-    x_val = m.x.meta.get("val")
-    fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
-    a_node.meta["val"] = a
-    b_node.meta["val"] = b
-    if fake_mode is None:
-        return
-    with fake_mode:
-        hidden.meta["val"] = aten.linear.default(x_val, fake_mode.from_tensor(b))
 
 
 def _erase_dead_weights(gm: fx.GraphModule, weights: set[str]) -> int:
