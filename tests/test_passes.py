@@ -214,3 +214,16 @@ def test_tt_graph_module_and_artifact_agree(mlp, mlp_data, tmp_path):
 
 def test_svd_is_an_alias_of_lowrank():
     assert Config(format="svd").format == "lowrank"
+
+
+def test_tucker_format_through_the_pipeline(mlp, mlp_data, tmp_path):
+    result = tngraph.compress_with_result(mlp, calibration=mlp_data, config=Config(budget=0.5, format="tucker", progress=False))
+    gm, ctx = result.graph, result.context
+    gm.graph.lint()
+    assert _ops(gm).count(aten.einsum.default) == 3 and ctx.counters["network_linear.applied"] == 3
+    assert ctx.counters["factorize.tucker.whitened"] == 3
+    assert all(p.params_after <= 0.5 * p.params_before for p in ctx.plan.values())
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(gm(x), result.module(x), atol=1e-5, rtol=1e-5)
+    out = tngraph.save(result.module, tmp_path / "tucker")
+    torch.testing.assert_close(tngraph.load(out, model=type(mlp)())(x), result.module(x), atol=0, rtol=0)

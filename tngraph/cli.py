@@ -29,8 +29,9 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--budget", type=_budget, default=0.5, help="fraction of the targets' parameters kept, in (0, 1] (default 0.5)")
     p.add_argument("--out", required=out_required, default=None if out_required else "demo-out", help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--format", default="lowrank", help="lowrank (alias svd; whitened SVD, default) or tt (tensor-train matrix, data-free)")
+    p.add_argument("--format", default="lowrank", help="lowrank (alias svd; whitened SVD, default), tt (tensor-train matrix) or tucker (HOSVD)")
     p.add_argument("--tt-cores", type=int, default=2, help="cores of the tt format (default 2)")
+    p.add_argument("--tucker-modes", type=int, default=2, help="modes per side of the tucker format (default 2)")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the last tt core")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
     p.add_argument("--calibration-samples", type=int, default=512, help="calibration samples used (default 512)")
@@ -109,6 +110,7 @@ def _compress(args: argparse.Namespace) -> int:
         budget=args.budget,
         format=args.format,
         tt_cores=args.tt_cores,
+        tucker_modes=args.tucker_modes,
         refit=not args.no_refit,
         whiten=not args.no_whiten,
         include=tuple(args.include) if args.include else default_include(source),

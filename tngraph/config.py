@@ -9,8 +9,8 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-# "lowrank" (alias "svd"): x @ B.T @ A.T + b as two linears; "tt": a tensor-train matrix as one einsum
-FORMATS = ("lowrank", "tt")
+# "lowrank" (alias "svd"): x @ B.T @ A.T + b as two linears; "tt" / "tucker": one einsum each
+FORMATS = ("lowrank", "tt", "tucker")
 _ALIASES = {"svd": "lowrank"}
 
 
@@ -20,8 +20,9 @@ class Config:
 
     budget: fraction of the targeted layers' parameters (weights and biases) that is kept, in (0, 1].
     format: factorization of every target: "lowrank" (or "svd"; truncated SVD, x @ B.T @ A.T + b) or
-        "tt" (tensor-train matrix with tt_cores cores, TT-SVD; data-free for now).
+        "tt" (tensor-train matrix with tt_cores cores, TT-SVD) or "tucker" (HOSVD of the reshaped weight).
     tt_cores: number of cores of the "tt" format (in and out are split into balanced factors).
+    tucker_modes: modes per side of the "tucker" format (W becomes a 2*tucker_modes-way tensor).
     refit: after decomposing, refit the last core by closed-form least squares on the calibration
         statistics ("tt"; low-rank's whitened SVD is already optimal, so it is unaffected).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
@@ -39,6 +40,7 @@ class Config:
     budget: float = 0.5
     format: str = "lowrank"
     tt_cores: int = 2
+    tucker_modes: int = 2
     refit: bool = True
     whiten: bool = True
     damping: float = 1e-4
@@ -59,8 +61,10 @@ class Config:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}", f"choose one of {', '.join(FORMATS)}")
         _check_number("damping", self.damping, low=0.0, high=1.0)
-        if isinstance(self.tt_cores, bool) or not isinstance(self.tt_cores, int) or not 2 <= self.tt_cores <= 6:
-            raise ConfigError(f"tt_cores must be an integer in [2, 6], got {self.tt_cores!r}")
+        for name, low in (("tt_cores", 2), ("tucker_modes", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 6:
+                raise ConfigError(f"{name} must be an integer in [{low}, 6], got {value!r}")
         for name in ("calibration_samples", "eval_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 def format_options(ctx: PassContext) -> dict:
     """Shape options of the configured format (the same for allocation and decomposition)."""
-    return {"cores": ctx.config.tt_cores} if ctx.config.format == "tt" else {}
+    if ctx.config.format == "tt":
+        return {"cores": ctx.config.tt_cores}
+    if ctx.config.format == "tucker":
+        return {"modes": ctx.config.tucker_modes}
+    return {}
 
 
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -12,7 +12,7 @@ import torch
 
 from ..network import TensorNetwork
 from ..whitening import Whitening, kronecker_whitening, whitening_from_gram
-from . import lowrank, tt
+from . import lowrank, tt, tucker
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,14 @@ def _tt_whitening(gram: torch.Tensor, out_features: int, in_features: int, dampi
     return kronecker_whitening(gram, tt.in_dims(out_features, in_features, cores), damping)
 
 
+def _tucker_whitening(gram: torch.Tensor, out_features: int, in_features: int, damping: float, modes: int = 2) -> list[Whitening]:
+    return kronecker_whitening(gram, tucker.in_dims(out_features, in_features, modes), damping)
+
+
 FORMATS: dict[str, Format] = {
     "svd": Format("svd", lowrank.decompose, lowrank.params, lowrank.max_rank, _svd_whitening),
     "tt": Format("tt", tt.decompose, tt.params, tt.max_rank, _tt_whitening),
+    "tucker": Format("tucker", tucker.decompose, tucker.params, tucker.max_rank, _tucker_whitening),
 }
 
 

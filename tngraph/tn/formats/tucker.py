@@ -1,0 +1,73 @@
+"""tucker: W (out x in) reshaped to an (o_1..o_k, i_1..i_k) tensor -> core x_n U_n, by truncated HOSVD.
+
+Every mode keeps min(rank, n) leading singular vectors of its unfolding, so the subspaces grow
+nested with the rank and the error never grows with it. With a per-input-axis whitening
+(S_1 ⊗ ... ⊗ S_k) the HOSVD runs on W·S and each input factor is mapped back by S_j^-1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import opt_einsum as oe
+import torch
+
+from ..network import TensorNetwork, balanced_factors, labels
+from ..whitening import Whitening
+
+
+def _dims(out_features: int, in_features: int, modes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return balanced_factors(out_features, modes), balanced_factors(in_features, modes)
+
+
+def in_dims(out_features: int, in_features: int, modes: int = 2) -> tuple[int, ...]:
+    return _dims(out_features, in_features, modes)[1]
+
+
+def params(out_features: int, in_features: int, rank: int, modes: int = 2) -> int:
+    sizes = [*_dims(out_features, in_features, modes)[0], *_dims(out_features, in_features, modes)[1]]
+    ranks = [min(rank, n) for n in sizes]
+    return sum(n * r for n, r in zip(sizes, ranks)) + math.prod(ranks)
+
+
+def max_rank(out_features: int, in_features: int, modes: int = 2) -> int:
+    out_dims, in_dims_ = _dims(out_features, in_features, modes)
+    return max(*out_dims, *in_dims_)
+
+
+def decompose(
+    weight: torch.Tensor, rank: int, whitening: Sequence[Whitening] | None = None, modes: int = 2
+) -> TensorNetwork:
+    from . import check_weight
+
+    if modes < 1:
+        raise ValueError(f"tucker needs at least one mode per side, got {modes}")
+    check_weight(weight, rank, lambda o, i: max_rank(o, i, modes))
+    out_dims, in_dims_ = _dims(*weight.shape, modes)
+    if whitening is not None and [w.s.shape[0] for w in whitening] != list(in_dims_):
+        raise ValueError(f"the tucker format needs one whitening per input axis {in_dims_}, got {len(whitening)}")
+    sizes = [*out_dims, *in_dims_]
+    t = weight.detach().to(torch.float64).reshape(*sizes)
+    if whitening is not None:
+        for k, white in enumerate(whitening):
+            axis = modes + k
+            t = torch.movedim(torch.movedim(t, axis, -1) @ white.s, -1, axis)
+    factors = []
+    for axis, n in enumerate(sizes):
+        unfolding = torch.movedim(t, axis, 0).reshape(n, -1)
+        u, _, _ = torch.linalg.svd(unfolding, full_matrices=False)
+        factors.append(u[:, : min(rank, n)])
+    mode_labels = labels(2 * modes)
+    rank_labels = labels(2 * modes, skip=mode_labels)
+    core = oe.contract(
+        mode_labels + "," + ",".join(m + r for m, r in zip(mode_labels, rank_labels)) + "->" + rank_labels,
+        t, *factors, backend="torch",
+    )
+    if whitening is not None:  # input factor U_j (i_j x r) -> S_j^-T U_j
+        for k, white in enumerate(whitening):
+            factors[modes + k] = white.unapply(factors[modes + k].T).T
+    o_lab, i_lab = mode_labels[:modes], mode_labels[modes:]
+    cores = [core, *factors]
+    core_labels = [rank_labels, *(m + r for m, r in zip(mode_labels, rank_labels))]
+    dtype = weight.dtype
+    return TensorNetwork([c.to(dtype).contiguous() for c in cores], core_labels, in_dims_, out_dims, i_lab, o_lab, format="tucker")
