@@ -32,6 +32,7 @@ VARIANTS = {  # name shown -> (Config format, Config options, FORMATS key, forma
     "svd (whitened)": ("lowrank", {}, "svd", {}),
     "tt-2 (whitened+refit)": ("tt", {"tt_cores": 2}, "tt", {"cores": 2}),
     "tt-3 (whitened+refit)": ("tt", {"tt_cores": 3}, "tt", {"cores": 3}),
+    "tucker-2x2 (whitened)": ("tucker", {"tucker_modes": 2}, "tucker", {"modes": 2}),
 }
 
 
