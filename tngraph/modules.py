@@ -36,15 +36,8 @@ class NetworkLinear(nn.Module):
 
         self.cores = nn.ParameterList(nn.Parameter(c) for c in network.cores)
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self._spec = dict(
-            core_labels=list(network.core_labels),
-            in_dims=tuple(network.in_dims),
-            out_dims=tuple(network.out_dims),
-            in_labels=network.in_labels,
-            out_labels=network.out_labels,
-            format=network.format,
-        )
-        self._network = TensorNetwork(list(self.cores), **self._spec)
+        self._spec = network.spec()
+        self._network = TensorNetwork.from_spec(list(self.cores), self._spec)
         self.in_features = network.in_features
         self.out_features = network.out_features
 

@@ -35,14 +35,12 @@ class TargetPlan:
             "out_features": self.out_features,
             "bias": self.has_bias,
             "factors": {k: list(v.shape) for k, v in sorted(self.factors.items())},
-            **({"network": {k: list(v) if isinstance(v, tuple) else v for k, v in self.network.items()}} if self.network else {}),
+            **({"network": dict(self.network)} if self.network else {}),
         }
 
     def tensor_network(self):
         """The factors as a TensorNetwork (tensor-network formats only)."""
         from .tn.network import TensorNetwork
 
-        spec = dict(self.network or {})
-        spec["in_dims"], spec["out_dims"] = tuple(spec["in_dims"]), tuple(spec["out_dims"])
-        cores = [self.factors[f"core{k}"] for k in range(len(spec["core_labels"]))]
-        return TensorNetwork(cores, **spec)
+        spec = self.network or {}
+        return TensorNetwork.from_spec([self.factors[f"core{k}"] for k in range(len(spec["core_labels"]))], spec)

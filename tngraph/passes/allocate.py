@@ -11,7 +11,6 @@ import logging
 import torch.fx as fx
 
 from .. import meta
-from ..tn import lowrank_params, rank_for_budget
 from ..tn.formats import FORMATS, rank_for_params
 from .base import PassContext, PassResult
 
@@ -29,17 +28,15 @@ def format_options(ctx: PassContext) -> dict:
 
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     budget = ctx.config.budget
+    # the lowrank rewrite uses the svd format's parameter count and rank rule
+    fmt = FORMATS["svd" if ctx.config.format == "lowrank" else ctx.config.format]
+    options = format_options(ctx)
     chosen = 0
     for node in meta.targets(gm):
         t = meta.info(node).target
         bias = t.out_features if t.bias else 0
-        if ctx.config.format == "lowrank":
-            rank = rank_for_budget(t.out_features, t.in_features, budget, bias=bool(t.bias))
-            after = lowrank_params(t.out_features, t.in_features, rank) + bias
-        else:
-            fmt, options = FORMATS[ctx.config.format], format_options(ctx)
-            rank = rank_for_params(fmt, t.out_features, t.in_features, budget * t.dense_params - bias, **options)
-            after = fmt.params(t.out_features, t.in_features, rank, **options) + bias
+        rank = rank_for_params(fmt, t.out_features, t.in_features, budget * t.dense_params - bias, **options)
+        after = fmt.params(t.out_features, t.in_features, rank, **options) + bias
         if after >= t.dense_params:
             plan = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="factorization not smaller")
             ctx.counters["allocate.dense.not_smaller"] += 1

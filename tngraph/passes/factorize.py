@@ -112,9 +112,7 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
         net = refit_last_core(net, weight, stats.gram)
         ctx.counters[f"factorize.{plan.format}.refit"] += 1
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
-    spec = dict(core_labels=list(net.core_labels), in_dims=list(net.in_dims), out_dims=list(net.out_dims),
-                in_labels=net.in_labels, out_labels=net.out_labels, format=net.format)
-    ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, spec)
+    ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
     graph = gm.graph
     equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
     with graph.inserting_before(m.node):

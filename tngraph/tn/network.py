@@ -43,6 +43,16 @@ class TensorNetwork:
                 if sizes.setdefault(label, size) != size:
                     raise ValueError(f"label {label!r} has sizes {sizes[label]} and {size}")
 
+    def spec(self) -> dict:
+        """Everything but the cores, JSON-ready: what a recipe stores and from_spec() takes back."""
+        return dict(core_labels=list(self.core_labels), in_dims=list(self.in_dims), out_dims=list(self.out_dims),
+                    in_labels=self.in_labels, out_labels=self.out_labels, format=self.format)
+
+    @classmethod
+    def from_spec(cls, cores: list[torch.Tensor], spec: dict) -> "TensorNetwork":
+        return cls(list(cores), list(spec["core_labels"]), tuple(spec["in_dims"]), tuple(spec["out_dims"]),
+                   spec["in_labels"], spec["out_labels"], format=spec.get("format", ""))
+
     @property
     def in_features(self) -> int:
         return math.prod(self.in_dims)

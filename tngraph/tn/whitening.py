@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -71,3 +72,15 @@ def kronecker_whitening(gram: torch.Tensor, dims: tuple[int, ...], damping: floa
         g = (g2 + g2.T) / 2
     factors.append(g)
     return [whitening_from_gram(f, damping) for f in factors]
+
+
+def whiten_input_axes(t: torch.Tensor, whitening: Sequence[Whitening], first_axis: int, fmt: str) -> torch.Tensor:
+    """Multiply each input axis of the reshaped weight `t` (axes first_axis, first_axis+1, ...) by its S_k,
+    after checking that there is one whitening per input axis."""
+    axes = list(t.shape[first_axis:])
+    if [w.s.shape[0] for w in whitening] != axes:
+        raise ValueError(f"the {fmt} format needs one whitening per input axis {tuple(axes)}, got {len(whitening)}")
+    for k, white in enumerate(whitening):
+        axis = first_axis + k
+        t = torch.movedim(torch.movedim(t, axis, -1) @ white.s, -1, axis)
+    return t

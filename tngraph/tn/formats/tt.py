@@ -12,7 +12,7 @@ import opt_einsum as oe
 import torch
 
 from ..network import TensorNetwork, balanced_factors, labels
-from ..whitening import Whitening
+from ..whitening import Whitening, whiten_input_axes
 
 
 def _dims(out_features: int, in_features: int, cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -57,12 +57,9 @@ def decompose(
     out_features, in_features = weight.shape
     out_dims, in_dims = _dims(out_features, in_features, cores)
     ranks = _ranks(out_dims, in_dims, rank)
-    if whitening is not None and [w.s.shape[0] for w in whitening] != list(in_dims):
-        raise ValueError(f"the tt format needs one whitening per input axis {in_dims}, got {len(whitening)}")
     w = weight.detach().to(torch.float64).reshape(*out_dims, *in_dims)
     if whitening is not None:
-        for k, white in enumerate(whitening):
-            w = torch.movedim(torch.movedim(w, cores + k, -1) @ white.s, -1, cores + k)
+        w = whiten_input_axes(w, whitening, cores, "tt")
     order = [axis for k in range(cores) for axis in (k, cores + k)]  # (o1, i1, o2, i2, ...)
     rest = w.permute(order).reshape(-1)
     result, prev = [], 1

@@ -13,7 +13,7 @@ import opt_einsum as oe
 import torch
 
 from ..network import TensorNetwork, balanced_factors, labels
-from ..whitening import Whitening
+from ..whitening import Whitening, whiten_input_axes
 
 
 def _dims(out_features: int, in_features: int, modes: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -44,14 +44,10 @@ def decompose(
         raise ValueError(f"tucker needs at least one mode per side, got {modes}")
     check_weight(weight, rank, lambda o, i: max_rank(o, i, modes))
     out_dims, in_dims_ = _dims(*weight.shape, modes)
-    if whitening is not None and [w.s.shape[0] for w in whitening] != list(in_dims_):
-        raise ValueError(f"the tucker format needs one whitening per input axis {in_dims_}, got {len(whitening)}")
     sizes = [*out_dims, *in_dims_]
     t = weight.detach().to(torch.float64).reshape(*sizes)
     if whitening is not None:
-        for k, white in enumerate(whitening):
-            axis = modes + k
-            t = torch.movedim(torch.movedim(t, axis, -1) @ white.s, -1, axis)
+        t = whiten_input_axes(t, whitening, modes, "tucker")
     factors = []
     for axis, n in enumerate(sizes):
         unfolding = torch.movedim(t, axis, 0).reshape(n, -1)
