@@ -9,9 +9,10 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-# "lowrank" (alias "svd"): x @ B.T @ A.T + b as two linears; "tt" / "tucker": one einsum each
-FORMATS = ("lowrank", "tt", "tucker")
+# "lowrank" (alias "svd"): x @ B.T @ A.T + b as two linears; the tensor-network formats: one einsum each
+FORMATS = ("lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch")
 _ALIASES = {"svd": "lowrank"}
+TARGET_KINDS = ("linear", "embedding")
 
 
 @dataclass(frozen=True)
@@ -19,12 +20,18 @@ class Config:
     """Options of a tngraph run.
 
     budget: fraction of the targeted layers' parameters (weights and biases) that is kept, in (0, 1].
-    format: factorization of every target: "lowrank" (or "svd"; truncated SVD, x @ B.T @ A.T + b) or
-        "tt" (tensor-train matrix with tt_cores cores, TT-SVD) or "tucker" (HOSVD of the reshaped weight).
-    tt_cores: number of cores of the "tt" format (in and out are split into balanced factors).
-    tucker_modes: modes per side of the "tucker" format (W becomes a 2*tucker_modes-way tensor).
-    refit: after decomposing, refit the last core by closed-form least squares on the calibration
-        statistics ("tt"; low-rank's whitened SVD is already optimal, so it is unaffected).
+    format: factorization of every target (docs/formats.md compares them):
+        "lowrank" (or "svd"): truncated SVD, x @ B.T @ A.T + b;
+        "tucker": HOSVD (+ tucker_iters HOOI sweeps) of W reshaped to 2*tucker_modes ways;
+        "tt": tensor-train matrix (MPO) with tt_cores cores, TT-SVD;
+        "tr": tensor ring with tr_cores cores and closing rank tr_ring, TR-SVD (+ tr_als ALS sweeps);
+        "cp": CP of W reshaped to 2*cp_modes ways, ALS (cp_max_iter sweeps, cp_tol, cp_time_limit s per layer);
+        "kron": sum of Kronecker products A_r ⊗ B_r, A of kron_shape (rows, cols) or balanced;
+        "monarch": block-diagonal · permutation · block-diagonal, monarch_blocks input blocks (or balanced).
+    targets: which layers are targets: ("linear",) or ("linear", "embedding") (embedding tables become
+        a low-rank gather + linear; they also need an `include` pattern that admits them).
+    refit: after decomposing, refit one core by closed-form least squares on the exact calibration
+        Gram matrix (tensor-network formats; low-rank's whitened SVD is already optimal).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
     damping: relative diagonal damping of the calibration Gram matrix before its Cholesky factor.
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
@@ -41,12 +48,23 @@ class Config:
     format: str = "lowrank"
     tt_cores: int = 2
     tucker_modes: int = 2
+    tucker_iters: int = 0
+    tr_cores: int = 3
+    tr_ring: int = 2
+    tr_als: int = 0
+    cp_modes: int = 2
+    cp_max_iter: int = 200
+    cp_tol: float = 1e-2
+    cp_time_limit: float = 120.0
+    kron_shape: tuple[int, int] | None = None
+    monarch_blocks: int | None = None
+    targets: tuple[str, ...] = ("linear",)
     refit: bool = True
     whiten: bool = True
     damping: float = 1e-4
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    calibration_samples: int = 512
+    calibration_samples: int = 2048
     eval_samples: int = 2000
     batch_size: int = 32
     max_length: int = 128
@@ -61,10 +79,26 @@ class Config:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}", f"choose one of {', '.join(FORMATS)}")
         _check_number("damping", self.damping, low=0.0, high=1.0)
-        for name, low in (("tt_cores", 2), ("tucker_modes", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 6:
-                raise ConfigError(f"{name} must be an integer in [{low}, 6], got {value!r}")
+        for name, low, high in (("tt_cores", 2, 6), ("tucker_modes", 1, 6), ("tr_cores", 2, 6), ("cp_modes", 1, 6),
+                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000)):
+            _check_int(name, getattr(self, name), low, high)
+        _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
+        _check_number("cp_time_limit", self.cp_time_limit, low=0.0, high=1e6, low_open=True)
+        if self.kron_shape is not None:
+            shape = self.kron_shape
+            if isinstance(shape, str):
+                shape = tuple(int(v) for v in shape.lower().split("x")) if all(v.isdigit() for v in shape.lower().split("x")) else shape
+            if isinstance(shape, str) or len(shape) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
+                raise ConfigError(f"kron_shape must be two positive integers (rows, cols of A), got {self.kron_shape!r}", "e.g. kron_shape=(16, 16) or \"16x16\"")
+            object.__setattr__(self, "kron_shape", tuple(shape))
+        if self.monarch_blocks is not None:
+            _check_int("monarch_blocks", self.monarch_blocks, 1, 1 << 20)
+        kinds = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        kinds = tuple(k.strip() for kind in kinds for k in kind.split(",") if k.strip())
+        bad = [k for k in kinds if k not in TARGET_KINDS]
+        if bad or not kinds:
+            raise ConfigError(f"unknown target kind {bad[0] if bad else ''!r}", f"targets is a list drawn from {', '.join(TARGET_KINDS)}")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(kinds)))
         for name in ("calibration_samples", "eval_samples", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -104,6 +138,11 @@ def _reject_unknown(options: Mapping[str, Any]) -> None:
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"unknown option {key!r}", f"{hint}valid options: {', '.join(valid)}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float, low_open: bool = False) -> None:

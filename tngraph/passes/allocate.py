@@ -11,25 +11,25 @@ import logging
 import torch.fx as fx
 
 from .. import meta
-from ..tn.formats import FORMATS, rank_for_params
+from ..tn.formats import FORMATS, Format, rank_for_params
 from .base import PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
 
+def configured_format(config) -> Format:
+    """The Format of Config.format (the lowrank rewrite uses the svd format's counts and rank rule)."""
+    return FORMATS["svd" if config.format == "lowrank" else config.format]
+
+
 def format_options(ctx: PassContext) -> dict:
-    """Shape options of the configured format (the same for allocation and decomposition)."""
-    if ctx.config.format == "tt":
-        return {"cores": ctx.config.tt_cores}
-    if ctx.config.format == "tucker":
-        return {"modes": ctx.config.tucker_modes}
-    return {}
+    """Options of the configured format (the same for allocation and decomposition)."""
+    return configured_format(ctx.config).options(ctx.config)
 
 
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     budget = ctx.config.budget
-    # the lowrank rewrite uses the svd format's parameter count and rank rule
-    fmt = FORMATS["svd" if ctx.config.format == "lowrank" else ctx.config.format]
+    fmt = configured_format(ctx.config)
     options = format_options(ctx)
     chosen = 0
     for node in meta.targets(gm):

@@ -20,12 +20,17 @@ from .base import PassContext, PassResult
 log = logging.getLogger(__name__)
 
 _ACTIVE: dict[str, GramStats] = {}
+_ROWS: list[torch.Tensor | None] = [None]  # the current batch's token mask (True = real token), if any
 
 
 def _observe(x: torch.Tensor, key: str) -> None:
     stats = _ACTIVE.get(key)
-    if stats is not None:
-        stats.update(x)
+    if stats is None:
+        return
+    mask = _ROWS[0]
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        x = x[mask]  # padded positions are not data: leave them out of the statistics
+    stats.update(x)
 
 
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -66,6 +71,8 @@ def _x_index(node: fx.Node) -> int:
 
 
 def _run(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    mask = kwargs.get("attention_mask")
+    _ROWS[0] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() >= 1 else None
     try:
         gm(*args, **kwargs)
     except Exception as exc:

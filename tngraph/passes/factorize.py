@@ -9,11 +9,12 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .. import meta
+from ..errors import TngraphError
 from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import decompose_lowrank
 from ..tn.formats import FORMATS
-from ..tn.formats.tt import refit_last_core
+from ..tn.refit import refit_core
 from .allocate import format_options
 from .base import PassContext, PassResult
 from .rewrite import RewriteRule, apply_rules
@@ -107,10 +108,17 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
     plan_format = meta.info(m.node).plan.format
     options = format_options(ctx)
     t, plan, weight, stats, whitening = _inputs(m, gm, ctx, plan_format, options)
-    net = FORMATS[plan.format].decompose(weight, plan.rank, whitening, **options)
-    if ctx.config.refit and stats is not None and plan.format == "tt":
-        net = refit_last_core(net, weight, stats.gram)
-        ctx.counters[f"factorize.{plan.format}.refit"] += 1
+    try:
+        net = FORMATS[plan.format].decompose(weight, plan.rank, whitening, **options)
+    except TngraphError as exc:
+        raise type(exc)(f"{t.name}: {exc.problem}", exc.fix) from exc
+    if ctx.config.refit and stats is not None:
+        refitted = refit_core(net, weight, stats.gram)
+        if refitted is None:
+            ctx.counters[f"factorize.{plan.format}.refit_skipped"] += 1
+        else:
+            net = refitted
+            ctx.counters[f"factorize.{plan.format}.refit"] += 1
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
     ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
     graph = gm.graph

@@ -84,3 +84,29 @@ def whiten_input_axes(t: torch.Tensor, whitening: Sequence[Whitening], first_axi
         axis = first_axis + k
         t = torch.movedim(torch.movedim(t, axis, -1) @ white.s, -1, axis)
     return t
+
+
+def block_whitening(gram: torch.Tensor, blocks: int, damping: float = 1e-4) -> list[Whitening]:
+    """One whitening per diagonal block of the Gram matrix (`blocks` equal blocks of the input).
+
+    For block-diagonal formats (monarch) whose first factor mixes features only inside a block of
+    the input: cross-block correlations are left out, each block is whitened exactly.
+    """
+    g = gram.to(torch.float64)
+    width = g.shape[0] // blocks
+    return [whitening_from_gram(g[b * width : (b + 1) * width, b * width : (b + 1) * width], damping) for b in range(blocks)]
+
+
+def unwhiten_input_axes(cores: list[torch.Tensor], core_labels: Sequence[str], in_labels: str,
+                        whitening: Sequence[Whitening]) -> list[torch.Tensor]:
+    """Map cores found for W·(S_1 ⊗ ... ⊗ S_d) back to W: the core holding input label k gets S_k^-1
+    on that axis. Every input label must belong to exactly one core."""
+    cores = list(cores)
+    for label, white in zip(in_labels, whitening):
+        owners = [j for j, labs in enumerate(core_labels) if label in labs]
+        if len(owners) != 1:
+            raise ValueError(f"input label {label!r} belongs to {len(owners)} cores; per-axis whitening needs exactly one")
+        j = owners[0]
+        axis = core_labels[j].index(label)
+        cores[j] = torch.movedim(white.unapply(torch.movedim(cores[j], axis, -1)), -1, axis)
+    return cores

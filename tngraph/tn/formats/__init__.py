@@ -11,38 +11,54 @@ from typing import Callable
 import torch
 
 from ..network import TensorNetwork
-from ..whitening import Whitening, kronecker_whitening, whitening_from_gram
-from . import lowrank, tt, tucker
+from ..whitening import Whitening, block_whitening, kronecker_whitening, whitening_from_gram
+from . import cp, kron, lowrank, monarch, tr, tt, tucker
 
 
 @dataclass(frozen=True)
 class Format:
     name: str
-    decompose: Callable[..., TensorNetwork]  # (weight, rank, whitening=None, **shape options)
-    params: Callable[..., int]  # (out, in, rank, **shape options)
-    max_rank: Callable[..., int]  # (out, in, **shape options)
-    # (gram, out, in, damping, **shape options) -> the whitening decompose() takes: the shared step,
-    # shaped to the format (one S for svd, one S_k per input axis for tt and tucker)
-    whitening: Callable[..., object]
+    decompose: Callable[..., TensorNetwork]  # (weight, rank, whitening=None, **options)
+    params: Callable[..., int]  # (out, in, rank, **options)
+    max_rank: Callable[..., int]  # (out, in, **options)
+    # how the shared whitening step is shaped for this format: "full" (one S), "axes" (one S_k per
+    # input axis, from the nearest Kronecker product of X^T X), "blocks" (one S_p per input block)
+    whitening_kind: str
+    input_split: Callable[..., object] | None = None  # in_dims (axes) or the block count (blocks)
+    config_keys: tuple[tuple[str, str], ...] = ()  # (decompose option, Config field)
+    summary: str = ""
 
+    def options(self, config: object) -> dict:
+        """The decompose/params options a Config sets for this format."""
+        return {opt: getattr(config, key) for opt, key in self.config_keys}
 
-def _svd_whitening(gram: torch.Tensor, out_features: int, in_features: int, damping: float) -> Whitening:
-    return whitening_from_gram(gram, damping)
-
-
-def _per_axis_whitening(module) -> Callable[..., list[Whitening]]:
-    """Whitening for formats whose cores each touch one factor of the input: one S_k per input axis."""
-
-    def build(gram: torch.Tensor, out_features: int, in_features: int, damping: float, **options) -> list[Whitening]:
-        return kronecker_whitening(gram, module.in_dims(out_features, in_features, **options), damping)
-
-    return build
+    def whitening(self, gram: torch.Tensor, out_features: int, in_features: int, damping: float, **options):
+        """The shared whitening step (SVD-LLM: Cholesky of the damped X^T X), in this format's shape."""
+        if self.whitening_kind == "full":
+            return whitening_from_gram(gram, damping)
+        if self.whitening_kind == "axes":
+            return kronecker_whitening(gram, self.input_split(out_features, in_features, **options), damping)
+        return block_whitening(gram, self.input_split(out_features, in_features, **options), damping)
 
 
 FORMATS: dict[str, Format] = {
-    "svd": Format("svd", lowrank.decompose, lowrank.params, lowrank.max_rank, _svd_whitening),
-    "tt": Format("tt", tt.decompose, tt.params, tt.max_rank, _per_axis_whitening(tt)),
-    "tucker": Format("tucker", tucker.decompose, tucker.params, tucker.max_rank, _per_axis_whitening(tucker)),
+    f.name: f
+    for f in (
+        Format("svd", lowrank.decompose, lowrank.params, lowrank.max_rank, "full", summary="truncated SVD, A·B"),
+        Format("tucker", tucker.decompose, tucker.params, tucker.max_rank, "axes", tucker.in_dims,
+               (("modes", "tucker_modes"), ("iters", "tucker_iters")), "HOSVD (+HOOI) of the reshaped weight"),
+        Format("tt", tt.decompose, tt.params, tt.max_rank, "axes", tt.in_dims, (("cores", "tt_cores"),),
+               "tensor-train matrix (MPO), TT-SVD"),
+        Format("tr", tr.decompose, tr.params, tr.max_rank, "axes", tr.in_dims,
+               (("cores", "tr_cores"), ("ring", "tr_ring"), ("als", "tr_als")), "tensor ring, TR-SVD (+ALS)"),
+        Format("cp", cp.decompose, cp.params, cp.max_rank, "axes", cp.in_dims,
+               (("modes", "cp_modes"), ("max_iter", "cp_max_iter"), ("tol", "cp_tol"), ("time_limit", "cp_time_limit")),
+               "CP of the reshaped weight, ALS"),
+        Format("kron", kron.decompose, kron.params, kron.max_rank, "axes", kron.in_dims, (("shape", "kron_shape"),),
+               "sum of Kronecker products, rearrangement + SVD"),
+        Format("monarch", monarch.decompose, monarch.params, monarch.max_rank, "blocks", monarch.input_blocks,
+               (("blocks", "monarch_blocks"),), "block-diagonal · permutation · block-diagonal, rank per block"),
+    )
 }
 
 

@@ -8,11 +8,11 @@ from ..network import TensorNetwork
 from ..whitening import Whitening
 
 
-def params(out_features: int, in_features: int, rank: int) -> int:
+def params(out_features: int, in_features: int, rank: int, **_: object) -> int:
     return rank * (out_features + in_features)
 
 
-def max_rank(out_features: int, in_features: int) -> int:
+def max_rank(out_features: int, in_features: int, **_: object) -> int:
     return min(out_features, in_features)
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import opt_einsum as oe
 import torch
 
 from ..network import TensorNetwork, balanced_factors, labels
-from ..whitening import Whitening, whiten_input_axes
+from ..whitening import Whitening, unwhiten_input_axes, whiten_input_axes
 
 
 def _dims(out_features: int, in_features: int, cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -29,37 +28,38 @@ def _ranks(out_dims, in_dims, rank: int) -> list[int]:
     return [min(rank, cap) for cap in _rank_caps(out_dims, in_dims)]
 
 
-def params(out_features: int, in_features: int, rank: int, cores: int = 2) -> int:
+def params(out_features: int, in_features: int, rank: int, cores: int = 2, **_: object) -> int:
     out_dims, in_dims = _dims(out_features, in_features, cores)
     bonds = [1, *_ranks(out_dims, in_dims, rank), 1]
     return sum(bonds[k] * o * i * bonds[k + 1] for k, (o, i) in enumerate(zip(out_dims, in_dims)))
 
 
-def max_rank(out_features: int, in_features: int, cores: int = 2) -> int:
+def max_rank(out_features: int, in_features: int, cores: int = 2, **_: object) -> int:
     return max(_rank_caps(*_dims(out_features, in_features, cores)), default=1)
 
 
-def in_dims(out_features: int, in_features: int, cores: int = 2) -> tuple[int, ...]:
+def in_dims(out_features: int, in_features: int, cores: int = 2, **_: object) -> tuple[int, ...]:
     """How the input is split across the cores (what a per-axis whitening must match)."""
     return _dims(out_features, in_features, cores)[1]
 
 
 def decompose(
-    weight: torch.Tensor, rank: int, whitening: Sequence[Whitening] | None = None, cores: int = 2
+    weight: torch.Tensor, rank: int, whitening: Sequence[Whitening] | None = None, cores: int = 2,
+    dims: tuple[Sequence[int], Sequence[int]] | None = None, format: str = "tt",
 ) -> TensorNetwork:
     """TT-SVD of W, or of W·(S_1 ⊗ ... ⊗ S_d) with each core's input axis mapped back by S_k^-1 when
-    `whitening` gives one Whitening per input axis (see whitening.kronecker_whitening)."""
+    `whitening` gives one Whitening per input axis (see whitening.kronecker_whitening).
+    `dims` = (out_dims, in_dims) overrides the balanced split (the kron format sets its own)."""
     from . import check_weight
 
     if cores < 2:
         raise ValueError(f"a tensor train needs at least 2 cores, got {cores}")
-    check_weight(weight, rank, lambda o, i: max_rank(o, i, cores))
-    out_features, in_features = weight.shape
-    out_dims, in_dims = _dims(out_features, in_features, cores)
+    check_weight(weight, rank, lambda o, i: max(_rank_caps(*(dims or _dims(o, i, cores))), default=1))
+    out_dims, in_dims = (tuple(dims[0]), tuple(dims[1])) if dims is not None else _dims(*weight.shape, cores)
     ranks = _ranks(out_dims, in_dims, rank)
     w = weight.detach().to(torch.float64).reshape(*out_dims, *in_dims)
     if whitening is not None:
-        w = whiten_input_axes(w, whitening, cores, "tt")
+        w = whiten_input_axes(w, whitening, cores, format)
     order = [axis for k in range(cores) for axis in (k, cores + k)]  # (o1, i1, o2, i2, ...)
     rest = w.permute(order).reshape(-1)
     result, prev = [], 1
@@ -71,8 +71,6 @@ def decompose(
         rest = s[:r, None] * vh[:r]
         prev = r
     result.append(rest.reshape(prev, out_dims[-1], in_dims[-1], 1))
-    if whitening is not None:  # core k is (r, o_k, i_k, r'): map its i_k axis back
-        result = [torch.movedim(whitening[k].unapply(torch.movedim(c, 2, -1)), -1, 2) for k, c in enumerate(result)]
     result[0], result[-1] = result[0][0], result[-1][..., 0]
     o_lab, i_lab = labels(cores), labels(cores, skip=labels(cores))
     r_lab = labels(cores - 1, skip=o_lab + i_lab)
@@ -81,32 +79,7 @@ def decompose(
         left = r_lab[k - 1] if k > 0 else ""
         right = r_lab[k] if k < cores - 1 else ""
         core_labels.append(left + o_lab[k] + i_lab[k] + right)
+    if whitening is not None:
+        result = unwhiten_input_axes(result, core_labels, i_lab, whitening)
     dtype = weight.dtype
-    return TensorNetwork([c.to(dtype).contiguous() for c in result], core_labels, in_dims, out_dims, i_lab, o_lab, format="tt")
-
-
-def refit_last_core(net: TensorNetwork, weight: torch.Tensor, gram: torch.Tensor, damping: float = 1e-6) -> TensorNetwork:
-    """Closed-form least-squares refit of the last core on calibration statistics.
-
-    With the other cores fixed, W' is linear in the last core G_d (r, o_d, i_d); minimising
-    ||(W - W') X^T||_F^2 = tr((W - W') X^T X (W - W')^T) gives one linear system N g = b whose
-    matrix N (r·i_d square) is shared by every o_d.
-    """
-    *left_labels, last = net.core_labels
-    bond = last[0]
-    o_lab, i_lab = net.out_labels, net.in_labels
-    left = oe.contract(",".join(left_labels) + "->" + o_lab[:-1] + i_lab[:-1] + bond, *net.cores[:-1], backend="torch").to(torch.float64)
-    o_left, i_left = math.prod(net.out_dims[:-1]), math.prod(net.in_dims[:-1])
-    o_d, i_d = net.out_dims[-1], net.in_dims[-1]
-    r = left.shape[-1]
-    left = left.reshape(o_left, i_left, r)
-    g = gram.to(torch.float64)
-    g4 = g.reshape(i_left, i_d, i_left, i_d)
-    normal = oe.contract("pir,ijkl,pks->rjsl", left, g4, left, backend="torch").reshape(r * i_d, r * i_d)
-    wg = (weight.to(torch.float64) @ g).reshape(o_left, o_d, i_left, i_d)
-    rhs = oe.contract("pir,pqij->rjq", left, wg, backend="torch").reshape(r * i_d, o_d)
-    scale = torch.diagonal(normal).mean().clamp_min(1e-30)
-    normal = normal + damping * scale * torch.eye(r * i_d, dtype=torch.float64)
-    solution = torch.linalg.solve(normal, rhs).reshape(r, i_d, o_d).permute(0, 2, 1)
-    cores = [*net.cores[:-1], solution.to(net.cores[-1].dtype).contiguous()]
-    return TensorNetwork(cores, list(net.core_labels), net.in_dims, net.out_dims, net.in_labels, net.out_labels, format=net.format)
+    return TensorNetwork([c.to(dtype).contiguous() for c in result], core_labels, in_dims, out_dims, i_lab, o_lab, format=format)
