@@ -149,4 +149,19 @@ def test_tt_format_from_the_command_line(tiny_hf, tmp_path, capsys):
     assert report["params"]["targets_kept"] <= 0.5 and report["counters"]["network_linear.applied"] == 13
     loaded = tngraph.load(out)
     assert type(loaded.encoder.layer[0].output.dense).__name__ == "NetworkLinear"
-    assert "unknown format 'cp'" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "cp"])
+    assert "invalid choice: 'bogus'" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "bogus"])
+    assert "unknown target kind 'conv'" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--targets", "linear,conv"])
+    assert "kron_shape must be two positive integers" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "kron", "--kron-shape", "4by4"])
+
+
+def test_ring_format_and_embedding_targets_from_the_command_line(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "tr"
+    args = ["compress", "--model", str(tiny_hf), "--out", str(out), "--format", "tr", "--tr-cores", "2", "--tr-als", "2",
+            "--targets", "linear,embedding", "--budget", "0.5", "--no-eval", "--quiet"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["targets_kept"] <= 0.5
+    assert report["counters"]["lowrank_embedding.applied"] >= 1 and report["counters"]["targets.skipped.small_table"] >= 1
+    loaded = tngraph.load(out)
+    assert type(loaded.embeddings.word_embeddings).__name__ == "LowRankEmbedding"
+    assert loaded.tngraph_recipe["config"]["tr_cores"] == 2

@@ -1,4 +1,6 @@
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch
 import tngraph
 from tngraph import meta
 from tngraph.config import Config
-from tngraph.errors import ModelError, PassError
+from tngraph.errors import ConfigError, ModelError, PassError, TngraphError
 from tngraph.passes import PIPELINE, PassContext, PassResult, allocate, calibrate, factorize, targets
 from tngraph.pipeline import run_passes
 
@@ -216,14 +218,85 @@ def test_svd_is_an_alias_of_lowrank():
     assert Config(format="svd").format == "lowrank"
 
 
-def test_tucker_format_through_the_pipeline(mlp, mlp_data, tmp_path):
-    result = tngraph.compress_with_result(mlp, calibration=mlp_data, config=Config(budget=0.5, format="tucker", progress=False))
+@pytest.mark.parametrize("fmt", ["tucker", "tt", "tr", "cp", "kron", "monarch"])
+def test_every_network_format_through_the_pipeline(mlp, mlp_data, tmp_path, fmt):
+    result = tngraph.compress_with_result(mlp, calibration=mlp_data, config=Config(budget=0.5, format=fmt, progress=False))
     gm, ctx = result.graph, result.context
     gm.graph.lint()
-    assert _ops(gm).count(aten.einsum.default) == 3 and ctx.counters["network_linear.applied"] == 3
-    assert ctx.counters["factorize.tucker.whitened"] == 3
+    ops = _ops(gm)
+    assert ops.count(aten.einsum.default) == 3 and aten.linear.default not in ops
+    assert ctx.counters["network_linear.applied"] == 3 and ctx.counters[f"factorize.{fmt}.whitened"] == 3
+    # the budget holds for every target, whatever the format
     assert all(p.params_after <= 0.5 * p.params_before for p in ctx.plan.values())
+    assert all(p.format == fmt and p.network["format"] == fmt for p in ctx.plan.values())
     x = torch.randn(6, 24)
     torch.testing.assert_close(gm(x), result.module(x), atol=1e-5, rtol=1e-5)
-    out = tngraph.save(result.module, tmp_path / "tucker")
+    assert ((result.module(x) - mlp(x)).norm() / mlp(x).norm()) < 0.9
+    out = tngraph.save(result.module, tmp_path / fmt)
     torch.testing.assert_close(tngraph.load(out, model=type(mlp)())(x), result.module(x), atol=0, rtol=0)
+
+
+def test_refit_lowers_the_calibration_error_of_network_formats(mlp, mlp_data):
+    x = torch.cat([args[0] for args, _ in mlp_data])
+    errors = {}
+    for refit in (False, True):
+        result = tngraph.compress_with_result(mlp, calibration=mlp_data, config=Config(budget=0.4, format="tt", refit=refit, progress=False))
+        first = result.module.layers[0]
+        errors[refit] = (first(x) - mlp.layers[0](x)).norm().item()
+    assert errors[True] <= errors[False] * (1 + 1e-6)
+
+
+def test_budget_below_the_smallest_factorization_is_refused(mlp, mlp_data):
+    with pytest.raises(ConfigError, match="too small for layers.0.*raise the budget"):
+        tngraph.compress(mlp, calibration=mlp_data, config=Config(budget=0.01, format="tr", progress=False))
+
+
+def test_cp_that_does_not_converge_names_the_layer(mlp, mlp_data):
+    with pytest.raises(TngraphError, match="layers.0: CP-ALS .* did not converge") as info:
+        tngraph.compress(mlp, calibration=mlp_data, config=Config(budget=0.5, format="cp", cp_max_iter=1, cp_tol=0.0, progress=False))
+    assert "cp_max_iter" in info.value.fix
+
+
+class _Tagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(64, 20)
+        self.head = torch.nn.Linear(20, 6)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_embedding_tables_become_a_low_rank_gather():
+    model = _Tagger().eval()
+    g = torch.Generator().manual_seed(3)
+    # a skewed token distribution: ids below 8 make up most of the data
+    data = [((torch.where(torch.rand(4, 10, generator=g) < 0.8, torch.randint(0, 8, (4, 10), generator=g), torch.randint(0, 64, (4, 10), generator=g)),), {}) for _ in range(6)]
+    config = Config(budget=0.5, targets="linear,embedding", progress=False)
+    assert config.targets == ("linear", "embedding")
+    result = tngraph.compress_with_result(model, calibration=data, config=config)
+    gm, ctx = result.graph, result.context
+    gm.graph.lint()
+    emb = [n for n in gm.graph.nodes if n.target == aten.embedding.default]
+    assert len(emb) == 1 and emb[0].args[0].op == "get_attr" and "lowrank_a" in str(emb[0].args[0].target)
+    assert aten.matmul.default in _ops(gm) and ctx.counters["lowrank_embedding.applied"] == 1
+    assert ctx.counters["factorize.embedding.frequency_weighted"] == 1
+    plan = ctx.plan["embed"]
+    assert plan.kind == "embedding" and plan.params_after <= 0.5 * plan.params_before
+    assert isinstance(result.module.embed, tngraph.modules.LowRankEmbedding)
+    ids = data[0][0][0]
+    torch.testing.assert_close(gm(ids), result.module(ids), atol=1e-5, rtol=1e-5)
+    # frequency weighting keeps the frequent rows closer than a plain SVD of the table does
+    plain = tngraph.compress(model, calibration=data, config=config.replace(whiten=False)).embed
+    frequent = torch.arange(8)
+    err = lambda m: (m(frequent) - model.embed(frequent)).norm()  # noqa: E731
+    assert err(result.module.embed) < err(plain)
+    loaded = tngraph.load(tngraph.save(result.module, Path(tempfile.mkdtemp()) / "emb"), model=_Tagger())
+    torch.testing.assert_close(loaded(ids), result.module(ids), atol=0, rtol=0)
+
+
+def test_embeddings_are_not_targets_by_default():
+    model = _Tagger().eval()
+    result = tngraph.compress_with_result(model, (torch.randint(0, 64, (2, 5)),), config=Config(budget=0.5, progress=False))
+    assert list(result.context.plan) == ["head"]

@@ -15,7 +15,7 @@ from .capture import capture, normalize_inputs
 from .config import Config
 from .errors import DataError, ModelError
 from .models import ModelSource, tokenize, weights_hash
-from .modules import LowRankLinear, NetworkLinear
+from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .passes import PassContext
 from .pipeline import run_passes
 from .plan import TargetPlan
@@ -119,6 +119,12 @@ def apply_plan(model: torch.nn.Module, plans: Any) -> torch.nn.Module:
             owner = model.get_submodule(plan.name)
         except AttributeError as exc:
             raise ModelError(f"the model has no module {plan.name!r}", "apply the recipe to the model it was made from") from exc
+        if plan.kind == "embedding":
+            if not isinstance(owner, torch.nn.Embedding) or tuple(owner.weight.shape) != (plan.out_features, plan.in_features):
+                raise ModelError(f"target {plan.name!r} is not a {plan.out_features}x{plan.in_features} nn.Embedding", "apply the recipe to the model it was made from")
+            new = LowRankEmbedding(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), owner.padding_idx)
+            _swap(model, plan.name, new.to(device=owner.weight.device))
+            continue
         if not isinstance(owner, torch.nn.Linear):
             raise ModelError(
                 f"target {plan.name!r} is a {type(owner).__name__}, not an nn.Linear",
@@ -138,11 +144,14 @@ def apply_plan(model: torch.nn.Module, plans: Any) -> torch.nn.Module:
             new = NetworkLinear(net, bias)
         else:
             raise ModelError(f"unknown format {plan.format!r} for {plan.name!r}", "upgrade tngraph")
-        new.to(device=owner.weight.device)
-        parent_name, _, child = plan.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        _swap(model, plan.name, new.to(device=owner.weight.device))
     return model
+
+
+def _swap(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def make_recipe(model: torch.nn.Module, plans: Any, config: Config, source: ModelSource) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def plans_from_module(module: torch.nn.Module) -> list[TargetPlan]:
     plans = []
     for entry in recipe["targets"]:
         sub = module.get_submodule(entry["name"])
-        if isinstance(sub, LowRankLinear):
+        if isinstance(sub, (LowRankLinear, LowRankEmbedding)):
             factors = {"a": sub.a.detach(), "b": sub.b.detach()}
         elif isinstance(sub, NetworkLinear):
             factors = {f"core{k}": c.detach() for k, c in enumerate(sub.cores)}
@@ -188,6 +197,7 @@ def plans_from_module(module: torch.nn.Module) -> list[TargetPlan]:
                 has_bias=entry["bias"],
                 factors=factors,
                 network=entry.get("network"),
+                kind=entry.get("kind", "linear"),
             )
         )
     return plans

@@ -146,4 +146,5 @@ def _plan(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TargetPlan
         has_bias=entry["bias"],
         factors=factors,
         network=entry.get("network"),
+        kind=entry.get("kind", "linear"),
     )

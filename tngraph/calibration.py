@@ -7,6 +7,27 @@ import torch
 
 
 @dataclass
+class CountStats:
+    """How often each row of an embedding table was looked up."""
+
+    num_embeddings: int
+    counts: torch.Tensor = field(init=False)
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = torch.zeros(self.num_embeddings, dtype=torch.float64)
+
+    def update(self, indices: torch.Tensor) -> None:
+        flat = indices.detach().reshape(-1).to("cpu", torch.long)
+        self.counts += torch.bincount(flat, minlength=self.num_embeddings)[: self.num_embeddings].to(torch.float64)
+        self.rows += flat.numel()
+
+    def row_weights(self, smoothing: float = 1.0) -> torch.Tensor:
+        """Counts plus `smoothing` times the mean count, so rows never seen keep some weight."""
+        return self.counts + smoothing * max(self.rows / self.num_embeddings, 1e-12)
+
+
+@dataclass
 class GramStats:
     """Running sums over the rows x (last dimension = in_features) that reach one target."""
 

@@ -29,12 +29,26 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--budget", type=_budget, default=0.5, help="fraction of the targets' parameters kept, in (0, 1] (default 0.5)")
     p.add_argument("--out", required=out_required, default=None if out_required else "demo-out", help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--format", default="lowrank", help="lowrank (alias svd; whitened SVD, default), tt (tensor-train matrix) or tucker (HOSVD)")
-    p.add_argument("--tt-cores", type=int, default=2, help="cores of the tt format (default 2)")
-    p.add_argument("--tucker-modes", type=int, default=2, help="modes per side of the tucker format (default 2)")
-    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of the last tt core")
+    p.add_argument("--format", default="lowrank", choices=["svd", "lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch"], metavar="FORMAT",
+                   help="svd (= lowrank, whitened SVD, default), tucker, tt (tensor train), tr (tensor ring), cp, kron "
+                        "(sum of Kronecker products) or monarch; docs/formats.md compares them")
+    p.add_argument("--targets", default=None, metavar="KINDS", help="linear (default) or linear,embedding (embedding tables too)")
+    fmt = p.add_argument_group("format options (defaults: tngraph.Config)")
+    fmt.add_argument("--tt-cores", type=int, default=None, help="cores of the tt format (default 2)")
+    fmt.add_argument("--tucker-modes", type=int, default=None, help="modes per side of the tucker format (default 2)")
+    fmt.add_argument("--tucker-iters", type=int, default=None, help="HOOI sweeps after the HOSVD (default 0)")
+    fmt.add_argument("--tr-cores", type=int, default=None, help="cores of the tr format (default 3)")
+    fmt.add_argument("--tr-ring", type=int, default=None, help="closing rank of the tr format (default 2)")
+    fmt.add_argument("--tr-als", type=int, default=None, help="ALS sweeps refining the tensor ring (default 0)")
+    fmt.add_argument("--cp-modes", type=int, default=None, help="modes per side of the cp format (default 2)")
+    fmt.add_argument("--cp-max-iter", type=int, default=None, help="most ALS sweeps per layer (default 200)")
+    fmt.add_argument("--cp-tol", type=float, default=None, help="stop when a sweep improves the error by less than this fraction (default 0.01)")
+    fmt.add_argument("--cp-time-limit", type=float, default=None, help="seconds of ALS per layer (default 120)")
+    fmt.add_argument("--kron-shape", default=None, metavar="RxC", help="shape of the first Kronecker factor, e.g. 16x16 (default balanced)")
+    fmt.add_argument("--monarch-blocks", type=int, default=None, help="input blocks of the monarch format (default balanced)")
+    p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of one core on the calibration data")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
-    p.add_argument("--calibration-samples", type=int, default=512, help="calibration samples used (default 512)")
+    p.add_argument("--calibration-samples", type=int, default=None, help="calibration samples used (default 2048)")
     p.add_argument("--eval-samples", type=int, default=2000, help="held-out sentences for the agreement report (default 2000)")
     p.add_argument("--no-eval", action="store_true", help="skip the agreement and latency measurements")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-SVD comparison in the report")
@@ -109,20 +123,21 @@ def _compress(args: argparse.Namespace) -> int:
     options: dict[str, Any] = dict(
         budget=args.budget,
         format=args.format,
-        tt_cores=args.tt_cores,
-        tucker_modes=args.tucker_modes,
         refit=not args.no_refit,
         whiten=not args.no_whiten,
-        include=tuple(args.include) if args.include else default_include(source),
         exclude=tuple(args.exclude or ()),
-        calibration_samples=args.calibration_samples,
         eval_samples=args.eval_samples,
         seed=args.seed,
         progress=not args.quiet,
     )
+    for key in ("targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
+                "cp_max_iter", "cp_tol", "cp_time_limit", "kron_shape", "monarch_blocks", "calibration_samples"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     if args.dump:
         options["dump_dir"] = args.dump
     config = Config(**options)
+    config = config.replace(include=tuple(args.include) if args.include else default_include(source, config.targets))
     check_output_dir(args.out, args.force)
     started = time.perf_counter()
     model, tokenizer = load_model(source)

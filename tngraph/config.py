@@ -86,9 +86,10 @@ class Config:
         _check_number("cp_time_limit", self.cp_time_limit, low=0.0, high=1e6, low_open=True)
         if self.kron_shape is not None:
             shape = self.kron_shape
-            if isinstance(shape, str):
-                shape = tuple(int(v) for v in shape.lower().split("x")) if all(v.isdigit() for v in shape.lower().split("x")) else shape
-            if isinstance(shape, str) or len(shape) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
+            if isinstance(shape, str):  # "16x16"
+                parts = shape.lower().split("x")
+                shape = tuple(int(v) for v in parts) if all(v.isdigit() for v in parts) else ()
+            if len(shape) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
                 raise ConfigError(f"kron_shape must be two positive integers (rows, cols of A), got {self.kron_shape!r}", "e.g. kron_shape=(16, 16) or \"16x16\"")
             object.__setattr__(self, "kron_shape", tuple(shape))
         if self.monarch_blocks is not None:

@@ -12,13 +12,14 @@ KEY = "tngraph"
 
 @dataclass(frozen=True)
 class TargetInfo:
-    """A linear-like node whose weight is a constant of the graph."""
+    """A linear-like node (or embedding lookup) whose weight is a constant of the graph."""
 
     name: str  # module path of the weight's owner, e.g. "encoder.layer.0.attention.self.query"
     weight: str  # qualified attribute name of the weight
     bias: str | None
-    in_features: int
-    out_features: int
+    in_features: int  # embedding tables: the embedding width
+    out_features: int  # embedding tables: the number of rows
+    kind: str = "linear"  # "linear" or "embedding"
 
     @property
     def dense_params(self) -> int:

@@ -18,6 +18,7 @@ MINILM = "minilm"
 # The bundled MiniLM's compression targets are its 36 encoder linears (the pooler is not used by
 # sentence embeddings).
 MINILM_INCLUDE = (r"^encoder\.",)
+MINILM_EMBEDDING = r"^embeddings\.word_embeddings$"  # 30522 x 384: half of the model's parameters
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,11 @@ def load_model(source: ModelSource) -> tuple[torch.nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def default_include(source: ModelSource) -> tuple[str, ...]:
-    return MINILM_INCLUDE if source.kind == MINILM else ()
+def default_include(source: ModelSource, targets: tuple[str, ...] = ("linear",)) -> tuple[str, ...]:
+    """The bundled MiniLM: its encoder linears, and its token-embedding table when embeddings are targets."""
+    if source.kind != MINILM:
+        return ()
+    return MINILM_INCLUDE + ((MINILM_EMBEDDING,) if "embedding" in targets else ())
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -27,6 +27,26 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+class LowRankEmbedding(nn.Module):
+    """y = A[indices] @ B: a rank-r stand-in for an nn.Embedding (A: rows x r, B: r x width) that
+    gathers rows of A and never builds the table."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+            raise ValueError(f"factors do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
+        self.a = nn.Parameter(a)
+        self.b = nn.Parameter(b)
+        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim, self.rank = a.shape[0], b.shape[1], a.shape[1]
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return F.embedding(indices, self.a, self.padding_idx) @ self.b
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+
+
 class NetworkLinear(nn.Module):
     """y = contract(x, cores) + bias: a TensorNetwork stand-in for an nn.Linear."""
 

@@ -17,6 +17,7 @@ class TargetPlan:
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
     # for tensor-network formats: core_labels, in_dims, out_dims, in_labels, out_labels, format
     network: dict | None = None
+    kind: str = "linear"  # "linear" (out x in weight) or "embedding" (out = rows, in = width)
 
     @property
     def params_before(self) -> int:
@@ -34,6 +35,7 @@ class TargetPlan:
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.has_bias,
+            **({"kind": self.kind} if self.kind != "linear" else {}),
             "factors": {k: list(v.shape) for k, v in sorted(self.factors.items())},
             **({"network": dict(self.network)} if self.network else {}),
         }

@@ -395,6 +395,9 @@ def _main() -> int:
     p.add_argument("--time-shape", default="5120x5120", help="OUT x IN timed against dense (empty: skip)")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--implementations", nargs="+", choices=["factorized", "reconstructed"], default=["factorized"],
+                   help="tltorch forward implementations to time (the first is used to build)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not available():
@@ -421,15 +424,22 @@ def _main() -> int:
         dense = benchmark.Timer("F.linear(x, w)", globals={"x": x, "w": w, "F": torch.nn.functional}).blocked_autorange(
             min_run_time=0.5).median
         print(f"{args.time_shape} m={args.rows} dense {dense * 1e3:.2f} ms")
-        for kind in KINDS:
+        for kind in args.kinds:
             for kept in args.kept:
                 t0 = time.perf_counter()
-                layer = factorized_linear(w, kind, kept)
+                layer = factorized_linear(w, kind, kept, implementation=args.implementations[0])
                 build = time.perf_counter() - t0
-                with torch.no_grad():
-                    t = benchmark.Timer("layer(x)", globals={"x": x, "layer": layer}).blocked_autorange(min_run_time=0.5).median
-                print(f"{kind:>8} kept={kept:.2f} build {build:6.1f}s (from weight: {layer.initialized_from_weight}) "
-                      f"forward {t * 1e3:8.2f} ms = {t / dense:6.2f}x dense")
+                print(f"{kind:>8} kept={kept:.2f} build {build:6.1f}s (from weight: {layer.initialized_from_weight})")
+                for impl in args.implementations:
+                    layer.implementation = impl
+                    try:
+                        with torch.no_grad():
+                            t = benchmark.Timer("layer(x)", globals={"x": x, "layer": layer}).blocked_autorange(
+                                min_run_time=0.5).median
+                    except (RuntimeError, MemoryError) as e:  # CP at LLM shapes: opt_einsum path / Khatri-Rao OOM
+                        print(f"{'':>8} {impl:>13} forward failed: {str(e).splitlines()[0][:160]}")
+                        continue
+                    print(f"{'':>8} {impl:>13} forward {t * 1e3:9.2f} ms = {t / dense:7.2f}x dense")
     return 0
 
 

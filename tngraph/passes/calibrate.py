@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from ..calibration import GramStats
+from ..calibration import CountStats, GramStats
 from ..errors import DataError
 from ..progress import progress
 from .base import PassContext, PassResult
@@ -28,7 +28,8 @@ def _observe(x: torch.Tensor, key: str) -> None:
     if stats is None:
         return
     mask = _ROWS[0]
-    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+    rows = x.shape if isinstance(stats, CountStats) else x.shape[:-1]
+    if mask is not None and tuple(rows) == tuple(mask.shape):
         x = x[mask]  # padded positions are not data: leave them out of the statistics
     stats.update(x)
 
@@ -39,7 +40,10 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if nodes:
             log.info("calibrate: no calibration data; decompositions will be data-free")
         return PassResult(gm, modified=False, summary={"batches": 0})
-    stats = {meta.info(n).target.name: GramStats(meta.info(n).target.in_features) for n in nodes}
+    stats = {}
+    for n in nodes:
+        t = meta.info(n).target
+        stats[t.name] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
     observers = []
     for node in nodes:
         with gm.graph.inserting_before(node):
@@ -58,16 +62,18 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm.recompile()
     for node in nodes:
         s = stats[meta.info(node).target.name]
-        meta.update(node, calibration=meta.CalibrationInfo(rows=s.rows, mean_abs=float(s.mean_abs.mean())))
+        mean_abs = float(s.mean_abs.mean()) if isinstance(s, GramStats) else 0.0
+        meta.update(node, calibration=meta.CalibrationInfo(rows=s.rows, mean_abs=mean_abs))
     ctx.stats.update(stats)
-    rows = next(iter(stats.values())).rows
+    rows = max(s.rows for s in stats.values())
     ctx.counters["calibrate.batches"] += len(ctx.calibration)
     log.info("calibrate: %d batches, %d rows per target", len(ctx.calibration), rows)
     return PassResult(gm, modified=True, summary={"batches": len(ctx.calibration), "rows": rows})
 
 
 def _x_index(node: fx.Node) -> int:
-    return 1 if node.target == torch.ops.aten.addmm.default else 0
+    """Which argument carries the rows: addmm's second, embedding's indices, linear's / mm's first."""
+    return 1 if node.target in (torch.ops.aten.addmm.default, torch.ops.aten.embedding.default) else 0
 
 
 def _run(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -13,12 +13,13 @@ from ..errors import TngraphError
 from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import decompose_lowrank
+from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
 from ..tn.refit import refit_core
 from .allocate import format_options
 from .base import PassContext, PassResult
 from .rewrite import RewriteRule, apply_rules
-from .targets import LinearMatch, getattr_path, match_linear
+from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -39,6 +40,36 @@ def _check(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
     if plan.format != "lowrank":
         return "other_format"
     return None
+
+
+def _check_embedding(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    plan = meta.info(m.node).plan
+    if plan is None:
+        return "unplanned"
+    return "planned_dense" if plan.format == "dense" else None
+
+
+def _embedding_pattern(node: fx.Node) -> EmbeddingMatch | None:
+    return match_embedding(node) if meta.info(node).target is not None else None
+
+
+def _embedding_replacement(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    """embedding(W, idx) -> embedding(A, idx) @ B: gathers rows of A (rows x r), never the table."""
+    t, plan = meta.info(m.node).target, meta.info(m.node).plan
+    weight = getattr_path(gm, t.weight)
+    stats = ctx.stats.get(t.name)
+    weights = stats.row_weights() if ctx.config.whiten and stats is not None and stats.rows > 0 else None
+    if weights is not None:
+        ctx.counters["factorize.embedding.frequency_weighted"] += 1
+    a, b = decompose_rows_weighted(weight, plan.rank, weights)
+    ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, False, {"a": a, "b": b}, kind="embedding")
+    graph = gm.graph
+    with graph.inserting_before(m.node):
+        a_node = _add_factor(gm, t, "lowrank_a", a)
+        b_node = _add_factor(gm, t, "lowrank_b", b)
+        rows = graph.call_function(aten.embedding.default, (a_node, m.indices, *m.node.args[2:]))
+        out = graph.call_function(aten.matmul.default, (rows, b_node))
+    return _finish(m, [(a_node, "factor_a"), (b_node, "factor_b"), (rows, "gather"), (out, "up")], out)
 
 
 def _check_network(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
@@ -74,10 +105,10 @@ def _add_factor(gm: fx.GraphModule, t: meta.TargetInfo, suffix: str, tensor: tor
     return gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
 
 
-def _finish(m: LinearMatch, created: list[tuple[fx.Node, str]], out: fx.Node) -> fx.Node:
+def _finish(m: LinearMatch | EmbeddingMatch, created: list[tuple[fx.Node, str]], out: fx.Node) -> fx.Node:
     """Torch's metadata, provenance and FakeTensor values on the created nodes; annotations on `out`."""
     old = meta.info(m.node)
-    x_val = m.x.meta.get("val")
+    x_val = (m.x if isinstance(m, LinearMatch) else m.indices).meta.get("val")
     fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
     for node, role in created:
         for key in _COPIED_META:
@@ -177,7 +208,8 @@ def _erase_dead_weights(gm: fx.GraphModule, weights: set[str]) -> int:
 
 LOWRANK_LINEAR = RewriteRule("lowrank_linear", _pattern, _check, _replacement)
 NETWORK_LINEAR = RewriteRule("network_linear", _pattern, _check_network, _network_replacement)
-RULES = [LOWRANK_LINEAR, NETWORK_LINEAR]
+LOWRANK_EMBEDDING = RewriteRule("lowrank_embedding", _embedding_pattern, _check_embedding, _embedding_replacement)
+RULES = [LOWRANK_LINEAR, NETWORK_LINEAR, LOWRANK_EMBEDDING]
 
 
 def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -1,4 +1,5 @@
-"""targets: mark linear-like nodes with a constant weight (aten.linear / addmm / mm) as compression targets."""
+"""targets: mark linear-like nodes with a constant weight (aten.linear / addmm / mm), and with
+Config(targets=("linear", "embedding")) embedding lookups (aten.embedding), as compression targets."""
 from __future__ import annotations
 
 import logging
@@ -49,6 +50,23 @@ def match_linear(node: fx.Node) -> LinearMatch | None:
     return None
 
 
+@dataclass(frozen=True)
+class EmbeddingMatch:
+    """A matched lookup: y = W[indices] with W = gm.<weight> (rows x width)."""
+
+    node: fx.Node
+    weight: fx.Node
+    indices: fx.Node
+
+
+def match_embedding(node: fx.Node) -> EmbeddingMatch | None:
+    if node.op == "call_function" and node.target == aten.embedding.default:
+        w, idx = node.args[0], node.args[1]
+        if _is_attr(w) and isinstance(idx, fx.Node):
+            return EmbeddingMatch(node, w, idx)
+    return None
+
+
 def _is_attr(value: object) -> bool:
     return isinstance(value, fx.Node) and value.op == "get_attr"
 
@@ -70,10 +88,14 @@ def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> 
 def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     found = 0
+    kinds = set(cfg.targets)
     for node in gm.graph.nodes:
-        m = match_linear(node)
+        m = match_linear(node) if "linear" in kinds else None
+        if m is None and "embedding" in kinds:
+            m = match_embedding(node)
         if m is None:
             continue
+        kind = "embedding" if isinstance(m, EmbeddingMatch) else "linear"
         weight_name = str(m.weight.target)
         name = weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name
         if not _selected(name, cfg.include, cfg.exclude):
@@ -82,6 +104,10 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         weight = gm.get_parameter(weight_name) if _has_param(gm, weight_name) else getattr_path(gm, weight_name)
         if weight.dim() != 2 or not weight.is_floating_point():
             ctx.counters["targets.skipped.not_float_matrix"] += 1
+            continue
+        if kind == "embedding" and weight.shape[0] < weight.shape[1]:
+            # a table with fewer rows than its width (token types, a few positions) has nothing to gain
+            ctx.counters["targets.skipped.small_table"] += 1
             continue
         if len(m.weight.users) > 1:
             # a shared (tied) weight: factorizing one use would untie it
@@ -99,14 +125,16 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             target=meta.TargetInfo(
                 name=name,
                 weight=weight_name,
-                bias=str(m.bias.target) if m.bias is not None else None,
+                bias=str(m.bias.target) if kind == "linear" and m.bias is not None else None,
                 in_features=int(in_features),
                 out_features=int(out_features),
+                kind=kind,
             ),
         )
         found += 1
+        ctx.counters[f"targets.{kind}"] += 1
     ctx.counters["targets.found"] += found
-    log.info("targets: %d linear-like nodes selected", found)
+    log.info("targets: %d nodes selected", found)
     return PassResult(gm, modified=found > 0, summary={"targets": found})
 
 

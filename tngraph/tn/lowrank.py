@@ -20,6 +20,21 @@ def rank_for_budget(out_features: int, in_features: int, budget: float, bias: bo
     return max(1, min(rank, min(out_features, in_features)))
 
 
+def decompose_rows_weighted(
+    weight: torch.Tensor, rank: int, row_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) minimising sum_v w_v ||W_v - (A B)_v||^2: the truncated SVD of diag(sqrt w) W, mapped back.
+
+    For embedding tables, with w_v how often row (token) v was looked up: frequent rows are kept
+    more exactly. Rows may not have zero weight (smooth the counts first).
+    """
+    if row_weights is None:
+        return decompose_lowrank(weight, rank)
+    root = row_weights.to(torch.float64).clamp_min(1e-12).sqrt()[:, None]
+    a, b = decompose_lowrank(weight.detach().to(torch.float64) * root, rank)
+    return (a / root).to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
+
+
 def decompose_lowrank(
     weight: torch.Tensor, rank: int, whitening: Whitening | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
