@@ -2,22 +2,28 @@
 """Every tensor-network format side by side, at 25 % and 50 % of the parameters kept.
 
 Per format and kept fraction, from one run:
-- MiniLM: mean relative whitened output error ||(W - W') X^T|| / ||W X^T|| over the 36 encoder
-  linears (X: the calibration activations reaching each layer), and the end-to-end sentence
-  embedding agreement (mean cos, top-10 overlap) on held-out sentences;
-- random matrices of real LLM shapes (Qwen3-32B, 5120 x 5120 by default): CPU time of
-  `contract(x)` against the dense matmul for m rows, as a ratio.
+- MiniLM: parameters kept, mean relative whitened output error ||(W - W') X^T|| / ||W X^T|| over
+  the 36 encoder linears (X: the calibration activations reaching each layer), end-to-end sentence
+  embedding agreement (mean cos, top-10 overlap) on held-out sentences, and the compress time;
+- random matrices of real LLM shapes (Qwen3-32B: 5120 -> 5120 and 5120 -> 25600): CPU time of
+  `contract(x)` against the dense matmul for m rows, as a ratio (values do not matter for speed, so
+  the networks are built with random cores of the shapes each format chooses);
+- tensorly-torch's FactorizedLinear (tucker, cp, blocktt) at equal parameters, when installed
+  (`pip install tensorly tensorly-torch`; see tools/tltorch_baseline.py).
 
-  python tools/bench_formats.py [--eval-samples 500] [--shapes 5120x5120] [--rows 1 32 4096]
+  python tools/bench_formats.py [--eval-samples 500] [--shapes 5120x5120 5120x25600] [--rows 1 32 4096]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, ".")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
@@ -27,13 +33,22 @@ from tngraph.data import sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 from tngraph.tn.formats import FORMATS, rank_for_params  # noqa: E402
+from tngraph.tn.network import TensorNetwork, labels  # noqa: E402
 
-VARIANTS = {  # name shown -> (Config format, Config options, FORMATS key, format options)
-    "svd (whitened)": ("lowrank", {}, "svd", {}),
-    "tt-2 (whitened+refit)": ("tt", {"tt_cores": 2}, "tt", {"cores": 2}),
-    "tt-3 (whitened+refit)": ("tt", {"tt_cores": 3}, "tt", {"cores": 3}),
-    "tucker-2x2 (whitened)": ("tucker", {"tucker_modes": 2}, "tucker", {"modes": 2}),
+# name shown -> (Config options, FORMATS key, decompose options)
+VARIANTS = {
+    "svd": ({"format": "lowrank"}, "svd", {}),
+    "tucker-2x2": ({"format": "tucker"}, "tucker", {"modes": 2}),
+    "tucker-2x2 hooi-2": ({"format": "tucker", "tucker_iters": 2}, "tucker", {"modes": 2, "iters": 2}),
+    "tt-2": ({"format": "tt"}, "tt", {"cores": 2}),
+    "tt-3": ({"format": "tt", "tt_cores": 3}, "tt", {"cores": 3}),
+    "tr-3": ({"format": "tr"}, "tr", {"cores": 3, "ring": 2}),
+    "tr-3 als-3": ({"format": "tr", "tr_als": 3}, "tr", {"cores": 3, "ring": 2, "als": 3}),
+    "cp-2x2": ({"format": "cp"}, "cp", {"modes": 2}),
+    "kron": ({"format": "kron"}, "kron", {}),
+    "monarch": ({"format": "monarch"}, "monarch", {}),
 }
+TLTORCH_KINDS = ("tucker", "cp", "blocktt")
 
 
 def layer_errors(result, model) -> float:
@@ -41,56 +56,131 @@ def layer_errors(result, model) -> float:
     for name, plan in result.context.plan.items():
         w = model.get_submodule(name).weight.detach().double()
         gram = result.context.stats[name].gram
-        if plan.format == "lowrank":
-            approx = (plan.factors["a"] @ plan.factors["b"]).double()
-        else:
-            approx = plan.tensor_network().to_dense().double()
+        approx = (plan.factors["a"] @ plan.factors["b"]).double() if plan.format == "lowrank" else plan.tensor_network().to_dense().double()
         diff = w - approx
         errors.append((torch.trace(diff @ gram @ diff.T) / torch.trace(w @ gram @ w.T)).sqrt().item())
     return sum(errors) / len(errors)
+
+
+@contextlib.contextmanager
+def random_svd():
+    """torch.linalg.svd returning random factors of the right shapes: the network a format builds
+    at a rank has the same shapes whatever the weight, and speed does not depend on values."""
+    real = torch.linalg.svd
+
+    def fake(a, full_matrices=True, **_):
+        *batch, m, n = a.shape
+        k = min(m, n)
+        return (torch.randn(*batch, m, k, dtype=a.dtype) / m**0.5, torch.ones(*batch, k, dtype=a.dtype),
+                torch.randn(*batch, k, n, dtype=a.dtype) / n**0.5)
+
+    torch.linalg.svd = fake
+    try:
+        yield
+    finally:
+        torch.linalg.svd = real
+
+
+def timing_network(key: str, w: torch.Tensor, rank: int, options: dict) -> TensorNetwork:
+    if key == "cp":  # ALS at these ranks would take hours; the factors' shapes are what timing needs
+        from tngraph.tn.formats.cp import _dims
+
+        out_dims, in_dims = _dims(*w.shape, options.get("modes", 2))
+        sizes = [*out_dims, *in_dims]
+        modes, r = labels(len(sizes)), labels(1, skip=labels(len(sizes)))
+        cores = [torch.randn(n, rank) / n**0.5 for n in sizes]
+        return TensorNetwork(cores, [m + r for m in modes], in_dims, out_dims, modes[len(out_dims):], modes[: len(out_dims)], format="cp")
+    timing_options = {k: v for k, v in options.items() if k != "als"}
+    with random_svd():
+        return FORMATS[key].decompose(w, rank, None, **timing_options)
+
+
+def median_time(stmt: str, env: dict, min_run_time: float) -> float:
+    return benchmark.Timer(stmt, globals=env).blocked_autorange(min_run_time=min_run_time).median
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kept", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--eval-samples", type=int, default=500)
-    p.add_argument("--calibration-samples", type=int, default=256)
-    p.add_argument("--shapes", nargs="+", default=["5120x5120"], help="IN x OUT random matrices for timing")
+    p.add_argument("--calibration-samples", type=int, default=512)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--shapes", nargs="+", default=["5120x5120", "5120x25600"], help="IN x OUT random matrices for timing")
     p.add_argument("--rows", nargs="+", type=int, default=[1, 32, 4096])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--min-run-time", type=float, default=0.3)
+    p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--no-tltorch", action="store_true", help="leave out tensorly-torch even when installed")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(ModelSource("minilm"))
-    sets = sentence_sets(args.calibration_samples, args.eval_samples)
-    ref = sentence_embeddings(model, tokenizer, sets.evaluation)
-    print(f"MiniLM, {args.calibration_samples} calibration / {args.eval_samples} held-out sentences, {torch.get_num_threads()} threads")
-    print(f"{'format':>24} {'kept':>5} {'params kept':>11} {'layer err':>9} {'mean cos':>9} {'top-10':>7}")
-    for label, (fmt, options, _, _) in VARIANTS.items():
-        for kept in args.kept:
-            config = tngraph.Config(budget=kept, format=fmt, include=MINILM_INCLUDE, progress=False, **options)
-            result = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
-            before = sum(pl.params_before for pl in result.context.plan.values())
-            after = sum(pl.params_after for pl in result.context.plan.values())
-            agree = agreement(ref, sentence_embeddings(result.module, tokenizer, sets.evaluation))
-            print(f"{label:>24} {kept:>5.2f} {after / before:>11.3f} {layer_errors(result, model):>9.4f} {agree.mean_cos:>9.4f} {agree.top10_overlap:>7.4f}", flush=True)
-    print()
-    print(f"contract(x) vs dense x @ W.T, random weights, CPU fp32: time ratio (format / dense)")
-    print(f"{'shape':>11} {'format':>24} {'kept':>5} " + " ".join(f"{'m=' + str(m):>9}" for m in args.rows))
+    tl = None
+    if not args.no_tltorch:
+        import tltorch_baseline
+
+        tl = tltorch_baseline if tltorch_baseline.available() else None
+        if tl is None:
+            print("tensorly-torch not installed: its rows are left out (pip install tensorly tensorly-torch)")
+    if not args.skip_minilm:
+        model, tokenizer = load_model(ModelSource("minilm"))
+        sets = sentence_sets(args.calibration_samples, args.eval_samples)
+        ref = sentence_embeddings(model, tokenizer, sets.evaluation)
+        print(f"MiniLM, {args.calibration_samples} calibration / {args.eval_samples} held-out sentences, {torch.get_num_threads()} threads, whitened")
+        print(f"{'format':>22} {'kept':>5} {'params kept':>11} {'layer err':>9} {'mean cos':>9} {'min cos':>8} {'top-10':>7} {'seconds':>8}")
+        for label in args.variants:
+            options = VARIANTS[label][0]
+            for kept in args.kept:
+                config = tngraph.Config(budget=kept, include=MINILM_INCLUDE, progress=False, calibration_samples=args.calibration_samples, **options)
+                start = time.perf_counter()
+                try:
+                    result = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
+                except tngraph.TngraphError as exc:
+                    print(f"{label:>22} {kept:>5.2f} failed: {exc}", flush=True)
+                    continue
+                seconds = time.perf_counter() - start
+                before = sum(pl.params_before for pl in result.context.plan.values())
+                after = sum(pl.params_after for pl in result.context.plan.values())
+                agree = agreement(ref, sentence_embeddings(result.module, tokenizer, sets.evaluation))
+                print(f"{label:>22} {kept:>5.2f} {after / before:>11.3f} {layer_errors(result, model):>9.4f} {agree.mean_cos:>9.4f} "
+                      f"{agree.min_cos:>8.4f} {agree.top10_overlap:>7.4f} {seconds:>8.1f}", flush=True)
+        if tl is not None:
+            for kind in TLTORCH_KINDS:
+                for kept in args.kept:
+                    start = time.perf_counter()
+                    compressed, before, after = tl.factorize_model(model, MINILM_INCLUDE[0], kind, kept)
+                    seconds = time.perf_counter() - start
+                    agree = agreement(ref, sentence_embeddings(compressed, tokenizer, sets.evaluation))
+                    print(f"{'tltorch ' + kind:>22} {kept:>5.2f} {after / before:>11.3f} {'-':>9} {agree.mean_cos:>9.4f} "
+                          f"{agree.min_cos:>8.4f} {agree.top10_overlap:>7.4f} {seconds:>8.1f}", flush=True)
+        print()
+    if args.skip_timing:
+        return 0
+    print(f"contract(x) vs dense x @ W.T, random weights, CPU fp32, {torch.get_num_threads()} threads: time ratio (format / dense)")
+    print(f"{'shape in x out':>14} {'format':>22} {'kept':>5} {'params':>7} " + " ".join(f"{'m=' + str(m):>9}" for m in args.rows))
     for shape in args.shapes:
         in_f, out_f = (int(v) for v in shape.lower().split("x"))
         w = torch.randn(out_f, in_f) / in_f**0.5
-        for label, (_, _, key, fopts) in VARIANTS.items():
+        dense = {m: median_time("x @ w.T", {"x": torch.randn(m, in_f), "w": w}, args.min_run_time) for m in args.rows}
+        print(f"{shape:>14} {'dense (ms)':>22} {'':>5} {'':>7} " + " ".join(f"{dense[m] * 1e3:>9.2f}" for m in args.rows), flush=True)
+        for label in args.variants:
+            _, key, options = VARIANTS[label]
+            if "als" in options or "iters" in options:  # same shapes as the variant without refinement
+                continue
             fmt = FORMATS[key]
             for kept in args.kept:
-                rank = rank_for_params(fmt, out_f, in_f, kept * out_f * in_f, **fopts)
-                net = fmt.decompose(w, rank, None, **fopts)
-                ratios = []
-                for m in args.rows:
-                    x = torch.randn(m, in_f)
-                    t_dense = benchmark.Timer("x @ w.T", globals={"x": x, "w": w}).blocked_autorange(min_run_time=0.2).median
-                    t_net = benchmark.Timer("net.contract(x)", globals={"x": x, "net": net}).blocked_autorange(min_run_time=0.2).median
-                    ratios.append(t_net / t_dense)
-                print(f"{shape:>11} {label:>24} {kept:>5.2f} " + " ".join(f"{r:>9.3f}" for r in ratios), flush=True)
+                rank = rank_for_params(fmt, out_f, in_f, kept * out_f * in_f, **options)
+                net = timing_network(key, w, rank, options)
+                ratios = [median_time("net.contract(x)", {"x": torch.randn(m, in_f), "net": net}, args.min_run_time) / dense[m] for m in args.rows]
+                print(f"{shape:>14} {label:>22} {kept:>5.2f} {net.num_params / w.numel():>7.3f} " + " ".join(f"{r:>9.3f}" for r in ratios), flush=True)
+        if tl is not None:
+            for kind in TLTORCH_KINDS:
+                for kept in args.kept:
+                    layer = tl.factorized_linear(w, kind, kept)
+                    params = sum(v.numel() for n, v in layer.named_parameters() if "bias" not in n)
+                    with torch.no_grad():
+                        ratios = [median_time("layer(x)", {"x": torch.randn(m, in_f), "layer": layer}, args.min_run_time) / dense[m] for m in args.rows]
+                    print(f"{shape:>14} {'tltorch ' + kind:>22} {kept:>5.2f} {params / w.numel():>7.3f} " + " ".join(f"{r:>9.3f}" for r in ratios), flush=True)
+        del w
     return 0
 
 

@@ -3,21 +3,22 @@
 
 Installing
 ----------
-    .venv/bin/pip install tensorly tensorly-torch      # tensorly 0.10.0, tensorly-torch 0.5.0
+    .venv/bin/pip install tensorly tensorly-torch      # -> tensorly 0.10.0, tensorly-torch 0.5.0
 
-Neither wheel pins torch (tensorly-torch declares only numpy and scipy, tensorly the same), so the
-installed torch 2.13.0+cpu stays as it is. ``import tltorch`` works on torch 2.13 as is: no
-compatibility shim is needed. Importing tltorch calls ``tensorly.set_backend("pytorch")`` for the
-whole process; this module imports it lazily, so importing this file has no such side effect.
+Neither wheel depends on torch (both declare only numpy and scipy; tensorly-torch does not even
+declare tensorly, hence both names), so torch 2.13.0+cpu stays as it is. ``import tltorch`` works
+on torch 2.13 unchanged: no compatibility shim is needed. Importing tltorch runs
+``tensorly.set_backend("pytorch")`` for the whole process; this module imports it lazily, so
+importing this file has no such side effect.
 
 What the baseline does
 ----------------------
 ``factorize_model`` deep-copies a model and replaces each matching ``nn.Linear`` by
-``FactorizedLinear.from_linear(linear, rank=f, factorization=kind, ...)``:
+``FactorizedLinear.from_linear(linear, rank=..., factorization=kind, ...)``:
 
 - Tensorization is tltorch's automatic one (``from_linear(auto_tensorize=True,
-  n_tensorized_modes=3)``, i.e. ``tltorch.utils.get_tensorized_shape(in, out, order=3, min_dim=2)``);
-  the weight ``(out, in)`` becomes a 6-way tensor ``(*out_t, *in_t)``. Shapes it picks:
+  n_tensorized_modes=3)``, i.e. ``tltorch.utils.get_tensorized_shape(in, out, order=3,
+  min_dim=2)``); the weight ``(out, in)`` is reshaped to the 6-way tensor ``(*out_t, *in_t)``:
 
       out x in        out_t          in_t
       384 x 384       (4, 6, 16)     (4, 6, 16)
@@ -27,45 +28,76 @@ What the baseline does
       25600 x 5120    (16, 20, 80)   (16, 16, 20)
       5120 x 25600    (16, 16, 20)   (16, 20, 80)
 
-- Rank: tltorch takes a float ``rank=f`` as "keep about f of the parameters" and resolves it
-  with tensorly's ``validate_{cp,tucker,tt}_rank`` (rounding to nearest, so ``f=kept`` can land
-  above the budget: Tucker at 0.5 on 384 x 384 gives 0.535). ``choose_rank`` therefore bisects
-  on ``f`` for the largest setting whose parameter count is ``<= kept * out * in``. Counted are
-  all parameters of the factorized weight: the factor matrices plus the Tucker core and the CP
-  weight vector (length R); never the bias. The count is taken from the layer tltorch actually
-  builds (on the meta device while searching, so the search is free).
+- Rank (``choose_rank``): tltorch reads a float ``rank=f`` as "keep about f of the parameters"
+  and resolves it with tensorly's ``validate_{cp,tucker,tt}_rank``, which rounds to nearest
+  (Tucker at f=0.5 on 384 x 384 gives 0.535). We bisect on f for the largest setting whose
+  weight has ``<= kept * out * in`` parameters, counting every parameter of the factorized
+  weight (factor matrices + Tucker core + CP weight vector of length R; never the bias), taken
+  from the weight tltorch builds (on the meta device, so the search is free). Two corrections:
+  * BlockTT: tensorly's float rank ignores the TT-SVD bounds (1536 x 384 at 0.5 asks r_1 = 31
+    where o_1 * i_1 = 24) and ``tensor_train_matrix`` silently returns smaller factors (0.396
+    instead of 0.5 of the parameters). The search counts the capped rank and passes it as a tuple.
+  * Tucker: a float only scales all ranks together, so it undershoots (384 x 384 at 0.5:
+    0.303, next step 0.535). ``fill_tucker`` (default) grows single modes while the budget
+    allows and passes the tuple. With kept=0.5 / 0.25, the ranks (parameter ratio) are:
 
-- Initialization from the dense weight (``TensorizedTensor.init_from_matrix`` ->
-  ``init_from_tensor``): Tucker = ``tensorly.decomposition.tucker`` (HOOI, SVD init,
-  n_iter_max=100, tol=1e-4); CP = ``tensorly.decomposition.parafac`` (ALS, SVD init, l2_reg=1e-5,
-  n_iter_max=100, tol=1e-8, in the weight's dtype); BlockTT =
-  ``tensorly.decomposition.tensor_train_matrix`` (TT-SVD, one pass). Extra keywords reach the
-  decomposition through ``from_linear(decomposition_kwargs=...)``; we pass ``random_state=0``
-  to Tucker and CP for reproducibility.
+      out x in      Tucker (float only -> filled)                       CP             BlockTT
+      384 x 384     0.303 -> (4,6,14,3,5,14) 0.482 | 0.223 -> 0.241      1391 / 695     (1,16,88,1) 0.498 | (1,10,59,1) 0.248
+      1536 x 384    0.466 -> (5,15,14,4,5,14) 0.500 | 0.221 -> 0.239     4537 / 2268    (1,24,114,1) 0.496 | (1,21,63,1) 0.244
+      5120 x 5120   (14,14,18,14,14,18) 0.475 | 0.203 -> 0.238          124830 / 62415 (1,199,254,1) 0.499 | (1,140,179,1) 0.249
+      25600 x 5120  0.488 -> 0.495 | 0.209 -> 0.250                    387786 / 193893 (1,245,818,1) 0.500 | (1,172,575,1) 0.249
+  (CP ratios are 0.500 / 0.250; 384 x 1536 and 5120 x 25600 mirror their transposes.)
 
-- CP is slow: the ranks that keep 25-50 % of the parameters are far above every mode size
-  (R = 1418 for 384 x 384, R = 4608 for the MiniLM FFN at 0.5), so the SVD init only fills
-  <= 16 columns per factor (the rest is random) and each ALS sweep forms a
-  ``(numel / d_k) x R`` Khatri-Rao matrix and solves an ``R x R`` system per mode. One sweep on
-  a 1536 x 384 layer takes ~30 s on one CPU thread with tensorly's default ("core") tenalg
-  backend, ~9 s with its "einsum" backend (same algebra, the Khatri-Rao product is never
-  formed). With the library defaults (100 sweeps) MiniLM at kept=0.5 would take hours, so
-  ``factorize_model`` takes ``cp_iters`` (default 1 sweep, passed as parafac's
-  ``n_iter_max``; ``None`` = tensorly's 100) and ``cp_einsum`` (default True: run parafac
-  under ``tensorly.tenalg.backend_context("einsum")``). Measured times for the whole MiniLM are
-  in the ``__main__`` notes below / the report that came with this file.
+- Initialization from the dense weight (``init_from_matrix`` -> ``init_from_tensor``): Tucker =
+  ``tensorly.decomposition.tucker`` (HOOI, SVD init, n_iter_max=100, tol=1e-4); CP =
+  ``tensorly.decomposition.parafac`` (ALS, SVD init, l2_reg=1e-5, n_iter_max=100, tol=1e-8);
+  BlockTT = ``tensorly.decomposition.tensor_train_matrix`` (TT-SVD, one pass). Keywords reach the
+  decomposition through ``from_linear(decomposition_kwargs=...)``; we pass ``random_state=0`` to
+  Tucker and CP.
+
+- CP is slow. The ranks that keep 25-50 % of the parameters are far above every mode size, so
+  the SVD init fills at most d_k columns of each factor (the rest is random), and each ALS sweep
+  solves an R x R system and forms a (numel / d_k) x R Khatri-Rao matrix per mode. One sweep on
+  a 1536 x 384 layer at kept=0.5 (R=4537) takes ~33 s on one CPU thread with tensorly's default
+  "core" tenalg backend and ~9 s with its "einsum" backend (same algebra, no explicit Khatri-Rao
+  matrix). tensorly's default 100 sweeps would take hours for MiniLM, so ``factorize_model`` has
+  ``cp_iters`` (default 1, passed as parafac's ``n_iter_max``; None = tensorly's 100) and
+  ``cp_einsum`` (default True: parafac runs under ``tensorly.tenalg.backend_context("einsum")``).
+  Even so, all 36 MiniLM encoder linears take 138 s at kept=0.5 (26 s at 0.25; 91 s for 5
+  sweeps at 0.25), one thread. More sweeps barely help (mean cos 0.117 -> 0.130 at 0.25).
 
 - ``implementation``: tltorch's ``from_linear`` defaults to "reconstructed" (rebuild the dense
-  weight every forward, then ``F.linear``); we default to "factorized" (contract the input with
-  the factors directly), which is what a compressed layer is for. Both give the same outputs.
+  weight at every forward, then ``F.linear``); we default to "factorized" (contract the input
+  with the factors). Outputs agree to ~1e-6.
 
-``factorized_linear`` builds one layer from a given weight for timing at LLM shapes. CP cannot be
-decomposed there (R ~ 1.3e5 - 3.9e5, one ALS sweep would need a Khatri-Rao matrix of
-~1e11 entries), so with ``init="auto"`` CP layers above ``CP_DECOMPOSE_LIMIT`` (numel * R) are
-built with tltorch's random init at the same rank; the layer's ``initialized_from_weight``
-attribute says which happened. Timing does not depend on the values.
+Measured (one CPU thread, MiniLM, ``^encoder\\.`` = 36 linears, 300 held-out sentences)
+-------------------------------------------------------------------------------------
+      kind     kept  weight ratio  factorize   mean cos (vs dense MiniLM)
+      tucker   0.50  0.494           6 s       0.186
+      tucker   0.25  0.240           6 s       0.130
+      blocktt  0.50  0.497           1 s       0.206
+      blocktt  0.25  0.245           1 s       0.132
+      cp       0.50  0.500         138 s       0.128   (1 ALS sweep)
+      cp       0.25  0.250          26 s       0.117   (1 sweep; 0.130 with 5)
+  For scale: unwhitened truncated SVD of each layer at the same budget gives 0.359 / 0.250;
+  unrelated sentences (shuffled reference) give 0.087; full-rank Tucker through this same code
+  gives 1.000. tltorch's decompositions are data-free and their per-layer weight errors are
+  large (query 0 at 0.5: Tucker 0.70, BlockTT 0.59, CP 0.83 relative, SVD 0.46).
 
-  python tools/tltorch_baseline.py                      # ranks/param ratios + a 5120x5120 timing
+``factorized_linear`` builds one bias-free layer from a weight, for timing at LLM shapes. CP
+cannot be decomposed there (R ~ 1.2e5 - 3.9e5), so with ``init="auto"`` CP above
+``CP_DECOMPOSE_LIMIT`` (numel * R) gets tltorch's random init at the same rank and
+``initialized_from_weight=False`` on the module (timing does not depend on the values).
+5120 x 5120, kept=0.5, x of shape (32, 5120), one thread (dense ``F.linear`` 27-31 ms):
+  Tucker  factorized 13-17 ms (0.5x dense), reconstructed 707 ms (26x); built by HOOI in 51-58 s
+  BlockTT factorized 598 ms (21x), reconstructed 433 ms (15x); built by TT-SVD in 5.5 s
+  CP      both implementations fail: out of memory (torch asks 40.9 GB for a 81920 x R
+          intermediate; the opt_einsum path of the factorized contraction and the Khatri-Rao
+          product of the reconstruction both form it)
+
+  python tools/tltorch_baseline.py                      # rank table + 5120 x 5120 timing
+  python tools/tltorch_baseline.py --time-shape "" --shapes 384x384 1536x384
+  python tools/tltorch_baseline.py --kinds tucker blocktt --implementations factorized reconstructed
 """
 from __future__ import annotations
 
@@ -147,7 +179,7 @@ def _cap_block_tt(out_t: tuple[int, ...], in_t: tuple[int, ...], rank: tuple[int
     tensorly's float rank for BlockTT ignores these bounds (1536 x 384 at 0.5 asks r_1 = 31 where
     o_1 * i_1 = 24), and ``tensor_train_matrix`` then silently returns smaller factors.
     """
-    dims = [o * i for o, i in zip(out_t, in_t)]
+    dims = [o * i for o, i in zip(out_t, in_t, strict=True)]
     capped = [1]
     for k in range(len(dims) - 1):
         capped.append(min(int(rank[k + 1]), capped[k] * dims[k], math.prod(dims[k + 1 :])))
@@ -225,10 +257,10 @@ def choose_rank(
     if params > budget or min((rank,) if isinstance(rank, int) else rank) < 1:
         raise ValueError(f"no {kind} rank of tltorch fits {kept:.3g} of a {out_features}x{in_features} weight")
     setting: float | tuple[int, ...] = lo
-    if kind == "blocktt":
-        setting = rank  # type: ignore[assignment]  # a tuple: tltorch would ask TT-SVD for the uncapped one
-    elif kind == "tucker" and fill_tucker:
-        setting = _fill_tucker(out_t, in_t, rank, budget)  # type: ignore[arg-type]
+    if kind == "blocktt" and isinstance(rank, tuple):
+        setting = rank  # explicit: from the float, tltorch would ask TT-SVD for the uncapped rank
+    elif kind == "tucker" and fill_tucker and isinstance(rank, tuple):
+        setting = _fill_tucker(out_t, in_t, rank, budget)
         params, rank = _weight_params(kind, out_t, in_t, setting)
     return RankChoice(kind, setting, rank, params, dense, out_t, in_t, lo)
 
@@ -237,7 +269,10 @@ def weight_params(layer: nn.Module) -> int:
     """Parameters of a FactorizedLinear's weight (all factors, Tucker core, CP weights), or of a Linear's weight."""
     if isinstance(layer, nn.Linear):
         return layer.weight.numel()
-    return sum(p.numel() for p in layer.weight.parameters())
+    weight = layer.weight
+    if not isinstance(weight, nn.Module):
+        raise TypeError(f"expected a tltorch FactorizedLinear, got {type(layer).__name__}")
+    return sum(int(p.numel()) for p in weight.parameters())
 
 
 @contextlib.contextmanager
@@ -414,7 +449,7 @@ def _main() -> int:
                 head = f"{shape:>12} {str(c.out_tensorized):>14} {str(c.in_tensorized):>14} {kind:>8} {kept:5.2f}"
                 if kind == "tucker":
                     u = choose_rank(out_f, in_f, kind, kept, fill_tucker=False)
-                    print(f"{head} {u.fraction:8.5f} {u.ratio:6.3f}  {tuple(u.rank)} -> {c.ratio:.3f} {tuple(c.rank)}")
+                    print(f"{head} {u.fraction:8.5f} {u.ratio:6.3f}  {u.rank} -> {c.ratio:.3f} {c.rank}")
                 else:
                     print(f"{head} {c.fraction:8.5f} {c.ratio:6.3f}  {c.rank}")
     if args.time_shape:

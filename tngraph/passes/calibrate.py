@@ -40,14 +40,17 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if nodes:
             log.info("calibrate: no calibration data; decompositions will be data-free")
         return PassResult(gm, modified=False, summary={"batches": 0})
-    stats = {}
-    for n in nodes:
-        t = meta.info(n).target
-        stats[t.name] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
+    stats, shared = {}, {}
     observers = []
     for node in nodes:
+        t = meta.info(node).target
+        x = node.args[_x_index(node)]
+        if x in shared:  # targets reading the same input (q, k, v) share one set of statistics
+            stats[t.name] = shared[x]
+            continue
+        stats[t.name] = shared[x] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
         with gm.graph.inserting_before(node):
-            observers.append(gm.graph.call_function(_observe, (node.args[_x_index(node)], meta.info(node).target.name)))
+            observers.append(gm.graph.call_function(_observe, (x, t.name)))
     gm.recompile()
     _ACTIVE.clear()
     _ACTIVE.update(stats)
