@@ -39,7 +39,10 @@ def test_budget_one_is_allowed():
 
 @pytest.mark.parametrize(
     "options, word",
-    [({"format": "magic"}, "format"), ({"batch_size": 0}, "batch_size"), ({"calibration_samples": 2.5}, "calibration_samples"), ({"damping": -1}, "damping"), ({"include": [1]}, "include")],
+    [({"format": "magic"}, "format"), ({"batch_size": 0}, "batch_size"), ({"calibration_samples": 2.5}, "calibration_samples"), ({"damping": -1}, "damping"), ({"include": [1]}, "include"),
+     ({"tr_ring": 0}, "tr_ring"), ({"tr_cores": 1}, "tr_cores"), ({"cp_max_iter": 0}, "cp_max_iter"), ({"cp_tol": -1}, "cp_tol"),
+     ({"cp_time_limit": 0}, "cp_time_limit"), ({"kron_shape": (4,)}, "kron_shape"), ({"kron_shape": "4by4"}, "kron_shape"),
+     ({"monarch_blocks": 0}, "monarch_blocks"), ({"tucker_iters": -1}, "tucker_iters"), ({"targets": "conv"}, "target kind"), ({"targets": ()}, "target kind")],
 )
 def test_bad_values_name_the_option(options, word):
     with pytest.raises(ConfigError, match=word):
@@ -54,3 +57,17 @@ def test_pattern_strings_become_tuples():
 def test_dump_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("TNGRAPH_DUMP", str(tmp_path))
     assert Config().dump_dir == str(tmp_path)
+
+
+def test_every_format_and_its_options():
+    from tngraph.config import FORMATS
+    from tngraph.tn.formats import FORMATS as REGISTRY
+
+    assert set(FORMATS) == {"lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch"}
+    assert {("svd" if f == "lowrank" else f) for f in FORMATS} == set(REGISTRY)
+    config = Config(format="tr", tr_cores=4, tr_ring=3, tr_als=2, kron_shape="16x8", targets="linear,embedding")
+    assert REGISTRY["tr"].options(config) == {"cores": 4, "ring": 3, "als": 2}
+    assert REGISTRY["kron"].options(config) == {"shape": (16, 8)}
+    assert config.targets == ("linear", "embedding") and Config(targets=["embedding", "linear"]).targets == ("embedding", "linear")
+    for fmt in REGISTRY.values():  # every option a format reads is a Config field
+        fmt.options(Config())

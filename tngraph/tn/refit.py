@@ -55,12 +55,17 @@ def refit_core(
     out_perm = [o_all.index(c) for c in o_k + o_r]
     wg = wg.permute(out_perm + [len(o_all) + p for p in in_perm]).reshape(n(o_k), n(o_r), n(i_k), n(i_r))
     m = n(i_k) * n(bonds)
-    normal = torch.zeros(n(i_k), n(bonds), n(i_k), n(bonds), dtype=torch.float64)
-    chunk = max(1, MAX_ELEMENTS // max(1, n(i_k) * n(bonds) * n(i_k) * n(i_r)))
-    for start in range(0, n(o_r), chunk):
-        part = e[start : start + chunk]
-        left = oe.contract("oqb,kqlr->okblr", part, g4, backend="torch")
-        normal += oe.contract("okblr,orc->kblc", left, part, backend="torch")
+    if (n(i_r) * n(bonds)) ** 2 <= MAX_ELEMENTS:
+        # sum over the outputs first: P = E^T E (I_rest·B square), then contract with the Gram
+        pairs = oe.contract("oqb,orc->qbrc", e, e, backend="torch")
+        normal = oe.contract("kqlr,qbrc->kblc", g4, pairs, backend="torch")
+    else:  # P too large: output rows in chunks, each through the Gram
+        normal = torch.zeros(n(i_k), n(bonds), n(i_k), n(bonds), dtype=torch.float64)
+        chunk = max(1, MAX_ELEMENTS // max(1, n(i_k) * n(bonds) * n(i_k) * n(i_r)))
+        for start in range(0, n(o_r), chunk):
+            part = e[start : start + chunk]
+            left = oe.contract("oqb,kqlr->okblr", part, g4, backend="torch")
+            normal += oe.contract("okblr,orc->kblc", left, part, backend="torch")
     normal = normal.reshape(m, m)
     rhs = oe.contract("aolr,orc->alc", wg, e, backend="torch").reshape(n(o_k), m)
     normal = normal + damping * torch.diagonal(normal).mean().clamp_min(1e-300) * torch.eye(m, dtype=torch.float64)
