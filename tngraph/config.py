@@ -13,6 +13,8 @@ from .errors import ConfigError
 FORMATS = ("lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch")
 _ALIASES = {"svd": "lowrank"}
 TARGET_KINDS = ("linear", "embedding")
+ALLOCATIONS = ("uniform", "budgeted")
+SENSITIVITIES = ("spectral", "measured")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class Config:
         "monarch": block-diagonal · permutation · block-diagonal, monarch_blocks input blocks (or balanced).
     targets: which layers are targets: ("linear",) or ("linear", "embedding") (embedding tables become
         a low-rank gather + linear; they also need an `include` pattern that admits them).
+    allocation: "uniform" (every target keeps `budget` of its parameters) or "budgeted" (ranks, or
+        keeping a target dense, chosen per target to minimise the summed predicted loss with the
+        targets' total parameters within `budget`; low-rank format).
+    sensitivity: the loss the budgeted allocation minimises: "spectral" (whitened singular-value
+        tail) or "measured" (spectral rescaled by end-to-end errors measured per target).
     refit: after decomposing, refit one core by closed-form least squares on the exact calibration
         Gram matrix (tensor-network formats; low-rank's whitened SVD is already optimal).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
@@ -59,6 +66,8 @@ class Config:
     kron_shape: tuple[int, int] | None = None
     monarch_blocks: int | None = None
     targets: tuple[str, ...] = ("linear",)
+    allocation: str = "uniform"
+    sensitivity: str = "measured"
     refit: bool = True
     whiten: bool = True
     damping: float = 1e-4
@@ -83,6 +92,9 @@ class Config:
                                 ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000)):
             _check_int(name, getattr(self, name), low, high)
         _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
+        for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
         _check_number("cp_time_limit", self.cp_time_limit, low=0.0, high=1e6, low_open=True)
         if self.kron_shape is not None:
             shape = self.kron_shape

@@ -53,9 +53,19 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class SensitivityInfo:
+    """How much compressing this target costs (sensitivity pass)."""
+
+    kind: str  # "spectral" or "measured"
+    score: float  # predicted squared relative output error at the budget's uniform rank
+    uniform_rank: int
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     target: TargetInfo | None = None
     calibration: CalibrationInfo | None = None
+    sensitivity: SensitivityInfo | None = None
     plan: PlanInfo | None = None
     provenance: Provenance | None = None
 
@@ -65,6 +75,8 @@ class NodeInfo:
             parts.append(f"target={self.target.name}")
         if self.calibration:
             parts.append(f"calib_rows={self.calibration.rows}")
+        if self.sensitivity:
+            parts.append(f"sens={self.sensitivity.kind}:{self.sensitivity.score:.3g}")
         if self.plan:
             rank = f"@{self.plan.rank}" if self.plan.rank else ""
             parts.append(f"plan={self.plan.format}{rank}")

@@ -32,8 +32,15 @@ def format_options(ctx: PassContext) -> dict:
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     budget = ctx.config.budget
     chosen = 0
+    budgeted = _budgeted(gm, ctx) if ctx.config.allocation == "budgeted" else {}
     for node in meta.targets(gm):
         t = meta.info(node).target
+        if t.name in budgeted:
+            plan = budgeted[t.name]
+            chosen += plan.format != "dense"
+            ctx.counters[f"allocate.budgeted.{plan.format}"] += 1
+            meta.update(node, plan=plan)
+            continue
         # embedding tables are gathered row by row: they always take the low-rank format
         fmt = configured_format(ctx.config) if t.kind == "linear" else FORMATS["svd"]
         options = format_options(ctx) if t.kind == "linear" else {}
@@ -57,3 +64,67 @@ def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         meta.update(node, plan=plan)
     log.info("allocate: %d targets factorized at budget %.3g", chosen, budget)
     return PassResult(gm, modified=chosen > 0, summary={"factorized": chosen})
+
+
+def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
+    """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
+    with their total parameters within the budget: a Lagrangian relaxation (each target takes the
+    candidate minimising loss + lambda * params; lambda bisected to meet the budget), then the
+    leftover budget spent greedily on the best loss reduction per parameter."""
+    cfg = ctx.config
+    if cfg.format != "lowrank":
+        raise ConfigError(
+            f"budgeted allocation chooses low-rank ranks; format {cfg.format!r} is allocated uniformly for now",
+            "use format='svd' with allocation='budgeted', or allocation='uniform'",
+        )
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
+    curves = [ctx.curves[meta.info(n).target.name] for n in nodes]
+    if not curves:
+        return {}
+    limit = cfg.budget * sum(c.params[-1] for c in curves)  # the last candidate of a curve is dense
+
+    def choose(lam: float) -> list[int]:
+        return [min(range(len(c.params)), key=lambda i: (c.loss[i] + lam * c.params[i], c.params[i])) for c in curves]
+
+    def cost(choice: list[int]) -> int:
+        return sum(c.params[i] for c, i in zip(curves, choice))
+
+    cheapest = [0] * len(curves)
+    if cost(cheapest) > limit:
+        raise ConfigError(
+            f"budget {cfg.budget:g} is below the smallest factorization of the targets ({cost(cheapest) / (limit / cfg.budget):.3f})",
+            "raise the budget or leave targets out with Config(exclude=...)",
+        )
+    lo, hi = -40.0, 10.0  # log10 lambda
+    best = cheapest
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        choice = choose(10**mid)
+        if cost(choice) <= limit:
+            best, hi = choice, mid
+        else:
+            lo = mid
+    best = list(best)
+    while True:  # spend what is left: the upgrade with the most loss saved per parameter that fits
+        room = limit - cost(best)
+        options = [
+            ((c.loss[i] - c.loss[j]) / (c.params[j] - c.params[i]), k, j)
+            for k, (c, i) in enumerate(zip(curves, best))
+            for j in range(i + 1, len(c.params))
+            if c.params[j] - c.params[i] <= room and c.loss[j] < c.loss[i]
+        ]
+        if not options:
+            break
+        _, k, j = max(options)
+        best[k] = j
+    plans = {}
+    for node, c, i in zip(nodes, curves, best):
+        t = meta.info(node).target
+        rank = c.ranks[i]
+        if rank is None:
+            plans[t.name] = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: kept dense")
+        else:
+            plans[t.name] = meta.PlanInfo("lowrank", rank, t.dense_params, c.params[i], reason=f"budgeted: loss {c.loss[i]:.3g}")
+    log.info("allocate (budgeted): %d of %d targets factorized, %.4f of their parameters kept",
+             sum(r is not None for r in (c.ranks[i] for c, i in zip(curves, best))), len(curves), cost(best) / (limit / cfg.budget))
+    return plans

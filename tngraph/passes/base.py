@@ -36,6 +36,7 @@ class PassContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stats: dict[str, GramStats] = field(default_factory=dict)
     plan: dict[str, TargetPlan] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)  # sensitivity.Curve per target name
     counters: collections.Counter = field(default_factory=collections.Counter)
     timings: dict[str, float] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)

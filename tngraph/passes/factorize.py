@@ -120,9 +120,20 @@ def _finish(m: LinearMatch | EmbeddingMatch, created: list[tuple[fx.Node, str]],
         elif fake_mode is not None:
             with fake_mode:
                 args = fx.node.map_arg(node.args, lambda n: _val(n, fake_mode))
-                node.meta["val"] = node.target(*args)
+                node.meta["val"] = _einsum_val(*args) if node.target == aten.einsum.default else node.target(*args)
     meta.update(out, target=old.target, plan=old.plan, calibration=old.calibration)
     return out
+
+
+def _einsum_val(equation: str, operands: list[torch.Tensor]) -> torch.Tensor:
+    """The FakeTensor value of our "...<in>,<cores>->...<out>" einsum, from the shapes alone: running
+    einsum on symbolic shapes plans a contraction and costs seconds per node for nothing."""
+    inputs, output = equation.split("->")
+    first, *cores = inputs.split(",")
+    sizes = {label: size for labels, core in zip(cores, operands[1:]) for label, size in zip(labels, core.shape)}
+    x = operands[0]
+    lead = x.shape[: x.dim() - (len(first) - 3)]
+    return x.new_empty((*lead, *(sizes[label] for label in output[3:])))
 
 
 def _val(node: fx.Node, fake_mode) -> torch.Tensor:

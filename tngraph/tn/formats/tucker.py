@@ -36,8 +36,9 @@ def max_rank(out_features: int, in_features: int, modes: int = 2, **_: object) -
 
 
 def _leading(matrix: torch.Tensor, k: int) -> torch.Tensor:
-    u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :k]
+    """The k leading left singular vectors of a wide matrix, from the eigenvectors of M M^T (n x n)."""
+    values, vectors = torch.linalg.eigh(matrix @ matrix.T)
+    return vectors.flip(-1)[:, :k]
 
 
 def decompose(

@@ -1,0 +1,153 @@
+"""sensitivity: how much each target's compression costs, as a loss-versus-parameters curve.
+
+For every target and every candidate rank of the low-rank format, the loss is the predicted squared
+relative error of the model's output when only that target is compressed:
+
+- "spectral": the whitened singular-value tail. With X^T X = S S^T, the rank-r whitened SVD leaves
+  ||(W - W')X^T||^2 = sum_{i>r} s_i^2 of W·S, so tail(r) = sum_{i>r} s_i^2 / sum_i s_i^2 is the
+  target's own relative output error, free once the Gram matrix is known. It ignores how the
+  error travels to the model's output.
+- "measured": the spectral curve rescaled per target by end-to-end measurements: at a few ranks
+  the target alone is replaced by its whitened SVD and the model's output error on calibration
+  batches is measured; between them the ratio measured / tail is interpolated.
+
+The curves go to ctx.curves for the budgeted allocator; node.meta["tngraph"].sensitivity holds a
+summary (the loss at the uniform rank of the budget).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .. import meta
+from ..progress import progress
+from ..tn.formats import FORMATS, rank_for_params
+from .base import PassContext, PassResult
+from .targets import getattr_path
+
+log = logging.getLogger(__name__)
+
+GRID = (0.125, 0.25, 0.5, 0.75)  # kept fractions measured end to end ("measured")
+MEASURE_BATCHES = 2
+
+
+@dataclass
+class Curve:
+    """Candidates for one target, cheapest first: (rank or None for dense, parameters, loss)."""
+
+    name: str
+    ranks: list[int | None]
+    params: list[int]
+    loss: list[float]
+
+    def at_rank(self, rank: int) -> float:
+        return self.loss[self.ranks.index(rank)]
+
+
+def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    if cfg.allocation == "uniform":
+        return PassResult(gm, modified=False, summary={"skipped": "uniform allocation"})
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
+    fmt = FORMATS["svd"]
+    spectra = {}
+    for node in progress(nodes, desc="spectra", enabled=cfg.progress, unit="layer"):
+        t = meta.info(node).target
+        w = getattr_path(gm, t.weight).detach().to(torch.float64)
+        stats = ctx.stats.get(t.name)
+        if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
+            w = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping).apply(w)
+        s2 = torch.linalg.svdvals(w) ** 2
+        tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
+        spectra[t.name] = torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist()  # tail[r], r = 0..n
+    scale = {name: (lambda r: 1.0) for name in spectra}
+    if cfg.sensitivity == "measured":
+        scale = _measure(gm, ctx, nodes, spectra)
+    for node in nodes:
+        t = meta.info(node).target
+        bias = t.out_features if t.bias else 0
+        top = fmt.max_rank(t.out_features, t.in_features)
+        step = max(1, top // 64)
+        ranks: list[int | None] = list(range(step, top + 1, step))
+        params = [fmt.params(t.out_features, t.in_features, r) + bias for r in ranks]
+        loss = [spectra[t.name][r] * scale[t.name](r) for r in ranks]
+        keep = [i for i, p in enumerate(params) if p < t.dense_params]
+        curve = Curve(t.name, [ranks[i] for i in keep] + [None], [params[i] for i in keep] + [t.dense_params],
+                      [loss[i] for i in keep] + [0.0])
+        ctx.curves[t.name] = curve
+        uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
+        score = spectra[t.name][uniform] * scale[t.name](uniform)
+        meta.update(node, sensitivity=meta.SensitivityInfo(cfg.sensitivity, score, uniform))
+    ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
+    log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
+    return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
+
+
+def _outputs(gm: fx.GraphModule, batches) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in batches:
+            leaves = pytree.tree_leaves(gm(*args, **kwargs))
+            outs.append(torch.cat([x.detach().reshape(-1).to(torch.float64) for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]))
+    return outs
+
+
+def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]]) -> dict[str, Any]:
+    """Per target, the end-to-end squared relative output error at the GRID ranks with only that
+    target compressed, divided by its spectral tail there; returned as r -> interpolated ratio."""
+    if not ctx.calibration:
+        log.info("sensitivity: no calibration data to measure with; using the spectral curves")
+        return {name: (lambda r: 1.0) for name in spectra}
+    cfg = ctx.config
+    fmt = FORMATS["svd"]
+    batches = ctx.calibration[:MEASURE_BATCHES]
+    reference = _outputs(gm, batches)
+    ref_energy = sum(float((y**2).sum()) for y in reference)
+    scales = {}
+    for node in progress(nodes, desc="measure", enabled=cfg.progress, unit="layer"):
+        t = meta.info(node).target
+        param = getattr_path(gm, t.weight)
+        original = param.detach().clone()
+        stats = ctx.stats.get(t.name)
+        white = None
+        if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
+            white = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
+        top = fmt.max_rank(t.out_features, t.in_features)
+        points = []
+        for kept in GRID:
+            rank = max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features)))
+            net = fmt.decompose(original, rank, white)
+            with torch.no_grad():
+                param.copy_(net.to_dense().to(param.dtype))
+                try:
+                    outs = _outputs(gm, batches)
+                finally:
+                    param.copy_(original)
+            err = sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / max(ref_energy, 1e-300)
+            tail = spectra[t.name][rank]
+            points.append((rank, err / tail if tail > 1e-12 else 1.0))
+        scales[t.name] = _interpolator(points)
+    return scales
+
+
+def _interpolator(points: list[tuple[int, float]]):
+    """Piecewise-linear in rank between the measured points (log of the ratio), flat outside."""
+    points = sorted(set(points))
+    ranks = [p[0] for p in points]
+    logs = [math.log(max(p[1], 1e-12)) for p in points]
+
+    def ratio(rank: int) -> float:
+        if rank <= ranks[0]:
+            return math.exp(logs[0])
+        for (r0, l0), (r1, l1) in zip(zip(ranks, logs), zip(ranks[1:], logs[1:])):
+            if rank <= r1:
+                return math.exp(l0 + (l1 - l0) * (rank - r0) / max(r1 - r0, 1))
+        return math.exp(logs[-1])
+
+    return ratio
