@@ -14,6 +14,7 @@ from . import __version__
 from .capture import capture, normalize_inputs
 from .config import Config
 from .errors import DataError, ModelError
+from .evaluate import sentence_objective
 from .models import ModelSource, tokenize, weights_hash
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .passes import PassContext
@@ -103,7 +104,8 @@ def compress_with_result(
     start = time.perf_counter()
     gm = capture(model, example_inputs)
     timings = {"capture": time.perf_counter() - start}
-    ctx = PassContext(config=config, calibration=batches)
+    texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
+    ctx = PassContext(config=config, calibration=batches, objective=sentence_objective if texts else None)
     gm = run_passes(gm, ctx)
     timings.update(ctx.timings)
     compressed = apply_plan(copy.deepcopy(model), ctx.plan.values())

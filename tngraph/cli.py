@@ -46,6 +46,10 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     fmt.add_argument("--cp-time-limit", type=float, default=None, help="seconds of ALS per layer (default 120)")
     fmt.add_argument("--kron-shape", default=None, metavar="RxC", help="shape of the first Kronecker factor, e.g. 16x16 (default balanced)")
     fmt.add_argument("--monarch-blocks", type=int, default=None, help="input blocks of the monarch format (default balanced)")
+    p.add_argument("--allocation", default=None, choices=["uniform", "budgeted"],
+                   help="uniform ranks (default) or budgeted: ranks per target from sensitivity curves, total within --budget")
+    p.add_argument("--sensitivity", default=None, choices=["spectral", "measured"],
+                   help="loss the budgeted allocation minimises (default measured)")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of one core on the calibration data")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
     p.add_argument("--calibration-samples", type=int, default=None, help="calibration samples used (default 2048)")
@@ -130,7 +134,7 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    for key in ("targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
+    for key in ("allocation", "sensitivity", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
                 "cp_max_iter", "cp_tol", "cp_time_limit", "kron_shape", "monarch_blocks", "calibration_samples"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -172,13 +176,31 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_target(result) -> dict[str, dict[str, Any]]:
+    """Per target: its sensitivity (when measured), the chosen format and rank, parameters kept."""
+    from . import meta
+
+    rows = {}
+    for node in meta.targets(result.graph):
+        node_info = meta.info(node)
+        t, plan, sens = node_info.target, node_info.plan, node_info.sensitivity
+        rows[t.name] = {
+            "format": plan.format if plan else "dense",
+            "rank": plan.rank if plan else None,
+            "params_kept": (plan.params_after / plan.params_before) if plan else 1.0,
+            "sensitivity": None if sens is None else {"kind": sens.kind, "score": sens.score},
+        }
+    return rows
+
+
 def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[str, Any]:
     import torch
 
     from .api import compress_with_result
     from .evaluate import agreement, count_params, latency, latency_inputs, sentence_embeddings
 
-    names = tuple(t["name"] for t in result.recipe["targets"])
+    per_target = _per_target(result)
+    names = tuple(per_target)  # every target, the ones kept dense included
     tb, tbb = count_params(model, names)
     ta, tab = count_params(result.module, names)
     mb, mbb = count_params(model)
@@ -191,7 +213,9 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
         "targets": len(names),
         "params": {"targets_before": tb, "targets_after": ta, "model_before": mb, "model_after": ma, "targets_kept": ta / tb if tb else None},
         "bytes": {"targets_before": tbb, "targets_after": tab, "model_before": mbb, "model_after": mab},
+        "allocation": config.allocation,
         "ranks": {t["name"]: t["rank"] for t in result.recipe["targets"]},
+        "per_target": per_target,
         "counters": dict(result.context.counters),
         "timings": dict(result.timings),
     }

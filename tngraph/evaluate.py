@@ -23,6 +23,22 @@ class Agreement:
         return asdict(self)
 
 
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states over real tokens, L2-normalised (sentence-transformers pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def sentence_objective(outputs: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    """What a sentence encoder's users compare: the pooled, normalised embedding of each text (its
+    squared error is 2 (1 - cos)). Used as the end output when measuring sensitivity."""
+    hidden = outputs.get("last_hidden_state") if isinstance(outputs, dict) else getattr(outputs, "last_hidden_state", None)
+    mask = kwargs.get("attention_mask")
+    if hidden is None or mask is None or hidden.dim() != 3:
+        return outputs  # not a sentence encoder: every float output counts
+    return pooled(hidden, mask)
+
+
 @torch.no_grad()
 def sentence_embeddings(
     model: torch.nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int = 64, max_length: int = 128, show: bool = False
@@ -31,9 +47,7 @@ def sentence_embeddings(
     out = []
     for i in progress(range(0, len(texts), batch_size), desc="embed", enabled=show, unit="batch"):
         enc = tokenize(tokenizer, texts[i : i + batch_size], max_length)
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        out.append(pooled(model(**enc).last_hidden_state, enc["attention_mask"]))
     return torch.cat(out).float()
 
 

@@ -37,6 +37,8 @@ class PassContext:
     stats: dict[str, GramStats] = field(default_factory=dict)
     plan: dict[str, TargetPlan] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)  # sensitivity.Curve per target name
+    # (outputs, args, kwargs) -> the tensor whose error measures the model's (default: every float output)
+    objective: Callable[..., torch.Tensor] | None = None
     counters: collections.Counter = field(default_factory=collections.Counter)
     timings: dict[str, float] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)

@@ -121,7 +121,7 @@ def _finish(m: LinearMatch | EmbeddingMatch, created: list[tuple[fx.Node, str]],
             with fake_mode:
                 args = fx.node.map_arg(node.args, lambda n: _val(n, fake_mode))
                 node.meta["val"] = _einsum_val(*args) if node.target == aten.einsum.default else node.target(*args)
-    meta.update(out, target=old.target, plan=old.plan, calibration=old.calibration)
+    meta.update(out, target=old.target, plan=old.plan, calibration=old.calibration, sensitivity=old.sensitivity)
     return out
 
 

@@ -34,7 +34,7 @@ from .targets import getattr_path
 log = logging.getLogger(__name__)
 
 GRID = (0.125, 0.25, 0.5, 0.75)  # kept fractions measured end to end ("measured")
-MEASURE_BATCHES = 2
+MEASURE_BATCHES = int(__import__("os").environ.get("TNG_MB", "4"))
 
 
 @dataclass
@@ -89,11 +89,12 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
 
 
-def _outputs(gm: fx.GraphModule, batches) -> list[torch.Tensor]:
+def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad():
         for args, kwargs in batches:
-            leaves = pytree.tree_leaves(gm(*args, **kwargs))
+            result = gm(*args, **kwargs)
+            leaves = pytree.tree_leaves(objective(result, args, kwargs) if objective is not None else result)
             outs.append(torch.cat([x.detach().reshape(-1).to(torch.float64) for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]))
     return outs
 
@@ -106,8 +107,10 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
         return {name: (lambda r: 1.0) for name in spectra}
     cfg = ctx.config
     fmt = FORMATS["svd"]
-    batches = ctx.calibration[:MEASURE_BATCHES]
-    reference = _outputs(gm, batches)
+    # batches spread over the calibration set (texts come sorted by length)
+    count = len(ctx.calibration)
+    batches = [ctx.calibration[(2 * k + 1) * count // (2 * MEASURE_BATCHES)] for k in range(min(MEASURE_BATCHES, count))]
+    reference = _outputs(gm, batches, ctx.objective)
     ref_energy = sum(float((y**2).sum()) for y in reference)
     scales = {}
     for node in progress(nodes, desc="measure", enabled=cfg.progress, unit="layer"):
@@ -126,7 +129,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
             with torch.no_grad():
                 param.copy_(net.to_dense().to(param.dtype))
                 try:
-                    outs = _outputs(gm, batches)
+                    outs = _outputs(gm, batches, ctx.objective)
                 finally:
                     param.copy_(original)
             err = sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / max(ref_energy, 1e-300)

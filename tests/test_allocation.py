@@ -1,0 +1,71 @@
+"""Sensitivity curves and the budgeted allocation: within budget, and better than uniform ranks."""
+import pytest
+import torch
+
+import tngraph
+from tngraph import meta
+from tngraph.config import Config
+from tngraph.errors import ConfigError
+
+
+class _Uneven(torch.nn.Module):
+    """Two layers of equal size: the first nearly low-rank (cheap to compress), the second full rank."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Linear(32, 32)
+        self.b = torch.nn.Linear(32, 32)
+        with torch.no_grad():
+            u, v = torch.randn(32, 4, generator=g), torch.randn(4, 32, generator=g)
+            self.a.weight.copy_((u @ v) / 4 + 0.01 * torch.randn(32, 32, generator=g))
+            self.b.weight.copy_(torch.randn(32, 32, generator=g) / 32**0.5)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _data(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(16, 32, generator=g),), {}) for _ in range(n)]
+
+
+@pytest.mark.parametrize("sensitivity", ["spectral", "measured"])
+def test_budgeted_allocation_stays_in_budget_and_beats_uniform(sensitivity):
+    model = _Uneven().eval()
+    data = _data()
+    held_out = torch.cat([args[0] for args, _ in _data(4, seed=9)])
+    errors = {}
+    for allocation in ("uniform", "budgeted"):
+        config = Config(budget=0.5, allocation=allocation, sensitivity=sensitivity, progress=False)
+        result = tngraph.compress_with_result(model, calibration=data, config=config)
+        dense = 2 * (32 * 32 + 32)
+        kept = sum(p.params_after for p in result.context.plan.values()) + sum(
+            dense // 2 for name in ("a", "b") if name not in result.context.plan)
+        assert kept <= 0.5 * dense
+        errors[allocation] = ((result.module(held_out) - model(held_out)).norm() / model(held_out).norm()).item()
+        if allocation == "budgeted":
+            plans = {n: meta.info(node).plan for node in meta.targets(result.graph) for n in [meta.info(node).target.name]}
+            sens = [meta.info(node).sensitivity for node in meta.targets(result.graph)]
+            assert all(s is not None and s.kind == sensitivity and s.score >= 0 for s in sens)
+            # the nearly low-rank layer gives up more of its parameters than the full-rank one
+            rank_b = plans["b"].rank if plans["b"].format != "dense" else 32
+            assert plans["a"].format == "lowrank" and plans["a"].rank < rank_b
+            assert result.context.counters[f"sensitivity.{sensitivity}"] == 2
+    assert errors["budgeted"] < errors["uniform"]
+
+
+def test_uniform_allocation_skips_the_sensitivity_pass():
+    result = tngraph.compress_with_result(_Uneven().eval(), calibration=_data(), config=Config(budget=0.5, progress=False))
+    assert not result.context.curves and all(meta.info(n).sensitivity is None for n in meta.targets(result.graph))
+
+
+def test_budgeted_allocation_needs_the_low_rank_format_for_now():
+    with pytest.raises(ConfigError, match="budgeted allocation chooses low-rank ranks"):
+        tngraph.compress(_Uneven().eval(), calibration=_data(), config=Config(budget=0.5, allocation="budgeted", format="tt", progress=False))
+
+
+@pytest.mark.parametrize("options, word", [({"allocation": "greedy"}, "allocation"), ({"sensitivity": "fisherman"}, "sensitivity")])
+def test_unknown_allocation_options_are_refused(options, word):
+    with pytest.raises(ConfigError, match=f"unknown {word}"):
+        Config(**options)
