@@ -34,7 +34,7 @@ from .targets import getattr_path
 log = logging.getLogger(__name__)
 
 GRID = (0.125, 0.25, 0.5, 0.75)  # kept fractions measured end to end ("measured")
-MEASURE_BATCHES = int(__import__("os").environ.get("TNG_MB", "4"))
+MEASURE_BATCHES = 4
 
 
 @dataclass
@@ -100,42 +100,68 @@ def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
 
 
 def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]]) -> dict[str, Any]:
-    """Per target, the end-to-end squared relative output error at the GRID ranks with only that
-    target compressed, divided by its spectral tail there; returned as r -> interpolated ratio."""
+    """Per target, the end-to-end squared relative output error at the GRID ranks divided by its
+    spectral tail there; returned as r -> interpolated ratio.
+
+    Errors interact (a layer's error matters more when its inputs are already perturbed), so each
+    target is measured at the operating point of the budget: every other target replaced by its
+    uniform-rank approximation. The target's own share is the error at rank r minus the error
+    with the target dense, everything else unchanged.
+    """
     if not ctx.calibration:
         log.info("sensitivity: no calibration data to measure with; using the spectral curves")
         return {name: (lambda r: 1.0) for name in spectra}
     cfg = ctx.config
     fmt = FORMATS["svd"]
-    # batches spread over the calibration set (texts come sorted by length)
-    count = len(ctx.calibration)
+    count = len(ctx.calibration)  # batches spread over the calibration set (texts come sorted by length)
     batches = [ctx.calibration[(2 * k + 1) * count // (2 * MEASURE_BATCHES)] for k in range(min(MEASURE_BATCHES, count))]
     reference = _outputs(gm, batches, ctx.objective)
-    ref_energy = sum(float((y**2).sum()) for y in reference)
-    scales = {}
-    for node in progress(nodes, desc="measure", enabled=cfg.progress, unit="layer"):
+    ref_energy = max(sum(float((y**2).sum()) for y in reference), 1e-300)
+
+    def error() -> float:
+        outs = _outputs(gm, batches, ctx.objective)
+        return sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / ref_energy
+
+    params, originals, whitenings = {}, {}, {}
+    for node in nodes:
         t = meta.info(node).target
-        param = getattr_path(gm, t.weight)
-        original = param.detach().clone()
+        params[t.name] = getattr_path(gm, t.weight)
+        originals[t.name] = params[t.name].detach().clone()
         stats = ctx.stats.get(t.name)
-        white = None
         if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
-            white = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
-        top = fmt.max_rank(t.out_features, t.in_features)
-        points = []
-        for kept in GRID:
-            rank = max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features)))
-            net = fmt.decompose(original, rank, white)
-            with torch.no_grad():
-                param.copy_(net.to_dense().to(param.dtype))
-                try:
-                    outs = _outputs(gm, batches, ctx.objective)
-                finally:
-                    param.copy_(original)
-            err = sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / max(ref_energy, 1e-300)
-            tail = spectra[t.name][rank]
-            points.append((rank, err / tail if tail > 1e-12 else 1.0))
-        scales[t.name] = _interpolator(points)
+            whitenings[t.name] = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
+
+    def approx(t: meta.TargetInfo, rank: int) -> torch.Tensor:
+        net = fmt.decompose(originals[t.name], rank, whitenings.get(t.name))
+        return net.to_dense().to(originals[t.name].dtype)
+
+    scales = {}
+    with torch.no_grad():
+        try:
+            operating = {}
+            for node in nodes:
+                t = meta.info(node).target
+                bias = t.out_features if t.bias else 0
+                rank = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
+                operating[t.name] = approx(t, rank)
+                params[t.name].copy_(operating[t.name])
+            for node in progress(nodes, desc="measure", enabled=cfg.progress, unit="layer"):
+                t = meta.info(node).target
+                top = fmt.max_rank(t.out_features, t.in_features)
+                params[t.name].copy_(originals[t.name])
+                floor = error()
+                points = []
+                for kept in GRID:
+                    rank = max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features)))
+                    params[t.name].copy_(approx(t, rank))
+                    share = max(error() - floor, 0.0)
+                    tail = spectra[t.name][rank]
+                    points.append((rank, share / tail if tail > 1e-12 else 1.0))
+                params[t.name].copy_(operating[t.name])
+                scales[t.name] = _interpolator(points)
+        finally:
+            for name, param in params.items():
+                param.copy_(originals[name])
     return scales
 
 
