@@ -109,6 +109,10 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", type=int, default=[1, 32, 4096])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-run-time", type=float, default=0.3)
+    p.add_argument("--max-flop-ratio", type=float, default=8.0,
+                   help="a cell planning more than this multiple of dense FLOPs and, at dense's FLOP rate, more "
+                        "than --max-seconds per call shows 'fl Nx' (its FLOP ratio) instead of a time")
+    p.add_argument("--max-seconds", type=float, default=3.0)
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--no-tltorch", action="store_true", help="leave out tensorly-torch even when installed")
@@ -161,6 +165,7 @@ def main() -> int:
         in_f, out_f = (int(v) for v in shape.lower().split("x"))
         w = torch.randn(out_f, in_f) / in_f**0.5
         dense = {m: median_time("x @ w.T", {"x": torch.randn(m, in_f), "w": w}, args.min_run_time) for m in args.rows}
+        rate = max(2 * m * in_f * out_f / dense[m] for m in args.rows)  # FLOP/s the dense matmul reached
         print(f"{shape:>14} {'dense (ms)':>22} {'':>5} {'':>7} " + " ".join(f"{dense[m] * 1e3:>9.2f}" for m in args.rows), flush=True)
         for label in args.variants:
             _, key, options = VARIANTS[label]
@@ -170,16 +175,33 @@ def main() -> int:
             for kept in args.kept:
                 rank = rank_for_params(fmt, out_f, in_f, kept * out_f * in_f, **options)
                 net = timing_network(key, w, rank, options)
-                ratios = [median_time("net.contract(x)", {"x": torch.randn(m, in_f), "net": net}, args.min_run_time) / dense[m] for m in args.rows]
-                print(f"{shape:>14} {label:>22} {kept:>5.2f} {net.num_params / w.numel():>7.3f} " + " ".join(f"{r:>9.3f}" for r in ratios), flush=True)
+                cells = []
+                for m in args.rows:
+                    flop_ratio = net.flops(m) / (2 * m * in_f * out_f)
+                    if flop_ratio > args.max_flop_ratio and net.flops(m) / rate > args.max_seconds:
+                        cells.append(f"{'fl ' + format(flop_ratio, '.0f') + 'x':>9}")  # certain to lose, minutes to time
+                        continue
+                    t = median_time("net.contract(x)", {"x": torch.randn(m, in_f), "net": net}, args.min_run_time)
+                    cells.append(f"{t / dense[m]:>9.3f}")
+                print(f"{shape:>14} {label:>22} {kept:>5.2f} {net.num_params / w.numel():>7.3f} " + " ".join(cells), flush=True)
         if tl is not None:
             for kind in TLTORCH_KINDS:
                 for kept in args.kept:
+                    if kind == "cp" and w.numel() > 2**24:
+                        print(f"{shape:>14} {'tltorch ' + kind:>22} {kept:>5.2f}  not run: its forward allocates tens of GB at this size", flush=True)
+                        continue
                     layer = tl.factorized_linear(w, kind, kept)
                     params = sum(v.numel() for n, v in layer.named_parameters() if "bias" not in n)
+                    cells, slow = [], False
                     with torch.no_grad():
-                        ratios = [median_time("layer(x)", {"x": torch.randn(m, in_f), "layer": layer}, args.min_run_time) / dense[m] for m in args.rows]
-                    print(f"{shape:>14} {'tltorch ' + kind:>22} {kept:>5.2f} {params / w.numel():>7.3f} " + " ".join(f"{r:>9.3f}" for r in ratios), flush=True)
+                        for m in args.rows:
+                            if slow:  # slower than max-flop-ratio x dense at fewer rows: not timed at more
+                                cells.append(f"{'>' + format(args.max_flop_ratio, 'g') + 'x':>9}")
+                                continue
+                            ratio = median_time("layer(x)", {"x": torch.randn(m, in_f), "layer": layer}, args.min_run_time) / dense[m]
+                            slow = ratio > args.max_flop_ratio
+                            cells.append(f"{ratio:>9.3f}")
+                    print(f"{shape:>14} {'tltorch ' + kind:>22} {kept:>5.2f} {params / w.numel():>7.3f} " + " ".join(cells), flush=True)
         del w
     return 0
 
