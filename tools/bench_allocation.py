@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Uniform vs budgeted allocation on the bundled MiniLM, side by side in one run.
+
+For each allocation (uniform ranks; budgeted with each sensitivity estimator): the fraction of the
+36 encoder linears' parameters kept (dense-kept targets included), sentence-embedding agreement on
+held-out sentences, the cut in 1 - mean cos against uniform, and the compress time.
+
+  python tools/bench_allocation.py [--budget 0.5] [--calibration-samples 2048] [--eval-samples 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, ".")
+
+import torch  # noqa: E402
+
+import tngraph  # noqa: E402
+from tngraph import meta  # noqa: E402
+from tngraph.data import sentence_sets  # noqa: E402
+from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
+from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
+
+RUNS = [("uniform", "measured"), ("budgeted", "spectral"), ("budgeted", "measured")]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--calibration-samples", type=int, default=2048)
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(ModelSource("minilm"))
+    sets = sentence_sets(args.calibration_samples, args.eval_samples)
+    ref = sentence_embeddings(model, tokenizer, sets.evaluation)
+    print(f"MiniLM at budget {args.budget}, {args.calibration_samples} calibration / {args.eval_samples} held-out sentences, {args.threads} threads")
+    print(f"{'allocation':>10} {'sensitivity':>11} {'kept':>6} {'dense':>5} {'mean cos':>9} {'min cos':>8} {'top-10':>7} {'err cut':>8} {'seconds':>8}")
+    uniform_err = None
+    for allocation, sensitivity in RUNS:
+        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, allocation=allocation, sensitivity=sensitivity,
+                                calibration_samples=args.calibration_samples, progress=False)
+        start = time.perf_counter()
+        result = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
+        seconds = time.perf_counter() - start
+        plans = [meta.info(n).plan for n in meta.targets(result.graph)]
+        kept = sum(pl.params_after for pl in plans) / sum(pl.params_before for pl in plans)
+        dense = sum(pl.format == "dense" for pl in plans)
+        agree = agreement(ref, sentence_embeddings(result.module, tokenizer, sets.evaluation))
+        err = 1 - agree.mean_cos
+        uniform_err = err if uniform_err is None else uniform_err
+        cut = 1 - err / uniform_err
+        label = sensitivity if allocation == "budgeted" else "-"
+        print(f"{allocation:>10} {label:>11} {kept:>6.3f} {dense:>5} {agree.mean_cos:>9.4f} {agree.min_cos:>8.4f} "
+              f"{agree.top10_overlap:>7.4f} {cut:>8.1%} {seconds:>8.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
