@@ -69,3 +69,11 @@ def test_budgeted_allocation_needs_the_low_rank_format_for_now():
 def test_unknown_allocation_options_are_refused(options, word):
     with pytest.raises(ConfigError, match=f"unknown {word}"):
         Config(**options)
+
+
+def test_sensitivity_rounds_are_checked_and_rerun_the_measurement():
+    with pytest.raises(ConfigError, match="sensitivity_rounds must be an integer"):
+        Config(sensitivity_rounds=0)
+    config = Config(budget=0.5, allocation="budgeted", sensitivity="measured", sensitivity_rounds=3, progress=False)
+    result = tngraph.compress_with_result(_Uneven().eval(), calibration=_data(), config=config)
+    assert sum(p.params_after for p in result.context.plan.values()) <= 0.5 * 2 * (32 * 32 + 32)

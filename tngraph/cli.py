@@ -50,6 +50,8 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
                    help="uniform ranks (default) or budgeted: ranks per target from sensitivity curves, total within --budget")
     p.add_argument("--sensitivity", default=None, choices=["spectral", "measured"],
                    help="loss the budgeted allocation minimises (default measured)")
+    p.add_argument("--sensitivity-rounds", type=int, default=None,
+                   help="measurements: around uniform ranks, then around each allocation found (default 2)")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of one core on the calibration data")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
     p.add_argument("--calibration-samples", type=int, default=None, help="calibration samples used (default 2048)")
@@ -134,7 +136,7 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    for key in ("allocation", "sensitivity", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
+    for key in ("allocation", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
                 "cp_max_iter", "cp_tol", "cp_time_limit", "kron_shape", "monarch_blocks", "calibration_samples"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)

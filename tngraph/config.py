@@ -37,6 +37,8 @@ class Config:
         targets' total parameters within `budget`; low-rank format).
     sensitivity: the loss the budgeted allocation minimises: "spectral" (whitened singular-value
         tail) or "measured" (spectral rescaled by end-to-end errors measured per target).
+    sensitivity_rounds: measurements of "measured": the first around uniform ranks, each further one
+        around the allocation the previous gave.
     refit: after decomposing, refit one core by closed-form least squares on the exact calibration
         Gram matrix (tensor-network formats; low-rank's whitened SVD is already optimal).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
@@ -68,6 +70,7 @@ class Config:
     targets: tuple[str, ...] = ("linear",)
     allocation: str = "uniform"
     sensitivity: str = "measured"
+    sensitivity_rounds: int = 2
     refit: bool = True
     whiten: bool = True
     damping: float = 1e-4
@@ -89,7 +92,7 @@ class Config:
             raise ConfigError(f"unknown format {self.format!r}", f"choose one of {', '.join(FORMATS)}")
         _check_number("damping", self.damping, low=0.0, high=1.0)
         for name, low, high in (("tt_cores", 2, 6), ("tucker_modes", 1, 6), ("tr_cores", 2, 6), ("cp_modes", 1, 6),
-                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000)):
+                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10)):
             _check_int(name, getattr(self, name), low, high)
         _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
         for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES)):

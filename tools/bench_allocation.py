@@ -25,7 +25,7 @@ from tngraph.data import sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 
-RUNS = [("uniform", "measured"), ("budgeted", "spectral"), ("budgeted", "measured")]
+RUNS = [("uniform", "measured", 1), ("budgeted", "spectral", 1), ("budgeted", "measured", 1), ("budgeted", "measured", 2)]
 
 
 def main() -> int:
@@ -40,10 +40,11 @@ def main() -> int:
     sets = sentence_sets(args.calibration_samples, args.eval_samples)
     ref = sentence_embeddings(model, tokenizer, sets.evaluation)
     print(f"MiniLM at budget {args.budget}, {args.calibration_samples} calibration / {args.eval_samples} held-out sentences, {args.threads} threads")
-    print(f"{'allocation':>10} {'sensitivity':>11} {'kept':>6} {'dense':>5} {'mean cos':>9} {'min cos':>8} {'top-10':>7} {'err cut':>8} {'seconds':>8}")
+    print(f"{'allocation':>10} {'sensitivity':>14} {'kept':>6} {'dense':>5} {'mean cos':>9} {'min cos':>8} {'top-10':>7} {'err cut':>8} {'seconds':>8}")
     uniform_err = None
-    for allocation, sensitivity in RUNS:
+    for allocation, sensitivity, rounds in RUNS:
         config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, allocation=allocation, sensitivity=sensitivity,
+                                sensitivity_rounds=rounds,
                                 calibration_samples=args.calibration_samples, progress=False)
         start = time.perf_counter()
         result = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
@@ -55,8 +56,8 @@ def main() -> int:
         err = 1 - agree.mean_cos
         uniform_err = err if uniform_err is None else uniform_err
         cut = 1 - err / uniform_err
-        label = sensitivity if allocation == "budgeted" else "-"
-        print(f"{allocation:>10} {label:>11} {kept:>6.3f} {dense:>5} {agree.mean_cos:>9.4f} {agree.min_cos:>8.4f} "
+        label = (sensitivity + (f" x{rounds}" if sensitivity == "measured" else "")) if allocation == "budgeted" else "-"
+        print(f"{allocation:>10} {label:>14} {kept:>6.3f} {dense:>5} {agree.mean_cos:>9.4f} {agree.min_cos:>8.4f} "
               f"{agree.top10_overlap:>7.4f} {cut:>8.1%} {seconds:>8.1f}", flush=True)
     return 0
 

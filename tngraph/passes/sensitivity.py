@@ -8,8 +8,10 @@ relative error of the model's output when only that target is compressed:
   target's own relative output error, free once the Gram matrix is known. It ignores how the
   error travels to the model's output.
 - "measured": the spectral curve rescaled per target by end-to-end measurements: at a few ranks
-  the target alone is replaced by its whitened SVD and the model's output error on calibration
-  batches is measured; between them the ratio measured / tail is interpolated.
+  the target is replaced by its whitened SVD, every other target held at an operating point (first
+  the uniform ranks, then, for each further `sensitivity_rounds`, the allocation the previous curves
+  give), and its share of the model's output error on calibration batches is measured; between the
+  ranks the ratio share / tail is interpolated.
 
 The curves go to ctx.curves for the budgeted allocator; node.meta["tngraph"].sensitivity holds a
 summary (the loss at the uniform rank of the budget).
@@ -69,6 +71,24 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     scale = {name: (lambda r: 1.0) for name in spectra}
     if cfg.sensitivity == "measured":
         scale = _measure(gm, ctx, nodes, spectra)
+    _build_curves(ctx, nodes, spectra, scale)
+    for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
+        # measure again around the allocation the last curves give: errors interact, so the shares
+        # are best measured where the model will actually operate
+        from .allocate import _budgeted
+
+        plans = _budgeted(gm, ctx)
+        ranks = {name: (p.rank if p.format != "dense" else None) for name, p in plans.items()}
+        scale = _measure(gm, ctx, nodes, spectra, ranks)
+        _build_curves(ctx, nodes, spectra, scale)
+    ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
+    log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
+    return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
+
+
+def _build_curves(ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]], scale: dict[str, Any]) -> None:
+    cfg = ctx.config
+    fmt = FORMATS["svd"]
     for node in nodes:
         t = meta.info(node).target
         bias = t.out_features if t.bias else 0
@@ -84,9 +104,6 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
         score = spectra[t.name][uniform] * scale[t.name](uniform)
         meta.update(node, sensitivity=meta.SensitivityInfo(cfg.sensitivity, score, uniform))
-    ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
-    log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
-    return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
 
 
 def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
@@ -99,7 +116,8 @@ def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
     return outs
 
 
-def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]]) -> dict[str, Any]:
+def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]],
+             operating_ranks: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Per target, the end-to-end squared relative output error at the GRID ranks divided by its
     spectral tail there; returned as r -> interpolated ratio.
 
@@ -143,7 +161,9 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
                 t = meta.info(node).target
                 bias = t.out_features if t.bias else 0
                 rank = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
-                operating[t.name] = approx(t, rank)
+                if operating_ranks is not None:
+                    rank = operating_ranks.get(t.name, rank)
+                operating[t.name] = originals[t.name] if rank is None else approx(t, rank)
                 params[t.name].copy_(operating[t.name])
             for node in progress(nodes, desc="measure", enabled=cfg.progress, unit="layer"):
                 t = meta.info(node).target
