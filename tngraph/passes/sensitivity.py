@@ -58,19 +58,20 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, modified=False, summary={"skipped": "uniform allocation"})
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
     fmt = FORMATS["svd"]
-    spectra = {}
+    spectra, whitenings = {}, {}  # whitenings: computed once, reused by every measurement round
     for node in progress(nodes, desc="spectra", enabled=cfg.progress, unit="layer"):
         t = meta.info(node).target
         w = getattr_path(gm, t.weight).detach().to(torch.float64)
         stats = ctx.stats.get(t.name)
         if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
-            w = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping).apply(w)
+            whitenings[t.name] = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
+            w = whitenings[t.name].apply(w)
         s2 = torch.linalg.svdvals(w) ** 2
         tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
         spectra[t.name] = torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist()  # tail[r], r = 0..n
     scale = {name: (lambda r: 1.0) for name in spectra}
     if cfg.sensitivity == "measured":
-        scale = _measure(gm, ctx, nodes, spectra)
+        scale = _measure(gm, ctx, nodes, spectra, whitenings)
     _build_curves(ctx, nodes, spectra, scale)
     for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
         # measure again around the allocation the last curves give: errors interact, so the shares
@@ -79,7 +80,7 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
         plans = _budgeted(gm, ctx)
         ranks = {name: (p.rank if p.format != "dense" else None) for name, p in plans.items()}
-        scale = _measure(gm, ctx, nodes, spectra, ranks)
+        scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks)
         _build_curves(ctx, nodes, spectra, scale)
     ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
     log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
@@ -117,7 +118,7 @@ def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
 
 
 def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]],
-             operating_ranks: dict[str, int | None] | None = None) -> dict[str, Any]:
+             whitenings: dict[str, Any], operating_ranks: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Per target, the end-to-end squared relative output error at the GRID ranks divided by its
     spectral tail there; returned as r -> interpolated ratio.
 
@@ -140,14 +141,11 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
         outs = _outputs(gm, batches, ctx.objective)
         return sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / ref_energy
 
-    params, originals, whitenings = {}, {}, {}
+    params, originals = {}, {}
     for node in nodes:
         t = meta.info(node).target
         params[t.name] = getattr_path(gm, t.weight)
         originals[t.name] = params[t.name].detach().clone()
-        stats = ctx.stats.get(t.name)
-        if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
-            whitenings[t.name] = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
 
     def approx(t: meta.TargetInfo, rank: int) -> torch.Tensor:
         net = fmt.decompose(originals[t.name], rank, whitenings.get(t.name))
