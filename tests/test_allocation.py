@@ -56,8 +56,15 @@ def test_budgeted_allocation_stays_in_budget_and_beats_uniform(sensitivity):
 
 
 def test_uniform_allocation_skips_the_sensitivity_pass():
-    result = tngraph.compress_with_result(_Uneven().eval(), calibration=_data(), config=Config(budget=0.5, progress=False))
+    config = Config(budget=0.5, allocation="uniform", progress=False)
+    result = tngraph.compress_with_result(_Uneven().eval(), calibration=_data(), config=config)
     assert not result.context.curves and all(meta.info(n).sensitivity is None for n in meta.targets(result.graph))
+
+
+def test_auto_allocation_is_budgeted_for_low_rank_and_uniform_for_networks():
+    assert Config().allocation_kind == "budgeted" and Config(format="tt").allocation_kind == "uniform"
+    result = tngraph.compress_with_result(_Uneven().eval(), calibration=_data(), config=Config(budget=0.5, progress=False))
+    assert "sensitivity" in result.context.history and result.context.curves
 
 
 def test_budgeted_allocation_needs_the_low_rank_format_for_now():

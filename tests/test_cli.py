@@ -43,7 +43,7 @@ def test_compress_minilm_end_to_end(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "tngraph")
     proc = subprocess.run([exe, "compress", "--model", "minilm", "--budget", "0.5", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    for row in ("parameters, targets", "weight bytes, model", "CPU latency (32x128", "mean cos", "plain SVD, same ranks", "time per step"):
+    for row in ("parameters, targets", "weight bytes, model", "CPU latency (32x128", "mean cos", "plain SVD, uniform ranks", "time per step"):
         assert row in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["targets"] == 36 and report["params"]["targets_kept"] <= 0.505
@@ -58,7 +58,7 @@ def test_compress_minilm_end_to_end(tmp_path):
 
 def test_compress_a_local_hugging_face_folder(tiny_hf, tmp_path, capsys):
     out = tmp_path / "art"
-    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--budget", "0.3", "--no-eval", *SMALL]) == 0
+    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--budget", "0.3", "--allocation", "uniform", "--no-eval", *SMALL]) == 0
     assert "parameters, targets" in capsys.readouterr().out
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["source"] == {"kind": "hf", "path": str(tiny_hf.resolve())}
@@ -165,3 +165,19 @@ def test_ring_format_and_embedding_targets_from_the_command_line(tiny_hf, tmp_pa
     loaded = tngraph.load(out)
     assert type(loaded.embeddings.word_embeddings).__name__ == "LowRankEmbedding"
     assert loaded.tngraph_recipe["config"]["tr_cores"] == 2
+
+
+def test_budgeted_allocation_options_from_the_command_line(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "budgeted"
+    args = ["compress", "--model", str(tiny_hf), "--out", str(out), "--allocation", "budgeted", "--sensitivity", "predicted",
+            "--budget-kind", "bytes", "--dense-rows", "--fisher-batches", "2", "--budget", "0.5", "--no-eval", "--quiet", "--calibration-samples", "64"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["targets_kept"] <= 0.5 + 1e-9
+    rows = report["per_target"]
+    assert len(rows) == 13 and all(r["sensitivity"]["kind"] == "predicted" and "dense_rows" in r for r in rows.values())
+    assert report["counters"]["fisher.batches"] == 2
+    tngraph.load(out)
+    bad = ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x")]
+    assert "invalid choice: 'flops'" in _fail(capsys, [*bad, "--budget-kind", "flops"])
+    assert "needs allocation='budgeted'" in _fail(capsys, [*bad, "--budget-kind", "latency", "--allocation", "uniform"])

@@ -17,15 +17,18 @@ def _target_ratio(module, names, dense_model):
 def test_compressed_structure_and_budget(minilm, minilm_compressed):
     model, _ = minilm
     result = minilm_compressed
-    names = [t["name"] for t in result.recipe["targets"]]
-    assert len(names) == 36 and all(n.startswith("encoder.layer.") for n in names)
+    names = [t["name"] for t in result.recipe["targets"]]  # the factorized ones; the budgeted default may keep a few dense
+    encoder = tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder."))
+    assert len(encoder) == 36 and 30 <= len(names) <= 36 and set(names) <= set(encoder)
     assert all(isinstance(result.module.get_submodule(n), LowRankLinear) for n in names)
+    assert all(isinstance(result.module.get_submodule(n), torch.nn.Linear) for n in set(encoder) - set(names))
     assert isinstance(result.module.pooler.dense, torch.nn.Linear)
-    assert _target_ratio(result.module, tuple(names), model) <= 0.505
+    assert _target_ratio(result.module, encoder, model) <= 0.505
     result.graph.graph.lint()
     linears = [n for n in result.graph.graph.nodes if n.target == aten.linear.default]
-    assert len(linears) == 2 * 36 + 1
-    assert result.context.counters["lowrank_linear.applied"] == 36
+    assert len(linears) == 2 * len(names) + (36 - len(names)) + 1
+    assert result.context.counters["lowrank_linear.applied"] == len(names)
+    assert result.context.history == ["targets", "calibrate", "fisher", "sensitivity", "allocate", "factorize"]
 
 
 def test_graph_and_module_agree_and_keep_the_output_structure(minilm, minilm_compressed, sentences):
@@ -39,17 +42,26 @@ def test_graph_and_module_agree_and_keep_the_output_structure(minilm, minilm_com
     torch.testing.assert_close(from_graph.last_hidden_state, from_module.last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
-def test_whitened_beats_plain_svd_at_the_same_ranks(minilm, minilm_compressed, sentences):
+def test_budgeted_beats_uniform_whitened_and_plain_svd(minilm):
+    from tngraph.data import sentence_sets
+
     model, tokenizer = minilm
-    plain = tngraph.compress(model, example_inputs=tokenize(tokenizer, ["an example"], 16), config=tngraph.Config(budget=0.5, include=MINILM_INCLUDE, whiten=False, progress=False))
-    assert [t["rank"] for t in plain.tngraph_recipe["targets"]] == [t["rank"] for t in minilm_compressed.recipe["targets"]]
-    texts = sentences.evaluation
-    ref = sentence_embeddings(model, tokenizer, texts)
-    white = agreement(ref, sentence_embeddings(minilm_compressed.module, tokenizer, texts))
-    base = agreement(ref, sentence_embeddings(plain, tokenizer, texts))
-    assert white.mean_cos > base.mean_cos + 0.2
-    assert white.top10_overlap > base.top10_overlap
-    assert white.mean_cos > 0.7
+    sets = sentence_sets(calibration=512, evaluation=200, seed=0)  # budgeted allocation needs data: 96 sentences are too few
+    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, progress=False)
+    plain = tngraph.compress(model, example_inputs=tokenize(tokenizer, ["an example"], 16), config=config.replace(whiten=False, allocation="uniform"))
+    uniform = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config.replace(allocation="uniform", output_whiten=False))
+    budgeted = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config.replace(sensitivity="fisher"))
+    names = tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder."))
+    assert _target_ratio(budgeted.module, names, model) <= 0.5
+    ref = sentence_embeddings(model, tokenizer, sets.evaluation)
+    ours = agreement(ref, sentence_embeddings(budgeted.module, tokenizer, sets.evaluation))
+    white = agreement(ref, sentence_embeddings(uniform, tokenizer, sets.evaluation))
+    base = agreement(ref, sentence_embeddings(plain, tokenizer, sets.evaluation))
+    assert white.mean_cos > base.mean_cos + 0.2 and white.top10_overlap > base.top10_overlap
+    # budgeted allocation over fisher-weighted decompositions cuts uniform whitened SVD's error by a
+    # third (0.7985 -> 0.8841 here when written; the default "measured" does better, and more data too)
+    assert 1 - ours.mean_cos < (1 - white.mean_cos) * 0.67
+    assert ours.top10_overlap > white.top10_overlap
 
 
 def test_save_load_round_trip_rebuilds_from_the_package(minilm, minilm_compressed, sentences, tmp_path):
@@ -66,7 +78,8 @@ def test_save_load_round_trip_rebuilds_from_the_package(minilm, minilm_compresse
 def test_two_runs_write_byte_identical_factors(minilm, minilm_compressed, sentences, tmp_path):
     model, tokenizer = minilm
     again = tngraph.compress(
-        model, calibration=sentences.calibration, tokenizer=tokenizer, config=tngraph.Config(budget=0.5, include=MINILM_INCLUDE, progress=False)
+        model, calibration=sentences.calibration, tokenizer=tokenizer,
+        config=tngraph.Config(budget=0.5, include=MINILM_INCLUDE, sensitivity="fisher", progress=False)
     )
     a = tngraph.save(minilm_compressed.module, tmp_path / "a")
     b = tngraph.save(again, tmp_path / "b")

@@ -17,7 +17,7 @@ aten = torch.ops.aten
 
 def _run(model, data, passes=PIPELINE, example=None, **options):
     gm = tngraph.capture(model, example if example is not None else data[0])
-    ctx = PassContext(config=Config(progress=False, **options), calibration=data)
+    ctx = PassContext(config=Config(progress=False, **{"allocation": "uniform", **options}), calibration=data)
     return run_passes(gm, ctx, passes), ctx
 
 
@@ -175,10 +175,10 @@ def test_dump_after_each_changing_pass(mlp, tmp_path):
     gm, _ = _run(mlp, [((torch.randn(4, 24),), {})], dump_dir=str(tmp_path))
     folders = sorted(p.name for p in tmp_path.iterdir())
     # the sensitivity pass (03) changes nothing under uniform allocation, so it leaves no dump
-    assert folders == ["00_captured", "01_targets", "02_calibrate", "04_allocate", "05_factorize"]
-    table = (tmp_path / "05_factorize" / "graph.txt").read_text()
+    assert folders == ["00_captured", "01_targets", "02_calibrate", "03_fisher", "05_allocate", "06_factorize"]
+    table = (tmp_path / "06_factorize" / "graph.txt").read_text()
     assert "plan=lowrank@" in table and "from=factorize" in table and "aten.linear.default" in table
-    info = json.loads((tmp_path / "05_factorize" / "pass.json").read_text())
+    info = json.loads((tmp_path / "06_factorize" / "pass.json").read_text())
     assert info["counters"]["lowrank_linear.applied"] == 3
 
 

@@ -139,7 +139,9 @@ def apply_plan(model: torch.nn.Module, plans: Any) -> torch.nn.Module:
             )
         bias = owner.bias.detach().clone() if owner.bias is not None else None
         if plan.format == "lowrank":
-            new = LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias)
+            dense, order = plan.factors.get("dense"), plan.factors.get("order")
+            new = LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias,
+                                dense.detach().clone() if dense is not None else None, order.clone() if order is not None else None)
         elif plan.network is not None:
             net = plan.tensor_network()
             net.cores = [c.detach().clone() for c in net.cores]
@@ -185,6 +187,8 @@ def plans_from_module(module: torch.nn.Module) -> list[TargetPlan]:
         sub = module.get_submodule(entry["name"])
         if isinstance(sub, (LowRankLinear, LowRankEmbedding)):
             factors = {"a": sub.a.detach(), "b": sub.b.detach()}
+            if getattr(sub, "dense", None) is not None:
+                factors.update(dense=sub.dense.detach(), order=sub.order)
         elif isinstance(sub, NetworkLinear):
             factors = {f"core{k}": c.detach() for k, c in enumerate(sub.cores)}
         else:

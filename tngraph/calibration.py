@@ -54,3 +54,31 @@ class GramStats:
     @property
     def mean_abs(self) -> torch.Tensor:
         return self.abs_sum / max(self.rows, 1)
+
+
+@dataclass
+class GradStats:
+    """Running sums over the output gradients g (last dimension = out_features) of one target:
+    G = sum g g^T, with the rows counted, the objective's samples (its rows: one per sentence for
+    a pooled embedding) and its energy over the same batches."""
+
+    out_features: int
+    gram: torch.Tensor = field(init=False)
+    rows: int = 0
+    samples: int = 0
+    energy: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.gram = torch.zeros(self.out_features, self.out_features, dtype=torch.float64)
+
+    def update(self, g: torch.Tensor, scale: float = 1.0) -> None:
+        rows = g.detach().reshape(-1, self.out_features).to(torch.float32)
+        self.gram += (rows.T @ rows).to(torch.float64) * scale
+
+    def damping(self, floor: float) -> float:
+        """Relative damping of G: at least `floor`, more when G is estimated from few independent
+        samples. The rows of one sample (the tokens of a sentence under a pooled objective) share
+        nearly the same gradient, so G has about `samples` independent terms; with fewer than its
+        size it is rank-deficient and noisy. 0.25 p / samples was best on the MiniLM at 96 and 2048
+        calibration sentences (tools/bench_allocation.py)."""
+        return max(floor, 0.25 * self.out_features / max(self.samples, 1))

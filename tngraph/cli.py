@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from .config import ALLOCATIONS, BUDGET_KINDS, SENSITIVITIES
 from .errors import ConfigError, TngraphError
 
 log = logging.getLogger("tngraph.cli")
@@ -46,9 +47,15 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     fmt.add_argument("--cp-time-limit", type=float, default=None, help="seconds of ALS per layer (default 120)")
     fmt.add_argument("--kron-shape", default=None, metavar="RxC", help="shape of the first Kronecker factor, e.g. 16x16 (default balanced)")
     fmt.add_argument("--monarch-blocks", type=int, default=None, help="input blocks of the monarch format (default balanced)")
-    p.add_argument("--allocation", default=None, choices=["uniform", "budgeted"],
-                   help="uniform ranks (default) or budgeted: ranks per target from sensitivity curves, total within --budget")
-    p.add_argument("--sensitivity", default=None, choices=["spectral", "measured"],
+    p.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
+                   help="budgeted: ranks per target from sensitivity curves, total within --budget; uniform: the same fraction "
+                        "per target; auto (default): budgeted for svd, uniform for the tensor-network formats")
+    p.add_argument("--budget-kind", default=None, choices=list(BUDGET_KINDS),
+                   help="what --budget is a fraction of: params (default), bytes (weight bytes) or latency (budgeted only)")
+    p.add_argument("--dense-rows", action=argparse.BooleanOptionalAction, default=None,
+                   help="patch level (budgeted): let a target keep its most sensitive output rows dense")
+    p.add_argument("--latency-rows", type=int, default=None, help="input rows a latency budget is timed at (default 4096)")
+    p.add_argument("--sensitivity", default=None, choices=list(SENSITIVITIES),
                    help="loss the budgeted allocation minimises (default measured)")
     p.add_argument("--sensitivity-rounds", type=int, default=None,
                    help="measurements: around uniform ranks, then around each allocation found (default 2)")
@@ -59,6 +66,9 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--no-eval", action="store_true", help="skip the agreement and latency measurements")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain-SVD comparison in the report")
     p.add_argument("--no-whiten", action="store_true", help="plain (data-free) SVD instead of activation-whitened SVD")
+    p.add_argument("--no-output-whiten", action="store_true",
+                   help="whiten inputs only: skip the output-gradient (fisher) weighting of low-rank decompositions")
+    p.add_argument("--fisher-batches", type=int, default=None, help="calibration batches of the output-gradient statistics (default 64)")
     p.add_argument("--include", action="append", default=None, metavar="REGEX", help="target only module paths matching REGEX (repeatable)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="never target module paths matching REGEX (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for calibration and latency (default 2)")
@@ -131,12 +141,13 @@ def _compress(args: argparse.Namespace) -> int:
         format=args.format,
         refit=not args.no_refit,
         whiten=not args.no_whiten,
+        output_whiten=not args.no_output_whiten,
         exclude=tuple(args.exclude or ()),
         eval_samples=args.eval_samples,
         seed=args.seed,
         progress=not args.quiet,
     )
-    for key in ("allocation", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
+    for key in ("allocation", "budget_kind", "dense_rows", "latency_rows", "fisher_batches", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
                 "cp_max_iter", "cp_tol", "cp_time_limit", "kron_shape", "monarch_blocks", "calibration_samples"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -189,6 +200,7 @@ def _per_target(result) -> dict[str, dict[str, Any]]:
         rows[t.name] = {
             "format": plan.format if plan else "dense",
             "rank": plan.rank if plan else None,
+            "dense_rows": plan.dense_rows if plan else 0,
             "params_kept": (plan.params_after / plan.params_before) if plan else 1.0,
             "sensitivity": None if sens is None else {"kind": sens.kind, "score": sens.score},
         }
@@ -215,7 +227,10 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
         "targets": len(names),
         "params": {"targets_before": tb, "targets_after": ta, "model_before": mb, "model_after": ma, "targets_kept": ta / tb if tb else None},
         "bytes": {"targets_before": tbb, "targets_after": tab, "model_before": mbb, "model_after": mab},
-        "allocation": config.allocation,
+        "allocation": config.allocation_kind,
+        "budget_kind": config.budget_kind,
+        "sensitivity": config.sensitivity if config.allocation_kind == "budgeted" else None,
+        "output_whiten": config.output_whiten,
         "ranks": {t["name"]: t["rank"] for t in result.recipe["targets"]},
         "per_target": per_target,
         "counters": dict(result.context.counters),
@@ -228,7 +243,9 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
     ref = sentence_embeddings(model, tokenizer, evaluation, max_length=config.max_length, show=show)
     report["agreement"] = {"compressed": agreement(ref, sentence_embeddings(result.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()}
     if not args.no_baseline and config.whiten and config.format == "lowrank":
-        plain = compress_with_result(model, example_inputs=latency_inputs(tokenizer.vocab_size, 2, 16), config=config.replace(whiten=False, dump_dir=None))
+        # the data-free baseline: plain truncated SVD at the budget's uniform ranks
+        baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, dump_dir=None)
+        plain = compress_with_result(model, example_inputs=latency_inputs(tokenizer.vocab_size, 2, 16), config=baseline)
         report["agreement"]["plain_svd"] = agreement(ref, sentence_embeddings(plain.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
     report["timings"]["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -13,8 +13,9 @@ from .errors import ConfigError
 FORMATS = ("lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch")
 _ALIASES = {"svd": "lowrank"}
 TARGET_KINDS = ("linear", "embedding")
-ALLOCATIONS = ("uniform", "budgeted")
-SENSITIVITIES = ("spectral", "measured")
+ALLOCATIONS = ("auto", "uniform", "budgeted")
+BUDGET_KINDS = ("params", "bytes", "latency")
+SENSITIVITIES = ("spectral", "fisher", "predicted", "measured")
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,36 @@ class Config:
         "monarch": block-diagonal · permutation · block-diagonal, monarch_blocks input blocks (or balanced).
     targets: which layers are targets: ("linear",) or ("linear", "embedding") (embedding tables become
         a low-rank gather + linear; they also need an `include` pattern that admits them).
-    allocation: "uniform" (every target keeps `budget` of its parameters) or "budgeted" (ranks, or
+    allocation: "uniform" (every target keeps `budget` of its parameters), "budgeted" (ranks, or
         keeping a target dense, chosen per target to minimise the summed predicted loss with the
-        targets' total parameters within `budget`; low-rank format).
+        targets' total within `budget`; low-rank format) or "auto" (the default: budgeted for the
+        low-rank format, uniform for the tensor-network formats).
+    budget_kind: what `budget` is a fraction of: "params" (parameters), "bytes" (weight bytes; factors
+        keep the weight's dtype, so this differs from params when targets differ in dtype) or
+        "latency" (the targets' summed time on this machine at latency_rows input rows, dense
+        and low-rank chains timed per shape; budgeted allocation only; timings vary run to run).
+    dense_rows: patch level for budgeted allocation: candidates that keep a target's most sensitive
+        output rows (1, 4, 16 or 64 of them, by their share of the decomposition's Gauss-Newton
+        error) dense and factorize the rest; chosen when that serves the budget better.
+    latency_rows: input rows (batch x sequence positions) a latency budget is timed at.
     sensitivity: the loss the budgeted allocation minimises: "spectral" (whitened singular-value
-        tail) or "measured" (spectral rescaled by end-to-end errors measured per target).
+        tail, the layer's own relative error), "fisher" (the Gauss-Newton prediction of the model's
+        output error from input and output-gradient statistics, no extra forward passes) or
+        "measured" (the curves rescaled by end-to-end errors measured per target).
     sensitivity_rounds: measurements of "measured": the first around uniform ranks, each further one
         around the allocation the previous gave.
     refit: after decomposing, refit one core by closed-form least squares on the exact calibration
         Gram matrix (tensor-network formats; low-rank's whitened SVD is already optimal).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
     damping: relative diagonal damping of the calibration Gram matrix before its Cholesky factor.
+    output_whiten: also weight a low-rank target's output channels by the Gram matrix of the gradients
+        of the model's end output there (Gauss-Newton / K-FAC: the decomposition minimises the
+        predicted error of the model's output, not of the layer's); needs calibration data and one
+        backward pass per batch used (fisher_batches).
+    output_damping: least relative diagonal damping of that output-gradient Gram matrix (more is
+        applied when few calibration samples estimated it: 0.25 x its size / samples).
+    fisher_batches: how many calibration batches (spread over the set) the output-gradient
+        statistics use.
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
         a target must match one `include` pattern (when any are given) and no `exclude` pattern.
     calibration_samples / eval_samples: sizes of the built-in sentence sets (bundled MiniLM).
@@ -68,12 +88,18 @@ class Config:
     kron_shape: tuple[int, int] | None = None
     monarch_blocks: int | None = None
     targets: tuple[str, ...] = ("linear",)
-    allocation: str = "uniform"
+    allocation: str = "auto"
+    budget_kind: str = "params"
+    dense_rows: bool = False
+    latency_rows: int = 4096
     sensitivity: str = "measured"
     sensitivity_rounds: int = 2
     refit: bool = True
     whiten: bool = True
     damping: float = 1e-4
+    output_whiten: bool = True
+    output_damping: float = 0.1
+    fisher_batches: int = 64
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     calibration_samples: int = 2048
@@ -91,13 +117,17 @@ class Config:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}", f"choose one of {', '.join(FORMATS)}")
         _check_number("damping", self.damping, low=0.0, high=1.0)
+        _check_number("output_damping", self.output_damping, low=0.0, high=100.0)
         for name, low, high in (("tt_cores", 2, 6), ("tucker_modes", 1, 6), ("tr_cores", 2, 6), ("cp_modes", 1, 6),
-                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10)):
+                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("fisher_batches", 1, 1 << 20)):
             _check_int(name, getattr(self, name), low, high)
         _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
-        for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES)):
+        for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES), ("budget_kind", BUDGET_KINDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
+        if self.budget_kind == "latency" and self.allocation_kind != "budgeted":
+            raise ConfigError("budget_kind='latency' needs allocation='budgeted' (uniform keeps a fraction of each target's parameters)",
+                              "pass allocation='budgeted', or budget_kind='params'")
         _check_number("cp_time_limit", self.cp_time_limit, low=0.0, high=1e6, low_open=True)
         if self.kron_shape is not None:
             shape = self.kron_shape
@@ -115,7 +145,7 @@ class Config:
         if bad or not kinds:
             raise ConfigError(f"unknown target kind {bad[0] if bad else ''!r}", f"targets is a list drawn from {', '.join(TARGET_KINDS)}")
         object.__setattr__(self, "targets", tuple(dict.fromkeys(kinds)))
-        for name in ("calibration_samples", "eval_samples", "batch_size", "max_length"):
+        for name in ("calibration_samples", "eval_samples", "batch_size", "max_length", "latency_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -127,6 +157,14 @@ class Config:
                 raise ConfigError(f"{name} must be a tuple of regular expressions, got {value!r}")
             else:
                 object.__setattr__(self, name, tuple(value))
+
+    @property
+    def allocation_kind(self) -> str:
+        """The allocation this config runs: "auto" is "budgeted" for the low-rank format (the only
+        one with sensitivity curves so far) and "uniform" for the tensor-network formats."""
+        if self.allocation != "auto":
+            return self.allocation
+        return "budgeted" if self.format == "lowrank" else "uniform"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, **overrides: Any) -> "Config":

@@ -35,6 +35,7 @@ class PlanInfo:
     params_before: int
     params_after: int
     reason: str = ""
+    dense_rows: int = 0  # patch level: output rows kept dense beside the low-rank rest
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class NodeInfo:
             parts.append(f"sens={self.sensitivity.kind}:{self.sensitivity.score:.3g}")
         if self.plan:
             rank = f"@{self.plan.rank}" if self.plan.rank else ""
+            rank += f"+{self.plan.dense_rows}rows" if self.plan.dense_rows else ""
             parts.append(f"plan={self.plan.format}{rank}")
         if self.provenance:
             role = f":{self.provenance.role}" if self.provenance.role else ""

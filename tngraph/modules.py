@@ -7,24 +7,42 @@ from torch import nn
 
 
 class LowRankLinear(nn.Module):
-    """y = x @ B^T @ A^T + bias: a rank-r stand-in for an nn.Linear (A: out x r, B: r x in)."""
+    """y = x @ B^T @ A^T + bias: a rank-r stand-in for an nn.Linear (A: out x r, B: r x in).
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
+    Patch level: with `dense` (k x in) and `order` (a permutation of the out rows), k output rows
+    stay dense: y = cat(x B^T A^T, x D^T)[..., order] + bias, A holding the other out - k rows.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                 dense: torch.Tensor | None = None, order: torch.Tensor | None = None):
         super().__init__()
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
             raise ValueError(f"factors do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
+        if (dense is None) != (order is None):
+            raise ValueError("dense rows need their order (and the other way round)")
+        rows = a.shape[0] + (dense.shape[0] if dense is not None else 0)
+        if dense is not None and (dense.dim() != 2 or dense.shape[1] != b.shape[1] or order.shape != (rows,) or order.is_floating_point()):
+            raise ValueError(f"dense rows {tuple(dense.shape)} and order {tuple(order.shape)} do not fit A {tuple(a.shape)}, B {tuple(b.shape)}")
+        if order is not None and not torch.equal(order.sort().values.cpu(), torch.arange(rows)):
+            raise ValueError("order is not a permutation of the output rows")
         self.a = nn.Parameter(a)
         self.b = nn.Parameter(b)
+        self.dense = nn.Parameter(dense) if dense is not None else None
+        self.register_buffer("order", order if order is not None else None)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.in_features = b.shape[1]
-        self.out_features = a.shape[0]
+        self.out_features = rows
         self.rank = a.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.b), self.a, self.bias)
+        if self.dense is None:
+            return F.linear(F.linear(x, self.b), self.a, self.bias)
+        y = torch.cat([F.linear(F.linear(x, self.b), self.a), F.linear(x, self.dense)], -1).index_select(-1, self.order)
+        return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        dense = f", dense_rows={self.dense.shape[0]}" if self.dense is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{dense}, bias={self.bias is not None}"
 
 
 class LowRankEmbedding(nn.Module):

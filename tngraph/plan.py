@@ -25,7 +25,8 @@ class TargetPlan:
 
     @property
     def params_after(self) -> int:
-        return sum(t.numel() for t in self.factors.values()) + (self.out_features if self.has_bias else 0)
+        # integer factors (the row order of patch-level plans) are indices, not parameters
+        return sum(t.numel() for t in self.factors.values() if t.is_floating_point()) + (self.out_features if self.has_bias else 0)
 
     def recipe(self) -> dict:
         return {

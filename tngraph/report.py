@@ -36,7 +36,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"embedding agreement on {agree['compressed']['sentences']} held-out sentences:")
         lines.append(f"  {'':24}{'mean cos':>10}{'min cos':>10}{'top-10':>10}")
-        for key, label in (("compressed", "tngraph"), ("plain_svd", "plain SVD, same ranks")):
+        for key, label in (("compressed", "tngraph"), ("plain_svd", "plain SVD, uniform ranks")):
             if key in agree:
                 a = agree[key]
                 lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")

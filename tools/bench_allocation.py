@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Uniform vs budgeted allocation on the bundled MiniLM, side by side in one run.
 
-For each allocation (uniform ranks; budgeted with each sensitivity estimator): the fraction of the
-36 encoder linears' parameters kept (dense-kept targets included), sentence-embedding agreement on
-held-out sentences, the cut in 1 - mean cos against uniform, and the compress time.
+For each run of RUNS (uniform ranks with and without output whitening; budgeted with each
+sensitivity estimator, with patch-level dense rows, under a latency budget; the default Config):
+the fraction of the 36 encoder linears' parameters kept (dense-kept targets included), targets kept
+dense, output rows kept dense, sentence-embedding agreement on held-out sentences, the cut in
+1 - mean cos against the first row (uniform whitened SVD), and the compress time.
 
   python tools/bench_allocation.py [--budget 0.5] [--calibration-samples 2048] [--eval-samples 1000]
 """
@@ -21,11 +23,25 @@ import torch  # noqa: E402
 
 import tngraph  # noqa: E402
 from tngraph import meta  # noqa: E402
+from tngraph.errors import TngraphError  # noqa: E402
 from tngraph.data import sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 
-RUNS = [("uniform", "measured", 1), ("budgeted", "spectral", 1), ("budgeted", "measured", 1), ("budgeted", "measured", 2)]
+# label, Config overrides; the first row is the baseline of the cut (uniform whitened SVD, SVD-LLM style)
+RUNS = [
+    ("uniform", dict(allocation="uniform", output_whiten=False)),
+    ("uniform +out-whiten", dict(allocation="uniform")),
+    ("budgeted spectral", dict(allocation="budgeted", sensitivity="spectral")),
+    ("budgeted fisher", dict(allocation="budgeted", sensitivity="fisher")),
+    ("budgeted predicted", dict(allocation="budgeted", sensitivity="predicted")),
+    ("budgeted measured x1", dict(allocation="budgeted", sensitivity="measured", sensitivity_rounds=1)),
+    ("budgeted measured x2", dict(allocation="budgeted", sensitivity="measured", sensitivity_rounds=2)),
+    ("budgeted fisher +rows", dict(allocation="budgeted", sensitivity="fisher", dense_rows=True)),
+    ("budgeted measured x1 +rows", dict(allocation="budgeted", sensitivity="measured", sensitivity_rounds=1, dense_rows=True)),
+    ("budgeted fisher latency", dict(allocation="budgeted", sensitivity="fisher", budget_kind="latency")),
+    ("default", dict()),
+]
 
 
 def main() -> int:
@@ -34,20 +50,25 @@ def main() -> int:
     p.add_argument("--calibration-samples", type=int, default=2048)
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", default=None, help="comma-separated row numbers of RUNS to run (1 = the baseline, always run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(ModelSource("minilm"))
     sets = sentence_sets(args.calibration_samples, args.eval_samples)
     ref = sentence_embeddings(model, tokenizer, sets.evaluation)
     print(f"MiniLM at budget {args.budget}, {args.calibration_samples} calibration / {args.eval_samples} held-out sentences, {args.threads} threads")
-    print(f"{'allocation':>10} {'sensitivity':>14} {'kept':>6} {'dense':>5} {'mean cos':>9} {'min cos':>8} {'top-10':>7} {'err cut':>8} {'seconds':>8}")
+    print(f"{'run':>27} {'kept':>6} {'dense':>5} {'rows':>5} {'mean cos':>9} {'min cos':>8} {'top-10':>7} {'err cut':>8} {'seconds':>8}")
     uniform_err = None
-    for allocation, sensitivity, rounds in RUNS:
-        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, allocation=allocation, sensitivity=sensitivity,
-                                sensitivity_rounds=rounds,
+    chosen = sorted({1, *(int(v) for v in args.runs.split(","))}) if args.runs else range(1, len(RUNS) + 1)
+    for label, overrides in (RUNS[i - 1] for i in chosen):
+        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, **overrides,
                                 calibration_samples=args.calibration_samples, progress=False)
         start = time.perf_counter()
-        result = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
+        try:
+            result = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
+        except TngraphError as exc:
+            print(f"{label:>27} refused: {exc}", flush=True)
+            continue
         seconds = time.perf_counter() - start
         plans = [meta.info(n).plan for n in meta.targets(result.graph)]
         kept = sum(pl.params_after for pl in plans) / sum(pl.params_before for pl in plans)
@@ -56,8 +77,8 @@ def main() -> int:
         err = 1 - agree.mean_cos
         uniform_err = err if uniform_err is None else uniform_err
         cut = 1 - err / uniform_err
-        label = (sensitivity + (f" x{rounds}" if sensitivity == "measured" else "")) if allocation == "budgeted" else "-"
-        print(f"{allocation:>10} {label:>14} {kept:>6.3f} {dense:>5} {agree.mean_cos:>9.4f} {agree.min_cos:>8.4f} "
+        rows = sum(pl.dense_rows for pl in plans)
+        print(f"{label:>27} {kept:>6.3f} {dense:>5} {rows:>5} {agree.mean_cos:>9.4f} {agree.min_cos:>8.4f} "
               f"{agree.top10_overlap:>7.4f} {cut:>8.1%} {seconds:>8.1f}", flush=True)
     return 0
 

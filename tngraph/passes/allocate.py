@@ -32,7 +32,7 @@ def format_options(ctx: PassContext) -> dict:
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     budget = ctx.config.budget
     chosen = 0
-    budgeted = _budgeted(gm, ctx) if ctx.config.allocation == "budgeted" else {}
+    budgeted = _budgeted(gm, ctx) if ctx.config.allocation_kind == "budgeted" else {}
     for node in meta.targets(gm):
         t = meta.info(node).target
         if t.name in budgeted:
@@ -81,21 +81,31 @@ def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
     curves = [ctx.curves[meta.info(n).target.name] for n in nodes]
     if not curves:
         return {}
-    limit = cfg.budget * sum(c.params[-1] for c in curves)  # the last candidate of a curve is dense
+    # what the budget counts (Config.budget_kind); the last candidate of a curve is dense
+    limit = cfg.budget * sum(c.cost[-1] for c in curves)
+    scale = max(limit, 1e-300)  # lambda is searched for costs in units of the limit
 
     def choose(lam: float) -> list[int]:
-        return [min(range(len(c.params)), key=lambda i: (c.loss[i] + lam * c.params[i], c.params[i])) for c in curves]
+        return [min(range(len(c.cost)), key=lambda i: (c.loss[i] + lam * c.cost[i] / scale, c.cost[i])) for c in curves]
 
-    def cost(choice: list[int]) -> int:
-        return sum(c.params[i] for c, i in zip(curves, choice))
+    def cost(choice: list[int]) -> float:
+        return sum(c.cost[i] for c, i in zip(curves, choice))
 
-    cheapest = [0] * len(curves)
-    if cost(cheapest) > limit:
+    cheapest = [min(range(len(c.cost)), key=lambda i: c.cost[i]) for c in curves]
+    if cost(cheapest) > limit * (1 + 1e-12):
+        if cfg.budget_kind == "latency":
+            slow = sum(len(c.cost) == 1 for c in curves)
+            raise ConfigError(
+                f"latency budget {cfg.budget:g} cannot be met: the fastest choice per target takes {cost(cheapest) / (limit / cfg.budget):.3f} "
+                f"of the dense time at latency_rows={cfg.latency_rows} ({slow} of {len(curves)} targets have no factorization faster than dense)",
+                "raise the budget, time at more rows (latency_rows), or use budget_kind='params'",
+            )
         raise ConfigError(
-            f"budget {cfg.budget:g} is below the smallest factorization of the targets ({cost(cheapest) / (limit / cfg.budget):.3f})",
+            f"budget {cfg.budget:g} ({cfg.budget_kind}) is below the cheapest factorization of the targets "
+            f"({cost(cheapest) / (limit / cfg.budget):.3f})",
             "raise the budget or leave targets out with Config(exclude=...)",
         )
-    lo, hi = -40.0, 10.0  # log10 lambda
+    lo, hi = -30.0, 20.0  # log10 lambda
     best = cheapest
     for _ in range(80):
         mid = (lo + hi) / 2
@@ -108,10 +118,10 @@ def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
     while True:  # spend what is left: the upgrade with the most loss saved per parameter that fits
         room = limit - cost(best)
         options = [
-            ((c.loss[i] - c.loss[j]) / (c.params[j] - c.params[i]), k, j)
+            ((c.loss[i] - c.loss[j]) / max(c.cost[j] - c.cost[i], 1e-300), k, j)
             for k, (c, i) in enumerate(zip(curves, best))
-            for j in range(i + 1, len(c.params))
-            if c.params[j] - c.params[i] <= room and c.loss[j] < c.loss[i]
+            for j in range(len(c.cost))
+            if c.loss[j] < c.loss[i] and c.cost[j] - c.cost[i] <= room
         ]
         if not options:
             break
@@ -124,7 +134,10 @@ def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
         if rank is None:
             plans[t.name] = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: kept dense")
         else:
-            plans[t.name] = meta.PlanInfo("lowrank", rank, t.dense_params, c.params[i], reason=f"budgeted: loss {c.loss[i]:.3g}")
-    log.info("allocate (budgeted): %d of %d targets factorized, %.4f of their parameters kept",
-             sum(r is not None for r in (c.ranks[i] for c, i in zip(curves, best))), len(curves), cost(best) / (limit / cfg.budget))
+            plans[t.name] = meta.PlanInfo("lowrank", rank, t.dense_params, c.params[i], reason=f"budgeted: loss {c.loss[i]:.3g}",
+                                          dense_rows=c.dense_rows[i])
+    params_kept = sum(c.params[i] for c, i in zip(curves, best)) / sum(c.params[-1] for c in curves)
+    log.info("allocate (budgeted, %s): %d of %d targets factorized, %.4f of their %s and %.4f of their parameters kept",
+             cfg.budget_kind, sum(r is not None for r in (c.ranks[i] for c, i in zip(curves, best))), len(curves),
+             cost(best) / (limit / cfg.budget), cfg.budget_kind, params_kept)
     return plans

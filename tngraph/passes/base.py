@@ -8,7 +8,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.fx as fx
 
-from ..calibration import GramStats
+from ..calibration import GradStats, GramStats
 from ..config import Config
 from ..plan import TargetPlan
 
@@ -35,8 +35,11 @@ class PassContext:
     calibration: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stats: dict[str, GramStats] = field(default_factory=dict)
+    grad_stats: dict[str, GradStats] = field(default_factory=dict)  # output gradients (fisher pass)
     plan: dict[str, TargetPlan] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)  # sensitivity.Curve per target name
+    # other analysis products by kind, then target name (e.g. "measured_points", "patch_sensitivity")
+    analysis: dict[str, dict[str, Any]] = field(default_factory=dict)
     # (outputs, args, kwargs) -> the tensor whose error measures the model's (default: every float output)
     objective: Callable[..., torch.Tensor] | None = None
     counters: collections.Counter = field(default_factory=collections.Counter)

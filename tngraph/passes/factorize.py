@@ -18,6 +18,7 @@ from ..tn.formats import FORMATS
 from ..tn.refit import refit_core
 from .allocate import format_options
 from .base import PassContext, PassResult
+from .fisher import output_whitening
 from .rewrite import RewriteRule, apply_rules
 from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear
 
@@ -101,7 +102,10 @@ def _add_factor(gm: fx.GraphModule, t: meta.TargetInfo, suffix: str, tensor: tor
     owner_path, _, weight_attr = t.weight.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     name = _free_name(owner, f"{weight_attr}_{suffix}")
-    owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    if tensor.is_floating_point():
+        owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    else:  # indices (the row order of patch-level plans)
+        owner.register_buffer(name, tensor)
     return gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
 
 
@@ -179,7 +183,12 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
 
 def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     t, plan, weight, _, whitening = _inputs(m, gm, ctx, "svd", {})
-    a, b = decompose_lowrank(weight, plan.rank, whitening)
+    if plan.dense_rows:
+        return _patched_replacement(m, gm, ctx, t, plan, weight, whitening)
+    out_whitening = output_whitening(ctx, t.name)
+    if out_whitening is not None:
+        ctx.counters["factorize.lowrank.output_whitened"] += 1
+    a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening)
     ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
     graph = gm.graph
     with graph.inserting_before(m.node):
@@ -189,6 +198,41 @@ def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Nod
         out_args = (hidden, a_node, m.bias) if m.bias is not None else (hidden, a_node)
         out = graph.call_function(aten.linear.default, out_args)
     return _finish(m, [(b_node, "factor_b"), (a_node, "factor_a"), (hidden, "down"), (out, "up")], out)
+
+
+def _patched_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, t, plan, weight, whitening) -> fx.Node:
+    """Patch level: the plan's most sensitive output rows stay dense, the rest is low-rank;
+    y = index_select(cat(x B^T A^T, x D^T), order) + b."""
+    dense_rows = ctx.analysis["row_order"][t.name][: plan.dense_rows].sort().values
+    keep = torch.ones(t.out_features, dtype=torch.bool)
+    keep[dense_rows] = False
+    rest = torch.arange(t.out_features)[keep]
+    out_whitening = output_whitening(ctx, t.name, rows=rest)
+    if out_whitening is not None:
+        ctx.counters["factorize.lowrank.output_whitened"] += 1
+    a, b = decompose_lowrank(weight[rest], plan.rank, whitening, out_whitening)
+    dense = weight[dense_rows].detach().clone()
+    order = torch.argsort(torch.cat([rest, dense_rows]))
+    factors = {"a": a, "b": b, "dense": dense, "order": order}
+    ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
+    ctx.counters["factorize.lowrank.dense_rows"] += len(dense_rows)
+    graph = gm.graph
+    with graph.inserting_before(m.node):
+        b_node = _add_factor(gm, t, "lowrank_b", b)
+        a_node = _add_factor(gm, t, "lowrank_a", a)
+        d_node = _add_factor(gm, t, "dense_rows", dense)
+        o_node = _add_factor(gm, t, "row_order", order)
+        hidden = graph.call_function(aten.linear.default, (m.x, b_node))
+        low = graph.call_function(aten.linear.default, (hidden, a_node))
+        kept = graph.call_function(aten.linear.default, (m.x, d_node))
+        both = graph.call_function(aten.cat.default, ([low, kept], -1))
+        out = graph.call_function(aten.index_select.default, (both, -1, o_node))
+        created = [(b_node, "factor_b"), (a_node, "factor_a"), (d_node, "dense_rows"), (o_node, "row_order"),
+                   (hidden, "down"), (low, "up"), (kept, "dense"), (both, "concat"), (out, "reorder")]
+        if m.bias is not None:
+            out = graph.call_function(aten.add.Tensor, (out, m.bias))
+            created.append((out, "bias"))
+    return _finish(m, created, out)
 
 
 def _free_name(owner: torch.nn.Module, name: str) -> str:

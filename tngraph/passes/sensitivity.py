@@ -5,8 +5,12 @@ relative error of the model's output when only that target is compressed:
 
 - "spectral": the whitened singular-value tail. With X^T X = S S^T, the rank-r whitened SVD leaves
   ||(W - W')X^T||^2 = sum_{i>r} s_i^2 of W·S, so tail(r) = sum_{i>r} s_i^2 / sum_i s_i^2 is the
-  target's own relative output error, free once the Gram matrix is known. It ignores how the
-  error travels to the model's output.
+  target's own relative output error, free once the Gram matrix is known (with output whitening,
+  of L^T·W·S, the output channels weighted by the fisher pass's gradient Gram G = L L^T). It ignores
+  how much the target's error matters to the model's output.
+- "fisher": the Gauss-Newton (K-FAC) prediction of the model's output error: tail(r) times
+  ||L^T W S||^2 over the objective's energy, so targets are compared in the same units; no forward
+  passes beyond the fisher pass's.
 - "measured": the spectral curve rescaled per target by end-to-end measurements: at a few ranks
   the target is replaced by its whitened SVD, every other target held at an operating point (first
   the uniform ranks, then, for each further `sensitivity_rounds`, the allocation the previous curves
@@ -27,52 +31,85 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .. import meta
+from .. import latency, meta, predictor
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
+from ..tn.lowrank import decompose_lowrank
 from .base import PassContext, PassResult
+from .fisher import output_whitening
 from .targets import getattr_path
 
 log = logging.getLogger(__name__)
 
-GRID = (0.125, 0.25, 0.5, 0.75)  # kept fractions measured end to end ("measured")
+GRID = predictor.GRID  # kept fractions measured end to end ("measured") and predicted ("predicted")
 MEASURE_BATCHES = 4
 
 
 @dataclass
 class Curve:
-    """Candidates for one target, cheapest first: (rank or None for dense, parameters, loss)."""
+    """Candidates for one target, cheapest first: (rank or None for dense, parameters, loss, cost);
+    cost is what the budget counts (Config.budget_kind: parameters, weight bytes or seconds)."""
 
     name: str
     ranks: list[int | None]
     params: list[int]
     loss: list[float]
+    cost: list[float] | None = None
+    dense_rows: list[int] | None = None  # patch level: output rows kept dense beside the rank
 
-    def at_rank(self, rank: int) -> float:
-        return self.loss[self.ranks.index(rank)]
+    def __post_init__(self) -> None:
+        if self.cost is None:
+            self.cost = [float(p) for p in self.params]
+        if self.dense_rows is None:
+            self.dense_rows = [0] * len(self.ranks)
+
+    def index(self, rank: int | None, dense_rows: int = 0) -> int:
+        return next(i for i, (r, k) in enumerate(zip(self.ranks, self.dense_rows)) if r == rank and k == dense_rows)
+
+    def at_rank(self, rank: int, dense_rows: int = 0) -> float:
+        return self.loss[self.index(rank, dense_rows)]
 
 
 def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
-    if cfg.allocation == "uniform":
+    if cfg.allocation_kind == "uniform":
         return PassResult(gm, modified=False, summary={"skipped": "uniform allocation"})
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
     fmt = FORMATS["svd"]
-    spectra, whitenings = {}, {}  # whitenings: computed once, reused by every measurement round
+    # whitenings (input side, output side): computed once, reused by every measurement round
+    spectra, whitenings, energy, predicted = {}, {}, {}, {}
     for node in progress(nodes, desc="spectra", enabled=cfg.progress, unit="layer"):
         t = meta.info(node).target
-        w = getattr_path(gm, t.weight).detach().to(torch.float64)
-        stats = ctx.stats.get(t.name)
-        if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
-            whitenings[t.name] = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
-            w = whitenings[t.name].apply(w)
+        w, white, out_white = whitened_weight(gm, ctx, t)
+        whitenings[t.name] = (white, out_white)
         s2 = torch.linalg.svdvals(w) ** 2
         tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
         spectra[t.name] = torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist()  # tail[r], r = 0..n
+        energy[t.name] = _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)
+        if cfg.dense_rows and white is not None:
+            _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
+        if cfg.sensitivity == "predicted" and energy[t.name] is not None:
+            image, scalars = predictor.features(w, energy[t.name])
+            predicted[t.name] = predictor.predict(image, scalars)
+    ctx.analysis["fisher_energy"] = dict(energy)
     scale = {name: (lambda r: 1.0) for name in spectra}
+    if cfg.sensitivity in ("fisher", "predicted"):
+        if any(e is None for e in energy.values()):
+            log.warning("sensitivity: %s needs calibration data and output whitening; using the spectral curves", cfg.sensitivity)
+        elif cfg.sensitivity == "fisher":
+            scale = {name: (lambda r, e=e: e) for name, e in energy.items()}
+        else:
+            scale = {}
+            for node in nodes:
+                t = meta.info(node).target
+                ratios, patches = predicted[t.name]
+                ranks = _grid_ranks(t)
+                interp = _interpolator([(r, math.exp(v)) for r, v in zip(ranks, ratios)])
+                scale[t.name] = lambda r, e=energy[t.name], f=interp: e * f(r)
+                ctx.analysis.setdefault("patch_sensitivity", {})[t.name] = patches.exp()
     if cfg.sensitivity == "measured":
         scale = _measure(gm, ctx, nodes, spectra, whitenings)
-    _build_curves(ctx, nodes, spectra, scale)
+    _build_curves(gm, ctx, nodes, spectra, scale)
     for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
         # measure again around the allocation the last curves give: errors interact, so the shares
         # are best measured where the model will actually operate
@@ -81,13 +118,102 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plans = _budgeted(gm, ctx)
         ranks = {name: (p.rank if p.format != "dense" else None) for name, p in plans.items()}
         scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks)
-        _build_curves(ctx, nodes, spectra, scale)
+        _build_curves(gm, ctx, nodes, spectra, scale)
     ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
     log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
     return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
 
 
-def _build_curves(ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]], scale: dict[str, Any]) -> None:
+def whitened_weight(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo):
+    """(L^T W S in float64, the input whitening, the output whitening): the weight in the
+    coordinates the low-rank decomposition truncates (either side None when not used)."""
+    cfg = ctx.config
+    w = getattr_path(gm, t.weight).detach().to(torch.float64)
+    stats = ctx.stats.get(t.name)
+    white = out_white = None
+    if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
+        white = FORMATS["svd"].whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
+        w = white.apply(w)
+        out_white = output_whitening(ctx, t.name)
+        w = out_white.apply_left(w) if out_white is not None else w
+    return w, white, out_white
+
+
+DENSE_ROWS = (1, 4, 16, 64)  # patch level: how many of a target's output rows may stay dense
+
+
+def _row_spectra(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white, out_white, total: float) -> None:
+    """Patch level: order the target's output rows by their share of the error the uniform-rank
+    decomposition leaves (the Gauss-Newton error's diagonal, G_ii · r_i X^T X r_i^T), and for each
+    count k in DENSE_ROWS the relative tails of the rest once the k worst rows stay dense:
+    tail_k(r) = ||L_rest^T (W_rest - W_rest,r) S||^2 / ||L^T W S||^2."""
+    cfg = ctx.config
+    fmt = FORMATS["svd"]
+    weight = getattr_path(gm, t.weight).detach().to(torch.float64)
+    bias = t.out_features if t.bias else 0
+    uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
+    a, b = decompose_lowrank(weight, uniform, white, out_white)
+    residual = weight - a @ b
+    gram = ctx.stats[t.name].gram.to(torch.float64)
+    grads = ctx.grad_stats.get(t.name)
+    g_diag = torch.diagonal(grads.gram) if grads is not None and grads.rows > 0 else torch.ones(t.out_features, dtype=torch.float64)
+    score = g_diag * ((residual @ gram) * residual).sum(1)
+    order = torch.argsort(score, descending=True)
+    ctx.analysis.setdefault("row_order", {})[t.name] = order
+    tails = {}
+    for k in DENSE_ROWS:
+        if k > t.out_features // 4:
+            break
+        rest = order[k:].sort().values
+        w = white.apply(weight[rest])
+        rest_white = output_whitening(ctx, t.name, rows=rest) if out_white is not None else None
+        w = rest_white.apply_left(w) if rest_white is not None else w
+        s2 = torch.linalg.svdvals(w) ** 2
+        tails[k] = ((s2.sum() - torch.cumsum(s2, 0)) / max(total, 1e-300)).clamp_min(0)
+    ctx.analysis.setdefault("row_tails", {})[t.name] = tails
+
+
+def _grid_ranks(t: meta.TargetInfo) -> list[int]:
+    """The low-rank ranks keeping the GRID fractions of a target's weight."""
+    fmt = FORMATS["svd"]
+    top = fmt.max_rank(t.out_features, t.in_features)
+    return [max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features))) for kept in GRID]
+
+
+def _predicted_energy(ctx: PassContext, name: str, whitened: torch.Tensor | None, s2: torch.Tensor) -> float | None:
+    """The Gauss-Newton prediction of the objective's squared relative error when the target is
+    removed altogether (tail(r) times this is the predicted error at rank r). K-FAC takes the
+    per-row expectation E[g g^T ⊗ x x^T] as E[g g^T] ⊗ E[x x^T]: summed over the N_g rows the
+    gradients saw, ||L^T W S||^2 / (N_g N_x) · N_g with G and X^T X summed over N_g and N_x rows,
+    over the objective's energy on the same batches."""
+    grads, stats = ctx.grad_stats.get(name), ctx.stats.get(name)
+    if whitened is None or grads is None or stats is None or grads.energy <= 0 or stats.rows <= 0:
+        return None
+    return float(s2.sum()) / stats.rows / grads.energy
+
+
+def _costs(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, ranks: list[int], params: list[int],
+           rows: int = 0) -> tuple[list[float], float]:
+    """What each candidate rank (with `rows` output rows kept dense), and the dense layer, spend of
+    the budget (Config.budget_kind)."""
+    kind = ctx.config.budget_kind
+    if kind == "params":
+        return [float(p) for p in params], float(t.dense_params)
+    weight = getattr_path(gm, t.weight)
+    if kind == "bytes":  # factors are stored in the weight's dtype
+        size = weight.element_size()
+        return [float(p * size) for p in params], float(t.dense_params * size)
+    bias = t.bias is not None
+    m = ctx.config.latency_rows
+    seconds = latency.lowrank_curve(t.out_features - rows, t.in_features, ranks, bias, m, weight.dtype)
+    if rows:  # the dense rows' linear (the concatenation and reordering are not timed)
+        seconds = [s + latency.dense_seconds(rows, t.in_features, False, m, weight.dtype) for s in seconds]
+    for i in range(1, len(seconds)):  # timing noise: never cheaper at a higher rank
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return seconds, latency.dense_seconds(t.out_features, t.in_features, bias, m, weight.dtype)
+
+
+def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]], scale: dict[str, Any]) -> None:
     cfg = ctx.config
     fmt = FORMATS["svd"]
     for node in nodes:
@@ -98,9 +224,18 @@ def _build_curves(ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, lis
         ranks: list[int | None] = list(range(step, top + 1, step))
         params = [fmt.params(t.out_features, t.in_features, r) + bias for r in ranks]
         loss = [spectra[t.name][r] * scale[t.name](r) for r in ranks]
-        keep = [i for i, p in enumerate(params) if p < t.dense_params]
+        cost, dense_cost = _costs(gm, ctx, t, ranks, params)
+        rows = [0] * len(ranks)
+        for k, tail in ctx.analysis.get("row_tails", {}).get(t.name, {}).items():
+            # patch level: k output rows dense (k x in), the other out - k rows at rank r
+            extra = list(range(step, min(tail.numel(), top) + 1, step))
+            extra_params = [k * t.in_features + fmt.params(t.out_features - k, t.in_features, r) + bias for r in extra]
+            extra_cost, _ = _costs(gm, ctx, t, extra, extra_params, rows=k)
+            ranks, params, cost, rows = ranks + extra, params + extra_params, cost + extra_cost, rows + [k] * len(extra)
+            loss += [float(tail[r - 1]) * scale[t.name](r) if r <= tail.numel() else 0.0 for r in extra]
+        keep = [i for i, (p, c) in enumerate(zip(params, cost)) if p < t.dense_params and c < dense_cost]
         curve = Curve(t.name, [ranks[i] for i in keep] + [None], [params[i] for i in keep] + [t.dense_params],
-                      [loss[i] for i in keep] + [0.0])
+                      [loss[i] for i in keep] + [0.0], [cost[i] for i in keep] + [dense_cost], [rows[i] for i in keep] + [0])
         ctx.curves[t.name] = curve
         uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
         score = spectra[t.name][uniform] * scale[t.name](uniform)
@@ -148,7 +283,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
         originals[t.name] = params[t.name].detach().clone()
 
     def approx(t: meta.TargetInfo, rank: int) -> torch.Tensor:
-        net = fmt.decompose(originals[t.name], rank, whitenings.get(t.name))
+        net = fmt.decompose(originals[t.name], rank, *whitenings.get(t.name, (None, None)))
         return net.to_dense().to(originals[t.name].dtype)
 
     scales = {}
@@ -165,18 +300,17 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
                 params[t.name].copy_(operating[t.name])
             for node in progress(nodes, desc="measure", enabled=cfg.progress, unit="layer"):
                 t = meta.info(node).target
-                top = fmt.max_rank(t.out_features, t.in_features)
                 params[t.name].copy_(originals[t.name])
                 floor = error()
                 points = []
-                for kept in GRID:
-                    rank = max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features)))
+                for rank in _grid_ranks(t):
                     params[t.name].copy_(approx(t, rank))
                     share = max(error() - floor, 0.0)
                     tail = spectra[t.name][rank]
                     points.append((rank, share / tail if tail > 1e-12 else 1.0))
                 params[t.name].copy_(operating[t.name])
                 scales[t.name] = _interpolator(points)
+                ctx.analysis.setdefault("measured_points", {})[t.name] = points
         finally:
             for name, param in params.items():
                 param.copy_(originals[name])

@@ -36,9 +36,12 @@ def decompose_rows_weighted(
 
 
 def decompose_lowrank(
-    weight: torch.Tensor, rank: int, whitening: Whitening | None = None
+    weight: torch.Tensor, rank: int, whitening: Whitening | None = None, out_whitening: Whitening | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (A, B) with A @ B the best rank-`rank` approximation of W (in the whitened norm if given).
+
+    `whitening` (inputs, X^T X = S S^T) and `out_whitening` (output gradients, G = L L^T) make it the
+    best in ||L^T (W - A B) S||_F, the Gauss-Newton (K-FAC) estimate of the model's output error.
 
     Computed in float64 whatever the weight's dtype; the factors come back in the weight's dtype,
     with the singular values split evenly between them.
@@ -48,10 +51,13 @@ def decompose_lowrank(
         raise ValueError(f"rank {rank} out of range [1, {min(out_features, in_features)}] for a {tuple(weight.shape)} weight")
     w = weight.detach().to(torch.float64)
     target = whitening.apply(w) if whitening is not None else w
+    target = out_whitening.apply_left(target) if out_whitening is not None else target
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root
     b = root[:, None] * vh[:rank]
     if whitening is not None:
         b = whitening.unapply(b)
+    if out_whitening is not None:
+        a = out_whitening.unapply_left(a)
     return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()

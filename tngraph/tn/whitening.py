@@ -31,6 +31,16 @@ class Whitening:
             return torch.linalg.solve_triangular(self.s, factor, upper=False, left=False)
         return torch.linalg.solve(self.s.T, factor.mT).mT
 
+    def apply_left(self, weight: torch.Tensor) -> torch.Tensor:
+        """Output side, for a Gram matrix G = S S^T of output gradients: W -> S^T W."""
+        return self.s.T @ weight.to(torch.float64)
+
+    def unapply_left(self, factor: torch.Tensor) -> torch.Tensor:
+        """M -> S^-T M (maps a factor of S^T W back to one of W)."""
+        if self.lower:
+            return torch.linalg.solve_triangular(self.s.T, factor, upper=True)
+        return torch.linalg.solve(self.s.T, factor)
+
 
 def whitening_from_gram(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
     """Cholesky factor of the damped Gram matrix; an eigen-decomposition when that fails."""

@@ -20,9 +20,10 @@ def network(a: torch.Tensor, b: torch.Tensor) -> TensorNetwork:
     return TensorNetwork([b, a], ["ri", "or"], (b.shape[1],), (a.shape[0],), "i", "o", format="svd")
 
 
-def decompose(weight: torch.Tensor, rank: int, whitening: Whitening | None = None) -> TensorNetwork:
+def decompose(weight: torch.Tensor, rank: int, whitening: Whitening | None = None,
+              out_whitening: Whitening | None = None) -> TensorNetwork:
     from . import check_weight
 
     check_weight(weight, rank, max_rank)
-    a, b = decompose_lowrank(weight, rank, whitening)
+    a, b = decompose_lowrank(weight, rank, whitening, out_whitening)
     return network(a, b)

@@ -1,0 +1,234 @@
+"""Output-gradient (fisher) statistics, output whitening, the fisher estimator and budget kinds."""
+import pytest
+import torch
+
+import tngraph
+from tngraph import meta
+from tngraph.capture import capture
+from tngraph.config import Config
+from tngraph.errors import ConfigError
+from tngraph.passes import PassContext, calibrate, targets
+from tngraph.passes.fisher import gradient_stats
+from tngraph.tn.lowrank import decompose_lowrank
+from tngraph.tn.whitening import whitening_from_gram
+
+from .test_allocation import _Uneven, _data
+
+
+class _Chain(torch.nn.Module):
+    """y = scale * (W2 (W1 x)): linear, so the output gradients are known in closed form."""
+
+    def __init__(self, scale=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.l1 = torch.nn.Linear(12, 10, bias=False)
+        self.l2 = torch.nn.Linear(10, 8, bias=False)
+        with torch.no_grad():
+            self.l1.weight.copy_(torch.randn(10, 12, generator=g) / 3)
+            self.l2.weight.copy_(torch.randn(8, 10, generator=g) / 3)
+        self.register_buffer("scale", torch.ones(8) if scale is None else scale)
+
+    def forward(self, x):
+        return self.l2(self.l1(x)) * self.scale
+
+
+def _prepared(model, data):
+    gm = capture(model, data[0])
+    ctx = PassContext(config=Config(progress=False), calibration=data)
+    targets(gm, ctx)
+    calibrate(gm, ctx)
+    return gm, ctx
+
+
+def test_gradient_grams_match_the_jacobians_and_leave_the_graph_as_it_was():
+    model = _Chain().eval()
+    data = [((torch.randn(50, 12, generator=torch.Generator().manual_seed(k)),), {}) for k in range(4)]
+    gm, ctx = _prepared(model, data)
+    code = gm.code
+    stats = gradient_stats(gm, meta.targets(gm), data, probes=64, seed=0)
+    assert gm.code == code and all(n.target.__name__ != "_tap" for n in gm.graph.nodes if n.op == "call_function")
+    rows = 4 * 50
+    assert stats["l2"].rows == rows and stats["l1"].rows == rows
+    # objective = y: de/dy2 = I, de/dy1 = W2, so E[g g^T] = I and W2^T W2 per row
+    w2 = model.l2.weight.detach().double()
+    for name, expected in (("l2", torch.eye(8, dtype=torch.float64)), ("l1", w2.T @ w2)):
+        got = stats[name].gram / rows
+        assert (got - expected).norm() / expected.norm() < 0.1, name
+    with torch.no_grad():
+        energy = sum(float((model(*a) ** 2).sum()) for a, _ in data)
+    assert stats["l2"].energy == pytest.approx(energy, rel=1e-5)
+
+
+def test_output_whitened_svd_minimises_the_weighted_error():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
+    grads = torch.randn(200, 24, generator=g, dtype=torch.float64) * torch.linspace(0.05, 4, 24, dtype=torch.float64)
+    white, out_white = whitening_from_gram(x.T @ x, 0.0), whitening_from_gram(grads.T @ grads, 0.0)
+
+    def weighted(a, b):
+        return (grads.T @ grads @ (w - a @ b) @ (x.T @ x) @ (w - a @ b).T).trace().item()
+
+    both = weighted(*decompose_lowrank(w, 5, white, out_white))
+    inputs_only = weighted(*decompose_lowrank(w, 5, white))
+    assert both < 0.9 * inputs_only
+    # exact at full rank: the output side is undone
+    a, b = decompose_lowrank(w, 16, white, out_white)
+    torch.testing.assert_close(a @ b, w)
+
+
+def test_output_whitening_lowers_the_models_error_when_output_channels_matter_unequally():
+    scale = torch.logspace(-2, 1, 8)
+    model = _Chain(scale).eval()
+    data = [((torch.randn(40, 12, generator=torch.Generator().manual_seed(k)),), {}) for k in range(6)]
+    held_out = torch.randn(100, 12, generator=torch.Generator().manual_seed(99))
+    errors = {}
+    for output_whiten in (False, True):
+        config = Config(budget=0.5, output_whiten=output_whiten, progress=False)
+        result = tngraph.compress_with_result(model, calibration=data, config=config)
+        assert result.context.counters["factorize.lowrank.output_whitened"] == (2 if output_whiten else 0)
+        assert ("fisher" in result.context.history) and bool(result.context.grad_stats) == output_whiten
+        errors[output_whiten] = ((result.module(held_out) - model(held_out)).norm() / model(held_out).norm()).item()
+    assert errors[True] < 0.7 * errors[False]
+
+
+def test_fisher_sensitivity_is_in_units_of_the_models_error():
+    model = _Uneven().eval()
+    config = Config(budget=0.5, allocation="budgeted", sensitivity="fisher", progress=False)
+    result = tngraph.compress_with_result(model, calibration=_data(), config=config)
+    for node in meta.targets(result.graph):
+        sens = meta.info(node).sensitivity
+        assert sens.kind == "fisher" and 0 < sens.score < 10
+    # with layer a nearly low-rank, it gives up more than the full-rank b
+    plans = {meta.info(n).target.name: meta.info(n).plan for n in meta.targets(result.graph)}
+    assert plans["a"].rank < (plans["b"].rank or 32)
+
+
+class _Wide(torch.nn.Module):
+    """Two 384-wide layers (low-rank chains beat dense ones in time at a few thousand rows)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = torch.nn.Linear(384, 384), torch.nn.Linear(384, 384)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(384, 16, generator=g) @ torch.randn(16, 384, generator=g) / 64 + 0.01 * torch.randn(384, 384, generator=g))
+            self.b.weight.copy_(torch.randn(384, 384, generator=g) / 20)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("kind", ["params", "bytes", "latency"])
+def test_budget_kinds_keep_their_budget(kind):
+    config = Config(budget=0.5, allocation="budgeted", sensitivity="fisher", budget_kind=kind, latency_rows=4096, progress=False)
+    data = [((torch.randn(64, 384, generator=torch.Generator().manual_seed(k)),), {}) for k in range(4)]
+    result = tngraph.compress_with_result(_Wide().eval(), calibration=data, config=config)
+    curves = result.context.curves
+    chosen = {meta.info(n).target.name: meta.info(n).plan for n in meta.targets(result.graph)}
+    spent = sum(c.cost[c.ranks.index(chosen[name].rank)] for name, c in curves.items())
+    assert spent <= 0.5 * sum(c.cost[-1] for c in curves.values()) * (1 + 1e-9)
+    for c in curves.values():
+        assert all(x <= y for x, y in zip(c.cost, c.cost[1:-1])) and c.ranks[-1] is None
+        if kind == "bytes":
+            assert c.cost == [4.0 * p for p in c.params]  # float32 weights
+        if kind == "latency":
+            assert all(x < c.cost[-1] for x in c.cost[:-1])  # candidates slower than dense are dropped
+
+
+def test_a_latency_budget_that_no_factorization_meets_is_refused():
+    # 32-wide layers at 64 rows: no low-rank chain is faster than the dense layer
+    config = Config(budget=0.5, allocation="budgeted", sensitivity="fisher", budget_kind="latency", latency_rows=64, progress=False)
+    with pytest.raises(ConfigError, match="latency budget 0.5 cannot be met"):
+        tngraph.compress(_Uneven().eval(), calibration=_data(), config=config)
+
+
+def test_bad_budget_kinds_are_refused():
+    with pytest.raises(ConfigError, match="unknown budget_kind"):
+        Config(budget_kind="flops")
+    with pytest.raises(ConfigError, match="needs allocation='budgeted'"):
+        Config(budget_kind="latency", allocation="uniform")
+    with pytest.raises(ConfigError, match="needs allocation='budgeted'"):
+        Config(budget_kind="latency", format="tt")  # auto allocation is uniform for the network formats
+    with pytest.raises(ConfigError, match="fisher_batches"):
+        Config(fisher_batches=0)
+
+
+class _Outlier(torch.nn.Module):
+    """One output channel of `a` matters 100x more than the others downstream."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Linear(64, 64)
+        self.b = torch.nn.Linear(64, 64)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(64, 64, generator=g) / 8)
+            self.b.weight.copy_(torch.randn(64, 8, generator=g) @ torch.randn(8, 64, generator=g) / 16)
+        scale = torch.ones(64)
+        scale[5] = 100.0
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return torch.cat([self.a(x) * self.scale, self.b(x)], -1)
+
+
+def test_patch_level_keeps_the_sensitive_rows_dense(tmp_path):
+    model = _Outlier().eval()
+    data = [((torch.randn(64, 64, generator=torch.Generator().manual_seed(k)),), {}) for k in range(4)]
+    held_out = torch.randn(200, 64, generator=torch.Generator().manual_seed(50))
+    errors = {}
+    for dense_rows in (False, True):
+        config = Config(budget=0.5, allocation="budgeted", sensitivity="fisher", dense_rows=dense_rows, output_whiten=False, progress=False)
+        result = tngraph.compress_with_result(model, calibration=data, config=config)
+        errors[dense_rows] = ((result.module(held_out) - model(held_out)).norm() / model(held_out).norm()).item()
+        kept = sum(p.params_after for p in result.context.plan.values()) + sum(
+            64 * 65 for name in ("a", "b") if name not in result.context.plan)
+        assert kept <= 0.5 * 2 * 64 * 65
+        if dense_rows:
+            plan = {meta.info(n).target.name: meta.info(n).plan for n in meta.targets(result.graph)}["a"]
+            assert plan.format == "lowrank" and plan.dense_rows >= 1
+            assert int(result.context.analysis["row_order"]["a"][0]) == 5  # the outlier channel comes first
+            ops = [n.target for n in result.graph.graph.nodes if n.op == "call_function"]
+            assert torch.ops.aten.index_select.default in ops and torch.ops.aten.cat.default in ops
+            layer = result.module.a
+            assert layer.dense is not None and layer.dense.shape == (plan.dense_rows, 64)
+            assert result.context.plan["a"].params_after == plan.params_after
+            # the rewritten graph and the swapped module agree, and so does the saved artifact
+            torch.testing.assert_close(result.graph(held_out), result.module(held_out), rtol=1e-4, atol=1e-4)
+            tngraph.save(result.module, tmp_path / "art")
+            loaded = tngraph.load(tmp_path / "art", model)
+            torch.testing.assert_close(loaded(held_out), result.module(held_out))
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_predicted_sensitivity_runs_the_shipped_predictor():
+    config = Config(budget=0.5, allocation="budgeted", sensitivity="predicted", progress=False)
+    data = [((torch.randn(64, 384, generator=torch.Generator().manual_seed(k)),), {}) for k in range(4)]
+    result = tngraph.compress_with_result(_Wide().eval(), calibration=data, config=config)
+    patches = result.context.analysis["patch_sensitivity"]
+    assert set(patches) == {"a", "b"} and all(p.shape == (8, 8) and torch.isfinite(p).all() for p in patches.values())
+    sens = {meta.info(n).target.name: meta.info(n).sensitivity for n in meta.targets(result.graph)}
+    assert all(s.kind == "predicted" and s.score > 0 for s in sens.values())
+    assert sum(p.params_after for p in result.context.plan.values()) <= 0.5 * 2 * (384 * 384 + 384)
+    # the predicted curve is the fisher curve times a ratio the network clamps to its training range
+    from tngraph import predictor
+
+    net = predictor.load()
+    fisher = tngraph.compress_with_result(_Wide().eval(), calibration=data, config=config.replace(sensitivity="fisher"))
+    for name, curve in result.context.curves.items():
+        for rank in (12, 48, 96):
+            ratio = curve.at_rank(rank) / fisher.context.curves[name].at_rank(rank)
+            assert float(net.label_min.min().exp()) * 0.99 <= ratio <= float(net.label_max.max().exp()) * 1.01
+
+
+def test_a_missing_or_corrupt_predictor_file_is_a_clear_error(tmp_path):
+    from tngraph import predictor
+    from tngraph.errors import ModelError
+
+    with pytest.raises(ModelError, match="weights are missing"):
+        predictor.load(str(tmp_path / "none.safetensors"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="cannot be read"):
+        predictor.load(str(bad))

@@ -1,0 +1,138 @@
+"""Output-side (Fisher / Gauss-Newton) statistics: how much each target's output channels matter.
+
+For an end objective e(x) (the pooled sentence embedding, or every float output) and the squared
+error ||e' - e||^2 the sensitivity pass measures, the Gauss-Newton matrix of a target's output y is
+J^T J with J = de/dy. Its expectation over tokens, G = E[g g^T] with g = J^T v for random probes v
+(E[v v^T] = I), is collected here by one backward pass per probe. With the input Gram X^T X this gives
+the second-order (K-FAC) prediction of the objective's error when W becomes W':
+
+    ||e' - e||^2 ~= tr(G (W - W') X^T X (W - W')^T),
+
+the loss that the "fisher" sensitivity estimator reads off spectra and that two-sided whitened
+decompositions minimise.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .. import meta
+from ..calibration import GradStats
+from ..errors import DataError
+from ..progress import progress
+from ..tn.whitening import Whitening, whitening_from_gram
+from .base import PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+_TAPS: dict[str, torch.Tensor] = {}
+_ENABLED = [False]
+
+
+def _tap(y: torch.Tensor, key: str) -> torch.Tensor:
+    if not _ENABLED[0]:
+        return y
+    if not y.requires_grad:  # nothing upstream is tracked yet: this output starts the tape
+        y = y.detach().requires_grad_(True)
+    _TAPS[key] = y
+    return y
+
+
+def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple[tuple, dict]],
+                   objective=None, *, probes: int = 1, seed: int = 0, show: bool = False) -> dict[str, GradStats]:
+    """G = sum over batches and tokens of E_v[g g^T] (out x out, float64) for every target in `nodes`,
+    g the gradient of <v, objective(output)> at the target's output, v ~ N(0, I), averaged over
+    `probes` probes; padded positions (attention_mask) left out.
+
+    Taps are inserted after the targets for the duration of the call and removed after it."""
+    taps, stats = [], {}
+    for node in nodes:
+        t = meta.info(node).target
+        with gm.graph.inserting_after(node):
+            tap = gm.graph.call_function(_tap, (node, t.name))
+        node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
+        taps.append(tap)
+        stats[t.name] = GradStats(t.out_features)
+    gm.recompile()
+    generator = torch.Generator().manual_seed(seed)
+    _ENABLED[0] = True
+    try:
+        for args, kwargs in progress(batches, desc="fisher", enabled=show, unit="batch"):
+            _TAPS.clear()
+            with torch.enable_grad():
+                try:
+                    result = gm(*args, **kwargs)
+                except Exception as exc:
+                    raise DataError(
+                        f"a calibration batch does not fit the captured model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                        "pass calibration samples with the same structure, dtypes and ranks as the example inputs",
+                    ) from exc
+                out = objective(result, args, kwargs) if objective is not None else result
+                leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+                if not leaves:
+                    continue
+                energy = sum(float((x.detach().to(torch.float64) ** 2).sum()) for x in leaves)
+                samples = sum(x.numel() // max(x.shape[-1], 1) if x.dim() else 1 for x in leaves)
+                keys = list(_TAPS)
+                mask = kwargs.get("attention_mask")
+                mask = mask.bool() if isinstance(mask, torch.Tensor) else None
+                for p in range(probes):
+                    probe = sum((x * torch.randn(x.shape, generator=generator).to(x.dtype)).sum() for x in leaves)
+                    grads = torch.autograd.grad(probe, [_TAPS[k] for k in keys], retain_graph=p + 1 < probes, allow_unused=True)
+                    for key, g in zip(keys, grads):
+                        if g is None:
+                            continue
+                        if mask is not None and tuple(g.shape[:-1]) == tuple(mask.shape):
+                            g = g[mask]
+                        stats[key].update(g, 1.0 / probes)
+                        if p == 0:
+                            stats[key].rows += g.numel() // g.shape[-1]
+                            stats[key].energy += energy
+                            stats[key].samples += samples
+    finally:
+        _ENABLED[0] = False
+        _TAPS.clear()
+        for node, tap in zip(nodes, taps):
+            tap.replace_all_uses_with(node)
+            gm.graph.erase_node(tap)
+        gm.recompile()
+    return stats
+
+
+def needed(ctx: PassContext) -> bool:
+    """Whether this run uses output statistics: output whitening of low-rank targets, or the fisher
+    sensitivity of a budgeted allocation."""
+    cfg = ctx.config
+    if not (ctx.calibration and cfg.whiten):
+        return False
+    budgeted = cfg.allocation_kind == "budgeted"
+    lowrank = cfg.format == "lowrank" or budgeted
+    return (cfg.output_whiten and lowrank) or (budgeted and cfg.sensitivity in ("fisher", "predicted"))
+
+
+def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
+    if not nodes or not needed(ctx):
+        return PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
+    count = len(ctx.calibration)
+    take = min(ctx.config.fisher_batches, count)  # spread over the calibration set (texts come sorted by length)
+    batches = [ctx.calibration[(2 * k + 1) * count // (2 * take)] for k in range(take)]
+    stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress)
+    ctx.grad_stats.update(stats)
+    ctx.counters["fisher.batches"] += take
+    log.info("fisher: output-gradient statistics of %d targets over %d batches", len(nodes), take)
+    return PassResult(gm, modified=True, summary={"targets": len(nodes), "batches": take})
+
+
+def output_whitening(ctx: PassContext, name: str, rows: torch.Tensor | None = None) -> Whitening | None:
+    """The output-side whitening of a target (Cholesky of its damped gradient Gram, restricted to
+    output `rows` when given), when this run uses output whitening and the statistics exist."""
+    cfg = ctx.config
+    stats = ctx.grad_stats.get(name)
+    if not (cfg.output_whiten and cfg.whiten and stats is not None and stats.rows > 0):
+        return None
+    gram = stats.gram if rows is None else stats.gram[rows][:, rows]
+    return whitening_from_gram(gram, stats.damping(cfg.output_damping))
