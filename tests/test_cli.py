@@ -50,10 +50,13 @@ def test_compress_minilm_end_to_end(tmp_path):
     assert report["agreement"]["compressed"]["mean_cos"] > report["agreement"]["plain_svd"]["mean_cos"]
     assert report["latency"]["ratio"] > 0 and report["latency"]["threads"] == 2
     assert set(report["timings"]) >= {"capture", "targets", "calibrate", "allocate", "factorize", "evaluate", "latency", "total"}
+    # the default budgeted allocation may keep a few targets dense; the recipe lists the factorized ones
+    factorized = [name for name, row in report["per_target"].items() if row["format"] != "dense"]
+    assert 30 <= len(factorized) <= 36 and report["allocation"] == "budgeted" and report["sensitivity"] == "measured"
     loaded = tngraph.load(out)
-    assert len(loaded.tngraph_recipe["targets"]) == 36
+    assert sorted(t["name"] for t in loaded.tngraph_recipe["targets"]) == sorted(factorized)
     info = subprocess.run([exe, "info", str(out)], capture_output=True, text=True, timeout=300)
-    assert info.returncode == 0 and "verified" in info.stdout and "36 targets" in info.stdout
+    assert info.returncode == 0 and "verified" in info.stdout and f"{len(factorized)} targets" in info.stdout
 
 
 def test_compress_a_local_hugging_face_folder(tiny_hf, tmp_path, capsys):

@@ -232,3 +232,58 @@ def test_a_missing_or_corrupt_predictor_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="cannot be read"):
         predictor.load(str(bad))
+
+
+def test_calibration_streams_output_channel_norms():
+    model = _Chain().eval()
+    data = [((torch.randn(30, 12, generator=torch.Generator().manual_seed(k)),), {}) for k in range(3)]
+    gm, ctx = _prepared(model, data)
+    with torch.no_grad():
+        y = torch.cat([model.l1(a[0]) for a, _ in data])
+    torch.testing.assert_close(ctx.output_stats["l1"].rms, y.double().pow(2).mean(0).sqrt(), rtol=1e-5, atol=1e-6)
+    assert ctx.output_stats["l1"].rows == 90
+    node = next(n for n in meta.targets(gm) if meta.info(n).target.name == "l1")
+    assert meta.info(node).calibration.output_rms == pytest.approx(float(y.pow(2).mean().sqrt()), rel=1e-4)
+    assert all(n.target.__name__ != "_observe" for n in gm.graph.nodes if n.op == "call_function")
+
+
+class _KronAndDense(torch.nn.Module):
+    """`k` is exactly a Kronecker product (full SVD rank, Kronecker rank 1); `d` is generic."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.k, self.d = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        with torch.no_grad():
+            self.k.weight.copy_(torch.kron(torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)) / 8)
+            self.d.weight.copy_(torch.randn(64, 64, generator=g) / 8)
+
+    def forward(self, x):
+        return self.d(torch.tanh(self.k(x)))
+
+
+def test_mixture_lets_a_target_take_the_format_that_fits_it():
+    model = _KronAndDense().eval()
+    data = [((torch.randn(64, 64, generator=torch.Generator().manual_seed(k)),), {}) for k in range(4)]
+    held_out = torch.randn(100, 64, generator=torch.Generator().manual_seed(7))
+    errors = {}
+    for mixture in ((), ("kron", "tt")):
+        config = Config(budget=0.5, allocation="budgeted", sensitivity="fisher", mixture=mixture, progress=False)
+        result = tngraph.compress_with_result(model, calibration=data, config=config)
+        plans = {meta.info(n).target.name: meta.info(n).plan for n in meta.targets(result.graph)}
+        kept = sum(p.params_after for p in plans.values())
+        assert kept <= 0.5 * 2 * (64 * 64 + 64)
+        errors[mixture] = ((result.module(held_out) - model(held_out)).norm() / model(held_out).norm()).item()
+        if mixture:
+            assert plans["k"].format in ("kron", "tt") and plans["d"].format in ("lowrank", "dense")
+            assert type(result.module.k).__name__ == "NetworkLinear"
+            torch.testing.assert_close(result.graph(held_out), result.module(held_out), rtol=1e-4, atol=1e-4)
+    assert errors[("kron", "tt")] < 0.5 * errors[()]
+
+
+def test_bad_mixtures_are_refused():
+    with pytest.raises(ConfigError, match="unknown mixture format 'svd2'"):
+        Config(mixture=("tucker", "svd2"))
+    with pytest.raises(ConfigError, match="chosen by the budgeted allocation"):
+        Config(mixture="tt", allocation="uniform")
+    assert Config(mixture="tucker, tt").mixture == ("tucker", "tt")

@@ -57,6 +57,30 @@ class GramStats:
 
 
 @dataclass
+class OutputStats:
+    """Running sums of a target's outputs y (last dimension = out_features): per-channel sum of y^2."""
+
+    out_features: int
+    sq_sum: torch.Tensor = field(init=False)
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.sq_sum = torch.zeros(self.out_features, dtype=torch.float64)
+
+    def update(self, y: torch.Tensor) -> None:
+        rows = y.detach().reshape(-1, self.out_features)
+        if self.rows == 0 and self.sq_sum.device != rows.device:
+            self.sq_sum = self.sq_sum.to(rows.device)
+        self.sq_sum += rows.to(torch.float32).pow(2).sum(0).to(torch.float64)
+        self.rows += rows.shape[0]
+
+    @property
+    def rms(self) -> torch.Tensor:
+        """Root mean square of each output channel."""
+        return (self.sq_sum / max(self.rows, 1)).sqrt()
+
+
+@dataclass
 class GradStats:
     """Running sums over the output gradients g (last dimension = out_features) of one target:
     G = sum g g^T, with the rows counted, the objective's samples (its rows: one per sentence for

@@ -54,11 +54,13 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
                    help="what --budget is a fraction of: params (default), bytes (weight bytes) or latency (budgeted only)")
     p.add_argument("--dense-rows", action=argparse.BooleanOptionalAction, default=None,
                    help="patch level (budgeted): let a target keep its most sensitive output rows dense")
+    p.add_argument("--mixture", default=None, metavar="FMT[,FMT]",
+                   help="tensor-network formats whose candidates join budgeted allocation, e.g. tucker,tt,tr")
     p.add_argument("--latency-rows", type=int, default=None, help="input rows a latency budget is timed at (default 4096)")
     p.add_argument("--sensitivity", default=None, choices=list(SENSITIVITIES),
                    help="loss the budgeted allocation minimises (default measured)")
     p.add_argument("--sensitivity-rounds", type=int, default=None,
-                   help="measurements: around uniform ranks, then around each allocation found (default 2)")
+                   help="measurements: around uniform ranks, then around each allocation found (default 1)")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of one core on the calibration data")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
     p.add_argument("--calibration-samples", type=int, default=None, help="calibration samples used (default 2048)")
@@ -147,7 +149,7 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    for key in ("allocation", "budget_kind", "dense_rows", "latency_rows", "fisher_batches", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
+    for key in ("allocation", "budget_kind", "dense_rows", "mixture", "latency_rows", "fisher_batches", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
                 "cp_max_iter", "cp_tol", "cp_time_limit", "kron_shape", "monarch_blocks", "calibration_samples"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)

@@ -44,11 +44,17 @@ class Config:
     dense_rows: patch level for budgeted allocation: candidates that keep a target's most sensitive
         output rows (1, 4, 16 or 64 of them, by their share of the decomposition's Gauss-Newton
         error) dense and factorize the rest; chosen when that serves the budget better.
+    mixture: tensor-network formats (e.g. ("tucker", "tt", "tr"), as in Minima) whose candidates join
+        the low-rank ones in budgeted allocation: each decomposed at 4 ranks per target and its
+        error measured, so that a target takes whichever format serves the budget best
+        (params and bytes budgets; each format's options apply).
     latency_rows: input rows (batch x sequence positions) a latency budget is timed at.
     sensitivity: the loss the budgeted allocation minimises: "spectral" (whitened singular-value
         tail, the layer's own relative error), "fisher" (the Gauss-Newton prediction of the model's
-        output error from input and output-gradient statistics, no extra forward passes) or
-        "measured" (the curves rescaled by end-to-end errors measured per target).
+        output error from input and output-gradient statistics, no extra forward passes),
+        "predicted" (the fisher curve corrected by the shipped convolutional predictor from
+        patch-level spectra; trained on MiniLM-derived networks) or "measured" (the default: the
+        curves rescaled by end-to-end errors measured per target; the best, and the slowest).
     sensitivity_rounds: measurements of "measured": the first around uniform ranks, each further one
         around the allocation the previous gave.
     refit: after decomposing, refit one core by closed-form least squares on the exact calibration
@@ -91,9 +97,10 @@ class Config:
     allocation: str = "auto"
     budget_kind: str = "params"
     dense_rows: bool = False
+    mixture: tuple[str, ...] = ()
     latency_rows: int = 4096
     sensitivity: str = "measured"
-    sensitivity_rounds: int = 2
+    sensitivity_rounds: int = 1
     refit: bool = True
     whiten: bool = True
     damping: float = 1e-4
@@ -139,6 +146,16 @@ class Config:
             object.__setattr__(self, "kron_shape", tuple(shape))
         if self.monarch_blocks is not None:
             _check_int("monarch_blocks", self.monarch_blocks, 1, 1 << 20)
+        mixture = (self.mixture,) if isinstance(self.mixture, str) else tuple(self.mixture)
+        mixture = tuple(dict.fromkeys(f.strip() for item in mixture for f in item.split(",") if f.strip()))
+        bad = [f for f in mixture if f not in FORMATS or f == "lowrank"]
+        if bad:
+            raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(FORMATS[1:])}")
+        if mixture and self.allocation_kind != "budgeted":
+            raise ConfigError("mixture formats are chosen by the budgeted allocation", "pass allocation='budgeted' (and format='svd') with mixture")
+        if mixture and self.budget_kind == "latency":
+            raise ConfigError("mixture formats have no latency model yet", "use budget_kind='params' or 'bytes' with mixture")
+        object.__setattr__(self, "mixture", mixture)
         kinds = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         kinds = tuple(k.strip() for kind in kinds for k in kind.split(",") if k.strip())
         bad = [k for k in kinds if k not in TARGET_KINDS]

@@ -41,7 +41,8 @@ class PlanInfo:
 @dataclass(frozen=True)
 class CalibrationInfo:
     rows: int
-    mean_abs: float
+    mean_abs: float  # mean |x| of the inputs
+    output_rms: float = 0.0  # root mean square of the outputs (linear targets)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ RUNS = [
     ("budgeted fisher +rows", dict(allocation="budgeted", sensitivity="fisher", dense_rows=True)),
     ("budgeted measured x1 +rows", dict(allocation="budgeted", sensitivity="measured", sensitivity_rounds=1, dense_rows=True)),
     ("budgeted fisher latency", dict(allocation="budgeted", sensitivity="fisher", budget_kind="latency")),
-    ("default", dict()),
 ]
 
 

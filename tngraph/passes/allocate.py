@@ -134,7 +134,7 @@ def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
         if rank is None:
             plans[t.name] = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: kept dense")
         else:
-            plans[t.name] = meta.PlanInfo("lowrank", rank, t.dense_params, c.params[i], reason=f"budgeted: loss {c.loss[i]:.3g}",
+            plans[t.name] = meta.PlanInfo(c.formats[i], rank, t.dense_params, c.params[i], reason=f"budgeted: loss {c.loss[i]:.3g}",
                                           dense_rows=c.dense_rows[i])
     params_kept = sum(c.params[i] for c, i in zip(curves, best)) / sum(c.params[-1] for c in curves)
     log.info("allocate (budgeted, %s): %d of %d targets factorized, %.4f of their %s and %.4f of their parameters kept",

@@ -8,7 +8,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.fx as fx
 
-from ..calibration import GradStats, GramStats
+from ..calibration import GradStats, GramStats, OutputStats
 from ..config import Config
 from ..plan import TargetPlan
 
@@ -35,6 +35,7 @@ class PassContext:
     calibration: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     stats: dict[str, GramStats] = field(default_factory=dict)
+    output_stats: dict[str, OutputStats] = field(default_factory=dict)  # output channel norms (calibrate)
     grad_stats: dict[str, GradStats] = field(default_factory=dict)  # output gradients (fisher pass)
     plan: dict[str, TargetPlan] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)  # sensitivity.Curve per target name

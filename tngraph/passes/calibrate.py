@@ -1,4 +1,5 @@
-"""calibrate: stream calibration batches through the graph, accumulating each target's X^T X.
+"""calibrate: stream calibration batches through the graph, accumulating each target's X^T X,
+mean |x| and the norms of its output channels.
 
 Observer nodes are inserted before the targets for the duration of the pass and removed after it,
 so the graph leaves this pass as it entered.
@@ -12,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from ..calibration import CountStats, GramStats
+from ..calibration import CountStats, GramStats, OutputStats
 from ..errors import DataError
 from ..progress import progress
 from .base import PassContext, PassResult
@@ -40,7 +41,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if nodes:
             log.info("calibrate: no calibration data; decompositions will be data-free")
         return PassResult(gm, modified=False, summary={"batches": 0})
-    stats, shared = {}, {}
+    stats, shared, outputs = {}, {}, {}
     observers = []
     for node in nodes:
         t = meta.info(node).target
@@ -51,9 +52,16 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats[t.name] = shared[x] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
         with gm.graph.inserting_before(node):
             observers.append(gm.graph.call_function(_observe, (x, t.name)))
+    for node in nodes:  # outputs: one set per target
+        t = meta.info(node).target
+        if t.kind == "linear":
+            outputs[t.name] = OutputStats(t.out_features)
+            with gm.graph.inserting_after(node):
+                observers.append(gm.graph.call_function(_observe, (node, f"{t.name}#out")))
     gm.recompile()
     _ACTIVE.clear()
     _ACTIVE.update(stats)
+    _ACTIVE.update({f"{name}#out": s for name, s in outputs.items()})
     try:
         with torch.no_grad():
             for args, kwargs in progress(ctx.calibration, desc="calibrate", enabled=ctx.config.progress, unit="batch"):
@@ -66,8 +74,11 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in nodes:
         s = stats[meta.info(node).target.name]
         mean_abs = float(s.mean_abs.mean()) if isinstance(s, GramStats) else 0.0
-        meta.update(node, calibration=meta.CalibrationInfo(rows=s.rows, mean_abs=mean_abs))
+        out = outputs.get(meta.info(node).target.name)
+        output_rms = float(out.rms.pow(2).mean().sqrt()) if out is not None else 0.0
+        meta.update(node, calibration=meta.CalibrationInfo(rows=s.rows, mean_abs=mean_abs, output_rms=output_rms))
     ctx.stats.update(stats)
+    ctx.output_stats.update(outputs)
     rows = max(s.rows for s in stats.values())
     ctx.counters["calibrate.batches"] += len(ctx.calibration)
     log.info("calibrate: %d batches, %d rows per target", len(ctx.calibration), rows)

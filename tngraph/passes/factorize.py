@@ -16,7 +16,6 @@ from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
 from ..tn.refit import refit_core
-from .allocate import format_options
 from .base import PassContext, PassResult
 from .fisher import output_whitening
 from .rewrite import RewriteRule, apply_rules
@@ -152,7 +151,7 @@ def _attr_of(node: fx.Node) -> torch.Tensor:
 
 def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     plan_format = meta.info(m.node).plan.format
-    options = format_options(ctx)
+    options = FORMATS[plan_format].options(ctx.config)  # the plan's format: budgeted mixtures hold several
     t, plan, weight, stats, whitening = _inputs(m, gm, ctx, plan_format, options)
     try:
         net = FORMATS[plan.format].decompose(weight, plan.rank, whitening, **options)

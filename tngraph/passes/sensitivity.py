@@ -56,18 +56,23 @@ class Curve:
     loss: list[float]
     cost: list[float] | None = None
     dense_rows: list[int] | None = None  # patch level: output rows kept dense beside the rank
+    formats: list[str] | None = None  # "lowrank" unless Config.mixture adds tensor-network candidates
 
     def __post_init__(self) -> None:
         if self.cost is None:
             self.cost = [float(p) for p in self.params]
         if self.dense_rows is None:
             self.dense_rows = [0] * len(self.ranks)
+        if self.formats is None:
+            self.formats = ["lowrank"] * (len(self.ranks) - 1) + ["dense"]
 
-    def index(self, rank: int | None, dense_rows: int = 0) -> int:
-        return next(i for i, (r, k) in enumerate(zip(self.ranks, self.dense_rows)) if r == rank and k == dense_rows)
+    def index(self, rank: int | None, dense_rows: int = 0, fmt: str = "lowrank") -> int:
+        fmt = "dense" if rank is None else fmt
+        return next(i for i, (r, k, f) in enumerate(zip(self.ranks, self.dense_rows, self.formats))
+                    if r == rank and k == dense_rows and f == fmt)
 
-    def at_rank(self, rank: int, dense_rows: int = 0) -> float:
-        return self.loss[self.index(rank, dense_rows)]
+    def at_rank(self, rank: int, dense_rows: int = 0, fmt: str = "lowrank") -> float:
+        return self.loss[self.index(rank, dense_rows, fmt)]
 
 
 def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -88,6 +93,8 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         energy[t.name] = _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)
         if cfg.dense_rows and white is not None:
             _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
+        if cfg.mixture:
+            _mixture_points(gm, ctx, t, white, out_white, float(s2.sum()))
         if cfg.sensitivity == "predicted" and energy[t.name] is not None:
             image, scalars = predictor.features(w, energy[t.name])
             predicted[t.name] = predictor.predict(image, scalars)
@@ -116,7 +123,7 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from .allocate import _budgeted
 
         plans = _budgeted(gm, ctx)
-        ranks = {name: (p.rank if p.format != "dense" else None) for name, p in plans.items()}
+        ranks = {t.name: _operating_rank(t, plans[t.name]) for t in (meta.info(n).target for n in nodes) if t.name in plans}
         scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks)
         _build_curves(gm, ctx, nodes, spectra, scale)
     ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
@@ -173,6 +180,40 @@ def _row_spectra(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white
     ctx.analysis.setdefault("row_tails", {})[t.name] = tails
 
 
+def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white, out_white, total: float) -> None:
+    """Format mixture: each Config.mixture format decomposed at the ranks keeping the GRID fractions
+    (with its own whitening, as factorize does, without the refit), and its error measured in the
+    units of the low-rank curve: ||L^T (W - W') S||^2 / ||L^T W S||^2 (S the full input whitening)."""
+    cfg = ctx.config
+    weight = getattr_path(gm, t.weight).detach().to(torch.float64)
+    stats = ctx.stats.get(t.name)
+    bias = t.out_features if t.bias else 0
+    points = []
+    for name in cfg.mixture:
+        fmt = FORMATS[name]
+        options = fmt.options(cfg)
+        fmt_white = None
+        if white is not None and stats is not None:
+            fmt_white = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping, **options)
+        top = fmt.max_rank(t.out_features, t.in_features, **options)
+        ranks = sorted({max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features, **options)))
+                        for kept in GRID})
+        for rank in ranks:
+            params = fmt.params(t.out_features, t.in_features, rank, **options) + bias
+            if params >= t.dense_params:
+                continue
+            try:
+                approx = fmt.decompose(weight, rank, fmt_white, **options).to_dense().to(torch.float64)
+            except Exception as exc:  # a format that cannot reach this rank (CP not converging): not a candidate
+                log.info("mixture: %s at rank %d of %s skipped: %s", name, rank, t.name, exc)
+                continue
+            delta = weight - approx
+            delta = white.apply(delta) if white is not None else delta
+            delta = out_white.apply_left(delta) if out_white is not None else delta
+            points.append((name, rank, params, float((delta**2).sum()) / max(total, 1e-300)))
+    ctx.analysis.setdefault("mixture", {})[t.name] = points
+
+
 def _grid_ranks(t: meta.TargetInfo) -> list[int]:
     """The low-rank ranks keeping the GRID fractions of a target's weight."""
     fmt = FORMATS["svd"]
@@ -213,6 +254,16 @@ def _costs(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, ranks: list
     return seconds, latency.dense_seconds(t.out_features, t.in_features, bias, m, weight.dtype)
 
 
+def _operating_rank(t: meta.TargetInfo, plan: meta.PlanInfo) -> int | None:
+    """The low-rank rank standing in for a plan when measuring around it (None: dense): its own for
+    low-rank plans, the rank of equal parameters for a mixture format's."""
+    if plan.format == "dense" or plan.rank is None:
+        return None
+    if plan.format == "lowrank":
+        return plan.rank
+    return rank_for_params(FORMATS["svd"], t.out_features, t.in_features, plan.params_after - (t.out_features if t.bias else 0))
+
+
 def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]], scale: dict[str, Any]) -> None:
     cfg = ctx.config
     fmt = FORMATS["svd"]
@@ -226,16 +277,25 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
         loss = [spectra[t.name][r] * scale[t.name](r) for r in ranks]
         cost, dense_cost = _costs(gm, ctx, t, ranks, params)
         rows = [0] * len(ranks)
+        formats = ["lowrank"] * len(ranks)
+        for name, rank, p, rel in ctx.analysis.get("mixture", {}).get(t.name, []):
+            # a tensor-network candidate: the low-rank curve's correction at the rank of equal parameters
+            equal = rank_for_params(fmt, t.out_features, t.in_features, p - bias)
+            ranks, params, rows, formats = ranks + [rank], params + [p], rows + [0], formats + [name]
+            cost += _costs(gm, ctx, t, [equal], [p])[0]
+            loss.append(rel * scale[t.name](equal))
         for k, tail in ctx.analysis.get("row_tails", {}).get(t.name, {}).items():
             # patch level: k output rows dense (k x in), the other out - k rows at rank r
             extra = list(range(step, min(tail.numel(), top) + 1, step))
             extra_params = [k * t.in_features + fmt.params(t.out_features - k, t.in_features, r) + bias for r in extra]
             extra_cost, _ = _costs(gm, ctx, t, extra, extra_params, rows=k)
             ranks, params, cost, rows = ranks + extra, params + extra_params, cost + extra_cost, rows + [k] * len(extra)
+            formats += ["lowrank"] * len(extra)
             loss += [float(tail[r - 1]) * scale[t.name](r) if r <= tail.numel() else 0.0 for r in extra]
         keep = [i for i, (p, c) in enumerate(zip(params, cost)) if p < t.dense_params and c < dense_cost]
         curve = Curve(t.name, [ranks[i] for i in keep] + [None], [params[i] for i in keep] + [t.dense_params],
-                      [loss[i] for i in keep] + [0.0], [cost[i] for i in keep] + [dense_cost], [rows[i] for i in keep] + [0])
+                      [loss[i] for i in keep] + [0.0], [cost[i] for i in keep] + [dense_cost], [rows[i] for i in keep] + [0],
+                      [formats[i] for i in keep] + ["dense"])
         ctx.curves[t.name] = curve
         uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
         score = spectra[t.name][uniform] * scale[t.name](uniform)
