@@ -262,13 +262,14 @@ class _KronAndDense(torch.nn.Module):
         return self.d(torch.tanh(self.k(x)))
 
 
-def test_mixture_lets_a_target_take_the_format_that_fits_it():
+@pytest.mark.parametrize("sensitivity", ["fisher", "measured"])
+def test_mixture_lets_a_target_take_the_format_that_fits_it(sensitivity):
     model = _KronAndDense().eval()
     data = [((torch.randn(64, 64, generator=torch.Generator().manual_seed(k)),), {}) for k in range(4)]
     held_out = torch.randn(100, 64, generator=torch.Generator().manual_seed(7))
     errors = {}
     for mixture in ((), ("kron", "tt")):
-        config = Config(budget=0.5, allocation="budgeted", sensitivity="fisher", mixture=mixture, progress=False)
+        config = Config(budget=0.5, allocation="budgeted", sensitivity=sensitivity, mixture=mixture, progress=False)
         result = tngraph.compress_with_result(model, calibration=data, config=config)
         plans = {meta.info(n).target.name: meta.info(n).plan for n in meta.targets(result.graph)}
         kept = sum(p.params_after for p in plans.values())
@@ -277,6 +278,8 @@ def test_mixture_lets_a_target_take_the_format_that_fits_it():
         if mixture:
             assert plans["k"].format in ("kron", "tt") and plans["d"].format in ("lowrank", "dense")
             assert type(result.module.k).__name__ == "NetworkLinear"
+            if sensitivity == "measured":  # the mixture's candidates were measured end to end too
+                assert set(result.context.analysis["mixture_measured"]) == {"k", "d"}
             torch.testing.assert_close(result.graph(held_out), result.module(held_out), rtol=1e-4, atol=1e-4)
     assert errors[("kron", "tt")] < 0.5 * errors[()]
 

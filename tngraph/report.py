@@ -26,7 +26,11 @@ def format_table(report: dict[str, Any]) -> str:
         shape = f"{lat['batch']}x{lat['length']}, {lat['threads']} thr"
         rows.append((f"CPU latency ({shape})", f"{lat['dense_ms']:.1f} ms", f"{lat['compressed_ms']:.1f} ms", f"{lat['ratio']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"tngraph: {report['model']} at budget {report['budget']:g} ({report['targets']} targets, format {report['format']})"]
+    allocation = report.get("allocation", "uniform")
+    if allocation == "budgeted":
+        allocation += f" ({report.get('budget_kind', 'params')}, sensitivity {report.get('sensitivity')})"
+    lines = [f"tngraph: {report['model']} at budget {report['budget']:g} ({report['targets']} targets, format {report['format']}, "
+             f"allocation {allocation})"]
     for i, r in enumerate(rows):
         lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
         if i == 0:
@@ -40,6 +44,17 @@ def format_table(report: dict[str, Any]) -> str:
             if key in agree:
                 a = agree[key]
                 lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
+    per_target = report.get("per_target")
+    if per_target:
+        lines.append("")
+        lines.append("per target (format, rank, output rows kept dense, parameters kept, sensitivity: predicted error share at the uniform rank):")
+        width = max(len(name) for name in per_target)
+        for name, row in per_target.items():
+            rank = "-" if row["rank"] is None else str(row["rank"])
+            rows_dense = f"+{row['dense_rows']} rows" if row.get("dense_rows") else ""
+            sens = row.get("sensitivity")
+            score = f"{sens['kind']} {sens['score']:.3g}" if sens else ""
+            lines.append(f"  {name:{width}}  {row['format']:8} {rank:>5} {rows_dense:>9} {row['params_kept']:6.3f}  {score}")
     lines.append("")
     lines.append("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()))
     if report.get("out"):

@@ -180,6 +180,21 @@ def _row_spectra(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white
     ctx.analysis.setdefault("row_tails", {})[t.name] = tails
 
 
+def _mixture_approx(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, name: str, rank: int,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense matrix of a mixture format's decomposition of the target's weight (the graph's, or
+    `weight`) at `rank`, whitened as factorize would, without the refit."""
+    cfg = ctx.config
+    fmt = FORMATS[name]
+    options = fmt.options(cfg)
+    weight = (getattr_path(gm, t.weight) if weight is None else weight).detach().to(torch.float64)
+    stats = ctx.stats.get(t.name)
+    fmt_white = None
+    if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
+        fmt_white = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping, **options)
+    return fmt.decompose(weight, rank, fmt_white, **options).to_dense().to(torch.float64)
+
+
 def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white, out_white, total: float) -> None:
     """Format mixture: each Config.mixture format decomposed at the ranks keeping the GRID fractions
     (with its own whitening, as factorize does, without the refit), and its error measured in the
@@ -192,9 +207,6 @@ def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, wh
     for name in cfg.mixture:
         fmt = FORMATS[name]
         options = fmt.options(cfg)
-        fmt_white = None
-        if white is not None and stats is not None:
-            fmt_white = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping, **options)
         top = fmt.max_rank(t.out_features, t.in_features, **options)
         ranks = sorted({max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features, **options)))
                         for kept in GRID})
@@ -203,7 +215,7 @@ def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, wh
             if params >= t.dense_params:
                 continue
             try:
-                approx = fmt.decompose(weight, rank, fmt_white, **options).to_dense().to(torch.float64)
+                approx = _mixture_approx(gm, ctx, t, name, rank)
             except Exception as exc:  # a format that cannot reach this rank (CP not converging): not a candidate
                 log.info("mixture: %s at rank %d of %s skipped: %s", name, rank, t.name, exc)
                 continue
@@ -278,12 +290,15 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
         cost, dense_cost = _costs(gm, ctx, t, ranks, params)
         rows = [0] * len(ranks)
         formats = ["lowrank"] * len(ranks)
+        measured_mix = ctx.analysis.get("mixture_measured", {}).get(t.name, {})
         for name, rank, p, rel in ctx.analysis.get("mixture", {}).get(t.name, []):
-            # a tensor-network candidate: the low-rank curve's correction at the rank of equal parameters
+            # a tensor-network candidate: its measured share when measured, else its error in the
+            # low-rank curve's units with that curve's correction at the rank of equal parameters
             equal = rank_for_params(fmt, t.out_features, t.in_features, p - bias)
             ranks, params, rows, formats = ranks + [rank], params + [p], rows + [0], formats + [name]
             cost += _costs(gm, ctx, t, [equal], [p])[0]
-            loss.append(rel * scale[t.name](equal))
+            share = measured_mix.get((name, rank))
+            loss.append(share if share is not None and share > 0 else rel * scale[t.name](equal))
         for k, tail in ctx.analysis.get("row_tails", {}).get(t.name, {}).items():
             # patch level: k output rows dense (k x in), the other out - k rows at rank r
             extra = list(range(step, min(tail.numel(), top) + 1, step))
@@ -368,8 +383,16 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
                     share = max(error() - floor, 0.0)
                     tail = spectra[t.name][rank]
                     points.append((rank, share / tail if tail > 1e-12 else 1.0))
+                for name, rank, _, _ in ctx.analysis.get("mixture", {}).get(t.name, []):
+                    # the mixture formats' candidates, measured the same way
+                    params[t.name].copy_(_mixture_approx(gm, ctx, t, name, rank, originals[t.name]).to(originals[t.name].dtype))
+                    ctx.analysis.setdefault("mixture_measured", {}).setdefault(t.name, {})[(name, rank)] = max(error() - floor, 0.0)
                 params[t.name].copy_(operating[t.name])
-                scales[t.name] = _interpolator(points)
+                # a share measured as zero is below the noise of the measurement, not zero: leave it
+                # out, so the curve holds the ratio of the nearest lower rank measured (conservative)
+                positive = [p for p in points if p[1] > 0]
+                scales[t.name] = _interpolator(positive or [(r, 1e-12) for r, _ in points])
+                ctx.counters["sensitivity.measured.below_noise"] += len(points) - len(positive)
                 ctx.analysis.setdefault("measured_points", {})[t.name] = points
         finally:
             for name, param in params.items():
