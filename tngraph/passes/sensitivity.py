@@ -80,7 +80,6 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if cfg.allocation_kind == "uniform":
         return PassResult(gm, modified=False, summary={"skipped": "uniform allocation"})
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
-    fmt = FORMATS["svd"]
     # whitenings (input side, output side): computed once, reused by every measurement round
     spectra, whitenings, energy, predicted = {}, {}, {}, {}
     for node in progress(nodes, desc="spectra", enabled=cfg.progress, unit="layer"):
