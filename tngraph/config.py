@@ -146,8 +146,7 @@ class Config:
             object.__setattr__(self, "kron_shape", tuple(shape))
         if self.monarch_blocks is not None:
             _check_int("monarch_blocks", self.monarch_blocks, 1, 1 << 20)
-        mixture = (self.mixture,) if isinstance(self.mixture, str) else tuple(self.mixture)
-        mixture = tuple(dict.fromkeys(f.strip() for item in mixture for f in item.split(",") if f.strip()))
+        mixture = _names(self.mixture)
         bad = [f for f in mixture if f not in FORMATS or f == "lowrank"]
         if bad:
             raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(FORMATS[1:])}")
@@ -156,12 +155,11 @@ class Config:
         if mixture and self.budget_kind == "latency":
             raise ConfigError("mixture formats have no latency model yet", "use budget_kind='params' or 'bytes' with mixture")
         object.__setattr__(self, "mixture", mixture)
-        kinds = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        kinds = tuple(k.strip() for kind in kinds for k in kind.split(",") if k.strip())
+        kinds = _names(self.targets)
         bad = [k for k in kinds if k not in TARGET_KINDS]
         if bad or not kinds:
             raise ConfigError(f"unknown target kind {bad[0] if bad else ''!r}", f"targets is a list drawn from {', '.join(TARGET_KINDS)}")
-        object.__setattr__(self, "targets", tuple(dict.fromkeys(kinds)))
+        object.__setattr__(self, "targets", kinds)
         for name in ("calibration_samples", "eval_samples", "batch_size", "max_length", "latency_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -209,6 +207,12 @@ def _reject_unknown(options: Mapping[str, Any]) -> None:
         close = difflib.get_close_matches(key, valid, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"unknown option {key!r}", f"{hint}valid options: {', '.join(valid)}")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A name list given as a string ("a,b"), or a sequence of such strings, as unique stripped names in order."""
+    items = (value,) if isinstance(value, str) else tuple(value)
+    return tuple(dict.fromkeys(name.strip() for item in items for name in item.split(",") if name.strip()))
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

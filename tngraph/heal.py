@@ -10,7 +10,6 @@ its start on that split.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -64,8 +63,7 @@ def _trainable(student: torch.nn.Module, train_norms: bool) -> list[torch.nn.Par
             params += list(module.parameters(recurse=False))
     if train_norms:
         params += [p for name, p in student.named_parameters() if name.endswith(".bias")]
-    unique = list({id(p): p for p in params}.values())
-    return unique
+    return list({id(p): p for p in params}.values())
 
 
 def _encoder_loss(student_out: Any, teacher_out: Any, mask: torch.Tensor) -> torch.Tensor:
@@ -95,8 +93,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     params = _trainable(student, cfg.train_norms)
     if not params:
         raise DataError("the student has no tngraph factorized layers to heal", "heal a model returned by tngraph.compress")
-    frozen = [p for p in student.parameters() if all(p is not q for q in params)]
-    for p in frozen:
+    for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -120,7 +117,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
 
     start = time.perf_counter()
     best = start_loss = evaluate()
-    best_state = copy.deepcopy({k: v.detach().clone() for k, v in student.state_dict().items()})
+    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     best_step, bad, history = 0, 0, [(0, start_loss)]
     # the student stays in eval mode: dropout would train it to match a function the teacher,
     # evaluated without dropout, does not compute

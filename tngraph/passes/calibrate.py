@@ -16,6 +16,7 @@ from .. import meta
 from ..calibration import CountStats, GramStats, OutputStats
 from ..errors import DataError
 from ..progress import progress
+from ..tn.formats import FORMATS
 from .base import PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,15 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.counters["calibrate.batches"] += len(ctx.calibration)
     log.info("calibrate: %d batches, %d rows per target", len(ctx.calibration), rows)
     return PassResult(gm, modified=True, summary={"batches": len(ctx.calibration), "rows": rows})
+
+
+def input_whitening(ctx: PassContext, t: meta.TargetInfo, fmt_name: str = "svd", **options):
+    """The shared whitening step of a linear target's calibration X^T X, shaped for `fmt_name`
+    (with its options); None when whitening is off or the target saw no calibration rows."""
+    stats = ctx.stats.get(t.name)
+    if not (ctx.config.whiten and stats is not None and getattr(stats, "rows", 0) > 0):
+        return None
+    return FORMATS[fmt_name].whitening(stats.gram, t.out_features, t.in_features, ctx.config.damping, **options)
 
 
 def _x_index(node: fx.Node) -> int:

@@ -17,6 +17,7 @@ from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
 from ..tn.refit import refit_core
 from .base import PassContext, PassResult
+from .calibrate import input_whitening
 from .fisher import output_whitening
 from .rewrite import RewriteRule, apply_rules
 from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear
@@ -89,9 +90,8 @@ def _inputs(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, fmt_name: str,
     stats = ctx.stats.get(t.name)
     if not (stats is not None and stats.rows > 0):
         stats = None
-    whitening = None
-    if ctx.config.whiten and stats is not None:
-        whitening = FORMATS[fmt_name].whitening(stats.gram, t.out_features, t.in_features, ctx.config.damping, **options)
+    whitening = input_whitening(ctx, t, fmt_name, **options)
+    if whitening is not None:
         ctx.counters[f"factorize.{plan.format}.whitened"] += 1
     return t, plan, weight, stats, whitening
 

@@ -36,6 +36,7 @@ from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank
 from .base import PassContext, PassResult
+from .calibrate import input_whitening
 from .fisher import output_whitening
 from .targets import getattr_path
 
@@ -133,12 +134,9 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def whitened_weight(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo):
     """(L^T W S in float64, the input whitening, the output whitening): the weight in the
     coordinates the low-rank decomposition truncates (either side None when not used)."""
-    cfg = ctx.config
     w = getattr_path(gm, t.weight).detach().to(torch.float64)
-    stats = ctx.stats.get(t.name)
-    white = out_white = None
-    if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
-        white = FORMATS["svd"].whitening(stats.gram, t.out_features, t.in_features, cfg.damping)
+    white, out_white = input_whitening(ctx, t), None
+    if white is not None:
         w = white.apply(w)
         out_white = output_whitening(ctx, t.name)
         w = out_white.apply_left(w) if out_white is not None else w
@@ -179,19 +177,11 @@ def _row_spectra(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white
     ctx.analysis.setdefault("row_tails", {})[t.name] = tails
 
 
-def _mixture_approx(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, name: str, rank: int,
-                    weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense matrix of a mixture format's decomposition of the target's weight (the graph's, or
-    `weight`) at `rank`, whitened as factorize would, without the refit."""
-    cfg = ctx.config
+def _mixture_approx(ctx: PassContext, weight: torch.Tensor, name: str, rank: int, whitening) -> torch.Tensor:
+    """The dense matrix of a mixture format's decomposition of `weight` at `rank` with the format's
+    `whitening` (input_whitening, as factorize uses), without the refit."""
     fmt = FORMATS[name]
-    options = fmt.options(cfg)
-    weight = (getattr_path(gm, t.weight) if weight is None else weight).detach().to(torch.float64)
-    stats = ctx.stats.get(t.name)
-    fmt_white = None
-    if cfg.whiten and stats is not None and getattr(stats, "rows", 0) > 0:
-        fmt_white = fmt.whitening(stats.gram, t.out_features, t.in_features, cfg.damping, **options)
-    return fmt.decompose(weight, rank, fmt_white, **options).to_dense().to(torch.float64)
+    return fmt.decompose(weight.detach().to(torch.float64), rank, whitening, **fmt.options(ctx.config)).to_dense().to(torch.float64)
 
 
 def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white, out_white, total: float) -> None:
@@ -200,21 +190,18 @@ def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, wh
     units of the low-rank curve: ||L^T (W - W') S||^2 / ||L^T W S||^2 (S the full input whitening)."""
     cfg = ctx.config
     weight = getattr_path(gm, t.weight).detach().to(torch.float64)
-    stats = ctx.stats.get(t.name)
     bias = t.out_features if t.bias else 0
     points = []
     for name in cfg.mixture:
         fmt = FORMATS[name]
         options = fmt.options(cfg)
-        top = fmt.max_rank(t.out_features, t.in_features, **options)
-        ranks = sorted({max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features, **options)))
-                        for kept in GRID})
-        for rank in ranks:
+        fmt_white = input_whitening(ctx, t, name, **options)
+        for rank in sorted(set(_grid_ranks(t, name, **options))):
             params = fmt.params(t.out_features, t.in_features, rank, **options) + bias
             if params >= t.dense_params:
                 continue
             try:
-                approx = _mixture_approx(gm, ctx, t, name, rank)
+                approx = _mixture_approx(ctx, weight, name, rank, fmt_white)
             except Exception as exc:  # a format that cannot reach this rank (CP not converging): not a candidate
                 log.info("mixture: %s at rank %d of %s skipped: %s", name, rank, t.name, exc)
                 continue
@@ -225,11 +212,12 @@ def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, wh
     ctx.analysis.setdefault("mixture", {})[t.name] = points
 
 
-def _grid_ranks(t: meta.TargetInfo) -> list[int]:
-    """The low-rank ranks keeping the GRID fractions of a target's weight."""
-    fmt = FORMATS["svd"]
-    top = fmt.max_rank(t.out_features, t.in_features)
-    return [max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * t.in_features * t.out_features))) for kept in GRID]
+def _grid_ranks(t: meta.TargetInfo, fmt_name: str = "svd", **options) -> list[int]:
+    """The ranks of a format (low-rank by default) keeping the GRID fractions of a target's weight."""
+    fmt = FORMATS[fmt_name]
+    top = fmt.max_rank(t.out_features, t.in_features, **options)
+    size = t.in_features * t.out_features
+    return [max(1, min(top, rank_for_params(fmt, t.out_features, t.in_features, kept * size, **options))) for kept in GRID]
 
 
 def _predicted_energy(ctx: PassContext, name: str, whitened: torch.Tensor | None, s2: torch.Tensor) -> float | None:
@@ -382,9 +370,13 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
                     share = max(error() - floor, 0.0)
                     tail = spectra[t.name][rank]
                     points.append((rank, share / tail if tail > 1e-12 else 1.0))
+                mixture_whitening = {}
                 for name, rank, _, _ in ctx.analysis.get("mixture", {}).get(t.name, []):
                     # the mixture formats' candidates, measured the same way
-                    params[t.name].copy_(_mixture_approx(gm, ctx, t, name, rank, originals[t.name]).to(originals[t.name].dtype))
+                    if name not in mixture_whitening:
+                        mixture_whitening[name] = input_whitening(ctx, t, name, **FORMATS[name].options(cfg))
+                    approx_mix = _mixture_approx(ctx, originals[t.name], name, rank, mixture_whitening[name])
+                    params[t.name].copy_(approx_mix.to(originals[t.name].dtype))
                     ctx.analysis.setdefault("mixture_measured", {}).setdefault(t.name, {})[(name, rank)] = max(error() - floor, 0.0)
                 params[t.name].copy_(operating[t.name])
                 # a share measured as zero is below the noise of the measurement, not zero: leave it
