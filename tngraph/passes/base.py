@@ -50,3 +50,10 @@ class PassContext:
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], PassResult]
+
+
+def spread(batches: list[Any], n: int) -> list[Any]:
+    """`n` of `batches` (all when fewer), evenly spread: calibration texts come sorted by length, so
+    the first few would all be short."""
+    take = min(n, len(batches))
+    return [batches[(2 * k + 1) * len(batches) // (2 * take)] for k in range(take)]

@@ -24,7 +24,7 @@ from ..calibration import GradStats
 from ..errors import DataError
 from ..progress import progress
 from ..tn.whitening import Whitening, whitening_from_gram
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, spread
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,8 @@ def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
     if not nodes or not needed(ctx):
         return PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
-    count = len(ctx.calibration)
-    take = min(ctx.config.fisher_batches, count)  # spread over the calibration set (texts come sorted by length)
-    batches = [ctx.calibration[(2 * k + 1) * count // (2 * take)] for k in range(take)]
+    batches = spread(ctx.calibration, ctx.config.fisher_batches)
+    take = len(batches)
     stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress)
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take

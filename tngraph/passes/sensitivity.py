@@ -35,7 +35,7 @@ from .. import latency, meta, predictor
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, spread
 from .calibrate import input_whitening
 from .fisher import output_whitening
 from .targets import getattr_path
@@ -329,8 +329,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
         return {name: (lambda r: 1.0) for name in spectra}
     cfg = ctx.config
     fmt = FORMATS["svd"]
-    count = len(ctx.calibration)  # batches spread over the calibration set (texts come sorted by length)
-    batches = [ctx.calibration[(2 * k + 1) * count // (2 * MEASURE_BATCHES)] for k in range(min(MEASURE_BATCHES, count))]
+    batches = spread(ctx.calibration, MEASURE_BATCHES)
     reference = _outputs(gm, batches, ctx.objective)
     ref_energy = max(sum(float((y**2).sum()) for y in reference), 1e-300)
 
