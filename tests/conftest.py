@@ -36,12 +36,12 @@ def sentences():
 @pytest.fixture(scope="session")
 def minilm_compressed(minilm, sentences):
     """The bundled MiniLM compressed at budget 0.5 (96 calibration sentences) by the default
-    pipeline with the fisher sensitivity (the default "measured" takes minutes)."""
+    pipeline with the fisher sensitivity (the default "measured" takes minutes), without healing."""
     import tngraph
     from tngraph.models import MINILM_INCLUDE, ModelSource
 
     model, tokenizer = minilm
-    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, sensitivity="fisher", progress=False)
+    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, sensitivity="fisher", heal_steps=0, progress=False)
     return tngraph.compress_with_result(
         model, calibration=sentences.calibration, config=config, tokenizer=tokenizer, source=ModelSource("minilm")
     )

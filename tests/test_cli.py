@@ -41,15 +41,19 @@ def test_compress_minilm_end_to_end(tmp_path):
     """The installed console script, as a user runs it."""
     out = tmp_path / "art"
     exe = os.path.join(os.path.dirname(sys.executable), "tngraph")
-    proc = subprocess.run([exe, "compress", "--model", "minilm", "--budget", "0.5", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([exe, "compress", "--model", "minilm", "--budget", "0.5", "--out", str(out), "--heal-steps", "20", *SMALL],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    for row in ("parameters, targets", "weight bytes, model", "CPU latency (32x128", "mean cos", "plain SVD, uniform ranks", "time per step"):
+    for row in ("parameters, targets", "weight bytes, model", "CPU latency (32x128", "mean cos", "plain SVD, uniform ranks", "time per step",
+                "tngraph, healed", "tngraph, before healing", "healing: held-out 1 - cos"):
         assert row in proc.stdout
     report = json.loads((out / "report.json").read_text())
+    assert report["heal"]["steps"] == 20 and report["heal"]["best_loss"] <= report["heal"]["start_loss"]
+    assert report["agreement"]["compressed"]["mean_cos"] >= report["agreement"]["unhealed"]["mean_cos"] - 0.01
     assert report["targets"] == 36 and report["params"]["targets_kept"] <= 0.505
     assert report["agreement"]["compressed"]["mean_cos"] > report["agreement"]["plain_svd"]["mean_cos"]
     assert report["latency"]["ratio"] > 0 and report["latency"]["threads"] == 2
-    assert set(report["timings"]) >= {"capture", "targets", "calibrate", "allocate", "factorize", "evaluate", "latency", "total"}
+    assert set(report["timings"]) >= {"capture", "targets", "calibrate", "allocate", "factorize", "heal", "evaluate", "latency", "total"}
     # the default budgeted allocation may keep a few targets dense; the recipe lists the factorized ones
     factorized = [name for name, row in report["per_target"].items() if row["format"] != "dense"]
     assert 30 <= len(factorized) <= 36 and report["allocation"] == "budgeted" and report["sensitivity"] == "measured"
@@ -61,7 +65,7 @@ def test_compress_minilm_end_to_end(tmp_path):
 
 def test_compress_a_local_hugging_face_folder(tiny_hf, tmp_path, capsys):
     out = tmp_path / "art"
-    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--budget", "0.3", "--allocation", "uniform", "--no-eval", *SMALL]) == 0
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--budget", "0.3", "--allocation", "uniform", "--no-eval", *SMALL]) == 0
     assert "parameters, targets" in capsys.readouterr().out
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["source"] == {"kind": "hf", "path": str(tiny_hf.resolve())}
@@ -74,7 +78,7 @@ def test_compress_a_local_hugging_face_folder(tiny_hf, tmp_path, capsys):
 def test_calibration_file(tiny_hf, tmp_path, capsys):
     data = tmp_path / "calib.txt"
     data.write_text("\n".join(f"calibration sentence number {i} about things." for i in range(20)), encoding="utf-8")
-    assert main(["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "a"), "--calibration", str(data), "--no-eval", "--quiet"]) == 0
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "a"), "--calibration", str(data), "--no-eval", "--quiet"]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["counters"]["calibrate.batches"] == 1
 
@@ -100,14 +104,14 @@ def test_unknown_model_name_or_path(capsys, tmp_path):
 
 def test_existing_output_needs_force(capsys, tmp_path, tiny_hf):
     (tmp_path / "o").mkdir()
-    assert "already exists" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "o")])
+    assert "already exists" in _fail(capsys, ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "o")])
     assert list((tmp_path / "o").iterdir()) == []
-    assert main(["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "o"), "--force", "--no-eval", "--quiet"]) == 0
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "o"), "--force", "--no-eval", "--quiet"]) == 0
     assert (tmp_path / "o" / "recipe.json").is_file()
 
 
 def test_missing_calibration_file(capsys, tmp_path, tiny_hf):
-    line = _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "o"), "--calibration", str(tmp_path / "none.txt")])
+    line = _fail(capsys, ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "o"), "--calibration", str(tmp_path / "none.txt")])
     assert "does not exist" in line and not (tmp_path / "o").exists()
 
 
@@ -130,7 +134,7 @@ def test_nan_weights(capsys, tmp_path, tiny_hf):
 def test_bad_artifacts(capsys, tmp_path, tiny_hf):
     assert "no artifact" in _fail(capsys, ["info", str(tmp_path / "missing")])
     out = tmp_path / "art"
-    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--no-eval", "--quiet"]) == 0
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--no-eval", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     capsys.readouterr()
@@ -146,20 +150,20 @@ def test_bad_artifacts(capsys, tmp_path, tiny_hf):
 
 def test_tt_format_from_the_command_line(tiny_hf, tmp_path, capsys):
     out = tmp_path / "tt"
-    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--format", "tt", "--budget", "0.5", "--no-eval", "--quiet"]) == 0
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--format", "tt", "--budget", "0.5", "--no-eval", "--quiet"]) == 0
     assert "format tt" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["params"]["targets_kept"] <= 0.5 and report["counters"]["network_linear.applied"] == 13
     loaded = tngraph.load(out)
     assert type(loaded.encoder.layer[0].output.dense).__name__ == "NetworkLinear"
-    assert "invalid choice: 'bogus'" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "bogus"])
-    assert "unknown target kind 'conv'" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--targets", "linear,conv"])
-    assert "kron_shape must be two positive integers" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "kron", "--kron-shape", "4by4"])
+    assert "invalid choice: 'bogus'" in _fail(capsys, ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "bogus"])
+    assert "unknown target kind 'conv'" in _fail(capsys, ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--targets", "linear,conv"])
+    assert "kron_shape must be two positive integers" in _fail(capsys, ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--format", "kron", "--kron-shape", "4by4"])
 
 
 def test_ring_format_and_embedding_targets_from_the_command_line(tiny_hf, tmp_path, capsys):
     out = tmp_path / "tr"
-    args = ["compress", "--model", str(tiny_hf), "--out", str(out), "--format", "tr", "--tr-cores", "2", "--tr-als", "2",
+    args = ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--format", "tr", "--tr-cores", "2", "--tr-als", "2",
             "--targets", "linear,embedding", "--budget", "0.5", "--no-eval", "--quiet"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
@@ -172,7 +176,7 @@ def test_ring_format_and_embedding_targets_from_the_command_line(tiny_hf, tmp_pa
 
 def test_budgeted_allocation_options_from_the_command_line(tiny_hf, tmp_path, capsys):
     out = tmp_path / "budgeted"
-    args = ["compress", "--model", str(tiny_hf), "--out", str(out), "--allocation", "budgeted", "--sensitivity", "predicted",
+    args = ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--allocation", "budgeted", "--sensitivity", "predicted",
             "--budget-kind", "bytes", "--dense-rows", "--fisher-batches", "2", "--budget", "0.5", "--no-eval", "--quiet", "--calibration-samples", "64"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
@@ -181,6 +185,39 @@ def test_budgeted_allocation_options_from_the_command_line(tiny_hf, tmp_path, ca
     assert len(rows) == 13 and all(r["sensitivity"]["kind"] == "predicted" and "dense_rows" in r for r in rows.values())
     assert report["counters"]["fisher.batches"] == 2
     tngraph.load(out)
-    bad = ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x")]
+    bad = ["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(tmp_path / "x")]
     assert "invalid choice: 'flops'" in _fail(capsys, [*bad, "--budget-kind", "flops"])
     assert "needs allocation='budgeted'" in _fail(capsys, [*bad, "--budget-kind", "latency", "--allocation", "uniform"])
+
+
+def test_heal_command_heals_an_artifact_in_place_or_into_a_new_folder(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--budget", "0.2", "--no-whiten",
+                 "--allocation", "uniform", "--no-eval", "--quiet"]) == 0
+    assert "heal" not in json.loads((out / "recipe.json").read_text())
+    capsys.readouterr()
+    assert main(["heal", str(out), "--steps", "12", "--lr", "1e-3", "--eval-samples", "40", "--out", str(tmp_path / "healed"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out 1 - cos" in printed and "mean cos" in printed
+    healed = tmp_path / "healed"
+    summary = json.loads((healed / "heal.json").read_text())
+    assert summary["heal"]["best_loss"] < summary["heal"]["start_loss"]
+    assert summary["agreement"]["after"]["mean_cos"] > summary["agreement"]["before"]["mean_cos"]
+    recipe = json.loads((healed / "recipe.json").read_text())
+    assert recipe["heal"]["steps"] == summary["heal"]["best_step"] > 0
+    assert not (tmp_path / "healed.heal-checkpoint").exists()
+    a, b = tngraph.load(out), tngraph.load(healed)
+    assert not torch.equal(a.encoder.layer[0].attention.self.query.a, b.encoder.layer[0].attention.self.query.a)
+    # healing again continues from the healed artifact, in place
+    assert main(["heal", str(healed), "--steps", "4", "--no-eval", "--quiet"]) == 0
+    assert json.loads((healed / "recipe.json").read_text())["heal"]["held_out_start"] == recipe["heal"]["held_out_start"]
+
+
+def test_heal_command_errors_are_one_line(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--no-eval", "--quiet"]) == 0
+    assert "no artifact at" in _fail(capsys, ["heal", str(tmp_path / "nothing")])
+    assert "--steps 0 heals nothing" in _fail(capsys, ["heal", str(out), "--steps", "0"])
+    assert "does not exist" in _fail(capsys, ["heal", str(out), "--data", str(tmp_path / "none.txt")])
+    assert "heal_lr must lie in (0, 1]" in _fail(capsys, ["heal", str(out), "--lr", "-1"])
+    assert "heal_steps must be" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--heal-steps", "-2"])

@@ -1,14 +1,26 @@
-"""Healing by distillation: trains only what it should, never returns a worse model, refuses bad data."""
+"""Healing by distillation: trains only what it should, never returns a worse model, resumes
+bit-identically, persists what it trained, distils causal LMs by KL, refuses bad data."""
+import json
+
 import pytest
 import torch
 
 import tngraph
-from tngraph.errors import DataError
-from tngraph.heal import HealConfig, heal
+from tngraph.errors import ArtifactError, ConfigError, DataError, ModelError
+from tngraph.heal import CHECKPOINT, HealConfig, heal, schedule
+
+FAST = dict(batch_size=8, max_length=32, held_out=16)
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(minilm, sentences):
+def texts():
+    from tngraph.data import sentence_sets
+
+    return sentence_sets(calibration=256, evaluation=16, seed=1).calibration
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(minilm, texts):
     from transformers import BertConfig, BertModel
 
     _, tokenizer = minilm
@@ -16,38 +28,230 @@ def tiny_pair(minilm, sentences):
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     teacher = BertModel(config).eval()
-    student = tngraph.compress(teacher, calibration=sentences.calibration[:64], tokenizer=tokenizer,
-                               config=tngraph.Config(budget=0.15, allocation="uniform", whiten=False, include=(r"^encoder\.",), progress=False))
+    student = tngraph.compress(teacher, calibration=texts[:64], tokenizer=tokenizer,
+                               config=tngraph.Config(budget=0.15, allocation="uniform", whiten=False, include=(r"^encoder\.",),
+                                                     heal_steps=0, progress=False))
     return teacher, student, tokenizer
 
 
-def test_heal_lowers_the_held_out_loss_and_trains_only_factors_and_norms(tiny_pair, sentences):
+def _copy(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def test_heal_lowers_the_held_out_loss_and_trains_only_factors_and_norms(tiny_pair, texts):
     teacher, student, tokenizer = tiny_pair
+    student = _copy(student)
     embeddings = student.embeddings.word_embeddings.weight.detach().clone()
+    dense_weight = student.pooler.dense.weight.detach().clone()
     factor = student.encoder.layer[0].attention.self.query.a.detach().clone()
+    norm = student.encoder.layer[0].output.LayerNorm.weight.detach().clone()
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    cfg = HealConfig(steps=30, lr=3e-4, batch_size=8, max_length=32, eval_every=10, patience=10)
-    result = heal(student, teacher, sentences.calibration, tokenizer, cfg, show=False)
-    assert result.best_loss < result.start_loss and result.history[0] == (0, result.start_loss)
+    result = heal(student, teacher, texts, tokenizer, HealConfig(steps=40, lr=1e-3, eval_every=10, patience=10, **FAST), show=False)
+    assert result.best_loss < result.start_loss * 0.9 and result.history[0] == (0, result.start_loss)
+    assert result.metric == "1 - cos" and result.best_step > 0
     assert torch.equal(student.embeddings.word_embeddings.weight, embeddings)  # frozen
+    assert torch.equal(student.pooler.dense.weight, dense_weight)  # a dense weight: frozen
     assert not torch.equal(student.encoder.layer[0].attention.self.query.a, factor)  # trained
+    assert not torch.equal(student.encoder.layer[0].output.LayerNorm.weight, norm)  # norms train by default
+    assert "encoder.layer.0.output.LayerNorm.weight" in result.trained and "embeddings.word_embeddings.weight" not in result.trained
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())  # the teacher is untouched
     assert not any(p.requires_grad for p in student.parameters())
 
 
-def test_heal_never_returns_a_worse_model(tiny_pair, sentences):
+def test_factors_only(tiny_pair, texts):
     teacher, student, tokenizer = tiny_pair
+    student = _copy(student)
+    norm = student.encoder.layer[0].output.LayerNorm.weight.detach().clone()
+    result = heal(student, teacher, texts, tokenizer, HealConfig(steps=5, train_norms=False, **FAST), show=False)
+    assert torch.equal(student.encoder.layer[0].output.LayerNorm.weight, norm)
+    assert all(name.rsplit(".", 1)[-1] in ("a", "b") for name in result.trained)
+
+
+def test_heal_never_returns_a_worse_model(tiny_pair, texts):
+    teacher, student, tokenizer = tiny_pair
+    student = _copy(student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     # a learning rate this large only makes things worse: the start is kept
-    cfg = HealConfig(steps=10, lr=10.0, batch_size=8, max_length=32, eval_every=5, patience=1, clip=1e6)
-    result = heal(student, teacher, sentences.calibration, tokenizer, cfg, show=False)
+    cfg = HealConfig(steps=10, lr=1.0, eval_every=5, patience=1, clip=1e6, **FAST)
+    result = heal(student, teacher, texts, tokenizer, cfg, show=False)
     assert result.best_step == 0 and result.best_loss == result.start_loss
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 
-@pytest.mark.parametrize("texts, match", [([], "at least"), (["short"] * 10, "at least"), ("one string", "list of texts"),
-                                          ([1, 2, 3], "list of texts")])
-def test_bad_healing_data_is_refused(tiny_pair, texts, match):
+def test_schedule_is_seeded_covers_the_data_and_groups_by_length():
+    lengths = [i % 37 for i in range(400)]
+    a = schedule(lengths, 60, 8, torch.Generator().manual_seed(3))
+    b = schedule(lengths, 60, 8, torch.Generator().manual_seed(3))
+    assert a == b and len(a) == 60 and all(len(batch) == 8 for batch in a)
+    first_epoch = [i for batch in a[: 400 // 8] for i in batch]
+    assert sorted(first_epoch) == list(range(400))  # each text once per epoch
+    spread = sum(max(lengths[i] for i in batch) - min(lengths[i] for i in batch) for batch in a) / len(a)
+    assert spread < 6  # similar lengths together: little padding (random batches spread ~30)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_pair, texts, tmp_path, monkeypatch):
+    teacher, student, tokenizer = tiny_pair
+    cfg = HealConfig(steps=12, lr=1e-3, eval_every=3, patience=10, checkpoint_every=4, **FAST)
+    straight = _copy(student)
+    expected = heal(straight, teacher, texts, tokenizer, cfg, show=False)
+
+    interrupted = _copy(student)
+    calls = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # Ctrl-C during step 7
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        heal(interrupted, teacher, texts, tokenizer, cfg, checkpoint=tmp_path / "ckpt", show=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert (tmp_path / "ckpt" / CHECKPOINT).is_file()
+
+    resumed = heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path / "ckpt", resume=True, show=False)
+    # a fresh copy of the start, resumed: its state comes from the checkpoint
+    assert resumed.resumed_from == 6 and resumed.steps == 12
+    assert resumed.history == expected.history and resumed.best_loss == expected.best_loss
+    assert not (tmp_path / "ckpt").exists()  # removed once healing ended
+
+
+def test_resumed_weights_are_bit_identical(tiny_pair, texts, tmp_path, monkeypatch):
+    teacher, student, tokenizer = tiny_pair
+    cfg = HealConfig(steps=8, lr=1e-3, eval_every=8, patience=10, checkpoint_every=3, **FAST)
+    straight = _copy(student)
+    heal(straight, teacher, texts, tokenizer, cfg, show=False)
+    calls = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path, show=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    resumed = _copy(student)
+    heal(resumed, teacher, texts, tokenizer, cfg, checkpoint=tmp_path, resume=True, show=False)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_from_another_run_is_refused(tiny_pair, texts, tmp_path, monkeypatch):
+    teacher, student, tokenizer = tiny_pair
+    cfg = HealConfig(steps=6, checkpoint_every=2, **FAST)
+    calls = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path, show=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(ArtifactError, match="another run"):
+        heal(_copy(student), teacher, texts, tokenizer, HealConfig(steps=6, lr=5e-4, checkpoint_every=2, **FAST),
+             checkpoint=tmp_path, resume=True, show=False)
+    (tmp_path / CHECKPOINT).write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path, resume=True, show=False)
+
+
+@pytest.mark.parametrize("data, match", [([], "at least"), (["a short text"] * 10, "at least"), ("one string", "list of texts"),
+                                         ([1, 2, 3], "list of texts"), (["   "] * 100, "at least")])
+def test_bad_healing_data_is_refused(tiny_pair, data, match):
     teacher, student, tokenizer = tiny_pair
     with pytest.raises(DataError, match=match):
-        heal(student, teacher, texts, tokenizer, HealConfig(batch_size=8), show=False)
+        heal(_copy(student), teacher, data, tokenizer, HealConfig(**FAST), show=False)
+
+
+def test_a_dense_model_has_nothing_to_heal(tiny_pair, texts):
+    teacher, _, tokenizer = tiny_pair
+    with pytest.raises(ModelError, match="no tngraph factorized layers"):
+        heal(_copy(teacher), teacher, texts, tokenizer, HealConfig(train_norms=False, **FAST), show=False)
+
+
+@pytest.mark.parametrize("options, match", [(dict(steps=-1), "non-negative"), (dict(lr=0.0), "lr"), (dict(batch_size=0), "positive"),
+                                            (dict(warmup=2.0), "warmup")])
+def test_bad_heal_options_are_refused(options, match):
+    with pytest.raises(ConfigError, match=match):
+        HealConfig(**options)
+    with pytest.raises(ConfigError, match="heal_lr"):
+        tngraph.Config(heal_lr=-1.0)
+    with pytest.raises(ConfigError, match="heal_steps"):
+        tngraph.Config(heal_steps=-3)
+
+
+def test_compress_heals_by_default_and_the_artifact_keeps_what_healing_trained(minilm, texts, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    _, tokenizer = minilm
+    torch.manual_seed(1)
+    teacher = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=128)).eval()
+    config = tngraph.Config(budget=0.15, allocation="uniform", whiten=False, include=(r"^encoder\.",), heal_steps=15, heal_lr=1e-3, batch_size=16,
+                            max_length=32, progress=False)
+    result = tngraph.compress_with_result(teacher, calibration=texts, tokenizer=tokenizer, config=config)
+    assert result.heal is not None and result.heal.best_loss < result.heal.start_loss and "heal" in result.timings
+    healed = result.module.tngraph_recipe["heal"]
+    assert healed["steps"] == result.heal.best_step and healed["held_out"] == result.heal.best_loss
+    assert "encoder.layer.0.output.LayerNorm.weight" in healed["params"]  # a non-factor parameter healing trained
+    assert not any(name.endswith((".a", ".b")) for name in healed["params"])  # factors are saved as factors
+    out = tngraph.save(result.module, tmp_path / "art")
+    loaded = tngraph.load(out, teacher)
+    enc = dict(tokenizer(texts[:4], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**enc).last_hidden_state, result.module(**enc).last_hidden_state)
+    assert json.loads((out / "recipe.json").read_text())["heal"]["params"] == healed["params"]
+
+
+def test_healing_without_texts_is_skipped_with_a_warning(caplog):
+    from tests.conftest import MLP
+
+    with caplog.at_level("WARNING", logger="tngraph"):
+        result = tngraph.compress_with_result(MLP(), calibration=[torch.randn(8, 24) for _ in range(4)],
+                                              config=tngraph.Config(budget=0.5, progress=False))
+    assert result.heal is None and "healing skipped" in caplog.text
+
+
+def test_heal_data_file_errors_name_the_file(tiny_pair, tmp_path):
+    teacher, _, tokenizer = tiny_pair
+    config = tngraph.Config(budget=0.3, allocation="uniform", include=(r"^encoder\.",), progress=False)
+    calibration = ["a sentence about nothing in particular"] * 8
+    for path, match in ((tmp_path / "missing.txt", "does not exist"), (tmp_path, "is a directory")):
+        with pytest.raises(DataError, match=match):
+            tngraph.compress(teacher, calibration=calibration, tokenizer=tokenizer, config=config.replace(heal_data=str(path)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)))
+    for path, match in ((empty, "holds no samples"), (binary, "cannot read healing data|binary")):
+        with pytest.raises(DataError, match=match):
+            tngraph.compress(teacher, calibration=calibration, tokenizer=tokenizer, config=config.replace(heal_data=str(path)))
+
+
+def test_causal_lm_is_distilled_by_kl(minilm, texts):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = minilm
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    teacher = LlamaForCausalLM(config).eval()
+    batches = [{k: v for k, v in tokenizer(texts[i : i + 8], padding=True, return_tensors="pt").items() if k != "token_type_ids"}
+               for i in range(0, 32, 8)]
+    student = tngraph.compress(teacher, calibration=batches,
+                               config=tngraph.Config(budget=0.2, allocation="uniform", include=(r"^model\.layers\.",), progress=False))
+    result = heal(student, teacher, texts, tokenizer, HealConfig(steps=20, lr=2e-3, eval_every=5, patience=10, **FAST), show=False)
+    assert result.metric == "KL" and result.best_loss < result.start_loss and result.start_loss > 0

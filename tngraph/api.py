@@ -35,6 +35,8 @@ class CompressResult:
     context: PassContext
     recipe: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    heal: Any = None  # tngraph.heal.HealResult when healing ran
+    unhealed: dict[str, torch.Tensor] | None = None  # the healed parameters' values before healing
 
 
 def calibration_batches(
@@ -92,10 +94,23 @@ def compress_with_result(
     *,
     tokenizer: Any = None,
     source: ModelSource | None = None,
+    heal_texts: Sequence[str] | None = None,
+    heal_checkpoint: Any = None,
+    resume: bool = False,
     **options: Any,
 ) -> CompressResult:
+    """compress() returning the module with its graph, pass context, recipe, timings and healing.
+
+    heal_texts: texts to heal on (default: Config.heal_data's file, else the calibration texts);
+    heal_checkpoint / resume: a folder for healing checkpoints, and whether to continue from one.
+    """
     config = (config or Config()).replace(**options) if options else (config or Config())
     batches = calibration_batches(calibration, config, tokenizer)
+    texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
+    # healing data is checked before the long work
+    healing = _heal_texts(config, heal_texts, calibration if texts else None) if config.heal_steps > 0 else None
+    if healing is not None and tokenizer is None:
+        raise DataError("healing texts need a tokenizer", "pass tokenizer=, or heal_steps=0")
     if example_inputs is None:
         if not batches:
             raise DataError("compress needs example inputs to capture the model", "pass example_inputs= or calibration=")
@@ -104,14 +119,64 @@ def compress_with_result(
     start = time.perf_counter()
     gm = capture(model, example_inputs)
     timings = {"capture": time.perf_counter() - start}
-    texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
     ctx = PassContext(config=config, calibration=batches, objective=sentence_objective if texts else None)
     gm = run_passes(gm, ctx)
     timings.update(ctx.timings)
     compressed = apply_plan(copy.deepcopy(model), ctx.plan.values())
     recipe = make_recipe(model, ctx.plan.values(), config, source)
     attach(compressed, recipe)
-    return CompressResult(compressed, gm, ctx, recipe, timings)
+    result = CompressResult(compressed, gm, ctx, recipe, timings)
+    if config.heal_steps > 0 and healing is None:
+        log.warning("healing skipped: it needs texts and a tokenizer (pass heal_data=FILE or heal_texts=[...], "
+                    "or heal_steps=0 to silence this)")
+    elif healing is not None:
+        start = time.perf_counter()
+        result.heal, result.unhealed = heal_model(compressed, model, healing, tokenizer, heal_config(config), show=config.progress,
+                                                  checkpoint=heal_checkpoint, resume=resume)
+        timings["heal"] = time.perf_counter() - start
+    return result
+
+
+def _heal_texts(config: Config, given: Sequence[str] | None, calibration: Sequence[str] | None) -> Sequence[str] | None:
+    if config.heal_data is not None:
+        from .data import read_lines
+
+        return read_lines(config.heal_data, what="healing data")
+    return given if given is not None else calibration
+
+
+def heal_config(config: Config) -> Any:
+    """The HealConfig a compress Config asks for."""
+    from .heal import HealConfig
+
+    return HealConfig(steps=config.heal_steps, lr=config.heal_lr, max_length=config.max_length, batch_size=config.batch_size, seed=config.seed)
+
+
+def heal_model(module: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str], tokenizer: Any, config: Any, *,
+               show: bool = True, checkpoint: Any = None, resume: bool = False) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Heal a compressed `module` against `teacher` (in place) and record it in its recipe; returns
+    the HealResult and the trained parameters' values before healing."""
+    from .heal import heal, trainable
+
+    unhealed = {n: p.detach().clone() for n, p in trainable(module, config.train_norms).items()}
+    outcome = heal(module, teacher, texts, tokenizer, config, checkpoint=checkpoint, resume=resume, show=show)
+    record_heal(module, outcome)
+    return outcome, unhealed
+
+
+def record_heal(module: torch.nn.Module, outcome: Any) -> None:
+    """Note in the module's recipe that it was healed and which non-factor parameters changed."""
+    factors = {f"{name}.{p}" for name, sub in module.named_modules() if isinstance(sub, (LowRankLinear, LowRankEmbedding, NetworkLinear))
+               for p, _ in sub.named_parameters() if p != "bias"}
+    recipe = module.tngraph_recipe  # type: ignore[attr-defined]
+    before = recipe.get("heal", {})
+    recipe["heal"] = {
+        "steps": before.get("steps", 0) + outcome.best_step,
+        "metric": outcome.metric,
+        "held_out_start": before.get("held_out_start", outcome.start_loss),
+        "held_out": outcome.best_loss,
+        "params": sorted(set(before.get("params", [])) | {n for n in outcome.trained if n not in factors}),
+    }
 
 
 def apply_plan(model: torch.nn.Module, plans: Any) -> torch.nn.Module:

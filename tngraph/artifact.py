@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 RECIPE = "recipe.json"
 FACTORS = "factors.safetensors"
+HEALED = "healed/"  # key prefix of the non-factor parameters healing trained
 
 
 def check_output_dir(path: str | os.PathLike, force: bool) -> pathlib.Path:
@@ -69,6 +70,10 @@ def save(module: torch.nn.Module, path: str | os.PathLike, *, force: bool = Fals
     plans = plans_from_module(module)
     recipe = dict(module.tngraph_recipe)  # type: ignore[attr-defined]
     tensors = {f"{p.name}.{k}": v.detach().to("cpu").contiguous() for p in plans for k, v in p.factors.items()}
+    # parameters outside the factors that healing trained (biases, norms)
+    params = dict(module.named_parameters())
+    for name in recipe.get("heal", {}).get("params", []):
+        tensors[f"{HEALED}{name}"] = params[name].detach().to("cpu").contiguous()
     with atomic_dir(path, force) as tmp:
         # a single metadata key: safetensors writes several in an arbitrary order, breaking byte-identity
         save_file(tensors, str(tmp / FACTORS), metadata={"format": "pt"})
@@ -125,6 +130,13 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
         raise ArtifactError("this artifact was made from a different source model (weights hash differs)", "load it onto the model it was compressed from")
     plans = [_plan(entry, tensors) for entry in recipe["targets"]]
     module = apply_plan(model, plans)
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name in recipe.get("heal", {}).get("params", []):
+            tensor = tensors.get(f"{HEALED}{name}")
+            if tensor is None or name not in params or tensor.shape != params[name].shape:
+                raise ArtifactError(f"healed parameter {name!r} is missing or does not fit the model", "recompress the model")
+            params[name].copy_(tensor)
     recipe = {k: v for k, v in recipe.items() if k != "files"}
     attach(module, recipe)
     return module

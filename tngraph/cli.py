@@ -71,6 +71,7 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--no-output-whiten", action="store_true",
                    help="whiten inputs only: skip the output-gradient (fisher) weighting of low-rank decompositions")
     p.add_argument("--fisher-batches", type=int, default=None, help="calibration batches of the output-gradient statistics (default 64)")
+    _add_heal_options(p, prefix="heal-")
     p.add_argument("--include", action="append", default=None, metavar="REGEX", help="target only module paths matching REGEX (repeatable)")
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX", help="never target module paths matching REGEX (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for calibration and latency (default 2)")
@@ -78,6 +79,16 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--dump", metavar="DIR", help="write the graph after each pass to DIR (as TNGRAPH_DUMP=DIR)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+
+
+def _add_heal_options(p: argparse.ArgumentParser, *, prefix: str) -> None:
+    p.add_argument(f"--{prefix}steps", type=int, default=None, metavar="N",
+                   help="steps of the healing fine-tune (distillation against the original; default 500, 0 turns it off)")
+    p.add_argument(f"--{prefix}lr", type=float, default=None, metavar="LR", help="peak learning rate of healing (default 1e-4)")
+    p.add_argument(f"--{prefix}data", metavar="FILE", default=None,
+                   help="text to heal on, one sample per line (default: the built-in sentences outside the evaluation set, "
+                        "or the --calibration file)")
+    p.add_argument("--resume", action="store_true", help="continue healing from the checkpoint an interrupted run left (OUT.heal-checkpoint)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_options(c, out_required=True)
     d = sub.add_parser("demo", help="compress the bundled MiniLM at budget 0.5 and print the report")
     _add_compress_options(d, out_required=False)
+    h = sub.add_parser("heal", help="heal an existing artifact: distil it against its source model, then save it")
+    h.add_argument("artifact", help="folder written by `tngraph compress`")
+    h.add_argument("--out", default=None, help="write the healed artifact here (default: replace the artifact in place)")
+    h.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    _add_heal_options(h, prefix="")
+    h.add_argument("--eval-samples", type=int, default=None, help="held-out sentences of the before/after agreement (default: the artifact's)")
+    h.add_argument("--no-eval", action="store_true", help="skip the before/after agreement")
+    h.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    h.add_argument("--seed", type=int, default=None, help="seed of the batch order (default: the artifact's)")
+    h.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    h.add_argument("-v", "--verbose", action="store_true", help="log progress")
     i = sub.add_parser("info", help="verify an artifact folder (hashes, source model) and summarise it")
     i.add_argument("artifact", help="folder written by `tngraph compress`")
     i.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
@@ -104,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _info(args)
+        if args.command == "heal":
+            return _heal(args)
         if args.command == "demo":
             args.model = "minilm"
         return _compress(args)
@@ -130,7 +154,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .api import compress_with_result
     from .artifact import check_output_dir, save
     from .config import Config
-    from .data import read_lines, sentence_sets
+    from .data import healing_pool, read_lines, sentence_sets
     from .models import default_include, load_model, resolve
 
     hf_logging.set_verbosity_error()
@@ -149,7 +173,7 @@ def _compress(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
-    for key in ("allocation", "budget_kind", "dense_rows", "mixture", "latency_rows", "fisher_batches", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
+    for key in ("heal_steps", "heal_lr", "heal_data", "allocation", "budget_kind", "dense_rows", "mixture", "latency_rows", "fisher_batches", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
                 "cp_max_iter", "cp_tol", "cp_time_limit", "kron_shape", "monarch_blocks", "calibration_samples"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -164,7 +188,9 @@ def _compress(args: argparse.Namespace) -> int:
         raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
     builtin = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
     calibration = read_lines(args.calibration) if args.calibration else builtin.calibration
-    result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source)
+    heal_texts = None if args.calibration else healing_pool(builtin.evaluation)
+    result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source,
+                                  heal_texts=heal_texts, heal_checkpoint=_checkpoint_dir(args.out), resume=args.resume)
     report = _report(args, source, model, tokenizer, result, builtin.evaluation, config)
     report["timings"]["total"] = time.perf_counter() - started
     save(result.module, args.out, force=args.force, extra={"report.json": report})
@@ -172,6 +198,72 @@ def _compress(args: argparse.Namespace) -> int:
     from .report import format_table
 
     print(format_table(report))
+    return 0
+
+
+def _checkpoint_dir(out: str) -> str:
+    """Healing checkpoints live beside the artifact (the artifact folder is replaced in one rename)."""
+    path = os.path.abspath(out).rstrip(os.sep)
+    return path + ".heal-checkpoint"
+
+
+def _heal(args: argparse.Namespace) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .api import heal_config, heal_model
+    from .artifact import check_output_dir, load, save
+    from .config import Config
+    from .data import healing_pool, read_lines, sentence_sets
+    from .evaluate import agreement, sentence_embeddings
+    from .models import ModelSource, load_model
+
+    hf_logging.set_verbosity_error()
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    out = args.out or args.artifact
+    if args.out and os.path.abspath(args.out) != os.path.abspath(args.artifact):
+        check_output_dir(out, args.force)
+    module = load(args.artifact)
+    recipe = module.tngraph_recipe
+    source = ModelSource.from_json(recipe["source"])
+    if source.kind == "module":
+        raise TngraphError("this artifact was made from a user module, which the command line cannot rebuild",
+                           "heal it in Python: tngraph.heal.heal(tngraph.load(DIR, model), model, texts, tokenizer)")
+    teacher, tokenizer = load_model(source)
+    if tokenizer is None:
+        raise TngraphError("the artifact's source model has no tokenizer", "add the tokenizer files to the model folder")
+    saved = recipe["config"]
+    changes = {k: v for k, v in (("heal_steps", args.steps), ("heal_lr", args.lr), ("seed", args.seed),
+                                 ("eval_samples", args.eval_samples)) if v is not None}
+    # an artifact compressed with --heal-steps 0 still heals the default number of steps here
+    config = Config(**{k: v for k, v in saved.items() if k in ("heal_lr", "max_length", "batch_size", "seed",
+                                                               "calibration_samples", "eval_samples")}).replace(**changes)
+    if config.heal_steps == 0:
+        raise ConfigError("--steps 0 heals nothing", "pass --steps N with N > 0")
+    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+    texts = read_lines(args.data, what="healing data") if args.data else healing_pool(sets.evaluation)
+    show = not args.quiet
+    before = None
+    if not args.no_eval:
+        ref = sentence_embeddings(teacher, tokenizer, sets.evaluation, max_length=config.max_length, show=show)
+        before = agreement(ref, sentence_embeddings(module, tokenizer, sets.evaluation, max_length=config.max_length, show=show))
+    outcome, _ = heal_model(module, teacher, texts, tokenizer, heal_config(config), show=show,
+                            checkpoint=_checkpoint_dir(out), resume=args.resume)
+    report = {"heal": outcome.to_json()}
+    if before is not None:
+        after = agreement(ref, sentence_embeddings(module, tokenizer, sets.evaluation, max_length=config.max_length, show=show))
+        report["agreement"] = {"before": before.to_json(), "after": after.to_json()}
+    save(module, out, force=True, extra={"heal.json": report})
+    h = outcome
+    print(f"healed {args.artifact}: held-out {h.metric} {h.start_loss:.4f} -> {h.best_loss:.4f} "
+          f"(best at step {h.best_step} of {h.steps}, {h.seconds:.0f}s)")
+    if before is not None:
+        a = report["agreement"]["after"]
+        print(f"embedding agreement on {before.sentences} evaluation sentences: mean cos {before.mean_cos:.4f} -> {a['mean_cos']:.4f}, "
+              f"min cos {before.min_cos:.4f} -> {a['min_cos']:.4f}, top-10 {before.top10_overlap:.4f} -> {a['top10_overlap']:.4f}")
+    print(f"artifact: {os.path.abspath(out)}")
     return 0
 
 
@@ -209,6 +301,24 @@ def _per_target(result) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def _unhealed_agreement(result, ref, tokenizer, evaluation, config, show) -> dict[str, Any]:
+    """Agreement of the compressed model as it was before healing (its trained parameters swapped back)."""
+    import torch
+
+    from .evaluate import agreement, sentence_embeddings
+
+    params = dict(result.module.named_parameters())
+    healed = {n: params[n].detach().clone() for n in result.unhealed}
+    with torch.no_grad():
+        for n, v in result.unhealed.items():
+            params[n].copy_(v)
+        try:
+            return agreement(ref, sentence_embeddings(result.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
+        finally:
+            for n, v in healed.items():
+                params[n].copy_(v)
+
+
 def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[str, Any]:
     import torch
 
@@ -238,12 +348,16 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
         "counters": dict(result.context.counters),
         "timings": dict(result.timings),
     }
+    if result.heal is not None:
+        report["heal"] = result.heal.to_json()
     if args.no_eval:
         return report
     start = time.perf_counter()
     show = not args.quiet
     ref = sentence_embeddings(model, tokenizer, evaluation, max_length=config.max_length, show=show)
     report["agreement"] = {"compressed": agreement(ref, sentence_embeddings(result.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()}
+    if result.unhealed is not None:
+        report["agreement"]["unhealed"] = _unhealed_agreement(result, ref, tokenizer, evaluation, config, show)
     if not args.no_baseline and config.whiten and config.format == "lowrank":
         # the data-free baseline: plain truncated SVD at the budget's uniform ranks
         baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, dump_dir=None)

@@ -69,6 +69,12 @@ class Config:
         applied when few calibration samples estimated it: 0.25 x its size / samples).
     fisher_batches: how many calibration batches (spread over the set) the output-gradient
         statistics use.
+    heal_steps: steps of the healing fine-tune that ends compress (distillation of the compressed
+        model against the original on text, tngraph.heal; 0 turns it off). It needs texts: heal_data,
+        else the text calibration data; without either it is skipped with a warning.
+    heal_lr: peak AdamW learning rate of healing.
+    heal_data: a UTF-8 text file, one sample per line, to heal on (default: the calibration texts;
+        the CLI's built-in set uses every built-in sentence outside the evaluation set).
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
         a target must match one `include` pattern (when any are given) and no `exclude` pattern.
     calibration_samples / eval_samples: sizes of the built-in sentence sets (bundled MiniLM).
@@ -107,6 +113,9 @@ class Config:
     output_whiten: bool = True
     output_damping: float = 0.1
     fisher_batches: int = 64
+    heal_steps: int = 500
+    heal_lr: float = 1e-4
+    heal_data: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     calibration_samples: int = 2048
@@ -126,9 +135,13 @@ class Config:
         _check_number("damping", self.damping, low=0.0, high=1.0)
         _check_number("output_damping", self.output_damping, low=0.0, high=100.0)
         for name, low, high in (("tt_cores", 2, 6), ("tucker_modes", 1, 6), ("tr_cores", 2, 6), ("cp_modes", 1, 6),
-                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("fisher_batches", 1, 1 << 20)):
+                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("fisher_batches", 1, 1 << 20), ("heal_steps", 0, 1 << 30)):
             _check_int(name, getattr(self, name), low, high)
         _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
+        _check_number("heal_lr", self.heal_lr, low=0.0, high=1.0, low_open=True)
+        if self.heal_data is not None and not isinstance(self.heal_data, str):
+            raise ConfigError(f"heal_data must be the path of a text file, got {type(self.heal_data).__name__}",
+                              "pass a path, or the texts themselves to compress(..., heal_texts=[...])")
         for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES), ("budget_kind", BUDGET_KINDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")

@@ -87,16 +87,28 @@ def sentence_sets(calibration: int = 512, evaluation: int = 2000, seed: int = 0)
     return SentenceSets(calibration=pool[evaluation : evaluation + calibration], evaluation=pool[:evaluation])
 
 
-def read_lines(path: str | pathlib.Path) -> list[str]:
+def healing_pool(evaluation: list[str]) -> list[str]:
+    """Every built-in sentence outside `evaluation`: the default healing data (more text than the
+    calibration set, none of the sentences the report scores)."""
+    held = set(evaluation)
+    return [s for s in corpus() if s not in held]
+
+
+def read_lines(path: str | pathlib.Path, *, what: str = "calibration data") -> list[str]:
     """One sample per non-empty line of a UTF-8 text file."""
     p = pathlib.Path(path)
+    fix = "pass a UTF-8 text file, one sample per line"
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"calibration file {str(p)!r} does not exist", "pass a UTF-8 text file, one sample per line") from None
+        raise DataError(f"{what} file {str(p)!r} does not exist", fix) from None
+    except IsADirectoryError:
+        raise DataError(f"{what} file {str(p)!r} is a directory", fix) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read calibration file {str(p)!r}: {exc}", "pass a UTF-8 text file, one sample per line") from None
+        raise DataError(f"cannot read {what} file {str(p)!r}: {exc}", fix) from None
+    if "\0" in text:
+        raise DataError(f"{what} file {str(p)!r} holds binary data, not text", fix)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
-        raise DataError(f"calibration file {str(p)!r} holds no samples", "write one sample per line")
+        raise DataError(f"{what} file {str(p)!r} holds no samples", "write one sample per line")
     return lines

@@ -1,160 +1,389 @@
 """heal: a short distillation fine-tune of a compressed model (student) against the original (teacher).
 
-Only the factors of the replaced layers train (optionally biases and norms too); everything else is
-frozen. Loss for encoders: MSE of the last hidden states over real tokens plus 1 - cos of the
-pooled sentence embeddings; for causal LMs: KL divergence of the next-token distributions.
-AdamW, linear warm-up then cosine decay, gradient-norm clipping, a fixed seed. A held-out split
-is evaluated every `eval_every` steps; training stops early when it stops improving, and the
-best state seen (the start included) is what comes back: healing never returns a model worse than
-its start on that split.
+Only the factors of the replaced layers train (optionally every bias and LayerNorm too); everything
+else is frozen. Losses:
+- encoders (outputs with `last_hidden_state`): relative MSE of the last hidden state over real
+  tokens, plus the mean of every earlier block's (`layers`), plus 1 - cos of the pooled sentence
+  embeddings; the held-out score is 1 - mean cos, what users of the embeddings see;
+- causal LMs (outputs with `logits`): KL(teacher || student) of the next-token distributions over
+  real tokens (plus the block outputs with `layers`); the held-out score is that KL.
+AdamW, linear warm-up then cosine decay, gradient-norm clipping. Batches are drawn from a fixed seed
+and grouped by length (little padding); the whole schedule is a function of the seed, so a run
+resumed from a checkpoint takes the same steps as an uninterrupted one and ends bit-identical.
+A held-out split is scored every `eval_every` steps; training stops early when it stops improving,
+and the best state seen (the start included) is what comes back: healing never returns a model
+worse than its start on that split.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import pathlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from .errors import DataError
+from .errors import ArtifactError, DataError, ModelError
 from .evaluate import pooled
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .progress import progress
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT = "heal-checkpoint.safetensors"
+_BUCKET = 16  # batches whose texts are sorted by length together
+
 
 @dataclass(frozen=True)
 class HealConfig:
-    steps: int = 300
-    lr: float = 3e-4
+    """steps: optimizer steps (at most; early stopping may end sooner). lr: peak AdamW learning
+    rate. warmup: fraction of the steps the rate ramps up over. clip: gradient-norm clipping.
+    held_out: texts kept out of training and scored every eval_every steps; patience: scores without
+    improvement before stopping. train_norms: every bias and LayerNorm trains too (else only the
+    factors). layers: match every block's output, not only the last. checkpoint_every: steps
+    between checkpoints (when a checkpoint folder is given)."""
+
+    steps: int = 500
+    lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup: float = 0.05  # fraction of the steps
+    warmup: float = 0.05
     clip: float = 1.0
     batch_size: int = 32
     max_length: int = 128
-    held_out: float = 0.1  # fraction of the samples kept for early stopping
-    eval_every: int = 25
-    patience: int = 4  # evaluations without improvement before stopping
-    train_norms: bool = True  # biases and LayerNorm weights of the whole model train too
+    held_out: int = 256  # at most a quarter of the texts
+    eval_every: int = 50
+    patience: int = 4
+    train_norms: bool = True
+    layers: bool = True
+    checkpoint_every: int = 50
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .errors import ConfigError
+
+        for name in ("steps", "batch_size", "max_length", "held_out", "eval_every", "patience", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+                raise ConfigError(f"heal {name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {value!r}")
+        for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 1.0), ("warmup", 0.0, 1.0), ("clip", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or (name in ("lr", "clip") and value == 0):
+                raise ConfigError(f"heal {name} must lie in ({low:g}, {high:g}], got {value!r}" if name in ("lr", "clip") else f"heal {name} must lie in [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass
 class HealResult:
-    steps: int
-    start_loss: float
-    best_loss: float
+    steps: int  # steps taken (resumed ones included)
+    start_loss: float  # held-out score before healing
+    best_loss: float  # held-out score of the returned model
     best_step: int
-    seconds: float
+    seconds: float  # this call's wall time
+    metric: str  # what the score is: "1 - cos" or "KL"
     history: list[tuple[int, float]] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)  # names of the parameters that trained
+    resumed_from: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("trained")
+        return out
 
 
-def _trainable(student: torch.nn.Module, train_norms: bool) -> list[torch.nn.Parameter]:
-    params = []
+def trainable(student: torch.nn.Module, train_norms: bool = True) -> dict[str, torch.nn.Parameter]:
+    """The parameters healing trains, by name: every factor of a tngraph layer, and with
+    `train_norms` every bias and LayerNorm parameter of the model."""
+    names: dict[int, str] = {id(p): n for n, p in student.named_parameters()}
+    chosen: dict[str, torch.nn.Parameter] = {}
     for module in student.modules():
         if isinstance(module, (LowRankLinear, LowRankEmbedding, NetworkLinear)):
-            params += [p for name, p in module.named_parameters(recurse=False) if name != "bias" or train_norms]
-            if isinstance(module, NetworkLinear):
-                params += list(module.cores)
+            for name, p in module.named_parameters():
+                if name != "bias" or train_norms:
+                    chosen[names[id(p)]] = p
         elif train_norms and isinstance(module, torch.nn.LayerNorm):
-            params += list(module.parameters(recurse=False))
+            for p in module.parameters(recurse=False):
+                chosen[names[id(p)]] = p
     if train_norms:
-        params += [p for name, p in student.named_parameters() if name.endswith(".bias")]
-    return list({id(p): p for p in params}.values())
+        chosen.update({n: p for n, p in student.named_parameters() if n.endswith(".bias")})
+    return chosen
 
 
-def _encoder_loss(student_out: Any, teacher_out: Any, mask: torch.Tensor) -> torch.Tensor:
+def _relative_mse(hs: torch.Tensor, ht: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (((hs - ht) ** 2) * m).sum() / (ht**2 * m).sum().clamp_min(1e-12)
+
+
+def _blocks(student_out: Any, teacher_out: Any, m: torch.Tensor) -> torch.Tensor | float:
+    """Mean relative MSE of the block outputs between the embeddings and the last one."""
+    inner_s, inner_t = getattr(student_out, "hidden_states", None), getattr(teacher_out, "hidden_states", None)
+    if inner_s is None or inner_t is None or len(inner_s) <= 2:
+        return 0.0
+    return sum(_relative_mse(a, b, m) for a, b in zip(inner_s[1:-1], inner_t[1:-1])) / (len(inner_s) - 2)
+
+
+def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of KL(teacher || student) of the next-token distributions."""
+    logp_t = torch.log_softmax(teacher_logits.float(), -1)
+    logp_s = torch.log_softmax(student_logits.float(), -1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
+
+
+def _kind(outputs: Any) -> str:
+    if getattr(outputs, "logits", None) is not None:
+        return "lm"
+    if getattr(outputs, "last_hidden_state", None) is not None:
+        return "encoder"
+    raise ModelError(f"healing does not know what to match in a {type(outputs).__name__} output",
+                     "heal Hugging Face encoders (last_hidden_state) or causal LMs (logits), or pass heal_steps=0")
+
+
+def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor) -> torch.Tensor:
+    if kind == "lm":
+        hidden = teacher_out.hidden_states[-1] if getattr(teacher_out, "hidden_states", None) else None
+        m = mask.unsqueeze(-1).to(hidden.dtype) if hidden is not None else None
+        return _token_kl(student_out.logits, teacher_out.logits, mask) + (_blocks(student_out, teacher_out, m) if m is not None else 0.0)
     hs, ht = student_out.last_hidden_state, teacher_out.last_hidden_state
     m = mask.unsqueeze(-1).to(hs.dtype)
-    mse = (((hs - ht) ** 2) * m).sum() / (m.sum() * hs.shape[-1]).clamp_min(1)
-    scale = (ht**2 * m).sum() / (m.sum() * hs.shape[-1]).clamp_min(1)
     cos = (pooled(hs, mask) * pooled(ht, mask)).sum(-1)
-    return mse / scale.clamp_min(1e-12) + (1 - cos).mean()
+    return _relative_mse(hs, ht, m) + _blocks(student_out, teacher_out, m) + (1 - cos).mean()
+
+
+def _accepted_inputs(model: torch.nn.Module) -> set[str] | None:
+    """The tokenizer outputs the model's forward names (a causal LM takes no token_type_ids); None: all."""
+    import inspect
+
+    try:
+        names = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names if "input_ids" in names else None
+
+
+def _check_texts(texts: Any, need: int, what: str = "healing data") -> list[str]:
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{what} must be a list of texts", "pass a list of strings (one sample each), or a text file with one sample per line")
+    texts = [t for t in texts if t.strip()]
+    if len(texts) < need:
+        raise DataError(f"{what} needs at least {need} non-empty texts (two batches), got {len(texts)}",
+                        "pass more samples (a few thousand serve best), or a smaller batch size")
+    return texts
+
+
+def schedule(lengths: Sequence[int], steps: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """The batches of every step: epochs of a seeded permutation, each run of _BUCKET batches sorted
+    by length (little padding) and taken in a seeded order."""
+    n, batches = len(lengths), []
+    chunk = batch_size * _BUCKET
+    while len(batches) < steps:
+        perm = torch.randperm(n, generator=generator).tolist()
+        for c in range(0, n, chunk):
+            part = sorted(perm[c : c + chunk], key=lambda i: (lengths[i], i))
+            group = [part[k : k + batch_size] for k in range(0, len(part) - batch_size + 1, batch_size)]
+            batches += [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
+    return batches[:steps]
+
+
+def _fingerprint(cfg: HealConfig, texts: Sequence[str], params: dict[str, torch.nn.Parameter]) -> str:
+    """What a checkpoint must match to be resumed: the options, the data and the student's start."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, sort_keys=True).encode())
+    for t in texts:
+        digest.update(t.encode("utf-8") + b"\0")
+    for name, p in params.items():
+        digest.update(name.encode() + str(tuple(p.shape)).encode())
+        digest.update(p.detach().to("cpu", torch.float64).sum().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class _State:
+    step: int
+    best: float
+    best_step: int
+    bad: int
+    start_loss: float
+    history: list[tuple[int, float]]
+    best_params: dict[str, torch.Tensor]
+
+
+def _write_checkpoint(folder: pathlib.Path, fingerprint: str, state: _State, params: dict[str, torch.nn.Parameter],
+                      opt: torch.optim.Optimizer) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        tensors[f"param.{name}"] = p.detach().cpu().contiguous()
+        tensors[f"best.{name}"] = state.best_params[name].cpu().contiguous()
+        slot = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in slot:
+                tensors[f"opt.{key}.{name}"] = torch.as_tensor(slot[key]).detach().cpu().contiguous()
+    meta = {"fingerprint": fingerprint, "state": json.dumps({k: v for k, v in asdict(state).items() if k != "best_params"})}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{CHECKPOINT}.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, folder / CHECKPOINT)  # a crash mid-write leaves the previous checkpoint whole
+
+
+def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, torch.nn.Parameter],
+                     opt: torch.optim.Optimizer) -> _State | None:
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        saved = json.loads(meta["state"])
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"heal checkpoint {str(path)!r} is corrupt: {exc}", "delete it to start healing afresh") from None
+    if meta.get("fingerprint") != fingerprint:
+        raise ArtifactError(f"heal checkpoint {str(path)!r} was written by another run (options, data or model differ)",
+                            "resume with the same options and data, or delete the checkpoint to start afresh")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+            if f"opt.exp_avg.{name}" in tensors:
+                opt.state[p] = {key: tensors[f"opt.{key}.{name}"].clone() for key in ("exp_avg", "exp_avg_sq", "step")}
+    saved["history"] = [tuple(h) for h in saved["history"]]
+    return _State(best_params={n: tensors[f"best.{n}"].clone() for n in params}, **saved)
 
 
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str], tokenizer: Any,
-         config: HealConfig | None = None, *, show: bool = True) -> HealResult:
-    """Distil `teacher` into `student` (in place) on `texts`; returns what happened."""
+         config: HealConfig | None = None, *, checkpoint: str | os.PathLike | None = None, resume: bool = False,
+         show: bool = True) -> HealResult:
+    """Distil `teacher` into `student` (in place) on `texts`; returns what happened.
+
+    `checkpoint`: a folder where the training state is saved every `checkpoint_every` steps and
+    when interrupted (Ctrl-C); with `resume`, a checkpoint found there is continued from (it must
+    come from the same options, data and student). The checkpoint is removed when healing ends.
+    """
     cfg = config or HealConfig()
-    if isinstance(texts, (str, bytes)) or not all(isinstance(t, str) for t in texts):
-        raise DataError("healing data must be a list of texts", "pass a list of strings (one sample each)")
-    texts = [t for t in texts if t.strip()]
-    if len(texts) < 2 * cfg.batch_size:
-        raise DataError(f"healing needs at least {2 * cfg.batch_size} non-empty texts, got {len(texts)}",
-                        "pass more samples, or a smaller batch size")
+    texts = _check_texts(texts, 2 * cfg.batch_size)
+    params = trainable(student, cfg.train_norms)
+    if not params:
+        raise ModelError("the student has no tngraph factorized layers to heal", "heal a model returned by tngraph.compress")
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(texts), generator=gen).tolist()
-    n_held = max(cfg.batch_size, int(len(texts) * cfg.held_out))
-    held = [texts[i] for i in order[:n_held]]
+    n_held = min(cfg.held_out, len(texts) // 4)
+    held = sorted((texts[i] for i in order[:n_held]), key=len)
     train = [texts[i] for i in order[n_held:]]
-    params = _trainable(student, cfg.train_norms)
-    if not params:
-        raise DataError("the student has no tngraph factorized layers to heal", "heal a model returned by tngraph.compress")
+    lengths = [len(ids) for ids in tokenizer(train, truncation=True, max_length=cfg.max_length)["input_ids"]]
+    plan = schedule(lengths, cfg.steps, cfg.batch_size, gen)
+
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in params:
+    for p in params.values():
         p.requires_grad_(True)
     teacher.eval()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup * cfg.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, cfg.steps - warm))))
-
-    def encode(batch):
-        return dict(tokenizer(batch, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt"))
-
-    held_batches = [encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
-    with torch.no_grad():
-        held_targets = [teacher(**b) for b in held_batches]
-
-    def evaluate() -> float:
-        with torch.no_grad():
-            total = sum(float(_encoder_loss(student(**b), t, b["attention_mask"])) for b, t in zip(held_batches, held_targets))
-        return total / len(held_batches)
-
-    start = time.perf_counter()
-    best = start_loss = evaluate()
-    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    best_step, bad, history = 0, 0, [(0, start_loss)]
     # the student stays in eval mode: dropout would train it to match a function the teacher,
     # evaluated without dropout, does not compute
     student.eval()
-    perm = torch.randperm(len(train), generator=gen).tolist()
-    cursor = 0
-    bar = progress(range(1, cfg.steps + 1), desc="heal", enabled=show, unit="step")
-    step = 0
-    for step in bar:
-        if cursor + cfg.batch_size > len(perm):
-            perm, cursor = torch.randperm(len(train), generator=gen).tolist(), 0
-        batch = encode([train[i] for i in perm[cursor : cursor + cfg.batch_size]])
-        cursor += cfg.batch_size
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def rate(step: int) -> float:  # of step 1..steps
+        if step <= warm:
+            return cfg.lr * step / warm
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+    accepted = _accepted_inputs(teacher)
+    device = params[next(iter(params))].device
+    if any(p.device != device for p in teacher.parameters()):
+        raise ModelError(f"the teacher is not on the student's device ({device})", "move both models to one device before healing")
+
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items() if accepted is None or k in accepted}
+
+    held_batches = [encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
+    with torch.no_grad():
+        kind = _kind(teacher(**held_batches[0]))
+        # encoders: the teacher's sentence embeddings, kept; causal LMs: logits are recomputed when
+        # scoring (a large vocabulary's logits for every held-out token would not fit)
+        held_targets = [pooled(teacher(**b).last_hidden_state, b["attention_mask"]) for b in held_batches] if kind == "encoder" else []
+
+    def score() -> float:
         with torch.no_grad():
-            target = teacher(**batch)
-        loss = _encoder_loss(student(**batch), target, batch["attention_mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
-        sched.step()
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            value = evaluate()
-            history.append((step, value))
-            if value < best:
-                best, best_step, bad = value, step, 0
-                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    log.info("heal: stopped early at step %d (best %.4f at step %d)", step, best, best_step)
-                    break
-    student.load_state_dict(best_state)
+            if kind == "encoder":
+                cos = torch.cat([(pooled(student(**b).last_hidden_state, b["attention_mask"]) * t).sum(-1) for b, t in zip(held_batches, held_targets)])
+                return float(1 - cos.mean())
+            kl = [float(_token_kl(student(**b).logits, teacher(**b).logits, b["attention_mask"])) * int(b["attention_mask"].sum()) for b in held_batches]
+            return sum(kl) / sum(int(b["attention_mask"].sum()) for b in held_batches)
+
+    start = time.perf_counter()
+    folder = pathlib.Path(checkpoint) if checkpoint is not None else None
+    fingerprint = _fingerprint(cfg, texts, params) if folder is not None else ""
+    state = _read_checkpoint(folder, fingerprint, params, opt) if folder is not None and resume else None
+    if state is not None:
+        log.info("heal: resuming from step %d of %d (%s)", state.step, cfg.steps, folder)
+    else:
+        loss0 = score()
+        state = _State(0, loss0, 0, 0, loss0, [(0, loss0)], {n: p.detach().clone() for n, p in params.items()})
+    resumed_from = state.step
+
+    def save() -> None:
+        if folder is not None:
+            _write_checkpoint(folder, fingerprint, state, params, opt)
+
+    bar = progress(range(state.step + 1, cfg.steps + 1), desc="heal", enabled=show, unit="step", initial=state.step, total=cfg.steps)
+    stopped = state.bad >= cfg.patience
+    try:
+        for step in ([] if stopped else bar):
+            for group in opt.param_groups:
+                group["lr"] = rate(step)
+            batch = encode([train[i] for i in plan[step - 1]])
+            with torch.no_grad():
+                target = teacher(**batch, output_hidden_states=cfg.layers)
+            loss = _loss(kind, student(**batch, output_hidden_states=cfg.layers), target, batch["attention_mask"])
+            if not torch.isfinite(loss):
+                log.warning("heal: the loss is %s at step %d; stopping with the best state so far", float(loss), step)
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
+            opt.step()
+            state.step = step
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.4f}", held=f"{state.best:.4f}")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                value = score()
+                state.history.append((step, value))
+                if value < state.best:
+                    state.best, state.best_step, state.bad = value, step, 0
+                    state.best_params = {n: p.detach().clone() for n, p in params.items()}
+                else:
+                    state.bad += 1
+                    if state.bad >= cfg.patience:
+                        log.info("heal: stopped early at step %d (best %.4g at step %d)", step, state.best, state.best_step)
+                        break
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save()
+    except KeyboardInterrupt:
+        save()
+        if folder is not None:
+            log.warning("heal: interrupted at step %d; resume from %s", state.step, folder)
+        raise
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state.best_params[name])
     for p in student.parameters():
         p.requires_grad_(False)
+    if folder is not None:
+        (folder / CHECKPOINT).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     seconds = time.perf_counter() - start
-    log.info("heal: held-out loss %.4f -> %.4f (step %d of %d) in %.1fs", start_loss, best, best_step, step, seconds)
-    return HealResult(step, start_loss, best, best_step, seconds, history)
+    metric = "1 - cos" if kind == "encoder" else "KL"
+    log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step, state.step, seconds)
+    return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history),
+                      list(params), resumed_from)

@@ -8,5 +8,6 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], *, desc: str, enabled: bool, total: int | None = None, unit: str = "it") -> Iterable[T]:
-    return tqdm(items, desc=desc, total=total, unit=unit, disable=None if enabled else True, leave=False, dynamic_ncols=True)
+def progress(items: Iterable[T], *, desc: str, enabled: bool, total: int | None = None, unit: str = "it",
+             initial: int = 0) -> Iterable[T]:
+    return tqdm(items, desc=desc, total=total, unit=unit, initial=initial, disable=None if enabled else True, leave=False, dynamic_ncols=True)

@@ -40,10 +40,16 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"embedding agreement on {agree['compressed']['sentences']} held-out sentences:")
         lines.append(f"  {'':24}{'mean cos':>10}{'min cos':>10}{'top-10':>10}")
-        for key, label in (("compressed", "tngraph"), ("plain_svd", "plain SVD, uniform ranks")):
+        for key, label in (("compressed", "tngraph" + (", healed" if "unhealed" in agree else "")), ("unhealed", "tngraph, before healing"),
+                           ("plain_svd", "plain SVD, uniform ranks")):
             if key in agree:
                 a = agree[key]
                 lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
+    heal = report.get("heal")
+    if heal:
+        lines.append("")
+        lines.append(f"healing: held-out {heal['metric']} {heal['start_loss']:.4f} -> {heal['best_loss']:.4f} "
+                     f"(best at step {heal['best_step']} of {heal['steps']}, {heal['seconds']:.0f}s)")
     per_target = report.get("per_target")
     if per_target:
         lines.append("")

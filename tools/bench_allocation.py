@@ -60,7 +60,7 @@ def main() -> int:
     uniform_err = None
     chosen = sorted({1, *(int(v) for v in args.runs.split(","))}) if args.runs else range(1, len(RUNS) + 1)
     for label, overrides in (RUNS[i - 1] for i in chosen):
-        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, **overrides,
+        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, **overrides,
                                 calibration_samples=args.calibration_samples, progress=False)
         start = time.perf_counter()
         try:
