@@ -7,6 +7,10 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# without a GPU the Triton kernels run (and are tested) in triton's interpreter on CPU tensors;
+# it is read when a kernel is decorated, so before tngraph.kernels is first imported
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

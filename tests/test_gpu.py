@@ -40,3 +40,33 @@ def test_heal_on_cuda(minilm):
                                                      heal_steps=0, progress=False))
     result = heal(student, teacher, texts, tokenizer, HealConfig(steps=30, lr=1e-3, batch_size=16, held_out=32, eval_every=10), show=False)
     assert result.best_loss < result.start_loss and student.encoder.layer[0].attention.self.query.a.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 16, 100, 600])  # split-rank, split-rank, tiled, the cuBLAS chain
+def test_lowrank_op_dispatch_on_cuda(dtype, rows):
+    from tngraph.ops import lowrank_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, 300, device="cuda", generator=g).to(dtype)
+    b = (torch.randn(70, 300, device="cuda", generator=g) / 300**0.5).to(dtype)
+    a = (torch.randn(200, 70, device="cuda", generator=g) / 70**0.5).to(dtype)
+    bias = torch.randn(200, device="cuda", generator=g).to(dtype)
+    for act in ("none", "gelu"):
+        out = torch.ops.tngraph.lowrank(x, b, a, bias, act)
+        ref = lowrank_reference(x.float(), b.float(), a.float(), bias.float(), act)
+        tol = 1e-3 if dtype == torch.float32 else 3e-2
+        assert out.dtype == dtype and out.device.type == "cuda"
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_lowrank_op_falls_back_with_a_logged_reason(caplog):
+    from tngraph.ops import _fallback_once, lowrank_reference
+
+    _fallback_once.cache_clear()  # the reason is logged once per process
+    x = torch.randn(4, 32, device="cuda", dtype=torch.float64)
+    b, a = torch.randn(8, 32, device="cuda", dtype=torch.float64), torch.randn(16, 8, device="cuda", dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="tngraph"):
+        out = torch.ops.tngraph.lowrank(x, b, a, None, "none")
+    assert torch.equal(out, lowrank_reference(x, b, a, None, "none"))
+    assert "runs its torch reference" in caplog.text and "dtype torch.float64" in caplog.text

@@ -25,10 +25,12 @@ def test_compressed_structure_and_budget(minilm, minilm_compressed):
     assert isinstance(result.module.pooler.dense, torch.nn.Linear)
     assert _target_ratio(result.module, encoder, model) <= 0.505
     result.graph.graph.lint()
+    # each factorized target is one fused tngraph op; targets kept dense and the pooler stay linears
     linears = [n for n in result.graph.graph.nodes if n.target == aten.linear.default]
-    assert len(linears) == 2 * len(names) + (36 - len(names)) + 1
+    fused = [n for n in result.graph.graph.nodes if n.target == torch.ops.tngraph.lowrank.default]
+    assert len(fused) == len(names) and len(linears) == (36 - len(names)) + 1
     assert result.context.counters["lowrank_linear.applied"] == len(names)
-    assert result.context.history == ["targets", "calibrate", "fisher", "sensitivity", "allocate", "factorize"]
+    assert result.context.history == ["targets", "calibrate", "fisher", "sensitivity", "allocate", "factorize", "fuse"]
 
 
 def test_graph_and_module_agree_and_keep_the_output_structure(minilm, minilm_compressed, sentences):

@@ -17,7 +17,8 @@ aten = torch.ops.aten
 
 def _run(model, data, passes=PIPELINE, example=None, **options):
     gm = tngraph.capture(model, example if example is not None else data[0])
-    ctx = PassContext(config=Config(progress=False, **{"allocation": "uniform", **options}), calibration=data)
+    # fuse off: these tests look at what factorize wrote (tests/test_fuse.py covers the fused graph)
+    ctx = PassContext(config=Config(progress=False, **{"allocation": "uniform", "fuse": False, **options}), calibration=data)
     return run_passes(gm, ctx, passes), ctx
 
 

@@ -135,7 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tngraph: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tngraph: interrupted; nothing was written", file=sys.stderr)
+        out = getattr(args, "out", None) or getattr(args, "artifact", None)
+        if out and os.path.isdir(_checkpoint_dir(out)):
+            print(f"tngraph: interrupted; the artifact was not written, healing's state is in {_checkpoint_dir(out)} "
+                  "(rerun the same command with --resume)", file=sys.stderr)
+        else:
+            print("tngraph: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 
@@ -360,7 +365,7 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
         report["agreement"]["unhealed"] = _unhealed_agreement(result, ref, tokenizer, evaluation, config, show)
     if not args.no_baseline and config.whiten and config.format == "lowrank":
         # the data-free baseline: plain truncated SVD at the budget's uniform ranks
-        baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, dump_dir=None)
+        baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, heal_steps=0, dump_dir=None)
         plain = compress_with_result(model, example_inputs=latency_inputs(tokenizer.vocab_size, 2, 16), config=baseline)
         report["agreement"]["plain_svd"] = agreement(ref, sentence_embeddings(plain.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
     report["timings"]["evaluate"] = time.perf_counter() - start

@@ -324,6 +324,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     if state is not None:
         log.info("heal: resuming from step %d of %d (%s)", state.step, cfg.steps, folder)
     else:
+        if resume:
+            log.warning("heal: no checkpoint in %s to resume from; starting from step 0", folder)
         loss0 = score()
         state = _State(0, loss0, 0, 0, loss0, [(0, loss0)], {n: p.detach().clone() for n, p in params.items()})
     resumed_from = state.step

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops  # noqa: F401  (registers torch.ops.tngraph)
+
 
 class LowRankLinear(nn.Module):
     """y = x @ B^T @ A^T + bias: a rank-r stand-in for an nn.Linear (A: out x r, B: r x in).
@@ -36,6 +38,9 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is None:
+            if not torch.is_grad_enabled():
+                # inference: one fused op (a Triton kernel on CUDA; the same chain on the CPU)
+                return torch.ops.tngraph.lowrank(x, self.b, self.a, self.bias, "none")
             return F.linear(F.linear(x, self.b), self.a, self.bias)
         y = torch.cat([F.linear(F.linear(x, self.b), self.a), F.linear(x, self.dense)], -1).index_select(-1, self.order)
         return y + self.bias if self.bias is not None else y

@@ -7,15 +7,17 @@
 4. sensitivity (analysis) needs calibrate (and fisher); loss-versus-parameters curve per target (budgeted allocation only).
 5. allocate   (analysis)  needs targets (and sensitivity when budgeted); format and rank per target.
 6. factorize  (rewrite)   needs allocate (and calibrate for whitening); replaces targets by factor chains.
+7. fuse       (rewrite)   needs factorize; factor chains (+ activation) become tngraph ops (tngraph.ops).
 """
 from .allocate import allocate
 from .base import Pass, PassContext, PassFn, PassResult
 from .calibrate import calibrate
 from .factorize import factorize
 from .fisher import fisher
+from .fuse import fuse
 from .sensitivity import sensitivity
 from .targets import targets
 
-PIPELINE: list[PassFn] = [targets, calibrate, fisher, sensitivity, allocate, factorize]
+PIPELINE: list[PassFn] = [targets, calibrate, fisher, sensitivity, allocate, factorize, fuse]
 
-__all__ = ["PIPELINE", "Pass", "PassContext", "PassFn", "PassResult", "allocate", "calibrate", "factorize", "fisher", "sensitivity", "targets"]
+__all__ = ["PIPELINE", "Pass", "PassContext", "PassFn", "PassResult", "allocate", "calibrate", "factorize", "fisher", "fuse", "sensitivity", "targets"]

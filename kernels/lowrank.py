@@ -1,0 +1,124 @@
+"""The low-rank chain y = act(x @ B^T @ A^T + bias) with its intermediate kept on chip.
+
+Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
+- `split_rank` (few rows, decode): one program per (rank block, output block). Each reads its
+  slice of B and of A once from memory, forms its part of t = x B^T in registers and adds
+  t_blk A_blk^T into an fp32 output with atomics; every weight byte is read once, so the op runs
+  at the memory-bandwidth bound. Bias is added by the first rank block; the activation needs the
+  whole sum and is applied by the caller.
+- `tiled` (more rows): one program per (row block, output block) loops over rank blocks, forming
+  each t block over the input dimension and accumulating t_blk A_blk^T; bias and activation are
+  applied in the epilogue. t is recomputed for every output block, so for many rows the unfused
+  chain of two GEMMs wins; the dispatcher knows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
+
+
+@triton.jit
+def _activate(y, ACT: tl.constexpr):
+    if ACT == 1:  # exact GELU (erf), as torch's default
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:
+        y = y * tl.sigmoid(y)
+    elif ACT == 3:
+        y = tl.maximum(y, 0.0)
+    return y
+
+
+@triton.jit
+def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
+                       sxm, sxk, sbr, sbk, san, sar, sym, syn,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + rm
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+            t += tl.dot(x, b, input_precision="ieee")
+        a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+        acc = tl.dot(t.to(a.dtype), a, input_precision="ieee")
+        if HAS_BIAS:
+            if pid_r == 0:
+                bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
+                acc += bias[None, :].to(tl.float32)
+        tl.atomic_add(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc, mask=(rows[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
+                  sxm, sxk, sbr, sbk, san, sar, sym, syn,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+            t += tl.dot(x, b, input_precision="ieee")
+        a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
+        acc += tl.dot(t.to(a.dtype), a, input_precision="ieee")
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
+        acc += bias[None, :].to(tl.float32)
+    acc = _activate(acc, ACT)
+    tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
+
+
+def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:
+    # tl.dot needs every block dimension >= 16
+    return (32, 64, 64) if dtype == torch.float32 else (64, 64, 64)
+
+
+def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    """x: (M, K), b: (R, K), a: (N, R) -> (M, N); the activation is applied after the sum."""
+    M, K = x.shape
+    R, N = b.shape[0], a.shape[0]
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    block_r, block_n, block_k = 32, 64, 64
+    block_m = 16
+    grid = (triton.cdiv(R, block_r), triton.cdiv(N, block_n))
+    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N,
+                             x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
+                             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k)
+    if act != "none":
+        y = _torch_activation(y, act)
+    return y.to(x.dtype)
+
+
+def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    """x: (M, K), b: (R, K), a: (N, R) -> act(x b^T a^T + bias), (M, N), x's dtype."""
+    M, K = x.shape
+    R, N = b.shape[0], a.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    block_r, block_n, block_k = _blocks(x.dtype)
+    block_m = 32
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _tiled_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N,
+                        x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
+                        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k)
+    return y
+
+
+def _torch_activation(y: torch.Tensor, act: str) -> torch.Tensor:
+    return {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu, "relu": torch.relu}[act](y)

@@ -1,0 +1,119 @@
+"""The fuse pass and the tngraph ops: which ops the graph holds, numbers equal to the unfused
+chain, refusals counted, fake implementations that export sees."""
+import copy
+
+import pytest
+import torch
+
+import tngraph
+from tests.conftest import MLP
+from tngraph.ops import kernel_unsupported, lowrank_reference
+from tngraph.passes import PassContext
+from tngraph.passes.fuse import LOWRANK, fuse, unfuse
+
+aten = torch.ops.aten
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def _ops(gm, target=LOWRANK):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
+@pytest.fixture(scope="module")
+def mlp_result():
+    data = [torch.randn(16, 24, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    result = tngraph.compress_with_result(MLP().eval(), calibration=data, config=tngraph.Config(budget=0.5, allocation="uniform", progress=False))
+    return result, data
+
+
+def test_chains_and_activations_become_single_ops(mlp_result):
+    result, data = mlp_result
+    gm = result.graph
+    ops = _ops(gm)
+    assert len(ops) == 3 and _count(gm, aten.linear.default) == 0 and _count(gm, aten.relu.default) == 0
+    assert [n.args[4] for n in ops] == ["relu", "relu", "none"]  # the last layer has no activation after it
+    assert result.context.counters["fuse.lowrank.applied"] == 3 and result.context.counters["fuse.lowrank_act.applied"] == 2
+    gm.graph.lint()
+    # annotations move to the fused node
+    assert all(tngraph.meta.info(n).target is not None and tngraph.meta.info(n).provenance.created_by == "fuse" for n in ops)
+    x = data[0]
+    unfused = unfuse(copy.deepcopy(gm))
+    assert _count(unfused, LOWRANK) == 0 and _count(unfused, aten.linear.default) == 6 and _count(unfused, aten.relu.default) == 2
+    with torch.no_grad():
+        assert torch.equal(gm(x), unfused(x)) and torch.equal(gm(x), result.module(x))
+
+
+def test_fuse_can_be_turned_off(mlp_result):
+    _, data = mlp_result
+    result = tngraph.compress_with_result(MLP().eval(), calibration=data, config=tngraph.Config(budget=0.5, allocation="uniform", fuse=False, progress=False))
+    assert _count(result.graph, LOWRANK) == 0 and _count(result.graph, aten.linear.default) == 6
+
+
+class _Reused(torch.nn.Module):
+    """A chain whose intermediate is also read elsewhere: fusing it would compute it twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.randn(4, 12))
+        self.a = torch.nn.Parameter(torch.randn(10, 4))
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.b)
+        return torch.nn.functional.linear(h, self.a), h.sum()
+
+
+def test_a_reused_intermediate_is_refused_and_counted():
+    gm = tngraph.capture(_Reused(), (torch.randn(3, 12),))
+    ctx = PassContext(config=tngraph.Config(progress=False))
+    result = fuse(gm, ctx)
+    assert not result.modified and ctx.counters["fuse.lowrank.refused.intermediate_reused"] == 1
+    assert _count(gm, LOWRANK) == 0
+
+
+def test_the_op_is_the_reference_on_the_cpu_and_exports():
+    g = torch.Generator().manual_seed(0)
+    x, b, a, c = torch.randn(2, 5, 12, generator=g), torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g), torch.randn(10, generator=g)
+    out = torch.ops.tngraph.lowrank(x, b, a, c, "gelu")
+    assert out.shape == (2, 5, 10) and torch.equal(out, lowrank_reference(x, b, a, c, "gelu"))
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        torch.ops.tngraph.lowrank(x, b, a, c, "tanh")
+
+    class UsesOp(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.tngraph.lowrank(x, b, a, None, "none")
+
+    exported = torch.export.export(UsesOp(), (x,))  # the fake implementation gives the shape
+    assert any(n.target == LOWRANK for n in exported.graph.nodes)
+    assert torch.equal(exported.module()(x), lowrank_reference(x, b, a, None, "none"))
+
+
+def test_inputs_the_kernels_do_not_take_are_named():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    b, a = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    pytest.importorskip("triton")
+    assert "dtype torch.float64" in kernel_unsupported(x, b, a, None)
+    assert "mixed dtypes" in kernel_unsupported(x.float(), b, a.float(), None)
+    assert kernel_unsupported(x.float(), b.float(), a.float(), None) is None
+
+
+def test_minilm_fused_graph_holds_one_op_per_lowrank_target_and_matches_unfused(minilm, minilm_compressed, sentences):
+    from tngraph.models import tokenize
+
+    model, tokenizer = minilm
+    gm = minilm_compressed.graph
+    lowrank = [name for name, plan in minilm_compressed.context.plan.items() if plan.format == "lowrank" and "dense" not in plan.factors]
+    ops = _ops(gm)
+    assert len(ops) == len(lowrank) > 20
+    # every factorized intermediate.dense takes the GELU that follows it as its epilogue
+    gelu_targets = [n for n in lowrank if n.endswith("intermediate.dense")]
+    assert sum(1 for n in ops if n.args[4] == "gelu") == len(gelu_targets) > 0
+    assert minilm_compressed.context.counters["fuse.lowrank.applied"] == len(lowrank)
+    enc = tokenize(tokenizer, sentences.evaluation[:8], 64)
+    unfused = unfuse(copy.deepcopy(gm))
+    assert _count(unfused, LOWRANK) == 0
+    with torch.no_grad():
+        fused_out, unfused_out = gm(**enc), unfused(**enc)
+    assert torch.equal(fused_out.last_hidden_state, unfused_out.last_hidden_state)

@@ -1,0 +1,62 @@
+"""Triton kernels against their torch references: on the GPU when there is one, else in triton's
+interpreter on the CPU (TRITON_INTERPRET=1, set by conftest), fp32 and fp16, odd shapes that
+exercise every mask."""
+import pytest
+import torch
+
+from tngraph.ops import ACTIVATIONS, load_kernels, lowrank_reference
+
+pytest.importorskip("triton", reason="triton is not installed (make test installs it)")
+kernels = load_kernels()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (rows, in, rank, out): one row (decode), a few, more than a row block; none a multiple of a block
+SHAPES = [(1, 37, 19, 45), (5, 70, 33, 100), (40, 65, 20, 70)]
+
+
+def _inputs(shape, dtype, bias, seed=0):
+    m, k, r, n = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    b = torch.randn(r, k, generator=g) / k**0.5
+    a = torch.randn(n, r, generator=g) / r**0.5
+    c = torch.randn(n, generator=g) if bias else None
+    return [t.to(DEVICE, dtype) if t is not None else None for t in (x, b, a, c)]
+
+
+def _check(out, x, b, a, c, act, dtype):
+    # the reference in fp32 from the same (rounded) inputs; fp16 kernels accumulate in fp32 too
+    ref = lowrank_reference(*(t.float() if t is not None else None for t in (x, b, a, c)), act)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_rank_matches_the_reference(shape, dtype, bias):
+    x, b, a, c = _inputs(shape, dtype, bias)
+    _check(kernels.split_rank(x, b, a, c), x, b, a, c, "none", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_tiled_matches_the_reference(shape, dtype, act):
+    x, b, a, c = _inputs(shape, dtype, True)
+    _check(kernels.tiled(x, b, a, c, act), x, b, a, c, act, dtype)
+
+
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS if a != "none"])
+def test_epilogues(act):
+    x, b, a, c = _inputs((3, 40, 17, 33), torch.float32, True)
+    _check(kernels.tiled(x, b, a, c, act), x, b, a, c, act, torch.float32)
+    _check(kernels.split_rank(x, b, a, c, act), x, b, a, c, act, torch.float32)
+
+
+def test_strided_input():
+    x, b, a, c = _inputs((6, 48, 20, 30), torch.float32, True)
+    wide = torch.zeros(6, 96, device=DEVICE)
+    wide[:, ::2] = x
+    view = wide[:, ::2]  # not contiguous: the kernels take strides
+    _check(kernels.tiled(view, b, a, c), x, b, a, c, "none", torch.float32)

@@ -1,0 +1,137 @@
+"""fuse (rewrite): factor chains become single tngraph ops (tngraph.ops), which run as one kernel.
+
+Declared rules, applied in order over the whole graph, each counting what it fused and why it refused:
+- fuse.lowrank:     linear(linear(x, B), A[, bias])  ->  tngraph::lowrank(x, B, A, bias, "none")
+                    (B and A parameters or buffers; the intermediate used by nothing else)
+- fuse.lowrank_act: gelu|silu|relu(tngraph::lowrank(..., "none"))  ->  tngraph::lowrank(..., act)
+                    (exact GELU only; the op's output used by nothing else)
+The fused node keeps the annotations (target, plan, sensitivity) of the chain's output node.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .. import meta, ops  # noqa: F401  (ops registers torch.ops.tngraph.*)
+from .base import PassContext, PassResult
+from .rewrite import RewriteRule, apply_rules
+
+aten = torch.ops.aten
+LOWRANK = torch.ops.tngraph.lowrank.default
+_ACTS = {aten.gelu.default: "gelu", aten.silu.default: "silu", aten.relu.default: "relu"}
+
+
+@dataclass(frozen=True)
+class ChainMatch:
+    node: fx.Node  # the outer linear
+    inner: fx.Node
+    x: fx.Node
+    b: fx.Node
+    a: fx.Node
+    bias: fx.Node | None
+
+
+@dataclass(frozen=True)
+class ActMatch:
+    node: fx.Node  # the activation
+    op: fx.Node  # the tngraph::lowrank it follows
+    act: str
+
+
+def _chain(node: fx.Node) -> ChainMatch | None:
+    if node.op != "call_function" or node.target != aten.linear.default or len(node.args) < 2:
+        return None
+    inner = node.args[0]
+    if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.target != aten.linear.default:
+        return None
+    if len(inner.args) > 2 and inner.args[2] is not None:
+        return None  # a bias between the factors: not a factor chain
+    bias = node.args[2] if len(node.args) > 2 else None
+    return ChainMatch(node, inner, inner.args[0], inner.args[1], node.args[1], bias)
+
+
+def _chain_check(m: ChainMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    if len(m.inner.users) != 1:
+        return "intermediate_reused"
+    if not all(isinstance(w, fx.Node) and w.op == "get_attr" for w in (m.b, m.a)):
+        return "weights_not_constant"
+    return None
+
+
+def _annotate(new: fx.Node, old: fx.Node, role: str) -> None:
+    new.meta[meta.KEY] = dataclasses.replace(meta.info(old), provenance=meta.Provenance("fuse", old.name, role))
+
+
+def _chain_replacement(m: ChainMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    with gm.graph.inserting_before(m.node):
+        new = gm.graph.call_function(LOWRANK, (m.x, m.b, m.a, m.bias, "none"))
+    _annotate(new, m.node, "lowrank")
+    return new
+
+
+def _act(node: fx.Node) -> ActMatch | None:
+    if node.op != "call_function" or node.target not in _ACTS or not node.args:
+        return None
+    op = node.args[0]
+    if not isinstance(op, fx.Node) or op.op != "call_function" or op.target != LOWRANK or op.args[4] != "none":
+        return None
+    if node.target == aten.gelu.default and node.kwargs.get("approximate", "none") != "none":
+        return None
+    return ActMatch(node, op, _ACTS[node.target])
+
+
+def _act_check(m: ActMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    return "output_reused" if len(m.op.users) != 1 else None
+
+
+def _act_replacement(m: ActMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    x, b, a, bias, _ = m.op.args
+    with gm.graph.inserting_before(m.node):
+        new = gm.graph.call_function(LOWRANK, (x, b, a, bias, m.act))
+    _annotate(new, m.op, f"lowrank_{m.act}")
+    return new
+
+
+RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank", _chain, _chain_check, _chain_replacement)]
+ACT_RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank_act", _act, _act_check, _act_replacement)]
+
+
+def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    if not ctx.config.fuse:
+        return PassResult(gm, False, {"skipped": "fuse=False"})
+    chains = apply_rules(gm, ctx, RULES)
+    acts = apply_rules(gm, ctx, ACT_RULES)
+    if chains or acts:
+        # the chains' intermediates, and ops an activation was fused into, are left without users
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op == "call_function" and node.target in (aten.linear.default, LOWRANK) and not node.users:
+                gm.graph.erase_node(node)
+        gm.recompile()
+    return PassResult(gm, bool(chains or acts), {"lowrank": chains, "with_activation": acts})
+
+
+def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
+    """Expand every tngraph::lowrank node of `gm` (in place) back into its aten chain: for targets
+    without tngraph's ops (ONNX, other runtimes) and to check the fused graph against it."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != LOWRANK:
+            continue
+        x, b, a, bias, act = node.args
+        with graph.inserting_before(node):
+            hidden = graph.call_function(aten.linear.default, (x, b))
+            out = graph.call_function(aten.linear.default, (hidden, a, bias) if bias is not None else (hidden, a))
+            for created in (hidden, out):
+                created.meta.update({k: v for k, v in node.meta.items() if k not in ("val", meta.KEY)})
+            out.meta[meta.KEY] = node.meta.get(meta.KEY)
+            if act != "none":
+                out = graph.call_function({v: k for k, v in _ACTS.items()}[act], (out,))
+        if "val" in node.meta:
+            out.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    gm.recompile()
+    return gm

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Fused low-rank kernels vs the unfused chain vs dense cuBLAS on Qwen3-32B shapes (random weights).
+
+Per shape (in x out), kept fraction and row count m, measured in one run on the GPU: time of the
+dense layer, of the unfused chain x·Bᵀ·Aᵀ (two cuBLAS GEMMs), of each Triton kernel (split-rank
+for few rows, tiled) and of the dispatching op torch.ops.tngraph.lowrank; achieved GB/s, TFLOP/s and
+the fraction of the memory-bandwidth bound (the bytes each must move / peak bandwidth, over its
+time); then fused/chain and fused/dense time ratios.
+
+  python tools/bench_kernels.py [--dtype fp16|bf16|fp32] [--rows 1 16 128 2048] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from tngraph.tn import rank_for_budget  # noqa: E402
+
+QWEN3_32B = ["5120x5120", "5120x25600", "25600x5120"]  # attention o_proj, MLP up, MLP down
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--shapes", nargs="+", default=QWEN3_32B, help="IN x OUT, e.g. 5120x25600")
+    p.add_argument("--kept", nargs="+", type=float, default=[0.25, 0.5])
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 16, 128, 2048])
+    p.add_argument("--peak-gbps", type=float, default=4800.0, help="peak memory bandwidth (H200: 4800 GB/s)")
+    p.add_argument("--json", help="also write the rows to this file")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU (the kernels run on the CPU only in triton's interpreter); "
+              "tools/bench_lowrank.py times dense vs chain on the CPU", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    from tngraph.ops import load_kernels  # registers torch.ops.tngraph
+
+    kernels = load_kernels()
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    size = torch.tensor([], dtype=dtype).element_size()
+    print(f"{torch.cuda.get_device_name()} dtype={dtype} torch {torch.__version__} peak {args.peak_gbps:g} GB/s")
+    header = (f"{'shape':>12} {'kept':>5} {'rank':>5} {'m':>5} | {'dense us':>9} {'bw%':>5} | {'chain us':>9} {'bw%':>5} | "
+              f"{'split us':>9} {'bw%':>5} | {'tiled us':>9} {'bw%':>5} | {'op us':>8} {'bw%':>5} {'GB/s':>7} {'TF/s':>6} | {'op/chain':>8} {'op/dense':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for shape in args.shapes:
+        in_f, out_f = (int(v) for v in shape.lower().split("x"))
+        w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
+        for kept in args.kept:
+            r = rank_for_budget(out_f, in_f, kept)
+            a = torch.randn(out_f, r, device="cuda", dtype=dtype) / r**0.5
+            b = torch.randn(r, in_f, device="cuda", dtype=dtype) / in_f**0.5
+            bias = torch.randn(out_f, device="cuda", dtype=dtype)
+            for m in args.rows:
+                x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+                io = (m * in_f + m * out_f) * size
+                need = {"dense": out_f * in_f * size + io, "low": r * (out_f + in_f) * size + io}
+                timed = {
+                    "dense": (triton.testing.do_bench(lambda: F.linear(x, w, bias)), "dense"),
+                    "chain": (triton.testing.do_bench(lambda: F.linear(F.linear(x, b), a, bias)), "low"),
+                    "op": (triton.testing.do_bench(lambda: torch.ops.tngraph.lowrank(x, b, a, bias, "none")), "low"),
+                }
+                if m <= 256:
+                    timed["split"] = (triton.testing.do_bench(lambda: kernels.split_rank(x, b, a, bias)), "low")
+                    timed["tiled"] = (triton.testing.do_bench(lambda: kernels.tiled(x, b, a, bias)), "low")
+                row = {"shape": shape, "kept": kept, "rank": r, "m": m}
+                for name, (ms, kind) in timed.items():
+                    row[f"{name}_us"] = ms * 1e3
+                    row[f"{name}_bw_frac"] = need[kind] / (args.peak_gbps * 1e9) / (ms * 1e-3)
+                row["op_gbps"] = need["low"] / (row["op_us"] * 1e-6) / 1e9
+                row["op_tflops"] = 2 * m * r * (in_f + out_f) / (row["op_us"] * 1e-6) / 1e12
+                row["op_over_chain"] = row["op_us"] / row["chain_us"]
+                row["op_over_dense"] = row["op_us"] / row["dense_us"]
+                rows.append(row)
+
+                def cell(name: str) -> str:
+                    if f"{name}_us" not in row:
+                        return f"{'-':>9} {'-':>5}"
+                    return f"{row[f'{name}_us']:>9.1f} {100 * row[f'{name}_bw_frac']:>5.1f}"
+
+                print(f"{shape:>12} {kept:>5.2f} {r:>5} {m:>5} | {cell('dense')} | {cell('chain')} | {cell('split')} | {cell('tiled')} | "
+                      f"{row['op_us']:>8.1f} {100 * row['op_bw_frac']:>5.1f} {row['op_gbps']:>7.0f} {row['op_tflops']:>6.1f} | "
+                      f"{row['op_over_chain']:>8.3f} {row['op_over_dense']:>8.3f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
