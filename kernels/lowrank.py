@@ -13,11 +13,30 @@ Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
+# triton's interpreter (CPU tests) runs every autotune candidate at numpy speed: one config there
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(candidates: list[dict], warps: list[int]) -> list[triton.Config]:
+    if _INTERPRET:
+        candidates, warps = candidates[:1], warps[:1]
+    return [triton.Config(c, num_warps=w) for c, w in zip(candidates, warps)]
+
+
+# tl.dot needs every block dimension >= 16
+_SPLIT_CONFIGS = _configs([dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_R=64, BLOCK_N=128, BLOCK_K=64),
+                           dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=128, BLOCK_K=128), dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=256, BLOCK_K=128)],
+                          [4, 4, 4, 8])
+_TILED_CONFIGS = _configs([dict(BLOCK_M=32, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=64, BLOCK_K=64),
+                           dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=128, BLOCK_K=64), dict(BLOCK_M=128, BLOCK_R=32, BLOCK_N=128, BLOCK_K=32)],
+                          [4, 4, 8, 8])
 
 
 @triton.jit
@@ -31,6 +50,7 @@ def _activate(y, ACT: tl.constexpr):
     return y
 
 
+@triton.autotune(configs=_SPLIT_CONFIGS, key=["M", "K", "R", "N"], reset_to_zero=["y_ptr"])
 @triton.jit
 def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
                        sxm, sxk, sbr, sbk, san, sar, sym, syn,
@@ -58,6 +78,7 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
         tl.atomic_add(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc, mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.autotune(configs=_TILED_CONFIGS, key=["M", "K", "R", "N"])
 @triton.jit
 def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
                   sxm, sxk, sbr, sbk, san, sar, sym, syn,
@@ -85,22 +106,18 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
     tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
-def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:
-    # tl.dot needs every block dimension >= 16
-    return (32, 64, 64) if dtype == torch.float32 else (64, 64, 64)
-
-
 def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """x: (M, K), b: (R, K), a: (N, R) -> (M, N); the activation is applied after the sum."""
     M, K = x.shape
     R, N = b.shape[0], a.shape[0]
     y = torch.zeros((M, N), device=x.device, dtype=torch.float32)
-    block_r, block_n, block_k = 32, 64, 64
-    block_m = 16
-    grid = (triton.cdiv(R, block_r), triton.cdiv(N, block_n))
+
+    def grid(meta):
+        return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(N, meta["BLOCK_N"]))
+
     _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N,
                              x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
-                             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k)
+                             HAS_BIAS=bias is not None)
     if act != "none":
         y = _torch_activation(y, act)
     return y.to(x.dtype)
@@ -111,12 +128,13 @@ def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor 
     M, K = x.shape
     R, N = b.shape[0], a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    block_r, block_n, block_k = _blocks(x.dtype)
-    block_m = 32
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+
     _tiled_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N,
                         x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
-                        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k)
+                        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
     return y
 
 

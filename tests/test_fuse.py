@@ -117,3 +117,24 @@ def test_minilm_fused_graph_holds_one_op_per_lowrank_target_and_matches_unfused(
     with torch.no_grad():
         fused_out, unfused_out = gm(**enc), unfused(**enc)
     assert torch.equal(fused_out.last_hidden_state, unfused_out.last_hidden_state)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tucker", "monarch"])
+def test_tensor_network_layers_become_network_ops(mlp_result, fmt):
+    from tngraph.passes.fuse import NETWORK
+
+    _, data = mlp_result
+    result = tngraph.compress_with_result(MLP(dims=(24, 48, 40, 16)).eval(), calibration=data,
+                                          config=tngraph.Config(budget=0.6, format=fmt, progress=False))
+    gm = result.graph
+    gm.graph.lint()
+    planned = [p for p in result.context.plan.values() if p.format == fmt]
+    assert planned and len(_ops(gm, NETWORK)) == len(planned) == result.context.counters["fuse.network.applied"]
+    assert _count(gm, aten.einsum.default) == 0 and _count(gm, aten.unflatten.int) == 0
+    x = data[0]
+    unfused = unfuse(copy.deepcopy(gm))
+    assert _count(unfused, NETWORK) == 0 and _count(unfused, aten.einsum.default) == len(planned)
+    with torch.no_grad():
+        # the op contracts along opt_einsum's path, the unfused einsum left to right: equal up to rounding
+        torch.testing.assert_close(gm(x), unfused(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(gm(x), result.module(x), atol=1e-5, rtol=1e-5)

@@ -43,10 +43,13 @@ def test_heal_on_cuda(minilm):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 16, 100, 600])  # split-rank, split-rank, tiled, the cuBLAS chain
-def test_lowrank_op_dispatch_on_cuda(dtype, rows):
+@pytest.mark.parametrize("rows", [1, 16, 100, 600])  # whichever implementation the timing picks, and each one forced
+@pytest.mark.parametrize("forced", [None, "split_rank", "tiled", "chain"])
+def test_lowrank_op_dispatch_on_cuda(dtype, rows, forced, monkeypatch):
     from tngraph.ops import lowrank_reference
 
+    if forced:
+        monkeypatch.setenv("TNGRAPH_LOWRANK", forced)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, 300, device="cuda", generator=g).to(dtype)
     b = (torch.randn(70, 300, device="cuda", generator=g) / 300**0.5).to(dtype)

@@ -60,3 +60,27 @@ def test_strided_input():
     wide[:, ::2] = x
     view = wide[:, ::2]  # not contiguous: the kernels take strides
     _check(kernels.tiled(view, b, a, c), x, b, a, c, "none", torch.float32)
+
+
+def test_the_dispatch_times_each_candidate_once_per_row_bucket(monkeypatch):
+    from tngraph import ops
+
+    monkeypatch.setattr(ops, "_choices", {})
+    monkeypatch.delenv("TNGRAPH_LOWRANK", raising=False)
+    x, b, a, c = _inputs((3, 40, 17, 33), torch.float32, True)
+    timed = []
+
+    def timer(fn):  # a stand-in for triton.testing.do_bench: tiled is "fastest" here
+        timed.append(fn)
+        return {0: 2.0, 1: 1.5, 2: 1.0}[len(timed) - 1]
+
+    assert ops.choose(x, b, a, c, "none", timer=timer) == "tiled" and len(timed) == 3  # chain, split_rank, tiled
+    assert ops.choose(x[:2], b, a, c, "none", timer=timer) == "tiled" and len(timed) == 3  # same bucket (<= 16 rows): cached
+    big = torch.randn(100, 40, device=DEVICE)
+    ops.choose(big, b, a, c, "none", timer=lambda fn: timed.append(fn) or 1.0)
+    assert len(timed) == 5  # bucket 128: chain and tiled (split-rank takes at most 64 rows)
+    monkeypatch.setenv("TNGRAPH_LOWRANK", "chain")
+    assert ops.choose(x, b, a, c, "none", timer=timer) == "chain"
+    monkeypatch.setenv("TNGRAPH_LOWRANK", "magic")
+    with pytest.raises(ValueError, match="TNGRAPH_LOWRANK='magic'"):
+        ops.choose(x, b, a, c, "none")

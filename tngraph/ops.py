@@ -7,6 +7,10 @@ reference (the CPU path, bit-identical to the unfused chain); on CUDA a Triton k
 reason logged once.
 
 - tngraph::lowrank(x, b, a, bias, act) = act(x @ b^T @ a^T + bias), act in ACTIVATIONS.
+- tngraph::network(x, cores, equation, in_dims, out_features, bias) = a tensor-network layer
+  (Tucker, TT, TR, CP, Kronecker, Monarch): x's features unflattened to in_dims, contracted with
+  the cores by `equation` ("...<in>,<core>,...->...<out>"), flattened to out_features, + bias.
+  Reference only so far (torch.einsum, which takes opt_einsum's contraction path).
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("none", "gelu", "silu", "relu")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# row-count buckets of the CUDA dispatch: at most SPLIT_RANK_ROWS rows the split-rank kernel, at most
-# TILED_ROWS the tiled fused kernel, beyond that the two-GEMM chain (cuBLAS)
-SPLIT_RANK_ROWS = 16
-TILED_ROWS = 256
-
-
+# The CUDA dispatch picks, per (device, dtype, shape, bias, activation) and row-count bucket, the
+# fastest of the split-rank kernel, the tiled kernel and the two-GEMM chain (cuBLAS), timed once on
+# the first call in that bucket (bucket = the smallest of ROW_BUCKETS >= the row count). Kernels are
+# candidates only up to their row limits. TNGRAPH_LOWRANK=split_rank|tiled|chain forces a choice.
+ROW_BUCKETS = (1, 16, 128, 2048)
+KERNEL_ROWS = {"split_rank": 64, "tiled": 2048}
+_choices: dict[tuple, str] = {}
 def activation(y: torch.Tensor, act: str) -> torch.Tensor:
     if act == "none":
         return y
@@ -103,6 +108,67 @@ def kernel_unsupported(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: 
     return None
 
 
+def bucket(rows: int) -> int:
+    return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
+
+
+def network_reference(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in_dims: list[int], out_features: int,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The unfused tensor-network layer, op for op as the factorize pass writes it."""
+    n_out = len(equation.split("->")[1].replace("...", ""))
+    y = torch.flatten(torch.einsum(equation, [torch.unflatten(x, -1, in_dims), *cores]), -n_out, -1)
+    return y + bias if bias is not None else y
+
+
+@torch.library.custom_op("tngraph::network", mutates_args=())
+def network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in_dims: list[int], out_features: int,
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A tensor-network linear layer: x (..., prod(in_dims)) -> (..., out_features)."""
+    return network_reference(x, cores, equation, in_dims, out_features, bias)
+
+
+@network.register_fake
+def _network_fake(x, cores, equation, in_dims, out_features, bias):
+    size = 1
+    for d in in_dims:
+        size *= d
+    torch._check(x.shape[-1] == size, lambda: f"tngraph::network: x has {x.shape[-1]} features, the network takes {size}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _do_bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn)
+
+
+def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], act: str, *, timer=None) -> str:
+    """The implementation of tngraph::lowrank for these 2-D inputs: "split_rank", "tiled" or "chain";
+    measured once per shape and row bucket (timer(fn) -> time), then cached."""
+    import os
+
+    forced = os.environ.get("TNGRAPH_LOWRANK")
+    if forced:
+        if forced not in ("split_rank", "tiled", "chain"):
+            raise ValueError(f"TNGRAPH_LOWRANK={forced!r}: choose split_rank, tiled or chain")
+        return forced
+    rows = bucket(x.shape[0])
+    key = (str(x.device), x.dtype, x.shape[1], b.shape[0], a.shape[0], bias is not None, act, rows)
+    if key in _choices:
+        return _choices[key]
+    kernels = load_kernels()
+    probe = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype)
+    candidates = {"chain": lambda: lowrank_reference(probe, b, a, bias, act)}
+    if rows <= KERNEL_ROWS["split_rank"]:
+        candidates["split_rank"] = lambda: kernels.split_rank(probe, b, a, bias, act)
+    if rows <= KERNEL_ROWS["tiled"]:
+        candidates["tiled"] = lambda: kernels.tiled(probe, b, a, bias, act)
+    timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()}
+    _choices[key] = min(timed, key=timed.get)
+    log.info("tngraph::lowrank %s, %d rows: %s (%s)", key[:7], rows, _choices[key], ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
+    return _choices[key]
+
+
 @lowrank.register_kernel("cuda")
 def _lowrank_cuda(x, b, a, bias, act):
     reason = kernel_unsupported(x, b, a, bias)
@@ -110,8 +176,8 @@ def _lowrank_cuda(x, b, a, bias, act):
         _fallback_once(reason)
         return lowrank_reference(x, b, a, bias, act)
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > TILED_ROWS:
+    how = choose(rows, b, a, bias, act)
+    if how == "chain":
         return lowrank_reference(x, b, a, bias, act)
     kernels = load_kernels()
-    run = kernels.split_rank if rows.shape[0] <= SPLIT_RANK_ROWS else kernels.tiled
-    return run(rows, b, a, bias, act).reshape(*x.shape[:-1], a.shape[0])
+    return getattr(kernels, how)(rows, b, a, bias, act).reshape(*x.shape[:-1], a.shape[0])

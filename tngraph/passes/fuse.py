@@ -5,6 +5,9 @@ Declared rules, applied in order over the whole graph, each counting what it fus
                     (B and A parameters or buffers; the intermediate used by nothing else)
 - fuse.lowrank_act: gelu|silu|relu(tngraph::lowrank(..., "none"))  ->  tngraph::lowrank(..., act)
                     (exact GELU only; the op's output used by nothing else)
+- fuse.network:     [add(] flatten(einsum(eq, [unflatten(x, in_dims), *cores])) [, bias)]
+                    ->  tngraph::network(x, cores, eq, in_dims, out_features, bias)
+                    (the tensor-network formats; cores parameters or buffers)
 The fused node keeps the annotations (target, plan, sensitivity) of the chain's output node.
 """
 from __future__ import annotations
@@ -21,7 +24,10 @@ from .rewrite import RewriteRule, apply_rules
 
 aten = torch.ops.aten
 LOWRANK = torch.ops.tngraph.lowrank.default
+NETWORK = torch.ops.tngraph.network.default
 _ACTS = {aten.gelu.default: "gelu", aten.silu.default: "silu", aten.relu.default: "relu"}
+# what fusion leaves without users, to remove
+_PURE = (aten.linear.default, LOWRANK, aten.einsum.default, aten.unflatten.int, aten.flatten.using_ints)
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,57 @@ def _act_replacement(m: ActMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.No
     return new
 
 
-RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank", _chain, _chain_check, _chain_replacement)]
+@dataclass(frozen=True)
+class NetworkMatch:
+    node: fx.Node  # the flatten, or the bias add after it
+    flatten: fx.Node
+    einsum: fx.Node
+    unflatten: fx.Node
+    bias: fx.Node | None
+
+
+def _network(node: fx.Node) -> NetworkMatch | None:
+    bias = None
+    flat = node
+    if node.op == "call_function" and node.target == aten.add.Tensor and len(node.args) == 2 and isinstance(node.args[0], fx.Node):
+        flat, bias = node.args[0], node.args[1]
+        if not isinstance(bias, fx.Node) or bias.op != "get_attr":
+            return None
+    if flat.op != "call_function" or flat.target != aten.flatten.using_ints:
+        return None
+    ein = flat.args[0]
+    if not isinstance(ein, fx.Node) or ein.target != aten.einsum.default:
+        return None
+    operands = ein.args[1]
+    if not operands or not isinstance(operands[0], fx.Node) or operands[0].target != aten.unflatten.int:
+        return None
+    if bias is None and any(u.op == "call_function" and u.target == aten.add.Tensor for u in flat.users):
+        return None  # matched at the add instead
+    return NetworkMatch(node, flat, ein, operands[0], bias)
+
+
+def _network_check(m: NetworkMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    if any(len(n.users) != 1 for n in (m.einsum, m.unflatten)) or (m.bias is not None and len(m.flatten.users) != 1):
+        return "intermediate_reused"
+    if not all(isinstance(c, fx.Node) and c.op == "get_attr" for c in m.einsum.args[1][1:]):
+        return "cores_not_constant"
+    val = m.node.meta.get("val")
+    if val is None:
+        return "no_shape"
+    return None
+
+
+def _network_replacement(m: NetworkMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    x, _, in_dims = m.unflatten.args
+    equation, operands = m.einsum.args
+    with gm.graph.inserting_before(m.node):
+        new = gm.graph.call_function(NETWORK, (x, list(operands[1:]), equation, list(in_dims), int(m.node.meta["val"].shape[-1]), m.bias))
+    _annotate(new, m.flatten, "network")
+    return new
+
+
+RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank", _chain, _chain_check, _chain_replacement),
+                            RewriteRule("fuse.network", _network, _network_check, _network_replacement)]
 ACT_RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank_act", _act, _act_check, _act_replacement)]
 
 
@@ -107,17 +163,20 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if chains or acts:
         # the chains' intermediates, and ops an activation was fused into, are left without users
         for node in reversed(list(gm.graph.nodes)):
-            if node.op == "call_function" and node.target in (aten.linear.default, LOWRANK) and not node.users:
+            if node.op == "call_function" and node.target in _PURE and not node.users:
                 gm.graph.erase_node(node)
         gm.recompile()
-    return PassResult(gm, bool(chains or acts), {"lowrank": chains, "with_activation": acts})
+    return PassResult(gm, bool(chains or acts), {"fused": chains, "with_activation": acts})
 
 
 def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
-    """Expand every tngraph::lowrank node of `gm` (in place) back into its aten chain: for targets
+    """Expand every tngraph::lowrank and tngraph::network node of `gm` (in place) back into aten ops: for targets
     without tngraph's ops (ONNX, other runtimes) and to check the fused graph against it."""
     graph = gm.graph
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == NETWORK:
+            _unfuse_network(graph, node)
+            continue
         if node.op != "call_function" or node.target != LOWRANK:
             continue
         x, b, a, bias, act = node.args
@@ -135,3 +194,23 @@ def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
     gm.recompile()
     return gm
+
+
+def _unfuse_network(graph: fx.Graph, node: fx.Node) -> None:
+    x, cores, equation, in_dims, _, bias = node.args
+    n_out = len(equation.split("->")[1].replace("...", ""))
+    with graph.inserting_before(node):
+        xs = graph.call_function(aten.unflatten.int, (x, -1, list(in_dims)))
+        ys = graph.call_function(aten.einsum.default, (equation, [xs, *cores]))
+        out = graph.call_function(aten.flatten.using_ints, (ys, -n_out, -1))
+        created = [xs, ys, out]
+        if bias is not None:
+            out = graph.call_function(aten.add.Tensor, (out, bias))
+            created.append(out)
+    for c in created:
+        c.meta.update({k: v for k, v in node.meta.items() if k not in ("val", meta.KEY)})
+    out.meta[meta.KEY] = node.meta.get(meta.KEY)
+    if "val" in node.meta:
+        out.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
