@@ -50,9 +50,9 @@ def _activate(y, ACT: tl.constexpr):
     return y
 
 
-@triton.autotune(configs=_SPLIT_CONFIGS, key=["M", "K", "R", "N"], reset_to_zero=["y_ptr"])
+@triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "K", "R", "N"], reset_to_zero=["y_ptr"])
 @triton.jit
-def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
+def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
                        sxm, sxk, sbr, sbk, san, sar, sym, syn,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -78,9 +78,9 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
         tl.atomic_add(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc, mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.autotune(configs=_TILED_CONFIGS, key=["M", "K", "R", "N"])
+@triton.autotune(configs=_TILED_CONFIGS, key=["M_BUCKET", "K", "R", "N"])
 @triton.jit
-def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
+def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
                   sxm, sxk, sbr, sbk, san, sar, sym, syn,
                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -106,6 +106,12 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N,
     tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
+def _bucket(rows: int) -> int:
+    """Autotuning is keyed on the row count's power-of-two bucket, not every row count (prefill
+    lengths vary; tuning again for each would cost more than it gains)."""
+    return 1 << max(0, (rows - 1).bit_length())
+
+
 def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """x: (M, K), b: (R, K), a: (N, R) -> (M, N); the activation is applied after the sum."""
     M, K = x.shape
@@ -115,7 +121,7 @@ def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Te
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N,
+    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, _bucket(M),
                              x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                              HAS_BIAS=bias is not None)
     if act != "none":
@@ -132,7 +138,7 @@ def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _tiled_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N,
+    _tiled_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, _bucket(M),
                         x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
     return y
