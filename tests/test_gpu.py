@@ -73,3 +73,20 @@ def test_lowrank_op_falls_back_with_a_logged_reason(caplog):
         out = torch.ops.tngraph.lowrank(x, b, a, None, "none")
     assert torch.equal(out, lowrank_reference(x, b, a, None, "none"))
     assert "runs its torch reference" in caplog.text and "dtype torch.float64" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_network_op_runs_the_tt_kernel_on_cuda(dtype):
+    from tngraph.ops import network_reference
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(37, 24 * 20, device="cuda", generator=g).to(dtype)
+    g1 = (torch.randn(30, 24, 50, device="cuda", generator=g) / 24**0.5).to(dtype)
+    g2 = (torch.randn(50, 16, 20, device="cuda", generator=g) / 1000**0.5).to(dtype)
+    bias = torch.randn(30 * 16, device="cuda", generator=g).to(dtype)
+    eq = "...ab,Aar,rBb->...AB"
+    out = torch.ops.tngraph.network(x, [g1, g2], eq, [24, 20], 480, bias)
+    ref = network_reference(x.float(), [g1.float(), g2.float()], eq, [24, 20], 480, bias.float())
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

@@ -84,3 +84,48 @@ def test_the_dispatch_times_each_candidate_once_per_row_bucket(monkeypatch):
     monkeypatch.setenv("TNGRAPH_LOWRANK", "magic")
     with pytest.raises(ValueError, match="TNGRAPH_LOWRANK='magic'"):
         ops.choose(x, b, a, c, "none")
+
+
+TT_SHAPES = [(1, 3, 5, 7, 4, 6), (9, 6, 7, 20, 5, 4), (40, 2, 33, 40, 3, 17)]  # (rows, A, a, rank, B, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", TT_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_tt2_matches_the_reference(shape, dtype, bias):
+    from tngraph.ops import network_reference
+
+    m, na, a, r, nb, b = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, a * b, generator=g)
+    g1 = torch.randn(na, a, r, generator=g) / a**0.5
+    g2 = torch.randn(r, nb, b, generator=g) / (r * b) ** 0.5
+    c = torch.randn(na * nb, generator=g) if bias else None
+    x, g1, g2, c = (t.to(DEVICE, dtype) if t is not None else None for t in (x, g1, g2, c))
+    out = load_kernels("tt").tt2(x, g1, g2, c)
+    ref = network_reference(x.float(), [g1.float(), g2.float()], "...ab,Aar,rBb->...AB", [a, b], na * nb, c.float() if bias else None)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_the_tt_format_is_recognised_and_its_kernel_matches_the_op():
+    import tngraph
+    from tests.conftest import MLP
+    from tngraph.ops import tt2_layout
+    from tngraph.passes.fuse import NETWORK
+
+    data = [torch.randn(16, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = tngraph.compress_with_result(MLP().eval(), calibration=data, config=tngraph.Config(budget=0.6, format="tt", progress=False))
+    nodes = [n for n in result.graph.graph.nodes if n.target == NETWORK]
+    assert nodes
+    for node in nodes:
+        x_node, core_nodes, equation, in_dims, out_features, bias_node = node.args
+        cores = [getattr(result.graph, c.target) if "." not in c.target else result.graph.get_parameter(c.target) for c in core_nodes]
+        assert tt2_layout(equation, cores)
+        x = torch.randn(5, int(torch.tensor(in_dims).prod()))
+        bias = result.graph.get_parameter(bias_node.target) if bias_node is not None else None
+        with torch.no_grad():
+            torch.testing.assert_close(load_kernels("tt").tt2(x, *cores, bias), torch.ops.tngraph.network(x, cores, equation, in_dims, out_features, bias),
+                                       atol=1e-4, rtol=1e-4)
+    assert not tt2_layout("...ab,Aar,rBb->...BA", cores) and not tt2_layout("...abc,Aar,rBb->...AB", cores)

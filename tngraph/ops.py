@@ -10,7 +10,8 @@ reason logged once.
 - tngraph::network(x, cores, equation, in_dims, out_features, bias) = a tensor-network layer
   (Tucker, TT, TR, CP, Kronecker, Monarch): x's features unflattened to in_dims, contracted with
   the cores by `equation` ("...<in>,<core>,...->...<out>"), flattened to out_features, + bias.
-  Reference only so far (torch.einsum, which takes opt_einsum's contraction path).
+  The reference is torch.einsum (opt_einsum's contraction path); on CUDA two-core tensor trains
+  run kernels/tt.py.
 """
 from __future__ import annotations
 
@@ -62,34 +63,37 @@ def _lowrank_fake(x, b, a, bias, act):
     return x.new_empty((*x.shape[:-1], a.shape[0]))
 
 
-def load_kernels():
-    """The Triton kernels module (tngraph.kernels.lowrank); raises ImportError without triton.
+def load_kernels(name: str = "lowrank"):
+    """A Triton kernels module (tngraph.kernels.<name>: lowrank, tt); raises ImportError without triton.
 
     Installed, kernels/ is the package tngraph.kernels; in a source checkout run without installing
     (PYTHONPATH=.), it is loaded from the kernels/ folder beside tngraph/."""
-    try:
-        from .kernels import lowrank as module
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.kernels":
-            raise
-        import importlib.util
-        import pathlib
-        import sys
+    import importlib
+    import sys
 
-        root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-        spec = importlib.util.spec_from_file_location(f"{__package__}.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
-        if spec is None or spec.loader is None:
-            raise
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = package
-        spec.loader.exec_module(package)
-        from .kernels import lowrank as module
-    return module
+    package = f"{__package__}.kernels"
+    if package not in sys.modules:
+        try:
+            importlib.import_module(package)
+        except ModuleNotFoundError as exc:
+            if exc.name != package:
+                raise
+            import importlib.util
+            import pathlib
+
+            root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+            spec = importlib.util.spec_from_file_location(package, root / "__init__.py", submodule_search_locations=[str(root)])
+            if spec is None or spec.loader is None:
+                raise
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[package] = module
+            spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.{name}")
 
 
 @functools.lru_cache(maxsize=None)
-def _fallback_once(reason: str) -> None:
-    log.warning("tngraph::lowrank runs its torch reference on the GPU: %s", reason)
+def _fallback_once(reason: str, op: str = "lowrank") -> None:
+    log.warning("tngraph::%s runs its torch reference on the GPU: %s", op, reason)
 
 
 def kernel_unsupported(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor]) -> str | None:
@@ -136,6 +140,29 @@ def _network_fake(x, cores, equation, in_dims, out_features, bias):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def tt2_layout(equation: str, cores: list[torch.Tensor]) -> bool:
+    """Whether `equation` is a two-core tensor train "...pq,Ppr,rQq->...PQ" (the TT format's own
+    layout), which kernels/tt.py contracts in one kernel."""
+    lhs, out = equation.replace("...", "").split("->")
+    parts = lhs.split(",")
+    if len(parts) != 3 or len(cores) != 2 or any(len(p) != n for p, n in zip(parts, (2, 3, 3))) or len(out) != 2:
+        return False
+    (p, q), (P, p1, r), (r2, Q, q1) = parts
+    return (p1, q1, r2) == (p, q, r) and out == P + Q and len(set(P + Q + p + q + r)) == 5
+
+
+@network.register_kernel("cuda")
+def _network_cuda(x, cores, equation, in_dims, out_features, bias):
+    reason = kernel_unsupported(x, cores[0], cores[-1], bias)
+    if reason is None and not tt2_layout(equation, cores):
+        reason = "only two-core tensor trains have a kernel so far"
+    if reason is not None:
+        _fallback_once(reason, "network")
+        return network_reference(x, cores, equation, in_dims, out_features, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    return load_kernels("tt").tt2(rows, cores[0], cores[1], bias).reshape(*x.shape[:-1], out_features)
+
+
 def _do_bench(fn) -> float:
     import triton.testing
 
@@ -156,7 +183,7 @@ def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[tor
     key = (str(x.device), x.dtype, x.shape[1], b.shape[0], a.shape[0], bias is not None, act, rows)
     if key in _choices:
         return _choices[key]
-    kernels = load_kernels()
+    kernels = load_kernels("lowrank")
     probe = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype)
     candidates = {"chain": lambda: lowrank_reference(probe, b, a, bias, act)}
     if rows <= KERNEL_ROWS["split_rank"]:
@@ -179,5 +206,5 @@ def _lowrank_cuda(x, b, a, bias, act):
     how = choose(rows, b, a, bias, act)
     if how == "chain":
         return lowrank_reference(x, b, a, bias, act)
-    kernels = load_kernels()
+    kernels = load_kernels("lowrank")
     return getattr(kernels, how)(rows, b, a, bias, act).reshape(*x.shape[:-1], a.shape[0])

@@ -1,0 +1,71 @@
+"""The two-core tensor-train (MPO) layer y[m, A, B] = sum_{a,b,r} x[m, a, b] G1[A, a, r] G2[r, B, b]
+in one kernel, its intermediate t = x_b G1[A] kept on chip.
+
+One program per (row block, output index A, output block of B). For each input index b it forms
+t = x[:, :, b] @ G1[A] (rows x rank, rank in blocks) and adds t @ G2[:, B, b] to its accumulator;
+bias is added in the epilogue. Every dimension is masked: none needs to be a power of two.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIGS = [triton.Config(dict(BLOCK_M=32, BLOCK_A=32, BLOCK_R=32, BLOCK_B=32), num_warps=4)]
+if not _INTERPRET:
+    _CONFIGS += [triton.Config(dict(BLOCK_M=64, BLOCK_A=64, BLOCK_R=64, BLOCK_B=64), num_warps=4),
+                 triton.Config(dict(BLOCK_M=16, BLOCK_A=64, BLOCK_R=64, BLOCK_B=128), num_warps=8)]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "NA", "Na", "R", "NB", "Nb"])
+@triton.jit
+def _tt2_kernel(x_ptr, g1_ptr, g2_ptr, bias_ptr, y_ptr, M, NA, Na, R, NB, Nb, M_BUCKET,
+                sxm, sxk, s1A, s1a, s1r, s2r, s2B, s2b, sym, syn,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_B: tl.constexpr):
+    pid_m = tl.program_id(0)
+    out_a = tl.program_id(1)  # the output index A
+    pid_b = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ob = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # output indices B
+    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for ib in range(0, Nb):  # input index b
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for a0 in range(0, Na, BLOCK_A):
+                ia = a0 + tl.arange(0, BLOCK_A)
+                # x[m, a, b] lives at feature a * Nb + b
+                x = tl.load(x_ptr + rows[:, None] * sxm + (ia[None, :] * Nb + ib) * sxk,
+                            mask=(rows[:, None] < M) & (ia[None, :] < Na), other=0.0)
+                g1 = tl.load(g1_ptr + out_a * s1A + ia[:, None] * s1a + rr[None, :] * s1r,
+                             mask=(ia[:, None] < Na) & (rr[None, :] < R), other=0.0)
+                t += tl.dot(x, g1, input_precision="ieee")
+            g2 = tl.load(g2_ptr + rr[:, None] * s2r + ob[None, :] * s2B + ib * s2b,
+                         mask=(rr[:, None] < R) & (ob[None, :] < NB), other=0.0)
+            acc += tl.dot(t.to(g2.dtype), g2, input_precision="ieee")
+    cols = out_a * NB + ob  # y[m, A, B] lives at feature A * NB + B
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=ob < NB, other=0.0)
+        acc += bias[None, :].to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * sym + cols[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (ob[None, :] < NB))
+
+
+def tt2(x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: (M, Na * Nb), g1: (NA, Na, R), g2: (R, NB, Nb) -> (M, NA * NB)."""
+    M = x.shape[0]
+    NA, Na, R = g1.shape
+    _, NB, Nb = g2.shape
+    y = torch.empty((M, NA * NB), device=x.device, dtype=x.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), NA, triton.cdiv(NB, meta["BLOCK_B"]))
+
+    _tt2_kernel[grid](x, g1, g2, bias if bias is not None else y, y, M, NA, Na, R, NB, Nb, 1 << max(0, (M - 1).bit_length()),
+                      x.stride(0), x.stride(1), g1.stride(0), g1.stride(1), g1.stride(2), g2.stride(0), g2.stride(1), g2.stride(2),
+                      y.stride(0), y.stride(1), HAS_BIAS=bias is not None)
+    return y
