@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", type=int, default=[1, 16, 128, 2048])
     p.add_argument("--peak-gbps", type=float, default=4800.0, help="peak memory bandwidth (H200: 4800 GB/s)")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--no-tt", action="store_true", help="skip the two-core tensor-train table")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (the kernels run on the CPU only in triton's interpreter); "
@@ -89,10 +90,50 @@ def main() -> int:
                 print(f"{shape:>12} {kept:>5.2f} {r:>5} {m:>5} | {cell('dense')} | {cell('chain')} | {cell('split')} | {cell('tiled')} | "
                       f"{row['op_us']:>8.1f} {100 * row['op_bw_frac']:>5.1f} {row['op_gbps']:>7.0f} {row['op_tflops']:>6.1f} | "
                       f"{row['op_over_chain']:>8.3f} {row['op_over_dense']:>8.3f}", flush=True)
+    if not args.no_tt:
+        rows += _tt_table(args, dtype, size)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     return 0
+
+
+def _tt_table(args, dtype: torch.dtype, size: int) -> list[dict]:
+    """Two-core tensor-train layers at the same shapes and budgets: dense, the unfused einsum and
+    the fused kernel (kernels/tt.py)."""
+    import triton.testing
+
+    from tngraph.ops import load_kernels, network_reference
+    from tngraph.tn.formats import tt as tt_format
+
+    kernel = load_kernels("tt")
+    eq = "...ab,Aar,rBb->...AB"
+    print()
+    header = f"{'TT-2 shape':>12} {'kept':>5} {'rank':>5} {'m':>5} | {'dense us':>9} | {'einsum us':>9} {'bw%':>5} | {'fused us':>9} {'bw%':>5} | {'fused/einsum':>12} {'fused/dense':>11}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for shape in args.shapes:
+        in_f, out_f = (int(v) for v in shape.lower().split("x"))
+        (na, nb), (a, b) = tt_format._dims(out_f, in_f, 2)
+        w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
+        for kept in args.kept:
+            rank = max(r for r in range(1, tt_format.max_rank(out_f, in_f) + 1) if tt_format.params(out_f, in_f, r) <= kept * out_f * in_f)
+            g1 = torch.randn(na, a, rank, device="cuda", dtype=dtype) / a**0.5
+            g2 = torch.randn(rank, nb, b, device="cuda", dtype=dtype) / (rank * b) ** 0.5
+            for m in args.rows:
+                x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+                need = (g1.numel() + g2.numel() + m * (in_f + out_f)) * size
+                t_dense = triton.testing.do_bench(lambda: F.linear(x, w))
+                t_ein = triton.testing.do_bench(lambda: network_reference(x, [g1, g2], eq, [a, b], out_f, None))
+                t_fused = triton.testing.do_bench(lambda: kernel.tt2(x, g1, g2, None))
+                bw = lambda ms: need / (args.peak_gbps * 1e9) / (ms * 1e-3)  # noqa: E731
+                row = {"format": "tt2", "shape": shape, "kept": kept, "rank": rank, "m": m, "dense_us": t_dense * 1e3,
+                       "einsum_us": t_ein * 1e3, "fused_us": t_fused * 1e3, "einsum_bw_frac": bw(t_ein), "fused_bw_frac": bw(t_fused)}
+                rows.append(row)
+                print(f"{shape:>12} {kept:>5.2f} {rank:>5} {m:>5} | {row['dense_us']:>9.1f} | {row['einsum_us']:>9.1f} {100 * row['einsum_bw_frac']:>5.1f} | "
+                      f"{row['fused_us']:>9.1f} {100 * row['fused_bw_frac']:>5.1f} | {t_fused / t_ein:>12.3f} {t_fused / t_dense:>11.3f}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
