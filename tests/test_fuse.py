@@ -138,3 +138,16 @@ def test_tensor_network_layers_become_network_ops(mlp_result, fmt):
         # the op contracts along opt_einsum's path, the unfused einsum left to right: equal up to rounding
         torch.testing.assert_close(gm(x), unfused(x), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(gm(x), result.module(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["none", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_op_has_exact_gradients(act, bias):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    c = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    inputs = (x, b, a, c) if bias else (x, b, a)
+    fn = (lambda x, b, a, c: torch.ops.tngraph.lowrank(x, b, a, c, act)) if bias else (lambda x, b, a: torch.ops.tngraph.lowrank(x, b, a, None, act))
+    assert torch.autograd.gradcheck(fn, inputs)

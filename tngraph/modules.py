@@ -41,6 +41,7 @@ class LowRankLinear(nn.Module):
             if not torch.is_grad_enabled():
                 # inference: one fused op (a Triton kernel on CUDA; the same chain on the CPU)
                 return torch.ops.tngraph.lowrank(x, self.b, self.a, self.bias, "none")
+            # training (healing): the chain, whose backward autograd already knows
             return F.linear(F.linear(x, self.b), self.a, self.bias)
         y = torch.cat([F.linear(F.linear(x, self.b), self.a), F.linear(x, self.dense)], -1).index_select(-1, self.order)
         return y + self.bias if self.bias is not None else y

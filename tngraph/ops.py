@@ -91,6 +91,31 @@ def load_kernels(name: str = "lowrank"):
     return importlib.import_module(f"{package}.{name}")
 
 
+def _lowrank_setup(ctx, inputs, output) -> None:
+    x, b, a, bias, act = inputs
+    ctx.save_for_backward(x, b, a, bias)
+    ctx.act = act
+
+
+def _lowrank_backward(ctx, grad):
+    """Gradients of act(x b^T a^T + bias): the intermediate is recomputed, not kept (memory)."""
+    x, b, a, bias = ctx.saved_tensors
+    hidden = F.linear(x, b)
+    if ctx.act != "none":
+        with torch.enable_grad():
+            z = F.linear(hidden, a, bias).detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(activation(z, ctx.act), z, grad)
+    flat_grad = grad.reshape(-1, a.shape[0])
+    grad_hidden = grad @ a
+    grad_a = flat_grad.T @ hidden.reshape(-1, a.shape[1])
+    grad_b = grad_hidden.reshape(-1, b.shape[0]).T @ x.reshape(-1, b.shape[1])
+    grad_bias = flat_grad.sum(0) if bias is not None else None
+    return grad_hidden @ b, grad_b, grad_a, grad_bias, None
+
+
+lowrank.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+
+
 @functools.lru_cache(maxsize=None)
 def _fallback_once(reason: str, op: str = "lowrank") -> None:
     log.warning("tngraph::%s runs its torch reference on the GPU: %s", op, reason)
