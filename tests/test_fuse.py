@@ -131,6 +131,7 @@ def test_tensor_network_layers_become_network_ops(mlp_result, fmt):
     planned = [p for p in result.context.plan.values() if p.format == fmt]
     assert planned and len(_ops(gm, NETWORK)) == len(planned) == result.context.counters["fuse.network.applied"]
     assert _count(gm, aten.einsum.default) == 0 and _count(gm, aten.unflatten.int) == 0
+    assert [tngraph.meta.info(n).target.name for n in _ops(gm, NETWORK)] == [p.name for p in planned]  # annotations kept
     x = data[0]
     unfused = unfuse(copy.deepcopy(gm))
     assert _count(unfused, NETWORK) == 0 and _count(unfused, aten.einsum.default) == len(planned)

@@ -146,7 +146,7 @@ def _network_replacement(m: NetworkMatch, gm: fx.GraphModule, ctx: PassContext) 
     equation, operands = m.einsum.args
     with gm.graph.inserting_before(m.node):
         new = gm.graph.call_function(NETWORK, (x, list(operands[1:]), equation, list(in_dims), int(m.node.meta["val"].shape[-1]), m.bias))
-    _annotate(new, m.flatten, "network")
+    _annotate(new, m.node, "network")  # the annotations sit on the chain's last node (the bias add when there is one)
     return new
 
 
