@@ -90,3 +90,14 @@ def test_network_op_runs_the_tt_kernel_on_cuda(dtype):
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_lowrank_linear_runs_the_op_on_cuda_in_inference():
+    from tngraph.modules import LowRankLinear
+
+    layer = LowRankLinear(torch.randn(40, 8), torch.randn(8, 30), torch.randn(40)).to("cuda", torch.float16)
+    x = torch.randn(3, 30, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        fused = layer(x)
+    chain = torch.nn.functional.linear(torch.nn.functional.linear(x, layer.b), layer.a, layer.bias)
+    torch.testing.assert_close(fused, chain.detach(), atol=3e-2, rtol=3e-2)

@@ -38,8 +38,9 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is None:
-            if not torch.is_grad_enabled():
-                # inference: one fused op (a Triton kernel on CUDA; the same chain on the CPU)
+            if x.is_cuda and not torch.is_grad_enabled():
+                # GPU inference: one fused op (a Triton kernel); on the CPU the op would run this
+                # same chain plus a dispatch, so the chain is called directly
                 return torch.ops.tngraph.lowrank(x, self.b, self.a, self.bias, "none")
             # training (healing): the chain, whose backward autograd already knows
             return F.linear(F.linear(x, self.b), self.a, self.bias)
