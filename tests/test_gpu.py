@@ -101,3 +101,15 @@ def test_lowrank_linear_runs_the_op_on_cuda_in_inference():
         fused = layer(x)
     chain = torch.nn.functional.linear(torch.nn.functional.linear(x, layer.b), layer.a, layer.bias)
     torch.testing.assert_close(fused, chain.detach(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tucker"])
+def test_network_linear_runs_the_op_on_cuda_in_inference(fmt):
+    model = MLP().eval()
+    data = [torch.randn(32, 24) for _ in range(2)]
+    compressed = tngraph.compress(model, calibration=data, config=tngraph.Config(budget=0.6, format=fmt, progress=False))
+    x = torch.randn(7, 24)
+    with torch.no_grad():
+        on_cpu = compressed(x)
+        on_gpu = compressed.to("cuda")(x.to("cuda")).cpu()
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-3, rtol=1e-3)

@@ -92,7 +92,12 @@ class NetworkLinear(nn.Module):
         return self._network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.network.contract(x)
+        net = self.network
+        if x.is_cuda and not torch.is_grad_enabled():
+            # GPU inference: the tngraph::network op (one Triton kernel for a two-core tensor train)
+            equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
+            return torch.ops.tngraph.network(x, list(self.cores), equation, list(net.in_dims), net.out_features, self.bias)
+        y = net.contract(x)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
