@@ -13,21 +13,14 @@ Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..ops import activation
+from ._common import configs as _configs, row_bucket
+
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
-# triton's interpreter (CPU tests) runs every autotune candidate at numpy speed: one config there
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs(candidates: list[dict], warps: list[int]) -> list[triton.Config]:
-    if _INTERPRET:
-        candidates, warps = candidates[:1], warps[:1]
-    return [triton.Config(c, num_warps=w) for c, w in zip(candidates, warps)]
 
 
 # tl.dot needs every block dimension >= 16
@@ -106,12 +99,6 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
     tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
-def _bucket(rows: int) -> int:
-    """Autotuning is keyed on the row count's power-of-two bucket, not every row count (prefill
-    lengths vary; tuning again for each would cost more than it gains)."""
-    return 1 << max(0, (rows - 1).bit_length())
-
-
 def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """x: (M, K), b: (R, K), a: (N, R) -> (M, N); the activation is applied after the sum."""
     M, K = x.shape
@@ -121,12 +108,10 @@ def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Te
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, _bucket(M),
+    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, row_bucket(M),
                              x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                              HAS_BIAS=bias is not None)
-    if act != "none":
-        y = _torch_activation(y, act)
-    return y.to(x.dtype)
+    return activation(y, act).to(x.dtype)
 
 
 def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
@@ -138,11 +123,7 @@ def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _tiled_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, _bucket(M),
+    _tiled_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, row_bucket(M),
                         x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
     return y
-
-
-def _torch_activation(y: torch.Tensor, act: str) -> torch.Tensor:
-    return {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu, "relu": torch.relu}[act](y)

@@ -7,17 +7,14 @@ bias is added in the epilogue. Every dimension is masked: none needs to be a pow
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CONFIGS = [triton.Config(dict(BLOCK_M=32, BLOCK_A=32, BLOCK_R=32, BLOCK_B=32), num_warps=4)]
-if not _INTERPRET:
-    _CONFIGS += [triton.Config(dict(BLOCK_M=64, BLOCK_A=64, BLOCK_R=64, BLOCK_B=64), num_warps=4),
-                 triton.Config(dict(BLOCK_M=16, BLOCK_A=64, BLOCK_R=64, BLOCK_B=128), num_warps=8)]
+from ._common import configs, row_bucket
+
+_CONFIGS = configs([dict(BLOCK_M=32, BLOCK_A=32, BLOCK_R=32, BLOCK_B=32), dict(BLOCK_M=64, BLOCK_A=64, BLOCK_R=64, BLOCK_B=64),
+                    dict(BLOCK_M=16, BLOCK_A=64, BLOCK_R=64, BLOCK_B=128)], [4, 4, 8])
 
 
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "NA", "Na", "R", "NB", "Nb"])
@@ -65,7 +62,7 @@ def tt2(x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bias: torch.Tensor 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), NA, triton.cdiv(NB, meta["BLOCK_B"]))
 
-    _tt2_kernel[grid](x, g1, g2, bias if bias is not None else y, y, M, NA, Na, R, NB, Nb, 1 << max(0, (M - 1).bit_length()),
+    _tt2_kernel[grid](x, g1, g2, bias if bias is not None else y, y, M, NA, Na, R, NB, Nb, row_bucket(M),
                       x.stride(0), x.stride(1), g1.stride(0), g1.stride(1), g1.stride(2), g2.stride(0), g2.stride(1), g2.stride(2),
                       y.stride(0), y.stride(1), HAS_BIAS=bias is not None)
     return y

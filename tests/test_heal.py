@@ -1,5 +1,6 @@
 """Healing by distillation: trains only what it should, never returns a worse model, resumes
 bit-identically, persists what it trained, distils causal LMs by KL, refuses bad data."""
+import contextlib
 import json
 
 import pytest
@@ -32,6 +33,27 @@ def tiny_pair(minilm, texts):
                                config=tngraph.Config(budget=0.15, allocation="uniform", whiten=False, include=(r"^encoder\.",),
                                                      heal_steps=0, progress=False))
     return teacher, student, tokenizer
+
+
+@contextlib.contextmanager
+def _ctrl_c_at_step(monkeypatch, step):
+    """Ctrl-C during optimizer step `step` (raised from its gradient clipping, after the backward
+    pass and before the update); the block must be interrupted, and clipping is restored after."""
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
 
 
 def _copy(module):
@@ -97,20 +119,8 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tiny_pair, texts, 
     straight = _copy(student)
     expected = heal(straight, teacher, texts, tokenizer, cfg, show=False)
 
-    interrupted = _copy(student)
-    calls = {"n": 0}
-    clip = torch.nn.utils.clip_grad_norm_
-
-    def clip_then_interrupt(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:  # Ctrl-C during step 7
-            raise KeyboardInterrupt
-        return clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        heal(interrupted, teacher, texts, tokenizer, cfg, checkpoint=tmp_path / "ckpt", show=False)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with _ctrl_c_at_step(monkeypatch, 7):
+        heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path / "ckpt", show=False)
     assert (tmp_path / "ckpt" / CHECKPOINT).is_file()
 
     resumed = heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path / "ckpt", resume=True, show=False)
@@ -125,19 +135,8 @@ def test_resumed_weights_are_bit_identical(tiny_pair, texts, tmp_path, monkeypat
     cfg = HealConfig(steps=8, lr=1e-3, eval_every=8, patience=10, checkpoint_every=3, **FAST)
     straight = _copy(student)
     heal(straight, teacher, texts, tokenizer, cfg, show=False)
-    calls = {"n": 0}
-    clip = torch.nn.utils.clip_grad_norm_
-
-    def clip_then_interrupt(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with _ctrl_c_at_step(monkeypatch, 5):
         heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path, show=False)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     resumed = _copy(student)
     heal(resumed, teacher, texts, tokenizer, cfg, checkpoint=tmp_path, resume=True, show=False)
     a, b = straight.state_dict(), resumed.state_dict()
@@ -147,19 +146,8 @@ def test_resumed_weights_are_bit_identical(tiny_pair, texts, tmp_path, monkeypat
 def test_a_checkpoint_from_another_run_is_refused(tiny_pair, texts, tmp_path, monkeypatch):
     teacher, student, tokenizer = tiny_pair
     cfg = HealConfig(steps=6, checkpoint_every=2, **FAST)
-    calls = {"n": 0}
-    clip = torch.nn.utils.clip_grad_norm_
-
-    def clip_then_interrupt(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with _ctrl_c_at_step(monkeypatch, 3):
         heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path, show=False)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     with pytest.raises(ArtifactError, match="another run"):
         heal(_copy(student), teacher, texts, tokenizer, HealConfig(steps=6, lr=5e-4, checkpoint_every=2, **FAST),
              checkpoint=tmp_path, resume=True, show=False)

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ArtifactError, DataError, ModelError
+from .errors import ArtifactError, ConfigError, DataError, ModelError
 from .evaluate import pooled
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .progress import progress
@@ -66,8 +66,6 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .errors import ConfigError
-
         for name in ("steps", "batch_size", "max_length", "held_out", "eval_every", "patience", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):

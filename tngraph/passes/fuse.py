@@ -174,43 +174,31 @@ def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
     without tngraph's ops (ONNX, other runtimes) and to check the fused graph against it."""
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target == NETWORK:
-            _unfuse_network(graph, node)
+        if node.op != "call_function" or node.target not in (LOWRANK, NETWORK):
             continue
-        if node.op != "call_function" or node.target != LOWRANK:
-            continue
-        x, b, a, bias, act = node.args
         with graph.inserting_before(node):
-            hidden = graph.call_function(aten.linear.default, (x, b))
-            out = graph.call_function(aten.linear.default, (hidden, a, bias) if bias is not None else (hidden, a))
-            for created in (hidden, out):
-                created.meta.update({k: v for k, v in node.meta.items() if k not in ("val", meta.KEY)})
-            out.meta[meta.KEY] = node.meta.get(meta.KEY)
-            if act != "none":
-                out = graph.call_function({v: k for k, v in _ACTS.items()}[act], (out,))
+            if node.target == LOWRANK:
+                x, b, a, bias, act = node.args
+                hidden = graph.call_function(aten.linear.default, (x, b))
+                chain = [hidden, graph.call_function(aten.linear.default, (hidden, a, bias) if bias is not None else (hidden, a))]
+                annotated = chain[-1]  # where factorize left the annotations
+                if act != "none":
+                    chain.append(graph.call_function({v: k for k, v in _ACTS.items()}[act], (chain[-1],)))
+            else:
+                x, cores, equation, in_dims, _, bias = node.args
+                n_out = len(equation.split("->")[1].replace("...", ""))
+                xs = graph.call_function(aten.unflatten.int, (x, -1, list(in_dims)))
+                ys = graph.call_function(aten.einsum.default, (equation, [xs, *cores]))
+                chain = [xs, ys, graph.call_function(aten.flatten.using_ints, (ys, -n_out, -1))]
+                if bias is not None:
+                    chain.append(graph.call_function(aten.add.Tensor, (chain[-1], bias)))
+                annotated = chain[-1]
+        for created in chain:
+            created.meta.update({k: v for k, v in node.meta.items() if k not in ("val", meta.KEY)})
+        annotated.meta[meta.KEY] = node.meta.get(meta.KEY)
         if "val" in node.meta:
-            out.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(out)
+            chain[-1].meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(chain[-1])
         graph.erase_node(node)
     gm.recompile()
     return gm
-
-
-def _unfuse_network(graph: fx.Graph, node: fx.Node) -> None:
-    x, cores, equation, in_dims, _, bias = node.args
-    n_out = len(equation.split("->")[1].replace("...", ""))
-    with graph.inserting_before(node):
-        xs = graph.call_function(aten.unflatten.int, (x, -1, list(in_dims)))
-        ys = graph.call_function(aten.einsum.default, (equation, [xs, *cores]))
-        out = graph.call_function(aten.flatten.using_ints, (ys, -n_out, -1))
-        created = [xs, ys, out]
-        if bias is not None:
-            out = graph.call_function(aten.add.Tensor, (out, bias))
-            created.append(out)
-    for c in created:
-        c.meta.update({k: v for k, v in node.meta.items() if k not in ("val", meta.KEY)})
-    out.meta[meta.KEY] = node.meta.get(meta.KEY)
-    if "val" in node.meta:
-        out.meta["val"] = node.meta["val"]
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
