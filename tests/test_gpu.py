@@ -103,13 +103,19 @@ def test_lowrank_linear_runs_the_op_on_cuda_in_inference():
     torch.testing.assert_close(fused, chain.detach(), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("fmt", ["tt", "tucker"])
-def test_network_linear_runs_the_op_on_cuda_in_inference(fmt):
+@pytest.mark.parametrize("fmt", ["tt", "tr", "cp", "tucker", "kron", "monarch"])
+def test_network_linear_runs_the_op_on_cuda_in_inference(fmt, caplog):
+    """Every two-mode format runs its kernel (no fallback logged); monarch runs the reference and says so."""
+    from tngraph import ops
+
+    ops._fallback_once.cache_clear()
+    options = {"tr_cores": 2} if fmt == "tr" else {}
     model = MLP().eval()
     data = [torch.randn(32, 24) for _ in range(2)]
-    compressed = tngraph.compress(model, calibration=data, config=tngraph.Config(budget=0.6, format=fmt, progress=False))
+    compressed = tngraph.compress(model, calibration=data, config=tngraph.Config(budget=0.6, format=fmt, progress=False, **options))
     x = torch.randn(7, 24)
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("WARNING", logger="tngraph.ops"):
         on_cpu = compressed(x)
         on_gpu = compressed.to("cuda")(x.to("cuda")).cpu()
     torch.testing.assert_close(on_gpu, on_cpu, atol=1e-3, rtol=1e-3)
+    assert ("runs its torch reference" in caplog.text) == (fmt == "monarch"), caplog.text

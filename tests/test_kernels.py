@@ -112,7 +112,7 @@ def test_tt2_matches_the_reference(shape, dtype, bias):
 def test_the_tt_format_is_recognised_and_its_kernel_matches_the_op():
     import tngraph
     from tests.conftest import MLP
-    from tngraph.ops import tt2_layout
+    from tngraph.ops import network_plan
     from tngraph.passes.fuse import NETWORK
 
     data = [torch.randn(16, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -122,10 +122,73 @@ def test_the_tt_format_is_recognised_and_its_kernel_matches_the_op():
     for node in nodes:
         x_node, core_nodes, equation, in_dims, out_features, bias_node = node.args
         cores = [getattr(result.graph, c.target) if "." not in c.target else result.graph.get_parameter(c.target) for c in core_nodes]
-        assert tt2_layout(equation, cores)
+        plan = network_plan(equation, cores)
+        assert plan[0] == "tt2" and plan[1][0].data_ptr() == cores[0].data_ptr()  # the TT cores as they are, no copy
         x = torch.randn(5, int(torch.tensor(in_dims).prod()))
         bias = result.graph.get_parameter(bias_node.target) if bias_node is not None else None
         with torch.no_grad():
             torch.testing.assert_close(load_kernels("tt").tt2(x, *cores, bias), torch.ops.tngraph.network(x, cores, equation, in_dims, out_features, bias),
                                        atol=1e-4, rtol=1e-4)
-    assert not tt2_layout("...ab,Aar,rBb->...BA", cores) and not tt2_layout("...abc,Aar,rBb->...AB", cores)
+    assert isinstance(network_plan("...ab,Aar,rBb->...BA", cores), str) and isinstance(network_plan("...abc,Aar,rBb->...AB", cores), str)
+
+
+def _network(fmt: str, weight: torch.Tensor, rank: int, **opts):
+    from tngraph.tn.formats import FORMATS
+
+    net = FORMATS[fmt].decompose(weight, rank, **opts)
+    equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
+    return equation, [c.to(DEVICE) for c in net.cores], list(net.in_dims)
+
+
+# every two-mode format the network kernels take, with the plan it gets; odd sizes (35 = 7 x 5, 42 = 7 x 6)
+NETWORKS = [("tt", 5, {}, "tt2"), ("kron", 3, {}, "tt2"), ("tr", 3, {"cores": 2}, "tt2"), ("cp", 4, {"modes": 2}, "tt2"),
+            ("tucker", 3, {"modes": 2}, "tucker2")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt,rank,opts,kind", NETWORKS)
+def test_network_kernels_match_the_reference_for_every_two_mode_format(fmt, rank, opts, kind, dtype):
+    from tngraph.ops import network_kernel, network_plan, network_reference
+
+    g = torch.Generator().manual_seed(3)
+    equation, cores, in_dims = _network(fmt, torch.randn(35, 42, generator=g), rank, **opts)
+    cores = [c.to(dtype) for c in cores]
+    x = torch.randn(9, 42, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(35, generator=g).to(DEVICE, dtype)
+    plan = network_plan(equation, cores)
+    assert plan[0] == kind
+    out = network_kernel(x, cores, equation, 35, bias, plan)
+    ref = network_reference(x.float(), [c.float() for c in cores], equation, in_dims, 35, bias.float())
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fmt,rank,opts,reason", [("monarch", 2, {}, "no kernel"), ("tt", 3, {"cores": 3}, "two-mode"),
+                                                  ("tucker", 2, {"modes": 3}, "two-mode")])
+def test_networks_without_a_kernel_say_why(fmt, rank, opts, reason):
+    from tngraph.ops import network_plan
+
+    equation, cores, _ = _network(fmt, torch.randn(35, 42), rank, **opts)
+    plan = network_plan(equation, cores)
+    assert isinstance(plan, str) and reason in plan
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tr", "cp", "tucker"])
+def test_the_kernel_benchmark_builds_networks_the_kernels_take(fmt):
+    """tools/bench_kernels.py times random cores of each format's shapes on the GPU: they must be
+    layouts network_plan maps (a benchmark that fails there wastes the GPU session)."""
+    import importlib.util
+    import pathlib
+
+    from tngraph.ops import network_kernel, network_plan, network_reference
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", pathlib.Path(__file__).parents[1] / "tools" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    equation, cores, in_dims, rank = bench.random_network(fmt, 40, 36, 0.5, DEVICE, torch.float32)
+    plan = network_plan(equation, cores)
+    assert not isinstance(plan, str), plan
+    x = torch.randn(3, 36, device=DEVICE)
+    torch.testing.assert_close(network_kernel(x, cores, equation, 40, None, plan),
+                               network_reference(x, cores, equation, in_dims, 40, None), atol=1e-4, rtol=1e-4)

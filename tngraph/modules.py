@@ -94,7 +94,7 @@ class NetworkLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.network
         if x.is_cuda and not torch.is_grad_enabled():
-            # GPU inference: the tngraph::network op (one Triton kernel for a two-core tensor train)
+            # GPU inference: the tngraph::network op (Triton kernels for the two-mode layouts)
             equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
             return torch.ops.tngraph.network(x, list(self.cores), equation, list(net.in_dims), net.out_features, self.bias)
         y = net.contract(x)

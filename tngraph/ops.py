@@ -10,8 +10,8 @@ reason logged once.
 - tngraph::network(x, cores, equation, in_dims, out_features, bias) = a tensor-network layer
   (Tucker, TT, TR, CP, Kronecker, Monarch): x's features unflattened to in_dims, contracted with
   the cores by `equation` ("...<in>,<core>,...->...<out>"), flattened to out_features, + bias.
-  The reference is torch.einsum (opt_einsum's contraction path); on CUDA two-core tensor trains
-  run kernels/tt.py.
+  The reference is torch.einsum (opt_einsum's contraction path); on CUDA the two-mode layers
+  (TT, Kronecker, tensor ring, CP, Tucker; see network_plan) run kernels/tt.py.
 """
 from __future__ import annotations
 
@@ -121,15 +121,15 @@ def _fallback_once(reason: str, op: str = "lowrank") -> None:
     log.warning("tngraph::%s runs its torch reference on the GPU: %s", op, reason)
 
 
-def kernel_unsupported(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor]) -> str | None:
-    """Why the Triton kernel cannot take these inputs, or None."""
+def kernel_unsupported(x: torch.Tensor, *others: Optional[torch.Tensor]) -> str | None:
+    """Why the Triton kernels cannot take x with these weights (None entries skipped), or None."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed (pip install 'tngraph[gpu]')"
     if x.dtype not in KERNEL_DTYPES:
         return f"dtype {x.dtype} (kernels take float16, bfloat16, float32)"
-    tensors = [t for t in (x, b, a, bias) if t is not None]
+    tensors = [t for t in (x, *others) if t is not None]
     if any(t.dtype != x.dtype for t in tensors):
         return "inputs of mixed dtypes"
     if any(t.device != x.device for t in tensors):
@@ -165,27 +165,94 @@ def _network_fake(x, cores, equation, in_dims, out_features, bias):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def tt2_layout(equation: str, cores: list[torch.Tensor]) -> bool:
-    """Whether `equation` is a two-core tensor train "...pq,Ppr,rQq->...PQ" (the TT format's own
-    layout), which kernels/tt.py contracts in one kernel."""
+def _parse(equation: str) -> tuple[str, list[str], str]:
     lhs, out = equation.replace("...", "").split("->")
-    parts = lhs.split(",")
-    if len(parts) != 3 or len(cores) != 2 or any(len(p) != n for p, n in zip(parts, (2, 3, 3))) or len(out) != 2:
-        return False
-    (p, q), (P, p1, r), (r2, Q, q1) = parts
-    return (p1, q1, r2) == (p, q, r) and out == P + Q and len(set(P + Q + p + q + r)) == 5
+    x_labels, *core_labels = lhs.split(",")
+    return x_labels, core_labels, out
+
+
+def network_plan(equation: str, cores: list[torch.Tensor]) -> tuple[str, tuple] | str:
+    """How kernels/tt.py runs this tensor-network layer: ("tt2", (g1, g2)), ("tucker2", (...)), or the
+    reason it cannot (a string).
+
+    - "tt2": the cores split into two groups, one holding the first input and output modes (p, P), the
+      other the second (q, Q), joined only by bond labels. Each group is contracted into one core
+      (a view for the TT and Kronecker formats; the ring bond of a two-core tensor ring and the shared
+      rank of a two-mode CP are merged into the bond), and the two-core kernel runs.
+    - "tucker2": a two-mode Tucker core G[c, d, a, b] with factors U_p[p, a], U_q[q, b], U_P[P, c],
+      U_Q[Q, d]: the input projection x -> z[m, a, b] and the output expansion w[m, c, d] -> y are
+      Kronecker matmuls (the two-core kernel with a bond of 1), the core in between one small GEMM
+      (m x rank-sized intermediates only).
+    Monarch and networks of more than two modes per side run the torch reference."""
+    x_labels, core_labels, out = _parse(equation)
+    if len(x_labels) != 2 or len(out) != 2:
+        return f"only two-mode layers have a kernel ({len(x_labels)} input modes)"
+    (p, q), (P, Q) = x_labels, out
+    side = {p: 0, P: 0, q: 1, Q: 1}
+    groups: list[list[int]] = [[], []]
+    for i, labels_ in enumerate(core_labels):
+        sides = {side[c] for c in labels_ if c in side}
+        if len(sides) != 1:
+            break
+        groups[sides.pop()].append(i)
+    else:
+        if all(groups):
+            own = [set("".join(core_labels[i] for i in g)) for g in groups]
+            bonds = "".join(sorted((own[0] & own[1]) - set(side)))
+            if not ({p, P} <= own[0] and {q, Q} <= own[1]):
+                return "a mode without a core"
+            g1 = torch.einsum(",".join(core_labels[i] for i in groups[0]) + "->" + P + p + bonds, *(cores[i] for i in groups[0]))
+            g2 = torch.einsum(",".join(core_labels[i] for i in groups[1]) + "->" + bonds + Q + q, *(cores[i] for i in groups[1]))
+            return "tt2", (g1.reshape(g1.shape[0], g1.shape[1], -1), g2.reshape(-1, g2.shape[-2], g2.shape[-1]))
+    return _tucker2_plan(x_labels, core_labels, out, cores)
+
+
+def _tucker2_plan(x_labels: str, core_labels: list[str], out: str, cores: list[torch.Tensor]) -> tuple[str, tuple] | str:
+    factor_of: dict[str, int] = {}
+    for i, labels_ in enumerate(core_labels):
+        modes = [c for c in labels_ if c in x_labels + out]
+        if len(labels_) == 2 and len(modes) == 1:
+            factor_of[modes[0]] = i
+    rest = [i for i in range(len(cores)) if i not in factor_of.values()]
+    if len(factor_of) != 4 or len(rest) != 1:
+        return "no kernel for this network's layout (monarch, or more than two cores per side)"
+    (p, q), (P, Q) = x_labels, out
+    rank = {m: core_labels[i].replace(m, "") for m, i in factor_of.items()}
+    core = core_labels[rest[0]]
+    if sorted(core) != sorted(rank[P] + rank[Q] + rank[p] + rank[q]):
+        return "no kernel for this network's layout"
+
+    def view(m: str, order: str) -> torch.Tensor:  # the factor of mode m with its axes in `order`
+        return torch.einsum(core_labels[factor_of[m]] + "->" + order, cores[factor_of[m]])
+
+    g = torch.einsum(core + "->" + rank[P] + rank[Q] + rank[p] + rank[q], cores[rest[0]])
+    return "tucker2", (view(p, rank[p] + p)[:, :, None], view(q, rank[q] + q)[None], g.reshape(g.shape[0] * g.shape[1], -1),
+                       view(P, P + rank[P])[:, :, None], view(Q, Q + rank[Q])[None])
+
+
+def network_kernel(x: torch.Tensor, cores: list[torch.Tensor], equation: str, out_features: int,
+                   bias: Optional[torch.Tensor], plan: tuple[str, tuple]) -> torch.Tensor:
+    """Run a network_plan() on x (..., in) with the Triton kernels of kernels/tt.py."""
+    tt = load_kernels("tt")
+    rows = x.reshape(-1, x.shape[-1])
+    how, parts = plan
+    if how == "tt2":
+        y = tt.tt2(rows, *parts, bias)
+    else:
+        in_p, in_q, core, out_p, out_q = parts
+        z = tt.tt2(rows, in_p, in_q, None)  # (m, ra * rb)
+        y = tt.tt2(z @ core.T, out_p, out_q, bias)  # (m, rA * rB) -> (m, out)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 @network.register_kernel("cuda")
 def _network_cuda(x, cores, equation, in_dims, out_features, bias):
-    reason = kernel_unsupported(x, cores[0], cores[-1], bias)
-    if reason is None and not tt2_layout(equation, cores):
-        reason = "only two-core tensor trains have a kernel so far"
-    if reason is not None:
-        _fallback_once(reason, "network")
+    reason = kernel_unsupported(x, *cores, bias)
+    plan = network_plan(equation, cores) if reason is None else reason
+    if isinstance(plan, str):
+        _fallback_once(plan, "network")
         return network_reference(x, cores, equation, in_dims, out_features, bias)
-    rows = x.reshape(-1, x.shape[-1])
-    return load_kernels("tt").tt2(rows, cores[0], cores[1], bias).reshape(*x.shape[:-1], out_features)
+    return network_kernel(x, cores, equation, out_features, bias, plan)
 
 
 def _do_bench(fn) -> float:

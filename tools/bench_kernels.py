@@ -5,7 +5,8 @@ Per shape (in x out), kept fraction and row count m, measured in one run on the 
 dense layer, of the unfused chain x·Bᵀ·Aᵀ (two cuBLAS GEMMs), of each Triton kernel (split-rank
 for few rows, tiled) and of the dispatching op torch.ops.tngraph.lowrank; achieved GB/s, TFLOP/s and
 the fraction of the memory-bandwidth bound (the bytes each must move / peak bandwidth, over its
-time); then fused/chain and fused/dense time ratios.
+time); then fused/chain and fused/dense time ratios. A second table does the same for the two-mode
+tensor-network layers (TT, TR, CP, Tucker): dense vs the einsum reference vs the kernel path.
 
   python tools/bench_kernels.py [--dtype fp16|bf16|fp32] [--rows 1 16 128 2048] [--json FILE]
 """
@@ -32,7 +33,8 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", type=int, default=[1, 16, 128, 2048])
     p.add_argument("--peak-gbps", type=float, default=4800.0, help="peak memory bandwidth (H200: 4800 GB/s)")
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--no-tt", action="store_true", help="skip the two-core tensor-train table")
+    p.add_argument("--formats", nargs="*", default=["tt", "tr", "cp", "tucker"],
+                   help="two-mode network formats for the second table (none: skip it)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (the kernels run on the CPU only in triton's interpreter); "
@@ -90,49 +92,71 @@ def main() -> int:
                 print(f"{shape:>12} {kept:>5.2f} {r:>5} {m:>5} | {cell('dense')} | {cell('chain')} | {cell('split')} | {cell('tiled')} | "
                       f"{row['op_us']:>8.1f} {100 * row['op_bw_frac']:>5.1f} {row['op_gbps']:>7.0f} {row['op_tflops']:>6.1f} | "
                       f"{row['op_over_chain']:>8.3f} {row['op_over_dense']:>8.3f}", flush=True)
-    if not args.no_tt:
-        rows += _tt_table(args, dtype, size)
+    if args.formats:
+        rows += _network_table(args, dtype, size)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     return 0
 
 
-def _tt_table(args, dtype: torch.dtype, size: int) -> list[dict]:
-    """Two-core tensor-train layers at the same shapes and budgets: dense, the unfused einsum and
-    the fused kernel (kernels/tt.py)."""
+def random_network(fmt: str, out_f: int, in_f: int, kept: float, device, dtype) -> tuple[str, list[torch.Tensor], list[int], int]:
+    """Random cores of the shapes the two-mode `fmt` layer has at `kept` of the dense parameters
+    (decomposing 25600 x 5120 weights would take longer than the benchmark; speed needs shapes only)."""
+    from tngraph.tn.formats import FORMATS, rank_for_params
+    from tngraph.tn.formats import tr as tr_format
+
+    opts = {"tt": {"cores": 2}, "kron": {}, "tr": {"cores": 2, "ring": 2}, "cp": {"modes": 2}, "tucker": {"modes": 2}}[fmt]
+    rank = rank_for_params(FORMATS[fmt], out_f, in_f, kept * out_f * in_f, **opts)
+    (na, nb), (a, b) = tr_format._dims(out_f, in_f, 2)  # every format splits each side into two balanced factors
+    if fmt in ("tt", "kron"):
+        equation, shapes = "...ab,Aar,rBb->...AB", [(na, a, rank), (rank, nb, b)]
+    elif fmt == "tr":
+        r0, r1, _ = tr_format._bonds(out_f, in_f, rank, 2, 2)
+        equation, shapes = "...ab,sAar,rBbs->...AB", [(r0, na, a, r1), (r1, nb, b, r0)]
+    elif fmt == "cp":
+        equation, shapes = "...ab,Ar,Br,ar,br->...AB", [(na, rank), (nb, rank), (a, rank), (b, rank)]
+    else:
+        rA, rB, ra, rb = (min(rank, n) for n in (na, nb, a, b))
+        equation, shapes = "...ab,CDcd,AC,BD,ac,bd->...AB", [(rA, rB, ra, rb), (na, rA), (nb, rB), (a, ra), (b, rb)]
+    cores = [torch.randn(s, device=device, dtype=dtype) / (s[-1] ** 0.5) for s in shapes]
+    return equation, cores, [a, b], rank
+
+
+def _network_table(args, dtype: torch.dtype, size: int) -> list[dict]:
+    """Two-mode tensor-network layers (args.formats) at the same shapes and budgets: dense, the
+    unfused einsum and the kernel path of torch.ops.tngraph.network (kernels/tt.py)."""
     import triton.testing
 
-    from tngraph.ops import load_kernels, network_reference
-    from tngraph.tn.formats import tt as tt_format
+    from tngraph.ops import network_kernel, network_plan, network_reference
 
-    kernel = load_kernels("tt")
-    eq = "...ab,Aar,rBb->...AB"
     print()
-    header = f"{'TT-2 shape':>12} {'kept':>5} {'rank':>5} {'m':>5} | {'dense us':>9} | {'einsum us':>9} {'bw%':>5} | {'fused us':>9} {'bw%':>5} | {'fused/einsum':>12} {'fused/dense':>11}"
+    header = (f"{'format':>7} {'shape':>12} {'kept':>5} {'rank':>5} {'m':>5} | {'dense us':>9} | {'einsum us':>9} {'bw%':>5} | "
+              f"{'kernel us':>9} {'bw%':>5} | {'kern/einsum':>11} {'kern/dense':>10}")
     print(header)
     print("-" * len(header))
     rows = []
-    for shape in args.shapes:
-        in_f, out_f = (int(v) for v in shape.lower().split("x"))
-        (na, nb), (a, b) = tt_format._dims(out_f, in_f, 2)
-        w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
-        for kept in args.kept:
-            rank = max(r for r in range(1, tt_format.max_rank(out_f, in_f) + 1) if tt_format.params(out_f, in_f, r) <= kept * out_f * in_f)
-            g1 = torch.randn(na, a, rank, device="cuda", dtype=dtype) / a**0.5
-            g2 = torch.randn(rank, nb, b, device="cuda", dtype=dtype) / (rank * b) ** 0.5
-            for m in args.rows:
-                x = torch.randn(m, in_f, device="cuda", dtype=dtype)
-                need = (g1.numel() + g2.numel() + m * (in_f + out_f)) * size
-                t_dense = triton.testing.do_bench(lambda: F.linear(x, w))
-                t_ein = triton.testing.do_bench(lambda: network_reference(x, [g1, g2], eq, [a, b], out_f, None))
-                t_fused = triton.testing.do_bench(lambda: kernel.tt2(x, g1, g2, None))
-                bw = lambda ms: need / (args.peak_gbps * 1e9) / (ms * 1e-3)  # noqa: E731
-                row = {"format": "tt2", "shape": shape, "kept": kept, "rank": rank, "m": m, "dense_us": t_dense * 1e3,
-                       "einsum_us": t_ein * 1e3, "fused_us": t_fused * 1e3, "einsum_bw_frac": bw(t_ein), "fused_bw_frac": bw(t_fused)}
-                rows.append(row)
-                print(f"{shape:>12} {kept:>5.2f} {rank:>5} {m:>5} | {row['dense_us']:>9.1f} | {row['einsum_us']:>9.1f} {100 * row['einsum_bw_frac']:>5.1f} | "
-                      f"{row['fused_us']:>9.1f} {100 * row['fused_bw_frac']:>5.1f} | {t_fused / t_ein:>12.3f} {t_fused / t_dense:>11.3f}", flush=True)
+    for fmt in args.formats:
+        for shape in args.shapes:
+            in_f, out_f = (int(v) for v in shape.lower().split("x"))
+            w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
+            for kept in args.kept:
+                eq, cores, in_dims, rank = random_network(fmt, out_f, in_f, kept, "cuda", dtype)
+                plan = network_plan(eq, cores)
+                assert not isinstance(plan, str), plan
+                for m in args.rows:
+                    x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+                    need = (sum(c.numel() for c in cores) + m * (in_f + out_f)) * size
+                    t_dense = triton.testing.do_bench(lambda: F.linear(x, w))
+                    t_ein = triton.testing.do_bench(lambda: network_reference(x, cores, eq, in_dims, out_f, None))
+                    t_kern = triton.testing.do_bench(lambda: network_kernel(x, cores, eq, out_f, None, network_plan(eq, cores)))
+                    bw = lambda ms: need / (args.peak_gbps * 1e9) / (ms * 1e-3)  # noqa: E731
+                    row = {"format": fmt, "shape": shape, "kept": kept, "rank": rank, "m": m, "dense_us": t_dense * 1e3,
+                           "einsum_us": t_ein * 1e3, "kernel_us": t_kern * 1e3, "einsum_bw_frac": bw(t_ein), "kernel_bw_frac": bw(t_kern)}
+                    rows.append(row)
+                    print(f"{fmt:>7} {shape:>12} {kept:>5.2f} {rank:>5} {m:>5} | {row['dense_us']:>9.1f} | {row['einsum_us']:>9.1f} "
+                          f"{100 * row['einsum_bw_frac']:>5.1f} | {row['kernel_us']:>9.1f} {100 * row['kernel_bw_frac']:>5.1f} | "
+                          f"{t_kern / t_ein:>11.3f} {t_kern / t_dense:>10.3f}", flush=True)
     return rows
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, under 8 minutes on one H200: the gpu-marked tests and the kernel tests
 # (on the CPU those run in triton's interpreter; here on the GPU), then the fused-kernel benchmark
-# on Qwen3-32B shapes (dense cuBLAS, unfused chain, split-rank, tiled, dispatching op; two-core TT
-# fused vs einsum) in fp16, the low-rank table again in bf16. Results land in ${OUT:-gpu-out}/.
+# on Qwen3-32B shapes (dense cuBLAS, unfused chain, split-rank, tiled, dispatching op; two-mode TT/TR/CP/Tucker
+# kernel path vs einsum) in fp16, the low-rank table again in bf16. Results land in ${OUT:-gpu-out}/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -21,6 +21,6 @@ for selection in "-m gpu tests" "tests/test_kernels.py"; do
   code=${PIPESTATUS[0]}
   [ "$code" -ne 0 ] && [ "$code" -ne 5 ] && rc=$code
 done
-timeout 150 $PY tools/bench_kernels.py --dtype fp16 --json "$OUT/bench_kernels_fp16.json" 2>&1 | tee "$OUT/bench_kernels_fp16.txt"
-timeout 90 $PY tools/bench_kernels.py --dtype bf16 --no-tt --json "$OUT/bench_kernels_bf16.json" 2>&1 | tee "$OUT/bench_kernels_bf16.txt"
+timeout 200 $PY tools/bench_kernels.py --dtype fp16 --json "$OUT/bench_kernels_fp16.json" 2>&1 | tee "$OUT/bench_kernels_fp16.txt"
+timeout 90 $PY tools/bench_kernels.py --dtype bf16 --formats --json "$OUT/bench_kernels_bf16.json" 2>&1 | tee "$OUT/bench_kernels_bf16.txt"
 exit "$rc"
