@@ -57,12 +57,16 @@ def _embedding_pattern(node: fx.Node) -> EmbeddingMatch | None:
 def _embedding_replacement(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     """embedding(W, idx) -> embedding(A, idx) @ B: gathers rows of A (rows x r), never the table."""
     t, plan = meta.info(m.node).target, meta.info(m.node).plan
-    weight = getattr_path(gm, t.weight)
-    stats = ctx.stats.get(t.name)
-    weights = stats.row_weights() if ctx.config.whiten and stats is not None and stats.rows > 0 else None
-    if weights is not None:
-        ctx.counters["factorize.embedding.frequency_weighted"] += 1
-    a, b = decompose_rows_weighted(weight, plan.rank, weights)
+    preset = _preset(ctx, t.name)
+    if preset is not None:
+        a, b = preset.factors["a"], preset.factors["b"]
+    else:
+        weight = getattr_path(gm, t.weight)
+        stats = ctx.stats.get(t.name)
+        weights = stats.row_weights() if ctx.config.whiten and stats is not None and stats.rows > 0 else None
+        if weights is not None:
+            ctx.counters["factorize.embedding.frequency_weighted"] += 1
+        a, b = decompose_rows_weighted(weight, plan.rank, weights)
     ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, False, {"a": a, "b": b}, kind="embedding")
     graph = gm.graph
     with graph.inserting_before(m.node):
@@ -151,6 +155,11 @@ def _attr_of(node: fx.Node) -> torch.Tensor:
 
 def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     plan_format = meta.info(m.node).plan.format
+    preset = _preset(ctx, meta.info(m.node).target.name)
+    if preset is not None:
+        t, plan, net = meta.info(m.node).target, meta.info(m.node).plan, preset.tensor_network()
+        ctx.plan[t.name] = preset
+        return _network_graph(m, gm, t, plan, net)
     options = FORMATS[plan_format].options(ctx.config)  # the plan's format: budgeted mixtures hold several
     t, plan, weight, stats, whitening = _inputs(m, gm, ctx, plan_format, options)
     try:
@@ -166,6 +175,10 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
             ctx.counters[f"factorize.{plan.format}.refit"] += 1
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
     ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
+    return _network_graph(m, gm, t, plan, net)
+
+
+def _network_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, plan: meta.PlanInfo, net) -> fx.Node:
     graph = gm.graph
     equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
     with graph.inserting_before(m.node):
@@ -180,7 +193,21 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
     return _finish(m, created, out)
 
 
+def _preset(ctx: PassContext, name: str) -> TargetPlan | None:
+    """Factors decided before (the torch.compile backend's cache), to be put in place as they are."""
+    preset = ctx.analysis.get("preset", {}).get(name)
+    return preset[1] if preset is not None else None
+
+
 def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    preset = _preset(ctx, meta.info(m.node).target.name)
+    if preset is not None:
+        t = meta.info(m.node).target
+        ctx.plan[t.name] = preset
+        if "dense" in preset.factors:
+            return _patched_graph(m, gm, t, preset.factors)
+        a, b = preset.factors["a"], preset.factors["b"]
+        return _lowrank_graph(m, gm, t, a, b)
     t, plan, weight, _, whitening = _inputs(m, gm, ctx, "svd", {})
     if plan.dense_rows:
         return _patched_replacement(m, gm, ctx, t, plan, weight, whitening)
@@ -189,6 +216,10 @@ def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Nod
         ctx.counters["factorize.lowrank.output_whitened"] += 1
     a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening)
     ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
+    return _lowrank_graph(m, gm, t, a, b)
+
+
+def _lowrank_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, a: torch.Tensor, b: torch.Tensor) -> fx.Node:
     graph = gm.graph
     with graph.inserting_before(m.node):
         b_node = _add_factor(gm, t, "lowrank_b", b)
@@ -215,6 +246,11 @@ def _patched_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, t
     factors = {"a": a, "b": b, "dense": dense, "order": order}
     ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
     ctx.counters["factorize.lowrank.dense_rows"] += len(dense_rows)
+    return _patched_graph(m, gm, t, factors)
+
+
+def _patched_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, factors: dict[str, torch.Tensor]) -> fx.Node:
+    a, b, dense, order = factors["a"], factors["b"], factors["dense"], factors["order"]
     graph = gm.graph
     with graph.inserting_before(m.node):
         b_node = _add_factor(gm, t, "lowrank_b", b)
@@ -258,6 +294,20 @@ def _erase_dead_weights(gm: fx.GraphModule, weights: set[str]) -> int:
                 delattr(owner, attr)
             erased += 1
     return erased
+
+
+def preset_plans(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """(analysis) Every target's plan from decisions made before (ctx.analysis["preset"], name ->
+    (PlanInfo, TargetPlan)): replaces calibrate .. allocate when the factors are already known."""
+    preset = ctx.analysis.get("preset", {})
+    placed = 0
+    for node in meta.targets(gm):
+        entry = preset.get(meta.info(node).target.name)
+        if entry is not None:
+            meta.update(node, plan=entry[0])
+            placed += 1
+    ctx.counters["preset.plans"] += placed
+    return PassResult(gm, modified=False, summary={"preset": placed})
 
 
 LOWRANK_LINEAR = RewriteRule("lowrank_linear", _pattern, _check, _replacement)

@@ -1,0 +1,210 @@
+"""The torch.compile backend: torch.compile(model, backend="tngraph", options=...)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tngraph
+from tngraph import backend
+from tngraph.errors import ConfigError, DataError
+from tests.conftest import MLP
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    torch._dynamo.reset()
+    backend.clear_cache()
+    yield
+    torch._dynamo.reset()
+
+
+def _data(n=4, rows=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, 24, generator=g) for _ in range(n)]
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _compiled(model, fallback="eager", **options):
+    return torch.compile(model, backend="tngraph", options={"budget": 0.6, "fallback": fallback, **options})
+
+
+def test_the_backend_is_found_by_name_without_importing_tngraph():
+    code = ("import sys, torch\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16))\n"
+            "assert 'tngraph' not in sys.modules\n"
+            "c = torch.compile(m, backend='tngraph', options={'budget': 0.6, 'fallback': 'eager'})\n"
+            "y = c(torch.randn(5, 24))\n"
+            "assert 'tngraph' in sys.modules and y.shape == (5, 16)\n"
+            "from torch._dynamo import list_backends\n"
+            "assert 'tngraph' in list_backends()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_options_are_config_keys_and_unknown_ones_list_the_valid_ones():
+    opts = backend.parse_options({"budget": 0.4, "format": "tt", "fallback": "eager"})
+    assert opts.config.budget == 0.4 and opts.config.format == "tt" and opts.fallback == "eager"
+    assert opts.config.heal_steps == 0 and not opts.config.progress
+    with pytest.raises(ConfigError, match="unknown tngraph backend option 'budgett'") as info:
+        backend.parse_options({"budgett": 0.5})
+    assert "budget" in str(info.value) and "calibration" in str(info.value) and "fallback" in str(info.value)
+    with pytest.raises(ConfigError, match="budget"):
+        backend.parse_options({"budget": 7})
+    with pytest.raises(ConfigError, match="fallback"):
+        backend.parse_options({"fallback": "tensorrt"})
+    with pytest.raises(ConfigError, match="does not heal"):
+        backend.parse_options({"heal_steps": 100})
+    with pytest.raises(DataError, match="list of samples"):
+        backend.parse_options({"calibration": "some text"})
+
+
+def test_a_bad_option_fails_the_compile_with_the_message():
+    compiled = torch.compile(MLP().eval(), backend="tngraph", options={"rank": 3})
+    with pytest.raises(Exception, match="unknown tngraph backend option 'rank'"):
+        compiled(torch.randn(2, 24))
+
+
+@pytest.mark.parametrize("fallback", ["eager", "inductor"])
+def test_compiled_mlp_is_factorized_and_agrees_like_compress(fallback):
+    model, data = MLP().eval(), _data()
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(9))
+    compiled = _compiled(model, fallback, calibration=data)
+    with torch.no_grad():
+        ref, got = model(x), compiled(x)
+    compressed = tngraph.compress(model, calibration=data, config=tngraph.Config(budget=0.6, heal_steps=0, progress=False))
+    with torch.no_grad():
+        theirs = compressed(x)
+    assert backend.stats["graphs"] == 1 and backend.stats["data_free"] == 0
+    assert _rel(got, ref) <= _rel(theirs, ref) * 1.01 + 1e-6
+    assert _rel(got, ref) < 0.9  # compressed, not broken
+
+
+def test_the_rewritten_graph_holds_factor_chains_instead_of_the_dense_weights():
+    model = MLP().eval()
+    compiled = _compiled(model, calibration=_data())
+    graphs = []
+    real = backend.tngraph_backend
+
+    def spy(gm, example_inputs, **kw):
+        run = real(gm, example_inputs, **kw)
+        graphs.append(run.tngraph_graph)
+        return run
+
+    with torch.no_grad():
+        torch.compile(model, backend=spy, options={"budget": 0.6, "fallback": "eager", "calibration": _data()})(torch.randn(3, 24))
+    (gm,) = graphs
+    gm.graph.lint()
+    attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    linears = [n for n in gm.graph.nodes if n.target == aten.linear.default]
+    fused = [n for n in gm.graph.nodes if n.target == torch.ops.tngraph.lowrank.default]
+    # parameters lifted to attributes named by module path; factors beside them, dense weights gone
+    assert {"layers.0.bias", "layers.1.bias", "layers.2.bias"} <= attrs
+    factorized = {i for i in range(3) if f"layers.{i}.weight_lowrank_a" in attrs}
+    assert factorized and all((f"layers.{i}.weight" in attrs) == (i not in factorized) for i in range(3))
+    assert len(fused) == len(factorized) and len(linears) == 3 - len(factorized)  # eager keeps the fused ops
+    assert all(n.op != "placeholder" or n.name == "x" for n in gm.graph.nodes)
+    assert compiled is not None
+
+
+def test_decompositions_are_cached_across_recompiles_and_compiles():
+    model, data = MLP().eval(), _data()
+    compiled = _compiled(model, calibration=data)
+    with torch.no_grad():
+        first = compiled(torch.randn(8, 24))
+    assert backend.stats["cache_misses"] == 1
+    torch._dynamo.reset()  # a new compile of the same model: every weight is known
+    again = _compiled(model, calibration=data)
+    with torch.no_grad():
+        x = torch.randn(8, 24)
+        assert torch.equal(again(x), compiled(x))
+    assert backend.stats["cache_hits"] >= 1 and backend.stats["cache_misses"] == 1
+    assert first.shape == (8, 16)
+    with torch.no_grad():
+        model.layers[0].weight.add_(1.0)  # new content: decomposed again
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _compiled(model, calibration=data)(torch.randn(8, 24))
+    assert backend.stats["cache_misses"] == 2
+
+
+def test_dynamic_shapes_and_few_recompiles():
+    model = MLP().eval()
+    compiled = _compiled(model, calibration=_data())
+    with torch.no_grad():
+        for rows in (8, 5, 17, 1, 33, 2):
+            x = torch.randn(rows, 24)
+            torch.testing.assert_close(compiled(x), compiled(x))
+            assert compiled(x).shape == (rows, 16)
+    assert backend.stats["graphs"] <= 3  # static, then dynamic, then the size-1 specialisation
+    assert backend.stats["cache_misses"] == 1
+
+
+class Broken(torch.nn.Module):
+    """Two linear stages with a graph break between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = MLP(), MLP(dims=(16, 32, 24), seed=1)
+
+    def forward(self, x):
+        y = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(y)
+
+
+def test_graph_breaks_each_graph_is_compressed_and_the_second_is_data_free(caplog):
+    model = Broken().eval()
+    compiled = _compiled(model, calibration=_data())
+    x = torch.randn(6, 24)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="tngraph.backend"):
+        got, ref = compiled(x), model(x)
+    assert backend.stats["graphs"] == 2 and backend.stats["data_free"] == 1
+    assert "graph break" in caplog.text
+    assert got.shape == ref.shape and _rel(got, ref) < 1.0
+
+
+def test_data_free_without_calibration_says_so_once(caplog):
+    backend._say_once.cache_clear()
+    model = MLP().eval()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="tngraph.backend"):
+        torch.compile(model, backend="tngraph", options={"budget": 0.6, "fallback": "eager"})(torch.randn(4, 24))
+        torch.compile(MLP(seed=3).eval(), backend="tngraph", options={"budget": 0.6, "fallback": "eager"})(torch.randn(4, 24))
+    assert caplog.text.count("decomposing data-free") == 1
+
+
+def test_calibration_of_another_structure_is_refused():
+    model = MLP().eval()
+    compiled = _compiled(model, calibration=[(torch.randn(4, 24), torch.randn(3))])
+    with pytest.raises(Exception, match=r"calibration samples do not fit the compiled function forward\(\)"):
+        with torch.no_grad():
+            compiled(torch.randn(4, 24))
+
+
+def test_minilm_with_texts(minilm):
+    """Texts are tokenized with the model's own tokenizer and bound to the graph's inputs; the
+    embeddings agree with the original as well as tngraph.compress's; with dynamic=True, varying
+    batch sizes and lengths recompile once (for batch size 1), from the cache."""
+    from tngraph.data import sentence_sets
+    from tngraph.evaluate import agreement, sentence_embeddings
+
+    model, tokenizer = minilm
+    sets = sentence_sets(calibration=32, evaluation=40)
+    options = {"budget": 0.7, "allocation": "uniform", "include": (r"encoder\.",)}
+    compiled = torch.compile(model, backend="tngraph", dynamic=True, options={**options, "calibration": sets.calibration, "fallback": "eager"})
+    with torch.no_grad():
+        ref = sentence_embeddings(model, tokenizer, sets.evaluation, batch_size=16)
+        got = sentence_embeddings(compiled, tokenizer, sets.evaluation, batch_size=16)
+        for rows, words in ((3, 5), (1, 9), (7, 30)):  # other batch sizes and lengths: at most two recompiles
+            enc = tokenizer(["word " * words] * rows, return_tensors="pt")
+            assert compiled(**enc).last_hidden_state.shape == (rows, enc["input_ids"].shape[1], 384)
+    compressed = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, heal_steps=0, progress=False, **options)
+    with torch.no_grad():
+        theirs = sentence_embeddings(compressed, tokenizer, sets.evaluation, batch_size=16)
+    assert backend.stats["data_free"] == 0 and backend.stats["graphs"] <= 2 and backend.stats["cache_misses"] == 1
+    assert agreement(ref, got).mean_cos >= agreement(ref, theirs).mean_cos - 0.01
