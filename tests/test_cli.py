@@ -221,3 +221,41 @@ def test_heal_command_errors_are_one_line(tiny_hf, tmp_path, capsys):
     assert "does not exist" in _fail(capsys, ["heal", str(out), "--data", str(tmp_path / "none.txt")])
     assert "heal_lr must lie in (0, 1]" in _fail(capsys, ["heal", str(out), "--lr", "-1"])
     assert "heal_steps must be" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--heal-steps", "-2"])
+
+
+def test_export_onnx_of_an_artifact_and_the_tensorrt_check(tiny_hf, tmp_path, capsys):
+    """`tngraph export onnx` on a compressed artifact: checked file, onnxruntime diffs at three shapes,
+    the TensorRT check; `export tensorrt --check-only` passes it without a GPU."""
+    import onnx
+
+    art = tmp_path / "art"
+    assert main(["compress", "--model", str(tiny_hf), "--budget", "0.5", "--out", str(art), "--no-eval", "--heal-steps", "0", *SMALL]) == 0
+    capsys.readouterr()
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "onnx", "--model", str(art), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "checker passed" in printed and printed.count("onnxruntime (CPUExecutionProvider) vs PyTorch") == 3
+    assert "TensorRT check: 0 errors" in printed
+    onnx.checker.check_model(str(out), full_check=True)
+    assert main(["export", "tensorrt", "--onnx", str(out), "--check-only", "--quiet"]) == 0
+    assert "0 errors" in capsys.readouterr().out
+    line = _fail(capsys, ["export", "onnx", "--model", str(art), "--out", str(out), "--quiet"])
+    assert "already exists" in line and "--force" in line
+
+
+def test_export_errors_are_one_line(tiny_hf, tmp_path, capsys):
+    assert "unknown model" in _fail(capsys, ["export", "onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx"), "--quiet"])
+    assert "does not end in .onnx" in _fail(capsys, ["export", "onnx", "--model", str(tiny_hf), "--out", str(tmp_path / "m.bin"), "--quiet"])
+    assert "batch size 1" in _fail(capsys, ["export", "onnx", "--model", str(tiny_hf), "--out", str(tmp_path / "m.onnx"), "--batch", "1", "--quiet"])
+    assert "no ONNX file" in _fail(capsys, ["export", "tensorrt", "--onnx", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "m.plan"), "--quiet"])
+    assert "MIN,OPT,MAX" in _fail(capsys, ["export", "tensorrt", "--onnx", "x.onnx", "--batch", "1,2", "--quiet"])
+    assert not list(tmp_path.iterdir())
+    good = tmp_path / "tiny.onnx"
+    assert main(["export", "onnx", "--model", str(tiny_hf), "--out", str(good), "--quiet"]) == 0
+    capsys.readouterr()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        line = _fail(capsys, ["export", "tensorrt", "--onnx", str(good), "--out", str(tmp_path / "m.plan"), "--quiet"])
+        assert "not installed" in line and "pip install" in line
+    assert not (tmp_path / "m.plan").exists()

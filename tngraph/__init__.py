@@ -9,7 +9,8 @@ from .api import CompressResult, compress, compress_with_result
 from .artifact import load, save
 from .capture import capture
 from .config import Config
-from .errors import ArtifactError, CaptureError, ConfigError, DataError, ModelError, PassError, TngraphError
+from .errors import ArtifactError, CaptureError, ConfigError, DataError, ExportError, ModelError, PassError, TngraphError
+from .lowering.onnx import OnnxExport, export_onnx
 from .passes import PassContext, PassResult
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -21,7 +22,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataError",
+    "ExportError",
     "ModelError",
+    "OnnxExport",
     "PassContext",
     "PassError",
     "PassResult",
@@ -29,6 +32,7 @@ __all__ = [
     "capture",
     "compress",
     "compress_with_result",
+    "export_onnx",
     "load",
     "save",
 ]

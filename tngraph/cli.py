@@ -110,11 +110,107 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=None, help="seed of the batch order (default: the artifact's)")
     h.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     h.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    _add_export_parser(sub)
     i = sub.add_parser("info", help="verify an artifact folder (hashes, source model) and summarise it")
     i.add_argument("artifact", help="folder written by `tngraph compress`")
     i.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     i.add_argument("-v", "--verbose", action="store_true", help="log while loading")
     return parser
+
+
+def _sizes(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX (three integers), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _add_export_parser(sub: Any) -> None:
+    e = sub.add_parser("export", help="export a model as ONNX (checked in onnxruntime) or an ONNX file as a TensorRT engine")
+    kinds = e.add_subparsers(dest="export", required=True, parser_class=_Parser)
+    o = kinds.add_parser("onnx", help="export an artifact (or the dense model) to ONNX, check it and compare it with PyTorch in onnxruntime")
+    o.add_argument("--model", required=True, help="an artifact folder of `tngraph compress`, 'minilm' (the dense bundled model) "
+                                                  "or a local Hugging Face model folder")
+    o.add_argument("--out", required=True, help="the .onnx file to write (weights over 2 GB go to FILE.onnx.data beside it)")
+    o.add_argument("--force", action="store_true", help="replace an existing --out file")
+    o.add_argument("--batch", type=int, default=2, help="rows of the example input (default 2)")
+    o.add_argument("--length", type=int, default=16, help="tokens of the example input (default 16)")
+    o.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| (default 1e-4)")
+    o.add_argument("--static", action="store_true", help="fix batch and sequence to the example's (default: dynamic axes)")
+    o.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    o.add_argument("--quiet", action="store_true", help="no log lines")
+    o.add_argument("-v", "--verbose", action="store_true", help="log the export's steps")
+    t = kinds.add_parser("tensorrt", help="build a TensorRT engine from an ONNX file (needs an NVIDIA GPU and tensorrt), "
+                                          "or only check the file against TensorRT's operators (--check-only, no GPU)")
+    t.add_argument("--onnx", required=True, help="the ONNX file (from `tngraph export onnx`)")
+    t.add_argument("--out", default=None, help="the engine file to write, e.g. model.plan (not needed with --check-only)")
+    t.add_argument("--force", action="store_true", help="replace an existing --out file")
+    precision = t.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="let TensorRT run layers in float16")
+    precision.add_argument("--bf16", action="store_true", help="let TensorRT run layers in bfloat16")
+    t.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit in GiB (default 4)")
+    t.add_argument("--batch", type=_sizes, default=(1, 8, 32), metavar="MIN,OPT,MAX", help="profile of the batch axis (default 1,8,32)")
+    t.add_argument("--sequence", type=_sizes, default=(1, 128, 512), metavar="MIN,OPT,MAX",
+                   help="profile of the sequence axis (default 1,128,512)")
+    t.add_argument("--check-only", action="store_true", help="only check the graph against TensorRT's operators and types (no GPU needed)")
+    t.add_argument("--quiet", action="store_true", help="no log lines")
+    t.add_argument("-v", "--verbose", action="store_true", help="log the build")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .lowering.tensorrt import build_engine, check_tensorrt
+
+    if args.export == "onnx":
+        return _export_onnx(args)
+    problems = check_tensorrt(args.onnx)
+    errors = [p for p in problems if p.severity == "error"]
+    for p in problems:
+        print(f"  {p}")
+    print(f"TensorRT check of {args.onnx}: {len(errors)} errors, {len(problems) - len(errors)} warnings")
+    if args.check_only:
+        return 1 if errors else 0
+    if not args.out:
+        raise ConfigError("--out is required to build an engine", "pass --out FILE.plan, or --check-only")
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    engine = build_engine(args.onnx, args.out, precision=precision, workspace_gb=args.workspace_gb, batch=args.batch,
+                          sequence=args.sequence, force=args.force)
+    print(f"TensorRT {engine.tensorrt_version} engine {engine.path} ({engine.bytes / 1e6:.1f} MB, {precision}) in {engine.seconds:.1f} s")
+    for name, (lo, opt, hi) in engine.profile.items():
+        print(f"  profile {name}: min {lo}, opt {opt}, max {hi}")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .lowering.onnx import _load, export_onnx, text_inputs
+    from .lowering.tensorrt import check_tensorrt
+
+    hf_logging.set_verbosity_error()
+    if args.batch < 1 or args.length < 1:
+        raise ConfigError(f"--batch and --length must be at least 1, got {args.batch} and {args.length}")
+    if os.path.exists(args.out) and not args.force:
+        raise TngraphError(f"{args.out!r} already exists", "pass --force to replace it, or choose another --out")
+    model, tokenizer = _load(args.model)
+    result = export_onnx(model, text_inputs(tokenizer, args.batch, args.length), args.out, dynamic=not args.static,
+                         tolerance=args.tolerance, opset=args.opset, force=args.force)
+    external = f" + {result.external_data.name}" if result.external_data else ""
+    print(f"wrote {result.path}{external}: {result.bytes / 1e6:.2f} MB, opset {result.opset}, checker passed (full_check)")
+    print(f"  inputs {', '.join(result.inputs)}; outputs {', '.join(result.outputs)}; dynamic axes "
+          + (", ".join(f"{n}[{', '.join(f'{a}:{lab}' for a, lab in axes.items())}]" for n, axes in result.dynamic_axes.items()) or "none"))
+    for check in result.checks:
+        shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in check.shapes.items())
+        print(f"  onnxruntime ({result.providers[0]}) vs PyTorch on {shapes}: max abs diff {check.max_abs_diff:.3g}")
+    print(f"  max abs diff {result.max_abs_diff:.3g} <= tolerance {result.tolerance:g}; ops: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(result.op_counts.items(), key=lambda kv: -kv[1])))
+    problems = check_tensorrt(result.path)
+    errors = sum(p.severity == "error" for p in problems)
+    print(f"  TensorRT check: {errors} errors, {len(problems) - errors} warnings"
+          + (f" (see `tngraph export tensorrt --onnx {result.path} --check-only`)" if problems else ""))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _info(args)
         if args.command == "heal":
             return _heal(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "demo":
             args.model = "minilm"
         return _compress(args)

@@ -33,3 +33,7 @@ class ArtifactError(TngraphError):
 
 class PassError(TngraphError):
     """A pass failed; the message names it and the passes that ran before it."""
+
+
+class ExportError(TngraphError):
+    """An export (ONNX, TensorRT) failed or did not reproduce the model; nothing was written."""

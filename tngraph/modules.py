@@ -93,8 +93,10 @@ class NetworkLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net = self.network
-        if x.is_cuda and not torch.is_grad_enabled():
-            # GPU inference: the tngraph::network op (Triton kernels for the two-mode layouts)
+        if (x.is_cuda and not torch.is_grad_enabled()) or torch.compiler.is_exporting():
+            # GPU inference: the tngraph::network op (Triton kernels for the two-mode layouts);
+            # export: one opaque node (the contraction path below is chosen per row count, which
+            # would pin the batch size), translated by each exporter (ONNX: Einsum)
             equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
             return torch.ops.tngraph.network(x, list(self.cores), equation, list(net.in_dims), net.out_features, self.bias)
         y = net.contract(x)

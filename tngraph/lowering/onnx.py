@@ -1,0 +1,493 @@
+"""ONNX export: module -> FILE.onnx (torch.onnx dynamo exporter), checked by onnx.checker and
+run in onnxruntime against PyTorch.
+
+- tngraph's custom ops become standard ONNX ops (ONNX_TRANSLATIONS): tngraph::lowrank a
+  MatMul chain (+ Add, + the activation), tngraph::network Reshape -> Einsum -> Reshape (+ Add),
+  the Einsum without an ellipsis, so that TensorRT takes it too.
+- Batch and sequence axes are dynamic by default (named "batch" and "sequence").
+- Models whose weights pass ONNX's 2 GB protobuf limit keep them in FILE.onnx.data beside it.
+- Nothing is left at the destination unless every check passed: the file is written in a
+  temporary folder beside it, checked (`onnx.checker` with full_check, onnxruntime against PyTorch
+  on the example and on inputs of other batch sizes and lengths) and only then moved into place.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import keyword
+import logging
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import ArtifactError, ConfigError, DataError, ExportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 1e-4
+# protobuf cannot serialise a message over 2 GiB; stay clear of it (graph + initializers)
+EXTERNAL_DATA_BYTES = 1_800_000_000
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+@dataclass
+class ExportCheck:
+    """One onnxruntime run against PyTorch."""
+
+    shapes: dict[str, list[int]]
+    max_abs_diff: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shapes": self.shapes, "max_abs_diff": self.max_abs_diff}
+
+
+@dataclass
+class OnnxExport:
+    """What export_onnx wrote and measured."""
+
+    path: pathlib.Path
+    bytes: int  # the .onnx file plus its external data file, if any
+    external_data: pathlib.Path | None
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    opset: int
+    providers: list[str]
+    checks: list[ExportCheck]
+    tolerance: float
+    op_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(c.max_abs_diff for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "bytes": self.bytes, "external_data": str(self.external_data) if self.external_data else None,
+            "inputs": self.inputs, "outputs": self.outputs, "dynamic_axes": self.dynamic_axes, "opset": self.opset,
+            "providers": self.providers, "checks": [c.to_json() for c in self.checks], "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance, "op_counts": self.op_counts, "seconds": self.seconds,
+        }
+
+
+# --- translations of the tngraph ops ----------------------------------------------------------------
+
+
+def _lowrank_onnx(x, b, a, bias, act: str):
+    from onnxscript import opset18 as op
+
+    y = op.MatMul(op.MatMul(x, op.Transpose(b, perm=[1, 0])), op.Transpose(a, perm=[1, 0]))
+    if bias is not None:
+        y = op.Add(y, bias)
+    if act == "gelu":  # exact GELU, as torch's F.gelu: y/2 (1 + erf(y/sqrt 2))
+        half = op.Mul(y, op.CastLike(op.Constant(value_float=0.5), y))
+        return op.Mul(half, op.Add(op.CastLike(op.Constant(value_float=1.0), y),
+                                   op.Erf(op.Div(y, op.CastLike(op.Constant(value_float=math.sqrt(2.0)), y)))))
+    if act == "silu":
+        return op.Mul(y, op.Sigmoid(y))
+    if act == "relu":
+        return op.Relu(y)
+    if act != "none":
+        raise ExportError(f"tngraph::lowrank with activation {act!r} has no ONNX translation", "unfuse the graph first")
+    return y
+
+
+def _network_onnx(x, cores, equation: str, in_dims: Sequence[int], out_features: int, bias):
+    """The leading dims are flattened into one labelled axis: TensorRT's Einsum takes no ellipsis."""
+    from onnxscript import opset18 as op
+
+    lhs, out = equation.replace("...", "").split("->")
+    x_labels, *core_labels = lhs.split(",")
+    row = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in equation)
+    flat = f"{row}{x_labels}," + ",".join(core_labels) + f"->{row}{out}"
+    lead = op.Shape(x, start=0, end=-1)
+    rows = op.Reshape(x, op.Constant(value_ints=[-1, *[int(d) for d in in_dims]]))
+    y = op.Einsum(rows, *cores, equation=flat)
+    y = op.Reshape(y, op.Concat(lead, op.Constant(value_ints=[int(out_features)]), axis=0))
+    return op.Add(y, bias) if bias is not None else y
+
+
+def onnx_translations() -> dict[Any, Any]:
+    """torch.onnx's custom_translation_table for the tngraph ops."""
+    from .. import ops  # noqa: F401  (registers torch.ops.tngraph)
+
+    return {torch.ops.tngraph.lowrank.default: _lowrank_onnx, torch.ops.tngraph.network.default: _network_onnx}
+
+
+# --- inputs, outputs, axes --------------------------------------------------------------------------
+
+
+class _Flat(torch.nn.Module):
+    """The model with its outputs as a flat tuple of tensors (a ModelOutput's fields, in order) and
+    one named parameter per input: torch.export matches dynamic shapes to named parameters (a
+    forward(*args, **kwargs) trips its matching)."""
+
+    def __init__(self, model: torch.nn.Module, keys: list[str] | None, names: list[str], positional: int):
+        super().__init__()
+        self.model = model
+        self.keys = keys
+        bad = [n for n in names if not n.isidentifier() or keyword.iskeyword(n) or n in ("self", "__call")]
+        if bad:
+            raise DataError(f"input name {bad[0]!r} is not a Python identifier", "pass example inputs as a tuple or a dict with identifier keys")
+        call_args = "".join(f"{n}, " for n in names[:positional])
+        call_kwargs = ", ".join(f"{n!r}: {n}" for n in names[positional:])
+        source = f"def forward(self, {', '.join(names)}):\n    return self.call(({call_args}), {{{call_kwargs}}})\n"
+        scope: dict[str, Any] = {}
+        exec(compile(source, "<tngraph.export_onnx>", "exec"), scope)  # noqa: S102 (names checked above)
+        self.forward = types.MethodType(scope["forward"], self)  # type: ignore[method-assign]
+
+    def call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        return _flatten_outputs(self.model(*args, **kwargs), self.keys)[1]
+
+
+def _flatten_outputs(out: Any, keys: list[str] | None = None) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    if isinstance(out, torch.Tensor):
+        return ["output"], (out,)
+    if isinstance(out, Mapping):  # transformers' ModelOutput is an OrderedDict of the fields that are set
+        names = keys if keys is not None else [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        return names, tuple(out[k] for k in names)
+    if isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):
+        return [f"output_{i}" for i in range(len(out))], tuple(out)
+    raise ExportError(f"the model returns {type(out).__name__}, which is not tensors",
+                      "export a module that returns a tensor, a tuple of tensors or a Hugging Face ModelOutput")
+
+
+def _as_kwargs(example_inputs: Any, model: torch.nn.Module) -> tuple[tuple, dict[str, torch.Tensor]]:
+    """(positional, keyword) example inputs, every one a tensor."""
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise DataError(f"example_inputs must be a tensor, a tuple of tensors or a dict of tensors, got {type(example_inputs).__name__}",
+                        "pass e.g. (torch.randn(2, 384),) or dict(tokenizer(texts, return_tensors='pt'))")
+    for name, value in [*((f"input {i}", v) for i, v in enumerate(args)), *kwargs.items()]:
+        if not isinstance(value, torch.Tensor):
+            raise DataError(f"example {name} is a {type(value).__name__}, not a tensor", "pass tensors only")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise DataError(f"example {name} holds NaN or Inf", "pass finite example inputs")
+    if not args and not kwargs:
+        raise DataError("no example inputs", "pass the inputs of one forward call of the model")
+    return args, kwargs
+
+
+def _input_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [params[i].name if i < len(params) else f"input_{i}" for i in range(len(args))]
+    return names + list(kwargs)
+
+
+def _axes(name: str, value: torch.Tensor, dynamic: bool) -> dict[int, str]:
+    """Dynamic axes of one input: the first is the batch; the second the sequence for token inputs
+    (integer, 2-D) and for inputs of three or more dims (batch, sequence, features)."""
+    if not dynamic or value.dim() == 0:
+        return {}
+    axes = {0: "batch"}
+    if value.dim() >= 2 and (value.dim() >= 3 or not value.is_floating_point() or name in _TOKEN_INPUTS):
+        axes[1] = "sequence"
+    return axes
+
+
+def _max_sequence(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 1 else None
+
+
+def _dynamic_shapes(names: list[str], axes: dict[str, dict[int, str]], max_seq: int | None) -> dict[str, Any]:
+    """torch.export's dynamic_shapes for _Flat's named inputs, one Dim per axis label."""
+    dims: dict[str, Any] = {}
+
+    def dim(label: str) -> Any:
+        if label not in dims:
+            dims[label] = torch.export.Dim(label, min=1, max=max_seq) if label == "sequence" and max_seq else torch.export.Dim(label, min=1)
+        return dims[label]
+
+    return {n: {axis: dim(label) for axis, label in axes[n].items()} or None for n in names}
+
+
+def _grown(values: Mapping[str, torch.Tensor], axes: dict[str, dict[int, str]], label: str, size_of: Any) -> dict[str, torch.Tensor] | None:
+    """The inputs with every axis called `label` resized: rows repeated cyclically (batch), or a prefix (sequence)."""
+    out = {}
+    changed = False
+    for name, value in values.items():
+        axis = next((a for a, lab in axes.get(name, {}).items() if lab == label), None)
+        if axis is None:
+            out[name] = value
+            continue
+        new = size_of(value.shape[axis])
+        if new is None or new == value.shape[axis]:
+            return None
+        index = torch.arange(new) % value.shape[axis]
+        out[name] = value.index_select(axis, index.to(value.device))
+        changed = True
+    return out if changed else None
+
+
+def check_inputs_for(values: Mapping[str, torch.Tensor], axes: dict[str, dict[int, str]]) -> list[dict[str, torch.Tensor]]:
+    """Inputs of other shapes than the example's, made from it (every row and token a real one):
+    one more batch row, and, with a sequence axis, a shorter sequence (a prefix)."""
+    checks = []
+    more_rows = _grown(values, axes, "batch", lambda n: n + 1)
+    if more_rows is not None:
+        checks.append(more_rows)
+    shorter = _grown(values, axes, "sequence", lambda n: max(1, n // 2) if n > 1 else None)
+    if shorter is not None:
+        checks.append(shorter)
+    return checks
+
+
+# --- the export -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx prints progress lines and logs warnings for optional libraries; the CLI owns the terminal."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_LogStream()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class _LogStream:
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("torch.onnx: %s", text.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _session(path: pathlib.Path, providers: list[str], threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def _max_diff(session, flat: torch.nn.Module, names: list[str], inputs: dict[str, torch.Tensor], positional: int) -> float:
+    feeds = {n: v.detach().cpu().numpy() for n, v in inputs.items()}
+    try:
+        got = session.run(None, feeds)
+    except Exception as exc:
+        raise ExportError(f"the exported model does not run in onnxruntime on inputs {_shapes(inputs)}: {_first_line(exc)}",
+                          "a dynamic axis was pinned while exporting; export with dynamic=False (--static), "
+                          "or report the model's shape logic as a bug") from exc
+    values = [inputs[n] for n in names]
+    with torch.no_grad():
+        ref = flat(*values[:positional], **{n: inputs[n] for n in names[positional:]})
+    if len(got) != len(ref):
+        raise ExportError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(ref)}", "report this as a tngraph bug")
+    diff = 0.0
+    for g, r in zip(got, ref):
+        r = r.detach().float().cpu()
+        if tuple(g.shape) != tuple(r.shape):
+            raise ExportError(f"onnxruntime output of shape {tuple(g.shape)} where PyTorch gives {tuple(r.shape)} "
+                              f"(inputs {_shapes(inputs)})", "export with dynamic=False, or report the model's shape logic as a bug")
+        diff = max(diff, float((torch.from_numpy(g).float() - r).abs().max()) if r.numel() else 0.0)
+    return diff
+
+
+def _shapes(inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
+    return {n: list(v.shape) for n, v in inputs.items()}
+
+
+def _param_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any = None, path: str | os.PathLike = "model.onnx", *,
+                dynamic: bool = True, tolerance: float = DEFAULT_TOLERANCE, check_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                opset: int | None = None, external_data: bool | None = None, force: bool = False,
+                providers: Sequence[str] | None = None) -> OnnxExport:
+    """Export `model` (a module, or an artifact folder written by tngraph.compress/save) to `path`.
+
+    example_inputs: a tensor, a tuple of positional tensors or a dict of keyword tensors (e.g.
+    `dict(tokenizer(texts, return_tensors="pt"))`); for an artifact folder of a text model it may be
+    None (a few tokenized sentences). The file is checked with onnx.checker (full_check) and run in
+    onnxruntime against PyTorch on the example and on inputs of other batch sizes and lengths;
+    if any output differs by more than `tolerance` the export fails and nothing is written.
+    """
+    started = time.perf_counter()
+    if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and math.isfinite(tolerance)):
+        raise ConfigError(f"tolerance must be a finite number >= 0, got {tolerance!r}", "e.g. tolerance=1e-4")
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = _load(model)
+        if example_inputs is None:
+            example_inputs = text_inputs(tokenizer)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"export_onnx takes a torch.nn.Module or an artifact folder, got {type(model).__name__}")
+    if example_inputs is None:
+        raise DataError("export_onnx needs example inputs for a module", "pass example_inputs=(tensor, ...) or a dict of tensors")
+    out = pathlib.Path(path)
+    if out.suffix != ".onnx":
+        raise ConfigError(f"the output file {str(out)!r} does not end in .onnx", "name it like model.onnx")
+    if out.exists() and not force:
+        raise ArtifactError(f"{str(out)!r} already exists", "pass --force (force=True) to replace it, or choose another path")
+    if out.is_dir():
+        raise ArtifactError(f"{str(out)!r} is a directory", "pass a file path ending in .onnx")
+    if not isinstance(model, torch.fx.GraphModule):  # an exported graph has no train/eval switch
+        model = model.eval()
+    args, kwargs = _as_kwargs(example_inputs, model)
+    names = _input_names(model, args, kwargs)
+    values = {**dict(zip(names, args)), **kwargs}
+    for name, value in values.items():
+        if dynamic and value.dim() and value.shape[0] < 2:
+            raise DataError(f"example input {name!r} has batch size {value.shape[0]}; a dynamic batch axis needs an example of at least 2",
+                            "pass an example batch of 2 or more rows, or dynamic=False")
+    try:
+        with torch.no_grad():
+            produced = model(*args, **kwargs)
+    except Exception as exc:
+        raise DataError(f"the model does not run on the example inputs {_shapes(values)}: {_first_line(exc)}",
+                        "pass inputs of one forward call of the model") from exc
+    out_names, _ = _flatten_outputs(produced)
+    if not out_names:
+        raise ExportError("the model returned no tensors", "export a module that returns tensors")
+    flat = _Flat(model, out_names if not isinstance(produced, torch.Tensor) else None, names, len(args))
+    axes = {n: _axes(n, v, dynamic) for n, v in values.items()}
+    if any(axes.values()):
+        lengths = [v.shape[1] for n, v in values.items() if 1 in axes[n]]
+        if lengths and min(lengths) < 2:
+            raise DataError("the example's sequence length is 1; a dynamic sequence axis needs at least 2",
+                            "pass a longer example, or dynamic=False")
+    if external_data is None:
+        external_data = _param_bytes(model) > EXTERNAL_DATA_BYTES
+    providers = list(providers) if providers else _providers()
+    checks_in = [values, *(check_inputs if check_inputs is not None else check_inputs_for(values, axes))]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        staged = tmp / out.name
+        with _quiet_exporter(), torch.no_grad():  # an inference graph (the modules' inference paths, no autograd)
+            try:
+                program = torch.onnx.export(
+                    flat, tuple(values[n] for n in names), dynamo=True, opset_version=opset, input_names=names, output_names=out_names,
+                    dynamic_shapes=_dynamic_shapes(names, axes, _max_sequence(model)) if any(axes.values()) else None,
+                    custom_translation_table=onnx_translations(), verbose=False, report=False,
+                )
+            except ExportError:
+                raise
+            except Exception as exc:
+                raise ExportError(f"torch.onnx could not export the model: {_first_line(exc)}",
+                                  "check that the model runs under torch.export (dynamic=False removes dynamic-shape constraints)") from exc
+            program.save(str(staged), external_data=external_data)
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"the exported ONNX model fails onnx.checker: {_first_line(exc)}", "report this as a tngraph bug") from exc
+        proto = onnx.load(str(staged), load_external_data=False)
+        session = _session(staged, providers)
+        positional = len(args)
+        checks = []
+        for inputs in checks_in:
+            diff = _max_diff(session, flat, names, inputs, positional)
+            checks.append(ExportCheck(_shapes(inputs), diff))
+            if not diff <= tolerance:
+                raise ExportError(f"onnxruntime's output differs from PyTorch's by {diff:.3g} (tolerance {tolerance:g}) on inputs "
+                                  f"{_shapes(inputs)}", "raise the tolerance (--tolerance), or export in float32")
+        del session
+        data = staged.with_name(staged.name + ".data")
+        if out.exists():
+            out.unlink()
+        os.replace(staged, out)
+        moved = None
+        if data.exists():
+            moved = out.with_name(data.name)
+            os.replace(data, moved)
+        elif out.with_name(out.name + ".data").exists():
+            out.with_name(out.name + ".data").unlink()  # a stale file of an earlier export
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = out.stat().st_size + (moved.stat().st_size if moved else 0)
+    counts = collections.Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in proto.graph.node)
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    result = OnnxExport(out, size, moved, names, out_names, {n: a for n, a in axes.items() if a}, opset_used, providers, checks,
+                        tolerance, dict(sorted(counts.items())), time.perf_counter() - started)
+    log.info("exported %s (%.1f MB), max abs diff %.3g over %d onnxruntime runs", out, size / 1e6, result.max_abs_diff, len(checks))
+    return result
+
+
+def _first_line(exc: BaseException) -> str:
+    """The line that says what went wrong (torch.onnx's messages put it under "Exception summary")."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if "## Exception summary" in text and text.index("## Exception summary") + 1 < len(text):
+        return text[text.index("## Exception summary") + 1][:300]
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+# --- models and inputs for the command line ---------------------------------------------------------
+
+
+def _load(spec: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
+    """A compressed model from an artifact folder, or a dense one: 'minilm' or a Hugging Face folder."""
+    from ..models import ModelSource, load_model, resolve
+
+    folder = pathlib.Path(spec)
+    if str(spec) != "minilm" and (folder / "recipe.json").is_file():
+        from ..artifact import load, read_recipe
+
+        recipe = read_recipe(folder)
+        source = ModelSource.from_json(recipe["source"])
+        if source.kind == "module":
+            raise ArtifactError("this artifact was made from a user module, which cannot be rebuilt from the folder",
+                                "export in Python: tngraph.export_onnx(tngraph.load(DIR, model), example_inputs, path)")
+        module = load(folder)
+        _, tokenizer = load_model(source)
+        return module, tokenizer
+    return load_model(resolve(str(spec)))
+
+
+def text_inputs(tokenizer: Any, batch: int = 2, length: int = 16) -> dict[str, torch.Tensor]:
+    """Example inputs of a text model: `batch` built-in sentences tokenized and cut or padded to `length` tokens."""
+    if tokenizer is None:
+        raise DataError("the model has no tokenizer to make example inputs with", "pass example_inputs")
+    from ..data import sentence_sets
+
+    texts = sentence_sets(calibration=max(batch, 8), evaluation=1).calibration[:batch]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return dict(enc)

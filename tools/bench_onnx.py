@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""ONNX export of the bundled MiniLM, compressed vs dense: file size and onnxruntime latency.
+
+Measured in one run: both models exported by tngraph.export_onnx (checker + onnxruntime against
+PyTorch), then onnxruntime (CPU provider, --threads intra-op threads) latency at batch 32 x 128
+tokens and batch 1 x 128, dense and compressed runs interleaved, median of --repeats after warm-up.
+The compressed model is an artifact folder (--artifact DIR) or, by default, the MiniLM compressed
+at --budget by the default pipeline without healing (healing changes values, not sizes or speed).
+
+  python tools/bench_onnx.py [--artifact DIR] [--budget 0.5] [--threads 2] [--repeats 20] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, ".")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", help="a `tngraph compress` folder of the MiniLM (default: compress one now)")
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--calibration", type=int, default=512, help="calibration sentences when compressing here")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=None, help="folder for the .onnx files (default: a temporary one)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args()
+
+    import torch
+
+    import tngraph
+    from tngraph.data import sentence_sets
+    from tngraph.lowering.onnx import _session, text_inputs
+    from tngraph.models import MINILM_INCLUDE, ModelSource, load_model
+
+    torch.set_num_threads(args.threads)
+    dense, tokenizer = load_model(ModelSource("minilm"))
+    if args.artifact:
+        compressed = tngraph.load(args.artifact)
+    else:
+        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, progress=False)
+        calibration = sentence_sets(calibration=args.calibration, evaluation=10).calibration
+        compressed = tngraph.compress(dense, calibration=calibration, tokenizer=tokenizer, config=config)
+    folder = args.out or tempfile.mkdtemp(prefix="tngraph-onnx-")
+    example = text_inputs(tokenizer, 2, 16)
+    exports = {}
+    for name, model in (("dense", dense), ("compressed", compressed)):
+        start = time.perf_counter()
+        exports[name] = tngraph.export_onnx(model, example, os.path.join(folder, f"{name}.onnx"), force=True)
+        print(f"{name}: {exports[name].bytes / 1e6:.2f} MB, max abs diff vs PyTorch {exports[name].max_abs_diff:.2e}, "
+              f"exported and checked in {time.perf_counter() - start:.1f} s")
+    sessions = {name: _session(e.path, ["CPUExecutionProvider"], threads=args.threads) for name, e in exports.items()}
+    result = {"threads": args.threads, "budget": args.budget, "artifact": args.artifact,
+              "bytes": {n: e.bytes for n, e in exports.items()}, "size_ratio": exports["compressed"].bytes / exports["dense"].bytes,
+              "max_abs_diff": {n: e.max_abs_diff for n, e in exports.items()}, "latency": []}
+    print(f"file size compressed / dense: {result['size_ratio']:.3f} ({exports['compressed'].bytes / 1e6:.2f} vs {exports['dense'].bytes / 1e6:.2f} MB)")
+    print(f"onnxruntime {__import__('onnxruntime').__version__}, CPU provider, {args.threads} threads, median of {args.repeats}")
+    print(f"{'batch':>10} | {'dense ms':>9} | {'compressed ms':>13} | {'compressed/dense':>16}")
+    for rows, length in ((32, 128), (1, 128)):
+        g = np.random.default_rng(rows)
+        feeds = {"input_ids": g.integers(1000, 20000, (rows, length)).astype(np.int64),
+                 "attention_mask": np.ones((rows, length), np.int64), "token_type_ids": np.zeros((rows, length), np.int64)}
+        feeds = {n: feeds[n] for n in exports["dense"].inputs}
+        times: dict[str, list[float]] = {n: [] for n in sessions}
+        for s in sessions.values():
+            for _ in range(3):
+                s.run(None, feeds)
+        for _ in range(args.repeats):  # interleaved, so that drifts of a shared machine hit both
+            for n, s in sessions.items():
+                start = time.perf_counter()
+                s.run(None, feeds)
+                times[n].append(time.perf_counter() - start)
+        med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+        ratio = med["compressed"] / med["dense"]
+        result["latency"].append({"rows": rows, "length": length, "dense_ms": med["dense"], "compressed_ms": med["compressed"], "ratio": ratio})
+        print(f"{f'{rows} x {length}':>10} | {med['dense']:>9.2f} | {med['compressed']:>13.2f} | {ratio:>16.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
