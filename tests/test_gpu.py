@@ -152,3 +152,29 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     (got,) = run_engine(engine.path, {"x": x}).values()
     with torch.no_grad():
         torch.testing.assert_close(got.cpu(), module(x), atol=1e-3, rtol=1e-3)
+
+
+def test_compile_backend_on_cuda_puts_the_fused_ops_in_and_inductor_runs_them():
+    from tngraph import backend
+
+    torch._dynamo.reset()
+    backend.clear_cache()
+    model = MLP().cuda().eval()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    data = [(torch.randn(32, 24, device="cuda", generator=g),) for _ in range(4)]
+    graphs = []
+    real = backend.tngraph_backend
+
+    def spy(gm, example_inputs, **kw):
+        run = real(gm, example_inputs, **kw)
+        graphs.append(run.tngraph_graph)
+        return run
+
+    compiled = torch.compile(model, backend=spy, options={"budget": 0.5, "calibration": data})
+    x = torch.randn(16, 24, device="cuda")
+    with torch.no_grad():
+        got, ref = compiled(x), model(x)
+    fused = [n for n in graphs[0].graph.nodes if n.target == torch.ops.tngraph.lowrank.default]
+    assert fused and got.device.type == "cuda"
+    assert float((got - ref).norm() / ref.norm()) < 0.6
+    torch._dynamo.reset()

@@ -466,6 +466,10 @@ def tngraph_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     config = opts.config
     if not cuda and "fuse" not in opts.config_keys and opts.fallback == "inductor":
         config = config.replace(fuse=False)  # the CPU op is the same chain: let Inductor see it
+    if config.dump_dir:  # one dump folder per dynamo graph
+        import os
+
+        config = config.replace(dump_dir=os.path.join(config.dump_dir, f"graph_{stats['graphs']:02d}"))
     batches, objective, how = calibration_for(lifted, opts)
     ctx = PassContext(config=config, calibration=batches, objective=objective)
     # the passes run outside dynamo's tracing context: its fake mode is not the one of the graph's

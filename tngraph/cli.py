@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     h.add_argument("-v", "--verbose", action="store_true", help="log progress")
     _add_export_parser(sub)
+    dp = sub.add_parser("dump", help="compress with a dump of every pass (table, diff, drawing, GraphML) and an index.html, "
+                                     "or diff two pass folders (--diff A B)")
+    dp.add_argument("--model", default=None, help="'minilm' or a local Hugging Face model folder")
+    dp.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None, help="print the unified diff of two pass folders and stop")
+    _add_compress_options(dp, out_required=False)
+    dp.set_defaults(out=None)
     i = sub.add_parser("info", help="verify an artifact folder (hashes, source model) and summarise it")
     i.add_argument("artifact", help="folder written by `tngraph compress`")
     i.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
@@ -226,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _heal(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "dump":
+            return _dump(args)
         if args.command == "demo":
             args.model = "minilm"
         return _compress(args)
@@ -256,15 +264,40 @@ def _compress(args: argparse.Namespace) -> int:
 
     from .api import compress_with_result
     from .artifact import check_output_dir, save
-    from .config import Config
     from .data import healing_pool, read_lines, sentence_sets
-    from .models import default_include, load_model, resolve
+    from .models import load_model, resolve
 
     hf_logging.set_verbosity_error()
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     source = resolve(args.model)
+    config = _config(args, source)
+    check_output_dir(args.out, args.force)
+    started = time.perf_counter()
+    model, tokenizer = load_model(source)
+    if tokenizer is None:
+        raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
+    builtin = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+    calibration = read_lines(args.calibration) if args.calibration else builtin.calibration
+    heal_texts = None if args.calibration else healing_pool(builtin.evaluation)
+    result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source,
+                                  heal_texts=heal_texts, heal_checkpoint=_checkpoint_dir(args.out), resume=args.resume)
+    report = _report(args, source, model, tokenizer, result, builtin.evaluation, config)
+    report["timings"]["total"] = time.perf_counter() - started
+    save(result.module, args.out, force=args.force, extra={"report.json": report})
+    report["out"] = os.path.abspath(args.out)
+    from .report import format_table
+
+    print(format_table(report))
+    return 0
+
+
+def _config(args: argparse.Namespace, source: Any) -> Any:
+    """The Config of the compress options on the command line."""
+    from .config import Config
+    from .models import default_include
+
     options: dict[str, Any] = dict(
         budget=args.budget,
         format=args.format,
@@ -283,24 +316,61 @@ def _compress(args: argparse.Namespace) -> int:
     if args.dump:
         options["dump_dir"] = args.dump
     config = Config(**options)
-    config = config.replace(include=tuple(args.include) if args.include else default_include(source, config.targets))
-    check_output_dir(args.out, args.force)
-    started = time.perf_counter()
+    return config.replace(include=tuple(args.include) if args.include else default_include(source, config.targets))
+
+
+def _dump(args: argparse.Namespace) -> int:
+    """tngraph dump: compress with a dump of every pass (and index.html), or diff two pass folders."""
+    import shutil
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .api import compress_with_result
+    from .data import read_lines, sentence_sets
+    from .debug import compare_dumps, write_report
+    from .evaluate import latency, latency_inputs
+    from .models import load_model, resolve
+
+    if args.diff:
+        text = compare_dumps(*args.diff)
+        print(text if text else f"no difference between {args.diff[0]} and {args.diff[1]}", end="" if text else "\n")
+        return 0
+    if not args.model or not args.out:
+        raise ConfigError("tngraph dump needs --model and --out (or --diff A B)", "e.g. tngraph dump --model minilm --budget 0.5 --out dump/")
+    hf_logging.set_verbosity_error()
+    source = resolve(args.model)
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if args.heal_steps is None:
+        args.heal_steps = 0  # healing is not a graph pass: off unless asked for
+    torch.set_num_threads(args.threads)
+    if os.path.exists(args.out):
+        if not args.force:
+            raise TngraphError(f"output directory {args.out!r} already exists", "pass --force to replace it, or choose another --out")
+        shutil.rmtree(args.out)
+    config = _config(args, source).replace(dump_dir=args.out)
     model, tokenizer = load_model(source)
     if tokenizer is None:
         raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
-    builtin = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
-    calibration = read_lines(args.calibration) if args.calibration else builtin.calibration
-    heal_texts = None if args.calibration else healing_pool(builtin.evaluation)
-    result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source,
-                                  heal_texts=heal_texts, heal_checkpoint=_checkpoint_dir(args.out), resume=args.resume)
-    report = _report(args, source, model, tokenizer, result, builtin.evaluation, config)
-    report["timings"]["total"] = time.perf_counter() - started
-    save(result.module, args.out, force=args.force, extra={"report.json": report})
-    report["out"] = os.path.abspath(args.out)
-    from .report import format_table
-
-    print(format_table(report))
+    calibration = read_lines(args.calibration) if args.calibration else sentence_sets(config.calibration_samples, 1, config.seed).calibration
+    try:
+        result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source)
+    except TngraphError as exc:
+        raise TngraphError(f"{exc.problem}; the dump of every pass up to it is in {args.out} (open index.html)", exc.fix) from exc
+    state = result.context.analysis["dump"]["state"]
+    measurements = {}
+    if not args.no_eval:
+        rows, length = 8, 128
+        times = latency({"dense": model, "compressed": result.module}, latency_inputs(tokenizer.vocab_size, rows, length, config.seed))
+        measurements = {"dense_ms": times["dense"] * 1e3, "compressed_ms": times["compressed"] * 1e3, "shape": f"{rows}x{length}",
+                        "threads": torch.get_num_threads()}
+    index = write_report(state, result.graph, result.context, measurements)
+    print(f"dumped {len(state.folders)} passes to {args.out}: " + ", ".join(f.name for f in state.folders))
+    if measurements:
+        print(f"latency {measurements['shape']} ({measurements['threads']} threads): dense {measurements['dense_ms']:.1f} ms, "
+              f"compressed {measurements['compressed_ms']:.1f} ms ({measurements['compressed_ms'] / measurements['dense_ms']:.3f})")
+    print(f"report: {os.path.abspath(index)}")
     return 0
 
 

@@ -2,24 +2,44 @@
 from __future__ import annotations
 
 import logging
+import pathlib
 import time
 from typing import Sequence
 
 import torch.fx as fx
 
-from .debug import write_pass_dump
+from .debug import DumpState, write_pass_dump, write_report
+from .debug.dump import trace_pass
+from .debug.report import collect_spectra
 from .errors import PassError, TngraphError
 from .passes import PIPELINE, PassContext, PassFn, PassResult
 
 log = logging.getLogger(__name__)
 
 
+def dump_state(ctx: PassContext) -> DumpState | None:
+    """The dump folder's state for this context (kept across run_passes calls), or None without dump_dir."""
+    if not ctx.config.dump_dir:
+        return None
+    state = ctx.analysis.get("dump", {}).get("state")
+    if state is None or str(state.root) != str(pathlib.Path(ctx.config.dump_dir)):
+        state = DumpState(pathlib.Path(ctx.config.dump_dir))
+        ctx.analysis.setdefault("dump", {})["state"] = state
+    return state
+
+
 def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[PassFn] = PIPELINE) -> fx.GraphModule:
-    """Run `passes` in order. A failure names the pass and those before it, and dumps the graph."""
-    dump_dir = ctx.config.dump_dir
-    if dump_dir:
-        write_pass_dump(dump_dir, 0, "captured", gm, {"pass": "captured"})
-    for index, pass_fn in enumerate(passes, start=1):
+    """Run `passes` in order. A failure names the pass and those before it, and dumps the graph.
+
+    With dump_dir (TNGRAPH_DUMP), every pass that changed the graph leaves a folder numbered by its
+    place in the pipeline (calls after the first go on numbering), and index.html is rewritten at
+    the end and after a failure."""
+    state = dump_state(ctx)
+    if state is not None and not state.folders:
+        write_pass_dump(state, 0, "captured", gm, {"pass": "captured"})
+        collect_spectra(state, gm)
+    base = state.base if state is not None else 0
+    for index, pass_fn in enumerate(passes, start=base + 1):
         name = pass_fn.__name__
         ctx.current_pass = name
         before = dict(ctx.counters)
@@ -32,9 +52,10 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[PassFn] = 
             elapsed = time.perf_counter() - start
             where = _where(name, ctx.history)
             dumped = ""
-            if dump_dir:
-                folder = write_pass_dump(dump_dir, index, name, gm, {"pass": name, "error": repr(exc), "seconds": elapsed}, failed=True)
-                dumped = f"; graph dumped to {folder}"
+            if state is not None:
+                folder = write_pass_dump(state, index, name, gm, {"pass": name, "error": repr(exc), "seconds": elapsed}, failed=True)
+                _report(state, gm, ctx)
+                dumped = f"; graph dumped to {folder} (report: {state.root / 'index.html'})"
             if isinstance(exc, TngraphError):
                 raise type(exc)(f"{exc.problem} [{where}{dumped}]", exc.fix) from exc
             raise PassError(
@@ -47,11 +68,25 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[PassFn] = 
         ctx.history.append(name)
         fired = {k: v - before.get(k, 0) for k, v in ctx.counters.items() if v != before.get(k, 0)}
         log.info("pass %s: %.2fs, modified=%s, %s", name, elapsed, result.modified, result.summary)
-        if dump_dir and result.modified:
+        if result.modified:
             info = {"pass": name, "seconds": round(elapsed, 4), "summary": result.summary, "counters": fired}
-            write_pass_dump(dump_dir, index, name, gm, info)
+            if state is not None:
+                write_pass_dump(state, index, name, gm, info)
+                collect_spectra(state, gm)
+            else:
+                trace_pass(f"{index:02d}_{name}", gm, info)
     ctx.current_pass = ""
+    if state is not None:
+        state.base = base + len(passes)
+        _report(state, gm, ctx)
     return gm
+
+
+def _report(state: DumpState, gm: fx.GraphModule, ctx: PassContext) -> None:
+    try:
+        write_report(state, gm, ctx)
+    except Exception as exc:  # the report must never hide the pass's own result or error
+        log.warning("tngraph dump: index.html not written: %s: %s", type(exc).__name__, exc)
 
 
 def _where(name: str, history: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""Pass-level debugging: readable graph dumps."""
-from .dump import graph_table, write_pass_dump
+"""Pass-level debugging: graph dumps (table, diff, drawing, GraphML), the index.html report, diffs of two dumps."""
+from .dump import DumpState, compare_dumps, graph_table, write_pass_dump
+from .report import write_report
 
-__all__ = ["graph_table", "write_pass_dump"]
+__all__ = ["DumpState", "compare_dumps", "graph_table", "write_pass_dump", "write_report"]

@@ -68,6 +68,10 @@ def _chain_check(m: ChainMatch, gm: fx.GraphModule, ctx: PassContext) -> str | N
 
 
 def _annotate(new: fx.Node, old: fx.Node, role: str) -> None:
+    """tngraph's annotations with the provenance, and torch's own keys (module stack, trace, value) of the replaced node."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "val"):
+        if key in old.meta and key not in new.meta:
+            new.meta[key] = old.meta[key]
     new.meta[meta.KEY] = dataclasses.replace(meta.info(old), provenance=meta.Provenance("fuse", old.name, role))
 
 
