@@ -76,3 +76,18 @@ def mlp_data():
     # correlated inputs, so that whitening has something to do
     mix = torch.randn(24, 24, generator=g)
     return [((torch.randn(16, 24, generator=g) @ mix,), {}) for _ in range(8)]
+
+
+def backend_spy():
+    """A torch.compile backend that runs tngraph's and keeps each rewritten graph (in .graphs)."""
+    from tngraph import backend
+
+    graphs = []
+
+    def spy(gm, example_inputs, **kw):
+        run = backend.tngraph_backend(gm, example_inputs, **kw)
+        graphs.append(run.tngraph_graph)
+        return run
+
+    spy.graphs = graphs
+    return spy

@@ -8,7 +8,7 @@ import torch
 import tngraph
 from tngraph import backend
 from tngraph.errors import ConfigError, DataError
-from tests.conftest import MLP
+from tests.conftest import MLP, backend_spy
 
 aten = torch.ops.aten
 
@@ -88,13 +88,8 @@ def test_compiled_mlp_is_factorized_and_agrees_like_compress(fallback):
 def test_the_rewritten_graph_holds_factor_chains_instead_of_the_dense_weights():
     model = MLP().eval()
     compiled = _compiled(model, calibration=_data())
-    graphs = []
-    real = backend.tngraph_backend
-
-    def spy(gm, example_inputs, **kw):
-        run = real(gm, example_inputs, **kw)
-        graphs.append(run.tngraph_graph)
-        return run
+    spy = backend_spy()
+    graphs = spy.graphs
 
     with torch.no_grad():
         torch.compile(model, backend=spy, options={"budget": 0.6, "fallback": "eager", "calibration": _data()})(torch.randn(3, 24))

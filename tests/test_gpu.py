@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tngraph
-from tests.conftest import MLP
+from tests.conftest import MLP, backend_spy
 
 pytestmark = pytest.mark.gpu
 
@@ -162,13 +162,8 @@ def test_compile_backend_on_cuda_puts_the_fused_ops_in_and_inductor_runs_them():
     model = MLP().cuda().eval()
     g = torch.Generator(device="cuda").manual_seed(0)
     data = [(torch.randn(32, 24, device="cuda", generator=g),) for _ in range(4)]
-    graphs = []
-    real = backend.tngraph_backend
-
-    def spy(gm, example_inputs, **kw):
-        run = real(gm, example_inputs, **kw)
-        graphs.append(run.tngraph_graph)
-        return run
+    spy = backend_spy()
+    graphs = spy.graphs
 
     compiled = torch.compile(model, backend=spy, options={"budget": 0.5, "calibration": data})
     x = torch.randn(16, 24, device="cuda")
