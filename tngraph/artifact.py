@@ -112,6 +112,10 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     """
     folder = pathlib.Path(path)
     recipe = read_recipe(folder)
+    if recipe.get("layout") == "causal-lm-blockwise":
+        from .blockwise import load_causal_lm
+
+        return load_causal_lm(folder, recipe)
     factors_path = folder / FACTORS
     if not factors_path.is_file():
         raise ArtifactError(f"{str(folder)!r} has no {FACTORS}", "recompress the model to rebuild the artifact")

@@ -272,6 +272,10 @@ def _compress(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     source = resolve(args.model)
+    from .blockwise import causal_lm_config
+
+    if source.kind == "hf" and causal_lm_config(source.path) is not None:
+        return _compress_causal(args, source)
     config = _config(args, source)
     check_output_dir(args.out, args.force)
     started = time.perf_counter()
@@ -290,6 +294,34 @@ def _compress(args: argparse.Namespace) -> int:
     from .report import format_table
 
     print(format_table(report))
+    return 0
+
+
+def _compress_causal(args: argparse.Namespace, source: Any) -> int:
+    """A Llama/Mistral/Qwen causal LM folder: block by block, whatever its size (tngraph.blockwise)."""
+    from .blockwise import compress_causal_lm
+    from .data import read_lines, sentence_sets
+
+    if args.format not in ("svd", "lowrank"):
+        raise ConfigError(f"--format {args.format} is not available for block-by-block compression of causal LMs", "use --format svd (the default)")
+    if args.heal_steps:
+        raise ConfigError("healing is not available for block-by-block compression of causal LMs yet", "pass --heal-steps 0 or leave it out")
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+    except Exception as exc:
+        log.warning("no tokenizer in %s (%s): calibrating on random token ids", source.path, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+    samples = args.calibration_samples or 32
+    texts = read_lines(args.calibration) if args.calibration else sentence_sets(max(samples * 8, 256), 1, args.seed).calibration
+    result = compress_causal_lm(source.path, args.out, budget=args.budget, texts=texts, tokenizer=tokenizer, samples=samples,
+                                seed=args.seed, force=args.force, progress=not args.quiet)
+    r = result.to_json()
+    print(f"compressed {r['blocks']} decoder blocks of {source.path} block by block: {r['targets']} targets, "
+          f"parameters {r['params_before']:,} -> {r['params_after']:,} ({r['kept']:.3f} kept), "
+          f"{r['calibration_tokens']:,} calibration tokens, {r['seconds']:.1f} s (no healing, no evaluation)")
+    print(f"artifact: {os.path.abspath(args.out)}  (tngraph.load(DIR) gives the model for generate())")
     return 0
 
 

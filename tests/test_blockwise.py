@@ -1,0 +1,145 @@
+"""Causal LMs block by block: lazy shards, sequential calibration, artifacts, load() + generate()."""
+import json
+
+import pytest
+import torch
+
+import tngraph
+from tngraph.blockwise import Shards, causal_lm_config, compress_causal_lm
+from tngraph.cli import main
+from tngraph.errors import ArtifactError, ConfigError, ModelError
+from tngraph.synthetic import write_synthetic_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    info = write_synthetic_llama(folder, hidden=64, intermediate=160, layers=4, heads=4, kv_heads=2, vocab=512, shard_bytes=300_000,
+                                 spectrum_decay=1.0, max_positions=128)
+    assert info["shards"] > 1
+    return folder
+
+
+def _dense(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+
+
+def _ids(n=2, length=24, seed=5):
+    return torch.randint(0, 512, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_synthetic_model_is_a_sharded_hugging_face_llama(tiny_llama):
+    index = json.loads((tiny_llama / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and causal_lm_config(tiny_llama)["model_type"] == "llama"
+    dense = _dense(tiny_llama)
+    assert dense.config.num_hidden_layers == 4 and dense(_ids()).logits.shape == (2, 24, 512)
+
+
+def test_embedding_rows_are_read_in_chunks(tiny_llama, monkeypatch):
+    from tngraph import blockwise
+
+    monkeypatch.setattr(blockwise, "EMBEDDING_CHUNK", 100)
+    shards = Shards(tiny_llama)
+    ids = _ids()
+    torch.testing.assert_close(shards.rows("model.embed_tokens.weight", ids), shards.get("model.embed_tokens.weight")[ids])
+
+
+def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from tngraph.modules import LowRankLinear
+
+    dense = _dense(tiny_llama)
+    ids = _ids()
+    with torch.no_grad():
+        ref = dense(ids).logits
+    half = compress_causal_lm(tiny_llama, tmp_path / "half", budget=0.5, samples=16, length=32, progress=False)
+    assert half.targets == 4 * 7 and 0.4 < half.params_after / half.params_before <= 0.5
+    model = tngraph.load(tmp_path / "half")
+    assert all(isinstance(model.get_submodule(f"model.layers.{i}.{n}"), LowRankLinear) for i in range(4)
+               for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
+    # the same as the dense model with the artifact's factors swapped in by hand
+    factors = {}
+    for i in range(4):
+        factors.update(load_file(str(tmp_path / "half" / f"factors-{i:05d}.safetensors")))
+    for name, module in list(dense.named_modules()):
+        if f"{name}.a" in factors:
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, LowRankLinear(factors[f"{name}.a"], factors[f"{name}.b"], None))
+    with torch.no_grad():
+        got = model(ids).logits
+        torch.testing.assert_close(got, dense(ids).logits, atol=1e-6, rtol=1e-6)
+    err = _rel(got, ref)
+    assert 0 < err < 0.5
+    more = compress_causal_lm(tiny_llama, tmp_path / "more", budget=0.9, samples=16, length=32, progress=False)
+    with torch.no_grad():
+        assert _rel(tngraph.load(tmp_path / "more")(ids).logits, ref) < err and more.params_after > half.params_after
+    out = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, attention_mask=torch.ones(1, 5, dtype=torch.long))
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], ids[:1, :5])
+
+
+def test_whitened_on_the_data_it_sees_beats_plain_svd_there(tiny_llama, tmp_path):
+    """Calibration matters: the compressed model's error on its calibration distribution is lower than
+    a data-free truncated SVD's at the same ranks."""
+    from tngraph.modules import LowRankLinear
+    from tngraph.tn.lowrank import decompose_lowrank
+
+    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=16, length=32, seed=3, progress=False)
+    ours = tngraph.load(tmp_path / "art")
+    plain = _dense(tiny_llama)
+    for name, module in list(ours.named_modules()):
+        if isinstance(module, LowRankLinear):
+            linear = plain.get_submodule(name)
+            a, b = decompose_lowrank(linear.weight.detach(), module.rank)
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, LowRankLinear(a, b, None))
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))  # the calibration ids' generator
+    with torch.no_grad():
+        ref = _dense(tiny_llama)(ids).logits
+        assert _rel(ours(ids).logits, ref) < _rel(plain(ids).logits, ref)
+
+
+def test_same_inputs_give_the_same_artifact_bytes(tiny_llama, tmp_path):
+    for name in ("a", "b"):
+        compress_causal_lm(tiny_llama, tmp_path / name, budget=0.5, samples=8, length=16, progress=False)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "factors-00003.safetensors" in files
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_bad_inputs_and_tampered_artifacts(tiny_llama, tmp_path):
+    with pytest.raises(ConfigError, match="budget"):
+        compress_causal_lm(tiny_llama, tmp_path / "x", budget=0)
+    with pytest.raises(ModelError, match="not a"):
+        compress_causal_lm(tmp_path, tmp_path / "x")
+    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=4, length=16, progress=False)
+    with pytest.raises(ArtifactError, match="already exists"):
+        compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=4, length=16, progress=False)
+    factors = tmp_path / "art" / "factors-00001.safetensors"
+    data = factors.read_bytes()
+    factors.write_bytes(data[:-10])
+    with pytest.raises(ArtifactError, match="does not match the hash"):
+        tngraph.load(tmp_path / "art")
+    factors.write_bytes(data)
+    recipe = json.loads((tmp_path / "art" / "recipe.json").read_text())
+    recipe["source_hash"] = "0" * 64
+    (tmp_path / "art" / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(ArtifactError, match="different source model"):
+        tngraph.load(tmp_path / "art")
+
+
+def test_command_line_routes_causal_lms_block_by_block(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(out), "--budget", "0.5", "--calibration-samples", "4", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "block by block" in printed and "28 targets" in printed
+    assert main(["info", str(out)]) == 0 and "hf-causal" in capsys.readouterr().out
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "b"), "--format", "tt", "--quiet"]) == 2
+    assert "not available for block-by-block" in capsys.readouterr().err

@@ -1,0 +1,363 @@
+"""Causal LMs larger than memory, compressed block by block: each decoder block's weights are read
+from the safetensors shards when its turn comes, calibrated on the outputs of the already-compressed
+blocks before it, factorized (activation-whitened SVD of q/k/v/o and gate/up/down), written to the
+artifact and freed. Peak memory is about one block plus the calibration activations, whatever the
+model's size; the token embedding is read in row chunks, the LM head not at all.
+
+tngraph.load() of such an artifact builds the model on the meta device and fills it from the source
+shards and the factor files, so it never holds the dense targets either; it is ready for
+transformers' generate().
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .errors import ArtifactError, ConfigError, DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "causal-lm-blockwise"
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+BLOCK_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+EMBEDDING_CHUNK = 4096  # embedding rows read at once
+
+
+def causal_lm_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The config.json of a local Llama/Mistral/Qwen causal LM folder, or None for anything else."""
+    path = pathlib.Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    archs = config.get("architectures") or []
+    if config.get("model_type") in FAMILIES and (not archs or any(str(a).endswith("ForCausalLM") for a in archs)):
+        return config
+    return None
+
+
+class Shards:
+    """Lazy access to a model folder's safetensors weights (one file or an index of shards)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.folder = pathlib.Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelError(f"{str(index)!r} is unreadable: {exc}", "restore the model folder") from None
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise ModelError(f"{str(self.folder)!r} has no safetensors weights", "save the model with save_pretrained(safe_serialization=True)")
+        self.weight_map: dict[str, str] = dict(weight_map)
+        self._safe_open = safe_open
+
+    def _path(self, key: str) -> pathlib.Path:
+        name = self.weight_map.get(key)
+        if name is None:
+            raise ModelError(f"the model's weights have no tensor {key!r}", "check that the folder holds the complete model")
+        path = self.folder / name
+        if not path.is_file():
+            raise ModelError(f"weight shard {str(path)!r} is missing", "restore the model folder")
+        return path
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors, copied out of their shards, each shard opened and closed again: a mapping left
+        open would keep every page read so far resident."""
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[pathlib.Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._path(key), []).append(key)
+        for path, names in by_file.items():
+            with self._safe_open(str(path), "pt") as f:
+                for key in names:
+                    out[key] = f.get_tensor(key).clone()
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.get_many([key])[key]
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.weight_map if k.startswith(prefix))
+
+    def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
+        """table[ids] without holding the table: it is read in chunks of rows."""
+        flat = ids.reshape(-1)
+        with self._safe_open(str(self._path(key)), "pt") as f:
+            part = f.get_slice(key)
+            vocab, width = part.get_shape()
+            if (flat < 0).any() or (flat >= vocab).any():
+                raise DataError(f"token ids outside the vocabulary of {vocab}", "use the model's own tokenizer")
+            out = torch.empty(flat.shape[0], width, dtype=part[0:1].dtype)
+            for start in range(0, vocab, EMBEDDING_CHUNK):
+                hit = (flat >= start) & (flat < start + EMBEDDING_CHUNK)
+                if hit.any():
+                    out[hit] = part[start : start + EMBEDDING_CHUNK][flat[hit] - start]
+        return out.reshape(*ids.shape, width)
+
+    def files_hash(self) -> str:
+        """sha256 over the weight files' names and bytes (streamed): the source model's identity."""
+        digest = hashlib.sha256()
+        for name in sorted(set(self.weight_map.values())):
+            digest.update(name.encode())
+            digest.update(_file_sha256(self.folder / name).encode())
+        return digest.hexdigest()
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _meta_model(folder: pathlib.Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read the model config in {str(folder)!r}: {str(exc).splitlines()[0][:200]}", "check config.json") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not len(layers):
+        raise ModelError(f"{str(folder)!r} has no decoder blocks at model.layers", f"tngraph compresses {', '.join(FAMILIES)} causal LMs block by block")
+    return model
+
+
+def _rotary(model: torch.nn.Module) -> torch.nn.Module:
+    """The rotary embedding built again on the CPU (its buffers are not weights, so the meta model has none)."""
+    rotary = model.model.rotary_emb
+    return type(rotary)(config=model.config)
+
+
+@dataclass
+class BlockwiseResult:
+    out: pathlib.Path
+    blocks: int
+    targets: int
+    params_before: int
+    params_after: int
+    seconds: float
+    calibration_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"out": str(self.out), "blocks": self.blocks, "targets": self.targets, "params_before": self.params_before,
+                "params_after": self.params_after, "kept": self.params_after / max(self.params_before, 1), "seconds": self.seconds,
+                "calibration_tokens": self.calibration_tokens}
+
+
+def calibration_ids(tokenizer: Any, texts: Sequence[str] | None, samples: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    """(samples, length) token ids: the texts joined and cut into windows, or seeded random ids without a tokenizer."""
+    if tokenizer is None or not texts:
+        log.warning("calibrating on random token ids (no tokenizer or no text): fine for speed and memory, not for quality")
+        return torch.randint(0, vocab, (samples, length), generator=torch.Generator().manual_seed(seed))
+    eos = getattr(tokenizer, "eos_token", None) or "\n"
+    ids = tokenizer(eos.join(texts), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    windows = ids.numel() // length
+    if windows < 1:
+        raise DataError(f"calibration text holds {ids.numel()} tokens, fewer than one window of {length}", "give more text or a shorter --max-length")
+    return ids[: min(windows, samples) * length].reshape(-1, length)
+
+
+def _block_call(block: torch.nn.Module, hidden: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
+    positions = torch.arange(hidden.shape[1])[None].expand(hidden.shape[0], -1)
+    cos_sin = rotary(hidden, positions)
+    out = block(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin, use_cache=False)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _blocks(n: int, show: bool) -> Iterator[int]:
+    if not show:
+        yield from range(n)
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(range(n), desc="blocks", unit="block")
+
+
+def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, budget: float = 0.5, texts: Sequence[str] | None = None,
+                       tokenizer: Any = None, samples: int = 32, length: int = 128, batch_size: int = 8, damping: float = 1e-4,
+                       seed: int = 0, force: bool = False, progress: bool = True) -> BlockwiseResult:
+    """Compress the causal LM in `folder` block by block into the artifact folder `out`."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+    from .api import RECIPE_VERSION
+    from .artifact import atomic_dir, check_output_dir
+    from .modules import LowRankLinear
+    from .tn.lowrank import lowrank_params, rank_for_budget
+    from .tn.whitening import whitening_from_gram
+
+    started = time.perf_counter()
+    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise ConfigError(f"budget must be in (0, 1], got {budget!r}", "e.g. --budget 0.5")
+    if samples < 1 or length < 2 or batch_size < 1:
+        raise ConfigError("calibration needs samples >= 1, length >= 2, batch size >= 1", "e.g. --calibration-samples 32")
+    src = pathlib.Path(folder).resolve()
+    if causal_lm_config(src) is None:
+        raise ModelError(f"{str(src)!r} is not a {'/'.join(FAMILIES)} causal LM folder", "pass a Hugging Face causal LM folder")
+    check_output_dir(out, force)
+    shards = Shards(src)
+    model = _meta_model(src)
+    rotary = _rotary(model)
+    ids = calibration_ids(tokenizer, texts, samples, length, model.config.vocab_size, seed)
+    with torch.no_grad():
+        embedded = shards.rows("model.embed_tokens.weight", ids).float()
+    hidden = list(embedded.split(batch_size))
+    del embedded
+    entries, files, before, after = [], {}, 0, 0
+    with atomic_dir(out, force) as tmp, torch.no_grad():
+        for i in _blocks(len(model.model.layers), progress):
+            prefix = f"model.layers.{i}."
+            block = model.model.layers[i]
+            state = {k[len(prefix):]: v.float() for k, v in shards.get_many(shards.keys(prefix)).items()}
+            block.load_state_dict(state, assign=True, strict=True)
+            del state
+            grams: dict[str, torch.Tensor] = {}
+            hooks = []
+            for name in BLOCK_TARGETS:
+                linear = block.get_submodule(name)
+
+                def hook(module, args, name=name):
+                    # q/k/v (and gate/up) read one input: its product is computed once per batch;
+                    # products in float32, summed in float64 (as the calibrate pass does)
+                    x = args[0]
+                    if id(x) not in seen:  # the entry holds x, so no other tensor gets its id this batch
+                        flat = x.reshape(-1, x.shape[-1]).float()
+                        seen[id(x)] = (x, (flat.T @ flat).double())
+                    grams[name] = grams.get(name, 0) + seen[id(x)][1]
+
+                hooks.append(linear.register_forward_pre_hook(hook))
+            for h in hidden:
+                seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                _block_call(block, h, rotary)
+            for h in hooks:
+                h.remove()
+            tensors = {}
+            for name in BLOCK_TARGETS:
+                linear = block.get_submodule(name)
+                out_f, in_f = linear.weight.shape
+                has_bias = linear.bias is not None
+                dense = out_f * in_f + (out_f if has_bias else 0)
+                rank = rank_for_budget(out_f, in_f, budget, has_bias)
+                full = f"{prefix}{name}"
+                before += dense
+                if lowrank_params(out_f, in_f, rank) + (out_f if has_bias else 0) >= dense:
+                    after += dense
+                    continue
+                a, b = _decompose(linear.weight, rank, whitening_from_gram(grams[name], damping))
+                bias = linear.bias.detach().clone() if has_bias else None
+                _set(block, name, LowRankLinear(a, b, bias))
+                tensors[f"{full}.a"], tensors[f"{full}.b"] = a.contiguous(), b.contiguous()
+                after += lowrank_params(out_f, in_f, rank) + (out_f if has_bias else 0)
+                entries.append({"name": full, "format": "lowrank", "rank": rank, "in_features": in_f, "out_features": out_f,
+                                "bias": has_bias, "factors": {"a": list(a.shape), "b": list(b.shape)}, "file": f"factors-{i:05d}.safetensors"})
+            hidden = [_block_call(block, h, rotary) for h in hidden]  # the next block calibrates on the compressed outputs
+            file = f"factors-{i:05d}.safetensors"
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            files[file] = {"sha256": _file_sha256(tmp / file)}
+            model.model.layers[i] = block.to("meta")  # freed
+            del grams, tensors
+        recipe = {
+            "recipe_version": RECIPE_VERSION, "tngraph_version": __version__, "layout": LAYOUT,
+            "source": {"kind": "hf-causal", "path": str(src)}, "source_hash": shards.files_hash(),
+            "config": {"budget": budget, "format": "lowrank", "whiten": True, "damping": damping, "calibration_samples": int(ids.shape[0]),
+                       "max_length": length, "batch_size": batch_size, "seed": seed},
+            "environment": {"torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()},
+            "targets": entries, "files": files,
+        }
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    result = BlockwiseResult(pathlib.Path(out), len(model.model.layers), len(entries), before, after, time.perf_counter() - started, int(ids.numel()))
+    log.info("compressed %d blocks of %s: targets %d -> %d parameters in %.1f s", result.blocks, src, before, after, result.seconds)
+    return result
+
+
+def _decompose(weight: torch.Tensor, rank: int, whitening: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    from .tn.lowrank import decompose_lowrank
+
+    if not torch.isfinite(weight).all():
+        raise ModelError("a weight holds NaN or Inf", "check the model's weights")
+    return decompose_lowrank(weight.detach().float(), rank, whitening)
+
+
+def _set(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def load_causal_lm(folder: str | os.PathLike, recipe: dict[str, Any]) -> torch.nn.Module:
+    """The compressed causal LM of a blockwise artifact, built without its dense targets."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .api import attach
+    from .modules import LowRankLinear
+
+    art = pathlib.Path(folder)
+    src = pathlib.Path(recipe["source"]["path"])
+    if causal_lm_config(src) is None:
+        raise ArtifactError(f"the artifact's source model {str(src)!r} is gone or not a causal LM", "restore the source model folder")
+    for file, meta in recipe["files"].items():
+        path = art / file
+        if not path.is_file() or _file_sha256(path) != meta.get("sha256"):
+            raise ArtifactError(f"{str(path)!r} is missing or does not match the hash in its recipe (truncated or modified)", "recompress the model")
+    shards = Shards(src)
+    if shards.files_hash() != recipe["source_hash"]:
+        raise ArtifactError("this artifact was made from a different source model (weights hash differs)", "load it onto the model it was compressed from")
+    model = _meta_model(src)
+    for entry in recipe["targets"]:
+        with torch.device("meta"):
+            a = torch.empty(entry["factors"]["a"])
+            b = torch.empty(entry["factors"]["b"])
+            bias = torch.empty(entry["out_features"]) if entry["bias"] else None
+        _set(model, entry["name"], LowRankLinear(a, b, bias))
+    state: dict[str, torch.Tensor] = {}
+    targets = {e["name"] for e in recipe["targets"]}
+    wanted = set(model.state_dict())
+    for key in wanted:
+        owner, _, leaf = key.rpartition(".")
+        if owner in targets and leaf in ("a", "b"):
+            continue
+        if key not in shards.weight_map and key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if key not in shards.weight_map:
+            raise ArtifactError(f"the source model has no weight {key!r}", "restore the source model folder")
+        state[key] = None  # read below, shard by shard
+    state.update({k: v.float() for k, v in shards.get_many([k for k, v in state.items() if v is None]).items()})
+    for file in recipe["files"]:
+        try:
+            for key, tensor in load_file(str(art / file)).items():
+                state[key] = tensor
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{str(art / file)!r} is corrupt: {exc}", "recompress the model") from None
+    missing = wanted - set(state) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    if missing:
+        raise ArtifactError(f"the artifact does not fill {sorted(missing)[0]!r}", "recompress the model")
+    model.load_state_dict(state, assign=True, strict=False)
+    model.model.rotary_emb = _rotary(model)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(src), local_files_only=True)
+    except Exception as exc:  # no generation_config.json: transformers' defaults from the model config stay
+        log.debug("no generation config in %s: %s", src, exc)
+    attach(model, {k: v for k, v in recipe.items() if k != "files"})
+    return model.eval()
