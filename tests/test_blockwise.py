@@ -143,3 +143,24 @@ def test_command_line_routes_causal_lms_block_by_block(tiny_llama, tmp_path, cap
     assert main(["info", str(out)]) == 0 and "hf-causal" in capsys.readouterr().out
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "b"), "--format", "tt", "--quiet"]) == 2
     assert "not available for block-by-block" in capsys.readouterr().err
+
+
+def test_two_gloo_processes_write_the_same_artifact_bytes_as_one(tiny_llama, tmp_path):
+    """torchrun --nproc-per-node 2 -m tngraph compress: the decompositions are shared between the
+    ranks (gloo), the artifact is byte-identical to a one-process run with the same thread count."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["compress", "--model", str(tiny_llama), "--budget", "0.5", "--calibration-samples", "4", "--quiet", "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    one = subprocess.run([sys.executable, "-m", "tngraph", *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tngraph", *args,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "on 2 processes" in two.stdout and two.stdout.count("artifact:") == 1
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f

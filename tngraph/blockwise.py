@@ -10,6 +10,7 @@ transformers' generate().
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,7 +85,7 @@ class Shards:
         for path, names in by_file.items():
             with self._safe_open(str(path), "pt") as f:
                 for key in names:
-                    out[key] = f.get_tensor(key).clone()
+                    out[key] = f.get_tensor(key)  # a copy: it outlives the file
         return out
 
     def get(self, key: str) -> torch.Tensor:
@@ -96,16 +97,19 @@ class Shards:
     def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
         """table[ids] without holding the table: it is read in chunks of rows."""
         flat = ids.reshape(-1)
-        with self._safe_open(str(self._path(key)), "pt") as f:
+        path = str(self._path(key))
+        with self._safe_open(path, "pt") as f:
             part = f.get_slice(key)
             vocab, width = part.get_shape()
-            if (flat < 0).any() or (flat >= vocab).any():
-                raise DataError(f"token ids outside the vocabulary of {vocab}", "use the model's own tokenizer")
-            out = torch.empty(flat.shape[0], width, dtype=part[0:1].dtype)
-            for start in range(0, vocab, EMBEDDING_CHUNK):
-                hit = (flat >= start) & (flat < start + EMBEDDING_CHUNK)
-                if hit.any():
-                    out[hit] = part[start : start + EMBEDDING_CHUNK][flat[hit] - start]
+            dtype = part[0:1].dtype
+        if (flat < 0).any() or (flat >= vocab).any():
+            raise DataError(f"token ids outside the vocabulary of {vocab}", "use the model's own tokenizer")
+        out = torch.empty(flat.shape[0], width, dtype=dtype)
+        for start in range(0, vocab, EMBEDDING_CHUNK):
+            hit = (flat >= start) & (flat < start + EMBEDDING_CHUNK)
+            if hit.any():  # the file opened per chunk: the pages read stay mapped only while it is open
+                with self._safe_open(path, "pt") as f:
+                    out[hit] = f.get_slice(key)[start : start + EMBEDDING_CHUNK][flat[hit] - start]
         return out.reshape(*ids.shape, width)
 
     def files_hash(self) -> str:
@@ -138,6 +142,27 @@ def _meta_model(folder: pathlib.Path) -> torch.nn.Module:
     if layers is None or not len(layers):
         raise ModelError(f"{str(folder)!r} has no decoder blocks at model.layers", f"tngraph compresses {', '.join(FAMILIES)} causal LMs block by block")
     return model
+
+
+def _return_freed_memory(first: bool = False) -> None:
+    """Give freed heap memory back to the OS (glibc): without it the blocks' transient buffers
+    (weights, Grams, SVD work arrays) stay resident and the peak grows with every block. The first
+    call pins glibc's mmap threshold, so that large buffers are mapped and unmapped, not heaped."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        if first:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        log.debug("malloc_trim is not available; freed memory stays with the allocator")
 
 
 def _rotary(model: torch.nn.Module) -> torch.nn.Module:
@@ -212,7 +237,9 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     src = pathlib.Path(folder).resolve()
     if causal_lm_config(src) is None:
         raise ModelError(f"{str(src)!r} is not a {'/'.join(FAMILIES)} causal LM folder", "pass a Hugging Face causal LM folder")
-    check_output_dir(out, force)
+    rank, world = _dist()
+    _agree(lambda: check_output_dir(out, force), rank, world)  # every rank stops if the output is refused
+    _return_freed_memory(first=True)
     shards = Shards(src)
     model = _meta_model(src)
     rotary = _rotary(model)
@@ -222,7 +249,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     hidden = list(embedded.split(batch_size))
     del embedded
     entries, files, before, after = [], {}, 0, 0
-    with atomic_dir(out, force) as tmp, torch.no_grad():
+    writing = atomic_dir(out, force) if rank == 0 else contextlib.nullcontext(None)  # rank 0 writes the artifact
+    with writing as tmp, torch.no_grad():
         for i in _blocks(len(model.model.layers), progress):
             prefix = f"model.layers.{i}."
             block = model.model.layers[i]
@@ -230,6 +258,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             block.load_state_dict(state, assign=True, strict=True)
             del state
             grams: dict[str, torch.Tensor] = {}
+            shared: dict[str, str] = {}  # target -> the target whose Gram it shares
             hooks = []
             for name in BLOCK_TARGETS:
                 linear = block.get_submodule(name)
@@ -238,42 +267,67 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
                     # q/k/v (and gate/up) read one input: its product is computed once per batch;
                     # products in float32, summed in float64 (as the calibrate pass does)
                     x = args[0]
-                    if id(x) not in seen:  # the entry holds x, so no other tensor gets its id this batch
-                        flat = x.reshape(-1, x.shape[-1]).float()
-                        seen[id(x)] = (x, (flat.T @ flat).double())
-                    grams[name] = grams.get(name, 0) + seen[id(x)][1]
+                    if id(x) in seen:  # targets reading one input share one Gram (q/k/v, gate/up)
+                        shared[name] = seen[id(x)][1]
+                        return
+                    seen[id(x)] = (x, name)  # the entry holds x, so no other tensor gets its id this batch
+                    flat = x.reshape(-1, x.shape[-1]).float()
+                    if name not in grams:
+                        grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+                    grams[name].add_(flat.T @ flat)  # float32 products summed in float64, in place (wide layers: no copies)
 
                 hooks.append(linear.register_forward_pre_hook(hook))
             for h in hidden:
-                seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                seen: dict[int, tuple[torch.Tensor, str]] = {}
                 _block_call(block, h, rotary)
             for h in hooks:
                 h.remove()
+            del seen  # the last batch's inputs and products
             tensors = {}
+            plans = []  # (name, out, in, bias, rank) of the targets factorized, the same on every rank
             for name in BLOCK_TARGETS:
                 linear = block.get_submodule(name)
                 out_f, in_f = linear.weight.shape
                 has_bias = linear.bias is not None
                 dense = out_f * in_f + (out_f if has_bias else 0)
-                rank = rank_for_budget(out_f, in_f, budget, has_bias)
-                full = f"{prefix}{name}"
+                rank_ = rank_for_budget(out_f, in_f, budget, has_bias)
                 before += dense
-                if lowrank_params(out_f, in_f, rank) + (out_f if has_bias else 0) >= dense:
+                if lowrank_params(out_f, in_f, rank_) + (out_f if has_bias else 0) >= dense:
                     after += dense
-                    continue
-                a, b = _decompose(linear.weight, rank, whitening_from_gram(grams[name], damping))
-                bias = linear.bias.detach().clone() if has_bias else None
-                _set(block, name, LowRankLinear(a, b, bias))
+                else:
+                    plans.append((name, out_f, in_f, has_bias, rank_))
+                    after += lowrank_params(out_f, in_f, rank_) + (out_f if has_bias else 0)
+            # torch.distributed: target k is decomposed by rank k % world, its factors broadcast
+            mine = {k for k in range(len(plans)) if k % world == rank}
+            whitenings: dict[str, Any] = {}
+            factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
+                owner = shared.get(name, name)
+                if k in mine:
+                    if owner not in whitenings:
+                        whitenings[owner] = whitening_from_gram(grams[owner], damping)
+                    factors[name] = _decompose(block.get_submodule(name).weight, rank_, whitenings[owner])
+                    if not any(shared.get(p[0], p[0]) == owner for j, p in enumerate(plans) if j > k and j in mine):
+                        del whitenings[owner]  # no later target of this rank reads this input
+                if not any(shared.get(p[0], p[0]) == owner for p in plans[k + 1:]):
+                    grams.pop(owner, None)
+            for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
+                a, b = _broadcast(factors.get(name), (out_f, rank_), (rank_, in_f), src=k % world, world=world)
+                linear = block.get_submodule(name)
+                _set(block, name, LowRankLinear(a, b, linear.bias.detach().clone() if has_bias else None))
+                full = f"{prefix}{name}"
                 tensors[f"{full}.a"], tensors[f"{full}.b"] = a.contiguous(), b.contiguous()
-                after += lowrank_params(out_f, in_f, rank) + (out_f if has_bias else 0)
-                entries.append({"name": full, "format": "lowrank", "rank": rank, "in_features": in_f, "out_features": out_f,
+                entries.append({"name": full, "format": "lowrank", "rank": rank_, "in_features": in_f, "out_features": out_f,
                                 "bias": has_bias, "factors": {"a": list(a.shape), "b": list(b.shape)}, "file": f"factors-{i:05d}.safetensors"})
+            del factors
             hidden = [_block_call(block, h, rotary) for h in hidden]  # the next block calibrates on the compressed outputs
             file = f"factors-{i:05d}.safetensors"
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            files[file] = {"sha256": _file_sha256(tmp / file)}
+            if tmp is not None:
+                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+                files[file] = {"sha256": _file_sha256(tmp / file)}
             model.model.layers[i] = block.to("meta")  # freed
-            del grams, tensors
+            del grams, tensors, block
+            _return_freed_memory()
         recipe = {
             "recipe_version": RECIPE_VERSION, "tngraph_version": __version__, "layout": LAYOUT,
             "source": {"kind": "hf-causal", "path": str(src)}, "source_hash": shards.files_hash(),
@@ -282,10 +336,70 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             "environment": {"torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()},
             "targets": entries, "files": files,
         }
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if tmp is not None:
+            (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the artifact is in place before any rank returns
     result = BlockwiseResult(pathlib.Path(out), len(model.model.layers), len(entries), before, after, time.perf_counter() - started, int(ids.numel()))
     log.info("compressed %d blocks of %s: targets %d -> %d parameters in %.1f s", result.blocks, src, before, after, result.seconds)
     return result
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(check: Any, rank: int, world: int) -> None:
+    """Run `check` on rank 0; with several ranks every one raises the error rank 0 got (no rank is left waiting)."""
+    error = None
+    if rank == 0:
+        try:
+            check()
+        except Exception as exc:  # sent to the other ranks, then raised everywhere
+            error = exc
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+
+
+def _broadcast(factors: tuple[torch.Tensor, torch.Tensor] | None, a_shape: tuple[int, int], b_shape: tuple[int, int], *,
+               src: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if world == 1:
+        assert factors is not None
+        return factors
+    import torch.distributed as dist
+
+    a, b = factors if factors is not None else (torch.empty(a_shape), torch.empty(b_shape))
+    a, b = a.contiguous(), b.contiguous()
+    dist.broadcast(a, src=src)
+    dist.broadcast(b, src=src)
+    return a, b
+
+
+def init_distributed() -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on the CPU, NCCL with CUDA)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        log.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), world, backend)
+    return _dist()
 
 
 def _decompose(weight: torch.Tensor, rank: int, whitening: Any) -> tuple[torch.Tensor, torch.Tensor]:

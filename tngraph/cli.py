@@ -299,7 +299,9 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _compress_causal(args: argparse.Namespace, source: Any) -> int:
     """A Llama/Mistral/Qwen causal LM folder: block by block, whatever its size (tngraph.blockwise)."""
-    from .blockwise import compress_causal_lm
+    import torch
+
+    from .blockwise import compress_causal_lm, init_distributed
     from .data import read_lines, sentence_sets
 
     if args.format not in ("svd", "lowrank"):
@@ -314,13 +316,22 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
     except Exception as exc:
         log.warning("no tokenizer in %s (%s): calibrating on random token ids", source.path, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
     samples = args.calibration_samples or 32
-    texts = read_lines(args.calibration) if args.calibration else sentence_sets(max(samples * 8, 256), 1, args.seed).calibration
+    texts = None
+    if tokenizer is not None:  # without one the calibration is random token ids: no text to build
+        texts = read_lines(args.calibration) if args.calibration else sentence_sets(max(samples * 8, 256), 1, args.seed).calibration
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    rank, world = init_distributed()  # torchrun --nproc-per-node N -m tngraph compress ...: decompositions shared
     result = compress_causal_lm(source.path, args.out, budget=args.budget, texts=texts, tokenizer=tokenizer, samples=samples,
-                                seed=args.seed, force=args.force, progress=not args.quiet)
+                                seed=args.seed, force=args.force, progress=not args.quiet and rank == 0)
+    if rank != 0:
+        return 0
     r = result.to_json()
     print(f"compressed {r['blocks']} decoder blocks of {source.path} block by block: {r['targets']} targets, "
           f"parameters {r['params_before']:,} -> {r['params_after']:,} ({r['kept']:.3f} kept), "
-          f"{r['calibration_tokens']:,} calibration tokens, {r['seconds']:.1f} s (no healing, no evaluation)")
+          f"{r['calibration_tokens']:,} calibration tokens, {r['seconds']:.1f} s"
+          + (f" on {world} processes" if world > 1 else "") + " (no healing, no evaluation)")
     print(f"artifact: {os.path.abspath(args.out)}  (tngraph.load(DIR) gives the model for generate())")
     return 0
 

@@ -50,8 +50,8 @@ def whitening_from_gram(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
     if not (scale > 0) or not torch.isfinite(g).all():
         log.warning("calibration Gram matrix is zero or not finite; decomposing without whitening")
         return Whitening(torch.eye(n, dtype=torch.float64), lower=True)
-    eye = torch.eye(n, dtype=torch.float64)
-    damped = g + damping * scale * eye
+    damped = g.clone()  # + damping * scale * I, without an identity matrix in memory (wide layers: tens of MB)
+    damped.diagonal().add_(damping * scale)
     chol, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0:
         return Whitening(chol, lower=True)
