@@ -217,7 +217,7 @@ def _blocks(n: int, show: bool) -> Iterator[int]:
 
 
 def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, budget: float = 0.5, texts: Sequence[str] | None = None,
-                       tokenizer: Any = None, samples: int = 32, length: int = 128, batch_size: int = 8, damping: float = 1e-4,
+                       tokenizer: Any = None, samples: int = 32, length: int = 128, batch_size: int = 4, damping: float = 1e-4,
                        seed: int = 0, force: bool = False, progress: bool = True) -> BlockwiseResult:
     """Compress the causal LM in `folder` block by block into the artifact folder `out`."""
     from safetensors.torch import save_file
@@ -304,13 +304,12 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
                 owner = shared.get(name, name)
                 if k in mine:
-                    if owner not in whitenings:
-                        whitenings[owner] = whitening_from_gram(grams[owner], damping)
+                    if owner not in whitenings:  # the Gram is not needed again on this rank: freed as it is used
+                        whitenings[owner] = whitening_from_gram(grams.pop(owner), damping)
                     factors[name] = _decompose(block.get_submodule(name).weight, rank_, whitenings[owner])
                     if not any(shared.get(p[0], p[0]) == owner for j, p in enumerate(plans) if j > k and j in mine):
                         del whitenings[owner]  # no later target of this rank reads this input
-                if not any(shared.get(p[0], p[0]) == owner for p in plans[k + 1:]):
-                    grams.pop(owner, None)
+                _drop_weight(block.get_submodule(name))  # its factors replace it; the dense copy goes now, not at the block's end
             for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
                 a, b = _broadcast(factors.get(name), (out_f, rank_), (rank_, in_f), src=k % world, world=world)
                 linear = block.get_submodule(name)
@@ -345,6 +344,11 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     result = BlockwiseResult(pathlib.Path(out), len(model.model.layers), len(entries), before, after, time.perf_counter() - started, int(ids.numel()))
     log.info("compressed %d blocks of %s: targets %d -> %d parameters in %.1f s", result.blocks, src, before, after, result.seconds)
     return result
+
+
+def _drop_weight(linear: torch.nn.Module) -> None:
+    with torch.device("meta"):
+        linear.weight = torch.nn.Parameter(torch.empty(linear.weight.shape), requires_grad=False)
 
 
 def _dist() -> tuple[int, int]:
@@ -407,7 +411,7 @@ def _decompose(weight: torch.Tensor, rank: int, whitening: Any) -> tuple[torch.T
 
     if not torch.isfinite(weight).all():
         raise ModelError("a weight holds NaN or Inf", "check the model's weights")
-    return decompose_lowrank(weight.detach().float(), rank, whitening)
+    return decompose_lowrank(weight.detach().float(), rank, whitening, lean=True)
 
 
 def _set(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

@@ -35,8 +35,21 @@ def decompose_rows_weighted(
     return (a / root).to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
 
 
+def _top_singular(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top `rank` singular triplets from the eigen-decomposition of the smaller Gram matrix: a
+    fraction of the full SVD's work memory for tall or wide matrices (float64, top components only)."""
+    wide = target.shape[0] < target.shape[1]
+    m = target if wide else target.T  # rows <= columns
+    values, vectors = torch.linalg.eigh(m @ m.T)
+    values, vectors = values.flip(0)[:rank].clamp_min(0), vectors.flip(1)[:, :rank]
+    s = values.sqrt()
+    other = (vectors.T @ m) / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None]
+    return (vectors, s, other) if wide else (other.T, s, vectors.T)
+
+
 def decompose_lowrank(
-    weight: torch.Tensor, rank: int, whitening: Whitening | None = None, out_whitening: Whitening | None = None
+    weight: torch.Tensor, rank: int, whitening: Whitening | None = None, out_whitening: Whitening | None = None, *,
+    lean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (A, B) with A @ B the best rank-`rank` approximation of W (in the whitened norm if given).
 
@@ -44,15 +57,19 @@ def decompose_lowrank(
     best in ||L^T (W - A B) S||_F, the Gauss-Newton (K-FAC) estimate of the model's output error.
 
     Computed in float64 whatever the weight's dtype; the factors come back in the weight's dtype,
-    with the singular values split evenly between them.
+    with the singular values split evenly between them. `lean` takes the top singular vectors from
+    the eigen-decomposition of the smaller Gram matrix instead of a full SVD (less work memory).
     """
     out_features, in_features = weight.shape
     if not 1 <= rank <= min(out_features, in_features):
         raise ValueError(f"rank {rank} out of range [1, {min(out_features, in_features)}] for a {tuple(weight.shape)} weight")
-    w = weight.detach().to(torch.float64)
-    target = whitening.apply(w) if whitening is not None else w
+    target = weight.detach().to(torch.float64)
+    target = whitening.apply(target) if whitening is not None else target  # no second float64 copy kept (wide layers)
     target = out_whitening.apply_left(target) if out_whitening is not None else target
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    if lean:  # block-by-block compression: memory before the last digits of the small singular values
+        u, s, vh = _top_singular(target, rank)
+    else:
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
     root = s[:rank].sqrt()
     a = u[:, :rank] * root
     b = root[:, None] * vh[:rank]
