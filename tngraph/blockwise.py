@@ -122,11 +122,9 @@ class Shards:
 
 
 def _file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from .artifact import _sha256
+
+    return _sha256(path)
 
 
 def _meta_model(folder: pathlib.Path) -> torch.nn.Module:
