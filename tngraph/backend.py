@@ -26,6 +26,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
 import re
 import types
 from dataclasses import dataclass
@@ -467,8 +468,6 @@ def tngraph_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
     if not cuda and "fuse" not in opts.config_keys and opts.fallback == "inductor":
         config = config.replace(fuse=False)  # the CPU op is the same chain: let Inductor see it
     if config.dump_dir:  # one dump folder per dynamo graph
-        import os
-
         config = config.replace(dump_dir=os.path.join(config.dump_dir, f"graph_{stats['graphs']:02d}"))
     batches, objective, how = calibration_for(lifted, opts)
     ctx = PassContext(config=config, calibration=batches, objective=objective)

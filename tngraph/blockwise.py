@@ -114,17 +114,13 @@ class Shards:
 
     def files_hash(self) -> str:
         """sha256 over the weight files' names and bytes (streamed): the source model's identity."""
+        from .artifact import _sha256
+
         digest = hashlib.sha256()
         for name in sorted(set(self.weight_map.values())):
             digest.update(name.encode())
-            digest.update(_file_sha256(self.folder / name).encode())
+            digest.update(_sha256(self.folder / name).encode())
         return digest.hexdigest()
-
-
-def _file_sha256(path: pathlib.Path) -> str:
-    from .artifact import _sha256
-
-    return _sha256(path)
 
 
 def _meta_model(folder: pathlib.Path) -> torch.nn.Module:
@@ -221,8 +217,9 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     from safetensors.torch import save_file
 
     from . import __version__
-    from .api import RECIPE_VERSION
-    from .artifact import atomic_dir, check_output_dir
+    from .api import RECIPE_VERSION, _swap
+    from .artifact import _sha256, atomic_dir, check_output_dir
+    from .calibration import GramStats
     from .modules import LowRankLinear
     from .tn.lowrank import lowrank_params, rank_for_budget
     from .tn.whitening import whitening_from_gram
@@ -255,24 +252,21 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             state = {k[len(prefix):]: v.float() for k, v in shards.get_many(shards.keys(prefix)).items()}
             block.load_state_dict(state, assign=True, strict=True)
             del state
-            grams: dict[str, torch.Tensor] = {}
+            grams: dict[str, GramStats] = {}
             shared: dict[str, str] = {}  # target -> the target whose Gram it shares
             hooks = []
             for name in BLOCK_TARGETS:
                 linear = block.get_submodule(name)
 
                 def hook(module, args, name=name):
-                    # q/k/v (and gate/up) read one input: its product is computed once per batch;
-                    # products in float32, summed in float64 (as the calibrate pass does)
                     x = args[0]
                     if id(x) in seen:  # targets reading one input share one Gram (q/k/v, gate/up)
                         shared[name] = seen[id(x)][1]
                         return
                     seen[id(x)] = (x, name)  # the entry holds x, so no other tensor gets its id this batch
-                    flat = x.reshape(-1, x.shape[-1]).float()
                     if name not in grams:
-                        grams[name] = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
-                    grams[name].add_(flat.T @ flat)  # float32 products summed in float64, in place (wide layers: no copies)
+                        grams[name] = GramStats(x.shape[-1])
+                    grams[name].update(x)
 
                 hooks.append(linear.register_forward_pre_hook(hook))
             for h in hidden:
@@ -303,7 +297,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
                 owner = shared.get(name, name)
                 if k in mine:
                     if owner not in whitenings:  # the Gram is not needed again on this rank: freed as it is used
-                        whitenings[owner] = whitening_from_gram(grams.pop(owner), damping)
+                        whitenings[owner] = whitening_from_gram(grams.pop(owner).gram, damping)
                     factors[name] = _decompose(block.get_submodule(name).weight, rank_, whitenings[owner])
                     if not any(shared.get(p[0], p[0]) == owner for j, p in enumerate(plans) if j > k and j in mine):
                         del whitenings[owner]  # no later target of this rank reads this input
@@ -311,7 +305,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
                 a, b = _broadcast(factors.get(name), (out_f, rank_), (rank_, in_f), src=k % world, world=world)
                 linear = block.get_submodule(name)
-                _set(block, name, LowRankLinear(a, b, linear.bias.detach().clone() if has_bias else None))
+                _swap(block, name, LowRankLinear(a, b, linear.bias.detach().clone() if has_bias else None))
                 full = f"{prefix}{name}"
                 tensors[f"{full}.a"], tensors[f"{full}.b"] = a.contiguous(), b.contiguous()
                 entries.append({"name": full, "format": "lowrank", "rank": rank_, "in_features": in_f, "out_features": out_f,
@@ -321,7 +315,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             file = f"factors-{i:05d}.safetensors"
             if tmp is not None:
                 save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                files[file] = {"sha256": _file_sha256(tmp / file)}
+                files[file] = {"sha256": _sha256(tmp / file)}
             model.model.layers[i] = block.to("meta")  # freed
             del grams, tensors, block
             _return_freed_memory()
@@ -412,17 +406,13 @@ def _decompose(weight: torch.Tensor, rank: int, whitening: Any) -> tuple[torch.T
     return decompose_lowrank(weight.detach().float(), rank, whitening, lean=True)
 
 
-def _set(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def load_causal_lm(folder: str | os.PathLike, recipe: dict[str, Any]) -> torch.nn.Module:
     """The compressed causal LM of a blockwise artifact, built without its dense targets."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .api import attach
+    from .api import _swap, attach
+    from .artifact import _sha256
     from .modules import LowRankLinear
 
     art = pathlib.Path(folder)
@@ -431,7 +421,7 @@ def load_causal_lm(folder: str | os.PathLike, recipe: dict[str, Any]) -> torch.n
         raise ArtifactError(f"the artifact's source model {str(src)!r} is gone or not a causal LM", "restore the source model folder")
     for file, meta in recipe["files"].items():
         path = art / file
-        if not path.is_file() or _file_sha256(path) != meta.get("sha256"):
+        if not path.is_file() or _sha256(path) != meta.get("sha256"):
             raise ArtifactError(f"{str(path)!r} is missing or does not match the hash in its recipe (truncated or modified)", "recompress the model")
     shards = Shards(src)
     if shards.files_hash() != recipe["source_hash"]:
@@ -442,11 +432,11 @@ def load_causal_lm(folder: str | os.PathLike, recipe: dict[str, Any]) -> torch.n
             a = torch.empty(entry["factors"]["a"])
             b = torch.empty(entry["factors"]["b"])
             bias = torch.empty(entry["out_features"]) if entry["bias"] else None
-        _set(model, entry["name"], LowRankLinear(a, b, bias))
-    state: dict[str, torch.Tensor] = {}
+        _swap(model, entry["name"], LowRankLinear(a, b, bias))
     targets = {e["name"] for e in recipe["targets"]}
     wanted = set(model.state_dict())
-    for key in wanted:
+    from_source = []
+    for key in sorted(wanted):
         owner, _, leaf = key.rpartition(".")
         if owner in targets and leaf in ("a", "b"):
             continue
@@ -454,8 +444,8 @@ def load_causal_lm(folder: str | os.PathLike, recipe: dict[str, Any]) -> torch.n
             continue
         if key not in shards.weight_map:
             raise ArtifactError(f"the source model has no weight {key!r}", "restore the source model folder")
-        state[key] = None  # read below, shard by shard
-    state.update({k: v.float() for k, v in shards.get_many([k for k, v in state.items() if v is None]).items()})
+        from_source.append(key)
+    state = {k: v.float() for k, v in shards.get_many(from_source).items()}
     for file in recipe["files"]:
         try:
             for key, tensor in load_file(str(art / file)).items():

@@ -47,7 +47,7 @@ class GramStats:
         # one batch's product in (at least) float32, the running sum in float64: several times
         # faster than a float64 product, and a batch's few thousand rows lose nothing that matters
         rows = rows.to(torch.float32) if rows.dtype in (torch.float16, torch.bfloat16) else rows
-        self.gram += (rows.T @ rows).to(torch.float64)
+        self.gram.add_(rows.T @ rows)  # promoted to float64 element by element: no float64 copy of the product
         self.abs_sum += rows.abs().sum(0, dtype=torch.float64)
         self.rows += rows.shape[0]
 
@@ -97,7 +97,7 @@ class GradStats:
 
     def update(self, g: torch.Tensor, scale: float = 1.0) -> None:
         rows = g.detach().reshape(-1, self.out_features).to(torch.float32)
-        self.gram += (rows.T @ rows).to(torch.float64) * scale
+        self.gram.add_(rows.T @ rows)  # promoted to float64 element by element: no float64 copy of the product * scale
 
     def damping(self, floor: float) -> float:
         """Relative damping of G: at least `floor`, more when G is estimated from few independent

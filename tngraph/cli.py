@@ -370,6 +370,7 @@ def _dump(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from .api import compress_with_result
+    from .artifact import check_output_dir
     from .data import read_lines, sentence_sets
     from .debug import compare_dumps, write_report
     from .evaluate import latency, latency_inputs
@@ -388,9 +389,7 @@ def _dump(args: argparse.Namespace) -> int:
     if args.heal_steps is None:
         args.heal_steps = 0  # healing is not a graph pass: off unless asked for
     torch.set_num_threads(args.threads)
-    if os.path.exists(args.out):
-        if not args.force:
-            raise TngraphError(f"output directory {args.out!r} already exists", "pass --force to replace it, or choose another --out")
+    if check_output_dir(args.out, args.force).exists():  # refused without --force
         shutil.rmtree(args.out)
     config = _config(args, source).replace(dump_dir=args.out)
     model, tokenizer = load_model(source)

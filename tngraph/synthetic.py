@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from typing import Any
@@ -55,14 +56,7 @@ def write_synthetic_llama(out: str | os.PathLike, *, hidden: int = 1024, interme
         total += final.stat().st_size
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return {"out": str(folder), "parameters": sum(_numel(s) for s in shapes.values()), "bytes": total, "shards": count, "layers": layers}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return {"out": str(folder), "parameters": sum(math.prod(s) for s in shapes.values()), "bytes": total, "shards": count, "layers": layers}
 
 
 def _decaying(shape: tuple[int, ...], decay: float, g: torch.Generator) -> torch.Tensor:

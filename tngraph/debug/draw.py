@@ -12,6 +12,8 @@ from typing import Any
 import networkx as nx
 import torch.fx as fx
 
+from .dump import graph_rows
+
 log = logging.getLogger(__name__)
 
 # above this many nodes dot's layout takes minutes: the SVG is skipped (GraphML and the table stay)
@@ -19,12 +21,10 @@ MAX_DRAWN_NODES = 4000
 _COLOURS = {"placeholder": "#d9ead3", "output": "#d9ead3", "get_attr": "#fff2cc", "call_function": "#ffffff", "call_module": "#cfe2f3"}
 
 
-def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+def to_networkx(gm: fx.GraphModule, rows: list[dict[str, Any]] | None = None) -> nx.DiGraph:
     """One graph node per fx node (attributes: op, target, shape, dtype, params, flops, tngraph, module)."""
-    from .dump import graph_rows
-
     graph = nx.DiGraph(name=type(gm).__name__)
-    for row in graph_rows(gm):
+    for row in rows if rows is not None else graph_rows(gm):
         attrs = {k: ("" if v is None else v) for k, v in row.items() if k not in ("node", "inputs")}
         graph.add_node(row["node"], **attrs)
         for source in row["inputs"]:
@@ -32,8 +32,8 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     return graph
 
 
-def write_graphml(gm: fx.GraphModule, path: pathlib.Path) -> None:
-    nx.write_graphml(to_networkx(gm), str(path))
+def write_graphml(gm: fx.GraphModule, path: pathlib.Path, rows: list[dict[str, Any]] | None = None) -> None:
+    nx.write_graphml(to_networkx(gm, rows), str(path))
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,15 +60,13 @@ def _cluster_key(module: str) -> str:
     return ".".join(parts[:2])
 
 
-def to_pydot(gm: fx.GraphModule) -> Any:
+def to_pydot(gm: fx.GraphModule, rows: list[dict[str, Any]] | None = None) -> Any:
     import pydot
-
-    from .dump import graph_rows
 
     dot = pydot.Dot(graph_type="digraph", rankdir="TB", fontname="Helvetica", fontsize="10")
     dot.set_node_defaults(shape="box", style="rounded,filled", fontname="Helvetica", fontsize="9", height="0.2")
     clusters: dict[str, Any] = {}
-    rows = graph_rows(gm)
+    rows = rows if rows is not None else graph_rows(gm)
     for row in rows:
         label = f"{row['node']}\\n{row['target'] if row['op'] != 'placeholder' else 'input'}"
         if row["shape"]:
@@ -93,9 +91,10 @@ def _quote(text: str) -> str:
     return '"' + str(text).replace('"', "'") + '"'
 
 
-def write_drawings(gm: fx.GraphModule, folder: pathlib.Path) -> dict[str, Any]:
+def write_drawings(gm: fx.GraphModule, folder: pathlib.Path, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """graph.graphml always; graph.dot and graph.svg when pydot and Graphviz are there (else the reason, logged once)."""
-    write_graphml(gm, folder / "graph.graphml")
+    rows = rows if rows is not None else graph_rows(gm)
+    write_graphml(gm, folder / "graph.graphml", rows)
     nodes = len(gm.graph.nodes)
     reason = _dot_available()
     if reason is None and nodes > MAX_DRAWN_NODES:
@@ -103,7 +102,7 @@ def write_drawings(gm: fx.GraphModule, folder: pathlib.Path) -> dict[str, Any]:
     if reason is not None:
         _warn_once(reason)
         return {"graphml": "graph.graphml", "svg": None, "reason": reason}
-    dot = to_pydot(gm)
+    dot = to_pydot(gm, rows)
     (folder / "graph.dot").write_text(dot.to_string(), encoding="utf-8")
     try:
         svg = dot.create_svg()

@@ -105,21 +105,21 @@ def graph_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
     return rows
 
 
-def diff_lines(gm: fx.GraphModule) -> str:
+def diff_lines(gm: fx.GraphModule, rows: list[dict[str, Any]] | None = None) -> str:
     """The table without padding, so that a diff shows the nodes that changed, not the columns that widened."""
     return "".join(" | ".join(str(r[k]) if r[k] is not None else "" for k in ("node", "op", "target", "shape", "dtype", "params", "flops", "tngraph"))
-                   + "\n" for r in graph_rows(gm))
+                   + "\n" for r in (rows if rows is not None else graph_rows(gm)))
 
 
-def graph_table(gm: fx.GraphModule) -> str:
+def graph_table(gm: fx.GraphModule, rows: list[dict[str, Any]] | None = None) -> str:
     """One line per node: name, op, target, shape, dtype, parameters read, FLOPs, tngraph annotations."""
     header = ("node", "op", "target", "shape", "dtype", "params", "flops", "tngraph")
-    rows = [header]
-    for r in graph_rows(gm):
-        rows.append((r["node"], r["op"], r["target"], r["shape"], r["dtype"], "" if r["params"] is None else str(r["params"]),
-                     "" if r["flops"] is None else f"{r['flops']:,}", r["tngraph"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    table = [header]
+    for r in rows if rows is not None else graph_rows(gm):
+        table.append((r["node"], r["op"], r["target"], r["shape"], r["dtype"], "" if r["params"] is None else str(r["params"]),
+                      "" if r["flops"] is None else f"{r['flops']:,}", r["tngraph"]))
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in table]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
@@ -158,14 +158,15 @@ def write_pass_dump(state: DumpState | str | pathlib.Path, index: int | None, na
     state.next_index = number + 1
     folder = state.root / f"{number:02d}_{name}{'.failed' if failed else ''}"
     folder.mkdir(parents=True, exist_ok=True)
-    table = graph_table(gm)
+    rows = graph_rows(gm)  # once: the table, the diff lines and the drawings all read it
+    table = graph_table(gm, rows)
     (folder / TABLE).write_text(table, encoding="utf-8")
-    lines = diff_lines(gm)
+    lines = diff_lines(gm, rows)
     if state.previous is not None:
         (folder / DIFF).write_text(unified_diff(state.previous, lines, state.previous_name or "", folder.name), encoding="utf-8")
     (folder / "code.py").write_text(gm.code, encoding="utf-8")
     info = {**info, "nodes": len(gm.graph.nodes), "failed": failed}
-    info["drawing"] = write_drawings(gm, folder)
+    info["drawing"] = write_drawings(gm, folder, rows)
     (folder / PASS_INFO).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     _trace(folder.name, table, info)
     (folder / "graph.lines").write_text(lines, encoding="utf-8")  # what `tngraph dump --diff` compares

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from .dump import DIFF, PASS_INFO, TABLE, DumpState
+from .dump import DIFF, PASS_INFO, TABLE, DumpState, _attr
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,6 @@ def collect_spectra(state: DumpState, gm: fx.GraphModule) -> None:
         s = s / s[0].clamp_min(1e-30)
         step = max(1, len(s) // SPECTRUM_POINTS)
         spectra[t.name] = [round(float(v), 6) for v in s[::step]]
-
-
-def _attr(gm: torch.nn.Module, path: str) -> Any:
-    obj: Any = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def target_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
