@@ -97,7 +97,7 @@ class GradStats:
 
     def update(self, g: torch.Tensor, scale: float = 1.0) -> None:
         rows = g.detach().reshape(-1, self.out_features).to(torch.float32)
-        self.gram.add_(rows.T @ rows)  # promoted to float64 element by element: no float64 copy of the product * scale
+        self.gram += (rows.T @ rows).to(torch.float64) * scale
 
     def damping(self, floor: float) -> float:
         """Relative damping of G: at least `floor`, more when G is estimated from few independent
