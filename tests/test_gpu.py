@@ -173,3 +173,24 @@ def test_compile_backend_on_cuda_puts_the_fused_ops_in_and_inductor_runs_them():
     assert fused and got.device.type == "cuda"
     assert float((got - ref).norm() / ref.norm()) < 0.6
     torch._dynamo.reset()
+
+
+def test_speculative_decoding_on_cuda_reproduces_greedy_output():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tngraph import speculative
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=128)
+    target = LlamaForCausalLM(config).cuda().eval()
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ids = torch.randint(3, 256, (4, 12), device="cuda")
+    ref = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24, eos_token_id=None, pad_token_id=0)
+    out, stats = speculative.generate(target, draft, ids, max_new_tokens=24)
+    assert out.device.type == "cuda" and torch.equal(out, ref) and stats.proposed > 0

@@ -15,6 +15,7 @@ from .capture import capture, normalize_inputs
 from .config import Config
 from .errors import DataError, ModelError
 from .evaluate import sentence_objective
+from .lm import no_kv_cache
 from .models import ModelSource, tokenize, weights_hash
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .passes import PassContext
@@ -116,6 +117,14 @@ def compress_with_result(
             raise DataError("compress needs example inputs to capture the model", "pass example_inputs= or calibration=")
         example_inputs = batches[0]
     source = source or ModelSource("module")
+    with no_kv_cache(model):  # a causal LM is captured and healed without its KV cache
+        result = _compress(model, example_inputs, batches, config, source, texts, healing, tokenizer, heal_checkpoint, resume)
+    if getattr(getattr(result.module, "config", None), "use_cache", None) is not None:
+        result.module.config.use_cache = model.config.use_cache  # the copy was made with it off
+    return result
+
+
+def _compress(model, example_inputs, batches, config, source, texts, healing, tokenizer, heal_checkpoint, resume) -> CompressResult:
     start = time.perf_counter()
     gm = capture(model, example_inputs)
     timings = {"capture": time.perf_counter() - start}

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import random
 import sys
 import time
 from typing import Any, Sequence
@@ -62,6 +64,10 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--sensitivity-rounds", type=int, default=None,
                    help="measurements: around uniform ranks, then around each allocation found (default 1)")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of one core on the calibration data")
+    p.add_argument("--blockwise", action=argparse.BooleanOptionalAction, default=None,
+                   help="causal LMs (Llama/Mistral/Qwen): compress block by block from the shards (uniform ranks, no healing) "
+                        "instead of the whole-graph pipeline; default: block by block when the weights exceed 2 GiB or "
+                        "the folder has no tokenizer")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
     p.add_argument("--calibration-samples", type=int, default=None, help="calibration samples used (default 2048)")
     p.add_argument("--eval-samples", type=int, default=2000, help="held-out sentences for the agreement report (default 2000)")
@@ -117,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--diff", nargs=2, metavar=("A", "B"), default=None, help="print the unified diff of two pass folders and stop")
     _add_compress_options(dp, out_required=False)
     dp.set_defaults(out=None)
+    e = sub.add_parser("eval", help="perplexity of a causal LM (a model folder or a compressed artifact) on a text file")
+    e.add_argument("--model", required=True, help="a causal-LM folder (save_pretrained) or an artifact written by `tngraph compress`")
+    e.add_argument("--text", default=None, metavar="FILE",
+                   help="UTF-8 text to score (default: the built-in held-out documents, never used for calibration or healing)")
+    e.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context, at most 256)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: half a window)")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    e.add_argument("--no-source", action="store_true", help="for an artifact: skip scoring its dense source model too")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    e.add_argument("-v", "--verbose", action="store_true", help="log progress")
     i = sub.add_parser("info", help="verify an artifact folder (hashes, source model) and summarise it")
     i.add_argument("artifact", help="folder written by `tngraph compress`")
     i.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
@@ -234,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
         if args.command == "dump":
             return _dump(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "demo":
             args.model = "minilm"
         return _compress(args)
@@ -264,7 +284,8 @@ def _compress(args: argparse.Namespace) -> int:
 
     from .api import compress_with_result
     from .artifact import check_output_dir, save
-    from .data import healing_pool, read_lines, sentence_sets
+    from .data import healing_pool, lm_documents, passages, read_lines, sentence_sets
+    from .lm import is_causal_lm, no_kv_cache
     from .models import load_model, resolve
 
     hf_logging.set_verbosity_error()
@@ -274,20 +295,34 @@ def _compress(args: argparse.Namespace) -> int:
     source = resolve(args.model)
     from .blockwise import causal_lm_config
 
-    if source.kind == "hf" and causal_lm_config(source.path) is not None:
+    if source.kind == "hf" and causal_lm_config(source.path) is not None and _use_blockwise(args, source):
         return _compress_causal(args, source)
+    if args.blockwise:
+        raise ConfigError(f"--blockwise compresses Llama/Mistral/Qwen causal LM folders; {args.model!r} is not one",
+                          "leave --blockwise out")
     config = _config(args, source)
     check_output_dir(args.out, args.force)
     started = time.perf_counter()
     model, tokenizer = load_model(source)
     if tokenizer is None:
         raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
-    builtin = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
-    calibration = read_lines(args.calibration) if args.calibration else builtin.calibration
-    heal_texts = None if args.calibration else healing_pool(builtin.evaluation)
+    causal = is_causal_lm(model)
+    if causal:  # running text: passages of the built-in training documents; held-out documents scored
+        text = lm_documents()
+        pool = passages(text.train)
+        random.Random(config.seed).shuffle(pool)
+        calibration = read_lines(args.calibration) if args.calibration else pool[: config.calibration_samples]
+        heal_texts = None if args.calibration else pool
+        evaluation: Any = "\n\n".join(text.heldout)
+    else:
+        builtin = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+        calibration = read_lines(args.calibration) if args.calibration else builtin.calibration
+        heal_texts = None if args.calibration else healing_pool(builtin.evaluation)
+        evaluation = builtin.evaluation
     result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source,
                                   heal_texts=heal_texts, heal_checkpoint=_checkpoint_dir(args.out), resume=args.resume)
-    report = _report(args, source, model, tokenizer, result, builtin.evaluation, config)
+    with no_kv_cache(model, result.module):  # scored and timed without a KV cache
+        report = _report(args, source, model, tokenizer, result, evaluation, config)
     report["timings"]["total"] = time.perf_counter() - started
     save(result.module, args.out, force=args.force, extra={"report.json": report})
     report["out"] = os.path.abspath(args.out)
@@ -295,6 +330,25 @@ def _compress(args: argparse.Namespace) -> int:
 
     print(format_table(report))
     return 0
+
+
+BLOCKWISE_BYTES = 2 << 30
+
+
+def _use_blockwise(args: argparse.Namespace, source: Any) -> bool:
+    """--blockwise / --no-blockwise, else block by block for weights over 2 GiB or a folder without a tokenizer."""
+    import pathlib
+
+    if args.blockwise is not None:
+        return args.blockwise
+    folder = pathlib.Path(source.path)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    if size > BLOCKWISE_BYTES or not has_tokenizer:
+        log.info("compressing %s block by block (%s)", source.path,
+                 f"weights {size / 2**30:.1f} GiB > 2 GiB" if size > BLOCKWISE_BYTES else "no tokenizer")
+        return True
+    return False
 
 
 def _compress_causal(args: argparse.Namespace, source: Any) -> int:
@@ -331,7 +385,7 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
     print(f"compressed {r['blocks']} decoder blocks of {source.path} block by block: {r['targets']} targets, "
           f"parameters {r['params_before']:,} -> {r['params_after']:,} ({r['kept']:.3f} kept), "
           f"{r['calibration_tokens']:,} calibration tokens, {r['seconds']:.1f} s"
-          + (f" on {world} processes" if world > 1 else "") + " (no healing, no evaluation)")
+          + (f" on {world} processes" if world > 1 else "") + " (no healing; `tngraph eval --model DIR` scores it)")
     print(f"artifact: {os.path.abspath(args.out)}  (tngraph.load(DIR) gives the model for generate())")
     return 0
 
@@ -429,8 +483,9 @@ def _heal(args: argparse.Namespace) -> int:
     from .api import heal_config, heal_model
     from .artifact import check_output_dir, load, save
     from .config import Config
-    from .data import healing_pool, read_lines, sentence_sets
+    from .data import healing_pool, lm_documents, passages, read_lines, sentence_sets
     from .evaluate import agreement, sentence_embeddings
+    from .lm import is_causal_lm, no_kv_cache, perplexity
     from .models import ModelSource, load_model
 
     hf_logging.set_verbosity_error()
@@ -443,6 +498,9 @@ def _heal(args: argparse.Namespace) -> int:
     module = load(args.artifact)
     recipe = module.tngraph_recipe
     source = ModelSource.from_json(recipe["source"])
+    if recipe.get("layout") == "causal-lm-blockwise":
+        raise ConfigError("healing an artifact compressed block by block is not available yet",
+                          "compress with --no-blockwise (the whole-graph pipeline heals) when the model fits in memory")
     if source.kind == "module":
         raise TngraphError("this artifact was made from a user module, which the command line cannot rebuild",
                            "heal it in Python: tngraph.heal.heal(tngraph.load(DIR, model), model, texts, tokenizer)")
@@ -457,9 +515,30 @@ def _heal(args: argparse.Namespace) -> int:
                                                                "calibration_samples", "eval_samples")}).replace(**changes)
     if config.heal_steps == 0:
         raise ConfigError("--steps 0 heals nothing", "pass --steps N with N > 0")
+    show = not args.quiet
+    if is_causal_lm(teacher):  # running text: the built-in training passages; perplexity on the held-out documents
+        lm_text = lm_documents()
+        texts = read_lines(args.data, what="healing data") if args.data else passages(lm_text.train)
+        heldout = "\n\n".join(lm_text.heldout)
+        with no_kv_cache(module, teacher):
+            before_ppl = None if args.no_eval else perplexity(module, tokenizer, heldout, show=show)
+            outcome, _ = heal_model(module, teacher, texts, tokenizer, heal_config(config), show=show,
+                                    checkpoint=_checkpoint_dir(out), resume=args.resume)
+            report = {"heal": outcome.to_json()}
+            if before_ppl is not None:
+                after_ppl, dense_ppl = perplexity(module, tokenizer, heldout, show=show), perplexity(teacher, tokenizer, heldout, show=show)
+                report["perplexity"] = {"before": before_ppl.to_json(), "after": after_ppl.to_json(), "dense": dense_ppl.to_json()}
+        save(module, out, force=True, extra={"heal.json": report})
+        h = outcome
+        print(f"healed {args.artifact}: held-out {h.metric} {h.start_loss:.4f} -> {h.best_loss:.4f} "
+              f"(best at step {h.best_step} of {h.steps}, {h.seconds:.0f}s)")
+        if before_ppl is not None:
+            print(f"perplexity on {after_ppl.tokens:,} held-out tokens: {before_ppl.perplexity:.3f} -> {after_ppl.perplexity:.3f} "
+                  f"(dense {dense_ppl.perplexity:.3f})")
+        print(f"artifact: {os.path.abspath(out)}")
+        return 0
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
     texts = read_lines(args.data, what="healing data") if args.data else healing_pool(sets.evaluation)
-    show = not args.quiet
     before = None
     if not args.no_eval:
         ref = sentence_embeddings(teacher, tokenizer, sets.evaluation, max_length=config.max_length, show=show)
@@ -479,6 +558,48 @@ def _heal(args: argparse.Namespace) -> int:
         print(f"embedding agreement on {before.sentences} evaluation sentences: mean cos {before.mean_cos:.4f} -> {a['mean_cos']:.4f}, "
               f"min cos {before.min_cos:.4f} -> {a['min_cos']:.4f}, top-10 {before.top10_overlap:.4f} -> {a['top10_overlap']:.4f}")
     print(f"artifact: {os.path.abspath(out)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """tngraph eval: sliding-window perplexity of a causal LM, and of an artifact's source next to it."""
+    import json
+
+    import torch
+
+    from . import lm
+    from .data import lm_documents, read_text
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    torch.set_num_threads(args.threads)
+    if args.text:
+        text, label = read_text(args.text), args.text
+    else:
+        text, label = "\n\n".join(lm_documents().heldout), "the built-in held-out documents"
+    model, tokenizer, recipe = lm.load(args.model)
+    show = not args.quiet
+    kwargs = dict(window=args.window, stride=args.stride, batch_size=args.batch_size, show=show)
+    with lm.no_kv_cache(model):
+        result = lm.perplexity(model, tokenizer, text, **kwargs)
+    out: dict[str, Any] = {"model": args.model, "text": label, **result.to_json()}
+    if recipe is not None and not args.no_source:
+        source, _, _ = lm.load(recipe["source"]["path"])
+        kwargs["window"], kwargs["stride"] = result.window, result.stride  # the same windows
+        with lm.no_kv_cache(source):
+            dense = lm.perplexity(source, tokenizer, text, **kwargs)
+        out["source"] = {"model": recipe["source"]["path"], **dense.to_json(), "ratio": result.perplexity / dense.perplexity}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    kind = "compressed artifact" if recipe is not None else "model"
+    print(f"{kind} {args.model}: perplexity {result.perplexity:.3f} on {result.tokens:,} tokens of {label} "
+          f"({result.windows} windows of {result.window}, stride {result.stride})")
+    if "source" in out:
+        print(f"dense source {out['source']['model']}: perplexity {out['source']['perplexity']:.3f} "
+              f"(compressed / dense {out['source']['ratio']:.3f})")
     return 0
 
 
@@ -516,29 +637,41 @@ def _per_target(result) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _unhealed_agreement(result, ref, tokenizer, evaluation, config, show) -> dict[str, Any]:
-    """Agreement of the compressed model as it was before healing (its trained parameters swapped back)."""
+@contextlib.contextmanager
+def _unhealed(result):
+    """The compressed model as it was before healing (its trained parameters swapped back) for the duration."""
     import torch
-
-    from .evaluate import agreement, sentence_embeddings
 
     params = dict(result.module.named_parameters())
     healed = {n: params[n].detach().clone() for n in result.unhealed}
     with torch.no_grad():
         for n, v in result.unhealed.items():
             params[n].copy_(v)
-        try:
-            return agreement(ref, sentence_embeddings(result.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
-        finally:
+    try:
+        yield result.module
+    finally:
+        with torch.no_grad():
             for n, v in healed.items():
                 params[n].copy_(v)
+
+
+def _model_inputs(model, vocab_size: int, batch: int, length: int, seed: int) -> dict[str, Any]:
+    """Random token inputs of the model's forward (a causal LM takes no token_type_ids)."""
+    from .evaluate import latency_inputs
+    from .lm import is_causal_lm
+
+    inputs = latency_inputs(vocab_size, batch, length, seed)
+    if is_causal_lm(model):
+        inputs.pop("token_type_ids")
+    return inputs
 
 
 def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[str, Any]:
     import torch
 
     from .api import compress_with_result
-    from .evaluate import agreement, count_params, latency, latency_inputs, sentence_embeddings
+    from .evaluate import agreement, count_params, latency, sentence_embeddings
+    from .lm import is_causal_lm, perplexity
 
     per_target = _per_target(result)
     names = tuple(per_target)  # every target, the ones kept dense included
@@ -569,19 +702,33 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
         return report
     start = time.perf_counter()
     show = not args.quiet
-    ref = sentence_embeddings(model, tokenizer, evaluation, max_length=config.max_length, show=show)
-    report["agreement"] = {"compressed": agreement(ref, sentence_embeddings(result.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()}
+    causal = is_causal_lm(model)
+    if causal:  # evaluation is the held-out text
+        def score(m):
+            return perplexity(m, tokenizer, evaluation, show=show).to_json()
+
+        key = "perplexity"
+        report[key] = {"dense": score(model), "compressed": score(result.module)}
+    else:
+        ref = sentence_embeddings(model, tokenizer, evaluation, max_length=config.max_length, show=show)
+
+        def score(m):
+            return agreement(ref, sentence_embeddings(m, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
+
+        key = "agreement"
+        report[key] = {"compressed": score(result.module)}
     if result.unhealed is not None:
-        report["agreement"]["unhealed"] = _unhealed_agreement(result, ref, tokenizer, evaluation, config, show)
+        with _unhealed(result) as before:
+            report[key]["unhealed"] = score(before)
     if not args.no_baseline and config.whiten and config.format == "lowrank":
         # the data-free baseline: plain truncated SVD at the budget's uniform ranks
         baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, heal_steps=0, dump_dir=None)
-        plain = compress_with_result(model, example_inputs=latency_inputs(tokenizer.vocab_size, 2, 16), config=baseline)
-        report["agreement"]["plain_svd"] = agreement(ref, sentence_embeddings(plain.module, tokenizer, evaluation, max_length=config.max_length, show=show)).to_json()
+        plain = compress_with_result(model, example_inputs=_model_inputs(model, tokenizer.vocab_size, 2, 16, 0), config=baseline)
+        report[key]["plain_svd"] = score(plain.module)
     report["timings"]["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     batch, length = 32, 128
-    inputs = latency_inputs(tokenizer.vocab_size, batch, length, config.seed)
+    inputs = _model_inputs(model, tokenizer.vocab_size, batch, length, config.seed)
     times = latency({"dense": model, "compressed": result.module}, inputs)
     report["latency"] = {
         "batch": batch,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import functools
 import logging
 import pathlib
@@ -96,8 +97,16 @@ def healing_pool(evaluation: list[str]) -> list[str]:
 
 def read_lines(path: str | pathlib.Path, *, what: str = "calibration data") -> list[str]:
     """One sample per non-empty line of a UTF-8 text file."""
+    text = read_text(path, what=what, fix="pass a UTF-8 text file, one sample per line", allow_empty=True)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{what} file {str(path)!r} holds no samples", "write one sample per line")
+    return lines
+
+
+def read_text(path: str | pathlib.Path, *, what: str = "text", fix: str = "pass a UTF-8 text file", allow_empty: bool = False) -> str:
+    """The whole of a UTF-8 text file; missing, unreadable, binary and empty files are refused."""
     p = pathlib.Path(path)
-    fix = "pass a UTF-8 text file, one sample per line"
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -108,7 +117,50 @@ def read_lines(path: str | pathlib.Path, *, what: str = "calibration data") -> l
         raise DataError(f"cannot read {what} file {str(p)!r}: {exc}", fix) from None
     if "\0" in text:
         raise DataError(f"{what} file {str(p)!r} holds binary data, not text", fix)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise DataError(f"{what} file {str(p)!r} holds no samples", "write one sample per line")
-    return lines
+    if not allow_empty and not text.strip():
+        raise DataError(f"{what} file {str(p)!r} is empty", fix)
+    return text
+
+
+@dataclass(frozen=True)
+class LMText:
+    """Running text for causal LMs: whole documents, split into training and held-out ones."""
+
+    train: list[str]
+    heldout: list[str]
+
+
+@functools.lru_cache(maxsize=1)
+def _documents() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    docs = {topics[key].strip() for key in topics}
+    docs.update(doc.strip() for doc in _stdlib_docstrings() if len(doc) >= 200)
+    return tuple(sorted(d for d in docs if d))
+
+
+def lm_documents(heldout_every: int = 20) -> LMText:
+    """pydoc's topics and the stdlib's longer docstrings as documents; one in `heldout_every`
+    (chosen by a hash of its text, so the split is the same on every run) is held out."""
+    train, heldout = [], []
+    for doc in _documents():
+        bucket = int(hashlib.sha1(doc.encode()).hexdigest()[:8], 16) % heldout_every
+        (heldout if bucket == 0 else train).append(doc)
+    return LMText(train=train, heldout=heldout)
+
+
+def passages(documents: list[str], min_chars: int = 200, max_chars: int = 1200) -> list[str]:
+    """Documents cut at paragraph breaks into passages of about min_chars..max_chars characters:
+    the calibration and healing samples of causal LMs (one text each, as --calibration lines are)."""
+    out = []
+    for doc in documents:
+        piece = ""
+        for paragraph in _PARAGRAPH.split(doc):
+            paragraph = " ".join(paragraph.split())
+            piece = f"{piece}\n{paragraph}" if piece else paragraph
+            if len(piece) >= min_chars:
+                out.append(piece[:max_chars])
+                piece = ""
+        if len(piece) >= min_chars // 4:
+            out.append(piece[:max_chars])
+    return out

@@ -64,12 +64,15 @@ def load_model(source: ModelSource) -> tuple[torch.nn.Module, Any]:
     path = minilm_path() if source.kind == MINILM else source.path
     if path is None or not pathlib.Path(path).is_dir():
         raise ModelError(f"source model folder {path!r} does not exist", "restore the folder or pass model= to tngraph.load")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .lm import is_causal_lm_config
+
     hf_logging.disable_progress_bar()
+    auto = AutoModelForCausalLM if is_causal_lm_config(path) else AutoModel  # a causal LM keeps its head
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        model = auto.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise ModelError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0][:200]}", "check that the folder holds a complete Hugging Face model") from exc
     try:
@@ -81,7 +84,13 @@ def load_model(source: ModelSource) -> tuple[torch.nn.Module, Any]:
 
 
 def default_include(source: ModelSource, targets: tuple[str, ...] = ("linear",)) -> tuple[str, ...]:
-    """The bundled MiniLM: its encoder linears, and its token-embedding table when embeddings are targets."""
+    """The bundled MiniLM: its encoder linears, and its token-embedding table when embeddings are
+    targets; a causal LM: its decoder blocks' linears (the head and embeddings stay dense)."""
+    if source.kind == "hf" and source.path:
+        from .lm import DECODER_BLOCKS, is_causal_lm_config
+
+        if is_causal_lm_config(source.path) and "embedding" not in targets:
+            return (DECODER_BLOCKS,)
     if source.kind != MINILM:
         return ()
     return MINILM_INCLUDE + ((MINILM_EMBEDDING,) if "embedding" in targets else ())

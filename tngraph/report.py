@@ -45,6 +45,16 @@ def format_table(report: dict[str, Any]) -> str:
             if key in agree:
                 a = agree[key]
                 lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
+    ppl = report.get("perplexity")
+    if ppl:
+        d = ppl["dense"]
+        lines.append("")
+        lines.append(f"perplexity on {d['tokens']:,} held-out tokens (windows of {d['window']}, stride {d['stride']}):")
+        lines.append(f"  {'dense':26}{d['perplexity']:>10.3f}")
+        for key, label in (("compressed", "tngraph" + (", healed" if "unhealed" in ppl else "")), ("unhealed", "tngraph, before healing"),
+                           ("plain_svd", "plain SVD, uniform ranks")):
+            if key in ppl:
+                lines.append(f"  {label:26}{ppl[key]['perplexity']:>10.3f}  ({ppl[key]['perplexity'] / d['perplexity']:.3f} of dense)")
     heal = report.get("heal")
     if heal:
         lines.append("")

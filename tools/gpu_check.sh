@@ -23,4 +23,5 @@ for selection in "-m gpu tests" "tests/test_kernels.py"; do
 done
 timeout 200 $PY tools/bench_kernels.py --dtype fp16 --json "$OUT/bench_kernels_fp16.json" 2>&1 | tee "$OUT/bench_kernels_fp16.txt"
 timeout 90 $PY tools/bench_kernels.py --dtype bf16 --formats --json "$OUT/bench_kernels_bf16.json" 2>&1 | tee "$OUT/bench_kernels_bf16.txt"
+# speculative decoding (tngraph.speculative) against greedy generate() is among the gpu-marked tests above
 exit "$rc"

@@ -1,0 +1,155 @@
+"""Causal LMs: what is one, loading one (dense folder or compressed artifact), and perplexity."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import pathlib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+
+from .errors import DataError, ModelError
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+# the decoder blocks' linears of Llama/Mistral/Qwen (model.layers.N), GPT-2 (transformer.h.N),
+# GPT-NeoX (gpt_neox.layers.N): the default targets of a causal LM; embeddings and the head stay dense
+DECODER_BLOCKS = r"(^|\.)(layers|h|blocks)\.\d+\."
+
+
+def is_causal_lm_config(path: str | pathlib.Path) -> bool:
+    """Whether a Hugging Face folder's config.json declares a causal-LM architecture."""
+    try:
+        config = json.loads((pathlib.Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+
+
+@contextlib.contextmanager
+def no_kv_cache(*models: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face models with `config.use_cache` off for the duration (graph capture, healing and
+    scoring want no KV cache; generate() gets it back)."""
+    configs = [c for c in (getattr(m, "config", None) for m in models) if c is not None and hasattr(c, "use_cache")]
+    saved = [c.use_cache for c in configs]
+    for c in configs:
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c, value in zip(configs, saved):
+            c.use_cache = value
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    return callable(getattr(model, "generate", None)) and callable(getattr(model, "get_output_embeddings", None)) \
+        and model.get_output_embeddings() is not None
+
+
+def load(spec: str | pathlib.Path) -> tuple[torch.nn.Module, Any, dict[str, Any] | None]:
+    """(model in eval mode, tokenizer, recipe or None) of a causal-LM folder or a tngraph artifact made
+    from one. Anything else is refused with what it is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .artifact import RECIPE
+
+    if str(spec) == "minilm":
+        raise ModelError("'minilm' is the bundled sentence encoder, not a causal LM",
+                         "pass a causal-LM folder, e.g. one written by tools/train_tiny_lm.py")
+    path = pathlib.Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"{str(spec)!r} is not a folder", "pass a causal-LM folder (save_pretrained) or a tngraph artifact folder")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    recipe = None
+    if (path / RECIPE).is_file():
+        from .artifact import load as load_artifact
+
+        model = load_artifact(path)
+        recipe = model.tngraph_recipe
+        source = recipe["source"].get("path")
+        if not is_causal_lm(model):
+            raise ModelError(f"the artifact {str(path)!r} was made from a {type(model).__name__}, not a causal LM",
+                             "perplexity and generation need an artifact compressed from a causal LM")
+        tokenizer_dir = source
+    else:
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{str(path)!r} is neither a Hugging Face model folder nor a tngraph artifact (no config.json, no recipe.json)",
+                             "pass a folder written by save_pretrained() or by tngraph compress")
+        if not is_causal_lm_config(path):
+            arch = json.loads((path / "config.json").read_text()).get("architectures")
+            raise ModelError(f"{str(path)!r} is not a causal LM (architectures {arch})",
+                             "perplexity and generation need a *ForCausalLM model folder")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        except Exception as exc:
+            raise ModelError(f"cannot load a causal LM from {str(path)!r}: {str(exc).splitlines()[0][:200]}",
+                             "check that the folder holds a complete Hugging Face model") from exc
+        tokenizer_dir = path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"no tokenizer in {str(tokenizer_dir)!r}", "add the tokenizer files to the model folder") from exc
+    return model.eval(), tokenizer, recipe
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+    windows: int
+    window: int
+    stride: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_window(model: torch.nn.Module, limit: int = 256) -> int:
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(limit, int(n)) if n else limit
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, *, window: int | None = None, stride: int | None = None,
+               batch_size: int = 8, show: bool = False) -> Perplexity:
+    """Sliding-window perplexity of `text`: windows of `window` tokens every `stride` tokens; each
+    token after the first is scored exactly once, with at least window - stride tokens of context
+    before it (the first window's tokens with what precedes them)."""
+    window = window or default_window(model)
+    stride = stride or max(1, window // 2)
+    if window < 2 or not 1 <= stride < window:
+        raise DataError(f"window {window} / stride {stride} are invalid (every window needs a token of context before the ones it scores)",
+                        "pass a window >= 2 and a stride in [1, window - 1]")
+    ids = tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < window:
+        raise DataError(f"the text holds {ids.numel()} tokens, fewer than one window of {window}",
+                        "pass a longer text, or a smaller --window")
+    spans, prev_end = [], 0  # (begin, end, first scored position within the window)
+    for begin in range(0, ids.numel() - 1, stride):
+        end = min(begin + window, ids.numel())
+        begin = end - window  # the last window is full-length too, scoring only what is new
+        spans.append((begin, end, max(prev_end - begin, 1)))
+        prev_end = end
+        if end == ids.numel():
+            break
+    total, count = 0.0, 0
+    for i in progress(range(0, len(spans), batch_size), desc="perplexity", enabled=show, unit="batch"):
+        chunk = spans[i : i + batch_size]
+        batch = torch.stack([ids[b:e] for b, e, _ in chunk])
+        logp = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)
+        nll = -logp.gather(-1, batch[:, 1:, None])[..., 0]  # nll[j, t]: token t + 1 given tokens <= t
+        for row, (_, _, first) in enumerate(chunk):
+            scored = nll[row, first - 1 :]
+            total += float(scored.sum())
+            count += scored.numel()
+    mean = total / count
+    if not math.isfinite(mean):
+        raise DataError("the model's perplexity is not finite (NaN or Inf logits)", "check the model's weights")
+    return Perplexity(math.exp(mean), mean, count, len(spans), window, stride)
