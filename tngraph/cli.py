@@ -64,6 +64,9 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     p.add_argument("--sensitivity-rounds", type=int, default=None,
                    help="measurements: around uniform ranks, then around each allocation found (default 1)")
     p.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of one core on the calibration data")
+    p.add_argument("--guard-tolerance", type=float, default=None, metavar="E",
+                   help="keep a target dense when its relative output error on the calibration data exceeds E (default 1.0)")
+    p.add_argument("--strict", action="store_true", help="make a target failing the numerical guard an error instead of keeping it dense")
     p.add_argument("--blockwise", action=argparse.BooleanOptionalAction, default=None,
                    help="causal LMs (Llama/Mistral/Qwen): compress block by block from the shards (uniform ranks, no healing) "
                         "instead of the whole-graph pipeline; default: block by block when the weights exceed 2 GiB or "
@@ -402,11 +405,12 @@ def _config(args: argparse.Namespace, source: Any) -> Any:
         whiten=not args.no_whiten,
         output_whiten=not args.no_output_whiten,
         exclude=tuple(args.exclude or ()),
+        strict=args.strict,
         eval_samples=args.eval_samples,
         seed=args.seed,
         progress=not args.quiet,
     )
-    for key in ("heal_steps", "heal_lr", "heal_data", "allocation", "budget_kind", "dense_rows", "mixture", "latency_rows", "fisher_batches", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
+    for key in ("guard_tolerance", "heal_steps", "heal_lr", "heal_data", "allocation", "budget_kind", "dense_rows", "mixture", "latency_rows", "fisher_batches", "sensitivity", "sensitivity_rounds", "targets", "tt_cores", "tucker_modes", "tucker_iters", "tr_cores", "tr_ring", "tr_als", "cp_modes",
                 "cp_max_iter", "cp_tol", "cp_time_limit", "kron_shape", "monarch_blocks", "calibration_samples"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -624,10 +628,13 @@ def _per_target(result) -> dict[str, dict[str, Any]]:
     from . import meta
 
     rows = {}
+    errors = result.context.analysis.get("guard", {})
     for node in meta.targets(result.graph):
         node_info = meta.info(node)
         t, plan, sens = node_info.target, node_info.plan, node_info.sensitivity
         rows[t.name] = {
+            "error": errors.get(t.name),  # relative output error on the calibration data (the guard's)
+            "guard_reverted": bool(plan and plan.reason == "guard"),
             "format": plan.format if plan else "dense",
             "rank": plan.rank if plan else None,
             "dense_rows": plan.dense_rows if plan else 0,
@@ -694,6 +701,7 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
         "ranks": {t["name"]: t["rank"] for t in result.recipe["targets"]},
         "per_target": per_target,
         "counters": dict(result.context.counters),
+        "guard": {"tolerance": config.guard_tolerance, "reverted": dict(result.context.analysis.get("guard_reverted", {}))},
         "timings": dict(result.timings),
     }
     if result.heal is not None:

@@ -71,6 +71,11 @@ class Config:
         statistics use.
     fuse: rewrite factor chains (and a following GELU/SiLU/ReLU) of the graph into tngraph ops
         (tngraph.ops: one Triton kernel on the GPU, the same torch ops on the CPU).
+    guard_tolerance: the numerical guard (tngraph/passes/guard.py): a substitution whose relative
+        output error on the calibration data, sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)), exceeds this (or is not
+        finite) is reverted and the target kept dense (logged, counted, in the report). 1.0, the
+        default, is the error of replacing the layer by zeros; None turns the guard off.
+    strict: make a guard failure an error instead of a revert.
     heal_steps: steps of the healing fine-tune that ends compress (distillation of the compressed
         model against the original on text, tngraph.heal, docs/healing.md; 0 turns it off; 500 steps
         take ~4 minutes for the MiniLM on 2 CPU cores). It needs texts: heal_data,
@@ -117,6 +122,8 @@ class Config:
     output_damping: float = 0.1
     fisher_batches: int = 64
     fuse: bool = True
+    guard_tolerance: float | None = 1.0
+    strict: bool = False
     heal_steps: int = 500
     heal_lr: float = 1e-4
     heal_data: str | None = None
@@ -142,6 +149,10 @@ class Config:
                                 ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("fisher_batches", 1, 1 << 20), ("heal_steps", 0, 1 << 30)):
             _check_int(name, getattr(self, name), low, high)
         _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
+        if self.guard_tolerance is not None:
+            _check_number("guard_tolerance", self.guard_tolerance, low=0.0, high=1e6, low_open=True)
+        if not isinstance(self.strict, bool):
+            raise ConfigError(f"strict must be True or False, got {self.strict!r}")
         _check_number("heal_lr", self.heal_lr, low=0.0, high=1.0, low_open=True)
         if self.heal_data is not None and not isinstance(self.heal_data, str):
             raise ConfigError(f"heal_data must be the path of a text file, got {type(self.heal_data).__name__}",

@@ -55,6 +55,11 @@ def format_table(report: dict[str, Any]) -> str:
                            ("plain_svd", "plain SVD, uniform ranks")):
             if key in ppl:
                 lines.append(f"  {label:26}{ppl[key]['perplexity']:>10.3f}  ({ppl[key]['perplexity'] / d['perplexity']:.3f} of dense)")
+    guard = report.get("guard") or {}
+    if guard.get("reverted"):
+        lines.append("")
+        lines.append(f"numerical guard: {len(guard['reverted'])} target(s) kept dense, their relative output error on the calibration "
+                     f"data above {guard['tolerance']:g}: " + ", ".join(f"{n} ({e:.3g})" for n, e in guard["reverted"].items()))
     heal = report.get("heal")
     if heal:
         lines.append("")
@@ -63,14 +68,16 @@ def format_table(report: dict[str, Any]) -> str:
     per_target = report.get("per_target")
     if per_target:
         lines.append("")
-        lines.append("per target (format, rank, output rows kept dense, parameters kept, sensitivity: predicted error share at the uniform rank):")
+        lines.append("per target (format, rank, output rows kept dense, parameters kept, relative output error on the calibration data, "
+                     "sensitivity: predicted error share at the uniform rank):")
         width = max(len(name) for name in per_target)
         for name, row in per_target.items():
             rank = "-" if row["rank"] is None else str(row["rank"])
             rows_dense = f"+{row['dense_rows']} rows" if row.get("dense_rows") else ""
             sens = row.get("sensitivity")
             score = f"{sens['kind']} {sens['score']:.3g}" if sens else ""
-            lines.append(f"  {name:{width}}  {row['format']:8} {rank:>5} {rows_dense:>9} {row['params_kept']:6.3f}  {score}")
+            error = "" if row.get("error") is None else f"err {row['error']:.3f}" + (" reverted" if row.get("guard_reverted") else "")
+            lines.append(f"  {name:{width}}  {row['format']:8} {rank:>5} {rows_dense:>9} {row['params_kept']:6.3f}  {error:>9}  {score}")
     lines.append("")
     lines.append("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()))
     if report.get("out"):

@@ -19,6 +19,7 @@ from ..tn.refit import refit_core
 from .base import PassContext, PassResult
 from .calibrate import input_whitening
 from .fisher import output_whitening
+from .guard import accept
 from .rewrite import RewriteRule, apply_rules
 from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear
 
@@ -67,6 +68,8 @@ def _embedding_replacement(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassConte
         if weights is not None:
             ctx.counters["factorize.embedding.frequency_weighted"] += 1
         a, b = decompose_rows_weighted(weight, plan.rank, weights)
+        if not accept(ctx, m.node, weight, a @ b):
+            return None
     ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, False, {"a": a, "b": b}, kind="embedding")
     graph = gm.graph
     with graph.inserting_before(m.node):
@@ -173,6 +176,8 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
         else:
             net = refitted
             ctx.counters[f"factorize.{plan.format}.refit"] += 1
+    if not accept(ctx, m.node, weight, net.to_dense()):
+        return None
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
     ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
     return _network_graph(m, gm, t, plan, net)
@@ -215,6 +220,8 @@ def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Nod
     if out_whitening is not None:
         ctx.counters["factorize.lowrank.output_whitened"] += 1
     a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening)
+    if not accept(ctx, m.node, weight, a @ b):
+        return None
     ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
     return _lowrank_graph(m, gm, t, a, b)
 
@@ -243,6 +250,8 @@ def _patched_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, t
     a, b = decompose_lowrank(weight[rest], plan.rank, whitening, out_whitening)
     dense = weight[dense_rows].detach().clone()
     order = torch.argsort(torch.cat([rest, dense_rows]))
+    if not accept(ctx, m.node, weight, torch.cat([a @ b, dense]).index_select(0, order)):
+        return None
     factors = {"a": a, "b": b, "dense": dense, "order": order}
     ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
     ctx.counters["factorize.lowrank.dense_rows"] += len(dense_rows)

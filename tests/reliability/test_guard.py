@@ -1,0 +1,91 @@
+"""The numerical guard: every substitution is checked on the calibration data; a failing target is
+kept dense (reported), or an error with strict=True."""
+import math
+
+import pytest
+import torch
+
+import tngraph
+from tests.conftest import MLP
+from tngraph.passes.guard import relative_error
+
+
+def _data(n=4, rows=64, width=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(rows, width, generator=g),), {}) for _ in range(n)]
+
+
+def _compress(model, **options):
+    config = tngraph.Config(budget=0.4, allocation="uniform", heal_steps=0, progress=False, **options)
+    return tngraph.compress_with_result(model, calibration=_data(), config=config)
+
+
+def test_relative_error_is_the_output_error_on_the_calibration_rows():
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 6), torch.randn(100, 6) @ torch.randn(6, 6)
+    approx = w + 0.1 * torch.randn(8, 6)
+    xd, wd, ad = x.double(), w.double(), approx.double()
+    direct = float((xd @ (ad - wd).T).norm() / (xd @ wd.T).norm())
+    assert relative_error(w, approx, x.T.double() @ x.double()) == pytest.approx(direct, rel=1e-9)
+    assert relative_error(w, approx) == pytest.approx(float((approx - w).norm() / w.norm()), rel=1e-9)
+    assert relative_error(torch.zeros(3, 3), torch.zeros(3, 3)) == 0.0  # an all-zero layer is exact
+    assert relative_error(torch.zeros(3, 3), torch.ones(3, 3)) == math.inf
+    assert relative_error(w, torch.full_like(w, float("nan"))) == math.inf
+
+
+def test_default_guard_keeps_every_sound_substitution_and_records_its_error():
+    result = _compress(MLP().eval())
+    errors = result.context.analysis["guard"]
+    assert set(errors) == {"layers.0", "layers.1", "layers.2"} and all(0 < e < 1 for e in errors.values())
+    assert result.context.counters["guard.reverted"] == 0 and len(result.recipe["targets"]) == 3
+
+
+def test_a_target_over_the_tolerance_stays_dense_and_is_reported():
+    model = MLP().eval()
+    loose = _compress(model)
+    errors = loose.context.analysis["guard"]
+    worst = max(errors, key=errors.get)
+    tolerance = sorted(errors.values())[-2] * 1.0001  # only the worst fails
+    result = _compress(model, guard_tolerance=tolerance)
+    assert result.context.counters["guard.reverted"] == 1
+    assert list(result.context.analysis["guard_reverted"]) == [worst]
+    assert worst not in {t["name"] for t in result.recipe["targets"]}
+    layer = dict(result.module.named_modules())[worst]
+    assert type(layer) is torch.nn.Linear  # untouched in the user's module
+    x = _data(1, seed=9)[0][0][0]
+    torch.testing.assert_close(result.graph(x), result.module(x), atol=1e-5, rtol=1e-5)
+
+
+def test_strict_turns_a_guard_failure_into_an_error_naming_the_layer():
+    with pytest.raises(tngraph.PassError, match=r"layers\.\d: relative output error .* exceeds guard_tolerance") as err:
+        _compress(MLP().eval(), guard_tolerance=1e-6, strict=True)
+    assert "raise the budget" in str(err.value)
+
+
+def test_a_decomposition_that_breaks_is_reverted_not_used(monkeypatch):
+    import importlib
+
+    factorize = importlib.import_module("tngraph.passes.factorize")  # the module (tngraph.passes.factorize is also the pass)
+    real = factorize.decompose_lowrank
+
+    def broken(weight, rank, *args, **kwargs):
+        a, b = real(weight, rank, *args, **kwargs)
+        return a * float("nan") if weight.shape[0] == 40 else a, b  # layers.1 is 48 -> 40
+
+    monkeypatch.setattr(factorize, "decompose_lowrank", broken)
+    model = MLP().eval()
+    result = _compress(model)
+    assert list(result.context.analysis["guard_reverted"]) == ["layers.1"]
+    x = _data(1, seed=3)[0][0][0]
+    assert torch.isfinite(result.module(x)).all()
+    with pytest.raises(tngraph.PassError, match="layers.1"):
+        _compress(model, strict=True)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True])
+def test_guard_options_are_validated(bad):
+    with pytest.raises(tngraph.ConfigError, match="guard_tolerance"):
+        tngraph.Config(guard_tolerance=bad)
+    with pytest.raises(tngraph.ConfigError, match="strict"):
+        tngraph.Config(strict="yes")
+    assert tngraph.Config(guard_tolerance=None).guard_tolerance is None

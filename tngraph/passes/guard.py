@@ -1,0 +1,69 @@
+"""The numerical guard of factorize: every substitution is checked against the dense layer on the
+calibration data before it enters the graph.
+
+A target's error is its relative output error on the calibration inputs,
+sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) with G = Xᵀ X the inputs' Gram matrix (row frequencies for an
+embedding table; plain Frobenius norms without calibration data). One above
+`Config.guard_tolerance`, or not finite, is reverted: the target stays dense, and the revert is
+logged, counted and listed in the report; with `Config.strict` it is an error instead.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .. import meta
+from ..errors import PassError
+from .base import PassContext
+
+log = logging.getLogger(__name__)
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None = None,
+                   row_weights: torch.Tensor | None = None) -> float:
+    """sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) (linear: weight out x in, G in x in), or the row-weighted
+    Frobenius ratio (embedding: weight rows x width), or the plain one."""
+    w = weight.detach().to(torch.float64)
+    d = approx.detach().to(torch.float64, copy=False).to(w.device) - w
+    if gram is not None:
+        g = gram.to(w.device, torch.float64)
+        num, den = float(((d @ g) * d).sum()), float(((w @ g) * w).sum())
+    elif row_weights is not None:
+        rw = row_weights.to(w.device, torch.float64)[:, None]
+        num, den = float((rw * d * d).sum()), float((rw * w * w).sum())
+    else:
+        num, den = float((d * d).sum()), float((w * w).sum())
+    if not math.isfinite(num):
+        return math.inf
+    if den <= 0:  # an all-zero layer (or inputs): exact iff the approximation is zero too
+        return 0.0 if num <= 0 else math.inf
+    return math.sqrt(max(num, 0.0) / den)
+
+
+def accept(ctx: PassContext, node, weight: torch.Tensor, approx: torch.Tensor) -> bool:
+    """Record the target's error; False (and the target planned dense) when it fails the guard."""
+    t = meta.info(node).target
+    stats = ctx.stats.get(t.name)
+    gram = row_weights = None
+    if stats is not None and getattr(stats, "rows", 0) > 0:
+        if t.kind == "embedding":
+            row_weights = stats.row_weights()
+        else:
+            gram = stats.gram
+    error = relative_error(weight, approx, gram, row_weights)
+    ctx.analysis.setdefault("guard", {})[t.name] = error
+    tolerance = ctx.config.guard_tolerance
+    if tolerance is None or error <= tolerance:
+        return True
+    plan = meta.info(node).plan
+    what = f"{t.name}: relative output error {error:.3g} on the calibration data exceeds guard_tolerance {tolerance:g}"
+    if ctx.config.strict:
+        raise PassError(f"{what} ({plan.format}, rank {plan.rank})",
+                        "raise the budget or guard_tolerance, exclude the layer, or drop strict=True to keep it dense")
+    log.warning("guard: %s; kept dense", what)
+    ctx.counters["guard.reverted"] += 1
+    ctx.analysis.setdefault("guard_reverted", {})[t.name] = error
+    meta.update(node, plan=meta.PlanInfo("dense", None, plan.params_before, plan.params_before, reason="guard"))
+    return False
