@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -169,12 +170,12 @@ class Config:
             if isinstance(shape, str):  # "16x16"
                 parts = shape.lower().split("x")
                 shape = tuple(int(v) for v in parts) if all(v.isdigit() for v in parts) else ()
-            if len(shape) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
+            if not isinstance(shape, (tuple, list)) or len(shape) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
                 raise ConfigError(f"kron_shape must be two positive integers (rows, cols of A), got {self.kron_shape!r}", "e.g. kron_shape=(16, 16) or \"16x16\"")
             object.__setattr__(self, "kron_shape", tuple(shape))
         if self.monarch_blocks is not None:
             _check_int("monarch_blocks", self.monarch_blocks, 1, 1 << 20)
-        mixture = _names(self.mixture)
+        mixture = _names(self.mixture, "mixture")
         bad = [f for f in mixture if f not in FORMATS or f == "lowrank"]
         if bad:
             raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(FORMATS[1:])}")
@@ -183,7 +184,7 @@ class Config:
         if mixture and self.budget_kind == "latency":
             raise ConfigError("mixture formats have no latency model yet", "use budget_kind='params' or 'bytes' with mixture")
         object.__setattr__(self, "mixture", mixture)
-        kinds = _names(self.targets)
+        kinds = _names(self.targets, "targets")
         bad = [k for k in kinds if k not in TARGET_KINDS]
         if bad or not kinds:
             raise ConfigError(f"unknown target kind {bad[0] if bad else ''!r}", f"targets is a list drawn from {', '.join(TARGET_KINDS)}")
@@ -194,12 +195,16 @@ class Config:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            elif not all(isinstance(p, str) for p in value):
+            patterns = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (tuple, list)) else None
+            if patterns is None or not all(isinstance(p, str) for p in patterns):
                 raise ConfigError(f"{name} must be a tuple of regular expressions, got {value!r}")
-            else:
-                object.__setattr__(self, name, tuple(value))
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{name} pattern {pattern!r} is not a regular expression: {exc}",
+                                      "escape special characters, e.g. encoder\\.layer\\.0") from None
+            object.__setattr__(self, name, patterns)
 
     @property
     def allocation_kind(self) -> str:
@@ -237,9 +242,11 @@ def _reject_unknown(options: Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown option {key!r}", f"{hint}valid options: {', '.join(valid)}")
 
 
-def _names(value: Any) -> tuple[str, ...]:
+def _names(value: Any, field: str = "option") -> tuple[str, ...]:
     """A name list given as a string ("a,b"), or a sequence of such strings, as unique stripped names in order."""
-    items = (value,) if isinstance(value, str) else tuple(value)
+    items = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if items is None or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{field} must be a name or a list of names, got {value!r}", 'e.g. "linear,embedding" or ("tucker", "tt")')
     return tuple(dict.fromkeys(name.strip() for item in items for name in item.split(",") if name.strip()))
 
 
