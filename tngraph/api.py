@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from . import __version__
 from .capture import capture, normalize_inputs
@@ -61,7 +62,12 @@ def calibration_batches(
         ]
     if any(isinstance(s, str) for s in samples):
         raise DataError("calibration mixes texts and tensors", "pass only texts or only example inputs")
-    return [normalize_inputs(s) for s in samples]
+    batches = [normalize_inputs(s) for s in samples]
+    for i, (args, kwargs) in enumerate(batches):
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+                raise DataError(f"calibration sample {i} holds NaN or Inf values", "pass finite calibration inputs")
+    return batches
 
 
 def _by_token_length(texts: list[str], tokenizer: Any, max_length: int) -> list[str]:

@@ -73,7 +73,11 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             gm.graph.erase_node(obs)
         gm.recompile()
     for node in nodes:
-        s = stats[meta.info(node).target.name]
+        name = meta.info(node).target.name
+        s = stats[name]
+        if isinstance(s, GramStats) and not bool(torch.isfinite(s.gram).all()):
+            raise DataError(f"the calibration inputs reaching {name} hold NaN or Inf values",
+                            "check the calibration data (and, for fp16 models, whether activations overflow: calibrate in float32)")
         mean_abs = float(s.mean_abs.mean()) if isinstance(s, GramStats) else 0.0
         out = outputs.get(meta.info(node).target.name)
         output_rms = float(out.rms.pow(2).mean().sqrt()) if out is not None else 0.0
