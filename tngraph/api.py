@@ -11,10 +11,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from . import __version__
+from . import __version__, meta
 from .capture import capture, normalize_inputs
 from .config import Config
-from .errors import DataError, ModelError
+from .errors import ConfigError, DataError, ModelError
 from .evaluate import sentence_objective
 from .lm import no_kv_cache
 from .models import ModelSource, tokenize, weights_hash
@@ -135,8 +135,15 @@ def _compress(model, example_inputs, batches, config, source, texts, healing, to
     gm = capture(model, example_inputs)
     timings = {"capture": time.perf_counter() - start}
     ctx = PassContext(config=config, calibration=batches, objective=sentence_objective if texts else None)
+    ctx.analysis["module_targets_only"] = True  # the result is the user's module with its targets swapped
     gm = run_passes(gm, ctx)
     timings.update(ctx.timings)
+    if not meta.targets(gm):
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        shown = ", ".join(linears[:3]) + (", ..." if len(linears) > 3 else "")
+        raise ConfigError(f"no layer of the model is a target: include {list(config.include)} / exclude {list(config.exclude)} "
+                          f"left none of its {len(linears)} linear layers" + (f" ({shown})" if linears else ""),
+                          "match module paths like those with --include/--exclude (regular expressions, re.search)")
     compressed = apply_plan(copy.deepcopy(model), ctx.plan.values())
     recipe = make_recipe(model, ctx.plan.values(), config, source)
     attach(compressed, recipe)

@@ -271,6 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("tngraph: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("tngraph: error: out of memory (try fewer --calibration-samples, --blockwise for a causal LM, "
+              "or a machine with more memory)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not a user error: one line, the traceback with -v or TNGRAPH_TRACEBACK=1
+        if getattr(args, "verbose", False) or os.environ.get("TNGRAPH_TRACEBACK"):
+            raise
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"tngraph: internal error: {type(exc).__name__}: {first} (this is a tngraph bug: rerun with -v "
+              "or TNGRAPH_TRACEBACK=1 for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -309,6 +320,7 @@ def _compress(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(source)
     if tokenizer is None:
         raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
+    config = _fit_length(config, model)
     causal = is_causal_lm(model)
     if causal:  # running text: passages of the built-in training documents; held-out documents scored
         text = lm_documents()
@@ -336,6 +348,15 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 BLOCKWISE_BYTES = 2 << 30
+
+
+def _fit_length(config: Any, model: Any) -> Any:
+    """Tokenise no longer than the model's position table (a small model may hold fewer than max_length)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and 1 < positions < config.max_length:
+        log.info("tokenising to %d tokens, the model's max_position_embeddings", positions)
+        return config.replace(max_length=positions)
+    return config
 
 
 def _use_blockwise(args: argparse.Namespace, source: Any) -> bool:
@@ -451,6 +472,7 @@ def _dump(args: argparse.Namespace) -> int:
         shutil.rmtree(args.out)
     config = _config(args, source).replace(dump_dir=args.out)
     model, tokenizer = load_model(source)
+    config = _fit_length(config, model)
     if tokenizer is None:
         raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
     calibration = read_lines(args.calibration) if args.calibration else sentence_sets(config.calibration_samples, 1, config.seed).calibration
@@ -735,7 +757,7 @@ def _report(args, source, model, tokenizer, result, evaluation, config) -> dict[
         report[key]["plain_svd"] = score(plain.module)
     report["timings"]["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
-    batch, length = 32, 128
+    batch, length = 32, min(128, config.max_length)
     inputs = _model_inputs(model, tokenizer.vocab_size, batch, length, config.seed)
     times = latency({"dense": model, "compressed": result.module}, inputs)
     report["latency"] = {

@@ -36,7 +36,7 @@ def tiny_bert(tmp_path_factory, minilm):
 
 def test_command_line_artifacts_with_healing_are_byte_identical(tiny_bert, tmp_path):
     args = ["compress", "--model", str(tiny_bert), "--budget", "0.5", "--calibration-samples", "32", "--heal-steps", "12",
-            "--no-eval", "--quiet", "--seed", "3"]
+            "--sensitivity", "fisher", "--no-eval", "--quiet", "--seed", "3"]
     for name in ("a", "b"):
         assert main([*args, "--out", str(tmp_path / name)]) == 0
     for name in (FACTORS, RECIPE):

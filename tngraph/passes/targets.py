@@ -113,6 +113,11 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             # a shared (tied) weight: factorizing one use would untie it
             ctx.counters["targets.skipped.shared_weight"] += 1
             continue
+        if ctx.analysis.get("module_targets_only") and not _called_as_module(node, name, kind):
+            # compress() swaps modules: a weight read by its parent's own code (nn.MultiheadAttention's
+            # out_proj and in_proj_weight) would keep running dense, so it is no target there
+            ctx.counters["targets.skipped.not_a_module_call"] += 1
+            continue
         if not torch.isfinite(weight).all():
             bad = int((~torch.isfinite(weight)).sum())
             raise ModelError(
@@ -136,6 +141,23 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.counters["targets.found"] += found
     log.info("targets: %d nodes selected", found)
     return PassResult(gm, modified=found > 0, summary={"targets": found})
+
+
+_PLAIN_PATH = re.compile(r"[\w.]*")
+
+
+def _called_as_module(node: fx.Node, name: str, kind: str) -> bool:
+    """Whether the op runs inside the forward of the nn.Linear / nn.Embedding that owns the weight
+    (torch.export's module stack; graphs without one, or with another path syntax, are trusted)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return True
+    path, typ = list(stack.values())[-1]
+    if not isinstance(path, str) or not _PLAIN_PATH.fullmatch(path):
+        return True
+    type_name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+    wanted = "Embedding" if kind == "embedding" else "Linear"
+    return path == name and type_name.endswith(wanted)
 
 
 def _has_param(gm: fx.GraphModule, name: str) -> bool:
