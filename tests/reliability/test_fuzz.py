@@ -1,8 +1,12 @@
 """Fuzzing (hypothesis): any Config values and command-line flags give a valid result or one clean
 error; random small MLP / attention models compress to something close to the original, or are
-refused cleanly."""
+refused cleanly.
+
+The examples are derandomized (the same every run, so CI cannot fail by chance); TNGRAPH_FUZZ=1
+draws new ones each run (e.g. TNGRAPH_FUZZ=1 pytest tests/reliability/test_fuzz.py)."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from tngraph.cli import main
 from tngraph.config import Config, valid_keys
 from tngraph.errors import TngraphError
 
+FIXED = not os.environ.get("TNGRAPH_FUZZ")
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 1 << 20), st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["", "svd", "tt", "tucker", "budgeted", "uniform", "bytes", "linear", "embedding", "16x16", "x", "nan"]),
@@ -22,7 +27,7 @@ VALUES = st.one_of(
 KEYS = st.sampled_from([k for k in valid_keys() if k not in ("dump_dir",)] + ["budjet", "rank", "heal_step"])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=FIXED)
 @given(st.dictionaries(KEYS, VALUES, max_size=4))
 def test_any_config_is_valid_or_one_config_error(options):
     try:
@@ -65,7 +70,7 @@ def tiny_bert(tmp_path_factory, minilm):
     return folder
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, derandomize=FIXED, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(FLAGS)
 def test_command_line_flags_give_a_valid_artifact_or_one_clean_error(tiny_bert, tmp_path_factory, capsys, flags):
     out = tmp_path_factory.mktemp("fuzz") / "art"
@@ -104,7 +109,7 @@ class Block(torch.nn.Module):
         return x
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=FIXED)
 @given(width=st.sampled_from([8, 12, 16]), hidden=st.integers(4, 40), depth=st.integers(0, 3), attention=st.booleans(),
        act=st.sampled_from(["relu", "gelu", "tanh"]), budget=st.sampled_from([0.05, 0.5, 0.8, 1.0]),
        fmt=st.sampled_from(["svd", "tt", "tucker"]), seed=st.integers(0, 3))
