@@ -51,6 +51,18 @@ def minilm_compressed(minilm, sentences):
     )
 
 
+def write_tiny_bert(folder, tokenizer, *, layers=2, positions=128):
+    """A small random BERT (hidden 32) saved as a local Hugging Face folder with `tokenizer`."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=positions)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 class MLP(torch.nn.Module):
     def __init__(self, dims=(24, 48, 40, 16), seed=0):
         super().__init__()

@@ -26,15 +26,9 @@ def _fail(capsys, argv):
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory, minilm):
     """A small BERT in a local Hugging Face folder, with the MiniLM's tokenizer."""
-    from transformers import BertConfig, BertModel
+    from tests.conftest import write_tiny_bert
 
-    _, tokenizer = minilm
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm[1])
 
 
 def test_compress_minilm_end_to_end(tmp_path):

@@ -542,47 +542,45 @@ def _heal(args: argparse.Namespace) -> int:
     if config.heal_steps == 0:
         raise ConfigError("--steps 0 heals nothing", "pass --steps N with N > 0")
     show = not args.quiet
-    if is_causal_lm(teacher):  # running text: the built-in training passages; perplexity on the held-out documents
+    causal = is_causal_lm(teacher)
+    if causal:  # running text: the built-in training passages; perplexity on the held-out documents
         lm_text = lm_documents()
         texts = read_lines(args.data, what="healing data") if args.data else passages(lm_text.train)
         heldout = "\n\n".join(lm_text.heldout)
-        with no_kv_cache(module, teacher):
-            before_ppl = None if args.no_eval else perplexity(module, tokenizer, heldout, show=show)
-            outcome, _ = heal_model(module, teacher, texts, tokenizer, heal_config(config), show=show,
-                                    checkpoint=_checkpoint_dir(out), resume=args.resume)
-            report = {"heal": outcome.to_json()}
-            if before_ppl is not None:
-                after_ppl, dense_ppl = perplexity(module, tokenizer, heldout, show=show), perplexity(teacher, tokenizer, heldout, show=show)
-                report["perplexity"] = {"before": before_ppl.to_json(), "after": after_ppl.to_json(), "dense": dense_ppl.to_json()}
-        save(module, out, force=True, extra={"heal.json": report})
-        h = outcome
-        print(f"healed {args.artifact}: held-out {h.metric} {h.start_loss:.4f} -> {h.best_loss:.4f} "
-              f"(best at step {h.best_step} of {h.steps}, {h.seconds:.0f}s)")
-        if before_ppl is not None:
-            print(f"perplexity on {after_ppl.tokens:,} held-out tokens: {before_ppl.perplexity:.3f} -> {after_ppl.perplexity:.3f} "
-                  f"(dense {dense_ppl.perplexity:.3f})")
-        print(f"artifact: {os.path.abspath(out)}")
-        return 0
-    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
-    texts = read_lines(args.data, what="healing data") if args.data else healing_pool(sets.evaluation)
-    before = None
-    if not args.no_eval:
-        ref = sentence_embeddings(teacher, tokenizer, sets.evaluation, max_length=config.max_length, show=show)
-        before = agreement(ref, sentence_embeddings(module, tokenizer, sets.evaluation, max_length=config.max_length, show=show))
-    outcome, _ = heal_model(module, teacher, texts, tokenizer, heal_config(config), show=show,
-                            checkpoint=_checkpoint_dir(out), resume=args.resume)
-    report = {"heal": outcome.to_json()}
-    if before is not None:
-        after = agreement(ref, sentence_embeddings(module, tokenizer, sets.evaluation, max_length=config.max_length, show=show))
-        report["agreement"] = {"before": before.to_json(), "after": after.to_json()}
+
+        def score(m):
+            return perplexity(m, tokenizer, heldout, show=show)
+
+        key = "perplexity"
+    else:
+        sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+        texts = read_lines(args.data, what="healing data") if args.data else healing_pool(sets.evaluation)
+        ref = None if args.no_eval else sentence_embeddings(teacher, tokenizer, sets.evaluation, max_length=config.max_length, show=show)
+
+        def score(m):
+            return agreement(ref, sentence_embeddings(m, tokenizer, sets.evaluation, max_length=config.max_length, show=show))
+
+        key = "agreement"
+    with no_kv_cache(module, teacher) if causal else contextlib.nullcontext():
+        before = None if args.no_eval else score(module)
+        outcome, _ = heal_model(module, teacher, texts, tokenizer, heal_config(config), show=show,
+                                checkpoint=_checkpoint_dir(out), resume=args.resume)
+        report = {"heal": outcome.to_json()}
+        if before is not None:
+            after = score(module)
+            report[key] = {"before": before.to_json(), "after": after.to_json()}
+            if causal:
+                report[key]["dense"] = score(teacher).to_json()
     save(module, out, force=True, extra={"heal.json": report})
     h = outcome
     print(f"healed {args.artifact}: held-out {h.metric} {h.start_loss:.4f} -> {h.best_loss:.4f} "
           f"(best at step {h.best_step} of {h.steps}, {h.seconds:.0f}s)")
-    if before is not None:
-        a = report["agreement"]["after"]
-        print(f"embedding agreement on {before.sentences} evaluation sentences: mean cos {before.mean_cos:.4f} -> {a['mean_cos']:.4f}, "
-              f"min cos {before.min_cos:.4f} -> {a['min_cos']:.4f}, top-10 {before.top10_overlap:.4f} -> {a['top10_overlap']:.4f}")
+    if before is not None and causal:
+        print(f"perplexity on {after.tokens:,} held-out tokens: {before.perplexity:.3f} -> {after.perplexity:.3f} "
+              f"(dense {report[key]['dense']['perplexity']:.3f})")
+    elif before is not None:
+        print(f"embedding agreement on {before.sentences} evaluation sentences: mean cos {before.mean_cos:.4f} -> {after.mean_cos:.4f}, "
+              f"min cos {before.min_cos:.4f} -> {after.min_cos:.4f}, top-10 {before.top10_overlap:.4f} -> {after.top10_overlap:.4f}")
     print(f"artifact: {os.path.abspath(out)}")
     return 0
 

@@ -12,6 +12,13 @@ def _ratio(after: float, before: float) -> str:
     return f"{after / before:.3f}" if before else "-"
 
 
+def _variants(scores: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of the compressed models scored in an agreement or perplexity block, in order."""
+    labels = (("compressed", "tngraph" + (", healed" if "unhealed" in scores else "")), ("unhealed", "tngraph, before healing"),
+              ("plain_svd", "plain SVD, uniform ranks"))
+    return [(key, label) for key, label in labels if key in scores]
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Rows of (quantity, dense, compressed, ratio), then agreement and pass times."""
     rows: list[tuple[str, str, str, str]] = [("", "dense", "compressed", "ratio")]
@@ -40,21 +47,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"embedding agreement on {agree['compressed']['sentences']} held-out sentences:")
         lines.append(f"  {'':24}{'mean cos':>10}{'min cos':>10}{'top-10':>10}")
-        for key, label in (("compressed", "tngraph" + (", healed" if "unhealed" in agree else "")), ("unhealed", "tngraph, before healing"),
-                           ("plain_svd", "plain SVD, uniform ranks")):
-            if key in agree:
-                a = agree[key]
-                lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
+        for key, label in _variants(agree):
+            a = agree[key]
+            lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
     ppl = report.get("perplexity")
     if ppl:
         d = ppl["dense"]
         lines.append("")
         lines.append(f"perplexity on {d['tokens']:,} held-out tokens (windows of {d['window']}, stride {d['stride']}):")
         lines.append(f"  {'dense':26}{d['perplexity']:>10.3f}")
-        for key, label in (("compressed", "tngraph" + (", healed" if "unhealed" in ppl else "")), ("unhealed", "tngraph, before healing"),
-                           ("plain_svd", "plain SVD, uniform ranks")):
-            if key in ppl:
-                lines.append(f"  {label:26}{ppl[key]['perplexity']:>10.3f}  ({ppl[key]['perplexity'] / d['perplexity']:.3f} of dense)")
+        for key, label in _variants(ppl):
+            lines.append(f"  {label:26}{ppl[key]['perplexity']:>10.3f}  ({ppl[key]['perplexity'] / d['perplexity']:.3f} of dense)")
     guard = report.get("guard") or {}
     if guard.get("reverted"):
         lines.append("")

@@ -3,22 +3,16 @@ never a traceback; a bug is one line too (exit 1), with the traceback on request
 import json
 
 import pytest
-import torch
 
 from tngraph.cli import main
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, minilm):
-    from transformers import BertConfig, BertModel
+    from tests.conftest import write_tiny_bert
 
-    _, tokenizer = minilm
     root = tmp_path_factory.mktemp("bad-inputs")
-    bert = root / "bert"
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert)
-    tokenizer.save_pretrained(bert)
+    bert = write_tiny_bert(root / "bert", minilm[1], layers=1, positions=64)
     (root / "empty.txt").write_text("")
     (root / "binary.bin").write_bytes(bytes(range(256)))
     (root / "noconfig").mkdir()

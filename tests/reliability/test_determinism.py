@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tngraph
-from tests.conftest import MLP
+from tests.conftest import MLP, write_tiny_bert
 from tngraph.artifact import FACTORS, RECIPE
 from tngraph.cli import main
 
@@ -23,15 +23,7 @@ def test_python_api_artifacts_are_byte_identical(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory, minilm):
-    from transformers import BertConfig, BertModel
-
-    _, tokenizer = minilm
-    folder = tmp_path_factory.mktemp("tiny-bert-det")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-det"), minilm[1])
 
 
 def test_command_line_artifacts_with_healing_are_byte_identical(tiny_bert, tmp_path):

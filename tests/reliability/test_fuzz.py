@@ -17,6 +17,7 @@ import tngraph
 from tngraph.cli import main
 from tngraph.config import Config, valid_keys
 from tngraph.errors import TngraphError
+from tests.conftest import write_tiny_bert
 
 FIXED = not os.environ.get("TNGRAPH_FUZZ")
 VALUES = st.one_of(
@@ -59,15 +60,7 @@ FLAGS = st.lists(st.one_of(
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory, minilm):
-    from transformers import BertConfig, BertModel
-
-    _, tokenizer = minilm
-    folder = tmp_path_factory.mktemp("tiny-bert-fuzz")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-fuzz"), minilm[1], layers=1, positions=64)
 
 
 @settings(max_examples=12, deadline=None, derandomize=FIXED, suppress_health_check=[HealthCheck.function_scoped_fixture])

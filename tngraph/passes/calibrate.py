@@ -79,7 +79,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             raise DataError(f"the calibration inputs reaching {name} hold NaN or Inf values",
                             "check the calibration data (and, for fp16 models, whether activations overflow: calibrate in float32)")
         mean_abs = float(s.mean_abs.mean()) if isinstance(s, GramStats) else 0.0
-        out = outputs.get(meta.info(node).target.name)
+        out = outputs.get(name)
         output_rms = float(out.rms.pow(2).mean().sqrt()) if out is not None else 0.0
         meta.update(node, calibration=meta.CalibrationInfo(rows=s.rows, mean_abs=mean_abs, output_rms=output_rms))
     ctx.stats.update(stats)
