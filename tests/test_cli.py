@@ -235,6 +235,12 @@ def test_export_onnx_of_an_artifact_and_the_tensorrt_check(tiny_hf, tmp_path, ca
     assert "0 errors" in capsys.readouterr().out
     line = _fail(capsys, ["export", "onnx", "--model", str(art), "--out", str(out), "--quiet"])
     assert "already exists" in line and "--force" in line
+    low = tmp_path / "tiny-bf16.onnx"  # bf16: checked through the emulation, bounded relative to the outputs
+    assert main(["export", "onnx", "--model", str(art), "--out", str(low), "--dtype", "bf16", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert ", bf16, opset" in printed and printed.count("bf16 emulated in float32) vs float32 PyTorch") == 3
+    assert "of the largest value <= tolerance 25%" in printed and "TensorRT check: 0 errors" in printed
+    assert low.stat().st_size < 0.7 * out.stat().st_size
 
 
 def test_export_errors_are_one_line(tiny_hf, tmp_path, capsys):

@@ -136,8 +136,10 @@ def test_export_onnx_of_a_cuda_module_translates_the_fused_ops(tmp_path):
     assert result.max_abs_diff <= 1e-4
 
 
-def test_tensorrt_engine_matches_onnxruntime(tmp_path):
-    """tngraph export tensorrt: an engine built from the exported compressed MLP runs and agrees."""
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_tensorrt_engine_matches_onnxruntime(tmp_path, dtype):
+    """tngraph export tensorrt: an engine built from the exported compressed MLP runs and agrees; an
+    fp16/bf16 export builds a strongly typed engine of that precision."""
     pytest.importorskip("tensorrt")
     from tngraph.lowering.tensorrt import build_engine, run_engine
 
@@ -145,13 +147,14 @@ def test_tensorrt_engine_matches_onnxruntime(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = [((torch.randn(32, 24, generator=g),), {}) for _ in range(4)]
     module = tngraph.compress(model, calibration=data, config=tngraph.Config(budget=0.5, heal_steps=0, progress=False))
-    tngraph.export_onnx(module, (torch.randn(4, 24),), tmp_path / "m.onnx")
+    tngraph.export_onnx(module, (torch.randn(4, 24),), tmp_path / "m.onnx", dtype=dtype)
     engine = build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", batch=(1, 8, 64), workspace_gb=1)
-    assert engine.path.stat().st_size > 0 and "x" in engine.profile
+    assert engine.path.stat().st_size > 0 and "x" in engine.profile and engine.precision == dtype
     x = torch.randn(13, 24)
     (got,) = run_engine(engine.path, {"x": x}).values()
+    tol = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 5e-2}[dtype]
     with torch.no_grad():
-        torch.testing.assert_close(got.cpu(), module(x), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(got.float().cpu(), module(x), atol=tol, rtol=tol)
 
 
 def test_compile_backend_on_cuda_puts_the_fused_ops_in_and_inductor_runs_them():

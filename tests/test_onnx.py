@@ -91,6 +91,113 @@ def test_a_mismatch_beyond_the_tolerance_fails_and_writes_nothing(compressed_mlp
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("fmt", ["lowrank", "tucker"])
+def test_reduced_precision_exports_hold_that_type_and_match(compressed_mlp, fmt, dtype, tmp_path):
+    """--dtype fp16/bf16: every float weight, input and output of the file is of that type (what
+    TensorRT's strongly typed engines run), the user's module stays float32, the file is checked
+    against the float32 model (fp16 in onnxruntime itself, bf16 through the emulation: the CPU
+    provider has no bf16 kernels), and the error is the precision's, not a broken graph's."""
+    from onnx import TensorProto
+
+    from tngraph.lowering.precision import file_precision
+
+    elem = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[dtype]
+    module = compressed_mlp[fmt].module
+    x = torch.randn(4, 24)
+    full = tngraph.export_onnx(module, (x,), tmp_path / "fp32.onnx")
+    low = tngraph.export_onnx(module, (x,), tmp_path / "low.onnx", dtype=dtype)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    proto = onnx.load(str(low.path))
+    onnx.checker.check_model(str(low.path), full_check=True)
+    floats = {t.data_type for t in proto.graph.initializer} - {TensorProto.INT64}
+    assert floats == {elem} and file_precision(proto) == dtype
+    assert [v.type.tensor_type.elem_type for v in (*proto.graph.input, *proto.graph.output)] == [elem, elem]
+    assert low.dtype == dtype and low.emulated == (dtype == "bf16") and len(low.checks) == 2
+    assert low.relative and not full.relative and low.max_rel_diff <= low.tolerance == {"fp16": 0.02, "bf16": 0.25}[dtype]
+    assert full.max_abs_diff < 1e-5 < low.max_abs_diff < {"fp16": 1e-3, "bf16": 1e-2}[dtype]
+    assert not check_tensorrt(low.path)
+    if fmt == "tucker":  # ONNX's Einsum takes no bf16: the network layers are MatMuls there
+        assert ("Einsum" in _ops(low.path)) == (dtype == "fp16") and "Einsum" in _ops(full.path)
+    if dtype == "fp16":
+        for rows in (1, 7):
+            x = torch.randn(rows, 24)
+            (got,) = _ort(low.path, {"x": x.half()})
+            with torch.no_grad():
+                assert got.dtype == np.float16 and np.abs(got.astype(np.float32) - module(x).numpy()).max() < 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tucker", "monarch"])
+def test_network_layers_lower_to_matmuls_exactly(compressed_mlp, fmt, tmp_path, monkeypatch):
+    """The MatMul form of the network layers (used for bf16) is the same contraction: in float32
+    it matches the module as closely as the Einsum form, at other batch sizes too."""
+    from tngraph.lowering import onnx as lowering
+
+    monkeypatch.setattr(lowering, "_einsum_as_matmuls", lambda x: True)
+    module = compressed_mlp[fmt].module
+    result = tngraph.export_onnx(module, (torch.randn(4, 24),), tmp_path / "m.onnx")
+    ops = _ops(result.path)
+    assert "Einsum" not in ops and ops["MatMul"] >= 3 and result.max_abs_diff < 1e-5
+    for rows in (1, 9):
+        x = torch.randn(rows, 24)
+        (got,) = _ort(result.path, {"x": x})
+        with torch.no_grad():
+            assert np.abs(got - module(x).numpy()).max() < 1e-5
+
+
+def test_bf16_emulation_rounds_like_bf16_arithmetic(tmp_path):
+    """The emulated file computes each node in float32 and rounds it to bf16: it agrees with PyTorch's
+    bf16 CPU arithmetic (float32 accumulation, bf16 results) to a bf16 rounding step, and differs
+    from float32 by more than that."""
+    from tngraph.lowering.precision import emulate
+
+    g = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(6, 40, generator=g)
+    result = tngraph.export_onnx(model, (x,), tmp_path / "m.onnx", dtype="bf16")
+    points = emulate(result.path, tmp_path / "wide.onnx", "bf16")
+    wide = onnx.load(str(tmp_path / "wide.onnx"))
+    casts = [n for n in wide.graph.node if n.op_type == "Cast"]
+    assert points >= 3 and len(casts) >= 2 * points
+    assert {t.data_type for t in wide.graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    (got,) = _ort(tmp_path / "wide.onnx", {"input": x.bfloat16().float()})
+    with torch.no_grad():
+        bf16 = model.bfloat16()(x.bfloat16()).float().numpy()
+        fp32 = model.float()(x).numpy()
+    step = 2.0 ** -7 * np.abs(bf16)  # two bf16 rounding steps
+    assert (np.abs(got - bf16) <= step + 1e-6).mean() > 0.95
+    assert np.abs(got - fp32).max() > np.abs(got - bf16).max()
+
+
+def test_a_reduced_precision_export_is_held_to_its_tolerance(compressed_mlp, tmp_path, monkeypatch):
+    from tngraph.lowering import precision
+
+    with pytest.raises(ExportError, match=r"float32 PyTorch model's \(fp16 file\) by .* \(tolerance 1e-07\)"):
+        tngraph.export_onnx(compressed_mlp["lowrank"].module, (torch.randn(4, 24),), tmp_path / "m.onnx", dtype="fp16", tolerance=1e-7)
+    monkeypatch.setitem(precision.RELATIVE_TOLERANCES, "bf16", 1e-6)  # the default bound is relative to the output's scale
+    with pytest.raises(ExportError, match=r"by [0-9.]+% of its largest value \(tolerance 0%\)"):
+        tngraph.export_onnx(compressed_mlp["lowrank"].module, (torch.randn(4, 24),), tmp_path / "m.onnx", dtype="bf16")
+    with pytest.raises(ConfigError, match="unknown export dtype 'int8'"):
+        tngraph.export_onnx(compressed_mlp["lowrank"].module, (torch.randn(4, 24),), tmp_path / "m.onnx", dtype="int8")
+    assert os.listdir(tmp_path) == []
+
+
+def test_engine_precision_follows_the_file(tmp_path):
+    """Which engine a file gives, decided without TensorRT: reduced-precision files build strongly
+    typed in their own type; an fp32 file takes --fp16/--bf16 as builder flags where TensorRT has
+    them (10) and is refused with the export command where it does not (11)."""
+    from tngraph.lowering.tensorrt import engine_plan
+
+    assert engine_plan("fp16", None, precision_flags=True, strongly_typed_flag=True) == ("fp16", True, None)
+    assert engine_plan("bf16", "bf16", precision_flags=False, strongly_typed_flag=False) == ("bf16", False, None)
+    assert engine_plan("fp32", None, precision_flags=False, strongly_typed_flag=False) == ("fp32", False, None)
+    assert engine_plan("fp32", "fp16", precision_flags=True, strongly_typed_flag=True) == ("fp16", False, "FP16")
+    with pytest.raises(ExportError, match=r"--dtype bf16"):
+        engine_plan("fp32", "bf16", precision_flags=False, strongly_typed_flag=False)
+    with pytest.raises(ConfigError, match="holds fp16 values; a bf16 engine needs a bf16 file"):
+        engine_plan("fp16", "bf16", precision_flags=True, strongly_typed_flag=True)
+
+
 def test_bad_arguments_are_clear_errors(compressed_mlp, tmp_path):
     module = compressed_mlp["lowrank"].module
     x = torch.randn(4, 24)
@@ -175,3 +282,13 @@ def test_compressed_minilm_exports_checks_and_is_smaller(minilm, minilm_compress
         ref = minilm_compressed.module(**enc)
     assert np.abs(got[0] - ref.last_hidden_state.numpy()).max() <= 1e-4
     assert ours.outputs[0] == "last_hidden_state"
+    from tngraph.lowering.precision import file_precision
+
+    for dtype in ("fp16", "bf16"):  # half the bytes, within the precision's default bound, TensorRT-clean
+        low = tngraph.export_onnx(minilm_compressed.module, example, tmp_path / f"ours-{dtype}.onnx", dtype=dtype)
+        assert low.bytes <= 0.52 * ours.bytes and low.relative and low.max_rel_diff <= low.tolerance and len(low.checks) == 3
+        assert file_precision(onnx.load(str(low.path))) == dtype and low.emulated == (dtype == "bf16")
+        assert not [p for p in check_tensorrt(low.path) if p.severity == "error"]
+    got = _ort(tmp_path / "ours-fp16.onnx", enc)
+    scale = np.abs(ref.last_hidden_state.numpy()).max()
+    assert np.abs(got[0].astype(np.float32) - ref.last_hidden_state.numpy()).max() <= 0.02 * scale

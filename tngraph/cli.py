@@ -165,7 +165,12 @@ def _add_export_parser(sub: Any) -> None:
     o.add_argument("--force", action="store_true", help="replace an existing --out file")
     o.add_argument("--batch", type=int, default=2, help="rows of the example input (default 2)")
     o.add_argument("--length", type=int, default=16, help="tokens of the example input (default 16)")
-    o.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnxruntime - PyTorch| (default 1e-4)")
+    o.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                   help="float type of the file's weights and values (default fp32); fp16/bf16 files are what TensorRT's "
+                        "strongly typed engines run in reduced precision")
+    o.add_argument("--tolerance", type=float, default=None,
+                   help="largest allowed |onnxruntime - float32 PyTorch| (default 1e-4 for fp32; for fp16/bf16 the default "
+                        "bounds each output's error relative to its largest value: 2 %% fp16, 25 %% bf16)")
     o.add_argument("--static", action="store_true", help="fix batch and sequence to the example's (default: dynamic axes)")
     o.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     o.add_argument("--quiet", action="store_true", help="no log lines")
@@ -176,8 +181,9 @@ def _add_export_parser(sub: Any) -> None:
     t.add_argument("--out", default=None, help="the engine file to write, e.g. model.plan (not needed with --check-only)")
     t.add_argument("--force", action="store_true", help="replace an existing --out file")
     precision = t.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="let TensorRT run layers in float16")
-    precision.add_argument("--bf16", action="store_true", help="let TensorRT run layers in bfloat16")
+    precision.add_argument("--fp16", action="store_true", help="let TensorRT run layers of an fp32 file in float16 (TensorRT 10); "
+                                                               "a file exported with --dtype fp16 runs in float16 without it")
+    precision.add_argument("--bf16", action="store_true", help="the same for bfloat16 (or export with --dtype bf16)")
     t.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit in GiB (default 4)")
     t.add_argument("--batch", type=_sizes, default=(1, 8, 32), metavar="MIN,OPT,MAX", help="profile of the batch axis (default 1,8,32)")
     t.add_argument("--sequence", type=_sizes, default=(1, 128, 512), metavar="MIN,OPT,MAX",
@@ -201,10 +207,10 @@ def _export(args: argparse.Namespace) -> int:
         return 1 if errors else 0
     if not args.out:
         raise ConfigError("--out is required to build an engine", "pass --out FILE.plan, or --check-only")
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else None
     engine = build_engine(args.onnx, args.out, precision=precision, workspace_gb=args.workspace_gb, batch=args.batch,
                           sequence=args.sequence, force=args.force)
-    print(f"TensorRT {engine.tensorrt_version} engine {engine.path} ({engine.bytes / 1e6:.1f} MB, {precision}) in {engine.seconds:.1f} s")
+    print(f"TensorRT {engine.tensorrt_version} engine {engine.path} ({engine.bytes / 1e6:.1f} MB, {engine.precision}) in {engine.seconds:.1f} s")
     for name, (lo, opt, hi) in engine.profile.items():
         print(f"  profile {name}: min {lo}, opt {opt}, max {hi}")
     return 0
@@ -223,15 +229,19 @@ def _export_onnx(args: argparse.Namespace) -> int:
         raise TngraphError(f"{args.out!r} already exists", "pass --force to replace it, or choose another --out")
     model, tokenizer = _load(args.model)
     result = export_onnx(model, text_inputs(tokenizer, args.batch, args.length), args.out, dynamic=not args.static,
-                         tolerance=args.tolerance, opset=args.opset, force=args.force)
+                         tolerance=args.tolerance, opset=args.opset, force=args.force, dtype=args.dtype)
     external = f" + {result.external_data.name}" if result.external_data else ""
-    print(f"wrote {result.path}{external}: {result.bytes / 1e6:.2f} MB, opset {result.opset}, checker passed (full_check)")
+    print(f"wrote {result.path}{external}: {result.bytes / 1e6:.2f} MB, {result.dtype}, opset {result.opset}, checker passed (full_check)")
     print(f"  inputs {', '.join(result.inputs)}; outputs {', '.join(result.outputs)}; dynamic axes "
           + (", ".join(f"{n}[{', '.join(f'{a}:{lab}' for a, lab in axes.items())}]" for n, axes in result.dynamic_axes.items()) or "none"))
     for check in result.checks:
         shapes = ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in check.shapes.items())
-        print(f"  onnxruntime ({result.providers[0]}) vs PyTorch on {shapes}: max abs diff {check.max_abs_diff:.3g}")
-    print(f"  max abs diff {result.max_abs_diff:.3g} <= tolerance {result.tolerance:g}; ops: "
+        runtime = f"onnxruntime ({result.providers[0]}{f', {result.dtype} emulated in float32' if result.emulated else ''})"
+        reference = "PyTorch" if result.dtype == "fp32" else "float32 PyTorch"
+        print(f"  {runtime} vs {reference} on {shapes}: max abs diff {check.max_abs_diff:.3g} ({check.max_rel_diff:.2%} of the largest value)")
+    bound = (f"{result.max_rel_diff:.2%} of the largest value <= tolerance {result.tolerance:.0%}" if result.relative
+             else f"max abs diff {result.max_abs_diff:.3g} <= tolerance {result.tolerance:g}")
+    print(f"  {bound}; ops: "
           + ", ".join(f"{k} {v}" for k, v in sorted(result.op_counts.items(), key=lambda kv: -kv[1])))
     problems = check_tensorrt(result.path)
     errors = sum(p.severity == "error" for p in problems)

@@ -6,8 +6,11 @@ PyTorch), then onnxruntime (CPU provider, --threads intra-op threads) latency at
 tokens and batch 1 x 128, dense and compressed runs interleaved, median of --repeats after warm-up.
 The compressed model is an artifact folder (--artifact DIR) or, by default, the MiniLM compressed
 at --budget by the default pipeline without healing (healing changes values, not sizes or speed).
+--dtype fp16|bf16 exports both in that precision (max abs diff then against the float32 PyTorch
+model, sizes also against the dense float32 file); a bf16 file, which onnxruntime's CPU provider
+cannot run, is checked through emulation and its latency is not measured.
 
-  python tools/bench_onnx.py [--artifact DIR] [--budget 0.5] [--threads 2] [--repeats 20] [--json FILE]
+  python tools/bench_onnx.py [--artifact DIR] [--budget 0.5] [--dtype fp32] [--threads 2] [--repeats 20] [--json FILE]
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def main() -> int:
     p.add_argument("--artifact", help="a `tngraph compress` folder of the MiniLM (default: compress one now)")
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--calibration", type=int, default=512, help="calibration sentences when compressing here")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="precision of both files (default fp32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=None, help="folder for the .onnx files (default: a temporary one)")
@@ -56,14 +60,25 @@ def main() -> int:
     exports = {}
     for name, model in (("dense", dense), ("compressed", compressed)):
         start = time.perf_counter()
-        exports[name] = tngraph.export_onnx(model, example, os.path.join(folder, f"{name}.onnx"), force=True)
-        print(f"{name}: {exports[name].bytes / 1e6:.2f} MB, max abs diff vs PyTorch {exports[name].max_abs_diff:.2e}, "
+        exports[name] = tngraph.export_onnx(model, example, os.path.join(folder, f"{name}-{args.dtype}.onnx"), force=True, dtype=args.dtype)
+        e = exports[name]
+        print(f"{name} ({args.dtype}): {e.bytes / 1e6:.2f} MB, max abs diff vs float32 PyTorch {e.max_abs_diff:.2e}"
+              f"{' (emulated: onnxruntime has no ' + args.dtype + ' kernels here)' if e.emulated else ''}, "
               f"exported and checked in {time.perf_counter() - start:.1f} s")
-    sessions = {name: _session(e.path, ["CPUExecutionProvider"], threads=args.threads) for name, e in exports.items()}
-    result = {"threads": args.threads, "budget": args.budget, "artifact": args.artifact,
-              "bytes": {n: e.bytes for n, e in exports.items()}, "size_ratio": exports["compressed"].bytes / exports["dense"].bytes,
+    dense_fp32 = exports["dense"].bytes
+    if args.dtype != "fp32":
+        dense_fp32 = tngraph.export_onnx(dense, example, os.path.join(folder, "dense-fp32.onnx"), force=True).bytes
+        print(f"compressed {args.dtype} / dense fp32 file: {exports['compressed'].bytes / dense_fp32:.3f} "
+              f"({exports['compressed'].bytes / 1e6:.2f} vs {dense_fp32 / 1e6:.2f} MB)")
+    result = {"threads": args.threads, "budget": args.budget, "artifact": args.artifact, "dtype": args.dtype,
+              "bytes": {n: e.bytes for n, e in exports.items()}, "dense_fp32_bytes": dense_fp32,
+              "size_ratio": exports["compressed"].bytes / exports["dense"].bytes,
               "max_abs_diff": {n: e.max_abs_diff for n, e in exports.items()}, "latency": []}
     print(f"file size compressed / dense: {result['size_ratio']:.3f} ({exports['compressed'].bytes / 1e6:.2f} vs {exports['dense'].bytes / 1e6:.2f} MB)")
+    if any(e.emulated for e in exports.values()):
+        print(f"latency not measured: onnxruntime's CPU provider has no {args.dtype} kernels")
+        return _write(args.json, result)
+    sessions = {name: _session(e.path, ["CPUExecutionProvider"], threads=args.threads) for name, e in exports.items()}
     print(f"onnxruntime {__import__('onnxruntime').__version__}, CPU provider, {args.threads} threads, median of {args.repeats}")
     print(f"{'batch':>10} | {'dense ms':>9} | {'compressed ms':>13} | {'compressed/dense':>16}")
     for rows, length in ((32, 128), (1, 128)):
@@ -84,8 +99,12 @@ def main() -> int:
         ratio = med["compressed"] / med["dense"]
         result["latency"].append({"rows": rows, "length": length, "dense_ms": med["dense"], "compressed_ms": med["compressed"], "ratio": ratio})
         print(f"{f'{rows} x {length}':>10} | {med['dense']:>9.2f} | {med['compressed']:>13.2f} | {ratio:>16.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
+    return _write(args.json, result)
+
+
+def _write(path: str | None, result: dict) -> int:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
     return 0
 

@@ -33,7 +33,6 @@ from ..errors import ArtifactError, ConfigError, DataError, ExportError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TOLERANCE = 1e-4
 # protobuf cannot serialise a message over 2 GiB; stay clear of it (graph + initializers)
 EXTERNAL_DATA_BYTES = 1_800_000_000
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -45,9 +44,10 @@ class ExportCheck:
 
     shapes: dict[str, list[int]]
     max_abs_diff: float
+    max_rel_diff: float = 0.0  # the largest, over outputs, of |onnxruntime - PyTorch| / the output's largest |value|
 
     def to_json(self) -> dict[str, Any]:
-        return {"shapes": self.shapes, "max_abs_diff": self.max_abs_diff}
+        return {"shapes": self.shapes, "max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff}
 
 
 @dataclass
@@ -66,6 +66,13 @@ class OnnxExport:
     tolerance: float
     op_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    dtype: str = "fp32"  # the float type of the file's weights and values: fp32, fp16 or bf16
+    emulated: bool = False  # checked through precision.emulate (onnxruntime had no kernels for dtype)
+    relative: bool = False  # tolerance bounds max_rel_diff (the fp16/bf16 default), not max_abs_diff
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max(c.max_rel_diff for c in self.checks)
 
     @property
     def max_abs_diff(self) -> float:
@@ -76,7 +83,8 @@ class OnnxExport:
             "path": str(self.path), "bytes": self.bytes, "external_data": str(self.external_data) if self.external_data else None,
             "inputs": self.inputs, "outputs": self.outputs, "dynamic_axes": self.dynamic_axes, "opset": self.opset,
             "providers": self.providers, "checks": [c.to_json() for c in self.checks], "max_abs_diff": self.max_abs_diff,
-            "tolerance": self.tolerance, "op_counts": self.op_counts, "seconds": self.seconds,
+            "tolerance": self.tolerance, "op_counts": self.op_counts, "seconds": self.seconds, "dtype": self.dtype,
+            "emulated": self.emulated, "relative": self.relative, "max_rel_diff": self.max_rel_diff,
         }
 
 
@@ -103,7 +111,8 @@ def _lowrank_onnx(x, b, a, bias, act: str):
 
 
 def _network_onnx(x, cores, equation: str, in_dims: Sequence[int], out_features: int, bias):
-    """The leading dims are flattened into one labelled axis: TensorRT's Einsum takes no ellipsis."""
+    """The leading dims are flattened into one labelled axis: TensorRT's Einsum takes no ellipsis.
+    In bfloat16, which ONNX's Einsum does not take, the contraction becomes MatMuls (einsum_as_matmuls)."""
     from onnxscript import opset18 as op
 
     lhs, out = equation.replace("...", "").split("->")
@@ -112,9 +121,93 @@ def _network_onnx(x, cores, equation: str, in_dims: Sequence[int], out_features:
     flat = f"{row}{x_labels}," + ",".join(core_labels) + f"->{row}{out}"
     lead = op.Shape(x, start=0, end=-1)
     rows = op.Reshape(x, op.Constant(value_ints=[-1, *[int(d) for d in in_dims]]))
-    y = op.Einsum(rows, *cores, equation=flat)
+    if _einsum_as_matmuls(x):
+        shapes = [[None, *[int(d) for d in in_dims]], *[[int(d) for d in c.shape] for c in cores]]
+        y = einsum_as_matmuls(op, flat, [rows, *cores], shapes)
+    else:
+        y = op.Einsum(rows, *cores, equation=flat)
     y = op.Reshape(y, op.Concat(lead, op.Constant(value_ints=[int(out_features)]), axis=0))
     return op.Add(y, bias) if bias is not None else y
+
+
+def _einsum_as_matmuls(x: Any) -> bool:
+    """Whether a network layer on x is written as MatMuls instead of one Einsum: ONNX's Einsum takes no bfloat16."""
+    return str(getattr(x, "dtype", "")).upper().endswith("BFLOAT16")
+
+
+def einsum_as_matmuls(op: Any, equation: str, operands: list[Any], shapes: list[list[int | None]], rows_hint: int = 256) -> Any:
+    """`equation` ("ab,bc->ac", no ellipsis) over ONNX values as pairwise MatMuls, in the order
+    opt_einsum plans (a dynamic dim, None in `shapes`, counted as rows_hint). Each pair: labels only
+    one side needs later are summed out (ReduceSum), both sides are transposed to (batch, kept,
+    contracted) / (batch, contracted, kept), reshaped to 3-D, multiplied and reshaped back. At most
+    one dim may be dynamic (the flattened rows); it becomes the -1 of each Reshape."""
+    import opt_einsum as oe
+
+    lhs, out = equation.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands) or len(shapes) != len(operands):
+        raise ExportError(f"einsum {equation!r} has {len(terms)} operands, got {len(operands)}", "report this as a tngraph bug")
+    size: dict[str, int | None] = {}
+    for term, shape in zip(terms, shapes):
+        if len(term) != len(shape) or len(set(term)) != len(term):
+            raise ExportError(f"einsum term {term!r} of {equation!r} does not fit shape {shape} (or repeats a label)",
+                              "report this as a tngraph bug")
+        for label, d in zip(term, shape):
+            size[label] = d
+    if sum(d is None for d in size.values()) > 1:
+        raise ExportError(f"einsum {equation!r} has more than one dynamic dim", "export with dynamic=False")
+    hinted = [tuple(rows_hint if d is None else d for d in shape) for shape in shapes]
+    path, _ = oe.contract_path(equation, *hinted, shapes=True, optimize="optimal" if len(terms) <= 6 else "greedy")
+
+    def product(labels: str) -> int:
+        total = 1
+        for c in labels:
+            if size[c] is None:
+                return -1
+            total *= size[c]
+        return total
+
+    def dims(labels: str) -> list[int]:
+        return [-1 if size[c] is None else int(size[c]) for c in labels]
+
+    def reshape(value: Any, target: list[int]) -> Any:
+        return op.Reshape(value, op.Constant(value_ints=target))
+
+    def arrange(value: Any, labels: str, order: str) -> Any:
+        return value if labels == order else op.Transpose(value, perm=[labels.index(c) for c in order])
+
+    def drop(value: Any, labels: str, needed: set[str]) -> tuple[Any, str]:
+        gone = [i for i, c in enumerate(labels) if c not in needed]
+        if not gone:
+            return value, labels
+        return op.ReduceSum(value, op.Constant(value_ints=gone), keepdims=0), "".join(c for c in labels if c in needed)
+
+    values, labels_of = list(operands), list(terms)
+    for step in path:
+        picked = sorted(step, reverse=True)
+        taken = [(values.pop(i), labels_of.pop(i)) for i in picked][::-1]
+        later = set(out) | set("".join(labels_of))
+        if len(taken) == 1:
+            value, labels = drop(*taken[0], later)
+        elif len(taken) == 2:
+            (a, la), (b, lb) = taken
+            a, la = drop(a, la, later | set(lb))
+            b, lb = drop(b, lb, later | set(la))
+            batch = "".join(c for c in la if c in lb and c in later)
+            summed = "".join(c for c in la if c in lb and c not in later)
+            a_only = "".join(c for c in la if c not in lb)
+            b_only = "".join(c for c in lb if c not in la)
+            a3 = reshape(arrange(a, la, batch + a_only + summed), [product(batch), product(a_only), product(summed)])
+            b3 = reshape(arrange(b, lb, batch + summed + b_only), [product(batch), product(summed), product(b_only)])
+            labels = batch + a_only + b_only
+            value = reshape(op.MatMul(a3, b3), dims(labels))
+        else:
+            raise ExportError(f"opt_einsum planned a {len(taken)}-operand step for {equation!r}", "report this as a tngraph bug")
+        values.append(value)
+        labels_of.append(labels)
+    (value,), (labels,) = values, labels_of
+    value, labels = drop(value, labels, set(out))
+    return arrange(value, labels, out)
 
 
 def onnx_translations() -> dict[Any, Any]:
@@ -301,8 +394,26 @@ def _session(path: pathlib.Path, providers: list[str], threads: int | None = Non
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
-def _max_diff(session, flat: torch.nn.Module, names: list[str], inputs: dict[str, torch.Tensor], positional: int) -> float:
-    feeds = {n: v.detach().cpu().numpy() for n, v in inputs.items()}
+def _feeds(inputs: Mapping[str, torch.Tensor], dtype: str, emulated: bool) -> dict[str, Any]:
+    """onnxruntime's feeds: float inputs in the file's type (emulated: rounded to it, held in float32)."""
+    from .precision import DTYPES, round_to
+
+    out = {}
+    for n, v in inputs.items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and dtype != "fp32":
+            v = round_to(v, dtype) if emulated else v.to(DTYPES[dtype])
+        out[n] = v.numpy()
+    return out
+
+
+def _max_diff(session, flat: torch.nn.Module, names: list[str], inputs: dict[str, torch.Tensor], positional: int,
+              dtype: str = "fp32", emulated: bool = False) -> tuple[float, float]:
+    """Largest |onnxruntime - PyTorch| over the outputs, and the largest such difference relative to
+    its output's largest |value|; `flat` is the float32 reference."""
+    import numpy as np
+
+    feeds = _feeds(inputs, dtype, emulated)
     try:
         got = session.run(None, feeds)
     except Exception as exc:
@@ -314,14 +425,18 @@ def _max_diff(session, flat: torch.nn.Module, names: list[str], inputs: dict[str
         ref = flat(*values[:positional], **{n: inputs[n] for n in names[positional:]})
     if len(got) != len(ref):
         raise ExportError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(ref)}", "report this as a tngraph bug")
-    diff = 0.0
+    diff = rel = 0.0
     for g, r in zip(got, ref):
         r = r.detach().float().cpu()
         if tuple(g.shape) != tuple(r.shape):
             raise ExportError(f"onnxruntime output of shape {tuple(g.shape)} where PyTorch gives {tuple(r.shape)} "
                               f"(inputs {_shapes(inputs)})", "export with dynamic=False, or report the model's shape logic as a bug")
-        diff = max(diff, float((torch.from_numpy(g).float() - r).abs().max()) if r.numel() else 0.0)
-    return diff
+        if not r.numel():
+            continue
+        d = float((torch.from_numpy(np.asarray(g).astype(np.float32)) - r).abs().max())
+        diff = max(diff, d)
+        rel = max(rel, d / max(float(r.abs().max()), 1e-30))
+    return diff, rel
 
 
 def _shapes(inputs: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -338,9 +453,9 @@ def _param_bytes(model: torch.nn.Module) -> int:
 
 
 def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any = None, path: str | os.PathLike = "model.onnx", *,
-                dynamic: bool = True, tolerance: float = DEFAULT_TOLERANCE, check_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                dynamic: bool = True, tolerance: float | None = None, check_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
                 opset: int | None = None, external_data: bool | None = None, force: bool = False,
-                providers: Sequence[str] | None = None) -> OnnxExport:
+                providers: Sequence[str] | None = None, dtype: Any = "fp32") -> OnnxExport:
     """Export `model` (a module, or an artifact folder written by tngraph.compress/save) to `path`.
 
     example_inputs: a tensor, a tuple of positional tensors or a dict of keyword tensors (e.g.
@@ -348,8 +463,22 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     None (a few tokenized sentences). The file is checked with onnx.checker (full_check) and run in
     onnxruntime against PyTorch on the example and on inputs of other batch sizes and lengths;
     if any output differs by more than `tolerance` the export fails and nothing is written.
+
+    dtype: "fp32" (default), "fp16" or "bf16" (or a torch dtype): the file holds the model in that
+    float type (a cast copy; `model` is untouched) and float inputs of that type. The check compares
+    it with the float32 PyTorch model, so it measures the precision's error too. `tolerance` (an
+    absolute bound) defaults to 1e-4 in fp32; in fp16/bf16 the default bounds each output's error
+    relative to its largest |value| (precision.RELATIVE_TOLERANCES). A file onnxruntime has no
+    kernels for (bf16 on the CPU) is checked through precision.emulate (float32 arithmetic, every
+    value rounded to dtype), said in the result.
     """
+    from .precision import DEFAULT_TOLERANCE, DTYPES, RELATIVE_TOLERANCES, cast_inputs, low_precision_copy, precision_name
+
     started = time.perf_counter()
+    dtype = precision_name(dtype)
+    relative = tolerance is None and dtype != "fp32"
+    if tolerance is None:
+        tolerance = RELATIVE_TOLERANCES[dtype] if relative else DEFAULT_TOLERANCE
     if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and math.isfinite(tolerance)):
         raise ConfigError(f"tolerance must be a finite number >= 0, got {tolerance!r}", "e.g. tolerance=1e-4")
     if isinstance(model, (str, os.PathLike)):
@@ -386,6 +515,10 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     if not out_names:
         raise ExportError("the model returned no tensors", "export a module that returns tensors")
     flat = _Flat(model, out_names if not isinstance(produced, torch.Tensor) else None, names, len(args))
+    exported, export_values = flat, values
+    if dtype != "fp32":
+        exported = _Flat(low_precision_copy(model, DTYPES[dtype]), flat.keys, names, len(args))
+        export_values = cast_inputs(values, DTYPES[dtype])
     axes = {n: _axes(n, v, dynamic) for n, v in values.items()}
     if any(axes.values()):
         lengths = [v.shape[1] for n, v in values.items() if 1 in axes[n]]
@@ -393,7 +526,7 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
             raise DataError("the example's sequence length is 1; a dynamic sequence axis needs at least 2",
                             "pass a longer example, or dynamic=False")
     if external_data is None:
-        external_data = _param_bytes(model) > EXTERNAL_DATA_BYTES
+        external_data = _param_bytes(exported) > EXTERNAL_DATA_BYTES
     providers = list(providers) if providers else _providers()
     checks_in = [values, *(check_inputs if check_inputs is not None else check_inputs_for(values, axes))]
 
@@ -404,7 +537,7 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
         with _quiet_exporter(), torch.no_grad():  # an inference graph (the modules' inference paths, no autograd)
             try:
                 program = torch.onnx.export(
-                    flat, tuple(values[n] for n in names), dynamo=True, opset_version=opset, input_names=names, output_names=out_names,
+                    exported, tuple(export_values[n] for n in names), dynamo=True, opset_version=opset, input_names=names, output_names=out_names,
                     dynamic_shapes=_dynamic_shapes(names, axes, _max_sequence(model)) if any(axes.values()) else None,
                     custom_translation_table=onnx_translations(), verbose=False, report=False,
                 )
@@ -421,15 +554,18 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
         except Exception as exc:
             raise ExportError(f"the exported ONNX model fails onnx.checker: {_first_line(exc)}", "report this as a tngraph bug") from exc
         proto = onnx.load(str(staged), load_external_data=False)
-        session = _session(staged, providers)
+        session, emulated = _checking_session(staged, providers, dtype, external_data)
         positional = len(args)
         checks = []
         for inputs in checks_in:
-            diff = _max_diff(session, flat, names, inputs, positional)
-            checks.append(ExportCheck(_shapes(inputs), diff))
-            if not diff <= tolerance:
-                raise ExportError(f"onnxruntime's output differs from PyTorch's by {diff:.3g} (tolerance {tolerance:g}) on inputs "
-                                  f"{_shapes(inputs)}", "raise the tolerance (--tolerance), or export in float32")
+            diff, rel = _max_diff(session, flat, names, inputs, positional, dtype, emulated)
+            checks.append(ExportCheck(_shapes(inputs), diff, rel))
+            if not (rel if relative else diff) <= tolerance:
+                against = "PyTorch's" if dtype == "fp32" else f"the float32 PyTorch model's ({dtype} file)"
+                by = (f"{rel:.1%} of its largest value (tolerance {tolerance:.0%})" if relative
+                      else f"{diff:.3g} (tolerance {tolerance:g})")
+                raise ExportError(f"onnxruntime's output differs from {against} by {by} on inputs {_shapes(inputs)}",
+                                  "pass a tolerance (--tolerance, an absolute bound), or export in float32")
         del session
         data = staged.with_name(staged.name + ".data")
         if out.exists():
@@ -447,9 +583,31 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     counts = collections.Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in proto.graph.node)
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     result = OnnxExport(out, size, moved, names, out_names, {n: a for n, a in axes.items() if a}, opset_used, providers, checks,
-                        tolerance, dict(sorted(counts.items())), time.perf_counter() - started)
+                        tolerance, dict(sorted(counts.items())), time.perf_counter() - started, dtype, emulated, relative)
     log.info("exported %s (%.1f MB), max abs diff %.3g over %d onnxruntime runs", out, size / 1e6, result.max_abs_diff, len(checks))
     return result
+
+
+def _checking_session(staged: pathlib.Path, providers: list[str], dtype: str, external_data: bool) -> tuple[Any, bool]:
+    """An onnxruntime session on the staged file, or, for a reduced-precision file onnxruntime has no
+    kernels for, on its emulation (precision.emulate); (session, emulated)."""
+    try:
+        return _session(staged, providers), False
+    except Exception as exc:
+        if dtype == "fp32":
+            raise ExportError(f"onnxruntime cannot load the exported model: {_first_line(exc)}", "report this as a tngraph bug") from exc
+        reason = _first_line(exc)
+    from .precision import emulate
+
+    wide = staged.with_name("emulated-" + staged.name)
+    points = emulate(staged, wide, dtype, external_data=external_data)
+    log.info("onnxruntime (%s) cannot run the %s file (%s); checking it in float32 with %d %s rounding points",
+             providers[0], dtype, reason, points, dtype)
+    try:
+        return _session(wide, providers), True
+    except Exception as exc:
+        raise ExportError(f"onnxruntime cannot run the {dtype} file, nor its float32 emulation: {_first_line(exc)}",
+                          "export with dtype=fp32, or check the file on a GPU provider") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,8 +9,11 @@ tngraph's own summary of onnx-tensorrt's operator matrix for TensorRT 10/11.
 
 build_engine(...) parses the file with trt.OnnxParser (its errors reported), adds one optimization
 profile covering the dynamic axes (batch, sequence), limits the builder's workspace and writes the
-serialized engine atomically. fp16/bf16: TensorRT 10 takes builder flags; TensorRT 11 builds only
-strongly typed networks, so there the precision must come with the ONNX file.
+serialized engine atomically. Precision (engine_plan): a file exported in fp16/bf16 (`tngraph export
+onnx --dtype`) is built as a strongly typed network, its types being what the engine runs, on every
+TensorRT that has them; an fp32 file with --fp16/--bf16 takes builder flags on TensorRT 10 (which may
+then pick reduced-precision kernels), and is refused on TensorRT 11, which builds strongly typed
+networks only, with the export command that makes a file of that precision.
 """
 from __future__ import annotations
 
@@ -172,11 +175,33 @@ def _check_range(name: str, value: tuple[int, int, int]) -> None:
         raise ConfigError(f"{name} must be three sizes min <= opt <= max, each >= 1, got {value}", f"e.g. {name}=(1, 8, 32)")
 
 
-def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precision: str = "fp32", workspace_gb: float = 4.0,
+def engine_plan(file_precision: str, requested: str | None, *, precision_flags: bool, strongly_typed_flag: bool) -> tuple[str, bool, str | None]:
+    """How to build an engine of `requested` precision (None: the file's) from a file of `file_precision`
+    (precision.file_precision: fp32, fp16, bf16 or mixed), on a TensorRT with or without the FP16/BF16
+    builder flags and the STRONGLY_TYPED network flag: (precision, strongly typed, builder flag or None)."""
+    if requested is not None and requested not in PRECISIONS:
+        raise ConfigError(f"unknown precision {requested!r}", f"choose one of {', '.join(PRECISIONS)}")
+    if file_precision != "fp32":  # the file says what runs where
+        if requested not in (None, file_precision):
+            raise ConfigError(f"the ONNX file holds {file_precision} values; a {requested} engine needs a {requested} file",
+                              f"export it with `tngraph export onnx --dtype {requested}`, or build without --{requested}")
+        return file_precision, strongly_typed_flag, None
+    if requested in (None, "fp32"):
+        return "fp32", False, None
+    if not precision_flags:
+        raise ExportError(f"this TensorRT builds strongly typed networks only: --{requested} cannot lower an fp32 file",
+                          f"export the model in that precision (`tngraph export onnx --dtype {requested}`) and build that file")
+    return requested, False, requested.upper()
+
+
+def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precision: str | None = None, workspace_gb: float = 4.0,
                  batch: tuple[int, int, int] = (1, 8, 32), sequence: tuple[int, int, int] = (1, 128, 512), force: bool = False) -> TrtEngine:
-    """Build a TensorRT engine from an ONNX file and write it to `out` (a .plan file)."""
+    """Build a TensorRT engine from an ONNX file and write it to `out` (a .plan file).
+
+    precision: None (default) builds the file's own precision; "fp16"/"bf16" on an fp32 file lets
+    TensorRT 10 run layers in it (see engine_plan)."""
     started = time.perf_counter()
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
     if not workspace_gb > 0:
         raise ConfigError(f"workspace must be > 0 GB, got {workspace_gb}", "e.g. --workspace-gb 4")
@@ -195,11 +220,21 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
     if not torch.cuda.is_available():
         raise ExportError("TensorRT builds engines on an NVIDIA GPU and none is visible",
                           "run on a machine with a GPU; `tngraph export tensorrt --check-only` checks the graph without one")
+    import onnx
+
+    from .precision import file_precision
+
+    strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    precision, strongly_typed, builder_flag = engine_plan(
+        file_precision(onnx.load(str(src), load_external_data=False)), precision,
+        precision_flags=getattr(trt.BuilderFlag, "FP16", None) is not None, strongly_typed_flag=strong is not None)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
     if int(trt.__version__.split(".")[0]) < 10:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed:
+        flags |= 1 << int(strong)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(src.resolve())):
@@ -208,12 +243,8 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
                           "check the operators with `tngraph export tensorrt --check-only`")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision != "fp32":
-        flag = getattr(trt.BuilderFlag, precision.upper(), None)
-        if flag is None:
-            raise ExportError(f"TensorRT {trt.__version__} builds strongly typed networks only: --{precision} cannot lower an fp32 file",
-                              "export the model in that precision first (the ONNX file's types are what the engine runs)")
-        config.set_flag(flag)
+    if builder_flag is not None:
+        config.set_flag(getattr(trt.BuilderFlag, builder_flag))
     profile = builder.create_optimization_profile()
     shapes = {}
     for i in range(network.num_inputs):
