@@ -44,7 +44,7 @@ def test_heal_on_cuda(minilm):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 16, 100, 600])  # whichever implementation the timing picks, and each one forced
-@pytest.mark.parametrize("forced", [None, "split_rank", "tiled", "chain"])
+@pytest.mark.parametrize("forced", [None, "split_rank", "tiled", "chain", "dense"])
 def test_lowrank_op_dispatch_on_cuda(dtype, rows, forced, monkeypatch):
     from tngraph.ops import lowrank_reference
 

@@ -86,6 +86,42 @@ def test_the_dispatch_times_each_candidate_once_per_row_bucket(monkeypatch):
         ops.choose(x, b, a, c, "none")
 
 
+def test_the_dense_product_is_a_candidate_only_where_allowed(monkeypatch):
+    """allow_dense: the dispatch also times the dense product a·b (one GEMM) and keeps it for the
+    layers whose bucket it wins; the product is made once, dropped when no bucket runs it, and the
+    dense implementation computes the op."""
+    from tngraph import ops
+
+    monkeypatch.setattr(ops, "_choices", {})
+    monkeypatch.setattr(ops, "_dense", {})
+    monkeypatch.setattr(ops, "_allow_dense", None)
+    monkeypatch.delenv("TNGRAPH_LOWRANK", raising=False)
+    monkeypatch.delenv("TNGRAPH_LOWRANK_DENSE", raising=False)
+    x, b, a, c = _inputs((100, 40, 17, 33), torch.float32, True)
+    times = [3.0, 2.0, 3.0, 1.0, 2.0]  # per call: chain, tiled; then chain, dense, tiled (100 rows: no split-rank)
+
+    def timer(fn):
+        return times.pop(0)
+
+    ops.allow_dense(None)
+    assert ops.choose(x, b, a, c, "gelu", timer=timer) == "tiled" and len(times) == 3 and not ops._dense
+    monkeypatch.setenv("TNGRAPH_LOWRANK_DENSE", "1")
+    assert ops.choose(x, b, a, c, "gelu", timer=timer) == "dense" and not times and len(ops._dense) == 1
+    weight = ops.dense_weight(b, a)
+    assert weight is ops.dense_weight(b, a)  # made once
+    torch.testing.assert_close(weight, a @ b)
+    ref = ops.lowrank_reference(x, b, a, c, "gelu")
+    torch.testing.assert_close(ops._lowrank_cuda(x, b, a, c, "gelu"), ref, rtol=1e-5, atol=1e-5)  # the dense path computes the op
+    with torch.no_grad():
+        a.mul_(2.0)  # factors changed in place: the product is made again
+    torch.testing.assert_close(ops.dense_weight(b, a), a @ b)
+    ops.allow_dense(False)
+    assert not ops._dense and ops.choose(x, b, a, c, "gelu", timer=lambda fn: 1.0) != "dense"
+    ops.allow_dense(None)
+    monkeypatch.setenv("TNGRAPH_LOWRANK", "dense")
+    assert ops.choose(x, b, a, c, "gelu") == "dense"
+
+
 TT_SHAPES = [(1, 3, 5, 7, 4, 6), (9, 6, 7, 20, 5, 4), (40, 2, 33, 40, 3, 17)]  # (rows, A, a, rank, B, b)
 
 

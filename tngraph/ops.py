@@ -29,10 +29,47 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The CUDA dispatch picks, per (device, dtype, shape, bias, activation) and row-count bucket, the
 # fastest of the split-rank kernel, the tiled kernel and the two-GEMM chain (cuBLAS), timed once on
 # the first call in that bucket (bucket = the smallest of ROW_BUCKETS >= the row count). Kernels are
-# candidates only up to their row limits. TNGRAPH_LOWRANK=split_rank|tiled|chain forces a choice.
+# candidates only up to their row limits. TNGRAPH_LOWRANK=split_rank|tiled|chain|dense forces a choice.
+# "dense" (the product a·b kept as one weight, one cuBLAS GEMM) is a candidate only where allowed
+# (TNGRAPH_LOWRANK_DENSE=1 or allow_dense(True)): it holds again the dense weight the factorization
+# removed, trading that memory back for speed where the chain loses (many rows at high ranks); the
+# product is made once per layer and dropped when the layer's bucket picks another implementation.
 ROW_BUCKETS = (1, 16, 128, 2048)
 KERNEL_ROWS = {"split_rank": 64, "tiled": 2048}
+IMPLEMENTATIONS = ("split_rank", "tiled", "chain", "dense")
 _choices: dict[tuple, str] = {}
+_dense: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+_allow_dense: bool | None = None
+
+
+def allow_dense(allowed: bool | None = True) -> None:
+    """Let the CUDA dispatch of tngraph::lowrank pick the dense product a·b where it is fastest
+    (None: follow TNGRAPH_LOWRANK_DENSE). Clears the cached choices."""
+    global _allow_dense
+    _allow_dense = allowed
+    _choices.clear()
+    if not allowed:
+        _dense.clear()
+
+
+def dense_allowed() -> bool:
+    import os
+
+    return _allow_dense if _allow_dense is not None else os.environ.get("TNGRAPH_LOWRANK_DENSE", "") not in ("", "0")
+
+
+def dense_weight(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """a @ b (N, K), made once per pair of factors (and again after they change in place)."""
+    key = (a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape), a.dtype, str(a.device))
+    version = (a._version, b._version)
+    held = _dense.get(key)
+    if held is None or held[0] != version:
+        _dense[key] = (version, a @ b)
+    return _dense[key][1]
+
+
+def _drop_dense(b: torch.Tensor, a: torch.Tensor) -> None:
+    _dense.pop((a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape), a.dtype, str(a.device)), None)
 def activation(y: torch.Tensor, act: str) -> torch.Tensor:
     if act == "none":
         return y
@@ -262,28 +299,34 @@ def _do_bench(fn) -> float:
 
 
 def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], act: str, *, timer=None) -> str:
-    """The implementation of tngraph::lowrank for these 2-D inputs: "split_rank", "tiled" or "chain";
-    measured once per shape and row bucket (timer(fn) -> time), then cached."""
+    """The implementation of tngraph::lowrank for these 2-D inputs: "split_rank", "tiled", "chain" or,
+    where allowed (allow_dense), "dense"; measured once per shape and row bucket (timer(fn) -> time),
+    then cached."""
     import os
 
     forced = os.environ.get("TNGRAPH_LOWRANK")
     if forced:
-        if forced not in ("split_rank", "tiled", "chain"):
-            raise ValueError(f"TNGRAPH_LOWRANK={forced!r}: choose split_rank, tiled or chain")
+        if forced not in IMPLEMENTATIONS:
+            raise ValueError(f"TNGRAPH_LOWRANK={forced!r}: choose {', '.join(IMPLEMENTATIONS)}")
         return forced
     rows = bucket(x.shape[0])
-    key = (str(x.device), x.dtype, x.shape[1], b.shape[0], a.shape[0], bias is not None, act, rows)
+    key = (str(x.device), x.dtype, x.shape[1], b.shape[0], a.shape[0], bias is not None, act, rows, dense_allowed())
     if key in _choices:
         return _choices[key]
     kernels = load_kernels("lowrank")
     probe = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype)
     candidates = {"chain": lambda: lowrank_reference(probe, b, a, bias, act)}
+    if dense_allowed():
+        weight = dense_weight(b, a)
+        candidates["dense"] = lambda: activation(F.linear(probe, weight, bias), act)
     if rows <= KERNEL_ROWS["split_rank"]:
         candidates["split_rank"] = lambda: kernels.split_rank(probe, b, a, bias, act)
     if rows <= KERNEL_ROWS["tiled"]:
         candidates["tiled"] = lambda: kernels.tiled(probe, b, a, bias, act)
     timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()}
     _choices[key] = min(timed, key=timed.get)
+    if not any(v == "dense" and k[:7] == key[:7] for k, v in _choices.items()):  # no bucket of this shape runs it
+        _drop_dense(b, a)
     log.info("tngraph::lowrank %s, %d rows: %s (%s)", key[:7], rows, _choices[key], ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
     return _choices[key]
 
@@ -298,5 +341,7 @@ def _lowrank_cuda(x, b, a, bias, act):
     how = choose(rows, b, a, bias, act)
     if how == "chain":
         return lowrank_reference(x, b, a, bias, act)
+    if how == "dense":
+        return activation(F.linear(x, dense_weight(b, a), bias), act)
     kernels = load_kernels("lowrank")
     return getattr(kernels, how)(rows, b, a, bias, act).reshape(*x.shape[:-1], a.shape[0])
