@@ -228,3 +228,24 @@ def test_the_kernel_benchmark_builds_networks_the_kernels_take(fmt):
     x = torch.randn(3, 36, device=DEVICE)
     torch.testing.assert_close(network_kernel(x, cores, equation, 40, None, plan),
                                network_reference(x, cores, equation, in_dims, 40, None), atol=1e-4, rtol=1e-4)
+
+
+def test_the_kernel_benchmark_runs_end_to_end_in_the_interpreter(tmp_path, capsys):
+    """A smoke run of tools/bench_kernels.py on the CPU (--device cpu, triton's interpreter): every
+    step the GPU run takes, both tables, the JSON rows (the GPU session has minutes: no typo may cost them)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    if DEVICE == "cuda":
+        pytest.skip("the GPU runs the real benchmark (tools/gpu_check.sh)")
+    spec = importlib.util.spec_from_file_location("bench_kernels", pathlib.Path(__file__).parents[1] / "tools" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--device", "cpu", "--dtype", "fp16", "--shapes", "40x24", "--rows", "2", "--kept", "0.5",
+                       "--formats", "tt", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 and rows[0]["rank"] > 0 and rows[1]["format"] == "tt"
+    assert {"dense_us", "chain_us", "split_us", "tiled_us", "op_us", "op_over_chain", "op_bw_frac"} <= set(rows[0])
+    assert "smoke run" in capsys.readouterr().out

@@ -9,6 +9,9 @@ time); then fused/chain and fused/dense time ratios. A second table does the sam
 tensor-network layers (TT, TR, CP, Tucker): dense vs the einsum reference vs the kernel path.
 
   python tools/bench_kernels.py [--dtype fp16|bf16|fp32] [--rows 1 16 128 2048] [--json FILE]
+
+--device cpu (with TRITON_INTERPRET=1, small --shapes) runs every step in triton's interpreter with
+a wall-clock timer: a smoke run of the script (the tests do it), whose numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +28,28 @@ from tngraph.tn import rank_for_budget  # noqa: E402
 QWEN3_32B = ["5120x5120", "5120x25600", "25600x5120"]  # attention o_proj, MLP up, MLP down
 
 
-def main() -> int:
+def timer(device: str):
+    """ms per call of fn: triton's do_bench on the GPU; on the CPU (smoke runs) the median of 3 calls."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench
+    import statistics
+    import time
+
+    def bench(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return bench
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     p.add_argument("--shapes", nargs="+", default=QWEN3_32B, help="IN x OUT, e.g. 5120x25600")
@@ -35,12 +59,18 @@ def main() -> int:
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--formats", nargs="*", default=["tt", "tr", "cp", "tucker"],
                    help="two-mode network formats for the second table (none: skip it)")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run in triton's interpreter")
+    args = p.parse_args(argv)
+    import os
+
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (the kernels run on the CPU only in triton's interpreter); "
               "tools/bench_lowrank.py times dense vs chain on the CPU", file=sys.stderr)
         return 2
-    import triton.testing
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("bench_kernels: --device cpu runs the kernels in triton's interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    bench, device = timer(args.device), args.device
 
     from tngraph.ops import load_kernels  # registers torch.ops.tngraph
 
@@ -48,7 +78,8 @@ def main() -> int:
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     size = torch.tensor([], dtype=dtype).element_size()
-    print(f"{torch.cuda.get_device_name()} dtype={dtype} torch {torch.__version__} peak {args.peak_gbps:g} GB/s")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU, triton interpreter (smoke run: times mean nothing)"
+    print(f"{name} dtype={dtype} torch {torch.__version__} peak {args.peak_gbps:g} GB/s")
     header = (f"{'shape':>12} {'kept':>5} {'rank':>5} {'m':>5} | {'dense us':>9} {'bw%':>5} | {'chain us':>9} {'bw%':>5} | "
               f"{'split us':>9} {'bw%':>5} | {'tiled us':>9} {'bw%':>5} | {'op us':>8} {'bw%':>5} {'GB/s':>7} {'TF/s':>6} | {'op/chain':>8} {'op/dense':>8}")
     print(header)
@@ -56,24 +87,24 @@ def main() -> int:
     rows = []
     for shape in args.shapes:
         in_f, out_f = (int(v) for v in shape.lower().split("x"))
-        w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
+        w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
         for kept in args.kept:
             r = rank_for_budget(out_f, in_f, kept)
-            a = torch.randn(out_f, r, device="cuda", dtype=dtype) / r**0.5
-            b = torch.randn(r, in_f, device="cuda", dtype=dtype) / in_f**0.5
-            bias = torch.randn(out_f, device="cuda", dtype=dtype)
+            a = torch.randn(out_f, r, device=device, dtype=dtype) / r**0.5
+            b = torch.randn(r, in_f, device=device, dtype=dtype) / in_f**0.5
+            bias = torch.randn(out_f, device=device, dtype=dtype)
             for m in args.rows:
-                x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+                x = torch.randn(m, in_f, device=device, dtype=dtype)
                 io = (m * in_f + m * out_f) * size
                 need = {"dense": out_f * in_f * size + io, "low": r * (out_f + in_f) * size + io}
                 timed = {
-                    "dense": (triton.testing.do_bench(lambda: F.linear(x, w, bias)), "dense"),
-                    "chain": (triton.testing.do_bench(lambda: F.linear(F.linear(x, b), a, bias)), "low"),
-                    "op": (triton.testing.do_bench(lambda: torch.ops.tngraph.lowrank(x, b, a, bias, "none")), "low"),
+                    "dense": (bench(lambda: F.linear(x, w, bias)), "dense"),
+                    "chain": (bench(lambda: F.linear(F.linear(x, b), a, bias)), "low"),
+                    "op": (bench(lambda: torch.ops.tngraph.lowrank(x, b, a, bias, "none")), "low"),
                 }
                 if m <= 256:
-                    timed["split"] = (triton.testing.do_bench(lambda: kernels.split_rank(x, b, a, bias)), "low")
-                    timed["tiled"] = (triton.testing.do_bench(lambda: kernels.tiled(x, b, a, bias)), "low")
+                    timed["split"] = (bench(lambda: kernels.split_rank(x, b, a, bias)), "low")
+                    timed["tiled"] = (bench(lambda: kernels.tiled(x, b, a, bias)), "low")
                 row = {"shape": shape, "kept": kept, "rank": r, "m": m}
                 for name, (ms, kind) in timed.items():
                     row[f"{name}_us"] = ms * 1e3
@@ -93,7 +124,7 @@ def main() -> int:
                       f"{row['op_us']:>8.1f} {100 * row['op_bw_frac']:>5.1f} {row['op_gbps']:>7.0f} {row['op_tflops']:>6.1f} | "
                       f"{row['op_over_chain']:>8.3f} {row['op_over_dense']:>8.3f}", flush=True)
     if args.formats:
-        rows += _network_table(args, dtype, size)
+        rows += _network_table(args, dtype, size, bench, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -123,11 +154,9 @@ def random_network(fmt: str, out_f: int, in_f: int, kept: float, device, dtype) 
     return equation, cores, [a, b], rank
 
 
-def _network_table(args, dtype: torch.dtype, size: int) -> list[dict]:
+def _network_table(args, dtype: torch.dtype, size: int, bench, device: str) -> list[dict]:
     """Two-mode tensor-network layers (args.formats) at the same shapes and budgets: dense, the
     unfused einsum and the kernel path of torch.ops.tngraph.network (kernels/tt.py)."""
-    import triton.testing
-
     from tngraph.ops import network_kernel, network_plan, network_reference
 
     print()
@@ -139,17 +168,17 @@ def _network_table(args, dtype: torch.dtype, size: int) -> list[dict]:
     for fmt in args.formats:
         for shape in args.shapes:
             in_f, out_f = (int(v) for v in shape.lower().split("x"))
-            w = torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5
+            w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
             for kept in args.kept:
-                eq, cores, in_dims, rank = random_network(fmt, out_f, in_f, kept, "cuda", dtype)
+                eq, cores, in_dims, rank = random_network(fmt, out_f, in_f, kept, device, dtype)
                 plan = network_plan(eq, cores)
                 assert not isinstance(plan, str), plan
                 for m in args.rows:
-                    x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+                    x = torch.randn(m, in_f, device=device, dtype=dtype)
                     need = (sum(c.numel() for c in cores) + m * (in_f + out_f)) * size
-                    t_dense = triton.testing.do_bench(lambda: F.linear(x, w))
-                    t_ein = triton.testing.do_bench(lambda: network_reference(x, cores, eq, in_dims, out_f, None))
-                    t_kern = triton.testing.do_bench(lambda: network_kernel(x, cores, eq, out_f, None, network_plan(eq, cores)))
+                    t_dense = bench(lambda: F.linear(x, w))
+                    t_ein = bench(lambda: network_reference(x, cores, eq, in_dims, out_f, None))
+                    t_kern = bench(lambda: network_kernel(x, cores, eq, out_f, None, network_plan(eq, cores)))
                     bw = lambda ms: need / (args.peak_gbps * 1e9) / (ms * 1e-3)  # noqa: E731
                     row = {"format": fmt, "shape": shape, "kept": kept, "rank": rank, "m": m, "dense_us": t_dense * 1e3,
                            "einsum_us": t_ein * 1e3, "kernel_us": t_kern * 1e3, "einsum_bw_frac": bw(t_ein), "kernel_bw_frac": bw(t_kern)}
