@@ -1,6 +1,8 @@
 """Triton kernels against their torch references: on the GPU when there is one, else in triton's
 interpreter on the CPU (TRITON_INTERPRET=1, set by conftest), fp32 and fp16, odd shapes that
 exercise every mask."""
+import os
+
 import pytest
 import torch
 
@@ -249,3 +251,25 @@ def test_the_kernel_benchmark_runs_end_to_end_in_the_interpreter(tmp_path, capsy
     assert len(rows) == 2 and rows[0]["rank"] > 0 and rows[1]["format"] == "tt"
     assert {"dense_us", "chain_us", "split_us", "tiled_us", "op_us", "op_over_chain", "op_bw_frac"} <= set(rows[0])
     assert "smoke run" in capsys.readouterr().out
+
+
+def test_every_kernel_compiles_for_hopper_in_bf16_without_a_gpu(tmp_path):
+    """tools/compile_kernels.py: triton's whole CUDA pipeline down to a cubin for sm_90 (H100/H200),
+    no GPU needed. The interpreter does not do bf16, so this is the CPU's check of the bf16 kernels;
+    it also catches what the interpreter lets through (tl.dot shape rules, MLIR lowering, ptxas)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, "tools/compile_kernels.py", "--first", "--dtypes", "bf16", "--json", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} == {"lowrank.split_rank", "lowrank.tiled", "tt.tt2"}
+    for r in rows:
+        assert "error" not in r and r["cubin_bytes"] > 0 and r["local"] == 0 and 0 < r["regs"] <= 255, r
+        assert r["mma"] in ("mma", "wgmma"), r  # bf16 dots run on tensor cores
