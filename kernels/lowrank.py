@@ -1,11 +1,15 @@
 """The low-rank chain y = act(x @ B^T @ A^T + bias) with its intermediate kept on chip.
 
 Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
-- `split_rank` (few rows, decode): one program per (rank block, output block). Each reads its
-  slice of B and of A once from memory, forms its part of t = x B^T in registers and adds
-  t_blk A_blk^T into an fp32 output with atomics; every weight byte is read once, so the op runs
-  at the memory-bandwidth bound. Bias is added by the first rank block; the activation needs the
-  whole sum and is applied by the caller.
+- `split_rank` (few rows, decode): programs over (output chunk, rank block). Each forms its rank
+  block of t = x B^T in registers once (reading that slice of B), then walks its chunk of the
+  outputs, adding t_blk A_blk^T into an fp32 output with atomics. A is read once; a rank block's
+  slice of B by the programs that split its outputs, which are launched together (the chunk is
+  the fastest grid axis) so that all but the first read it from L2. The number of chunks is the
+  smallest that keeps ~4 programs per SM busy (at most one per BLOCK_N outputs): splitting the
+  outputs into BLOCK_N-wide programs, as a plain 2-D grid does, would re-read and recompute each
+  B slice N / BLOCK_N times. Bias is added by the first rank block; the activation needs the whole
+  sum and is applied by the caller.
 - `tiled` (more rows): one program per (row block, output block) loops over rank blocks, forming
   each t block over the input dimension and accumulating t_blk A_blk^T; bias and activation are
   applied in the epilogue. t is recomputed for every output block, so for many rows the unfused
@@ -49,11 +53,13 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKE
                        sxm, sxk, sbr, sbk, san, sar, sym, syn,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_r = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # output chunk: the fastest axis, so a rank block's chunks run together
+    pid_r = tl.program_id(1)
+    chunk = tl.cdiv(tl.cdiv(N, tl.num_programs(0)), BLOCK_N) * BLOCK_N
+    n_start = pid_n * chunk
+    n_end = tl.minimum(n_start + chunk, N)
     rm = tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     for m0 in range(0, M, BLOCK_M):
         rows = m0 + rm
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -62,13 +68,16 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKE
             x = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
             b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
             t += tl.dot(x, b, input_precision="ieee")
-        a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-        acc = tl.dot(t.to(a.dtype), a, input_precision="ieee")
-        if HAS_BIAS:
-            if pid_r == 0:
-                bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
-                acc += bias[None, :].to(tl.float32)
-        tl.atomic_add(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc, mask=(rows[:, None] < M) & (rn[None, :] < N))
+        t_low = t.to(a_ptr.dtype.element_ty)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < n_end) & (rr[:, None] < R), other=0.0)
+            acc = tl.dot(t_low, a, input_precision="ieee")
+            if HAS_BIAS:
+                if pid_r == 0:
+                    bias = tl.load(bias_ptr + rn, mask=rn < n_end, other=0.0)
+                    acc += bias[None, :].to(tl.float32)
+            tl.atomic_add(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc, mask=(rows[:, None] < M) & (rn[None, :] < n_end))
 
 
 @triton.autotune(configs=_TILED_CONFIGS, key=["M_BUCKET", "K", "R", "N"])
@@ -99,14 +108,24 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
     tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
+def _programs_to_fill(device: torch.device) -> int:
+    """Programs that keep the device's streaming multiprocessors busy (4 per SM); 8 off the GPU
+    (the interpreter), enough to split the outputs of the tests' small layers into several chunks."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
 def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """x: (M, K), b: (R, K), a: (N, R) -> (M, N); the activation is applied after the sum."""
     M, K = x.shape
     R, N = b.shape[0], a.shape[0]
     y = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    busy = _programs_to_fill(x.device)
 
     def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(N, meta["BLOCK_N"]))
+        rank_blocks = triton.cdiv(R, meta["BLOCK_R"])
+        return (max(1, min(triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(busy, rank_blocks))), rank_blocks)
 
     _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, row_bucket(M),
                              x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),

@@ -42,6 +42,17 @@ def test_split_rank_matches_the_reference(shape, dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("busy", [1, 3, 6, 64])
+def test_split_rank_output_chunks_cover_every_output_once(busy, dtype, monkeypatch):
+    """split-rank splits the outputs into as many chunks as keep the device busy: with 1, 3 or 6
+    programs to fill, programs walk several BLOCK_N blocks and the last chunk is partial (300 outputs);
+    with 64, one block per program; every output is summed exactly once from every rank block (2 here)."""
+    monkeypatch.setattr(kernels, "_programs_to_fill", lambda device: busy)
+    x, b, a, c = _inputs((7, 50, 40, 300), dtype, True)
+    _check(kernels.split_rank(x, b, a, c), x, b, a, c, "none", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act", ["none", "gelu"])
 def test_tiled_matches_the_reference(shape, dtype, act):
