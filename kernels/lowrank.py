@@ -17,6 +17,8 @@ Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -112,8 +114,13 @@ def _programs_to_fill(device: torch.device) -> int:
     """Programs that keep the device's streaming multiprocessors busy (4 per SM); 8 off the GPU
     (the interpreter), enough to split the outputs of the tests' small layers into several chunks."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_programs(device.index if device.index is not None else torch.cuda.current_device())
     return 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_programs(index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
