@@ -52,6 +52,20 @@ def test_split_rank_output_chunks_cover_every_output_once(busy, dtype, monkeypat
     _check(kernels.split_rank(x, b, a, c), x, b, a, c, "none", dtype)
 
 
+def test_split_rank_leaves_its_workspace_zero_for_the_next_call(monkeypatch):
+    """One launch: the programs add into a persistent fp32 workspace and the last rank block of each
+    output chunk finishes it (bias, activation, cast) and zeroes what it used, counters included, so
+    calls in a row (other inputs, other row counts, a grown workspace) are each exact."""
+    monkeypatch.setattr(kernels, "_workspaces", {})
+    monkeypatch.setattr(kernels, "_programs_to_fill", lambda device: 6)
+    for seed, rows, act in ((0, 5, "gelu"), (1, 5, "none"), (2, 40, "silu"), (3, 2, "relu")):
+        x, b, a, c = _inputs((rows, 50, 40, 300), torch.float32, True, seed=seed)
+        _check(kernels.split_rank(x, b, a, c, act), x, b, a, c, act, torch.float32)
+        ((sums, counts),) = kernels._workspaces.values()
+        assert sums.shape[0] >= rows and not sums.any() and not counts.any()
+    assert sums.shape[0] == 64  # grown to the power of two above 40 rows, once
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act", ["none", "gelu"])

@@ -26,8 +26,8 @@ sys.path.insert(0, ".")
 
 # per kernel: (module, name, pointer element types by argument (T = the dtype compiled), fixed constexprs)
 KERNELS = {
-    "lowrank.split_rank": ("lowrank", "_split_rank_kernel", {"x_ptr": "T", "b_ptr": "T", "a_ptr": "T", "bias_ptr": "T", "y_ptr": "fp32"},
-                           {"HAS_BIAS": True}),
+    "lowrank.split_rank": ("lowrank", "_split_rank_kernel", {"x_ptr": "T", "b_ptr": "T", "a_ptr": "T", "bias_ptr": "T", "y_ptr": "T",
+                                                             "acc_ptr": "fp32", "count_ptr": "i32"}, {"HAS_BIAS": True, "ACT": 1}),
     "lowrank.tiled": ("lowrank", "_tiled_kernel", {"x_ptr": "T", "b_ptr": "T", "a_ptr": "T", "bias_ptr": "T", "y_ptr": "T"},
                       {"HAS_BIAS": True, "ACT": 1}),
     "tt.tt2": ("tt", "_tt2_kernel", {"x_ptr": "T", "g1_ptr": "T", "g2_ptr": "T", "bias_ptr": "T", "y_ptr": "T"}, {"HAS_BIAS": True}),
