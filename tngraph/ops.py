@@ -48,7 +48,7 @@ def allow_dense(allowed: bool | None = True) -> None:
     global _allow_dense
     _allow_dense = allowed
     _choices.clear()
-    if not allowed:
+    if not dense_allowed():
         _dense.clear()
 
 
@@ -58,18 +58,19 @@ def dense_allowed() -> bool:
     return _allow_dense if _allow_dense is not None else os.environ.get("TNGRAPH_LOWRANK_DENSE", "") not in ("", "0")
 
 
+def _dense_key(b: torch.Tensor, a: torch.Tensor) -> tuple:
+    return (a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape), a.dtype, str(a.device))
+
+
 def dense_weight(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """a @ b (N, K), made once per pair of factors (and again after they change in place)."""
-    key = (a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape), a.dtype, str(a.device))
-    version = (a._version, b._version)
+    key, version = _dense_key(b, a), (a._version, b._version)
     held = _dense.get(key)
     if held is None or held[0] != version:
         _dense[key] = (version, a @ b)
     return _dense[key][1]
 
 
-def _drop_dense(b: torch.Tensor, a: torch.Tensor) -> None:
-    _dense.pop((a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape), a.dtype, str(a.device)), None)
 def activation(y: torch.Tensor, act: str) -> torch.Tensor:
     if act == "none":
         return y
@@ -326,7 +327,7 @@ def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[tor
     timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()}
     _choices[key] = min(timed, key=timed.get)
     if not any(v == "dense" and k[:7] == key[:7] for k, v in _choices.items()):  # no bucket of this shape runs it
-        _drop_dense(b, a)
+        _dense.pop(_dense_key(b, a), None)
     log.info("tngraph::lowrank %s, %d rows: %s (%s)", key[:7], rows, _choices[key], ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
     return _choices[key]
 

@@ -132,7 +132,9 @@ def _network_onnx(x, cores, equation: str, in_dims: Sequence[int], out_features:
 
 def _einsum_as_matmuls(x: Any) -> bool:
     """Whether a network layer on x is written as MatMuls instead of one Einsum: ONNX's Einsum takes no bfloat16."""
-    return str(getattr(x, "dtype", "")).upper().endswith("BFLOAT16")
+    import onnx_ir as ir
+
+    return getattr(x, "dtype", None) == ir.DataType.BFLOAT16
 
 
 def einsum_as_matmuls(op: Any, equation: str, operands: list[Any], shapes: list[list[int | None]], rows_hint: int = 256) -> Any:
@@ -396,13 +398,15 @@ def _session(path: pathlib.Path, providers: list[str], threads: int | None = Non
 
 def _feeds(inputs: Mapping[str, torch.Tensor], dtype: str, emulated: bool) -> dict[str, Any]:
     """onnxruntime's feeds: float inputs in the file's type (emulated: rounded to it, held in float32)."""
-    from .precision import DTYPES, round_to
+    from .precision import DTYPES
 
     out = {}
     for n, v in inputs.items():
         v = v.detach().cpu()
-        if v.is_floating_point() and dtype != "fp32":
-            v = round_to(v, dtype) if emulated else v.to(DTYPES[dtype])
+        if v.is_floating_point() and dtype != "fp32":  # fp32 files take the inputs as the example has them
+            v = v.to(DTYPES[dtype])
+            if emulated:
+                v = v.float()
         out[n] = v.numpy()
     return out
 

@@ -141,8 +141,3 @@ def emulate(src: str | pathlib.Path, dst: str | pathlib.Path, low: str, *, exter
     onnx.save(model, str(dst), save_as_external_data=external_data, location=dst.name + ".data" if external_data else None)
     log.debug("emulated %s: %d rounding points in %s", low, rounded, dst)
     return rounded
-
-
-def round_to(value: torch.Tensor, low: str) -> torch.Tensor:
-    """Float values rounded to `low` and held in float32 (the emulated file's feeds)."""
-    return value.to(DTYPES[low]).float() if value.is_floating_point() else value
