@@ -1,17 +1,20 @@
 """The low-rank chain y = act(x @ B^T @ A^T + bias) with its intermediate kept on chip.
 
 Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
-- `split_rank` (few rows, decode): programs over (output chunk, rank block). Each forms its rank
-  block of t = x B^T in registers once (reading that slice of B), then walks its chunk of the
-  outputs, adding t_blk A_blk^T into an fp32 output with atomics. A is read once; a rank block's
-  slice of B by the programs that split its outputs, which are launched together (the chunk is
-  the fastest grid axis) so that all but the first read it from L2. The number of chunks is the
-  smallest that keeps ~4 programs per SM busy (at most one per BLOCK_N outputs): splitting the
-  outputs into BLOCK_N-wide programs, as a plain 2-D grid does, would re-read and recompute each
-  B slice N / BLOCK_N times. The partial sums go to a persistent fp32 workspace (`workspace`); the
-  last rank block to finish a chunk (a per-chunk counter, acquire/release) reads its sums, adds the
-  bias, applies the activation, stores y in x's dtype and zeroes the workspace and counter for the
-  next call: one launch, no memset before and no cast after.
+- `split_rank` (few rows, decode: memory-bound, so the aim is every weight byte read once, by
+  all SMs at once, in one launch). Its programs do one of two kinds of work, by a ticket each
+  takes on arrival: the first rank blocks x K chunks tickets each form one tile's share of
+  t = x B^T (reading that tile of B, and only it) into an fp32 slab; the last K chunk of a rank
+  block to finish sums the slabs into t (M x R, a few KiB). The remaining tickets, one per output
+  chunk, wait until t is complete and form act(t A_chunk^T + bias), reading their rows of A and
+  storing y in x's dtype. So B and A are each read once (t is reread, from L2), the chunk counts
+  keep ~4 programs per SM busy in each phase, and nothing is cleared or cast around the launch
+  (the last program returns the counters to zero). Waiting on tickets rather than program ids
+  cannot deadlock: a waiting program took its ticket after all t-forming tickets were taken by
+  running programs, which wait on nothing. The earlier design (each program forming its rank
+  block's t over all of K, then adding into a slice of the outputs) read B once per output chunk
+  from L2: about 4 x SMs x BLOCK_R x K elements a call whatever the rank, 13 times the weights of
+  a 5120-wide layer at 25 % kept on an H200.
 - `tiled` (more rows): one program per (row block, output block) loops over rank blocks, forming
   each t block over the input dimension and accumulating t_blk A_blk^T; bias and activation are
   applied in the epilogue. t is recomputed for every output block, so for many rows the unfused
@@ -20,21 +23,24 @@ Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..ops import activation
 from ._common import configs as _configs, row_bucket
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 
 
 # tl.dot needs every block dimension >= 16
-_SPLIT_CONFIGS = _configs([dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_R=64, BLOCK_N=128, BLOCK_K=64),
-                           dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=128, BLOCK_K=128), dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=256, BLOCK_K=128)],
-                          [4, 4, 4, 8])
+# split-rank: small output blocks give the y-forming phase more programs (N / BLOCK_N of them at
+# most); the 64-row tile is for 17-64 rows, where 16-row tiles would read the weights 2-4 times
+_SPLIT_CONFIGS = _configs([dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_R=64, BLOCK_N=32, BLOCK_K=128),
+                           dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=128, BLOCK_K=128), dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=32, BLOCK_K=256),
+                           dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64)],
+                          [4, 4, 4, 2, 4])
 _TILED_CONFIGS = _configs([dict(BLOCK_M=32, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=64, BLOCK_K=64),
                            dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=128, BLOCK_K=64), dict(BLOCK_M=128, BLOCK_R=32, BLOCK_N=128, BLOCK_K=32)],
                           [4, 4, 8, 8])
@@ -51,55 +57,99 @@ def _activate(y, ACT: tl.constexpr):
     return y
 
 
+@triton.jit
+def _chunking(size, parts, BLOCK: tl.constexpr):
+    """(chunk, chunks): `size` split into at most `parts` chunks, each a whole number of BLOCKs
+    (at least one); split_plan() is the same on the host."""
+    chunk = tl.cdiv(tl.cdiv(size, tl.maximum(parts, 1)), BLOCK) * BLOCK
+    return chunk, tl.cdiv(size, chunk)
+
+
 @triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "K", "R", "N"])
 @triton.jit
-def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, acc_ptr, count_ptr, M, K, R, N, M_BUCKET,
-                       sxm, sxk, sbr, sbk, san, sar, sym, syn, sam,
+def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, count_ptr, M, K, R, N, M_BUCKET, BUSY,
+                       sxm, sxk, sbr, sbk, san, sar, sym, syn,
                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)  # output chunk: the fastest axis, so a rank block's chunks run together
-    pid_r = tl.program_id(1)
-    chunk = tl.cdiv(tl.cdiv(N, tl.num_programs(0)), BLOCK_N) * BLOCK_N
-    n_start = pid_n * chunk
-    n_end = tl.minimum(n_start + chunk, N)
+    rank_blocks = tl.cdiv(R, BLOCK_R)
+    k_chunk, k_chunks = _chunking(K, tl.cdiv(BUSY, rank_blocks), BLOCK_K)
+    n_chunk, n_chunks = _chunking(N, BUSY, BLOCK_N)
+    first = rank_blocks * k_chunks  # tickets below this form t; the rest form y
     rm = tl.arange(0, BLOCK_M)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    for m0 in range(0, M, BLOCK_M):
-        rows = m0 + rm
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
-            t += tl.dot(x, b, input_precision="ieee")
-        t_low = t.to(a_ptr.dtype.element_ty)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < n_end) & (rr[:, None] < R), other=0.0)
-            part = tl.dot(t_low, a, input_precision="ieee")
-            tl.atomic_add(acc_ptr + rows[:, None] * sam + rn[None, :], part, mask=(rows[:, None] < M) & (rn[None, :] < n_end),
-                          sem="relaxed")
-    # The last rank block to finish this chunk (a counter per chunk) finishes it: it reads the fp32
-    # sums from the workspace (from L2, past the SM's own cache) and zeroes them for the next call,
-    # adds the bias, applies the activation and stores y in its dtype; then it resets the counter.
-    tl.debug_barrier()  # every thread's partial sums are issued before the counter is raised (release)
-    arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-    if arrived == tl.num_programs(1) - 1:
+    # Work goes by ticket, taken in arrival order, not by program id: a program waiting for t
+    # (ticket >= first) took its ticket after every t-forming ticket was taken by a running
+    # program, and those never wait, so the wait always ends (no assumption on launch order).
+    # count_ptr: [0] tickets, [1] rank blocks of t complete, [2] output chunks done, [3 + j]
+    # K chunks of rank block j done; all zero again when the call ends.
+    ticket = tl.atomic_add(count_ptr, 1, sem="relaxed")
+    if ticket < first:
+        # t[:, block] over one K chunk: this program's tile of B, read once
+        block = ticket // k_chunks
+        piece = ticket % k_chunks
+        rr = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        k_start = piece * k_chunk
+        k_end = tl.minimum(k_start + k_chunk, K)
+        for m0 in range(0, M, BLOCK_M):
+            rows = m0 + rm
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=(rows[:, None] < M) & (rk[None, :] < k_end),
+                            other=0.0)
+                b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < k_end),
+                            other=0.0)
+                t += tl.dot(x, b, input_precision="ieee")
+            tl.store(part_ptr + (piece * M + rows[:, None]) * R + rr[None, :], t, mask=(rows[:, None] < M) & (rr[None, :] < R))
+        # the last K chunk of this rank block to finish sums the partial products into t
+        tl.debug_barrier()  # every thread's stores are issued before the count is raised (release)
+        arrived = tl.atomic_add(count_ptr + 3 + block, 1, sem="acq_rel")
+        if arrived == k_chunks - 1:
+            tl.debug_barrier()
+            for m0 in range(0, M, BLOCK_M):
+                rows = m0 + rm
+                inside = (rows[:, None] < M) & (rr[None, :] < R)
+                t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for p in range(0, k_chunks):  # from L2 (.cg): other programs wrote them
+                    t += tl.load(part_ptr + (p * M + rows[:, None]) * R + rr[None, :], mask=inside, other=0.0, cache_modifier=".cg")
+                tl.store(t_ptr + rows[:, None] * R + rr[None, :], t.to(t_ptr.dtype.element_ty), mask=inside)
+            tl.atomic_xchg(count_ptr + 3 + block, 0, sem="relaxed")
+            tl.debug_barrier()
+            tl.atomic_add(count_ptr + 1, 1, sem="release")
+    else:
+        # y[:, chunk] = act(t A[chunk]^T + bias) once t is complete: this program's rows of A, read once
+        piece = ticket - first
+        n_start = piece * n_chunk
+        n_end = tl.minimum(n_start + n_chunk, N)
+        ready = tl.load(count_ptr + 1, volatile=True)
+        while ready < rank_blocks:
+            ready = tl.load(count_ptr + 1, volatile=True)
+        tl.atomic_add(count_ptr + 1, 0, sem="acquire")
         tl.debug_barrier()
         for m0 in range(0, M, BLOCK_M):
             rows = m0 + rm
             for n0 in range(n_start, n_end, BLOCK_N):
                 rn = n0 + tl.arange(0, BLOCK_N)
-                inside = (rows[:, None] < M) & (rn[None, :] < n_end)
-                sums = acc_ptr + rows[:, None] * sam + rn[None, :]
-                total = tl.load(sums, mask=inside, other=0.0, cache_modifier=".cg")  # from L2, where the atomics landed
-                tl.store(sums, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=inside)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for r0 in range(0, R, BLOCK_R):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    t = tl.load(t_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0,
+                                cache_modifier=".cg")
+                    a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < n_end) & (rr[:, None] < R),
+                                other=0.0)
+                    acc += tl.dot(t, a, input_precision="ieee")
                 if HAS_BIAS:
                     bias = tl.load(bias_ptr + rn, mask=rn < n_end, other=0.0)
-                    total += bias[None, :].to(tl.float32)
-                total = _activate(total, ACT)
-                tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, total.to(y_ptr.dtype.element_ty), mask=inside)
-        tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed")
+                    acc += bias[None, :].to(tl.float32)
+                acc = _activate(acc, ACT)
+                tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                         mask=(rows[:, None] < M) & (rn[None, :] < n_end))
+        # the last output chunk: every ticket is taken and t is read, so the counters go back to zero
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + 2, 1, sem="acq_rel")
+        if done == n_chunks - 1:
+            tl.atomic_xchg(count_ptr + 1, 0, sem="relaxed")
+            tl.atomic_xchg(count_ptr + 2, 0, sem="relaxed")
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed")
 
 
 @triton.autotune(configs=_TILED_CONFIGS, key=["M_BUCKET", "K", "R", "N"])
@@ -143,20 +193,41 @@ def _sm_programs(index: int) -> int:
     return 4 * torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+def split_plan(K: int, R: int, N: int, block_r: int, block_k: int, block_n: int, busy: int) -> tuple[int, int, int]:
+    """(rank blocks, K chunks, output chunks) of one split_rank launch: the t-forming programs are
+    rank blocks x K chunks (about `busy` of them), the y-forming ones the output chunks (at most
+    `busy`); each chunk is whole blocks. The kernel computes the same (_chunking)."""
+    def chunks(size: int, parts: int, block: int) -> int:
+        chunk = triton.cdiv(triton.cdiv(size, max(parts, 1)), block) * block
+        return triton.cdiv(size, chunk)
+
+    rank_blocks = triton.cdiv(R, block_r)
+    return rank_blocks, chunks(K, triton.cdiv(busy, rank_blocks), block_k), chunks(N, busy, block_n)
 
 
-def workspace(device: torch.device, rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """split-rank's fp32 sums (rows x n) and per-chunk counters, zero between calls (each call's
-    finishing programs zero what they used), one pair per device, stream and output width, grown
-    (by powers of two) when more rows come."""
+class Workspace(NamedTuple):
+    part: torch.Tensor  # fp32 partial products of t, one (M, R) slab per K chunk
+    t: torch.Tensor  # t = x B^T (M, R), in x's dtype
+    counts: torch.Tensor  # int32 tickets and arrival counts, zero between calls
+
+
+_workspaces: dict[tuple, Workspace] = {}
+
+
+def workspace(device: torch.device, dtype: torch.dtype, part: int, t: int, counts: int) -> Workspace:
+    """split_rank's scratch of at least these sizes (elements), one per device, stream and dtype,
+    grown by powers of two. Nothing in it needs clearing: each launch overwrites what it reads of
+    part and t, and its last program returns the counters to zero."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream, n)
+    key = (str(device), stream, dtype)
     held = _workspaces.get(key)
-    if held is None or held[0].shape[0] < rows:
-        capacity = max(16, row_bucket(rows))
-        held = (torch.zeros((capacity, n), device=device, dtype=torch.float32),
-                torch.zeros(triton.cdiv(n, 16), device=device, dtype=torch.int32))
+    if held is None or held.part.numel() < part or held.t.numel() < t or held.counts.numel() < counts:
+        def size(old: torch.Tensor | None, need: int) -> int:
+            return max(old.numel() if old is not None else 0, 1 << max(0, need - 1).bit_length())
+
+        held = Workspace(torch.empty(size(held and held.part, part), device=device, dtype=torch.float32),
+                         torch.empty(size(held and held.t, t), device=device, dtype=dtype),
+                         torch.zeros(size(held and held.counts, counts), device=device, dtype=torch.int32))
         _workspaces[key] = held
     return held
 
@@ -166,16 +237,18 @@ def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Te
     M, K = x.shape
     R, N = b.shape[0], a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    sums, counts = workspace(x.device, M, N)
     busy = _programs_to_fill(x.device)
+    plans = [split_plan(K, R, N, c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], busy) for c in _SPLIT_CONFIGS]
+    scratch = workspace(x.device, x.dtype, part=max(kc for _, kc, _ in plans) * M * R, t=M * R,
+                        counts=3 + max(rb for rb, _, _ in plans))
 
     def grid(meta):
-        rank_blocks = triton.cdiv(R, meta["BLOCK_R"])
-        return (max(1, min(triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(busy, rank_blocks))), rank_blocks)
+        rank_blocks, k_chunks, n_chunks = split_plan(K, R, N, meta["BLOCK_R"], meta["BLOCK_K"], meta["BLOCK_N"], busy)
+        return (rank_blocks * k_chunks + n_chunks,)
 
-    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, sums, counts, M, K, R, N, row_bucket(M),
-                             x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
-                             sums.stride(0), HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
+    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, scratch.part, scratch.t, scratch.counts, M, K, R, N,
+                             row_bucket(M), busy, x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
+                             y.stride(0), y.stride(1), HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
     return y
 
 

@@ -43,27 +43,75 @@ def test_split_rank_matches_the_reference(shape, dtype, bias):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("busy", [1, 3, 6, 64])
-def test_split_rank_output_chunks_cover_every_output_once(busy, dtype, monkeypatch):
-    """split-rank splits the outputs into as many chunks as keep the device busy: with 1, 3 or 6
-    programs to fill, programs walk several BLOCK_N blocks and the last chunk is partial (300 outputs);
-    with 64, one block per program; every output is summed exactly once from every rank block (2 here)."""
+def test_split_rank_chunks_cover_every_input_and_output_once(busy, dtype, monkeypatch):
+    """split-rank splits K among the t-forming programs and the outputs among the y-forming ones, as
+    many as keep the device busy: with 1 program to fill, one K chunk and one output chunk; with 3,
+    two K chunks (192 + 108 of 300) per rank block (2 here) and three output chunks (128, 128, 44);
+    with 6 and 64, more, down to one block each. Every product is summed exactly once."""
     monkeypatch.setattr(kernels, "_programs_to_fill", lambda device: busy)
-    x, b, a, c = _inputs((7, 50, 40, 300), dtype, True)
+    x, b, a, c = _inputs((7, 300, 40, 300), dtype, True)
     _check(kernels.split_rank(x, b, a, c), x, b, a, c, "none", dtype)
 
 
-def test_split_rank_leaves_its_workspace_zero_for_the_next_call(monkeypatch):
-    """One launch: the programs add into a persistent fp32 workspace and the last rank block of each
-    output chunk finishes it (bias, activation, cast) and zeroes what it used, counters included, so
-    calls in a row (other inputs, other row counts, a grown workspace) are each exact."""
+def test_split_rank_plan():
+    assert kernels.split_plan(300, 40, 300, 32, 64, 64, busy=3) == (2, 2, 3)
+    assert kernels.split_plan(300, 40, 300, 32, 64, 64, busy=1) == (2, 1, 1)
+    assert kernels.split_plan(300, 40, 300, 32, 64, 64, busy=64) == (2, 5, 5)  # at most one block each
+    # Qwen3-32B's 5120 -> 5120 at 25 % kept (rank 640) on an H200 (132 SMs, 528 programs to fill):
+    # 20 rank blocks x 27 K chunks of 192 form t, 80 output chunks of 64 form y
+    assert kernels.split_plan(5120, 640, 5120, 32, 64, 64, busy=528) == (20, 27, 80)
+
+
+def _loaded(monkeypatch):
+    """How often interpreted kernels load each address (a Counter), from triton's interpreter."""
+    import collections
+
+    from triton.runtime import interpreter
+
+    counts: collections.Counter = collections.Counter()
+    builder = interpreter.interpreter_builder
+    original = builder.create_masked_load
+
+    def load(ptrs, mask, *rest):
+        counts.update(ptrs.data[mask.data].ravel().tolist())
+        return original(ptrs, mask, *rest)
+
+    monkeypatch.setattr(builder, "create_masked_load", load)
+    return counts
+
+
+def _reads(counts, t: torch.Tensor) -> set[int]:
+    """The distinct load counts of t's elements."""
+    return {counts[t.data_ptr() + i * t.element_size()] for i in range(t.numel())}
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts loads in triton's interpreter")
+@pytest.mark.parametrize("busy", [3, 64])
+def test_split_rank_reads_every_weight_once(busy, monkeypatch):
+    """The few-rows kernel is memory-bound: its cost is the bytes it reads. Counted load by load in
+    the interpreter, every element of B and of A is loaded exactly once per call (16 rows or fewer),
+    x once per rank block; the design before this one loaded B once per output chunk."""
+    monkeypatch.setattr(kernels, "_programs_to_fill", lambda device: busy)
+    x, b, a, c = _inputs((5, 300, 40, 300), torch.float32, True)
+    counts = _loaded(monkeypatch)
+    _check(kernels.split_rank(x, b, a, c), x, b, a, c, "none", torch.float32)
+    rank_blocks = kernels.split_plan(300, 40, 300, 32, 64, 64, busy)[0]
+    assert _reads(counts, b) == {1} and _reads(counts, a) == {1} and _reads(counts, c) == {1}
+    assert _reads(counts, x) == {rank_blocks}
+
+
+def test_split_rank_leaves_its_counters_zero_for_the_next_call(monkeypatch):
+    """One launch, no clearing around it: each call overwrites what it reads of its scratch (partial
+    products, t) and its last program returns the tickets and counts to zero, so calls in a row
+    (other inputs, other row counts and activations, a grown scratch) are each exact."""
     monkeypatch.setattr(kernels, "_workspaces", {})
     monkeypatch.setattr(kernels, "_programs_to_fill", lambda device: 6)
     for seed, rows, act in ((0, 5, "gelu"), (1, 5, "none"), (2, 40, "silu"), (3, 2, "relu")):
-        x, b, a, c = _inputs((rows, 50, 40, 300), torch.float32, True, seed=seed)
+        x, b, a, c = _inputs((rows, 300, 40, 300), torch.float32, True, seed=seed)
         _check(kernels.split_rank(x, b, a, c, act), x, b, a, c, act, torch.float32)
-        ((sums, counts),) = kernels._workspaces.values()
-        assert sums.shape[0] >= rows and not sums.any() and not counts.any()
-    assert sums.shape[0] == 64  # grown to the power of two above 40 rows, once
+        (scratch,) = kernels._workspaces.values()
+        assert scratch.t.numel() >= rows * 40 and not scratch.counts.any()
+    assert scratch.t.numel() == 2048  # grown once, to the power of two above 40 x 40
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -11,7 +11,7 @@ warp-level mma.sync of earlier GPUs; none: no tensor cores, e.g. fp32 IEEE dots)
 session: they compile for it with the installed triton, and what they cost in registers and
 shared memory. The tests run it for one configuration per kernel.
 
-  python tools/compile_kernels.py [--target cuda:90:32] [--dtypes fp16 bf16 fp32] [--first] [--json FILE]
+  python tools/compile_kernels.py [--target cuda:90:32] [--dtypes fp16 bf16 fp32] [--first] [--json FILE] [--ptx DIR]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ sys.path.insert(0, ".")
 # per kernel: (module, name, pointer element types by argument (T = the dtype compiled), fixed constexprs)
 KERNELS = {
     "lowrank.split_rank": ("lowrank", "_split_rank_kernel", {"x_ptr": "T", "b_ptr": "T", "a_ptr": "T", "bias_ptr": "T", "y_ptr": "T",
-                                                             "acc_ptr": "fp32", "count_ptr": "i32"}, {"HAS_BIAS": True, "ACT": 1}),
+                                                             "part_ptr": "fp32", "t_ptr": "T", "count_ptr": "i32"}, {"HAS_BIAS": True, "ACT": 1}),
     "lowrank.tiled": ("lowrank", "_tiled_kernel", {"x_ptr": "T", "b_ptr": "T", "a_ptr": "T", "bias_ptr": "T", "y_ptr": "T"},
                       {"HAS_BIAS": True, "ACT": 1}),
     "tt.tt2": ("tt", "_tt2_kernel", {"x_ptr": "T", "g1_ptr": "T", "g2_ptr": "T", "bias_ptr": "T", "y_ptr": "T"}, {"HAS_BIAS": True}),
@@ -57,7 +57,7 @@ def compile_one(kernel: Any, pointers: dict[str, str], fixed: dict[str, Any], co
     ptx = compiled.asm.get("ptx", "")
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
     return {**resource_usage(compiled.asm["cubin"]), "shared": compiled.metadata.shared, "mma": mma,
-            "seconds": time.perf_counter() - started, "cubin_bytes": len(compiled.asm["cubin"])}
+            "seconds": time.perf_counter() - started, "cubin_bytes": len(compiled.asm["cubin"]), "ptx": ptx}
 
 
 def resource_usage(cubin: bytes) -> dict[str, int | None]:
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     p.add_argument("--first", action="store_true", help="only the first autotune configuration of each kernel")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--ptx", metavar="DIR", help="also write each compilation's PTX to DIR (one file per kernel, dtype, config)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing and keeps one configuration)", file=sys.stderr)
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:>20} {dtype:>5} {label:>44} {config.num_warps:>5} | FAILED {row['error']}")
                     rows.append(row)
                     continue
+                ptx = row.pop("ptx")
+                if args.ptx:
+                    os.makedirs(args.ptx, exist_ok=True)
+                    stem = f"{name}.{dtype}." + "_".join(f"{k}{v}" for k, v in row["config"].items()) + f".w{config.num_warps}"
+                    with open(os.path.join(args.ptx, stem + ".ptx"), "w") as f:
+                        f.write(ptx)
                 over = limit is not None and row["shared"] > limit
                 failed += over
                 print(f"{name:>20} {dtype:>5} {label:>44} {config.num_warps:>5} | {row['regs']!s:>4} {row['local']!s:>7} "
