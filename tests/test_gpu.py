@@ -76,9 +76,12 @@ def test_lowrank_op_falls_back_with_a_logged_reason(caplog):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_network_op_runs_the_tt_kernel_on_cuda(dtype):
+@pytest.mark.parametrize("forced", [None, "kernel", "einsum", "dense"])  # the timed choice, and each one forced
+def test_network_op_dispatch_on_cuda(dtype, forced, monkeypatch):
     from tngraph.ops import network_reference
 
+    if forced:
+        monkeypatch.setenv("TNGRAPH_NETWORK", forced)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(37, 24 * 20, device="cuda", generator=g).to(dtype)
     g1 = (torch.randn(30, 24, 50, device="cuda", generator=g) / 24**0.5).to(dtype)

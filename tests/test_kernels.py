@@ -168,7 +168,7 @@ def test_the_dense_product_is_a_candidate_only_where_allowed(monkeypatch):
     from tngraph import ops
 
     monkeypatch.setattr(ops, "_choices", {})
-    monkeypatch.setattr(ops, "_dense", {})
+    monkeypatch.setattr(ops, "_dense", ops.TensorCache())
     monkeypatch.setattr(ops, "_allow_dense", None)
     monkeypatch.delenv("TNGRAPH_LOWRANK", raising=False)
     monkeypatch.delenv("TNGRAPH_LOWRANK_DENSE", raising=False)
@@ -195,6 +195,82 @@ def test_the_dense_product_is_a_candidate_only_where_allowed(monkeypatch):
     ops.allow_dense(None)
     monkeypatch.setenv("TNGRAPH_LOWRANK", "dense")
     assert ops.choose(x, b, a, c, "gelu") == "dense"
+
+
+def test_a_dense_product_is_not_taken_for_another_layers_at_the_same_address(monkeypatch):
+    """Memory a freed layer held is reused by new tensors of the same shape (and version): the
+    cache goes by the tensors themselves, so a new layer there gets its own product, and entries
+    leave with their tensors."""
+    import gc
+
+    from tngraph import ops
+
+    monkeypatch.setattr(ops, "_dense", ops.TensorCache())
+    storage = torch.randn(6 * 4).untyped_storage()
+    a = torch.randn(5, 6)
+
+    def factor():  # a (6, 4) tensor over the same memory each time, as after a reuse
+        return torch.empty(0).set_(storage, 0, (6, 4))
+
+    old = factor()
+    torch.testing.assert_close(ops.dense_weight(old, a), a @ old)
+    del old
+    gc.collect()
+    assert len(ops._dense) == 0
+    factor().copy_(torch.randn(6, 4))  # the new layer's values, written through another tensor
+    new = factor()
+    torch.testing.assert_close(ops.dense_weight(new, a), a @ new)
+
+
+def test_the_network_dispatch_times_kernel_einsum_and_dense_once_per_row_bucket(monkeypatch):
+    """tngraph::network on CUDA: per layer shape and row bucket the faster of its kernel path and the
+    einsum (and the dense matrix where allowed), timed once; layers without a kernel take the einsum
+    untimed; each implementation computes the op."""
+    from tngraph import ops
+
+    monkeypatch.setattr(ops, "_network_choices", {})
+    monkeypatch.setattr(ops, "_dense", ops.TensorCache())
+    monkeypatch.setattr(ops, "_allow_dense", None)
+    monkeypatch.delenv("TNGRAPH_NETWORK", raising=False)
+    monkeypatch.delenv("TNGRAPH_LOWRANK_DENSE", raising=False)
+    g = torch.Generator().manual_seed(5)
+    equation, cores, in_dims = _network("tt", torch.randn(35, 42, generator=g), 4)
+    plan = ops.cached_network_plan(equation, cores)
+    x = torch.randn(9, 42, generator=g).to(DEVICE)
+    bias = torch.randn(35, generator=g).to(DEVICE)
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        return {1: 2.0, 2: 1.0, 3: 0.5}[len(timed) % 4 or 3]
+
+    assert ops.choose_network(x, cores, equation, in_dims, 35, bias, plan, timer=timer) == "kernel" and len(timed) == 2
+    assert ops.choose_network(x[:3], cores, equation, in_dims, 35, bias, plan, timer=timer) == "kernel" and len(timed) == 2
+    ops.choose_network(torch.randn(100, 42, device=DEVICE), cores, equation, in_dims, 35, bias, plan, timer=timer)
+    assert len(timed) == 4  # bucket 128: timed again
+    monarch, monarch_cores, monarch_dims = _network("monarch", torch.randn(35, 42, generator=g), 2)
+    monarch_plan = ops.cached_network_plan(monarch, monarch_cores)
+    assert isinstance(monarch_plan, str)
+    assert ops.choose_network(x, monarch_cores, monarch, monarch_dims, 35, None, monarch_plan, timer=timer) == "einsum"
+    assert len(timed) == 4  # nothing to choose: not timed
+    ops.allow_dense(True)
+    try:
+        timed.clear()
+        assert ops.choose_network(x, cores, equation, in_dims, 35, bias, plan, timer=timer) == "dense" and len(timed) == 3
+        weight = ops.network_dense_weight(cores, equation, 35)
+        assert weight is ops.network_dense_weight(cores, equation, 35) and weight.shape == (35, 42)  # made once
+        ref = ops.network_reference(x, cores, equation, in_dims, 35, bias)
+        for forced in ops.NETWORK_IMPLEMENTATIONS:
+            monkeypatch.setenv("TNGRAPH_NETWORK", forced)
+            torch.testing.assert_close(ops._network_cuda(x, cores, equation, in_dims, 35, bias), ref, atol=1e-4, rtol=1e-4)
+        monkeypatch.setenv("TNGRAPH_NETWORK", "kernel")
+        assert ops.choose_network(x, monarch_cores, monarch, monarch_dims, 35, None, monarch_plan) == "einsum"  # no kernel to force
+        monkeypatch.setenv("TNGRAPH_NETWORK", "fast")
+        with pytest.raises(ValueError, match="TNGRAPH_NETWORK='fast'"):
+            ops.choose_network(x, cores, equation, in_dims, 35, bias, plan)
+    finally:
+        ops.allow_dense(None)
+    assert not ops._network_choices
 
 
 TT_SHAPES = [(1, 3, 5, 7, 4, 6), (9, 6, 7, 20, 5, 4), (40, 2, 33, 40, 3, 17)]  # (rows, A, a, rank, B, b)
@@ -273,6 +349,39 @@ def test_network_kernels_match_the_reference_for_every_two_mode_format(fmt, rank
     assert out.dtype == dtype and out.shape == ref.shape
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tucker", "monarch"])
+def test_network_plans_are_made_once_per_set_of_cores(fmt, monkeypatch):
+    """The CUDA path of tngraph::network plans a layer once (TT: views of its cores; Tucker: merged
+    cores; Monarch: the reason it has no kernel), again after a core changes in place, and forgets
+    the plan when the cores are freed (the cached plan holds no reference to them)."""
+    import gc
+
+    from tngraph import ops
+
+    made = []
+    plan_of = ops.network_plan
+    monkeypatch.setattr(ops, "network_plan", lambda equation, cores: made.append(equation) or plan_of(equation, cores))
+    monkeypatch.setattr(ops, "_plans", ops.TensorCache())
+    monkeypatch.setenv("TNGRAPH_NETWORK", "kernel")
+    g = torch.Generator().manual_seed(4)
+    equation, cores, in_dims = _network(fmt, torch.randn(35, 42, generator=g), 3, **({"modes": 2} if fmt == "tucker" else {}))
+    x = torch.randn(6, 42, generator=g).to(DEVICE)
+
+    def run():
+        return ops._network_cuda(x, cores, equation, in_dims, 35, None)
+
+    first = run()
+    torch.testing.assert_close(run(), first)
+    assert len(made) == 1 and len(ops._plans) == 1
+    with torch.no_grad():
+        cores[0].mul_(2)  # every format here is linear in each core
+    torch.testing.assert_close(run(), 2 * first, atol=1e-4, rtol=1e-4)
+    assert len(made) == 2
+    del cores
+    gc.collect()
+    assert not ops._plans
 
 
 @pytest.mark.parametrize("fmt,rank,opts,reason", [("monarch", 2, {}, "no kernel"), ("tt", 3, {"cores": 3}, "two-mode"),

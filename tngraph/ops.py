@@ -11,12 +11,14 @@ reason logged once.
   (Tucker, TT, TR, CP, Kronecker, Monarch): x's features unflattened to in_dims, contracted with
   the cores by `equation` ("...<in>,<core>,...->...<out>"), flattened to out_features, + bias.
   The reference is torch.einsum (opt_einsum's contraction path); on CUDA the two-mode layers
-  (TT, Kronecker, tensor ring, CP, Tucker; see network_plan) run kernels/tt.py.
+  (TT, Kronecker, tensor ring, CP, Tucker; see network_plan, made once per layer) can run
+  kernels/tt.py, where it is faster than the einsum for the layer's row bucket (choose_network).
 """
 from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -34,20 +36,61 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (TNGRAPH_LOWRANK_DENSE=1 or allow_dense(True)): it holds again the dense weight the factorization
 # removed, trading that memory back for speed where the chain loses (many rows at high ranks); the
 # product is made once per layer and dropped when the layer's bucket picks another implementation.
+# tngraph::network is chosen the same way among its kernel path (kernels/tt.py, for the layouts
+# network_plan maps), the einsum and, where allowed, the dense matrix; TNGRAPH_NETWORK=kernel|einsum|dense
+# forces one.
 ROW_BUCKETS = (1, 16, 128, 2048)
 KERNEL_ROWS = {"split_rank": 64, "tiled": 2048}
 IMPLEMENTATIONS = ("split_rank", "tiled", "chain", "dense")
+NETWORK_IMPLEMENTATIONS = ("kernel", "einsum", "dense")
 _choices: dict[tuple, str] = {}
-_dense: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+_network_choices: dict[tuple, str] = {}
 _allow_dense: bool | None = None
 
 
+class TensorCache:
+    """Values made from tensors (dense products, network plans): made once per set of tensors, again
+    after one of them changes in place, and dropped when one is freed. Entries are keyed by the
+    tensors' identity, not their addresses (freed memory is reused by other tensors of the same
+    shape), and the values must not reference the tensors, or they would never be freed."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple] = {}
+
+    def get(self, tag: str, tensors: tuple[torch.Tensor, ...], make):
+        key = (tag, *(id(t) for t in tensors))
+        versions = tuple(t._version for t in tensors)
+        held = self.entries.get(key)
+        if held is not None and held[0] == versions and all(ref() is t for ref, t in zip(held[1], tensors)):
+            return held[2]
+        value = make()
+        if held is None:
+            for t in tensors:
+                weakref.finalize(t, self.entries.pop, key, None)
+        self.entries[key] = (versions, tuple(weakref.ref(t) for t in tensors), value)
+        return value
+
+    def drop(self, tag: str, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.entries.pop((tag, *(id(t) for t in tensors)), None)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+_dense = TensorCache()
+
+
 def allow_dense(allowed: bool | None = True) -> None:
-    """Let the CUDA dispatch of tngraph::lowrank pick the dense product a·b where it is fastest
-    (None: follow TNGRAPH_LOWRANK_DENSE). Clears the cached choices."""
+    """Let the CUDA dispatch of tngraph::lowrank and tngraph::network pick the dense matrix (a·b,
+    the cores contracted) where it is fastest (None: follow TNGRAPH_LOWRANK_DENSE). Clears the
+    cached choices."""
     global _allow_dense
     _allow_dense = allowed
     _choices.clear()
+    _network_choices.clear()
     if not dense_allowed():
         _dense.clear()
 
@@ -58,17 +101,9 @@ def dense_allowed() -> bool:
     return _allow_dense if _allow_dense is not None else os.environ.get("TNGRAPH_LOWRANK_DENSE", "") not in ("", "0")
 
 
-def _dense_key(b: torch.Tensor, a: torch.Tensor) -> tuple:
-    return (a.data_ptr(), b.data_ptr(), tuple(a.shape), tuple(b.shape), a.dtype, str(a.device))
-
-
 def dense_weight(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """a @ b (N, K), made once per pair of factors (and again after they change in place)."""
-    key, version = _dense_key(b, a), (a._version, b._version)
-    held = _dense.get(key)
-    if held is None or held[0] != version:
-        _dense[key] = (version, a @ b)
-    return _dense[key][1]
+    return _dense.get("lowrank", (b, a), lambda: a @ b)
 
 
 def activation(y: torch.Tensor, act: str) -> torch.Tensor:
@@ -283,14 +318,93 @@ def network_kernel(x: torch.Tensor, cores: list[torch.Tensor], equation: str, ou
     return y.reshape(*x.shape[:-1], out_features)
 
 
+_plans = TensorCache()
+
+
+def cached_network_plan(equation: str, cores: list[torch.Tensor]) -> tuple[str, tuple] | str:
+    """network_plan(equation, cores), made once per set of cores and again after any of them
+    changes in place: the plan merges cores with small einsums (TR, CP, Tucker), launches that a
+    forward on the GPU should not pay every time. Parts that are views of a core (TT, Kronecker)
+    are kept as their strides, so the cache holds no reference to the cores."""
+    storages = [c.untyped_storage().data_ptr() for c in cores]
+
+    def make():
+        plan = network_plan(equation, cores)
+        if isinstance(plan, str):
+            return None, plan
+
+        def kept(part: torch.Tensor):  # a view of core i as (i, size, stride, offset), anything else itself
+            ptr = part.untyped_storage().data_ptr()
+            return (storages.index(ptr), part.size(), part.stride(), part.storage_offset()) if ptr in storages else part
+
+        return plan[0], tuple(kept(part) for part in plan[1])
+
+    how, parts = _plans.get(equation, tuple(cores), make)
+    if how is None:
+        return parts
+    return how, tuple(cores[p[0]].as_strided(*p[1:]) if isinstance(p, tuple) else p for p in parts)
+
+
+def network_dense_weight(cores: list[torch.Tensor], equation: str, out_features: int) -> torch.Tensor:
+    """The layer's matrix (out_features, in): the cores contracted without x, made once per set of
+    cores (and again after they change in place)."""
+    x_labels, core_labels, out = _parse(equation)
+
+    def make():
+        return torch.einsum(",".join(core_labels) + "->" + out + x_labels, *cores).reshape(out_features, -1).contiguous()
+
+    return _dense.get("network:" + equation, tuple(cores), make)
+
+
+def choose_network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in_dims: list[int], out_features: int,
+                   bias: Optional[torch.Tensor], plan: tuple[str, tuple] | str, *, timer=None) -> str:
+    """The implementation of tngraph::network for these 2-D inputs: "kernel" (kernels/tt.py, where
+    `plan` is one), "einsum" or, where allowed (allow_dense), "dense"; measured once per layer shape
+    and row bucket (timer(fn) -> time), then cached."""
+    import os
+
+    forced = os.environ.get("TNGRAPH_NETWORK")
+    if forced:
+        if forced not in NETWORK_IMPLEMENTATIONS:
+            raise ValueError(f"TNGRAPH_NETWORK={forced!r}: choose {', '.join(NETWORK_IMPLEMENTATIONS)}")
+        return "einsum" if forced == "kernel" and isinstance(plan, str) else forced
+    rows = bucket(x.shape[0])
+    shape = (str(x.device), x.dtype, equation, tuple(tuple(c.shape) for c in cores), bias is not None)
+    key = (*shape, rows, dense_allowed())
+    if key in _network_choices:
+        return _network_choices[key]
+    probe = torch.randn(rows, x.shape[1], device=x.device, dtype=x.dtype)
+    candidates = {"einsum": lambda: network_reference(probe, cores, equation, in_dims, out_features, bias)}
+    if not isinstance(plan, str):
+        candidates["kernel"] = lambda: network_kernel(probe, cores, equation, out_features, bias, plan)
+    if dense_allowed():
+        weight = network_dense_weight(cores, equation, out_features)
+        candidates["dense"] = lambda: F.linear(probe, weight, bias)
+    timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()} if len(candidates) > 1 else {"einsum": 0.0}
+    _network_choices[key] = min(timed, key=timed.get)
+    if not any(v == "dense" and k[:5] == shape for k, v in _network_choices.items()):  # no bucket of this shape runs it
+        _dense.drop("network:" + equation, tuple(cores))
+    log.info("tngraph::network %s, %d rows: %s (%s)", shape, rows, _network_choices[key],
+             ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
+    return _network_choices[key]
+
+
 @network.register_kernel("cuda")
 def _network_cuda(x, cores, equation, in_dims, out_features, bias):
     reason = kernel_unsupported(x, *cores, bias)
-    plan = network_plan(equation, cores) if reason is None else reason
+    if reason is not None:
+        _fallback_once(reason, "network")
+        return network_reference(x, cores, equation, in_dims, out_features, bias)
+    plan = cached_network_plan(equation, cores)
+    rows = x.reshape(-1, x.shape[-1])
+    how = choose_network(rows, cores, equation, in_dims, out_features, bias, plan)
+    if how == "kernel":
+        return network_kernel(x, cores, equation, out_features, bias, plan)
+    if how == "dense":
+        return F.linear(x, network_dense_weight(cores, equation, out_features), bias)
     if isinstance(plan, str):
         _fallback_once(plan, "network")
-        return network_reference(x, cores, equation, in_dims, out_features, bias)
-    return network_kernel(x, cores, equation, out_features, bias, plan)
+    return network_reference(x, cores, equation, in_dims, out_features, bias)
 
 
 def _do_bench(fn) -> float:
@@ -327,7 +441,7 @@ def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[tor
     timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()}
     _choices[key] = min(timed, key=timed.get)
     if not any(v == "dense" and k[:7] == key[:7] for k, v in _choices.items()):  # no bucket of this shape runs it
-        _dense.pop(_dense_key(b, a), None)
+        _dense.drop("lowrank", (b, a))
     log.info("tngraph::lowrank %s, %d rows: %s (%s)", key[:7], rows, _choices[key], ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
     return _choices[key]
 

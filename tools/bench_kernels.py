@@ -157,7 +157,7 @@ def random_network(fmt: str, out_f: int, in_f: int, kept: float, device, dtype) 
 def _network_table(args, dtype: torch.dtype, size: int, bench, device: str) -> list[dict]:
     """Two-mode tensor-network layers (args.formats) at the same shapes and budgets: dense, the
     unfused einsum and the kernel path of torch.ops.tngraph.network (kernels/tt.py)."""
-    from tngraph.ops import network_kernel, network_plan, network_reference
+    from tngraph.ops import cached_network_plan, network_kernel, network_plan, network_reference
 
     print()
     header = (f"{'format':>7} {'shape':>12} {'kept':>5} {'rank':>5} {'m':>5} | {'dense us':>9} | {'einsum us':>9} {'bw%':>5} | "
@@ -178,7 +178,7 @@ def _network_table(args, dtype: torch.dtype, size: int, bench, device: str) -> l
                     need = (sum(c.numel() for c in cores) + m * (in_f + out_f)) * size
                     t_dense = bench(lambda: F.linear(x, w))
                     t_ein = bench(lambda: network_reference(x, cores, eq, in_dims, out_f, None))
-                    t_kern = bench(lambda: network_kernel(x, cores, eq, out_f, None, network_plan(eq, cores)))
+                    t_kern = bench(lambda: network_kernel(x, cores, eq, out_f, None, cached_network_plan(eq, cores)))  # the op's CUDA path
                     bw = lambda ms: need / (args.peak_gbps * 1e9) / (ms * 1e-3)  # noqa: E731
                     row = {"format": fmt, "shape": shape, "kept": kept, "rank": rank, "m": m, "dense_us": t_dense * 1e3,
                            "einsum_us": t_ein * 1e3, "kernel_us": t_kern * 1e3, "einsum_bw_frac": bw(t_ein), "kernel_bw_frac": bw(t_kern)}
