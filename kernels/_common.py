@@ -10,10 +10,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def configs(candidates: list[dict], warps: list[int]) -> list[triton.Config]:
-    """Autotune configurations, only the first under the interpreter."""
-    if INTERPRET:
-        candidates, warps = candidates[:1], warps[:1]
+    """A kernel's configurations (the tests run each one, `config=` of the launchers)."""
     return [triton.Config(c, num_warps=w) for c, w in zip(candidates, warps)]
+
+
+def tuned(every: list[triton.Config]) -> list[triton.Config]:
+    """The configurations autotuning times: all of them, only the first under the interpreter."""
+    return every[:1] if INTERPRET else every
+
+
+def launcher(kernel, config: triton.Config | None):
+    """kernel[grid](...) autotuned, or with `config` as given (the JIT function under the autotuner)."""
+    if config is None:
+        return kernel
+    return _Fixed(kernel.fn, config)
+
+
+class _Fixed:
+    def __init__(self, fn, config: triton.Config):
+        self.fn, self.config = fn, config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            return self.fn[grid](*args, **kwargs, **self.config.kwargs, num_warps=self.config.num_warps)
+
+        return launch
 
 
 def row_bucket(rows: int) -> int:

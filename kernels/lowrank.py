@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs as _configs, row_bucket
+from ._common import configs as _configs, launcher, row_bucket, tuned
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 
@@ -37,11 +37,11 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 # tl.dot needs every block dimension >= 16
 # split-rank: small output blocks give the y-forming phase more programs (N / BLOCK_N of them at
 # most); the 64-row tile is for 17-64 rows, where 16-row tiles would read the weights 2-4 times
-_SPLIT_CONFIGS = _configs([dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_R=64, BLOCK_N=32, BLOCK_K=128),
+SPLIT_CONFIGS = _configs([dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_R=64, BLOCK_N=32, BLOCK_K=128),
                            dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=128, BLOCK_K=128), dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=32, BLOCK_K=256),
                            dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64)],
                           [4, 4, 4, 2, 4])
-_TILED_CONFIGS = _configs([dict(BLOCK_M=32, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=64, BLOCK_K=64),
+TILED_CONFIGS = _configs([dict(BLOCK_M=32, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=64, BLOCK_K=64),
                            dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=128, BLOCK_K=64), dict(BLOCK_M=128, BLOCK_R=32, BLOCK_N=128, BLOCK_K=32)],
                           [4, 4, 8, 8])
 
@@ -65,7 +65,7 @@ def _chunking(size, parts, BLOCK: tl.constexpr):
     return chunk, tl.cdiv(size, chunk)
 
 
-@triton.autotune(configs=_SPLIT_CONFIGS, key=["M_BUCKET", "K", "R", "N"])
+@triton.autotune(configs=tuned(SPLIT_CONFIGS), key=["M_BUCKET", "K", "R", "N"])
 @triton.jit
 def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, count_ptr, M, K, R, N, M_BUCKET, BUSY,
                        sxm, sxk, sbr, sbk, san, sar, sym, syn,
@@ -152,7 +152,7 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
             tl.atomic_xchg(count_ptr, 0, sem="relaxed")
 
 
-@triton.autotune(configs=_TILED_CONFIGS, key=["M_BUCKET", "K", "R", "N"])
+@triton.autotune(configs=tuned(TILED_CONFIGS), key=["M_BUCKET", "K", "R", "N"])
 @triton.jit
 def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
                   sxm, sxk, sbr, sbk, san, sar, sym, syn,
@@ -232,13 +232,15 @@ def workspace(device: torch.device, dtype: torch.dtype, part: int, t: int, count
     return held
 
 
-def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
-    """x: (M, K), b: (R, K), a: (N, R) -> act(x b^T a^T + bias), (M, N), x's dtype; one launch."""
+def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
+               config: triton.Config | None = None) -> torch.Tensor:
+    """x: (M, K), b: (R, K), a: (N, R) -> act(x b^T a^T + bias), (M, N), x's dtype; one launch
+    (autotuned, or with `config`, one of SPLIT_CONFIGS)."""
     M, K = x.shape
     R, N = b.shape[0], a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     busy = _programs_to_fill(x.device)
-    plans = [split_plan(K, R, N, c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], busy) for c in _SPLIT_CONFIGS]
+    plans = [split_plan(K, R, N, c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], busy) for c in SPLIT_CONFIGS]
     scratch = workspace(x.device, x.dtype, part=max(kc for _, kc, _ in plans) * M * R, t=M * R,
                         counts=3 + max(rb for rb, _, _ in plans))
 
@@ -246,14 +248,16 @@ def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Te
         rank_blocks, k_chunks, n_chunks = split_plan(K, R, N, meta["BLOCK_R"], meta["BLOCK_K"], meta["BLOCK_N"], busy)
         return (rank_blocks * k_chunks + n_chunks,)
 
-    _split_rank_kernel[grid](x, b, a, bias if bias is not None else y, y, scratch.part, scratch.t, scratch.counts, M, K, R, N,
+    launcher(_split_rank_kernel, config)[grid](x, b, a, bias if bias is not None else y, y, scratch.part, scratch.t, scratch.counts, M, K, R, N,
                              row_bucket(M), busy, x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
                              y.stride(0), y.stride(1), HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
     return y
 
 
-def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
-    """x: (M, K), b: (R, K), a: (N, R) -> act(x b^T a^T + bias), (M, N), x's dtype."""
+def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
+          config: triton.Config | None = None) -> torch.Tensor:
+    """x: (M, K), b: (R, K), a: (N, R) -> act(x b^T a^T + bias), (M, N), x's dtype (autotuned, or
+    with `config`, one of TILED_CONFIGS)."""
     M, K = x.shape
     R, N = b.shape[0], a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -261,7 +265,7 @@ def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _tiled_kernel[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, row_bucket(M),
+    launcher(_tiled_kernel, config)[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, row_bucket(M),
                         x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
                         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
     return y

@@ -11,13 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, row_bucket
+from ._common import configs, launcher, row_bucket, tuned
 
-_CONFIGS = configs([dict(BLOCK_M=32, BLOCK_A=32, BLOCK_R=32, BLOCK_B=32), dict(BLOCK_M=64, BLOCK_A=64, BLOCK_R=64, BLOCK_B=64),
+CONFIGS = configs([dict(BLOCK_M=32, BLOCK_A=32, BLOCK_R=32, BLOCK_B=32), dict(BLOCK_M=64, BLOCK_A=64, BLOCK_R=64, BLOCK_B=64),
                     dict(BLOCK_M=16, BLOCK_A=64, BLOCK_R=64, BLOCK_B=128)], [4, 4, 8])
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "NA", "Na", "R", "NB", "Nb"])
+@triton.autotune(configs=tuned(CONFIGS), key=["M_BUCKET", "NA", "Na", "R", "NB", "Nb"])
 @triton.jit
 def _tt2_kernel(x_ptr, g1_ptr, g2_ptr, bias_ptr, y_ptr, M, NA, Na, R, NB, Nb, M_BUCKET,
                 sxm, sxk, s1A, s1a, s1r, s2r, s2B, s2b, sym, syn,
@@ -52,8 +52,10 @@ def _tt2_kernel(x_ptr, g1_ptr, g2_ptr, bias_ptr, y_ptr, M, NA, Na, R, NB, Nb, M_
              mask=(rows[:, None] < M) & (ob[None, :] < NB))
 
 
-def tt2(x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: (M, Na * Nb), g1: (NA, Na, R), g2: (R, NB, Nb) -> (M, NA * NB)."""
+def tt2(x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bias: torch.Tensor | None,
+        config: triton.Config | None = None) -> torch.Tensor:
+    """x: (M, Na * Nb), g1: (NA, Na, R), g2: (R, NB, Nb) -> (M, NA * NB) (autotuned, or with
+    `config`, one of CONFIGS)."""
     M = x.shape[0]
     NA, Na, R = g1.shape
     _, NB, Nb = g2.shape
@@ -62,7 +64,7 @@ def tt2(x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bias: torch.Tensor 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), NA, triton.cdiv(NB, meta["BLOCK_B"]))
 
-    _tt2_kernel[grid](x, g1, g2, bias if bias is not None else y, y, M, NA, Na, R, NB, Nb, row_bucket(M),
+    launcher(_tt2_kernel, config)[grid](x, g1, g2, bias if bias is not None else y, y, M, NA, Na, R, NB, Nb, row_bucket(M),
                       x.stride(0), x.stride(1), g1.stride(0), g1.stride(1), g1.stride(2), g2.stride(0), g2.stride(1), g2.stride(2),
                       y.stride(0), y.stride(1), HAS_BIAS=bias is not None)
     return y

@@ -53,6 +53,17 @@ def test_split_rank_chunks_cover_every_input_and_output_once(busy, dtype, monkey
     _check(kernels.split_rank(x, b, a, c), x, b, a, c, "none", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kernel", ["split_rank", "tiled"])
+def test_every_lowrank_configuration_matches_the_reference(kernel, dtype, monkeypatch):
+    """Autotuning may pick any configuration on the GPU (the interpreter tunes over the first only):
+    each one, launched as given, on 40 rows (more than a 16- or 32-row tile) with bias and GELU."""
+    monkeypatch.setattr(kernels, "_programs_to_fill", lambda device: 6)
+    x, b, a, c = _inputs((40, 300, 70, 150), dtype, True)
+    for config in getattr(kernels, {"split_rank": "SPLIT_CONFIGS", "tiled": "TILED_CONFIGS"}[kernel]):
+        _check(getattr(kernels, kernel)(x, b, a, c, "gelu", config=config), x, b, a, c, "gelu", dtype)
+
+
 def test_split_rank_plan():
     assert kernels.split_plan(300, 40, 300, 32, 64, 64, busy=3) == (2, 2, 3)
     assert kernels.split_plan(300, 40, 300, 32, 64, 64, busy=1) == (2, 1, 1)
@@ -294,6 +305,23 @@ def test_tt2_matches_the_reference(shape, dtype, bias):
     assert out.dtype == dtype and out.shape == ref.shape
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_tt2_configuration_matches_the_reference(dtype):
+    from tngraph.ops import network_reference
+
+    m, na, a, r, nb, b = 20, 2, 70, 40, 130, 3  # more than a tile of rows (16), of a, of the rank and of B
+    g = torch.Generator().manual_seed(2)
+    x, g1, g2 = torch.randn(m, a * b, generator=g), torch.randn(na, a, r, generator=g) / a**0.5, torch.randn(r, nb, b, generator=g) / (r * b) ** 0.5
+    c = torch.randn(na * nb, generator=g)
+    ref = network_reference(x, [g1, g2], "...ab,Aar,rBb->...AB", [a, b], na * nb, c)
+    tt = load_kernels("tt")
+    x, g1, g2, c = (t.to(DEVICE, dtype) for t in (x, g1, g2, c))
+    for config in tt.CONFIGS:
+        out = tt.tt2(x, g1, g2, c, config=config)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out.float(), ref.to(DEVICE), atol=tol, rtol=tol)
 
 
 def test_the_tt_format_is_recognised_and_its_kernel_matches_the_op():
