@@ -7,6 +7,9 @@ import triton
 
 # triton's interpreter (CPU tests) runs every autotune candidate at numpy speed: one config there
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# TNGRAPH_AUTOTUNE=0: the first configuration only, untimed (tests on a GPU, which run every
+# configuration explicitly and need not compile all of them for each shape they try)
+AUTOTUNE = not INTERPRET and os.environ.get("TNGRAPH_AUTOTUNE", "1") != "0"
 
 
 def configs(candidates: list[dict], warps: list[int]) -> list[triton.Config]:
@@ -15,8 +18,9 @@ def configs(candidates: list[dict], warps: list[int]) -> list[triton.Config]:
 
 
 def tuned(every: list[triton.Config]) -> list[triton.Config]:
-    """The configurations autotuning times: all of them, only the first under the interpreter."""
-    return every[:1] if INTERPRET else every
+    """The configurations autotuning times: all of them, only the first under the interpreter or
+    with TNGRAPH_AUTOTUNE=0."""
+    return every if AUTOTUNE else every[:1]
 
 
 def launcher(kernel, config: triton.Config | None):
