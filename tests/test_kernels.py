@@ -442,7 +442,7 @@ def test_the_kernel_benchmark_builds_networks_the_kernels_take(fmt):
                                network_reference(x, cores, equation, in_dims, 40, None), atol=1e-4, rtol=1e-4)
 
 
-def test_the_kernel_benchmark_runs_end_to_end_in_the_interpreter(tmp_path, capsys):
+def test_the_kernel_benchmark_runs_end_to_end_in_the_interpreter(tmp_path, capsys, monkeypatch):
     """A smoke run of tools/bench_kernels.py on the CPU (--device cpu, triton's interpreter): every
     step the GPU run takes, both tables, the JSON rows (the GPU session has minutes: no typo may cost them)."""
     import importlib.util
@@ -460,7 +460,14 @@ def test_the_kernel_benchmark_runs_end_to_end_in_the_interpreter(tmp_path, capsy
     rows = json.loads(out.read_text())
     assert len(rows) == 2 and rows[0]["rank"] > 0 and rows[1]["format"] == "tt"
     assert {"dense_us", "chain_us", "split_us", "tiled_us", "op_us", "op_over_chain", "op_bw_frac"} <= set(rows[0])
-    assert "smoke run" in capsys.readouterr().out
+    assert rows[0]["split_rel_err"] < 2e-2 and rows[1]["kernel_rel_err"] < 2e-2
+    printed = capsys.readouterr()
+    assert "smoke run" in printed.out and "every kernel result within 0.02" in printed.out
+    # a kernel that is off is named, and the run fails
+    split = kernels.split_rank
+    monkeypatch.setattr(kernels, "split_rank", lambda *args: split(*args) * 1.5)
+    assert bench.main(["--device", "cpu", "--dtype", "fp16", "--shapes", "40x24", "--rows", "2", "--kept", "0.5", "--formats"]) == 1
+    assert "split 40x24 kept 0.5 m 2: relative error" in capsys.readouterr().err
 
 
 def test_every_kernel_compiles_for_hopper_in_bf16_without_a_gpu(tmp_path):

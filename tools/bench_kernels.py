@@ -7,6 +7,9 @@ for few rows, tiled) and of the dispatching op torch.ops.tngraph.lowrank; achiev
 the fraction of the memory-bandwidth bound (the bytes each must move / peak bandwidth, over its
 time); then fused/chain and fused/dense time ratios. A second table does the same for the two-mode
 tensor-network layers (TT, TR, CP, Tucker): dense vs the einsum reference vs the kernel path.
+Before timing, every kernel's output is compared with the float32 chain (einsum) at that shape;
+a result off by more than --tolerance (relative to the largest |value|) is listed at the end and
+the script exits with 1, so a table is never printed for a wrong kernel without saying so.
 
   python tools/bench_kernels.py [--dtype fp16|bf16|fp32] [--rows 1 16 128 2048] [--json FILE]
 
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", nargs="*", default=["tt", "tr", "cp", "tucker"],
                    help="two-mode network formats for the second table (none: skip it)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run in triton's interpreter")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest |kernel - fp32 reference| / max |reference| accepted (default 1e-4 fp32, 2e-2 fp16/bf16)")
     args = p.parse_args(argv)
     import os
 
@@ -78,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     size = torch.tensor([], dtype=dtype).element_size()
+    tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+    wrong: list[str] = []
+
+    def check(label: str, out: torch.Tensor, ref: torch.Tensor) -> float:
+        error = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        if not error <= tolerance:
+            wrong.append(f"{label}: relative error {error:.3g} > {tolerance:g}")
+        return error
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU, triton interpreter (smoke run: times mean nothing)"
     print(f"{name} dtype={dtype} torch {torch.__version__} peak {args.peak_gbps:g} GB/s")
     header = (f"{'shape':>12} {'kept':>5} {'rank':>5} {'m':>5} | {'dense us':>9} {'bw%':>5} | {'chain us':>9} {'bw%':>5} | "
@@ -97,15 +110,16 @@ def main(argv: list[str] | None = None) -> int:
                 x = torch.randn(m, in_f, device=device, dtype=dtype)
                 io = (m * in_f + m * out_f) * size
                 need = {"dense": out_f * in_f * size + io, "low": r * (out_f + in_f) * size + io}
-                timed = {
-                    "dense": (bench(lambda: F.linear(x, w, bias)), "dense"),
-                    "chain": (bench(lambda: F.linear(F.linear(x, b), a, bias)), "low"),
-                    "op": (bench(lambda: torch.ops.tngraph.lowrank(x, b, a, bias, "none")), "low"),
-                }
-                if m <= 256:
-                    timed["split"] = (bench(lambda: kernels.split_rank(x, b, a, bias)), "low")
-                    timed["tiled"] = (bench(lambda: kernels.tiled(x, b, a, bias)), "low")
+                ref = F.linear(F.linear(x.float(), b.float()), a.float(), bias.float())
+                fused = {"op": lambda: torch.ops.tngraph.lowrank(x, b, a, bias, "none"), "tiled": lambda: kernels.tiled(x, b, a, bias)}
+                if m <= 256:  # split-rank's scratch grows with the rows (K chunks x m x rank fp32); the dispatch stops at 64
+                    fused["split"] = lambda: kernels.split_rank(x, b, a, bias)
                 row = {"shape": shape, "kept": kept, "rank": r, "m": m}
+                for name, fn in fused.items():  # checked at these m; timed where the dispatch might run them
+                    row[f"{name}_rel_err"] = check(f"{name} {shape} kept {kept} m {m}", fn(), ref)
+                timed = {"dense": (bench(lambda: F.linear(x, w, bias)), "dense"),
+                         "chain": (bench(lambda: F.linear(F.linear(x, b), a, bias)), "low")}
+                timed.update({name: (bench(fn), "low") for name, fn in fused.items() if name == "op" or m <= 256})
                 for name, (ms, kind) in timed.items():
                     row[f"{name}_us"] = ms * 1e3
                     row[f"{name}_bw_frac"] = need[kind] / (args.peak_gbps * 1e9) / (ms * 1e-3)
@@ -124,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['op_us']:>8.1f} {100 * row['op_bw_frac']:>5.1f} {row['op_gbps']:>7.0f} {row['op_tflops']:>6.1f} | "
                       f"{row['op_over_chain']:>8.3f} {row['op_over_dense']:>8.3f}", flush=True)
     if args.formats:
-        rows += _network_table(args, dtype, size, bench, device)
+        rows += _network_table(args, dtype, size, bench, device, check)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if wrong:
+        print(f"\n{len(wrong)} kernel result(s) off the float32 reference:\n  " + "\n  ".join(wrong), file=sys.stderr)
+        return 1
+    print(f"\nevery kernel result within {tolerance:g} of the float32 reference (relative to its largest |value|)")
     return 0
 
 
@@ -154,7 +172,7 @@ def random_network(fmt: str, out_f: int, in_f: int, kept: float, device, dtype) 
     return equation, cores, [a, b], rank
 
 
-def _network_table(args, dtype: torch.dtype, size: int, bench, device: str) -> list[dict]:
+def _network_table(args, dtype: torch.dtype, size: int, bench, device: str, check) -> list[dict]:
     """Two-mode tensor-network layers (args.formats) at the same shapes and budgets: dense, the
     unfused einsum and the kernel path of torch.ops.tngraph.network (kernels/tt.py)."""
     from tngraph.ops import cached_network_plan, network_kernel, network_plan, network_reference
@@ -176,12 +194,16 @@ def _network_table(args, dtype: torch.dtype, size: int, bench, device: str) -> l
                 for m in args.rows:
                     x = torch.randn(m, in_f, device=device, dtype=dtype)
                     need = (sum(c.numel() for c in cores) + m * (in_f + out_f)) * size
+                    ref = network_reference(x.float(), [c.float() for c in cores], eq, in_dims, out_f, None)
+                    error = check(f"{fmt} kernel {shape} kept {kept} m {m}",
+                                  network_kernel(x, cores, eq, out_f, None, cached_network_plan(eq, cores)), ref)
                     t_dense = bench(lambda: F.linear(x, w))
                     t_ein = bench(lambda: network_reference(x, cores, eq, in_dims, out_f, None))
                     t_kern = bench(lambda: network_kernel(x, cores, eq, out_f, None, cached_network_plan(eq, cores)))  # the op's CUDA path
                     bw = lambda ms: need / (args.peak_gbps * 1e9) / (ms * 1e-3)  # noqa: E731
                     row = {"format": fmt, "shape": shape, "kept": kept, "rank": rank, "m": m, "dense_us": t_dense * 1e3,
-                           "einsum_us": t_ein * 1e3, "kernel_us": t_kern * 1e3, "einsum_bw_frac": bw(t_ein), "kernel_bw_frac": bw(t_kern)}
+                           "einsum_us": t_ein * 1e3, "kernel_us": t_kern * 1e3, "einsum_bw_frac": bw(t_ein), "kernel_bw_frac": bw(t_kern),
+                           "kernel_rel_err": error}
                     rows.append(row)
                     print(f"{fmt:>7} {shape:>12} {kept:>5.2f} {rank:>5} {m:>5} | {row['dense_us']:>9.1f} | {row['einsum_us']:>9.1f} "
                           f"{100 * row['einsum_bw_frac']:>5.1f} | {row['kernel_us']:>9.1f} {100 * row['kernel_bw_frac']:>5.1f} | "

@@ -22,7 +22,10 @@ for selection in "-m gpu tests" "tests/test_kernels.py"; do
   code=${PIPESTATUS[0]}
   [ "$code" -ne 0 ] && [ "$code" -ne 5 ] && rc=$code
 done
+# each benchmark first checks every kernel against the float32 reference at its shapes (exit 1 if one is off)
 timeout 200 $PY tools/bench_kernels.py --dtype fp16 --json "$OUT/bench_kernels_fp16.json" 2>&1 | tee "$OUT/bench_kernels_fp16.txt"
+code=${PIPESTATUS[0]}; [ "$code" -ne 0 ] && rc=$code
 timeout 90 $PY tools/bench_kernels.py --dtype bf16 --formats --json "$OUT/bench_kernels_bf16.json" 2>&1 | tee "$OUT/bench_kernels_bf16.txt"
+code=${PIPESTATUS[0]}; [ "$code" -ne 0 ] && rc=$code
 # speculative decoding (tngraph.speculative) against greedy generate() is among the gpu-marked tests above
 exit "$rc"
