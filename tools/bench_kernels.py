@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{shape:>12} {kept:>5.2f} {r:>5} {m:>5} | {cell('dense')} | {cell('chain')} | {cell('split')} | {cell('tiled')} | "
                       f"{row['op_us']:>8.1f} {100 * row['op_bw_frac']:>5.1f} {row['op_gbps']:>7.0f} {row['op_tflops']:>6.1f} | "
                       f"{row['op_over_chain']:>8.3f} {row['op_over_dense']:>8.3f}", flush=True)
+    if any(scratch.counts.any() for scratch in kernels._workspaces.values()):  # each call must leave them zero
+        wrong.append("split-rank left nonzero tickets/counters in its scratch")
     if args.formats:
         rows += _network_table(args, dtype, size, bench, device, check)
     if args.json:
