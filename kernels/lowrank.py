@@ -36,7 +36,8 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 
 # tl.dot needs every block dimension >= 16
 # split-rank: small output blocks give the y-forming phase more programs (N / BLOCK_N of them at
-# most); the 64-row tile is for 17-64 rows, where 16-row tiles would read the weights 2-4 times
+# most); the 64-row tile is for more than 16 rows, where a 16-row tile rereads each weight tile
+# (from cache) once per 16 rows
 SPLIT_CONFIGS = _configs([dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=16, BLOCK_R=64, BLOCK_N=32, BLOCK_K=128),
                            dict(BLOCK_M=16, BLOCK_R=32, BLOCK_N=128, BLOCK_K=128), dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=32, BLOCK_K=256),
                            dict(BLOCK_M=64, BLOCK_R=32, BLOCK_N=64, BLOCK_K=64)],

@@ -164,7 +164,9 @@ def test_the_dispatch_times_each_candidate_once_per_row_bucket(monkeypatch):
     assert ops.choose(x[:2], b, a, c, "none", timer=timer) == "tiled" and len(timed) == 3  # same bucket (<= 16 rows): cached
     big = torch.randn(100, 40, device=DEVICE)
     ops.choose(big, b, a, c, "none", timer=lambda fn: timed.append(fn) or 1.0)
-    assert len(timed) == 5  # bucket 128: chain and tiled (split-rank takes at most 64 rows)
+    assert len(timed) == 6  # bucket 128: chain, split_rank and tiled again
+    ops.choose(torch.randn(200, 40, device=DEVICE), b, a, c, "none", timer=lambda fn: timed.append(fn) or 1.0)
+    assert len(timed) == 8  # bucket 2048: chain and tiled (split-rank takes at most 128 rows)
     monkeypatch.setenv("TNGRAPH_LOWRANK", "chain")
     assert ops.choose(x, b, a, c, "none", timer=timer) == "chain"
     monkeypatch.setenv("TNGRAPH_LOWRANK", "magic")
@@ -183,8 +185,8 @@ def test_the_dense_product_is_a_candidate_only_where_allowed(monkeypatch):
     monkeypatch.setattr(ops, "_allow_dense", None)
     monkeypatch.delenv("TNGRAPH_LOWRANK", raising=False)
     monkeypatch.delenv("TNGRAPH_LOWRANK_DENSE", raising=False)
-    x, b, a, c = _inputs((100, 40, 17, 33), torch.float32, True)
-    times = [3.0, 2.0, 3.0, 1.0, 2.0]  # per call: chain, tiled; then chain, dense, tiled (100 rows: no split-rank)
+    x, b, a, c = _inputs((200, 40, 17, 33), torch.float32, True)
+    times = [3.0, 2.0, 3.0, 1.0, 2.0]  # per call: chain, tiled; then chain, dense, tiled (200 rows: no split-rank)
 
     def timer(fn):
         return times.pop(0)

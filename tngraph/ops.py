@@ -40,7 +40,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # network_plan maps), the einsum and, where allowed, the dense matrix; TNGRAPH_NETWORK=kernel|einsum|dense
 # forces one.
 ROW_BUCKETS = (1, 16, 128, 2048)
-KERNEL_ROWS = {"split_rank": 64, "tiled": 2048}
+KERNEL_ROWS = {"split_rank": 128, "tiled": 2048}
 IMPLEMENTATIONS = ("split_rank", "tiled", "chain", "dense")
 NETWORK_IMPLEMENTATIONS = ("kernel", "einsum", "dense")
 _choices: dict[tuple, str] = {}
