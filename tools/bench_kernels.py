@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 need = {"dense": out_f * in_f * size + io, "low": r * (out_f + in_f) * size + io}
                 ref = F.linear(F.linear(x.float(), b.float()), a.float(), bias.float())
                 fused = {"op": lambda: torch.ops.tngraph.lowrank(x, b, a, bias, "none"), "tiled": lambda: kernels.tiled(x, b, a, bias)}
-                if m <= 256:  # split-rank's scratch grows with the rows (K chunks x m x rank fp32); the dispatch stops at 64
+                if m <= 256:  # split-rank's scratch grows with the rows (K chunks x m x rank fp32); the dispatch stops at 128
                     fused["split"] = lambda: kernels.split_rank(x, b, a, bias)
                 row = {"shape": shape, "kept": kept, "rank": r, "m": m}
                 for name, fn in fused.items():  # checked at these m; timed where the dispatch might run them
