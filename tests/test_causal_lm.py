@@ -130,8 +130,15 @@ def test_whole_graph_pipeline_heals_and_reports_perplexity(tiny_lm, compressed):
     assert model.config.use_cache  # generation gets its KV cache back
 
 
-def test_eval_command_scores_dense_models_and_artifacts(tiny_lm, compressed, tmp_path, capsys):
+def test_eval_command_scores_dense_models_and_artifacts(tiny_lm, compressed, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    loads = []
+    from_pretrained = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or from_pretrained(cls, *a, **k)))
     assert main(["eval", "--model", str(compressed), "--json", "--quiet"]) == 0
+    assert len(loads) == 1  # the source is read once: scored dense, then compressed in place and scored again
     out = json.loads(capsys.readouterr().out)
     report = json.loads((compressed / "report.json").read_text())["perplexity"]
     assert out["perplexity"] == pytest.approx(report["compressed"]["perplexity"], rel=1e-4)
@@ -146,6 +153,18 @@ def test_eval_command_scores_dense_models_and_artifacts(tiny_lm, compressed, tmp
     assert "fewer than one window" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_lm[0]), "--text", str(tmp_path / "missing.txt"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_of_a_blockwise_artifact_scores_it_next_to_its_source(tiny_lm, tmp_path, capsys):
+    art = tmp_path / "blockwise"
+    assert main(["compress", "--model", str(tiny_lm[0]), "--blockwise", "--budget", "0.6", "--out", str(art), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(art), "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    dense = out["source"]
+    assert out["tokens"] == dense["tokens"] > 20_000 and out["window"] == dense["window"]
+    assert dense["perplexity"] < out["perplexity"] < 3 * dense["perplexity"]
+    assert out["source"]["ratio"] == pytest.approx(out["perplexity"] / dense["perplexity"])
 
 
 def test_compressed_model_drafts_for_the_dense_model_in_transformers_generate(loaded, compressed):

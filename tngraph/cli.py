@@ -613,17 +613,24 @@ def _eval(args: argparse.Namespace) -> int:
         text, label = read_text(args.text), args.text
     else:
         text, label = "\n\n".join(lm_documents().heldout), "the built-in held-out documents"
-    model, tokenizer, recipe = lm.load(args.model)
-    show = not args.quiet
-    kwargs = dict(window=args.window, stride=args.stride, batch_size=args.batch_size, show=show)
-    with lm.no_kv_cache(model):
-        result = lm.perplexity(model, tokenizer, text, **kwargs)
-    out: dict[str, Any] = {"model": args.model, "text": label, **result.to_json()}
+    kwargs = dict(window=args.window, stride=args.stride, batch_size=args.batch_size, show=not args.quiet)
+
+    def score(model, tokenizer):
+        with lm.no_kv_cache(model):
+            return lm.perplexity(model, tokenizer, text, **kwargs)
+
+    recipe = lm.artifact_recipe(args.model)
     if recipe is not None and not args.no_source:
-        source, _, _ = lm.load(recipe["source"]["path"])
-        kwargs["window"], kwargs["stride"] = result.window, result.stride  # the same windows
-        with lm.no_kv_cache(source):
-            dense = lm.perplexity(source, tokenizer, text, **kwargs)
+        # the dense source first, then the same model compressed in place: one model in memory, read once
+        models = lm.load_source_then_artifact(args.model)
+        dense = score(*next(models))
+        kwargs["window"], kwargs["stride"] = dense.window, dense.stride  # the same windows
+        result = score(*next(models))
+    else:
+        model, tokenizer, recipe = lm.load(args.model)
+        result, dense = score(model, tokenizer), None
+    out: dict[str, Any] = {"model": args.model, "text": label, **result.to_json()}
+    if dense is not None:
         out["source"] = {"model": recipe["source"]["path"], **dense.to_json(), "ratio": result.perplexity / dense.perplexity}
     if args.json:
         print(json.dumps(out, indent=2))

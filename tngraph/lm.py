@@ -98,6 +98,42 @@ def load(spec: str | pathlib.Path) -> tuple[torch.nn.Module, Any, dict[str, Any]
     return model.eval(), tokenizer, recipe
 
 
+def artifact_recipe(spec: str | pathlib.Path) -> dict[str, Any] | None:
+    """The recipe of a tngraph artifact folder, None for anything else (a model folder, a name)."""
+    from .artifact import RECIPE, read_recipe
+
+    path = pathlib.Path(spec).expanduser()
+    return read_recipe(path) if (path / RECIPE).is_file() else None
+
+
+def load_source_then_artifact(spec: str | pathlib.Path) -> Iterator[tuple[torch.nn.Module, Any]]:
+    """For a tngraph artifact of a causal LM: yields (dense source, tokenizer), then, once the caller
+    is done with the source, (the compressed model, tokenizer) — made from the same model object,
+    compressed in place, so one model is in memory and the source is read once (a blockwise
+    artifact is built on its own after the source is let go). Scoring both on one text is what
+    `tngraph eval` of an artifact does."""
+    import gc
+
+    from .artifact import load as load_artifact
+
+    recipe = artifact_recipe(spec)
+    if recipe is None:
+        raise ModelError(f"{str(spec)!r} is not a tngraph artifact (no recipe.json)", "pass an artifact folder written by tngraph compress")
+    source = recipe["source"].get("path")
+    if not source or not is_causal_lm_config(source):
+        raise ModelError(f"the artifact {str(spec)!r} was made from {source or recipe['source'].get('kind')!r}, not a causal LM",
+                         "perplexity and generation need an artifact compressed from a causal LM")
+    model, tokenizer, _ = load(source)
+    yield model, tokenizer
+    if recipe.get("layout") == "causal-lm-blockwise":
+        del model
+        gc.collect()
+        model, tokenizer, _ = load(spec)
+    else:
+        model = load_artifact(spec, model=model).eval()
+    yield model, tokenizer
+
+
 @dataclass(frozen=True)
 class Perplexity:
     perplexity: float
