@@ -59,7 +59,7 @@ def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tin
     ids = _ids()
     with torch.no_grad():
         ref = dense(ids).logits
-    half = compress_causal_lm(tiny_llama, tmp_path / "half", budget=0.5, samples=16, length=32, progress=False)
+    half = compress_causal_lm(tiny_llama, tmp_path / "half", budget=0.5, samples=16, length=32, progress=False, allocation="uniform")
     assert half.targets == 4 * 7 and 0.4 < half.params_after / half.params_before <= 0.5
     model = tngraph.load(tmp_path / "half")
     assert all(isinstance(model.get_submodule(f"model.layers.{i}.{n}"), LowRankLinear) for i in range(4)
@@ -77,11 +77,64 @@ def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tin
         torch.testing.assert_close(got, dense(ids).logits, atol=1e-6, rtol=1e-6)
     err = _rel(got, ref)
     assert 0 < err < 0.5
-    more = compress_causal_lm(tiny_llama, tmp_path / "more", budget=0.9, samples=16, length=32, progress=False)
+    more = compress_causal_lm(tiny_llama, tmp_path / "more", budget=0.9, samples=16, length=32, progress=False, allocation="uniform")
     with torch.no_grad():
         assert _rel(tngraph.load(tmp_path / "more")(ids).logits, ref) < err and more.params_after > half.params_after
     out = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, attention_mask=torch.ones(1, 5, dtype=torch.long))
     assert out.shape == (1, 11) and torch.equal(out[:, :5], ids[:1, :5])
+
+
+def test_budgeted_allocation_spends_the_block_budget_where_the_spectra_say():
+    """Per block: a projection whose whitened spectrum falls fast gets a low rank, one whose spectrum
+    is flat gets more or stays dense; the block's parameters stay within the budget, and the summed
+    error is never above the uniform ranks' (they are one of the choices)."""
+    from tngraph.blockwise import allocate_block
+    from tngraph.tn.lowrank import rank_for_budget
+
+    shapes = [("fast", 64, 64, False), ("flat", 64, 64, False), ("wide", 32, 128, True)]
+    spectra = {"fast": 0.5 ** torch.arange(64.0), "flat": torch.ones(64), "wide": 1.0 / (1 + torch.arange(32.0))}
+    ranks = allocate_block(shapes, spectra, 0.5)
+
+    def params(name, out_f, in_f, bias, r):
+        return out_f * in_f + bias * out_f if r is None else r * (out_f + in_f) + bias * out_f
+
+    def error(name, r):
+        e = spectra[name].double()
+        return 0.0 if r is None else float(e[r:].sum() / e.sum())
+
+    assert sum(params(*s, ranks[s[0]]) for s in shapes) <= 0.5 * sum(params(*s, None) for s in shapes)
+    assert ranks["fast"] is not None and ranks["fast"] < 16 and (ranks["flat"] is None or ranks["flat"] > 16)
+    uniform = {n: rank_for_budget(o, i, 0.5, b) for n, o, i, b in shapes}
+    assert sum(error(n, ranks[n]) for n in spectra) < sum(error(n, uniform[n]) for n in spectra)
+
+
+def test_budgeted_blockwise_artifact_loads_to_its_factors(tiny_llama, tmp_path):
+    """The default (budgeted) artifact: within the budget, some projections at other ranks than the
+    uniform one, dense ones left to the source, and the loaded model is the source with exactly the
+    artifact's factors swapped in."""
+    from safetensors.torch import load_file
+
+    from tngraph.modules import LowRankLinear
+
+    result = compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=16, length=32, progress=False)
+    assert result.params_after <= 0.5 * result.params_before
+    recipe = json.loads((tmp_path / "art" / "recipe.json").read_text())
+    assert recipe["config"]["allocation"] == "budgeted" and len({t["rank"] for t in recipe["targets"]}) > 2
+    model = tngraph.load(tmp_path / "art")
+    dense = _dense(tiny_llama)
+    factors = {}
+    for i in range(4):
+        factors.update(load_file(str(tmp_path / "art" / f"factors-{i:05d}.safetensors")))
+    for name, module in list(dense.named_modules()):
+        if f"{name}.a" in factors:
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, LowRankLinear(factors[f"{name}.a"], factors[f"{name}.b"], None))
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-6, rtol=1e-6)
+    kept_dense = [f"model.layers.{i}.{n}" for i in range(4) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if f"model.layers.{i}.{n}.a" not in factors]
+    assert kept_dense and all(type(model.get_submodule(n)) is torch.nn.Linear for n in kept_dense)
 
 
 def test_whitened_on_the_data_it_sees_beats_plain_svd_there(tiny_llama, tmp_path):
@@ -90,7 +143,7 @@ def test_whitened_on_the_data_it_sees_beats_plain_svd_there(tiny_llama, tmp_path
     from tngraph.modules import LowRankLinear
     from tngraph.tn.lowrank import decompose_lowrank
 
-    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=16, length=32, seed=3, progress=False)
+    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=16, length=32, seed=3, progress=False, allocation="uniform")
     ours = tngraph.load(tmp_path / "art")
     plain = _dense(tiny_llama)
     for name, module in list(ours.named_modules()):
@@ -139,8 +192,12 @@ def test_command_line_routes_causal_lms_block_by_block(tiny_llama, tmp_path, cap
     out = tmp_path / "art"
     assert main(["compress", "--model", str(tiny_llama), "--out", str(out), "--budget", "0.5", "--calibration-samples", "4", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "block by block" in printed and "28 targets" in printed
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert "block by block" in printed and f"{len(recipe['targets'])} targets" in printed and recipe["config"]["allocation"] == "budgeted"
     assert main(["info", str(out)]) == 0 and "hf-causal" in capsys.readouterr().out
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "u"), "--budget", "0.5", "--calibration-samples", "4",
+                 "--allocation", "uniform", "--quiet"]) == 0
+    assert "28 targets" in capsys.readouterr().out
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "b"), "--format", "tt", "--quiet"]) == 2
     assert "not available for block-by-block" in capsys.readouterr().err
 

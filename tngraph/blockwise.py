@@ -212,8 +212,13 @@ def _blocks(n: int, show: bool) -> Iterator[int]:
 
 def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, budget: float = 0.5, texts: Sequence[str] | None = None,
                        tokenizer: Any = None, samples: int = 32, length: int = 128, batch_size: int = 4, damping: float = 1e-4,
-                       seed: int = 0, force: bool = False, progress: bool = True) -> BlockwiseResult:
-    """Compress the causal LM in `folder` block by block into the artifact folder `out`."""
+                       seed: int = 0, force: bool = False, progress: bool = True, allocation: str = "budgeted") -> BlockwiseResult:
+    """Compress the causal LM in `folder` block by block into the artifact folder `out`.
+
+    allocation "uniform": every projection at the budget's rank. "budgeted": per block, the ranks
+    (or dense) that minimise the sum of the projections' relative output errors on the calibration
+    inputs (the whitened spectra's discarded energy) with the block's parameters within the budget
+    (the solver of the whole-graph pipeline's budgeted allocation)."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -227,6 +232,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     started = time.perf_counter()
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ConfigError(f"budget must be in (0, 1], got {budget!r}", "e.g. --budget 0.5")
+    if allocation not in ("uniform", "budgeted"):
+        raise ConfigError(f"allocation {allocation!r} is not available block by block", "use 'budgeted' or 'uniform'")
     if samples < 1 or length < 2 or batch_size < 1:
         raise ConfigError("calibration needs samples >= 1, length >= 2, batch size >= 1", "e.g. --calibration-samples 32")
     src = pathlib.Path(folder).resolve()
@@ -276,34 +283,46 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
                 h.remove()
             del seen  # the last batch's inputs and products
             tensors = {}
+            shapes = [(name, *block.get_submodule(name).weight.shape, block.get_submodule(name).bias is not None) for name in BLOCK_TARGETS]
+            # torch.distributed: target j of the block (BLOCK_TARGETS order) is measured and decomposed by
+            # rank j % world, its spectrum and factors broadcast
+            owner = {name: j % world for j, name in enumerate(BLOCK_TARGETS)}
+            whitenings: dict[str, Any] = {}
+
+            def whitening(name: str) -> Any:  # of the input `name` reads, made once on this rank
+                read = shared.get(name, name)
+                if read not in whitenings:
+                    whitenings[read] = whitening_from_gram(grams.pop(read).gram, damping)
+                return whitenings[read]
+
+            if allocation == "budgeted":
+                spectra = {name: _share(_spectrum(block.get_submodule(name).weight, whitening(name)) if owner[name] == rank else None,
+                                        min(out_f, in_f), src=owner[name], world=world)
+                           for name, out_f, in_f, _ in shapes}
+                ranks = allocate_block(shapes, spectra, budget)
+            else:
+                ranks = {name: rank_for_budget(out_f, in_f, budget, has_bias) for name, out_f, in_f, has_bias in shapes}
             plans = []  # (name, out, in, bias, rank) of the targets factorized, the same on every rank
-            for name in BLOCK_TARGETS:
-                linear = block.get_submodule(name)
-                out_f, in_f = linear.weight.shape
-                has_bias = linear.bias is not None
+            for name, out_f, in_f, has_bias in shapes:
                 dense = out_f * in_f + (out_f if has_bias else 0)
-                rank_ = rank_for_budget(out_f, in_f, budget, has_bias)
+                rank_ = ranks[name]
                 before += dense
-                if lowrank_params(out_f, in_f, rank_) + (out_f if has_bias else 0) >= dense:
+                if rank_ is None or lowrank_params(out_f, in_f, rank_) + (out_f if has_bias else 0) >= dense:
                     after += dense
                 else:
                     plans.append((name, out_f, in_f, has_bias, rank_))
                     after += lowrank_params(out_f, in_f, rank_) + (out_f if has_bias else 0)
-            # torch.distributed: target k is decomposed by rank k % world, its factors broadcast
-            mine = {k for k in range(len(plans)) if k % world == rank}
-            whitenings: dict[str, Any] = {}
             factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
-                owner = shared.get(name, name)
-                if k in mine:
-                    if owner not in whitenings:  # the Gram is not needed again on this rank: freed as it is used
-                        whitenings[owner] = whitening_from_gram(grams.pop(owner).gram, damping)
-                    factors[name] = _decompose(block.get_submodule(name).weight, rank_, whitenings[owner])
-                    if not any(shared.get(p[0], p[0]) == owner for j, p in enumerate(plans) if j > k and j in mine):
-                        del whitenings[owner]  # no later target of this rank reads this input
+                if owner[name] == rank:
+                    factors[name] = _decompose(block.get_submodule(name).weight, rank_, whitening(name))
+                    read = shared.get(name, name)
+                    if not any(shared.get(p[0], p[0]) == read and owner[p[0]] == rank for p in plans[k + 1:]):
+                        del whitenings[read]  # no later target of this rank reads this input
                 _drop_weight(block.get_submodule(name))  # its factors replace it; the dense copy goes now, not at the block's end
+            whitenings.clear()
             for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
-                a, b = _broadcast(factors.get(name), (out_f, rank_), (rank_, in_f), src=k % world, world=world)
+                a, b = _broadcast(factors.get(name), (out_f, rank_), (rank_, in_f), src=owner[name], world=world)
                 linear = block.get_submodule(name)
                 _swap(block, name, LowRankLinear(a, b, linear.bias.detach().clone() if has_bias else None))
                 full = f"{prefix}{name}"
@@ -322,7 +341,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
         recipe = {
             "recipe_version": RECIPE_VERSION, "tngraph_version": __version__, "layout": LAYOUT,
             "source": {"kind": "hf-causal", "path": str(src)}, "source_hash": shards.files_hash(),
-            "config": {"budget": budget, "format": "lowrank", "whiten": True, "damping": damping, "calibration_samples": int(ids.shape[0]),
+            "config": {"budget": budget, "allocation": allocation, "format": "lowrank", "whiten": True, "damping": damping, "calibration_samples": int(ids.shape[0]),
                        "max_length": length, "batch_size": batch_size, "seed": seed},
             "environment": {"torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()},
             "targets": entries, "files": files,
@@ -396,6 +415,61 @@ def init_distributed() -> tuple[int, int]:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
         log.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), world, backend)
     return _dist()
+
+
+def _spectrum(weight: torch.Tensor, whitening: Any) -> torch.Tensor:
+    """Squared singular values of W S (S the input whitening), descending, float64: what the
+    whitened truncation at each rank leaves out is the sum of the rest."""
+    target = whitening.apply(weight.detach())
+    m = target if target.shape[0] <= target.shape[1] else target.T
+    gram = m @ m.T
+    del target, m
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+
+
+def _share(values: torch.Tensor | None, size: int, *, src: int, world: int) -> torch.Tensor:
+    if world == 1:
+        assert values is not None
+        return values
+    import torch.distributed as dist
+
+    values = values.contiguous() if values is not None else torch.empty(size, dtype=torch.float64)
+    dist.broadcast(values, src=src)
+    return values
+
+
+RANK_STEPS = 64  # candidate ranks per projection in budgeted allocation (and the budget's uniform rank)
+
+
+def allocate_block(shapes: Sequence[tuple[str, int, int, bool]], spectra: dict[str, torch.Tensor], budget: float) -> dict[str, int | None]:
+    """Ranks (None: kept dense) for one block's projections (name, out, in, bias) with their
+    parameters within `budget` of the block's, minimising the summed relative output error on the
+    calibration inputs, err(r) = sum of the squared whitened singular values past r / their total.
+    Candidates: RANK_STEPS ranks up to the largest that still saves parameters, the uniform rank,
+    and dense (error 0). The uniform ranks are one feasible choice, so the result is never worse
+    than them by this measure."""
+    from .passes.allocate import solve_budget
+    from .tn.lowrank import rank_for_budget
+
+    costs, losses, options = [], [], []
+    for name, out_f, in_f, has_bias in shapes:
+        bias = out_f if has_bias else 0
+        dense = out_f * in_f + bias
+        top = min(min(out_f, in_f), (dense - bias - 1) // (out_f + in_f))  # the largest rank with fewer parameters than dense
+        ranks = sorted({max(1, round(top * i / RANK_STEPS)) for i in range(1, RANK_STEPS + 1)} | {rank_for_budget(out_f, in_f, budget, has_bias)}) \
+            if top >= 1 else []
+        ranks = [r for r in ranks if r <= top]
+        energy = spectra[name].to(torch.float64)
+        total = float(energy.sum())
+        left = (total - torch.cumsum(energy, 0)).clamp_min(0)  # left[r - 1]: what rank r leaves out
+        costs.append([r * (out_f + in_f) + bias for r in ranks] + [dense])
+        losses.append([float(left[r - 1]) / total if total > 0 else 0.0 for r in ranks] + [0.0])
+        options.append([*ranks, None])
+    limit = budget * sum(c[-1] for c in costs)
+    if sum(min(c) for c in costs) > limit:  # below rank 1 everywhere: the uniform path's rank-1 floor
+        return {name: rank_for_budget(out_f, in_f, budget, has_bias) for name, out_f, in_f, has_bias in shapes}
+    chosen = solve_budget(costs, losses, limit)
+    return {shape[0]: opts[i] for shape, opts, i in zip(shapes, options, chosen)}
 
 
 def _decompose(weight: torch.Tensor, rank: int, whitening: Any) -> tuple[torch.Tensor, torch.Tensor]:

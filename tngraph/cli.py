@@ -51,7 +51,8 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
     fmt.add_argument("--monarch-blocks", type=int, default=None, help="input blocks of the monarch format (default balanced)")
     p.add_argument("--allocation", default=None, choices=list(ALLOCATIONS),
                    help="budgeted: ranks per target from sensitivity curves, total within --budget; uniform: the same fraction "
-                        "per target; auto (default): budgeted for svd, uniform for the tensor-network formats")
+                        "per target; auto (default): budgeted for svd, uniform for the tensor-network formats; block by block, "
+                        "budgeted ranks come from each block's whitened spectra")
     p.add_argument("--budget-kind", default=None, choices=list(BUDGET_KINDS),
                    help="what --budget is a fraction of: params (default), bytes (weight bytes) or latency (budgeted only)")
     p.add_argument("--dense-rows", action=argparse.BooleanOptionalAction, default=None,
@@ -411,8 +412,9 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     rank, world = init_distributed()  # torchrun --nproc-per-node N -m tngraph compress ...: decompositions shared
+    allocation = "budgeted" if args.allocation in (None, "auto") else args.allocation
     result = compress_causal_lm(source.path, args.out, budget=args.budget, texts=texts, tokenizer=tokenizer, samples=samples,
-                                seed=args.seed, force=args.force, progress=not args.quiet and rank == 0)
+                                seed=args.seed, force=args.force, progress=not args.quiet and rank == 0, allocation=allocation)
     if rank != 0:
         return 0
     r = result.to_json()

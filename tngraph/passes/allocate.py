@@ -8,6 +8,7 @@ target is refused with an error, never exceeded. Embedding tables always take th
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch.fx as fx
 
@@ -66,6 +67,42 @@ def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=chosen > 0, summary={"factorized": chosen})
 
 
+def solve_budget(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[float]], limit: float) -> list[int]:
+    """Per target the candidate (an index into its costs and losses) such that the summed loss is
+    smallest, as far as this finds, with the summed cost within `limit`: a Lagrangian relaxation
+    (each target takes the candidate minimising loss + lambda * cost; lambda bisected to meet the
+    limit), then what is left of the limit spent greedily on the upgrade with the most loss saved
+    per unit of cost. The cheapest candidates must fit (the caller says what to do otherwise)."""
+    scale = max(limit, 1e-300)  # lambda is searched for costs in units of the limit
+    n = range(len(costs))
+
+    def choose(lam: float) -> list[int]:
+        return [min(range(len(costs[k])), key=lambda i: (losses[k][i] + lam * costs[k][i] / scale, costs[k][i])) for k in n]
+
+    def cost(choice: list[int]) -> float:
+        return sum(costs[k][i] for k, i in zip(n, choice))
+
+    best = [min(range(len(c)), key=c.__getitem__) for c in costs]
+    lo, hi = -30.0, 20.0  # log10 lambda
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        choice = choose(10**mid)
+        if cost(choice) <= limit:
+            best, hi = choice, mid
+        else:
+            lo = mid
+    best = list(best)
+    while True:
+        room = limit - cost(best)
+        options = [((losses[k][i] - losses[k][j]) / max(costs[k][j] - costs[k][i], 1e-300), k, j)
+                   for k, i in zip(n, best) for j in range(len(costs[k]))
+                   if losses[k][j] < losses[k][i] and costs[k][j] - costs[k][i] <= room]
+        if not options:
+            return best
+        _, k, j = max(options)
+        best[k] = j
+
+
 def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
     """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
     with their total parameters within the budget: a Lagrangian relaxation (each target takes the
@@ -83,10 +120,6 @@ def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
         return {}
     # what the budget counts (Config.budget_kind); the last candidate of a curve is dense
     limit = cfg.budget * sum(c.cost[-1] for c in curves)
-    scale = max(limit, 1e-300)  # lambda is searched for costs in units of the limit
-
-    def choose(lam: float) -> list[int]:
-        return [min(range(len(c.cost)), key=lambda i: (c.loss[i] + lam * c.cost[i] / scale, c.cost[i])) for c in curves]
 
     def cost(choice: list[int]) -> float:
         return sum(c.cost[i] for c, i in zip(curves, choice))
@@ -105,28 +138,7 @@ def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
             f"({cost(cheapest) / (limit / cfg.budget):.3f})",
             "raise the budget or leave targets out with Config(exclude=...)",
         )
-    lo, hi = -30.0, 20.0  # log10 lambda
-    best = cheapest
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        choice = choose(10**mid)
-        if cost(choice) <= limit:
-            best, hi = choice, mid
-        else:
-            lo = mid
-    best = list(best)
-    while True:  # spend what is left: the upgrade with the most loss saved per parameter that fits
-        room = limit - cost(best)
-        options = [
-            ((c.loss[i] - c.loss[j]) / max(c.cost[j] - c.cost[i], 1e-300), k, j)
-            for k, (c, i) in enumerate(zip(curves, best))
-            for j in range(len(c.cost))
-            if c.loss[j] < c.loss[i] and c.cost[j] - c.cost[i] <= room
-        ]
-        if not options:
-            break
-        _, k, j = max(options)
-        best[k] = j
+    best = solve_budget([c.cost for c in curves], [c.loss for c in curves], limit)
     plans = {}
     for node, c, i in zip(nodes, curves, best):
         t = meta.info(node).target
