@@ -137,6 +137,29 @@ def test_budgeted_blockwise_artifact_loads_to_its_factors(tiny_llama, tmp_path):
     assert kept_dense and all(type(model.get_submodule(n)) is torch.nn.Linear for n in kept_dense)
 
 
+def test_block_healing_lowers_each_blocks_held_out_error_and_is_what_loads(tiny_llama, tmp_path):
+    """heal_steps: each block's factors are fine-tuned to the dense model's hidden states; the held-out
+    calibration batch's error never rises (the best factors are kept) and falls overall; the written
+    factors are the healed ones, and the recipe says how they were healed."""
+    from safetensors.torch import load_file
+
+    plain = compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, samples=16, length=32, progress=False)
+    healed = compress_causal_lm(tiny_llama, tmp_path / "healed", budget=0.5, samples=16, length=32, progress=False,
+                                heal_steps=40, heal_lr=1e-3)
+    assert not plain.healed and len(healed.healed) == 4
+    assert all(after <= before for before, after in healed.healed) and sum(a for _, a in healed.healed) < sum(b for b, _ in healed.healed)
+    recipe = json.loads((tmp_path / "healed" / "recipe.json").read_text())
+    assert recipe["config"]["heal"] == {"steps": 40, "lr": 1e-3, "scope": "block"}
+    assert healed.params_after == plain.params_after  # the same ranks, other values
+    first = load_file(str(tmp_path / "healed" / "factors-00000.safetensors"))
+    assert any(not torch.equal(v, load_file(str(tmp_path / "plain" / "factors-00000.safetensors"))[k]) for k, v in first.items())
+    model = tngraph.load(tmp_path / "healed")
+    name = next(k for k in first if k.endswith(".a"))[: -len(".a")]
+    torch.testing.assert_close(model.get_submodule(name).a.detach(), first[name + ".a"])
+    with pytest.raises(ConfigError, match="heal_steps"):
+        compress_causal_lm(tiny_llama, tmp_path / "x", heal_steps=-1, progress=False)
+
+
 def test_whitened_on_the_data_it_sees_beats_plain_svd_there(tiny_llama, tmp_path):
     """Calibration matters: the compressed model's error on its calibration distribution is lower than
     a data-free truncated SVD's at the same ranks."""
@@ -198,6 +221,10 @@ def test_command_line_routes_causal_lms_block_by_block(tiny_llama, tmp_path, cap
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "u"), "--budget", "0.5", "--calibration-samples", "4",
                  "--allocation", "uniform", "--quiet"]) == 0
     assert "28 targets" in capsys.readouterr().out
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "h"), "--budget", "0.5", "--calibration-samples", "8",
+                 "--heal-steps", "5", "--quiet"]) == 0
+    assert "5 healing steps per block" in capsys.readouterr().out
+    assert json.loads((tmp_path / "h" / "recipe.json").read_text())["config"]["heal"]["steps"] == 5
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "b"), "--format", "tt", "--quiet"]) == 2
     assert "not available for block-by-block" in capsys.readouterr().err
 

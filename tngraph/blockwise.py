@@ -17,7 +17,7 @@ import logging
 import os
 import pathlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -174,11 +174,12 @@ class BlockwiseResult:
     params_after: int
     seconds: float
     calibration_tokens: int
+    healed: list[tuple[float, float]] = field(default_factory=list)  # per healed block: held-out error before, after
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "blocks": self.blocks, "targets": self.targets, "params_before": self.params_before,
                 "params_after": self.params_after, "kept": self.params_after / max(self.params_before, 1), "seconds": self.seconds,
-                "calibration_tokens": self.calibration_tokens}
+                "calibration_tokens": self.calibration_tokens, "healed": [list(e) for e in self.healed]}
 
 
 def calibration_ids(tokenizer: Any, texts: Sequence[str] | None, samples: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -201,6 +202,52 @@ def _block_call(block: torch.nn.Module, hidden: torch.Tensor, rotary: torch.nn.M
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def heal_block(block: torch.nn.Module, hidden: list[torch.Tensor], teacher: list[torch.Tensor], rotary: torch.nn.Module,
+               steps: int, lr: float, seed: int) -> tuple[float, float]:
+    """Fine-tune the factors (a, b) of the block's LowRankLinear layers, everything else frozen, so
+    that the block's outputs on the calibration inputs `hidden` match `teacher` (the dense model's):
+    Adam on the relative squared error, `steps` steps over the batches but the last, which is held
+    out (with one batch, nothing is). The factors with the lowest held-out error are kept, so the
+    block never ends worse there than as decomposed. Returns that error before and after."""
+    from .modules import LowRankLinear
+
+    factors = [p for m in block.modules() if isinstance(m, LowRankLinear) for p in (m.a, m.b)]
+    train = list(range(len(hidden) - 1)) or [0]
+    check = len(hidden) - 1
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((_block_call(block, hidden[check], rotary) - teacher[check]).pow(2).sum() / teacher[check].pow(2).sum())
+
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    start = best = error()
+    kept = [p.detach().clone() for p in factors]
+    order = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for p in factors:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(factors, lr=lr)
+        every = max(1, steps // 10)
+        for step in range(steps):
+            k = train[int(torch.randint(len(train), (1,), generator=order))]
+            loss = (_block_call(block, hidden[k], rotary) - teacher[k]).pow(2).sum() / teacher[k].pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if (step + 1) % every == 0 or step + 1 == steps:
+                now = error()
+                if now < best:
+                    best, kept = now, [p.detach().clone() for p in factors]
+        del optimizer
+    with torch.no_grad():
+        for p, value in zip(factors, kept):
+            p.copy_(value)
+            p.requires_grad_(False)
+    return start, best
+
+
 def _blocks(n: int, show: bool) -> Iterator[int]:
     if not show:
         yield from range(n)
@@ -212,13 +259,21 @@ def _blocks(n: int, show: bool) -> Iterator[int]:
 
 def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, budget: float = 0.5, texts: Sequence[str] | None = None,
                        tokenizer: Any = None, samples: int = 32, length: int = 128, batch_size: int = 4, damping: float = 1e-4,
-                       seed: int = 0, force: bool = False, progress: bool = True, allocation: str = "budgeted") -> BlockwiseResult:
+                       seed: int = 0, force: bool = False, progress: bool = True, allocation: str = "budgeted",
+                       heal_steps: int = 0, heal_lr: float = 1e-4) -> BlockwiseResult:
     """Compress the causal LM in `folder` block by block into the artifact folder `out`.
 
     allocation "uniform": every projection at the budget's rank. "budgeted": per block, the ranks
     (or dense) that minimise the sum of the projections' relative output errors on the calibration
     inputs (the whitened spectra's discarded energy) with the block's parameters within the budget
-    (the solver of the whole-graph pipeline's budgeted allocation)."""
+    (the solver of the whole-graph pipeline's budgeted allocation).
+
+    heal_steps > 0: each compressed block's factors are then fine-tuned (Adam, `heal_lr`) so that
+    its outputs, on its inputs in the compressed model, match the dense model's hidden states after
+    that block (carried beside the compressed ones: the block also makes up for the error of the
+    blocks before it), before they are written and the next block calibrates on them (heal_block).
+    Peak memory grows by the block's factors' gradients and Adam state and a second copy of the
+    calibration activations."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -234,6 +289,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
         raise ConfigError(f"budget must be in (0, 1], got {budget!r}", "e.g. --budget 0.5")
     if allocation not in ("uniform", "budgeted"):
         raise ConfigError(f"allocation {allocation!r} is not available block by block", "use 'budgeted' or 'uniform'")
+    if not (isinstance(heal_steps, int) and heal_steps >= 0) or not (heal_lr > 0):
+        raise ConfigError(f"heal_steps must be an integer >= 0 and heal_lr positive, got {heal_steps!r}, {heal_lr!r}", "e.g. --heal-steps 100")
     if samples < 1 or length < 2 or batch_size < 1:
         raise ConfigError("calibration needs samples >= 1, length >= 2, batch size >= 1", "e.g. --calibration-samples 32")
     src = pathlib.Path(folder).resolve()
@@ -249,8 +306,11 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     with torch.no_grad():
         embedded = shards.rows("model.embed_tokens.weight", ids).float()
     hidden = list(embedded.split(batch_size))
+    # healing's targets: the dense model's hidden states, carried block by block beside the compressed ones
+    dense_path = [h.clone() for h in hidden] if heal_steps else None
     del embedded
     entries, files, before, after = [], {}, 0, 0
+    healed: list[tuple[float, float]] = []  # per healed block: held-out relative error before, after
     writing = atomic_dir(out, force) if rank == 0 else contextlib.nullcontext(None)  # rank 0 writes the artifact
     with writing as tmp, torch.no_grad():
         for i in _blocks(len(model.model.layers), progress):
@@ -281,6 +341,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
                 _block_call(block, h, rotary)
             for h in hooks:
                 h.remove()
+            if dense_path is not None:  # the dense block on the dense model's inputs: what healing matches
+                dense_path = [_block_call(block, h, rotary) for h in dense_path]
             del seen  # the last batch's inputs and products
             tensors = {}
             shapes = [(name, *block.get_submodule(name).weight.shape, block.get_submodule(name).bias is not None) for name in BLOCK_TARGETS]
@@ -321,15 +383,25 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
                         del whitenings[read]  # no later target of this rank reads this input
                 _drop_weight(block.get_submodule(name))  # its factors replace it; the dense copy goes now, not at the block's end
             whitenings.clear()
-            for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
+            for name, out_f, in_f, has_bias, rank_ in plans:
                 a, b = _broadcast(factors.get(name), (out_f, rank_), (rank_, in_f), src=owner[name], world=world)
                 linear = block.get_submodule(name)
                 _swap(block, name, LowRankLinear(a, b, linear.bias.detach().clone() if has_bias else None))
-                full = f"{prefix}{name}"
-                tensors[f"{full}.a"], tensors[f"{full}.b"] = a.contiguous(), b.contiguous()
-                entries.append({"name": full, "format": "lowrank", "rank": rank_, "in_features": in_f, "out_features": out_f,
-                                "bias": has_bias, "factors": {"a": list(a.shape), "b": list(b.shape)}, "file": f"factors-{i:05d}.safetensors"})
             del factors
+            if heal_steps and plans:
+                errors = heal_block(block, hidden, dense_path, rotary, heal_steps, heal_lr, seed + i)
+                healed.append(errors)
+                log.info("block %d healed: relative output error %.4g -> %.4g (held-out batch)", i, *errors)
+                for name, out_f, in_f, _, rank_ in plans:  # every rank keeps rank 0's factors (GPU reductions may differ)
+                    module = block.get_submodule(name)
+                    a, b = _broadcast((module.a.data, module.b.data), (out_f, rank_), (rank_, in_f), src=0, world=world)
+                    module.a.data, module.b.data = a, b
+            for name, out_f, in_f, has_bias, rank_ in plans:
+                module = block.get_submodule(name)
+                full = f"{prefix}{name}"
+                tensors[f"{full}.a"], tensors[f"{full}.b"] = module.a.detach().contiguous(), module.b.detach().contiguous()
+                entries.append({"name": full, "format": "lowrank", "rank": rank_, "in_features": in_f, "out_features": out_f,
+                                "bias": has_bias, "factors": {"a": [out_f, rank_], "b": [rank_, in_f]}, "file": f"factors-{i:05d}.safetensors"})
             hidden = [_block_call(block, h, rotary) for h in hidden]  # the next block calibrates on the compressed outputs
             file = f"factors-{i:05d}.safetensors"
             if tmp is not None:
@@ -342,7 +414,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             "recipe_version": RECIPE_VERSION, "tngraph_version": __version__, "layout": LAYOUT,
             "source": {"kind": "hf-causal", "path": str(src)}, "source_hash": shards.files_hash(),
             "config": {"budget": budget, "allocation": allocation, "format": "lowrank", "whiten": True, "damping": damping, "calibration_samples": int(ids.shape[0]),
-                       "max_length": length, "batch_size": batch_size, "seed": seed},
+                       "max_length": length, "batch_size": batch_size, "seed": seed,
+                       "heal": {"steps": heal_steps, "lr": heal_lr, "scope": "block"} if heal_steps else None},
             "environment": {"torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()},
             "targets": entries, "files": files,
         }
@@ -352,7 +425,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
         import torch.distributed as dist
 
         dist.barrier()  # the artifact is in place before any rank returns
-    result = BlockwiseResult(pathlib.Path(out), len(model.model.layers), len(entries), before, after, time.perf_counter() - started, int(ids.numel()))
+    result = BlockwiseResult(pathlib.Path(out), len(model.model.layers), len(entries), before, after, time.perf_counter() - started, int(ids.numel()),
+                             healed)
     log.info("compressed %d blocks of %s: targets %d -> %d parameters in %.1f s", result.blocks, src, before, after, result.seconds)
     return result
 

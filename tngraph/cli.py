@@ -69,7 +69,7 @@ def _add_compress_options(p: argparse.ArgumentParser, *, out_required: bool) -> 
                    help="keep a target dense when its relative output error on the calibration data exceeds E (default 1.0)")
     p.add_argument("--strict", action="store_true", help="make a target failing the numerical guard an error instead of keeping it dense")
     p.add_argument("--blockwise", action=argparse.BooleanOptionalAction, default=None,
-                   help="causal LMs (Llama/Mistral/Qwen): compress block by block from the shards (uniform ranks, no healing) "
+                   help="causal LMs (Llama/Mistral/Qwen): compress block by block from the shards (ranks per block, healing per block with --heal-steps) "
                         "instead of the whole-graph pipeline; default: block by block when the weights exceed 2 GiB or "
                         "the folder has no tokenizer")
     p.add_argument("--calibration", metavar="FILE", help="calibration text, one sample per line (default: built-in stdlib sentences)")
@@ -395,8 +395,6 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
 
     if args.format not in ("svd", "lowrank"):
         raise ConfigError(f"--format {args.format} is not available for block-by-block compression of causal LMs", "use --format svd (the default)")
-    if args.heal_steps:
-        raise ConfigError("healing is not available for block-by-block compression of causal LMs yet", "pass --heal-steps 0 or leave it out")
     tokenizer = None
     try:
         from transformers import AutoTokenizer
@@ -413,15 +411,24 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
     torch.set_num_threads(args.threads)
     rank, world = init_distributed()  # torchrun --nproc-per-node N -m tngraph compress ...: decompositions shared
     allocation = "budgeted" if args.allocation in (None, "auto") else args.allocation
+    heal_steps = args.heal_steps or 0  # block by block, healing is off unless asked for
+    heal_lr = args.heal_lr if args.heal_lr is not None else 1e-4
+    if heal_steps < 0:
+        raise ConfigError(f"--heal-steps must be at least 0, got {heal_steps}")
     result = compress_causal_lm(source.path, args.out, budget=args.budget, texts=texts, tokenizer=tokenizer, samples=samples,
-                                seed=args.seed, force=args.force, progress=not args.quiet and rank == 0, allocation=allocation)
+                                seed=args.seed, force=args.force, progress=not args.quiet and rank == 0, allocation=allocation,
+                                heal_steps=heal_steps, heal_lr=heal_lr)
     if rank != 0:
         return 0
     r = result.to_json()
     print(f"compressed {r['blocks']} decoder blocks of {source.path} block by block: {r['targets']} targets, "
           f"parameters {r['params_before']:,} -> {r['params_after']:,} ({r['kept']:.3f} kept), "
           f"{r['calibration_tokens']:,} calibration tokens, {r['seconds']:.1f} s"
-          + (f" on {world} processes" if world > 1 else "") + " (no healing; `tngraph eval --model DIR` scores it)")
+          + (f" on {world} processes" if world > 1 else "")
+          + (f", {heal_steps} healing steps per block (mean held-out relative error of the blocks' outputs "
+             f"{sum(b for b, _ in r['healed']) / len(r['healed']):.4g} -> {sum(a for _, a in r['healed']) / len(r['healed']):.4g})"
+             if r["healed"] else " (no healing: --heal-steps N heals each block)")
+          + "; `tngraph eval --model DIR` scores it")
     print(f"artifact: {os.path.abspath(args.out)}  (tngraph.load(DIR) gives the model for generate())")
     return 0
 
@@ -533,12 +540,15 @@ def _heal(args: argparse.Namespace) -> int:
     out = args.out or args.artifact
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.artifact):
         check_output_dir(out, args.force)
+    from .artifact import read_recipe
+
+    if read_recipe(args.artifact).get("layout") == "causal-lm-blockwise":  # refused before the model is built
+        raise ConfigError("an artifact compressed block by block cannot be healed afterwards (that needs the whole model in memory)",
+                          "compress again with --heal-steps N (each block healed as it is compressed), or with --no-blockwise "
+                          "(the whole-graph pipeline heals) when the model fits in memory")
     module = load(args.artifact)
     recipe = module.tngraph_recipe
     source = ModelSource.from_json(recipe["source"])
-    if recipe.get("layout") == "causal-lm-blockwise":
-        raise ConfigError("healing an artifact compressed block by block is not available yet",
-                          "compress with --no-blockwise (the whole-graph pipeline heals) when the model fits in memory")
     if source.kind == "module":
         raise TngraphError("this artifact was made from a user module, which the command line cannot rebuild",
                            "heal it in Python: tngraph.heal.heal(tngraph.load(DIR, model), model, texts, tokenizer)")
