@@ -26,6 +26,22 @@ def _dense(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
 
 
+def _swap_in_factors(model, artifact, blocks=4):
+    """The artifact's factors put into `model` by hand, as LowRankLinear layers; returns them."""
+    from safetensors.torch import load_file
+
+    from tngraph.modules import LowRankLinear
+
+    factors = {}
+    for i in range(blocks):
+        factors.update(load_file(str(artifact / f"factors-{i:05d}.safetensors")))
+    for name, module in list(model.named_modules()):
+        if f"{name}.a" in factors:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LowRankLinear(factors[f"{name}.a"], factors[f"{name}.b"], None))
+    return factors
+
+
 def _ids(n=2, length=24, seed=5):
     return torch.randint(0, 512, (n, length), generator=torch.Generator().manual_seed(seed))
 
@@ -51,8 +67,6 @@ def test_embedding_rows_are_read_in_chunks(tiny_llama, monkeypatch):
 
 
 def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tiny_llama, tmp_path):
-    from safetensors.torch import load_file
-
     from tngraph.modules import LowRankLinear
 
     dense = _dense(tiny_llama)
@@ -65,13 +79,7 @@ def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tin
     assert all(isinstance(model.get_submodule(f"model.layers.{i}.{n}"), LowRankLinear) for i in range(4)
                for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
     # the same as the dense model with the artifact's factors swapped in by hand
-    factors = {}
-    for i in range(4):
-        factors.update(load_file(str(tmp_path / "half" / f"factors-{i:05d}.safetensors")))
-    for name, module in list(dense.named_modules()):
-        if f"{name}.a" in factors:
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent), child, LowRankLinear(factors[f"{name}.a"], factors[f"{name}.b"], None))
+    _swap_in_factors(dense, tmp_path / "half")
     with torch.no_grad():
         got = model(ids).logits
         torch.testing.assert_close(got, dense(ids).logits, atol=1e-6, rtol=1e-6)
@@ -112,23 +120,13 @@ def test_budgeted_blockwise_artifact_loads_to_its_factors(tiny_llama, tmp_path):
     """The default (budgeted) artifact: within the budget, some projections at other ranks than the
     uniform one, dense ones left to the source, and the loaded model is the source with exactly the
     artifact's factors swapped in."""
-    from safetensors.torch import load_file
-
-    from tngraph.modules import LowRankLinear
-
     result = compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=16, length=32, progress=False)
     assert result.params_after <= 0.5 * result.params_before
     recipe = json.loads((tmp_path / "art" / "recipe.json").read_text())
     assert recipe["config"]["allocation"] == "budgeted" and len({t["rank"] for t in recipe["targets"]}) > 2
     model = tngraph.load(tmp_path / "art")
     dense = _dense(tiny_llama)
-    factors = {}
-    for i in range(4):
-        factors.update(load_file(str(tmp_path / "art" / f"factors-{i:05d}.safetensors")))
-    for name, module in list(dense.named_modules()):
-        if f"{name}.a" in factors:
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent), child, LowRankLinear(factors[f"{name}.a"], factors[f"{name}.b"], None))
+    factors = _swap_in_factors(dense, tmp_path / "art")
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-6, rtol=1e-6)
