@@ -158,6 +158,25 @@ def test_block_healing_lowers_each_blocks_held_out_error_and_is_what_loads(tiny_
         compress_causal_lm(tiny_llama, tmp_path / "x", heal_steps=-1, progress=False)
 
 
+@pytest.mark.parametrize("allocation", ["budgeted", "uniform"])
+def test_a_nan_weight_is_an_error_naming_the_projection(tiny_llama, tmp_path, allocation):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama, folder)
+    key = "model.layers.1.mlp.up_proj.weight"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][key]
+    tensors = load_file(str(shard))
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="the weight of model.layers.1.mlp.up_proj holds NaN"):
+        compress_causal_lm(folder, tmp_path / "art", budget=0.5, samples=4, length=16, progress=False, allocation=allocation)
+    assert not (tmp_path / "art").exists()
+
+
 def test_whitened_on_the_data_it_sees_beats_plain_svd_there(tiny_llama, tmp_path):
     """Calibration matters: the compressed model's error on its calibration distribution is lower than
     a data-free truncated SVD's at the same ranks."""

@@ -358,7 +358,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
                 return whitenings[read]
 
             if allocation == "budgeted":
-                spectra = {name: _share(_spectrum(block.get_submodule(name).weight, whitening(name)) if owner[name] == rank else None,
+                spectra = {name: _share(_spectrum(block.get_submodule(name).weight, whitening(name), prefix + name) if owner[name] == rank else None,
                                         min(out_f, in_f), src=owner[name], world=world)
                            for name, out_f, in_f, _ in shapes}
                 ranks = allocate_block(shapes, spectra, budget)
@@ -377,7 +377,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for k, (name, out_f, in_f, has_bias, rank_) in enumerate(plans):
                 if owner[name] == rank:
-                    factors[name] = _decompose(block.get_submodule(name).weight, rank_, whitening(name))
+                    factors[name] = _decompose(block.get_submodule(name).weight, rank_, whitening(name), prefix + name)
                     read = shared.get(name, name)
                     if not any(shared.get(p[0], p[0]) == read and owner[p[0]] == rank for p in plans[k + 1:]):
                         del whitenings[read]  # no later target of this rank reads this input
@@ -491,9 +491,15 @@ def init_distributed() -> tuple[int, int]:
     return _dist()
 
 
-def _spectrum(weight: torch.Tensor, whitening: Any) -> torch.Tensor:
+def _check_finite(weight: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(weight).all():
+        raise ModelError(f"the weight of {name} holds NaN or Inf values", "check the model's weights (the shard they come from may be corrupt)")
+
+
+def _spectrum(weight: torch.Tensor, whitening: Any, name: str) -> torch.Tensor:
     """Squared singular values of W S (S the input whitening), descending, float64: what the
     whitened truncation at each rank leaves out is the sum of the rest."""
+    _check_finite(weight, name)
     target = whitening.apply(weight.detach())
     m = target if target.shape[0] <= target.shape[1] else target.T
     gram = m @ m.T
@@ -546,11 +552,10 @@ def allocate_block(shapes: Sequence[tuple[str, int, int, bool]], spectra: dict[s
     return {shape[0]: opts[i] for shape, opts, i in zip(shapes, options, chosen)}
 
 
-def _decompose(weight: torch.Tensor, rank: int, whitening: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _decompose(weight: torch.Tensor, rank: int, whitening: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     from .tn.lowrank import decompose_lowrank
 
-    if not torch.isfinite(weight).all():
-        raise ModelError("a weight holds NaN or Inf", "check the model's weights")
+    _check_finite(weight, name)
     return decompose_lowrank(weight.detach().float(), rank, whitening, lean=True)
 
 
