@@ -206,6 +206,14 @@ def split_plan(K: int, R: int, N: int, block_r: int, block_k: int, block_n: int,
     return rank_blocks, chunks(K, triton.cdiv(busy, rank_blocks), block_k), chunks(N, busy, block_n)
 
 
+@functools.lru_cache(maxsize=None)
+def _scratch_shape(K: int, R: int, N: int, busy: int) -> tuple[int, int]:
+    """(K chunks, rank blocks) that split_rank's scratch must hold for any of SPLIT_CONFIGS (the
+    autotuner's pick is not known before the launch); made once per layer shape, off the hot path."""
+    plans = [split_plan(K, R, N, c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], busy) for c in SPLIT_CONFIGS]
+    return max(kc for _, kc, _ in plans), max(rb for rb, _, _ in plans)
+
+
 class Workspace(NamedTuple):
     part: torch.Tensor  # fp32 partial products of t, one (M, R) slab per K chunk
     t: torch.Tensor  # t = x B^T (M, R), in x's dtype
@@ -241,9 +249,8 @@ def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Te
     R, N = b.shape[0], a.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     busy = _programs_to_fill(x.device)
-    plans = [split_plan(K, R, N, c.kwargs["BLOCK_R"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], busy) for c in SPLIT_CONFIGS]
-    scratch = workspace(x.device, x.dtype, part=max(kc for _, kc, _ in plans) * M * R, t=M * R,
-                        counts=3 + max(rb for rb, _, _ in plans))
+    k_chunks, rank_blocks = _scratch_shape(K, R, N, busy)
+    scratch = workspace(x.device, x.dtype, part=k_chunks * M * R, t=M * R, counts=3 + rank_blocks)
 
     def grid(meta):
         rank_blocks, k_chunks, n_chunks = split_plan(K, R, N, meta["BLOCK_R"], meta["BLOCK_K"], meta["BLOCK_N"], busy)

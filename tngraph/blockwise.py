@@ -359,7 +359,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
 
             if allocation == "budgeted":
                 spectra = {name: _share(_spectrum(block.get_submodule(name).weight, whitening(name), prefix + name) if owner[name] == rank else None,
-                                        min(out_f, in_f), src=owner[name], world=world)
+                                        (min(out_f, in_f),), src=owner[name], world=world, dtype=torch.float64)
                            for name, out_f, in_f, _ in shapes}
                 ranks = allocate_block(shapes, spectra, budget)
             else:
@@ -465,16 +465,8 @@ def _agree(check: Any, rank: int, world: int) -> None:
 
 def _broadcast(factors: tuple[torch.Tensor, torch.Tensor] | None, a_shape: tuple[int, int], b_shape: tuple[int, int], *,
                src: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if world == 1:
-        assert factors is not None
-        return factors
-    import torch.distributed as dist
-
-    a, b = factors if factors is not None else (torch.empty(a_shape), torch.empty(b_shape))
-    a, b = a.contiguous(), b.contiguous()
-    dist.broadcast(a, src=src)
-    dist.broadcast(b, src=src)
-    return a, b
+    a, b = factors if factors is not None else (None, None)
+    return _share(a, a_shape, src=src, world=world), _share(b, b_shape, src=src, world=world)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -507,13 +499,14 @@ def _spectrum(weight: torch.Tensor, whitening: Any, name: str) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 
 
-def _share(values: torch.Tensor | None, size: int, *, src: int, world: int) -> torch.Tensor:
+def _share(values: torch.Tensor | None, shape: Sequence[int], *, src: int, world: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rank `src`'s tensor on every rank (the others pass None and get one of `shape` and `dtype`)."""
     if world == 1:
         assert values is not None
         return values
     import torch.distributed as dist
 
-    values = values.contiguous() if values is not None else torch.empty(size, dtype=torch.float64)
+    values = values.contiguous() if values is not None else torch.empty(tuple(shape), dtype=dtype)
     dist.broadcast(values, src=src)
     return values
 

@@ -412,9 +412,7 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
     rank, world = init_distributed()  # torchrun --nproc-per-node N -m tngraph compress ...: decompositions shared
     allocation = "budgeted" if args.allocation in (None, "auto") else args.allocation
     heal_steps = args.heal_steps or 0  # block by block, healing is off unless asked for
-    heal_lr = args.heal_lr if args.heal_lr is not None else 1e-4
-    if heal_steps < 0:
-        raise ConfigError(f"--heal-steps must be at least 0, got {heal_steps}")
+    heal_lr = args.heal_lr if args.heal_lr is not None else 1e-4  # compress_causal_lm checks both
     result = compress_causal_lm(source.path, args.out, budget=args.budget, texts=texts, tokenizer=tokenizer, samples=samples,
                                 seed=args.seed, force=args.force, progress=not args.quiet and rank == 0, allocation=allocation,
                                 heal_steps=heal_steps, heal_lr=heal_lr)

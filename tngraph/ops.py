@@ -326,12 +326,11 @@ def cached_network_plan(equation: str, cores: list[torch.Tensor]) -> tuple[str, 
     changes in place: the plan merges cores with small einsums (TR, CP, Tucker), launches that a
     forward on the GPU should not pay every time. Parts that are views of a core (TT, Kronecker)
     are kept as their strides, so the cache holds no reference to the cores."""
-    storages = [c.untyped_storage().data_ptr() for c in cores]
-
     def make():
         plan = network_plan(equation, cores)
         if isinstance(plan, str):
             return None, plan
+        storages = [c.untyped_storage().data_ptr() for c in cores]
 
         def kept(part: torch.Tensor):  # a view of core i as (i, size, stride, offset), anything else itself
             ptr = part.untyped_storage().data_ptr()
@@ -361,12 +360,8 @@ def choose_network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in
     """The implementation of tngraph::network for these 2-D inputs: "kernel" (kernels/tt.py, where
     `plan` is one), "einsum" or, where allowed (allow_dense), "dense"; measured once per layer shape
     and row bucket (timer(fn) -> time), then cached."""
-    import os
-
-    forced = os.environ.get("TNGRAPH_NETWORK")
+    forced = _forced("TNGRAPH_NETWORK", NETWORK_IMPLEMENTATIONS)
     if forced:
-        if forced not in NETWORK_IMPLEMENTATIONS:
-            raise ValueError(f"TNGRAPH_NETWORK={forced!r}: choose {', '.join(NETWORK_IMPLEMENTATIONS)}")
         return "einsum" if forced == "kernel" and isinstance(plan, str) else forced
     rows = bucket(x.shape[0])
     shape = (str(x.device), x.dtype, equation, tuple(tuple(c.shape) for c in cores), bias is not None)
@@ -380,13 +375,7 @@ def choose_network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in
     if dense_allowed():
         weight = network_dense_weight(cores, equation, out_features)
         candidates["dense"] = lambda: F.linear(probe, weight, bias)
-    timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()} if len(candidates) > 1 else {"einsum": 0.0}
-    _network_choices[key] = min(timed, key=timed.get)
-    if not any(v == "dense" and k[:5] == shape for k, v in _network_choices.items()):  # no bucket of this shape runs it
-        _dense.drop("network:" + equation, tuple(cores))
-    log.info("tngraph::network %s, %d rows: %s (%s)", shape, rows, _network_choices[key],
-             ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
-    return _network_choices[key]
+    return _fastest("network", _network_choices, shape, rows, candidates, timer, ("network:" + equation, tuple(cores)))
 
 
 @network.register_kernel("cuda")
@@ -407,6 +396,28 @@ def _network_cuda(x, cores, equation, in_dims, out_features, bias):
     return network_reference(x, cores, equation, in_dims, out_features, bias)
 
 
+def _forced(variable: str, allowed: tuple[str, ...]) -> str | None:
+    """The implementation an environment variable forces (None when unset), checked."""
+    import os
+
+    forced = os.environ.get(variable)
+    if forced and forced not in allowed:
+        raise ValueError(f"{variable}={forced!r}: choose {', '.join(allowed)}")
+    return forced or None
+
+
+def _fastest(op: str, choices: dict[tuple, str], shape: tuple, rows: int, candidates: dict, timer, dense: tuple) -> str:
+    """Time each candidate once (nothing to time when there is one), keep the fastest for this
+    layer shape and row bucket in `choices`, and drop the layer's dense matrix (`dense`: its
+    TensorCache tag and tensors) when no bucket of its shape runs it."""
+    timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()} if len(candidates) > 1 else dict.fromkeys(candidates, 0.0)
+    best = choices[(*shape, rows, dense_allowed())] = min(timed, key=timed.get)
+    if not any(v == "dense" and k[:len(shape)] == shape for k, v in choices.items()):
+        _dense.drop(*dense)
+    log.info("tngraph::%s %s, %d rows: %s (%s)", op, shape, rows, best, ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
+    return best
+
+
 def _do_bench(fn) -> float:
     import triton.testing
 
@@ -417,15 +428,12 @@ def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[tor
     """The implementation of tngraph::lowrank for these 2-D inputs: "split_rank", "tiled", "chain" or,
     where allowed (allow_dense), "dense"; measured once per shape and row bucket (timer(fn) -> time),
     then cached."""
-    import os
-
-    forced = os.environ.get("TNGRAPH_LOWRANK")
+    forced = _forced("TNGRAPH_LOWRANK", IMPLEMENTATIONS)
     if forced:
-        if forced not in IMPLEMENTATIONS:
-            raise ValueError(f"TNGRAPH_LOWRANK={forced!r}: choose {', '.join(IMPLEMENTATIONS)}")
         return forced
     rows = bucket(x.shape[0])
-    key = (str(x.device), x.dtype, x.shape[1], b.shape[0], a.shape[0], bias is not None, act, rows, dense_allowed())
+    shape = (str(x.device), x.dtype, x.shape[1], b.shape[0], a.shape[0], bias is not None, act)
+    key = (*shape, rows, dense_allowed())
     if key in _choices:
         return _choices[key]
     kernels = load_kernels("lowrank")
@@ -438,12 +446,7 @@ def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[tor
         candidates["split_rank"] = lambda: kernels.split_rank(probe, b, a, bias, act)
     if rows <= KERNEL_ROWS["tiled"]:
         candidates["tiled"] = lambda: kernels.tiled(probe, b, a, bias, act)
-    timed = {name: (timer or _do_bench)(fn) for name, fn in candidates.items()}
-    _choices[key] = min(timed, key=timed.get)
-    if not any(v == "dense" and k[:7] == key[:7] for k, v in _choices.items()):  # no bucket of this shape runs it
-        _dense.drop("lowrank", (b, a))
-    log.info("tngraph::lowrank %s, %d rows: %s (%s)", key[:7], rows, _choices[key], ", ".join(f"{k} {v:.4g}" for k, v in timed.items()))
-    return _choices[key]
+    return _fastest("lowrank", _choices, shape, rows, candidates, timer, ("lowrank", (b, a)))
 
 
 @lowrank.register_kernel("cuda")
