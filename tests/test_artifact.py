@@ -6,6 +6,7 @@ import torch
 import tngraph
 from tngraph.artifact import FACTORS, RECIPE
 from tngraph.errors import ArtifactError, ModelError
+from tngraph.ownership import MARKER
 
 
 @pytest.fixture
@@ -15,7 +16,8 @@ def compressed(mlp, mlp_data):
 
 def test_round_trip_of_a_user_module(compressed, mlp, tmp_path):
     out = tngraph.save(compressed, tmp_path / "art")
-    assert sorted(p.name for p in out.iterdir()) == [FACTORS, RECIPE]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, FACTORS, RECIPE]
+    assert json.loads((out / MARKER).read_text())["entries"] == [FACTORS, RECIPE]
     recipe = json.loads((out / RECIPE).read_text())
     assert recipe["source"] == {"kind": "module", "path": None}
     assert [t["name"] for t in recipe["targets"]] == ["layers.0", "layers.1", "layers.2"]
@@ -30,12 +32,12 @@ def test_round_trip_of_a_user_module(compressed, mlp, tmp_path):
 def test_existing_directory_needs_force(compressed, tmp_path):
     out = tmp_path / "art"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
     with pytest.raises(ArtifactError, match="already exists.*--force"):
         tngraph.save(compressed, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    tngraph.save(compressed, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / RECIPE).is_file()
+    tngraph.save(compressed, out, force=True)  # an empty folder may be replaced
+    assert (out / RECIPE).is_file()
+    tngraph.save(compressed, out, force=True)  # and so may an artifact tngraph wrote
+    assert (out / RECIPE).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["art"], "no temporary folders may be left behind"
 
 

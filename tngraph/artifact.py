@@ -1,16 +1,12 @@
 """Artifacts: factors as safetensors plus a JSON recipe; written atomically, verified when loaded."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from .api import RECIPE_VERSION, apply_plan, attach, plans_from_module
 from .errors import ArtifactError
-from .models import ModelSource, load_model, weights_hash
+from .models import ModelSource, load_model, source_folder, weights_hash
+from .ownership import atomic_dir
 from .plan import TargetPlan
 
 log = logging.getLogger(__name__)
@@ -26,49 +23,6 @@ log = logging.getLogger(__name__)
 RECIPE = "recipe.json"
 FACTORS = "factors.safetensors"
 HEALED = "healed/"  # key prefix of the non-factor parameters healing trained
-
-
-def check_output_dir(path: str | os.PathLike, force: bool) -> pathlib.Path:
-    """Refuse an existing output directory unless `force`; call before any long work."""
-    out = pathlib.Path(path)
-    if out.exists() and not force:
-        raise ArtifactError(f"output directory {str(out)!r} already exists", "pass --force (force=True) to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output path {str(out)!r} exists and is not a directory", "choose another --out")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[pathlib.Path]:
-    """Yield a temporary sibling folder; on success it replaces `path` in one rename, on failure it vanishes."""
-    out = check_output_dir(path, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            if _exchange(tmp, out):  # one atomic swap: `path` is the old folder or the new one, never missing
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / out.name)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -88,7 +42,7 @@ def save(module: torch.nn.Module, path: str | os.PathLike, *, force: bool = Fals
     params = dict(module.named_parameters())
     for name in recipe.get("heal", {}).get("params", []):
         tensors[f"{HEALED}{name}"] = params[name].detach().to("cpu").contiguous()
-    with atomic_dir(path, force) as tmp:
+    with atomic_dir(path, force, keep=[source_folder(recipe.get("source"))]) as tmp:
         # a single metadata key: safetensors writes several in an arbitrary order, breaking byte-identity
         save_file(tensors, str(tmp / FACTORS), metadata={"format": "pt"})
         recipe["files"] = {FACTORS: {"sha256": _sha256(tmp / FACTORS)}}

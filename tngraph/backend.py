@@ -316,14 +316,12 @@ def _tokenizer(given: Any, f_locals: dict) -> Any:
         path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     if not path:
         return None
-    import os
     import pathlib
 
     if not pathlib.Path(path).is_dir():
         if given is not None:
             raise DataError(f"tokenizer folder {given!r} does not exist", "pass options={'tokenizer': tokenizer_object_or_local_folder}")
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     try:
@@ -439,9 +437,10 @@ def _fingerprint(value: Any) -> str:
 
 
 def _tensor_hash(t: torch.Tensor) -> str:
-    data = t.detach().contiguous().cpu()
-    digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    from .models import tensor_bytes
+
+    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(tensor_bytes(t))
     return digest.hexdigest()
 
 

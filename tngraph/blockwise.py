@@ -278,7 +278,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
 
     from . import __version__
     from .api import RECIPE_VERSION, _swap
-    from .artifact import _sha256, atomic_dir, check_output_dir
+    from .artifact import _sha256
+    from .ownership import atomic_dir, check_output_dir
     from .calibration import GramStats
     from .modules import LowRankLinear
     from .tn.lowrank import lowrank_params, rank_for_budget
@@ -297,7 +298,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     if causal_lm_config(src) is None:
         raise ModelError(f"{str(src)!r} is not a {'/'.join(FAMILIES)} causal LM folder", "pass a Hugging Face causal LM folder")
     rank, world = _dist()
-    _agree(lambda: check_output_dir(out, force), rank, world)  # every rank stops if the output is refused
+    _agree(lambda: check_output_dir(out, force, keep=[src]), rank, world)  # every rank stops if the output is refused
     _return_freed_memory(first=True)
     shards = Shards(src)
     model = _meta_model(src)
@@ -311,7 +312,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     del embedded
     entries, files, before, after = [], {}, 0, 0
     healed: list[tuple[float, float]] = []  # per healed block: held-out relative error before, after
-    writing = atomic_dir(out, force) if rank == 0 else contextlib.nullcontext(None)  # rank 0 writes the artifact
+    writing = atomic_dir(out, force, keep=[src]) if rank == 0 else contextlib.nullcontext(None)  # rank 0 writes the artifact
     with writing as tmp, torch.no_grad():
         for i in _blocks(len(model.model.layers), progress):
             prefix = f"model.layers.{i}."

@@ -220,14 +220,14 @@ def _export(args: argparse.Namespace) -> int:
 def _export_onnx(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .lowering.onnx import _load, export_onnx, text_inputs
+    from .lowering.onnx import _load, export_onnx, text_inputs, written_by_tngraph
     from .lowering.tensorrt import check_tensorrt
+    from .ownership import check_output_file
 
     hf_logging.set_verbosity_error()
     if args.batch < 1 or args.length < 1:
         raise ConfigError(f"--batch and --length must be at least 1, got {args.batch} and {args.length}")
-    if os.path.exists(args.out) and not args.force:
-        raise TngraphError(f"{args.out!r} already exists", "pass --force to replace it, or choose another --out")
+    check_output_file(args.out, args.force, ours=written_by_tngraph, what="an ONNX file")  # before the model is read
     model, tokenizer = _load(args.model)
     result = export_onnx(model, text_inputs(tokenizer, args.batch, args.length), args.out, dynamic=not args.static,
                          tolerance=args.tolerance, opset=args.opset, force=args.force, dtype=args.dtype)
@@ -308,10 +308,11 @@ def _compress(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from .api import compress_with_result
-    from .artifact import check_output_dir, save
+    from .artifact import save
     from .data import healing_pool, lm_documents, passages, read_lines, sentence_sets
     from .lm import is_causal_lm, no_kv_cache
-    from .models import load_model, resolve
+    from .models import load_model, resolve, source_folder
+    from .ownership import check_output_dir
 
     hf_logging.set_verbosity_error()
     if args.threads < 1:
@@ -326,7 +327,7 @@ def _compress(args: argparse.Namespace) -> int:
         raise ConfigError(f"--blockwise compresses Llama/Mistral/Qwen causal LM folders; {args.model!r} is not one",
                           "leave --blockwise out")
     config = _config(args, source)
-    check_output_dir(args.out, args.force)
+    check_output_dir(args.out, args.force, keep=[source_folder(source), args.calibration, args.heal_data])
     started = time.perf_counter()
     model, tokenizer = load_model(source)
     if tokenizer is None:
@@ -460,17 +461,15 @@ def _config(args: argparse.Namespace, source: Any) -> Any:
 
 def _dump(args: argparse.Namespace) -> int:
     """tngraph dump: compress with a dump of every pass (and index.html), or diff two pass folders."""
-    import shutil
-
     import torch
     from transformers.utils import logging as hf_logging
 
     from .api import compress_with_result
-    from .artifact import check_output_dir
     from .data import read_lines, sentence_sets
     from .debug import compare_dumps, write_report
     from .evaluate import latency, latency_inputs
-    from .models import load_model, resolve
+    from .models import load_model, resolve, source_folder
+    from .ownership import check_output_dir, fresh_dir, mark
 
     if args.diff:
         text = compare_dumps(*args.diff)
@@ -485,18 +484,21 @@ def _dump(args: argparse.Namespace) -> int:
     if args.heal_steps is None:
         args.heal_steps = 0  # healing is not a graph pass: off unless asked for
     torch.set_num_threads(args.threads)
-    if check_output_dir(args.out, args.force).exists():  # refused without --force
-        shutil.rmtree(args.out)
+    keep = [source_folder(source), args.calibration]
+    check_output_dir(args.out, args.force, keep=keep)  # refused before any work
     config = _config(args, source).replace(dump_dir=args.out)
     model, tokenizer = load_model(source)
     config = _fit_length(config, model)
     if tokenizer is None:
         raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
     calibration = read_lines(args.calibration) if args.calibration else sentence_sets(config.calibration_samples, 1, config.seed).calibration
+    folder = fresh_dir(args.out, args.force, kind="dump", keep=keep)  # an old dump is emptied now; anything else was refused
     try:
         result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source)
     except TngraphError as exc:
         raise TngraphError(f"{exc.problem}; the dump of every pass up to it is in {args.out} (open index.html)", exc.fix) from exc
+    finally:  # all the folder holds is this run's: a later --force may replace it
+        mark(folder, "dump", (p.name for p in folder.iterdir()))
     state = result.context.analysis["dump"]["state"]
     measurements = {}
     if not args.no_eval:
@@ -505,6 +507,7 @@ def _dump(args: argparse.Namespace) -> int:
         measurements = {"dense_ms": times["dense"] * 1e3, "compressed_ms": times["compressed"] * 1e3, "shape": f"{rows}x{length}",
                         "threads": torch.get_num_threads()}
     index = write_report(state, result.graph, result.context, measurements)
+    mark(folder, "dump", [index.name], add=True)
     print(f"dumped {len(state.folders)} passes to {args.out}: " + ", ".join(f.name for f in state.folders))
     if measurements:
         print(f"latency {measurements['shape']} ({measurements['threads']} threads): dense {measurements['dense_ms']:.1f} ms, "
@@ -524,23 +527,24 @@ def _heal(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from .api import heal_config, heal_model
-    from .artifact import check_output_dir, load, save
+    from .artifact import load, read_recipe, save
     from .config import Config
     from .data import healing_pool, lm_documents, passages, read_lines, sentence_sets
     from .evaluate import agreement, sentence_embeddings
     from .lm import is_causal_lm, no_kv_cache, perplexity
-    from .models import ModelSource, load_model
+    from .models import ModelSource, load_model, source_folder
+    from .ownership import check_output_dir
 
     hf_logging.set_verbosity_error()
     if args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     out = args.out or args.artifact
-    if args.out and os.path.abspath(args.out) != os.path.abspath(args.artifact):
-        check_output_dir(out, args.force)
-    from .artifact import read_recipe
-
-    if read_recipe(args.artifact).get("layout") == "causal-lm-blockwise":  # refused before the model is built
+    in_place = os.path.realpath(out) == os.path.realpath(args.artifact)
+    recipe = read_recipe(args.artifact)
+    if not in_place:  # a new folder: never the artifact being healed, its source, or a stranger's folder
+        check_output_dir(out, args.force, keep=[args.artifact, source_folder(recipe["source"]), args.data])
+    if recipe.get("layout") == "causal-lm-blockwise":  # refused before the model is built
         raise ConfigError("an artifact compressed block by block cannot be healed afterwards (that needs the whole model in memory)",
                           "compress again with --heal-steps N (each block healed as it is compressed), or with --no-blockwise "
                           "(the whole-graph pipeline heals) when the model fits in memory")
@@ -591,7 +595,7 @@ def _heal(args: argparse.Namespace) -> int:
             report[key] = {"before": before.to_json(), "after": after.to_json()}
             if causal:
                 report[key]["dense"] = score(teacher).to_json()
-    save(module, out, force=True, extra={"heal.json": report})
+    save(module, out, force=args.force or in_place, extra={"heal.json": report})
     h = outcome
     print(f"healed {args.artifact}: held-out {h.metric} {h.start_loss:.4f} -> {h.best_loss:.4f} "
           f"(best at step {h.best_step} of {h.steps}, {h.seconds:.0f}s)")

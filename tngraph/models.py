@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pathlib
 from dataclasses import dataclass
 from typing import Any
@@ -56,9 +55,22 @@ def resolve(spec: str) -> ModelSource:
     return ModelSource("hf", str(path.resolve()))
 
 
+def source_folder(source: ModelSource | dict[str, Any] | None) -> str | None:
+    """The folder a model source is read from (None for a user's module): what tngraph never replaces."""
+    if isinstance(source, dict):
+        source = ModelSource.from_json(source) if "kind" in source else None
+    if source is None or source.kind == "module":
+        return None
+    if source.kind == MINILM:
+        try:
+            return minilm_path()
+        except ModelError:
+            return None
+    return source.path
+
+
 def load_model(source: ModelSource) -> tuple[torch.nn.Module, Any]:
     """Return (model in eval mode, tokenizer or None), reading only local files."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if source.kind == "module":
         raise ModelError("this artifact was made from a user-supplied module", "pass the same model: tngraph.load(dir, model=...)")
     path = minilm_path() if source.kind == MINILM else source.path
@@ -101,10 +113,16 @@ def weights_hash(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
-        tensor = state[name].detach().contiguous().cpu()
+        tensor = state[name]
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any shape (0-dim included) and dtype, in row-major order."""
+    flat = tensor.detach().cpu().reshape(-1).contiguous()  # a 0-dim tensor cannot be viewed as bytes; a 1-element one can
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -119,7 +119,7 @@ def train(spec: TinyLMSpec, out: str | os.PathLike, *, minutes: float | None = N
     Face folder (config, safetensors, tokenizer, tngraph_tinylm.json) atomically at `out`."""
     from transformers.utils import logging as hf_logging
 
-    from .artifact import atomic_dir, check_output_dir
+    from .ownership import atomic_dir, check_output_dir
     from .data import lm_documents
     from .lm import perplexity
     from .progress import progress
@@ -178,7 +178,7 @@ def train(spec: TinyLMSpec, out: str | os.PathLike, *, minutes: float | None = N
         "heldout_perplexity": ppl.perplexity, "heldout_tokens": ppl.tokens, "train_seconds": train_seconds,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, kind="tiny-lm") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -17,13 +17,13 @@ SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     sys.path.insert(0, {root!r})
-    import tngraph, tngraph.artifact as artifact
+    import tngraph, tngraph.artifact as artifact, tngraph.ownership as ownership
     from tests.conftest import MLP
     g = torch.Generator().manual_seed(1)
     data = [((torch.randn(16, 24, generator=g),), {{}}) for _ in range(4)]
     module = tngraph.compress(MLP().eval(), calibration=data, config=tngraph.Config(budget={budget}, progress=False, heal_steps=0))
     kill_at = os.environ.get("KILL_AT")
-    real_save_file, real_exchange = artifact.save_file, artifact._exchange
+    real_save_file, real_exchange = artifact.save_file, ownership._exchange
     def save_file(tensors, path, metadata=None):
         if kill_at == "factors":  # half of the factors on disk, then the process dies
             real_save_file(tensors, path, metadata=metadata)
@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent("""
         if kill_at == "swap":  # right after the new folder took the old one's place
             os.kill(os.getpid(), signal.SIGKILL)
         return swapped
-    artifact.save_file, artifact._exchange = save_file, exchange
+    artifact.save_file, ownership._exchange = save_file, exchange
     tngraph.save(module, sys.argv[1], force=True)
 """)
 
@@ -75,9 +75,22 @@ def test_sigkill_while_replacing_keeps_the_old_artifact_or_the_whole_new_one(tmp
     before = tngraph.load(out, model=_model())
     killed = _run(tmp_path, out, "factors", budget=0.3)  # dies before any rename: the old one stays
     assert killed.returncode == -signal.SIGKILL
+    half = _staging(tmp_path)
+    assert len(half) == 1  # the half-written new folder
     x = torch.randn(5, 24)
     torch.testing.assert_close(tngraph.load(out, model=_model())(x), before(x), atol=0, rtol=0)
     renamed = _run(tmp_path, out, "swap", budget=0.3)  # dies right after the new folder is in place
     assert renamed.returncode == -signal.SIGKILL
     after = tngraph.load(out, model=_model())  # complete and verified (hashes): the new one
     assert sum(p.numel() for p in after.parameters()) < sum(p.numel() for p in before.parameters())
+    # each run removes what a killed one left: now only the swapped-out old folder of the last one is there
+    old = _staging(tmp_path)
+    assert len(old) == 1 and old != half
+    (tmp_path / ".art.tmp-users").mkdir()  # not tngraph's (no marker): left alone
+    again = _run(tmp_path, out, None, budget=0.3)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _staging(tmp_path) == [".art.tmp-users"]
+
+
+def _staging(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".art."))

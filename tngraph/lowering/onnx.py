@@ -20,7 +20,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 import types
 import warnings
@@ -29,9 +28,24 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .. import __version__
 from ..errors import ArtifactError, ConfigError, DataError, ExportError
+from ..ownership import check_output_file, clean_stale, staging_dir
 
 log = logging.getLogger(__name__)
+
+PRODUCER_KEY = "tngraph_version"  # metadata entry of every ONNX file tngraph writes
+
+
+def written_by_tngraph(path: str | os.PathLike) -> bool:
+    """Whether the ONNX file at `path` is one tngraph wrote (its metadata says so)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all
+        return False
+    return any(p.key == PRODUCER_KEY for p in proto.metadata_props)
 
 # protobuf cannot serialise a message over 2 GiB; stay clear of it (graph + initializers)
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -496,10 +510,7 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     out = pathlib.Path(path)
     if out.suffix != ".onnx":
         raise ConfigError(f"the output file {str(out)!r} does not end in .onnx", "name it like model.onnx")
-    if out.exists() and not force:
-        raise ArtifactError(f"{str(out)!r} already exists", "pass --force (force=True) to replace it, or choose another path")
-    if out.is_dir():
-        raise ArtifactError(f"{str(out)!r} is a directory", "pass a file path ending in .onnx")
+    replacing = check_output_file(out, force, ours=written_by_tngraph, what="an ONNX file").exists()
     if not isinstance(model, torch.fx.GraphModule):  # an exported graph has no train/eval switch
         model = model.eval()
     args, kwargs = _as_kwargs(example_inputs, model)
@@ -535,7 +546,8 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     checks_in = [values, *(check_inputs if check_inputs is not None else check_inputs_for(values, axes))]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale(out)
+    tmp = staging_dir(out)
     try:
         staged = tmp / out.name
         with _quiet_exporter(), torch.no_grad():  # an inference graph (the modules' inference paths, no autograd)
@@ -550,6 +562,7 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
             except Exception as exc:
                 raise ExportError(f"torch.onnx could not export the model: {_first_line(exc)}",
                                   "check that the model runs under torch.export (dynamic=False removes dynamic-shape constraints)") from exc
+            program.model.metadata_props[PRODUCER_KEY] = __version__  # what lets --force replace this file later
             program.save(str(staged), external_data=external_data)
         import onnx
 
@@ -572,15 +585,15 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
                                   "pass a tolerance (--tolerance, an absolute bound), or export in float32")
         del session
         data = staged.with_name(staged.name + ".data")
-        if out.exists():
-            out.unlink()
+        check_output_file(out, force, ours=written_by_tngraph, what="an ONNX file")  # again: it may have appeared meanwhile
+        stale = out.with_name(out.name + ".data")
         os.replace(staged, out)
         moved = None
         if data.exists():
             moved = out.with_name(data.name)
             os.replace(data, moved)
-        elif out.with_name(out.name + ".data").exists():
-            out.with_name(out.name + ".data").unlink()  # a stale file of an earlier export
+        elif replacing and stale.exists():
+            stale.unlink()  # the weights of the export this one replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = out.stat().st_size + (moved.stat().st_size if moved else 0)

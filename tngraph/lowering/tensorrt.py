@@ -17,6 +17,8 @@ networks only, with the export command that makes a file of that precision.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ConfigError, ExportError
+from ..ownership import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,21 @@ def engine_plan(file_precision: str, requested: str | None, *, precision_flags: 
     return requested, False, requested.upper()
 
 
+def _record_path(engine: pathlib.Path) -> pathlib.Path:
+    return engine.with_name(engine.name + ".tngraph.json")
+
+
+def engine_by_tngraph(path: str | os.PathLike) -> bool:
+    """Whether the engine file at `path` is one tngraph built: its record beside it holds its sha256."""
+    path = pathlib.Path(path)
+    try:
+        record = json.loads(_record_path(path).read_text(encoding="utf-8"))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("kind") == "tensorrt-engine" and record.get("sha256") == digest
+
+
 def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precision: str | None = None, workspace_gb: float = 4.0,
                  batch: tuple[int, int, int] = (1, 8, 32), sequence: tuple[int, int, int] = (1, 128, 512), force: bool = False) -> TrtEngine:
     """Build a TensorRT engine from an ONNX file and write it to `out` (a .plan file).
@@ -208,8 +226,7 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
     _check_range("batch", tuple(batch))
     _check_range("sequence", tuple(sequence))
     src, dst = pathlib.Path(onnx_path), pathlib.Path(out)
-    if dst.exists() and not force:
-        raise ExportError(f"{str(dst)!r} already exists", "pass --force to replace it, or choose another --out")
+    check_output_file(dst, force, ours=engine_by_tngraph, what="a TensorRT engine", keep=[src])
     errors = [p for p in check_tensorrt(src) if p.severity == "error"]
     if errors:
         listed = "; ".join(str(p) for p in errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
@@ -261,13 +278,18 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precis
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
     try:
+        blob = bytes(serialized)
         with os.fdopen(fd, "wb") as f:
-            f.write(bytes(serialized))
+            f.write(blob)
+        check_output_file(dst, force, ours=engine_by_tngraph, what="a TensorRT engine", keep=[src])
         os.replace(tmp, dst)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     engine = TrtEngine(dst, dst.stat().st_size, precision, shapes, time.perf_counter() - started, trt.__version__)
+    record = {"kind": "tensorrt-engine", "sha256": hashlib.sha256(blob).hexdigest(), "onnx": str(src), "precision": precision,
+              "tensorrt": trt.__version__, "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
+    _record_path(dst).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("TensorRT %s engine %s (%.1f MB, %s) in %.1f s", trt.__version__, dst, engine.bytes / 1e6, precision, engine.seconds)
     return engine
 
