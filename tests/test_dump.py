@@ -13,6 +13,7 @@ import torch
 import tngraph
 from tngraph.cli import main
 from tngraph.errors import DataError, PassError
+from tngraph.passes import PIPELINE
 from tests.conftest import MLP
 
 aten = torch.ops.aten
@@ -106,6 +107,99 @@ def test_a_failing_pass_leaves_the_graph_it_failed_on_and_an_error_that_points_t
     assert str(failed) in text and "index.html" in text and "rank exploded" in text
     assert (failed / "graph.txt").is_file() and "plan=lowrank@" in (failed / "graph.txt").read_text()
     assert "rank exploded" in (tmp_path / "index.html").read_text()
+
+
+PASSES = [p.__name__ for p in PIPELINE]  # the default pipeline, in order
+
+
+# the two kinds of failure take turns (a plain exception, wrapped in PassError; a tngraph error, re-raised as its own type)
+FAILURES = [(position, ("bug", "tngraph")[position % 2]) for position in range(len(PASSES))]
+
+
+@pytest.mark.parametrize("position, kind", FAILURES, ids=[f"{PASSES[p]}-{kind}" for p, kind in FAILURES])
+def test_a_failure_in_any_pass_leaves_the_passes_before_it_and_index_html(tmp_path, monkeypatch, caplog, position, kind):
+    """compress() with a dump folder, the default pipeline's pass at `position` raising."""
+    from tngraph.pipeline import run_passes
+
+    name = PASSES[position]
+    message = f"{name} broke on purpose"
+
+    def failing(gm, ctx):
+        raise RuntimeError(message) if kind == "bug" else DataError(message, "a fix")
+
+    failing.__name__ = name
+    assert run_passes.__defaults__ == (PIPELINE,)  # compress() runs the default pipeline
+    monkeypatch.setattr(run_passes, "__defaults__", ([*PIPELINE[:position], failing, *PIPELINE[position + 1:]],))
+    config = tngraph.Config(budget=0.6, heal_steps=0, progress=False, dump_dir=str(tmp_path))
+    with caplog.at_level("WARNING"), pytest.raises(PassError if kind == "bug" else DataError) as info:
+        tngraph.compress(MLP().eval(), calibration=_data(2), config=config)
+    text = str(info.value)
+    assert f"pass {name!r}" in text and message in text and "after: " + (", ".join(PASSES[:position]) or "none") in text
+    failed = f"{position + 1:02d}_{name}.failed"
+    assert str(tmp_path / failed) in text
+    # every pass of the MLP's pipeline changes the graph: one folder each before the failed one
+    before = ["00_captured"] + [f"{i + 1:02d}_{p}" for i, p in enumerate(PASSES[:position])]
+    assert _folders(tmp_path) == [*before, failed]
+    assert str(tmp_path / "index.html") in text
+    page = (tmp_path / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert f"pass {name} failed" in page and message in page and "report incomplete" not in page
+    if position > PASSES.index("targets"):  # the targets table of the graph it failed on
+        assert all(f"<td>layers.{i}</td>" in page for i in range(3))
+    for folder in [*before, failed]:
+        assert f'href="#{folder}"' in page and f'id="{folder}"' in page
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["folder"] for p in summary["passes"]] == [*before, failed] and summary["passes"][-1]["failed"]
+    assert not [r.getMessage() for r in caplog.records if "index.html" in r.getMessage()]
+
+
+def test_a_failure_dump_that_cannot_be_made_is_said_in_the_page_the_log_and_the_error(tmp_path, monkeypatch, caplog):
+    from tngraph.debug import report
+    from tngraph.passes import PassContext, calibrate, targets
+    from tngraph.pipeline import run_passes
+
+    def calibrate_fails(gm, ctx):
+        raise RuntimeError("calibration broke")
+
+    calibrate_fails.__name__ = calibrate.__name__
+
+    def run(folder):
+        gm = tngraph.capture(MLP().eval(), (torch.randn(4, 24),))
+        ctx = PassContext(config=tngraph.Config(budget=0.6, heal_steps=0, progress=False, dump_dir=str(folder)), calibration=_data(2))
+        with caplog.at_level("WARNING"), pytest.raises(PassError, match="calibration broke") as info:
+            run_passes(gm, ctx, [targets, calibrate_fails])
+        return str(info.value)
+
+    def broken(*args, **kwargs):
+        raise ValueError("no rows today")
+
+    # a part of the page that fails is left out, the rest is written
+    monkeypatch.setattr(report, "target_rows", broken)
+    monkeypatch.setattr(report, "pictures", broken)
+    text = run(tmp_path / "a")
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert f"report: {tmp_path / 'a' / 'index.html'}" in text and "calibration broke" in page and 'href="#02_calibrate.failed"' in page
+    assert "the targets table left out: ValueError: no rows today" in page and "the pictures left out: ValueError: no rows today" in page
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("targets table left out" in m for m in warned) and any("pictures left out" in m for m in warned)
+    # a page that cannot be written at all: the pass's own error still comes, saying so, and the log says why
+    caplog.clear()
+    monkeypatch.setattr("tngraph.pipeline.write_report", broken)
+    text = run(tmp_path / "b")
+    assert not (tmp_path / "b" / "index.html").exists() and "index.html not written, see the log" in text
+    assert (tmp_path / "b" / "02_calibrate.failed" / "graph.txt").is_file()
+    assert any("index.html not written: ValueError: no rows today" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    # nor does a failure to dump the graph it failed on hide the pass's error
+    from tngraph import pipeline
+
+    caplog.clear()
+    monkeypatch.undo()
+    dump = pipeline.write_pass_dump
+    monkeypatch.setattr(pipeline, "write_pass_dump", lambda *a, failed=False, **k: broken() if failed else dump(*a, failed=failed, **k))
+    text = run(tmp_path / "c")
+    assert "graph not dumped (ValueError: no rows today)" in text and f"report: {tmp_path / 'c' / 'index.html'}" in text
+    assert 'href="#01_targets"' in (tmp_path / "c" / "index.html").read_text()
+    assert any("was not dumped: ValueError" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_diff_of_two_pass_folders(dumped, capsys, tmp_path):

@@ -51,11 +51,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[PassFn] = 
         except Exception as exc:
             elapsed = time.perf_counter() - start
             where = _where(name, ctx.history)
-            dumped = ""
-            if state is not None:
-                folder = write_pass_dump(state, index, name, gm, {"pass": name, "error": repr(exc), "seconds": elapsed}, failed=True)
-                _report(state, gm, ctx)
-                dumped = f"; graph dumped to {folder} (report: {state.root / 'index.html'})"
+            dumped = _failure_dump(state, index, name, gm, ctx, exc, elapsed) if state is not None else ""
             if isinstance(exc, TngraphError):
                 raise type(exc)(f"{exc.problem} [{where}{dumped}]", exc.fix) from exc
             raise PassError(
@@ -82,11 +78,27 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[PassFn] = 
     return gm
 
 
-def _report(state: DumpState, gm: fx.GraphModule, ctx: PassContext) -> None:
+def _failure_dump(state: DumpState, index: int, name: str, gm: fx.GraphModule, ctx: PassContext, exc: Exception, elapsed: float) -> str:
+    """Dump the graph the pass failed on and rewrite index.html; what was written, for the error's message.
+
+    A failure here is logged and said in the message, never raised: it would hide the pass's own error."""
     try:
-        write_report(state, gm, ctx)
+        where = f"graph dumped to {write_pass_dump(state, index, name, gm, {'pass': name, 'error': repr(exc), 'seconds': elapsed}, failed=True)}"
+    except Exception as dump_exc:
+        log.warning("tngraph dump: the graph pass %r failed on was not dumped: %s: %s", name, type(dump_exc).__name__, dump_exc, exc_info=True)
+        where = f"graph not dumped ({type(dump_exc).__name__}: {dump_exc})"
+    index_html = _report(state, gm, ctx)
+    report = f"report: {index_html}" if index_html is not None else f"{state.root / 'index.html'} not written, see the log"
+    return f"; {where} ({report})"
+
+
+def _report(state: DumpState, gm: fx.GraphModule, ctx: PassContext) -> pathlib.Path | None:
+    """Write index.html; its path, or None (logged) when it could not be written."""
+    try:
+        return write_report(state, gm, ctx)
     except Exception as exc:  # the report must never hide the pass's own result or error
-        log.warning("tngraph dump: index.html not written: %s: %s", type(exc).__name__, exc)
+        log.warning("tngraph dump: %s not written: %s: %s", state.root / "index.html", type(exc).__name__, exc, exc_info=True)
+        return None
 
 
 def _where(name: str, history: list[str]) -> str:

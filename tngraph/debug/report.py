@@ -54,18 +54,34 @@ def target_rows(gm: fx.GraphModule) -> list[dict[str, Any]]:
         rows.append({
             "name": t.name, "kind": t.kind, "in_features": t.in_features, "out_features": t.out_features,
             "format": plan.format if plan else "dense", "rank": plan.rank if plan else None,
-            "params_before": plan.params_before if plan else t.dense_params(), "params_after": plan.params_after if plan else t.dense_params(),
+            "params_before": plan.params_before if plan else t.dense_params, "params_after": plan.params_after if plan else t.dense_params,
             "sensitivity": None if sens is None else {"kind": sens.kind, "score": sens.score},
         })
     return rows
 
 
+def _incomplete(part: str, exc: Exception) -> str:
+    """Log (with the traceback) and return the line the page shows for a part of the report that failed."""
+    line = f"{part} left out: {type(exc).__name__}: {exc}"
+    log.warning("tngraph dump: index.html: %s", line, exc_info=True)
+    return line
+
+
 def write_report(state: DumpState, gm: fx.GraphModule, ctx: Any = None, measurements: dict[str, Any] | None = None) -> pathlib.Path:
-    """targets.json, summary.json and index.html in the dump's root."""
+    """targets.json, summary.json and index.html in the dump's root.
+
+    Also written after a pass failed, on whatever graph it failed on: a part that cannot be made
+    (the targets table, the pictures) is left out with a warning and a line on the page naming the
+    problem, rather than losing the page and the passes it navigates."""
     root = state.root
     if measurements:
         state.extra.setdefault("measurements", {}).update(measurements)
-    rows = target_rows(gm)
+    problems: list[str] = []
+    try:
+        rows = target_rows(gm)
+    except Exception as exc:  # a tngraph bug, but the page still shows the passes
+        rows = []
+        problems.append(_incomplete("the targets table", exc))
     spectra = state.extra.get("spectra", {})
     (root / TARGETS_JSON).write_text(json.dumps({"targets": rows, "spectra": spectra}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     passes = [_read_pass(f) for f in state.folders if f.is_dir()]
@@ -73,12 +89,16 @@ def write_report(state: DumpState, gm: fx.GraphModule, ctx: Any = None, measurem
                "timings": dict(getattr(ctx, "timings", {}) or {}), "measurements": state.extra.get("measurements", {}),
                "flops": _flops(passes)}
     (root / SUMMARY_JSON).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    (root / INDEX).write_text(render(passes, rows, spectra, summary), encoding="utf-8")
+    (root / INDEX).write_text(render(passes, rows, spectra, summary, problems), encoding="utf-8")
     return root / INDEX
 
 
 def _read_pass(folder: pathlib.Path) -> dict[str, Any]:
-    info = json.loads((folder / PASS_INFO).read_text(encoding="utf-8")) if (folder / PASS_INFO).is_file() else {}
+    try:
+        info = json.loads((folder / PASS_INFO).read_text(encoding="utf-8")) if (folder / PASS_INFO).is_file() else {}
+    except (OSError, ValueError) as exc:  # a pass.json cut short (the run was killed while writing it)
+        log.warning("tngraph dump: %s unreadable: %s", folder / PASS_INFO, exc)
+        info = {}
     table = (folder / TABLE).read_text(encoding="utf-8") if (folder / TABLE).is_file() else ""
     diff = (folder / DIFF).read_text(encoding="utf-8") if (folder / DIFF).is_file() else None
     return {"folder": folder.name, "pass": info.get("pass", folder.name), "seconds": info.get("seconds"), "counters": info.get("counters", {}),
@@ -222,8 +242,15 @@ def _diff_html(diff: str) -> str:
     return "\n".join(lines)
 
 
-def render(passes: list[dict[str, Any]], rows: list[dict[str, Any]], spectra: dict[str, list[float]], summary: dict[str, Any]) -> str:
+def render(passes: list[dict[str, Any]], rows: list[dict[str, Any]], spectra: dict[str, list[float]], summary: dict[str, Any],
+           problems: list[str] | None = None) -> str:
     e = html.escape
+    problems = list(problems or [])
+    try:
+        pics = pictures(rows, spectra, summary)
+    except Exception as exc:  # matplotlib or a row it cannot draw: the page goes without pictures
+        pics = []
+        problems.append(_incomplete("the pictures", exc))
     nav = ['<nav><b>tngraph dump</b><a href="#overview">overview</a>', '<a href="#targets">targets</a>']
     nav += [f'<a class="{"failed" if p["failed"] else ""}" href="#{e(p["folder"])}">{e(p["folder"])}</a>' for p in passes]
     nav.append("</nav>")
@@ -232,6 +259,8 @@ def render(passes: list[dict[str, Any]], rows: list[dict[str, Any]], spectra: di
     if failed:
         body.append(f'<p class="error">pass {e(failed[0]["pass"])} failed: {e(str(failed[0]["error"]))}; its input graph is in '
                     f'<a href="#{e(failed[0]["folder"])}">{e(failed[0]["folder"])}</a></p>')
+    for line in problems:
+        body.append(f'<p class="error">report incomplete: {e(line)}</p>')
     body.append("<table><tr><th>folder</th><th>pass</th><th>seconds</th><th>nodes</th><th>counters</th></tr>")
     for p in passes:
         counters = ", ".join(f"{k} {v}" for k, v in (p["counters"] or {}).items())
@@ -239,7 +268,7 @@ def render(passes: list[dict[str, Any]], rows: list[dict[str, Any]], spectra: di
         body.append(f'<tr><td><a href="#{e(p["folder"])}">{e(p["folder"])}</a></td><td>{e(str(p["pass"]))}</td><td>{seconds}</td>'
                     f'<td>{p["nodes"] or ""}</td><td>{e(counters)}</td></tr>')
     body.append("</table>")
-    for title, note, url in pictures(rows, spectra, summary):
+    for title, note, url in pics:
         body.append(f'<div class="pic"><h2>{e(title)}</h2><p>{e(note)}</p><img alt="{e(title)}" src="{url}"></div>')
     body.append('<h2 id="targets">Targets</h2><table><tr><th>target</th><th>shape</th><th>format</th><th>rank</th><th>kept</th><th>sensitivity</th></tr>')
     for r in rows:
