@@ -469,7 +469,7 @@ def _dump(args: argparse.Namespace) -> int:
     from .debug import compare_dumps, write_report
     from .evaluate import latency, latency_inputs
     from .models import load_model, resolve, source_folder
-    from .ownership import check_output_dir, fresh_dir, mark
+    from .ownership import check_output_dir, fresh_dir
 
     if args.diff:
         text = compare_dumps(*args.diff)
@@ -492,13 +492,11 @@ def _dump(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise TngraphError(f"{args.model!r} has no tokenizer", "add the tokenizer files to the model folder")
     calibration = read_lines(args.calibration) if args.calibration else sentence_sets(config.calibration_samples, 1, config.seed).calibration
-    folder = fresh_dir(args.out, args.force, kind="dump", keep=keep)  # an old dump is emptied now; anything else was refused
+    fresh_dir(args.out, args.force, kind="dump", keep=keep)  # an old dump is emptied now; anything else was refused
     try:
         result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source)
     except TngraphError as exc:
         raise TngraphError(f"{exc.problem}; the dump of every pass up to it is in {args.out} (open index.html)", exc.fix) from exc
-    finally:  # all the folder holds is this run's: a later --force may replace it
-        mark(folder, "dump", (p.name for p in folder.iterdir()))
     state = result.context.analysis["dump"]["state"]
     measurements = {}
     if not args.no_eval:
@@ -507,7 +505,6 @@ def _dump(args: argparse.Namespace) -> int:
         measurements = {"dense_ms": times["dense"] * 1e3, "compressed_ms": times["compressed"] * 1e3, "shape": f"{rows}x{length}",
                         "threads": torch.get_num_threads()}
     index = write_report(state, result.graph, result.context, measurements)
-    mark(folder, "dump", [index.name], add=True)
     print(f"dumped {len(state.folders)} passes to {args.out}: " + ", ".join(f.name for f in state.folders))
     if measurements:
         print(f"latency {measurements['shape']} ({measurements['threads']} threads): dense {measurements['dense_ms']:.1f} ms, "

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta
+from ..ownership import mark
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def write_pass_dump(state: DumpState | str | pathlib.Path, index: int | None, na
     (folder / "graph.lines").write_text(lines, encoding="utf-8")  # what `tngraph dump --diff` compares
     state.previous, state.previous_name = lines, folder.name
     state.folders.append(folder)
+    mark(state.root, "dump", [folder.name], add=True)  # the folder is tngraph's: a later `tngraph dump --force` may replace it
     return folder
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta
+from ..ownership import mark
 from .dump import DIFF, PASS_INFO, TABLE, DumpState, _attr
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def write_report(state: DumpState, gm: fx.GraphModule, ctx: Any = None, measurem
                "flops": _flops(passes)}
     (root / SUMMARY_JSON).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
     (root / INDEX).write_text(render(passes, rows, spectra, summary, problems), encoding="utf-8")
+    mark(root, "dump", (TARGETS_JSON, SUMMARY_JSON, INDEX), add=True)  # a later `tngraph dump --force` may replace them
     return root / INDEX
 
 
