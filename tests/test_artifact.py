@@ -93,3 +93,80 @@ def test_different_source_model_is_refused(artifact):
 
     with pytest.raises(ArtifactError, match="different source model"):
         tngraph.load(artifact, model=MLP(seed=5))
+
+
+class _WithBatchNorm(torch.nn.Module):
+    """A linear layer after a BatchNorm, whose num_batches_tracked buffer is a 0-dim tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.BatchNorm1d(24)
+        self.proj = torch.nn.Linear(24, 32)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+def test_zero_dim_buffers_hash_save_and_load(tmp_path):
+    from tngraph.backend import _tensor_hash
+    from tngraph.models import tensor_bytes, weights_hash
+
+    model = _WithBatchNorm().eval()
+    assert model.norm.num_batches_tracked.dim() == 0
+    assert tensor_bytes(torch.tensor(7, dtype=torch.int64)) == (7).to_bytes(8, "little")
+    assert _tensor_hash(torch.tensor(1.0)) != _tensor_hash(torch.tensor([1.0]))  # the shape is part of the hash
+    for dtype in (torch.bool, torch.bfloat16, torch.float16, torch.int8):
+        assert len(tensor_bytes(torch.zeros((), dtype=dtype))) == torch.zeros((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(0)
+    data = [((torch.randn(16, 24, generator=g),), {}) for _ in range(4)]
+    compressed = tngraph.compress(model, calibration=data, config=tngraph.Config(budget=0.5, progress=False, heal_steps=0))
+    out = tngraph.save(compressed, tmp_path / "art")
+    assert json.loads((out / RECIPE).read_text())["source_hash"] == weights_hash(model)
+    loaded = tngraph.load(out, model=_WithBatchNorm())
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(loaded(x), compressed(x), atol=0, rtol=0)
+
+
+def test_loading_a_model_leaves_the_environment_alone(monkeypatch):
+    import os
+
+    from tngraph.models import ModelSource, load_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    load_model(ModelSource("minilm"))
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (lambda r: r["files"].update({"../../etc/passwd": {"sha256": "0" * 64}}), "not factor files"),
+    (lambda r: r.update(files={"/etc/passwd": {"sha256": "0" * 64}}), "not factor files"),
+    (lambda r: r.update(source={"kind": "hf", "path": "../../etc"}), "not an absolute, normalised"),
+    (lambda r: r.update(source={"kind": "hf", "path": "/models/../../etc"}), "not an absolute, normalised"),
+    (lambda r: r.update(source={"kind": "hf-causal", "path": "relative/model"}), "not an absolute, normalised"),
+    (lambda r: r.update(source={"kind": "minilm", "path": "/etc"}), "has no path"),
+    (lambda r: r.update(source={"kind": "shell", "path": None}), "unknown source"),
+    (lambda r: r["targets"][0].update(name="../layers"), "not a module path"),
+    (lambda r: r["targets"][0].update(file="../../factors-00000.safetensors"), "not one of the recipe's"),
+], ids=["files-dotdot", "files-absolute", "source-dotdot", "source-unnormalised", "source-relative", "minilm-path", "kind",
+        "target-name", "target-file"])
+def test_a_crafted_recipe_is_refused_before_anything_is_read(artifact, mlp, monkeypatch, change, fragment):
+    import tngraph.artifact as module
+    import tngraph.blockwise as blockwise
+
+    def nothing(*args, **kwargs):
+        raise AssertionError("read something of a crafted recipe")
+
+    monkeypatch.setattr(module, "load_model", nothing)
+    monkeypatch.setattr(module, "_sha256", nothing)
+    monkeypatch.setattr(module, "load_file", nothing)
+    monkeypatch.setattr(blockwise, "Shards", nothing)
+    recipe = json.loads((artifact / RECIPE).read_text())
+    change(recipe)
+    (artifact / RECIPE).write_text(json.dumps(recipe))
+    with pytest.raises(ArtifactError, match=fragment):
+        tngraph.load(artifact, model=mlp)
+    recipe["layout"] = "causal-lm-blockwise"  # the block-by-block loader reads the same checked recipe
+    (artifact / RECIPE).write_text(json.dumps(recipe))
+    with pytest.raises(ArtifactError, match=fragment):
+        tngraph.load(artifact)

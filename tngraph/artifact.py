@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 from typing import Any
 
 import torch
@@ -67,9 +68,40 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     required = ("recipe_version", "source", "source_hash", "targets", "files")
     if not isinstance(recipe, dict) or any(k not in recipe for k in required):
         raise ArtifactError(f"{str(recipe_path)!r} is not a tngraph recipe", "recompress the model to rebuild the artifact")
-    if recipe["recipe_version"] > RECIPE_VERSION:
-        raise ArtifactError(f"recipe version {recipe['recipe_version']} is newer than this tngraph understands", "upgrade tngraph")
+    if not isinstance(recipe["recipe_version"], int) or recipe["recipe_version"] > RECIPE_VERSION:
+        raise ArtifactError(f"recipe version {recipe['recipe_version']!r} is newer than this tngraph understands", "upgrade tngraph")
+    _check_paths(recipe, recipe_path)
     return recipe
+
+
+SOURCE_KINDS = ("minilm", "hf", "hf-causal", "module")
+_FACTOR_FILE = re.compile(r"factors(-\d{5})?\.safetensors")
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def _check_paths(recipe: dict[str, Any], where: pathlib.Path) -> None:
+    """Refuse, before anything is read, a recipe whose paths could lead outside what tngraph wrote:
+    files that are not bare factor-file names of the artifact folder, a source path that is not an
+    absolute, normalised folder path, target names that are not module paths."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{str(where)!r} is not a recipe tngraph wrote: {what}", "recompress the model to rebuild the artifact")
+
+    source = recipe["source"]
+    if not isinstance(source, dict) or source.get("kind") not in SOURCE_KINDS:
+        raise bad(f"unknown source {source!r}")
+    path = source.get("path")
+    if source["kind"] in ("minilm", "module"):
+        if path is not None:
+            raise bad(f"a {source['kind']} source has no path, it names {path!r}")
+    elif not (isinstance(path, str) and "\0" not in path and os.path.isabs(path) and os.path.normpath(path) == path):
+        raise bad(f"the source path {path!r} is not an absolute, normalised folder path")
+    files = recipe["files"]
+    if not isinstance(files, dict) or not all(isinstance(f, str) and _FACTOR_FILE.fullmatch(f) for f in files):
+        raise bad(f"its files {sorted(map(str, files)) if isinstance(files, dict) else files!r} are not factor files of the artifact folder")
+    targets = recipe["targets"]
+    if not isinstance(targets, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) and _MODULE_PATH.fullmatch(t["name"])
+                                                and t.get("file", FACTORS) in (files or {FACTORS: None}) for t in targets):
+        raise bad("a target's name is not a module path, or its file is not one of the recipe's")
 
 
 def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch.nn.Module:
