@@ -1,9 +1,11 @@
-"""What the kernel modules share: the interpreter switch, autotune configs and the row bucket."""
+"""What the kernel modules share: the interpreter switch, autotune configs, the row bucket and int64
+tile offsets."""
 from __future__ import annotations
 
 import os
 
 import triton
+import triton.language as tl
 
 # triton's interpreter (CPU tests) runs every autotune candidate at numpy speed: one config there
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -45,3 +47,11 @@ def row_bucket(rows: int) -> int:
     """Autotuning is keyed on the row count's power-of-two bucket, not every row count (prefill
     lengths vary; tuning again for each would cost more than it gains)."""
     return 1 << max(0, (rows - 1).bit_length())
+
+
+@triton.jit
+def offsets(i, j, si, sj):
+    """The element offsets i * si + j * sj of a tile (rows i down, columns j across) in int64: the
+    activations and outputs grow with the rows, and past 2**31 elements (or in a view with large
+    strides) int32 products would wrap."""
+    return i.to(tl.int64)[:, None] * si + j.to(tl.int64)[None, :] * sj

@@ -19,6 +19,9 @@ Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
   each t block over the input dimension and accumulating t_blk A_blk^T; bias and activation are
   applied in the epilogue. t is recomputed for every output block, so for many rows the unfused
   chain of two GEMMs wins; the dispatcher knows.
+
+Offsets into x, y and the scratch, which grow with the rows, are int64 (_common.offsets); the
+weights' stay int32 (a factor holds far fewer than 2**31 elements).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs as _configs, launcher, row_bucket, tuned
+from ._common import configs as _configs, launcher, offsets, row_bucket, tuned
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 
@@ -95,12 +98,11 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=(rows[:, None] < M) & (rk[None, :] < k_end),
-                            other=0.0)
+                x = tl.load(x_ptr + offsets(rows, rk, sxm, sxk), mask=(rows[:, None] < M) & (rk[None, :] < k_end), other=0.0)
                 b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < k_end),
                             other=0.0)
                 t += tl.dot(x, b, input_precision="ieee")
-            tl.store(part_ptr + (piece * M + rows[:, None]) * R + rr[None, :], t, mask=(rows[:, None] < M) & (rr[None, :] < R))
+            tl.store(part_ptr + offsets(tl.cast(piece, tl.int64) * M + rows, rr, R, 1), t, mask=(rows[:, None] < M) & (rr[None, :] < R))
         # the last K chunk of this rank block to finish sums the partial products into t
         tl.debug_barrier()  # every thread's stores are issued before the count is raised (release)
         arrived = tl.atomic_add(count_ptr + 3 + block, 1, sem="acq_rel")
@@ -111,8 +113,9 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
                 inside = (rows[:, None] < M) & (rr[None, :] < R)
                 t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for p in range(0, k_chunks):  # from L2 (.cg): other programs wrote them
-                    t += tl.load(part_ptr + (p * M + rows[:, None]) * R + rr[None, :], mask=inside, other=0.0, cache_modifier=".cg")
-                tl.store(t_ptr + rows[:, None] * R + rr[None, :], t.to(t_ptr.dtype.element_ty), mask=inside)
+                    t += tl.load(part_ptr + offsets(tl.cast(p, tl.int64) * M + rows, rr, R, 1), mask=inside, other=0.0,
+                                 cache_modifier=".cg")
+                tl.store(t_ptr + offsets(rows, rr, R, 1), t.to(t_ptr.dtype.element_ty), mask=inside)
             tl.atomic_xchg(count_ptr + 3 + block, 0, sem="relaxed")
             tl.debug_barrier()
             tl.atomic_add(count_ptr + 1, 1, sem="release")
@@ -133,7 +136,7 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for r0 in range(0, R, BLOCK_R):
                     rr = r0 + tl.arange(0, BLOCK_R)
-                    t = tl.load(t_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0,
+                    t = tl.load(t_ptr + offsets(rows, rr, R, 1), mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0,
                                 cache_modifier=".cg")
                     a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < n_end) & (rr[:, None] < R),
                                 other=0.0)
@@ -142,7 +145,7 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
                     bias = tl.load(bias_ptr + rn, mask=rn < n_end, other=0.0)
                     acc += bias[None, :].to(tl.float32)
                 acc = _activate(acc, ACT)
-                tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                tl.store(y_ptr + offsets(rows, rn, sym, syn), acc.to(y_ptr.dtype.element_ty),
                          mask=(rows[:, None] < M) & (rn[None, :] < n_end))
         # the last output chunk: every ticket is taken and t is read, so the counters go back to zero
         tl.debug_barrier()
@@ -169,7 +172,7 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * sxm + rk[None, :] * sxk, mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
+            x = tl.load(x_ptr + offsets(rows, rk, sxm, sxk), mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
             b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
             t += tl.dot(x, b, input_precision="ieee")
         a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
@@ -178,7 +181,7 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
         bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
         acc += bias[None, :].to(tl.float32)
     acc = _activate(acc, ACT)
-    tl.store(y_ptr + rows[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
+    tl.store(y_ptr + offsets(rows, rn, sym, syn), acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
 def _programs_to_fill(device: torch.device) -> int:

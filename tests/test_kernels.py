@@ -9,7 +9,11 @@ import torch
 from tngraph.ops import ACTIVATIONS, load_kernels, lowrank_reference
 
 pytest.importorskip("triton", reason="triton is not installed (make test installs it)")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 kernels = load_kernels()
+offsets = load_kernels("_common").offsets
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (rows, in, rank, out): one row (decode), a few, more than a row block; none a multiple of a block
 SHAPES = [(1, 37, 19, 45), (5, 70, 33, 100), (40, 65, 20, 70)]
@@ -151,6 +155,47 @@ def test_strided_input():
     _check(kernels.tiled(view, b, a, c), x, b, a, c, "none", torch.float32)
 
 
+@triton.jit
+def _offsets_kernel(i_ptr, j_ptr, out_ptr, si, sj, N: tl.constexpr):
+    r = tl.arange(0, N)
+    tl.store(out_ptr + r[:, None] * N + r[None, :], offsets(tl.load(i_ptr + r), tl.load(j_ptr + r), si, sj))
+
+
+def test_tile_offsets_past_2_to_the_31_elements_do_not_wrap():
+    """kernels/_common.offsets, which every activation and output tile goes through: row 70000 at a
+    row stride of 40000 is element 2,800,000,000, past int32, as is column 3 at a stride of 2**30 + 1."""
+    i = torch.tensor([0, 1, 53_687, 70_000], dtype=torch.int32, device=DEVICE)
+    j = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)
+    for si, sj in ((40_000, 1), (1, 2**30 + 1), (40_000, 2**30 + 1)):
+        out = torch.empty(4, 4, dtype=torch.int64, device=DEVICE)
+        _offsets_kernel[(1,)](i, j, out, si, sj, N=4)
+        assert torch.equal(out, i.long()[:, None] * si + j.long()[None, :] * sj)
+    assert out[3, 0] == 2_800_000_000
+
+
+@pytest.mark.parametrize("kernel", ["split_rank", "tiled", "tt2"])
+def test_kernels_read_rows_past_2_to_the_31_elements(kernel):
+    """x a view of 3 rows 2**30 + 64 elements apart: row 2 starts past element 2**31, where an
+    int32 offset wraps (an out-of-bounds read). The storage is 4 GiB of fp16 but only the 3 rows
+    are touched (untouched pages take no memory, and the interpreter reads the tensors in place)."""
+    stride, k = 2**30 + 64, 42
+    base = torch.empty(2 * stride + k, dtype=torch.float16, device=DEVICE)
+    x = torch.as_strided(base, (3, k), (stride, 1))
+    g = torch.Generator().manual_seed(0)
+    x.copy_(torch.randn(3, k, generator=g))
+    if kernel == "tt2":
+        from tngraph.ops import network_reference
+
+        g1, g2 = torch.randn(5, 6, 4, generator=g) / 6, torch.randn(4, 3, 7, generator=g) / 7
+        g1, g2 = g1.to(DEVICE, torch.float16), g2.to(DEVICE, torch.float16)
+        out = load_kernels("tt").tt2(x, g1, g2, None)
+        ref = network_reference(x.float(), [g1.float(), g2.float()], "...ab,Aar,rBb->...AB", [6, 7], 15, None)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    else:
+        _, b, a, c = _inputs((1, k, 17, 33), torch.float16, True)
+        _check(getattr(kernels, kernel)(x, b, a, c, "gelu"), x, b, a, c, "gelu", torch.float16)
+
+
 def test_the_dispatch_times_each_candidate_once_per_row_bucket(monkeypatch):
     from tngraph import ops
 
@@ -175,6 +220,37 @@ def test_the_dispatch_times_each_candidate_once_per_row_bucket(monkeypatch):
     monkeypatch.setenv("TNGRAPH_LOWRANK", "magic")
     with pytest.raises(ValueError, match="TNGRAPH_LOWRANK='magic'"):
         ops.choose(x, b, a, c, "none")
+
+
+@pytest.mark.parametrize("rows", [2049, 4096, 100_000])
+def test_no_kernel_is_a_candidate_past_its_row_limit(rows, monkeypatch):
+    """Past 2048 rows (the tiled kernel's limit; split-rank's is 128) the dispatch takes the chain
+    untimed, or times it against the dense product where that is allowed; TNGRAPH_LOWRANK still
+    forces a kernel at any row count."""
+    from tngraph import ops
+
+    monkeypatch.setattr(ops, "_choices", {})
+    monkeypatch.setattr(ops, "_dense", ops.TensorCache())
+    monkeypatch.setattr(ops, "_allow_dense", None)
+    monkeypatch.delenv("TNGRAPH_LOWRANK", raising=False)
+    monkeypatch.delenv("TNGRAPH_LOWRANK_DENSE", raising=False)
+    ran = []
+    for name in ("split_rank", "tiled"):  # what a timing would run, without running it
+        monkeypatch.setattr(kernels, name, lambda *args, name=name: ran.append(name))
+    timed = []
+
+    def timer(fn):
+        timed.append(fn)
+        fn()
+        return float(len(timed))  # the first timed is the "fastest"
+
+    x, b, a, c = _inputs((rows, 40, 17, 33), torch.float32, True)
+    assert ops.choose(x, b, a, c, "gelu", timer=timer) == "chain" and not timed  # the only candidate
+    monkeypatch.setenv("TNGRAPH_LOWRANK_DENSE", "1")
+    assert ops.choose(x, b, a, c, "gelu", timer=timer) == "chain" and len(timed) == 2 and not ran  # chain and dense
+    for forced in ("split_rank", "tiled"):
+        monkeypatch.setenv("TNGRAPH_LOWRANK", forced)
+        assert ops.choose(x, b, a, c, "gelu", timer=timer) == forced and len(timed) == 2
 
 
 def test_the_dense_product_is_a_candidate_only_where_allowed(monkeypatch):

@@ -30,8 +30,10 @@ ACTIVATIONS = ("none", "gelu", "silu", "relu")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The CUDA dispatch picks, per (device, dtype, shape, bias, activation) and row-count bucket, the
 # fastest of the split-rank kernel, the tiled kernel and the two-GEMM chain (cuBLAS), timed once on
-# the first call in that bucket (bucket = the smallest of ROW_BUCKETS >= the row count). Kernels are
-# candidates only up to their row limits. TNGRAPH_LOWRANK=split_rank|tiled|chain|dense forces a choice.
+# the first call in that bucket (bucket = the smallest of ROW_BUCKETS >= the row count; the last, past
+# every kernel's row limit, holds every larger count). Kernels are candidates only up to their row limits
+# (KERNEL_ROWS), so past 2048 rows the chain runs untimed, or is timed against the dense product where
+# that is allowed. TNGRAPH_LOWRANK=split_rank|tiled|chain|dense forces a choice at any row count.
 # "dense" (the product a·b kept as one weight, one cuBLAS GEMM) is a candidate only where allowed
 # (TNGRAPH_LOWRANK_DENSE=1 or allow_dense(True)): it holds again the dense weight the factorization
 # removed, trading that memory back for speed where the chain loses (many rows at high ranks); the
@@ -39,7 +41,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # tngraph::network is chosen the same way among its kernel path (kernels/tt.py, for the layouts
 # network_plan maps), the einsum and, where allowed, the dense matrix; TNGRAPH_NETWORK=kernel|einsum|dense
 # forces one.
-ROW_BUCKETS = (1, 16, 128, 2048)
+ROW_BUCKETS = (1, 16, 128, 2048, 4096)  # 4096: more than 2048 rows, timed at 4096
 KERNEL_ROWS = {"split_rank": 128, "tiled": 2048}
 IMPLEMENTATIONS = ("split_rank", "tiled", "chain", "dense")
 NETWORK_IMPLEMENTATIONS = ("kernel", "einsum", "dense")
@@ -211,6 +213,8 @@ def kernel_unsupported(x: torch.Tensor, *others: Optional[torch.Tensor]) -> str 
 
 
 def bucket(rows: int) -> int:
+    """The row bucket the dispatch times and keys on: the smallest of ROW_BUCKETS >= rows, the last
+    one for any more (past every kernel's limit)."""
     return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
 
 
