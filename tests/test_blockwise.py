@@ -265,3 +265,60 @@ def test_two_gloo_processes_write_the_same_artifact_bytes_as_one(tiny_llama, tmp
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_the_guard_runs_block_by_block(tiny_llama, tmp_path):
+    """Every target's recorded error is its whitened truncation error; budgeted allocation keeps every
+    one within the tolerance and the budget; uniform ranks over it are an error naming the layer, and
+    strict makes it a guard failure; nothing is written when refused."""
+    from tngraph.errors import PassError
+
+    loose = compress_causal_lm(tiny_llama, tmp_path / "loose", budget=0.5, samples=8, length=16, progress=False)
+    errors = [t["error"] for t in json.loads((tmp_path / "loose" / "recipe.json").read_text())["targets"]]
+    assert all(0 < e < 1 for e in errors)
+    tolerance = sorted(errors)[len(errors) // 2]  # half of the default plan's targets are over it
+    tight = compress_causal_lm(tiny_llama, tmp_path / "tight", budget=0.5, samples=8, length=16, progress=False, guard_tolerance=tolerance)
+    recipe = json.loads((tmp_path / "tight" / "recipe.json").read_text())
+    assert recipe["config"]["guard_tolerance"] == tolerance
+    assert all(t["error"] <= tolerance for t in recipe["targets"])
+    assert tight.params_after <= 0.5 * tight.params_before and loose.params_after <= 0.5 * loose.params_before
+    assert max(errors) > tolerance  # the default plan had targets over it: the tight one is another plan
+    with pytest.raises(ConfigError, match=r"model\.layers\.\d\.\S+: relative output error .* exceeds guard_tolerance.*uniform"):
+        compress_causal_lm(tiny_llama, tmp_path / "u", budget=0.5, samples=8, length=16, progress=False, allocation="uniform",
+                           guard_tolerance=tolerance)
+    with pytest.raises(PassError, match="exceeds guard_tolerance"):
+        compress_causal_lm(tiny_llama, tmp_path / "s", budget=0.5, samples=8, length=16, progress=False, allocation="uniform",
+                           guard_tolerance=tolerance, strict=True)
+    assert not (tmp_path / "u").exists() and not (tmp_path / "s").exists()
+
+
+def test_include_exclude_and_plain_svd_block_by_block(tiny_llama, tmp_path):
+    from tngraph.modules import LowRankLinear
+    from tngraph.tn.lowrank import decompose_lowrank
+
+    compress_causal_lm(tiny_llama, tmp_path / "mlp", budget=0.5, samples=4, length=16, progress=False, allocation="uniform",
+                       include=[r"\.mlp\."], exclude=[r"layers\.0\."])
+    names = [t["name"] for t in json.loads((tmp_path / "mlp" / "recipe.json").read_text())["targets"]]
+    assert names and all(".mlp." in n and not n.startswith("model.layers.0.") for n in names) and len(names) == 3 * 3
+    with pytest.raises(ConfigError, match="no layer of the model is a target"):
+        compress_causal_lm(tiny_llama, tmp_path / "none", budget=0.5, samples=4, length=16, progress=False, include=["nothing"])
+    compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, samples=4, length=16, progress=False, allocation="uniform", whiten=False)
+    model, dense = tngraph.load(tmp_path / "plain"), _dense(tiny_llama)
+    assert json.loads((tmp_path / "plain" / "recipe.json").read_text())["config"]["whiten"] is False
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):  # exactly the data-free truncated SVD of the dense weight
+            a, b = decompose_lowrank(dense.get_submodule(name).weight.detach(), module.rank)
+            torch.testing.assert_close(module.a @ module.b, a @ b, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked == 28
+
+
+@pytest.mark.parametrize("flag", [["--sensitivity", "measured"], ["--budget-kind", "latency"], ["--dense-rows"], ["--mixture", "tucker"],
+                                  ["--targets", "linear,embedding"], ["--dump", "D"], ["--resume"], ["--fisher-batches", "4"],
+                                  ["--sensitivity-rounds", "2"], ["--latency-rows", "64"], ["--heal-data", "x.txt"]])
+def test_whole_graph_options_are_refused_by_name_block_by_block(tiny_llama, tmp_path, capsys, flag):
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--blockwise", *flag, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]}" in err and "not available for block-by-block" in err and "--no-blockwise" in err
+    assert not (tmp_path / "o").exists()

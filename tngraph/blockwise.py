@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -22,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import ArtifactError, ConfigError, DataError, ModelError
+from .errors import ArtifactError, ConfigError, DataError, ModelError, PassError
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,8 @@ def _blocks(n: int, show: bool) -> Iterator[int]:
 def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, budget: float = 0.5, texts: Sequence[str] | None = None,
                        tokenizer: Any = None, samples: int = 32, length: int = 128, batch_size: int = 4, damping: float = 1e-4,
                        seed: int = 0, force: bool = False, progress: bool = True, allocation: str = "budgeted",
-                       heal_steps: int = 0, heal_lr: float = 1e-4) -> BlockwiseResult:
+                       heal_steps: int = 0, heal_lr: float = 1e-4, guard_tolerance: float | None = 1.0, strict: bool = False,
+                       include: Sequence[str] = (), exclude: Sequence[str] = (), whiten: bool = True) -> BlockwiseResult:
     """Compress the causal LM in `folder` block by block into the artifact folder `out`.
 
     allocation "uniform": every projection at the budget's rank. "budgeted": per block, the ranks
@@ -273,7 +275,18 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     that block (carried beside the compressed ones: the block also makes up for the error of the
     blocks before it), before they are written and the next block calibrates on them (heal_block).
     Peak memory grows by the block's factors' gradients and Adam state and a second copy of the
-    calibration activations."""
+    calibration activations.
+
+    The numerical guard (guard_tolerance, as in the whole-graph pipeline): a target's relative output
+    error on the calibration inputs, sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)), is what its whitened spectrum
+    leaves out past its rank. Budgeted allocation plans around it (a rank whose error exceeds the
+    tolerance is no candidate, so the budget holds); with uniform ranks a target over it is an error
+    naming it (keeping it dense would break the budget), as is any failure with `strict`. Truncated
+    SVD never errs by more than 1 (the error of zeros), so the default tolerance 1.0 never fires.
+
+    include / exclude: regular expressions over the projections' full names (model.layers.N.mlp.up_proj):
+    only matching ones are targets, and never excluded ones; the others stay dense and out of the budget.
+    whiten=False: plain truncated SVD (and plain spectra for the allocation)."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -283,7 +296,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     from .calibration import GramStats
     from .modules import LowRankLinear
     from .tn.lowrank import lowrank_params, rank_for_budget
-    from .tn.whitening import whitening_from_gram
+    from .tn.whitening import Whitening, whitening_from_gram
 
     started = time.perf_counter()
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
@@ -294,6 +307,9 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
         raise ConfigError(f"heal_steps must be an integer >= 0 and heal_lr positive, got {heal_steps!r}, {heal_lr!r}", "e.g. --heal-steps 100")
     if samples < 1 or length < 2 or batch_size < 1:
         raise ConfigError("calibration needs samples >= 1, length >= 2, batch size >= 1", "e.g. --calibration-samples 32")
+    if guard_tolerance is not None and not (isinstance(guard_tolerance, (int, float)) and guard_tolerance > 0):
+        raise ConfigError(f"guard_tolerance must be a positive number or None, got {guard_tolerance!r}", "e.g. --guard-tolerance 0.5")
+    selected = _selector(include, exclude)
     src = pathlib.Path(folder).resolve()
     if causal_lm_config(src) is None:
         raise ModelError(f"{str(src)!r} is not a {'/'.join(FAMILIES)} causal LM folder", "pass a Hugging Face causal LM folder")
@@ -303,6 +319,9 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     shards = Shards(src)
     model = _meta_model(src)
     rotary = _rotary(model)
+    if not any(selected(f"model.layers.{i}.{name}") for i in range(len(model.model.layers)) for name in BLOCK_TARGETS):
+        raise ConfigError(f"no layer of the model is a target: --include/--exclude leave none of its {len(model.model.layers) * len(BLOCK_TARGETS)} "
+                          "block projections", "loosen --include or --exclude (they match names like model.layers.0.mlp.up_proj)")
     ids = calibration_ids(tokenizer, texts, samples, length, model.config.vocab_size, seed)
     with torch.no_grad():
         embedded = shards.rows("model.embed_tokens.weight", ids).float()
@@ -312,6 +331,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     del embedded
     entries, files, before, after = [], {}, 0, 0
     healed: list[tuple[float, float]] = []  # per healed block: held-out relative error before, after
+    guard: dict[str, float] = {}  # per target: its relative output error on the calibration inputs (from its spectrum)
     writing = atomic_dir(out, force, keep=[src]) if rank == 0 else contextlib.nullcontext(None)  # rank 0 writes the artifact
     with writing as tmp, torch.no_grad():
         for i in _blocks(len(model.model.layers), progress):
@@ -355,16 +375,31 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             def whitening(name: str) -> Any:  # of the input `name` reads, made once on this rank
                 read = shared.get(name, name)
                 if read not in whitenings:
-                    whitenings[read] = whitening_from_gram(grams.pop(read).gram, damping)
+                    gram = grams.pop(read).gram
+                    whitenings[read] = whitening_from_gram(gram, damping) if whiten else Whitening(torch.eye(gram.shape[0], dtype=torch.float64), lower=True)
                 return whitenings[read]
 
-            if allocation == "budgeted":
+            shapes = [shape for shape in shapes if selected(prefix + shape[0])]  # the others stay dense, out of the budget
+            spectra = {}
+            if allocation == "budgeted" or (guard_tolerance is not None and guard_tolerance < 1):
                 spectra = {name: _share(_spectrum(block.get_submodule(name).weight, whitening(name), prefix + name) if owner[name] == rank else None,
                                         (min(out_f, in_f),), src=owner[name], world=world, dtype=torch.float64)
                            for name, out_f, in_f, _ in shapes}
-                ranks = allocate_block(shapes, spectra, budget)
+            if allocation == "budgeted":
+                ranks = allocate_block(shapes, spectra, budget, guard_tolerance)
             else:
                 ranks = {name: rank_for_budget(out_f, in_f, budget, has_bias) for name, out_f, in_f, has_bias in shapes}
+            for name, out_f, in_f, has_bias in shapes:  # the guard: every substitution's error on the calibration inputs
+                if ranks[name] is not None and name in spectra:
+                    guard[prefix + name] = error = truncation_error(spectra[name], ranks[name])
+                    if guard_tolerance is not None and error > guard_tolerance:
+                        what = (f"{prefix}{name}: relative output error {error:.3g} on the calibration data at rank {ranks[name]} "
+                                f"exceeds guard_tolerance {guard_tolerance:g}")
+                        if strict:
+                            raise PassError(what, "raise the budget or --guard-tolerance, --exclude the layer, or drop --strict")
+                        raise ConfigError(f"{what}; with uniform ranks keeping it dense would break the budget",
+                                          "use --allocation budgeted (the default block by block), which plans around the guard, "
+                                          "or raise --guard-tolerance, or --exclude the layer")
             plans = []  # (name, out, in, bias, rank) of the targets factorized, the same on every rank
             for name, out_f, in_f, has_bias in shapes:
                 dense = out_f * in_f + (out_f if has_bias else 0)
@@ -402,7 +437,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
                 full = f"{prefix}{name}"
                 tensors[f"{full}.a"], tensors[f"{full}.b"] = module.a.detach().contiguous(), module.b.detach().contiguous()
                 entries.append({"name": full, "format": "lowrank", "rank": rank_, "in_features": in_f, "out_features": out_f,
-                                "bias": has_bias, "factors": {"a": [out_f, rank_], "b": [rank_, in_f]}, "file": f"factors-{i:05d}.safetensors"})
+                                "bias": has_bias, "factors": {"a": [out_f, rank_], "b": [rank_, in_f]}, "file": f"factors-{i:05d}.safetensors",
+                                "error": guard.get(full)})
             hidden = [_block_call(block, h, rotary) for h in hidden]  # the next block calibrates on the compressed outputs
             file = f"factors-{i:05d}.safetensors"
             if tmp is not None:
@@ -414,7 +450,9 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
         recipe = {
             "recipe_version": RECIPE_VERSION, "tngraph_version": __version__, "layout": LAYOUT,
             "source": {"kind": "hf-causal", "path": str(src)}, "source_hash": shards.files_hash(),
-            "config": {"budget": budget, "allocation": allocation, "format": "lowrank", "whiten": True, "damping": damping, "calibration_samples": int(ids.shape[0]),
+            "config": {"budget": budget, "allocation": allocation, "format": "lowrank", "whiten": whiten, "damping": damping,
+                       "calibration_samples": int(ids.shape[0]), "guard_tolerance": guard_tolerance, "strict": strict,
+                       "include": list(include), "exclude": list(exclude),
                        "max_length": length, "batch_size": batch_size, "seed": seed,
                        "heal": {"steps": heal_steps, "lr": heal_lr, "scope": "block"} if heal_steps else None},
             "environment": {"torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()},
@@ -515,7 +553,8 @@ def _share(values: torch.Tensor | None, shape: Sequence[int], *, src: int, world
 RANK_STEPS = 64  # candidate ranks per projection in budgeted allocation (and the budget's uniform rank)
 
 
-def allocate_block(shapes: Sequence[tuple[str, int, int, bool]], spectra: dict[str, torch.Tensor], budget: float) -> dict[str, int | None]:
+def allocate_block(shapes: Sequence[tuple[str, int, int, bool]], spectra: dict[str, torch.Tensor], budget: float,
+                   guard_tolerance: float | None = None) -> dict[str, int | None]:
     """Ranks (None: kept dense) for one block's projections (name, out, in, bias) with their
     parameters within `budget` of the block's, minimising the summed relative output error on the
     calibration inputs, err(r) = sum of the squared whitened singular values past r / their total.
@@ -536,14 +575,44 @@ def allocate_block(shapes: Sequence[tuple[str, int, int, bool]], spectra: dict[s
         energy = spectra[name].to(torch.float64)
         total = float(energy.sum())
         left = (total - torch.cumsum(energy, 0)).clamp_min(0)  # left[r - 1]: what rank r leaves out
+        if guard_tolerance is not None:  # ranks the guard would refuse are no candidates
+            ranks = [r for r in ranks if truncation_error(energy, r) <= guard_tolerance]
         costs.append([r * (out_f + in_f) + bias for r in ranks] + [dense])
         losses.append([float(left[r - 1]) / total if total > 0 else 0.0 for r in ranks] + [0.0])
         options.append([*ranks, None])
+    if not shapes:
+        return {}
     limit = budget * sum(c[-1] for c in costs)
-    if sum(min(c) for c in costs) > limit:  # below rank 1 everywhere: the uniform path's rank-1 floor
-        return {name: rank_for_budget(out_f, in_f, budget, has_bias) for name, out_f, in_f, has_bias in shapes}
+    if sum(min(c) for c in costs) > limit:
+        floor = {name: rank_for_budget(out_f, in_f, budget, has_bias) for name, out_f, in_f, has_bias in shapes}
+        if guard_tolerance is not None and any(truncation_error(spectra[n], r) > guard_tolerance for n, r in floor.items()):
+            raise ConfigError(f"budget {budget:g} cannot be met within guard_tolerance {guard_tolerance:g} in this block: "
+                              "its projections need more parameters to keep their errors within the tolerance",
+                              "raise the budget or --guard-tolerance, or --exclude some projections")
+        return floor  # below rank 1 everywhere: the uniform path's rank-1 floor
     chosen = solve_budget(costs, losses, limit)
     return {shape[0]: opts[i] for shape, opts, i in zip(shapes, options, chosen)}
+
+
+def truncation_error(energy: torch.Tensor, rank: int) -> float:
+    """The relative output error of truncating to `rank` a layer whose whitened spectrum (squared
+    singular values, descending) is `energy`: sqrt(what is left out / the total)."""
+    energy = energy.to(torch.float64)
+    total = float(energy.sum())
+    return math.sqrt(max(float(energy[rank:].sum()), 0.0) / total) if total > 0 else 0.0
+
+
+def _selector(include: Sequence[str], exclude: Sequence[str]) -> Any:
+    import re
+
+    def compiled(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
+        try:
+            return [re.compile(p) for p in patterns]
+        except re.error as exc:
+            raise ConfigError(f"{flag} {exc.pattern!r} is not a regular expression: {exc}", "fix the pattern") from None
+
+    inc, exc = compiled(include, "--include"), compiled(exclude, "--exclude")
+    return lambda name: (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
 
 
 def _decompose(weight: torch.Tensor, rank: int, whitening: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:

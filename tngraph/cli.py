@@ -396,6 +396,7 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
 
     if args.format not in ("svd", "lowrank"):
         raise ConfigError(f"--format {args.format} is not available for block-by-block compression of causal LMs", "use --format svd (the default)")
+    _refuse_blockwise_options(args)
     tokenizer = None
     try:
         from transformers import AutoTokenizer
@@ -416,7 +417,9 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
     heal_lr = args.heal_lr if args.heal_lr is not None else 1e-4  # compress_causal_lm checks both
     result = compress_causal_lm(source.path, args.out, budget=args.budget, texts=texts, tokenizer=tokenizer, samples=samples,
                                 seed=args.seed, force=args.force, progress=not args.quiet and rank == 0, allocation=allocation,
-                                heal_steps=heal_steps, heal_lr=heal_lr)
+                                heal_steps=heal_steps, heal_lr=heal_lr, strict=args.strict, include=tuple(args.include or ()),
+                                exclude=tuple(args.exclude or ()), whiten=not args.no_whiten,
+                                guard_tolerance=args.guard_tolerance if args.guard_tolerance is not None else 1.0)
     if rank != 0:
         return 0
     r = result.to_json()
@@ -430,6 +433,33 @@ def _compress_causal(args: argparse.Namespace, source: Any) -> int:
           + "; `tngraph eval --model DIR` scores it")
     print(f"artifact: {os.path.abspath(args.out)}  (tngraph.load(DIR) gives the model for generate())")
     return 0
+
+
+# The whole-graph options block-by-block compression does not take, each with the reason: refused by
+# name rather than ignored. (Honoured there: --budget, --allocation, --budget-kind params/bytes (the
+# same fraction for weights of one dtype), --sensitivity spectral (what the block allocator uses),
+# --guard-tolerance, --strict, --include/--exclude, --no-whiten, --calibration(-samples), --heal-steps,
+# --heal-lr, --threads, --seed; --no-refit and --no-output-whiten describe what it always does.)
+BLOCKWISE_REFUSED = (
+    ("--budget-kind latency", lambda a: a.budget_kind == "latency", "blocks are not timed"),
+    ("--sensitivity", lambda a: a.sensitivity not in (None, "spectral"), "block ranks come from the whitened spectra (--sensitivity spectral)"),
+    ("--sensitivity-rounds", lambda a: a.sensitivity_rounds is not None, "nothing is measured"),
+    ("--dense-rows", lambda a: bool(a.dense_rows), "patch-level plans are whole-graph only"),
+    ("--mixture", lambda a: a.mixture is not None, "block by block factorizes low-rank only"),
+    ("--latency-rows", lambda a: a.latency_rows is not None, "blocks are not timed"),
+    ("--fisher-batches", lambda a: a.fisher_batches is not None, "there is no output-gradient pass"),
+    ("--targets", lambda a: a.targets not in (None, "linear"), "only the blocks' linear projections are targets"),
+    ("--heal-data", lambda a: a.heal_data is not None, "each block heals on its calibration activations"),
+    ("--dump", lambda a: a.dump is not None, "there is no graph to dump"),
+    ("--resume", lambda a: a.resume, "block by block writes no healing checkpoint"),
+)
+
+
+def _refuse_blockwise_options(args: argparse.Namespace) -> None:
+    for flag, given, why in BLOCKWISE_REFUSED:
+        if given(args):
+            raise ConfigError(f"{flag} is not available for block-by-block compression ({why})",
+                              "leave it out, or pass --no-blockwise for the whole-graph pipeline when the model fits in memory")
 
 
 def _config(args: argparse.Namespace, source: Any) -> Any:
