@@ -257,7 +257,11 @@ def test_two_gloo_processes_write_the_same_artifact_bytes_as_one(tiny_llama, tmp
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     one = subprocess.run([sys.executable, "-m", "tngraph", *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tngraph", *args,
+    # as on a machine with CUDA: the group must still be gloo (the block tensors are on the CPU); before, it was
+    # NCCL, which fails to start here (no GPU) and on a GPU machine cannot broadcast the CPU tensors
+    cuda = tmp_path / "as_if_cuda.py"
+    cuda.write_text("import sys, torch\ntorch.cuda.is_available = lambda: True\nfrom tngraph.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(cuda), *args,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "on 2 processes" in two.stdout and two.stdout.count("artifact:") == 1

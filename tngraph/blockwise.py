@@ -463,7 +463,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     if world > 1:
         import torch.distributed as dist
 
-        dist.barrier()  # the artifact is in place before any rank returns
+        dist.barrier(group=_cpu_group())  # the artifact is in place before any rank returns
     result = BlockwiseResult(pathlib.Path(out), len(model.model.layers), len(entries), before, after, time.perf_counter() - started, int(ids.numel()),
                              healed)
     log.info("compressed %d blocks of %s: targets %d -> %d parameters in %.1f s", result.blocks, src, before, after, result.seconds)
@@ -496,7 +496,7 @@ def _agree(check: Any, rank: int, world: int) -> None:
         import torch.distributed as dist
 
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_cpu_group())
         error = box[0]
     if error is not None:
         raise error
@@ -509,17 +509,32 @@ def _broadcast(factors: tuple[torch.Tensor, torch.Tensor] | None, a_shape: tuple
 
 
 def init_distributed() -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on the CPU, NCCL with CUDA)."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group. Gloo, with or without CUDA: block by
+    block works on the CPU, and NCCL broadcasts only CUDA tensors (a CPU tensor fails or hangs there)."""
     import datetime
 
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-        log.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), world, backend)
+        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(minutes=30))
+        log.info("torch.distributed: rank %d of %d (gloo)", dist.get_rank(), world)
     return _dist()
+
+
+_GLOO: list[Any] = []  # the gloo group of a process group set up by the caller with another backend
+
+
+def _cpu_group() -> Any:
+    """The group the CPU tensors travel in: the default group when it is gloo, else (a caller's NCCL
+    group) a gloo group over the same ranks, made once."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    if not _GLOO:
+        _GLOO.append(dist.new_group(backend="gloo"))
+    return _GLOO[0]
 
 
 def _check_finite(weight: torch.Tensor, name: str) -> None:
@@ -546,7 +561,7 @@ def _share(values: torch.Tensor | None, shape: Sequence[int], *, src: int, world
     import torch.distributed as dist
 
     values = values.contiguous() if values is not None else torch.empty(tuple(shape), dtype=dtype)
-    dist.broadcast(values, src=src)
+    dist.broadcast(values, src=src, group=_cpu_group())
     return values
 
 
