@@ -40,20 +40,53 @@ def test_default_guard_keeps_every_sound_substitution_and_records_its_error():
     assert result.context.counters["guard.reverted"] == 0 and len(result.recipe["targets"]) == 3
 
 
-def test_a_target_over_the_tolerance_stays_dense_and_is_reported():
-    model = MLP().eval()
+def _one_hard_layer():
+    """An MLP whose first and last layers are exactly rank 1 (no error at any rank) and whose small
+    middle layer is a full-rank random matrix (a large error at any rank that saves parameters)."""
+    model = MLP(dims=(24, 64, 8, 64)).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in (model.layers[0], model.layers[2]):
+            out_f, in_f = layer.weight.shape
+            layer.weight.copy_(torch.randn(out_f, 1, generator=g) @ torch.randn(1, in_f, generator=g))
+    return model
+
+
+def _kept(result, names):
+    targets = {t["name"]: t for t in result.recipe["targets"]}
+    dense = {n: m.weight.numel() + m.bias.numel() for n, m in result.module.named_modules() if n in names and isinstance(m, torch.nn.Linear)}
+    total = sum(dense.values()) + sum(sum(f.numel() for f in m.parameters()) for n, m in result.module.named_modules() if n in targets)
+    return targets, total
+
+
+def test_a_target_over_the_tolerance_stays_dense_and_the_others_make_up_for_it():
+    model = _one_hard_layer()
+    names = ("layers.0", "layers.1", "layers.2")
+    before = sum(m.weight.numel() + m.bias.numel() for m in model.layers)
     loose = _compress(model)
     errors = loose.context.analysis["guard"]
-    worst = max(errors, key=errors.get)
-    tolerance = sorted(errors.values())[-2] * 1.0001  # only the worst fails
-    result = _compress(model, guard_tolerance=tolerance)
-    assert result.context.counters["guard.reverted"] == 1
-    assert list(result.context.analysis["guard_reverted"]) == [worst]
-    assert worst not in {t["name"] for t in result.recipe["targets"]}
-    layer = dict(result.module.named_modules())[worst]
-    assert type(layer) is torch.nn.Linear  # untouched in the user's module
+    assert max(errors, key=errors.get) == "layers.1" and errors["layers.0"] < 1e-3 and errors["layers.2"] < 1e-3
+    result = _compress(model, guard_tolerance=errors["layers.1"] / 2)
+    assert list(result.context.analysis["guard_reverted"]) == ["layers.1"]
+    assert result.context.counters["factorize.reallocated"] == 2
+    targets, kept = _kept(result, names)
+    assert set(targets) == {"layers.0", "layers.2"}
+    assert kept <= 0.4 * before  # the budget holds: the other two took lower ranks
+    loose_ranks = {t["name"]: t["rank"] for t in loose.recipe["targets"]}
+    assert all(targets[n]["rank"] < loose_ranks[n] for n in targets)
+    assert all(e <= errors["layers.1"] / 2 for n, e in result.context.analysis["guard"].items() if n in targets)
+    assert type(dict(result.module.named_modules())["layers.1"]) is torch.nn.Linear  # untouched in the user's module
     x = _data(1, seed=9)[0][0][0]
     torch.testing.assert_close(result.graph(x), result.module(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result.module(x), model(x), atol=1e-3, rtol=1e-3)  # the rank-1 layers are exact
+
+
+def test_a_budget_the_others_cannot_make_up_is_refused_naming_the_guard():
+    model = MLP().eval()
+    errors = _compress(model).context.analysis["guard"]
+    tolerance = sorted(errors.values())[-2] * 1.0001  # the worst fails; the others, at lower ranks, then fail too
+    with pytest.raises(tngraph.ConfigError, match="numerical guard kept .*layers.* dense"):
+        _compress(model, guard_tolerance=tolerance)
 
 
 def test_strict_turns_a_guard_failure_into_an_error_naming_the_layer():
@@ -70,10 +103,10 @@ def test_a_decomposition_that_breaks_is_reverted_not_used(monkeypatch):
 
     def broken(weight, rank, *args, **kwargs):
         a, b = real(weight, rank, *args, **kwargs)
-        return a * float("nan") if weight.shape[0] == 40 else a, b  # layers.1 is 48 -> 40
+        return a * float("nan") if weight.shape[0] == 8 else a, b  # layers.1 is 64 -> 8
 
     monkeypatch.setattr(factorize, "decompose_lowrank", broken)
-    model = MLP().eval()
+    model = _one_hard_layer()
     result = _compress(model)
     assert list(result.context.analysis["guard_reverted"]) == ["layers.1"]
     x = _data(1, seed=3)[0][0][0]

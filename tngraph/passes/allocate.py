@@ -31,16 +31,54 @@ def format_options(ctx: PassContext) -> dict:
 
 
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    budget = ctx.config.budget
+    plans = _plans(gm, ctx, set())
     chosen = 0
-    budgeted = _budgeted(gm, ctx) if ctx.config.allocation_kind == "budgeted" else {}
     for node in meta.targets(gm):
-        t = meta.info(node).target
-        if t.name in budgeted:
-            plan = budgeted[t.name]
-            chosen += plan.format != "dense"
-            ctx.counters[f"allocate.budgeted.{plan.format}"] += 1
-            meta.update(node, plan=plan)
+        plan, why = plans[meta.info(node).target.name]
+        chosen += plan.format != "dense"
+        ctx.counters[f"allocate.{why}"] += 1
+        meta.update(node, plan=plan)
+    log.info("allocate: %d targets factorized at budget %.3g", chosen, ctx.config.budget)
+    return PassResult(gm, modified=chosen > 0, summary={"factorized": chosen})
+
+
+def reallocate(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> set[str]:
+    """The plans solved again with the targets in `fixed` kept dense (the numerical guard refused
+    them), so that the budget still holds: the other targets make up for them. Returns the names
+    whose plan changed (updated on their nodes); a budget they cannot make up is an error."""
+    try:
+        plans = _plans(gm, ctx, fixed)
+    except ConfigError as exc:
+        raise ConfigError(f"the numerical guard kept {', '.join(sorted(fixed))} dense, and then {exc.problem}",
+                          "raise the budget or guard_tolerance, or leave those layers out with exclude") from exc
+    changed = set()
+    for node in meta.targets(gm):
+        name = meta.info(node).target.name
+        old, (new, _) = meta.info(node).plan, plans[name]
+        if name in fixed or (old.format, old.rank, old.dense_rows) == (new.format, new.rank, new.dense_rows):
+            continue
+        meta.update(node, plan=new)
+        changed.add(name)
+    log.info("allocate: solved again with %d guard-refused targets dense: %d plans changed", len(fixed), len(changed))
+    return changed
+
+
+def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, tuple[meta.PlanInfo, str]]:
+    """Every target's plan (and its counter name), the targets in `fixed` dense, the rest within the budget."""
+    budget = ctx.config.budget
+    budgeted = _budgeted(gm, ctx, fixed) if ctx.config.allocation_kind == "budgeted" else {}
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.name not in budgeted]
+    infos = [meta.info(n).target for n in nodes]
+    if fixed & {t.name for t in infos}:  # uniform: the others keep the fraction that brings the total back to the budget
+        left = budget * sum(t.dense_params for t in infos) - sum(t.dense_params for t in infos if t.name in fixed)
+        others = sum(t.dense_params for t in infos if t.name not in fixed)
+        if others <= 0 or left <= 0:
+            raise ConfigError(f"budget {budget:g} leaves nothing for the other targets", "raise the budget")
+        budget = min(left / others, 1.0)
+    plans = {name: (plan, f"budgeted.{plan.format}") for name, plan in budgeted.items()}
+    for t in infos:
+        if t.name in fixed:
+            plans[t.name] = (meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="guard"), "dense.guard")
             continue
         # embedding tables are gathered row by row: they always take the low-rank format
         fmt = configured_format(ctx.config) if t.kind == "linear" else FORMATS["svd"]
@@ -50,8 +88,7 @@ def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rank = rank_for_params(fmt, t.out_features, t.in_features, budget * t.dense_params - bias, **options)
         after = fmt.params(t.out_features, t.in_features, rank, **options) + bias
         if after >= t.dense_params:
-            plan = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="factorization not smaller")
-            ctx.counters["allocate.dense.not_smaller"] += 1
+            plans[t.name] = (meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="factorization not smaller"), "dense.not_smaller")
         elif after > budget * t.dense_params * (1 + 1e-12) + 1e-9:
             raise ConfigError(
                 f"budget {budget:g} is too small for {t.name} ({t.out_features}x{t.in_features}): the smallest "
@@ -59,12 +96,8 @@ def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 "raise the budget, choose another format, or leave the layer out with Config(exclude=...)",
             )
         else:
-            plan = meta.PlanInfo(chosen_format, rank, t.dense_params, after)
-            ctx.counters[f"allocate.{chosen_format}"] += 1
-            chosen += 1
-        meta.update(node, plan=plan)
-    log.info("allocate: %d targets factorized at budget %.3g", chosen, budget)
-    return PassResult(gm, modified=chosen > 0, summary={"factorized": chosen})
+            plans[t.name] = (meta.PlanInfo(chosen_format, rank, t.dense_params, after), chosen_format)
+    return plans
 
 
 def solve_budget(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[float]], limit: float) -> list[int]:
@@ -103,7 +136,12 @@ def solve_budget(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[flo
         best[k] = j
 
 
-def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
+def _dense_only(curve):
+    """A target's curve reduced to its dense candidate (the last one)."""
+    return type(curve)(curve.name, curve.ranks[-1:], curve.params[-1:], curve.loss[-1:], curve.cost[-1:], curve.dense_rows[-1:], curve.formats[-1:])
+
+
+def _budgeted(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
     """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
     with their total parameters within the budget: a Lagrangian relaxation (each target takes the
     candidate minimising loss + lambda * params; lambda bisected to meet the budget), then the
@@ -116,6 +154,7 @@ def _budgeted(gm: fx.GraphModule, ctx: PassContext) -> dict[str, meta.PlanInfo]:
         )
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
     curves = [ctx.curves[meta.info(n).target.name] for n in nodes]
+    curves = [_dense_only(c) if c.name in fixed else c for c in curves]
     if not curves:
         return {}
     # what the budget counts (Config.budget_kind); the last candidate of a curve is dense

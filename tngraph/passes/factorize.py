@@ -19,6 +19,7 @@ from ..tn.refit import refit_core
 from .base import PassContext, PassResult
 from .calibrate import input_whitening
 from .fisher import output_whitening
+from .allocate import reallocate
 from .guard import accept
 from .rewrite import RewriteRule, apply_rules
 from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear
@@ -51,26 +52,32 @@ def _check_embedding(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext) ->
     return "planned_dense" if plan.format == "dense" else None
 
 
+def _embedding_plan(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
+    """The embedding's frequency-weighted low-rank factors, or None when the guard refuses them."""
+    t, plan = meta.info(m.node).target, meta.info(m.node).plan
+    weight = getattr_path(gm, t.weight)
+    stats = ctx.stats.get(t.name)
+    weights = stats.row_weights() if ctx.config.whiten and stats is not None and stats.rows > 0 else None
+    if weights is not None:
+        ctx.counters["factorize.embedding.frequency_weighted"] += 1
+    a, b = decompose_rows_weighted(weight, plan.rank, weights)
+    if not accept(ctx, m.node, weight, a @ b):
+        return None
+    return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, False, {"a": a, "b": b}, kind="embedding")
+
+
 def _embedding_pattern(node: fx.Node) -> EmbeddingMatch | None:
     return match_embedding(node) if meta.info(node).target is not None else None
 
 
 def _embedding_replacement(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     """embedding(W, idx) -> embedding(A, idx) @ B: gathers rows of A (rows x r), never the table."""
-    t, plan = meta.info(m.node).target, meta.info(m.node).plan
-    preset = _preset(ctx, t.name)
-    if preset is not None:
-        a, b = preset.factors["a"], preset.factors["b"]
-    else:
-        weight = getattr_path(gm, t.weight)
-        stats = ctx.stats.get(t.name)
-        weights = stats.row_weights() if ctx.config.whiten and stats is not None and stats.rows > 0 else None
-        if weights is not None:
-            ctx.counters["factorize.embedding.frequency_weighted"] += 1
-        a, b = decompose_rows_weighted(weight, plan.rank, weights)
-        if not accept(ctx, m.node, weight, a @ b):
-            return None
-    ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, False, {"a": a, "b": b}, kind="embedding")
+    t = meta.info(m.node).target
+    decided = _preset(ctx, t.name) or _embedding_plan(m, gm, ctx)
+    if decided is None:
+        return None
+    ctx.plan[t.name] = decided
+    a, b = decided.factors["a"], decided.factors["b"]
     graph = gm.graph
     with graph.inserting_before(m.node):
         a_node = _add_factor(gm, t, "lowrank_a", a)
@@ -157,12 +164,17 @@ def _attr_of(node: fx.Node) -> torch.Tensor:
 
 
 def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    t, plan = meta.info(m.node).target, meta.info(m.node).plan
+    decided = _preset(ctx, t.name) or _network_plan(m, gm, ctx)
+    if decided is None:
+        return None
+    ctx.plan[t.name] = decided
+    return _network_graph(m, gm, t, plan, decided.tensor_network())
+
+
+def _network_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
+    """The tensor-network decomposition of the target's plan, or None when the guard refuses it."""
     plan_format = meta.info(m.node).plan.format
-    preset = _preset(ctx, meta.info(m.node).target.name)
-    if preset is not None:
-        t, plan, net = meta.info(m.node).target, meta.info(m.node).plan, preset.tensor_network()
-        ctx.plan[t.name] = preset
-        return _network_graph(m, gm, t, plan, net)
     options = FORMATS[plan_format].options(ctx.config)  # the plan's format: budgeted mixtures hold several
     t, plan, weight, stats, whitening = _inputs(m, gm, ctx, plan_format, options)
     try:
@@ -179,8 +191,7 @@ def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -
     if not accept(ctx, m.node, weight, net.to_dense()):
         return None
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
-    ctx.plan[t.name] = TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
-    return _network_graph(m, gm, t, plan, net)
+    return TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
 
 
 def _network_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, plan: meta.PlanInfo, net) -> fx.Node:
@@ -199,31 +210,36 @@ def _network_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, plan:
 
 
 def _preset(ctx: PassContext, name: str) -> TargetPlan | None:
-    """Factors decided before (the torch.compile backend's cache), to be put in place as they are."""
+    """Factors decided before (the torch.compile backend's cache, or factorize's first sweep), to be
+    put in place as they are."""
     preset = ctx.analysis.get("preset", {}).get(name)
-    return preset[1] if preset is not None else None
+    return preset[1] if preset is not None else ctx.analysis.get("decided", {}).get(name)
 
 
 def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
-    preset = _preset(ctx, meta.info(m.node).target.name)
-    if preset is not None:
-        t = meta.info(m.node).target
-        ctx.plan[t.name] = preset
-        if "dense" in preset.factors:
-            return _patched_graph(m, gm, t, preset.factors)
-        a, b = preset.factors["a"], preset.factors["b"]
-        return _lowrank_graph(m, gm, t, a, b)
+    t = meta.info(m.node).target
+    decided = _preset(ctx, t.name) or _lowrank_plan(m, gm, ctx)
+    if decided is None:
+        return None
+    ctx.plan[t.name] = decided
+    if "dense" in decided.factors:
+        return _patched_graph(m, gm, t, decided.factors)
+    return _lowrank_graph(m, gm, t, decided.factors["a"], decided.factors["b"])
+
+
+def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
+    """The whitened low-rank factors of the target's plan (patch level: with its dense rows), or
+    None when the guard refuses them."""
     t, plan, weight, _, whitening = _inputs(m, gm, ctx, "svd", {})
     if plan.dense_rows:
-        return _patched_replacement(m, gm, ctx, t, plan, weight, whitening)
+        return _patched_plan(m, ctx, t, plan, weight, whitening)
     out_whitening = output_whitening(ctx, t.name)
     if out_whitening is not None:
         ctx.counters["factorize.lowrank.output_whitened"] += 1
     a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening)
     if not accept(ctx, m.node, weight, a @ b):
         return None
-    ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
-    return _lowrank_graph(m, gm, t, a, b)
+    return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
 
 
 def _lowrank_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, a: torch.Tensor, b: torch.Tensor) -> fx.Node:
@@ -237,7 +253,7 @@ def _lowrank_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, a: to
     return _finish(m, [(b_node, "factor_b"), (a_node, "factor_a"), (hidden, "down"), (out, "up")], out)
 
 
-def _patched_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, t, plan, weight, whitening) -> fx.Node:
+def _patched_plan(m: LinearMatch, ctx: PassContext, t, plan, weight, whitening) -> TargetPlan | None:
     """Patch level: the plan's most sensitive output rows stay dense, the rest is low-rank;
     y = index_select(cat(x B^T A^T, x D^T), order) + b."""
     dense_rows = ctx.analysis["row_order"][t.name][: plan.dense_rows].sort().values
@@ -253,9 +269,8 @@ def _patched_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, t
     if not accept(ctx, m.node, weight, torch.cat([a @ b, dense]).index_select(0, order)):
         return None
     factors = {"a": a, "b": b, "dense": dense, "order": order}
-    ctx.plan[t.name] = TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
     ctx.counters["factorize.lowrank.dense_rows"] += len(dense_rows)
-    return _patched_graph(m, gm, t, factors)
+    return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
 
 
 def _patched_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, factors: dict[str, torch.Tensor]) -> fx.Node:
@@ -325,11 +340,46 @@ LOWRANK_EMBEDDING = RewriteRule("lowrank_embedding", _embedding_pattern, _check_
 RULES = [LOWRANK_LINEAR, NETWORK_LINEAR, LOWRANK_EMBEDDING]
 
 
+def _planned(node: fx.Node) -> bool:
+    return (meta.info(node).plan or meta.PlanInfo("dense", None, 0, 0)).format != "dense"
+
+
+def _decide(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> None:
+    """Decompose each node's plan and run the guard on it, into ctx.analysis["decided"] (a refused
+    one is planned dense by the guard); nothing enters the graph yet."""
+    decided = ctx.analysis.setdefault("decided", {})
+    for node in progress(nodes, desc="factorize", enabled=ctx.config.progress, unit="layer"):
+        name = meta.info(node).target.name
+        if name in decided or _preset(ctx, name) is not None or not _planned(node):
+            continue
+        for rule, plan_fn in ((LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LOWRANK_EMBEDDING, _embedding_plan)):
+            match = rule.pattern(node)
+            if match is not None and rule.check(match, gm, ctx) is None:
+                found = plan_fn(match, gm, ctx)
+                if found is not None:
+                    decided[name] = found
+                else:
+                    ctx.counters[f"{rule.name}.refused.guard"] += 1
+                break
+
+
 def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    candidates = [n for n in meta.targets(gm) if (meta.info(n).plan or meta.PlanInfo("dense", None, 0, 0)).format != "dense"]
-    nodes = progress(candidates, desc="factorize", enabled=ctx.config.progress, unit="layer")
+    """Decompose every planned target and guard it; when the guard keeps targets dense, the others'
+    plans are solved again with those fixed dense (reallocate), so the budget still holds, and the
+    changed ones decomposed again; then every decided substitution enters the graph."""
+    _decide(gm, ctx, [n for n in meta.targets(gm) if _planned(n)])
+    fixed: set[str] = set()
+    while set(ctx.analysis.get("guard_reverted", {})) - fixed:
+        fixed = set(ctx.analysis["guard_reverted"])
+        changed = reallocate(gm, ctx, fixed)
+        for name in changed:
+            ctx.analysis["decided"].pop(name, None)
+        ctx.counters["factorize.reallocated"] += len(changed)
+        _decide(gm, ctx, [n for n in meta.targets(gm) if meta.info(n).target.name in changed])
+    candidates = [n for n in meta.targets(gm) if _planned(n)]
     replaced = {meta.info(n).target.weight for n in candidates}
-    fired = apply_rules(gm, ctx, RULES, nodes=nodes)
+    fired = apply_rules(gm, ctx, RULES, nodes=candidates)
+    ctx.analysis.pop("decided", None)  # the factors now live in the graph and ctx.plan
     ctx.counters["factorize.dense_weights_freed"] += _erase_dead_weights(gm, replaced)
     gm.recompile()
     log.info("factorize: %d targets rewritten", fired)
