@@ -20,8 +20,10 @@ Two launch shapes (the dispatcher in tngraph.ops picks one by row count):
   applied in the epilogue. t is recomputed for every output block, so for many rows the unfused
   chain of two GEMMs wins; the dispatcher knows.
 
-Offsets into x, y and the scratch, which grow with the rows, are int64 (_common.offsets); the
-weights' stay int32 (a factor holds far fewer than 2**31 elements).
+Offsets into x, y and the scratch, which grow with the rows, are int64 when the launch needs it
+(WIDE: x, y or the scratch addressed at or past 2**31 elements, _common.needs_wide) and int32
+otherwise, as they take fewer registers (_common.tile); the weights' stay int32 (a factor holds
+far fewer than 2**31 elements).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs as _configs, launcher, offsets, row_bucket, tuned
+from ._common import configs as _configs, launcher, needs_wide, row_bucket, tile, tuned, wide
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 
@@ -69,12 +71,12 @@ def _chunking(size, parts, BLOCK: tl.constexpr):
     return chunk, tl.cdiv(size, chunk)
 
 
-@triton.autotune(configs=tuned(SPLIT_CONFIGS), key=["M_BUCKET", "K", "R", "N"])
+@triton.autotune(configs=tuned(SPLIT_CONFIGS), key=["M_BUCKET", "K", "R", "N", "WIDE"])
 @triton.jit
 def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, count_ptr, M, K, R, N, M_BUCKET, BUSY,
                        sxm, sxk, sbr, sbk, san, sar, sym, syn,
                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
     rank_blocks = tl.cdiv(R, BLOCK_R)
     k_chunk, k_chunks = _chunking(K, tl.cdiv(BUSY, rank_blocks), BLOCK_K)
     n_chunk, n_chunks = _chunking(N, BUSY, BLOCK_N)
@@ -98,11 +100,11 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
             t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + offsets(rows, rk, sxm, sxk), mask=(rows[:, None] < M) & (rk[None, :] < k_end), other=0.0)
+                x = tl.load(tile(x_ptr, rows, rk, sxm, sxk, WIDE), mask=(rows[:, None] < M) & (rk[None, :] < k_end), other=0.0)
                 b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < k_end),
                             other=0.0)
                 t += tl.dot(x, b, input_precision="ieee")
-            tl.store(part_ptr + offsets(tl.cast(piece, tl.int64) * M + rows, rr, R, 1), t, mask=(rows[:, None] < M) & (rr[None, :] < R))
+            tl.store(tile(part_ptr, wide(piece, WIDE) * M + rows, rr, R, 1, WIDE), t, mask=(rows[:, None] < M) & (rr[None, :] < R))
         # the last K chunk of this rank block to finish sums the partial products into t
         tl.debug_barrier()  # every thread's stores are issued before the count is raised (release)
         arrived = tl.atomic_add(count_ptr + 3 + block, 1, sem="acq_rel")
@@ -113,9 +115,9 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
                 inside = (rows[:, None] < M) & (rr[None, :] < R)
                 t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                 for p in range(0, k_chunks):  # from L2 (.cg): other programs wrote them
-                    t += tl.load(part_ptr + offsets(tl.cast(p, tl.int64) * M + rows, rr, R, 1), mask=inside, other=0.0,
+                    t += tl.load(tile(part_ptr, wide(p, WIDE) * M + rows, rr, R, 1, WIDE), mask=inside, other=0.0,
                                  cache_modifier=".cg")
-                tl.store(t_ptr + offsets(rows, rr, R, 1), t.to(t_ptr.dtype.element_ty), mask=inside)
+                tl.store(tile(t_ptr, rows, rr, R, 1, WIDE), t.to(t_ptr.dtype.element_ty), mask=inside)
             tl.atomic_xchg(count_ptr + 3 + block, 0, sem="relaxed")
             tl.debug_barrier()
             tl.atomic_add(count_ptr + 1, 1, sem="release")
@@ -136,7 +138,7 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for r0 in range(0, R, BLOCK_R):
                     rr = r0 + tl.arange(0, BLOCK_R)
-                    t = tl.load(t_ptr + offsets(rows, rr, R, 1), mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0,
+                    t = tl.load(tile(t_ptr, rows, rr, R, 1, WIDE), mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0,
                                 cache_modifier=".cg")
                     a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < n_end) & (rr[:, None] < R),
                                 other=0.0)
@@ -145,7 +147,7 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
                     bias = tl.load(bias_ptr + rn, mask=rn < n_end, other=0.0)
                     acc += bias[None, :].to(tl.float32)
                 acc = _activate(acc, ACT)
-                tl.store(y_ptr + offsets(rows, rn, sym, syn), acc.to(y_ptr.dtype.element_ty),
+                tl.store(tile(y_ptr, rows, rn, sym, syn, WIDE), acc.to(y_ptr.dtype.element_ty),
                          mask=(rows[:, None] < M) & (rn[None, :] < n_end))
         # the last output chunk: every ticket is taken and t is read, so the counters go back to zero
         tl.debug_barrier()
@@ -156,12 +158,12 @@ def _split_rank_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, part_ptr, t_ptr, co
             tl.atomic_xchg(count_ptr, 0, sem="relaxed")
 
 
-@triton.autotune(configs=tuned(TILED_CONFIGS), key=["M_BUCKET", "K", "R", "N"])
+@triton.autotune(configs=tuned(TILED_CONFIGS), key=["M_BUCKET", "K", "R", "N", "WIDE"])
 @triton.jit
 def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
                   sxm, sxk, sbr, sbk, san, sar, sym, syn,
                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -172,7 +174,7 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offsets(rows, rk, sxm, sxk), mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
+            x = tl.load(tile(x_ptr, rows, rk, sxm, sxk, WIDE), mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0)
             b = tl.load(b_ptr + rr[None, :] * sbr + rk[:, None] * sbk, mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
             t += tl.dot(x, b, input_precision="ieee")
         a = tl.load(a_ptr + rn[None, :] * san + rr[:, None] * sar, mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
@@ -181,7 +183,7 @@ def _tiled_kernel(x_ptr, b_ptr, a_ptr, bias_ptr, y_ptr, M, K, R, N, M_BUCKET,
         bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
         acc += bias[None, :].to(tl.float32)
     acc = _activate(acc, ACT)
-    tl.store(y_ptr + offsets(rows, rn, sym, syn), acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
+    tl.store(tile(y_ptr, rows, rn, sym, syn, WIDE), acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (rn[None, :] < N))
 
 
 def _programs_to_fill(device: torch.device) -> int:
@@ -261,7 +263,8 @@ def split_rank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Te
 
     launcher(_split_rank_kernel, config)[grid](x, b, a, bias if bias is not None else y, y, scratch.part, scratch.t, scratch.counts, M, K, R, N,
                              row_bucket(M), busy, x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1),
-                             y.stride(0), y.stride(1), HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
+                             y.stride(0), y.stride(1), HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act],
+                             WIDE=needs_wide(x, y, k_chunks * M * R))  # the scratch's part any config addresses
     return y
 
 
@@ -278,5 +281,5 @@ def tiled(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor 
 
     launcher(_tiled_kernel, config)[grid](x, b, a, bias if bias is not None else y, y, M, K, R, N, row_bucket(M),
                         x.stride(0), x.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), y.stride(0), y.stride(1),
-                        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act])
+                        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], WIDE=needs_wide(x, y))
     return y

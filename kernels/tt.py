@@ -4,7 +4,8 @@ in one kernel, its intermediate t = x_b G1[A] kept on chip.
 One program per (row block, output index A, output block of B). For each input index b it forms
 t = x[:, :, b] @ G1[A] (rows x rank, rank in blocks) and adds t @ G2[:, B, b] to its accumulator;
 bias is added in the epilogue. Every dimension is masked: none needs to be a power of two.
-Offsets into x and y, which grow with the rows, are int64 (_common.offsets); the cores' stay int32.
+Offsets into x and y, which grow with the rows, are int64 when x or y is addressed at or past
+2**31 elements (WIDE, _common.needs_wide), else int32 (_common.tile); the cores' stay int32.
 """
 from __future__ import annotations
 
@@ -12,18 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs, launcher, offsets, row_bucket, tuned
+from ._common import configs, launcher, needs_wide, row_bucket, tile, tuned
 
 CONFIGS = configs([dict(BLOCK_M=32, BLOCK_A=32, BLOCK_R=32, BLOCK_B=32), dict(BLOCK_M=64, BLOCK_A=64, BLOCK_R=64, BLOCK_B=64),
                     dict(BLOCK_M=16, BLOCK_A=64, BLOCK_R=64, BLOCK_B=128)], [4, 4, 8])
 
 
-@triton.autotune(configs=tuned(CONFIGS), key=["M_BUCKET", "NA", "Na", "R", "NB", "Nb"])
+@triton.autotune(configs=tuned(CONFIGS), key=["M_BUCKET", "NA", "Na", "R", "NB", "Nb", "WIDE"])
 @triton.jit
 def _tt2_kernel(x_ptr, g1_ptr, g2_ptr, bias_ptr, y_ptr, M, NA, Na, R, NB, Nb, M_BUCKET,
                 sxm, sxk, s1A, s1a, s1r, s2r, s2B, s2b, sym, syn,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_B: tl.constexpr):
+                BLOCK_B: tl.constexpr, WIDE: tl.constexpr):
     pid_m = tl.program_id(0)
     out_a = tl.program_id(1)  # the output index A
     pid_b = tl.program_id(2)
@@ -37,7 +38,7 @@ def _tt2_kernel(x_ptr, g1_ptr, g2_ptr, bias_ptr, y_ptr, M, NA, Na, R, NB, Nb, M_
             for a0 in range(0, Na, BLOCK_A):
                 ia = a0 + tl.arange(0, BLOCK_A)
                 # x[m, a, b] lives at feature a * Nb + b
-                x = tl.load(x_ptr + offsets(rows, ia * Nb + ib, sxm, sxk), mask=(rows[:, None] < M) & (ia[None, :] < Na), other=0.0)
+                x = tl.load(tile(x_ptr, rows, ia * Nb + ib, sxm, sxk, WIDE), mask=(rows[:, None] < M) & (ia[None, :] < Na), other=0.0)
                 g1 = tl.load(g1_ptr + out_a * s1A + ia[:, None] * s1a + rr[None, :] * s1r,
                              mask=(ia[:, None] < Na) & (rr[None, :] < R), other=0.0)
                 t += tl.dot(x, g1, input_precision="ieee")
@@ -48,7 +49,7 @@ def _tt2_kernel(x_ptr, g1_ptr, g2_ptr, bias_ptr, y_ptr, M, NA, Na, R, NB, Nb, M_
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=ob < NB, other=0.0)
         acc += bias[None, :].to(tl.float32)
-    tl.store(y_ptr + offsets(rows, cols, sym, syn), acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (ob[None, :] < NB))
+    tl.store(tile(y_ptr, rows, cols, sym, syn, WIDE), acc.to(y_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (ob[None, :] < NB))
 
 
 def tt2(x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bias: torch.Tensor | None,
@@ -65,5 +66,5 @@ def tt2(x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, bias: torch.Tensor 
 
     launcher(_tt2_kernel, config)[grid](x, g1, g2, bias if bias is not None else y, y, M, NA, Na, R, NB, Nb, row_bucket(M),
                       x.stride(0), x.stride(1), g1.stride(0), g1.stride(1), g1.stride(2), g2.stride(0), g2.stride(1), g2.stride(2),
-                      y.stride(0), y.stride(1), HAS_BIAS=bias is not None)
+                      y.stride(0), y.stride(1), HAS_BIAS=bias is not None, WIDE=needs_wide(x, y))
     return y

@@ -156,28 +156,89 @@ def test_strided_input():
 
 
 @triton.jit
-def _offsets_kernel(i_ptr, j_ptr, out_ptr, si, sj, N: tl.constexpr):
+def _offsets_kernel(i_ptr, j_ptr, out_ptr, si, sj, N: tl.constexpr, WIDE: tl.constexpr):
     r = tl.arange(0, N)
-    tl.store(out_ptr + r[:, None] * N + r[None, :], offsets(tl.load(i_ptr + r), tl.load(j_ptr + r), si, sj))
+    tl.store(out_ptr + r[:, None] * N + r[None, :], offsets(tl.load(i_ptr + r), tl.load(j_ptr + r), si, sj, WIDE))
 
 
 def test_tile_offsets_past_2_to_the_31_elements_do_not_wrap():
-    """kernels/_common.offsets, which every activation and output tile goes through: row 70000 at a
-    row stride of 40000 is element 2,800,000,000, past int32, as is column 3 at a stride of 2**30 + 1."""
+    """kernels/_common.offsets, which every activation and output tile of a WIDE launch goes through
+    (_common.tile): row 70000 at a row stride of 40000 is element 2,800,000,000, past int32, as is
+    column 3 at a stride of 2**30 + 1.
+    WIDE=True (int64) gets them right; WIDE=False is the int32 arithmetic, which wraps there (and
+    so is only launched for tensors under 2**31 elements, test_the_launchers_pick_wide_by_extent)."""
     i = torch.tensor([0, 1, 53_687, 70_000], dtype=torch.int32, device=DEVICE)
     j = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)
     for si, sj in ((40_000, 1), (1, 2**30 + 1), (40_000, 2**30 + 1)):
         out = torch.empty(4, 4, dtype=torch.int64, device=DEVICE)
-        _offsets_kernel[(1,)](i, j, out, si, sj, N=4)
+        _offsets_kernel[(1,)](i, j, out, si, sj, N=4, WIDE=True)
         assert torch.equal(out, i.long()[:, None] * si + j.long()[None, :] * sj)
     assert out[3, 0] == 2_800_000_000
+    narrow = torch.empty(4, 4, dtype=torch.int64, device=DEVICE)
+    _offsets_kernel[(1,)](i, j, narrow, 40_000, 1, N=4, WIDE=False)
+    exact = i.long()[:, None] * 40_000 + j.long()[None, :]
+    assert torch.equal(narrow[:3], exact[:3])  # under 2**31: the same offsets
+    assert narrow[3, 0] == 2_800_000_000 - 2**32  # int32: wrapped
+
+
+def test_needs_wide_by_addressed_extent():
+    """kernels/_common.needs_wide, the launchers' WIDE: True only when some tensor (or scratch extent)
+    is addressed at or past element 2**31 from its data pointer, 1 + sum((size - 1) * stride)."""
+    common = load_kernels("_common")
+    meta = dict(device="meta", dtype=torch.float16)  # shapes and strides without memory
+    assert not common.needs_wide(torch.empty(4096, 5120, **meta), torch.empty(4096, 1280, **meta), None, 3 * 4096 * 1280)
+    assert not common.needs_wide(torch.empty(2**31 - 1, **meta), 2**31 - 1, torch.empty(0, 2**40, **meta))
+    assert common.needs_wide(torch.empty(2**31, **meta))
+    assert common.needs_wide(torch.empty(2**20, 2**11, **meta))  # rows past 2**31 elements (a long prefill)
+    assert common.needs_wide(torch.empty(3, 42, **meta).as_strided((3, 42), (2**30 + 64, 1)))  # a strided view
+    assert not common.needs_wide(torch.empty(1, 42, **meta).as_strided((1, 42), (2**40, 1)))  # one row: the stride is never used
+    assert not common.needs_wide(torch.empty(42, **meta).expand(2**33, 42))  # a broadcast (stride 0)
+    assert common.needs_wide(None, 2**31)  # split-rank's scratch extent
+
+
+def _launched_wide(monkeypatch, module):
+    """WIDE as the module's launchers pass it to the kernel, one entry per launch."""
+    passed, launcher = [], module.launcher
+
+    def spy(kernel, config):
+        launch = launcher(kernel, config)
+
+        class Grid:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    passed.append(kwargs["WIDE"])
+                    return launch[grid](*args, **kwargs)
+
+                return run
+
+        return Grid()
+
+    monkeypatch.setattr(module, "launcher", spy)
+    return passed
+
+
+def test_the_launchers_pick_wide_by_extent(monkeypatch):
+    """Ordinary tensors launch WIDE=False (int32 offsets, fewer registers) for every kernel, with
+    and without an explicit `config=`."""
+    tt = load_kernels("tt")
+    passed = _launched_wide(monkeypatch, kernels)
+    passed_tt = _launched_wide(monkeypatch, tt)
+    x, b, a, c = _inputs((5, 70, 33, 100), torch.float32, True)
+    _check(kernels.split_rank(x, b, a, c, "gelu"), x, b, a, c, "gelu", torch.float32)
+    _check(kernels.tiled(x, b, a, c, "gelu", config=kernels.TILED_CONFIGS[0]), x, b, a, c, "gelu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    g1, g2 = torch.randn(5, 7, 4, generator=g).to(DEVICE), torch.randn(4, 3, 10, generator=g).to(DEVICE)
+    tt.tt2(x, g1, g2, None)
+    tt.tt2(x, g1, g2, None, config=tt.CONFIGS[0])
+    assert passed == [False, False] and passed_tt == [False, False]
 
 
 @pytest.mark.parametrize("kernel", ["split_rank", "tiled", "tt2"])
-def test_kernels_read_rows_past_2_to_the_31_elements(kernel):
+def test_kernels_read_rows_past_2_to_the_31_elements(kernel, monkeypatch):
     """x a view of 3 rows 2**30 + 64 elements apart: row 2 starts past element 2**31, where an
-    int32 offset wraps (an out-of-bounds read). The storage is 4 GiB of fp16 but only the 3 rows
-    are touched (untouched pages take no memory, and the interpreter reads the tensors in place)."""
+    int32 offset wraps (an out-of-bounds read), so the launcher picks WIDE=True (int64 offsets).
+    The storage is 4 GiB of fp16 but only the 3 rows are touched (untouched pages take no memory,
+    and the interpreter reads the tensors in place)."""
     stride, k = 2**30 + 64, 42
     base = torch.empty(2 * stride + k, dtype=torch.float16, device=DEVICE)
     x = torch.as_strided(base, (3, k), (stride, 1))
@@ -186,14 +247,18 @@ def test_kernels_read_rows_past_2_to_the_31_elements(kernel):
     if kernel == "tt2":
         from tngraph.ops import network_reference
 
+        tt = load_kernels("tt")
+        passed = _launched_wide(monkeypatch, tt)
         g1, g2 = torch.randn(5, 6, 4, generator=g) / 6, torch.randn(4, 3, 7, generator=g) / 7
         g1, g2 = g1.to(DEVICE, torch.float16), g2.to(DEVICE, torch.float16)
-        out = load_kernels("tt").tt2(x, g1, g2, None)
+        out = tt.tt2(x, g1, g2, None)
         ref = network_reference(x.float(), [g1.float(), g2.float()], "...ab,Aar,rBb->...AB", [6, 7], 15, None)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     else:
+        passed = _launched_wide(monkeypatch, kernels)
         _, b, a, c = _inputs((1, k, 17, 33), torch.float16, True)
         _check(getattr(kernels, kernel)(x, b, a, c, "gelu"), x, b, a, c, "gelu", torch.float16)
+    assert passed == [True]
 
 
 def test_the_dispatch_times_each_candidate_once_per_row_bucket(monkeypatch):
@@ -568,6 +633,7 @@ def test_every_kernel_compiles_for_hopper_in_bf16_without_a_gpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} == {"lowrank.split_rank", "lowrank.tiled", "tt.tt2"}
+    assert sorted(r["wide"] for r in rows) == [False] * 3 + [True] * 3  # int32 and int64 tile offsets, each kernel
     for r in rows:
         assert "error" not in r and r["cubin_bytes"] > 0 and r["local"] == 0 and 0 < r["regs"] <= 255, r
         assert r["mma"] in ("mma", "wgmma"), r  # bf16 dots run on tensor cores

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Compile every Triton kernel of kernels/ for a GPU target without a GPU (ahead of time).
 
-Each kernel x autotune configuration x dtype goes through triton's whole CUDA pipeline (TTIR,
+Each kernel x autotune configuration x dtype x WIDE (int32 or int64 tile offsets, the launchers'
+choice by tensor extent, kernels/_common.needs_wide) goes through triton's whole CUDA pipeline (TTIR,
 TTGIR, LLVM IR, PTX, ptxas -> cubin) for --target (default cuda:90:32, Hopper: H100/H200). Printed
 per compilation: registers per thread and local (spill) bytes from the cubin (triton's cuobjdump),
 shared memory, and the matrix instruction the PTX uses (wgmma: Hopper's warpgroup MMA; mma: the
@@ -9,9 +10,10 @@ warp-level mma.sync of earlier GPUs; none: no tensor cores, e.g. fp32 IEEE dots)
 (exit 1) when a compilation fails or needs more shared memory than the target has per block
 (227 KiB on Hopper). On the CPU this is what can be known of the kernels on the GPU before a GPU
 session: they compile for it with the installed triton, and what they cost in registers and
-shared memory. The tests run it for one configuration per kernel.
+shared memory. The tests run it for one configuration per kernel, both WIDE.
 
-  python tools/compile_kernels.py [--target cuda:90:32] [--dtypes fp16 bf16 fp32] [--first] [--json FILE] [--ptx DIR]
+  python tools/compile_kernels.py [--target cuda:90:32] [--dtypes fp16 bf16 fp32] [--wide both|off|on] [--first]
+                                  [--json FILE] [--ptx DIR]
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from typing import Any
 
 sys.path.insert(0, ".")
 
-# per kernel: (module, name, pointer element types by argument (T = the dtype compiled), fixed constexprs)
+# per kernel: (module, name, pointer element types by argument (T = the dtype compiled), fixed constexprs);
+# every kernel also takes WIDE (int64 tile offsets), compiled False and True (--wide); a parameter
+# named nowhere here is compiled as an i32 scalar
 KERNELS = {
     "lowrank.split_rank": ("lowrank", "_split_rank_kernel", {"x_ptr": "T", "b_ptr": "T", "a_ptr": "T", "bias_ptr": "T", "y_ptr": "T",
                                                              "part_ptr": "fp32", "t_ptr": "T", "count_ptr": "i32"}, {"HAS_BIAS": True, "ACT": 1}),
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="cuda:90:32", help="backend:capability:warp size (default cuda:90:32, Hopper)")
     p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32"], choices=["fp16", "bf16", "fp32"])
     p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    p.add_argument("--wide", choices=["both", "off", "on"], default="both",
+                   help="WIDE=False (int32 tile offsets, any tensor under 2**31 elements), True (int64) or both (default)")
     p.add_argument("--first", action="store_true", help="only the first autotune configuration of each kernel")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--ptx", metavar="DIR", help="also write each compilation's PTX to DIR (one file per kernel, dtype, config)")
@@ -102,36 +108,40 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget(backend, int(capability), int(warp))
     limit = SHARED_LIMIT.get(int(capability))
     print(f"triton {triton.__version__}, target {args.target}" + (f", shared memory limit {limit} B per block" if limit else ""))
-    print(f"{'kernel':>20} {'dtype':>5} {'config':>44} {'warps':>5} | {'regs':>4} {'local B':>7} {'shared B':>9} {'mma':>5} {'s':>5}")
+    print(f"{'kernel':>20} {'dtype':>5} {'wide':>4} {'config':>44} {'warps':>5} | {'regs':>4} {'local B':>7} {'shared B':>9} "
+          f"{'mma':>5} {'s':>5}")
+    wides = {"both": [False, True], "off": [False], "on": [True]}[args.wide]
     rows, failed = [], 0
     for name in args.kernels:
         module, attr, pointers, fixed = KERNELS[name]
         kernel = getattr(load_kernels(module), attr)
         configs = kernel.configs[:1] if args.first else kernel.configs
         for dtype in args.dtypes:
-            for config in configs:
-                label = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in config.kwargs.items())
-                row = {"kernel": name, "dtype": dtype, "config": config.kwargs, "num_warps": config.num_warps}
-                try:
-                    row.update(compile_one(kernel, pointers, fixed, config, dtype, target))
-                except Exception as exc:  # noqa: BLE001 (reported per compilation; the exit code says it failed)
-                    row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-                    failed += 1
-                    print(f"{name:>20} {dtype:>5} {label:>44} {config.num_warps:>5} | FAILED {row['error']}")
+            for wide in wides:
+                for config in configs:
+                    label = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in config.kwargs.items())
+                    row = {"kernel": name, "dtype": dtype, "wide": wide, "config": config.kwargs, "num_warps": config.num_warps}
+                    head = f"{name:>20} {dtype:>5} {'yes' if wide else 'no':>4} {label:>44} {config.num_warps:>5} |"
+                    try:
+                        row.update(compile_one(kernel, pointers, {**fixed, "WIDE": wide}, config, dtype, target))
+                    except Exception as exc:  # noqa: BLE001 (reported per compilation; the exit code says it failed)
+                        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+                        failed += 1
+                        print(f"{head} FAILED {row['error']}")
+                        rows.append(row)
+                        continue
+                    ptx = row.pop("ptx")
+                    if args.ptx:
+                        os.makedirs(args.ptx, exist_ok=True)
+                        stem = (f"{name}.{dtype}." + ("wide." if wide else "") + "_".join(f"{k}{v}" for k, v in row["config"].items())
+                                + f".w{config.num_warps}")
+                        with open(os.path.join(args.ptx, stem + ".ptx"), "w") as f:
+                            f.write(ptx)
+                    over = limit is not None and row["shared"] > limit
+                    failed += over
+                    print(f"{head} {row['regs']!s:>4} {row['local']!s:>7} {row['shared']:>9} {row['mma']:>5} {row['seconds']:>5.1f}"
+                          + ("  over the shared-memory limit" if over else ""), flush=True)
                     rows.append(row)
-                    continue
-                ptx = row.pop("ptx")
-                if args.ptx:
-                    os.makedirs(args.ptx, exist_ok=True)
-                    stem = f"{name}.{dtype}." + "_".join(f"{k}{v}" for k, v in row["config"].items()) + f".w{config.num_warps}"
-                    with open(os.path.join(args.ptx, stem + ".ptx"), "w") as f:
-                        f.write(ptx)
-                over = limit is not None and row["shared"] > limit
-                failed += over
-                print(f"{name:>20} {dtype:>5} {label:>44} {config.num_warps:>5} | {row['regs']!s:>4} {row['local']!s:>7} "
-                      f"{row['shared']:>9} {row['mma']:>5} {row['seconds']:>5.1f}" + ("  over the shared-memory limit" if over else ""),
-                      flush=True)
-                rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
