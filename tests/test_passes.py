@@ -11,6 +11,9 @@ from tngraph.config import Config
 from tngraph.errors import ConfigError, ModelError, PassError, TngraphError
 from tngraph.passes import PIPELINE, PassContext, PassResult, allocate, calibrate, factorize, targets
 from tngraph.pipeline import run_passes
+from tngraph.tn.formats import FORMATS
+from tngraph.tn.refit import refit_core
+from tests.helpers_reference import by_hand, layer_error, linear_grams, output_factors, plan_weights, rel, substituted, truncated
 
 aten = torch.ops.aten
 
@@ -28,6 +31,31 @@ def _ops(gm):
 
 def _weights_read_by_linears(gm):
     return sorted(str(n.args[1].target) for n in gm.graph.nodes if n.target == aten.linear.default)
+
+
+def _inputs(data):
+    return torch.cat([args[0] for args, _ in data])
+
+
+def _network_by_hand(model, data, ctx):
+    """Each network-format target decomposed by hand as factorize does: the format's whitened
+    decomposition at the planned rank (X^T X gathered by forward hooks), then the least-squares refit
+    of one core on X^T X. Returns the model with those weights and the one with the decompositions
+    before the refit, after checking every target's error (the guard's, recomputed by hand from the
+    plan's factors): the same as the refitted decomposition's, and no larger than before the refit."""
+    grams, cfg = linear_grams(model, data), ctx.config
+    refitted, before, got = {}, {}, plan_weights(ctx)
+    for name, plan in ctx.plan.items():
+        fmt, weight, gram = FORMATS[plan.format], model.get_submodule(name).weight, grams[name]
+        options = fmt.options(cfg)
+        net = fmt.decompose(weight, plan.rank, fmt.whitening(gram, weight.shape[0], weight.shape[1], cfg.damping, **options), **options)
+        before[name] = net.to_dense()
+        refitted[name] = ((refit_core(net, weight, gram) if cfg.refit else None) or net).to_dense()
+        error = layer_error(weight, got[name], gram)
+        assert error == pytest.approx(ctx.analysis["guard"][name], rel=1e-4)
+        assert error == pytest.approx(layer_error(weight, refitted[name], gram), rel=1e-4, abs=1e-6), name
+        assert error <= layer_error(weight, before[name], gram) * (1 + 1e-4) + 1e-6, name
+    return substituted(model, refitted), substituted(model, before)
 
 
 def test_targets_are_found_and_annotated(mlp, mlp_data):
@@ -55,11 +83,17 @@ def test_factorize_rewrites_every_linear_into_a_chain(mlp, mlp_data):
     assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
     down = next(n for n in created if meta.info(n).provenance.role == "down")
     assert down.meta["val"].shape[-1] == meta.info(down.users.__iter__().__next__()).plan.rank
-    # numbers: close to the original (random weights are nearly full rank, so half the
-    # parameters cannot be exact; full rank is checked exactly below)
-    x = mlp_data[0][0][0]
-    err = (gm(x) - mlp(x)).norm() / mlp(x).norm()
-    assert err < 0.6
+    # numbers: random weights are nearly full rank, so half the parameters cannot be exact (full rank
+    # is checked exactly below); on the calibration inputs the graph is the two-sided whitened
+    # truncated SVD applied by hand at the planned ranks, and at least as close as the input-whitened one
+    x = _inputs(mlp_data)
+    ranks = {name: plan.rank for name, plan in ctx.plan.items()}
+    grams = linear_grams(mlp, mlp_data)
+    reached = by_hand(mlp, ranks, grams, ctx.config.damping, output_factors(ctx))
+    with torch.no_grad():
+        err = rel(gm(x), mlp(x))
+        assert rel(gm(x), reached(x)) < 1e-4
+        assert err <= 1.05 * rel(by_hand(mlp, ranks, grams)(x), mlp(x)) + 1e-3  # ~0.45 <= ~0.50; zeros: 1.0
 
 
 def test_graph_and_module_materializations_agree(mlp, mlp_data):
@@ -144,13 +178,24 @@ def test_addmm_with_a_constant_weight_is_a_target(mlp_data):
         def forward(self, x):
             return torch.addmm(self.b, x, self.w.t())
 
+    torch.manual_seed(0)
     model = AddMM().eval()
     gm, ctx = _run(model, mlp_data, budget=0.6)
     assert ctx.counters["lowrank_linear.applied"] == 1
     assert aten.addmm.default not in _ops(gm) and aten.t.default not in _ops(gm)
     gm.graph.lint()
-    x = mlp_data[0][0][0]
-    assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.5
+    # the graph computes the (two-sided) whitened truncated SVD of w applied by hand, whose error on
+    # the calibration inputs is within a few percent of the input-whitened optimum (~0.40 and ~0.39)
+    x = _inputs(mlp_data)
+    gram = x.double().T @ x.double()
+    (plan,) = ctx.plan.values()
+    left = output_factors(ctx).get("w")
+    with torch.no_grad():
+        ref, got = model(x), gm(x)
+        reached = torch.addmm(model.b, x, truncated(model.w, plan.rank, gram, ctx.config.damping, left).t())
+        best = torch.addmm(model.b, x, truncated(model.w, plan.rank, gram).t())
+    assert rel(got, reached) < 1e-4
+    assert rel(got, ref) <= 1.1 * rel(best, ref) + 1e-3
 
 
 def test_nan_weights_are_refused(mlp, mlp_data):
@@ -201,8 +246,14 @@ def test_tt_format_rewrites_into_einsum_chains(mlp, mlp_data):
     assert all("val" in n.meta for n in gm.graph.nodes if n.op == "call_function")
     einsum = next(n for n in gm.graph.nodes if n.target == aten.einsum.default)
     assert meta.info(einsum).provenance.role == "contract" and "val" in einsum.meta
-    x = torch.randn(9, 24)
-    assert ((gm(x) - mlp(x)).norm() / mlp(x).norm()) < 0.8
+    # on the calibration inputs: the graph is the whitened TT-SVD and refit applied by hand, which
+    # is at least as close as the TT-SVD alone (~0.55 and ~0.76; a model that outputs zeros: 1.0)
+    x = _inputs(mlp_data)
+    reached, unrefitted = _network_by_hand(mlp, mlp_data, ctx)
+    with torch.no_grad():
+        got, ref = gm(x), mlp(x)
+        assert rel(got, reached(x)) < 1e-4
+        assert rel(got, ref) <= 1.05 * rel(unrefitted(x), ref) + 1e-3
 
 
 def test_tt_graph_module_and_artifact_agree(mlp, mlp_data, tmp_path):
@@ -235,7 +286,14 @@ def test_every_network_format_through_the_pipeline(mlp, mlp_data, tmp_path, fmt)
     assert all(p.format == fmt and p.network["format"] == fmt for p in ctx.plan.values())
     x = torch.randn(6, 24)
     torch.testing.assert_close(gm(x), result.module(x), atol=1e-5, rtol=1e-5)
-    assert ((result.module(x) - mlp(x)).norm() / mlp(x).norm()) < 0.9
+    # on the calibration inputs: the module is the format's whitened decomposition and refit applied
+    # by hand, at least as close as the decomposition alone (a model that outputs zeros: 1.0)
+    x = _inputs(mlp_data)
+    reached, unrefitted = _network_by_hand(mlp, mlp_data, ctx)
+    with torch.no_grad():
+        got, ref = result.module(x), mlp(x)
+        assert rel(got, reached(x)) < 1e-4
+        assert rel(got, ref) <= 1.05 * rel(unrefitted(x), ref) + 1e-3
     out = tngraph.save(result.module, tmp_path / fmt)
     torch.testing.assert_close(tngraph.load(out, model=type(mlp)())(x), result.module(x), atol=0, rtol=0)
 
