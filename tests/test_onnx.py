@@ -219,8 +219,13 @@ def test_bad_arguments_are_clear_errors(compressed_mlp, tmp_path):
     with pytest.raises(ConfigError, match="tolerance"):
         tngraph.export_onnx(module, (x,), tmp_path / "m.onnx", tolerance=float("nan"))
     assert sorted(os.listdir(tmp_path)) == ["taken.onnx"]
-    tngraph.export_onnx(module, (x,), tmp_path / "taken.onnx", force=True)
-    onnx.checker.check_model(str(tmp_path / "taken.onnx"), full_check=True)
+    with pytest.raises(ArtifactError, match="not an ONNX file that tngraph wrote"):  # --force replaces only tngraph's files
+        tngraph.export_onnx(module, (x,), tmp_path / "taken.onnx", force=True)
+    assert (tmp_path / "taken.onnx").read_bytes() == b"x"
+    tngraph.export_onnx(module, (x,), tmp_path / "ours.onnx")
+    tngraph.export_onnx(module, (x,), tmp_path / "ours.onnx", force=True)  # its own export: replaced
+    onnx.checker.check_model(str(tmp_path / "ours.onnx"), full_check=True)
+    assert sorted(os.listdir(tmp_path)) == ["ours.onnx", "taken.onnx"]
 
 
 def test_large_models_keep_their_weights_in_external_data(compressed_mlp, tmp_path, monkeypatch):
