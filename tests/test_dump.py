@@ -131,7 +131,7 @@ def test_a_failure_in_any_pass_leaves_the_passes_before_it_and_index_html(tmp_pa
     assert run_passes.__defaults__ == (PIPELINE,)  # compress() runs the default pipeline
     monkeypatch.setattr(run_passes, "__defaults__", ([*PIPELINE[:position], failing, *PIPELINE[position + 1:]],))
     config = tngraph.Config(budget=0.6, heal_steps=0, progress=False, dump_dir=str(tmp_path))
-    with caplog.at_level("WARNING"), pytest.raises(PassError if kind == "bug" else DataError) as info:
+    with caplog.at_level("WARNING", logger="tngraph"), pytest.raises(PassError if kind == "bug" else DataError) as info:
         tngraph.compress(MLP().eval(), calibration=_data(2), config=config)
     text = str(info.value)
     assert f"pass {name!r}" in text and message in text and "after: " + (", ".join(PASSES[:position]) or "none") in text
@@ -166,7 +166,7 @@ def test_a_failure_dump_that_cannot_be_made_is_said_in_the_page_the_log_and_the_
     def run(folder):
         gm = tngraph.capture(MLP().eval(), (torch.randn(4, 24),))
         ctx = PassContext(config=tngraph.Config(budget=0.6, heal_steps=0, progress=False, dump_dir=str(folder)), calibration=_data(2))
-        with caplog.at_level("WARNING"), pytest.raises(PassError, match="calibration broke") as info:
+        with caplog.at_level("WARNING", logger="tngraph"), pytest.raises(PassError, match="calibration broke") as info:
             run_passes(gm, ctx, [targets, calibrate_fails])
         return str(info.value)
 
