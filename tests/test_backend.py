@@ -127,7 +127,7 @@ def test_the_rewritten_graph_holds_factor_chains_instead_of_the_dense_weights():
     # error is what that decomposition reaches (~0.38; a model that outputs zeros: 1.0)
     torch._dynamo.reset()
     with torch.no_grad():
-        (got, ref), (graph_out,) = (compiled(x), model(x)), gm(x)  # a dynamo graph returns a tuple
+        got, (graph_out,) = compiled(x), gm(x)  # a dynamo graph returns a tuple
     assert backend.stats["cache_hits"] == 1
     torch.testing.assert_close(got, spied, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got, graph_out, atol=1e-6, rtol=1e-6)
