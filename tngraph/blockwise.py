@@ -618,16 +618,19 @@ def truncation_error(energy: torch.Tensor, rank: int) -> float:
 
 
 def _selector(include: Sequence[str], exclude: Sequence[str]) -> Any:
+    """Whether a projection's full name is a target (passes.targets.is_selected), the patterns checked first."""
     import re
 
-    def compiled(patterns: Sequence[str], flag: str) -> list[re.Pattern]:
-        try:
-            return [re.compile(p) for p in patterns]
-        except re.error as exc:
-            raise ConfigError(f"{flag} {exc.pattern!r} is not a regular expression: {exc}", "fix the pattern") from None
+    from .passes.targets import is_selected
 
-    inc, exc = compiled(include, "--include"), compiled(exclude, "--exclude")
-    return lambda name: (not inc or any(p.search(name) for p in inc)) and not any(p.search(name) for p in exc)
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{flag} {pattern!r} is not a regular expression: {exc}", "fix the pattern") from None
+    include, exclude = tuple(include), tuple(exclude)
+    return lambda name: is_selected(name, include, exclude)
 
 
 def _decompose(weight: torch.Tensor, rank: int, whitening: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import logging
 import os
@@ -148,7 +149,7 @@ def clean_stale(out: pathlib.Path) -> list[pathlib.Path]:
     parent = out.parent if str(out.parent) else pathlib.Path(".")
     if not parent.is_dir():
         return removed
-    for entry in parent.glob(f".{glob_escape(out.name)}.*-*"):
+    for entry in parent.glob(f".{glob.escape(out.name)}.*-*"):
         if not re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-[A-Za-z0-9_]+", entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         marker = read_marker(entry)
@@ -160,10 +161,6 @@ def clean_stale(out: pathlib.Path) -> list[pathlib.Path]:
         log.info("removed %s, left by an interrupted tngraph run", entry)
         removed.append(entry)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def staging_dir(out: pathlib.Path, tag: str = "tmp") -> pathlib.Path:

@@ -79,7 +79,7 @@ def _is_transpose(node: fx.Node) -> bool:
     return True
 
 
-def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+def is_selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
     if include and not any(re.search(p, name) for p in include):
         return False
     return not any(re.search(p, name) for p in exclude)
@@ -98,7 +98,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kind = "embedding" if isinstance(m, EmbeddingMatch) else "linear"
         weight_name = str(m.weight.target)
         name = weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name
-        if not _selected(name, cfg.include, cfg.exclude):
+        if not is_selected(name, cfg.include, cfg.exclude):
             ctx.counters["targets.skipped.filtered"] += 1
             continue
         weight = gm.get_parameter(weight_name) if _has_param(gm, weight_name) else getattr_path(gm, weight_name)
