@@ -152,15 +152,16 @@ def test_loading_a_model_leaves_the_environment_alone(monkeypatch):
         "target-name", "target-file"])
 def test_a_crafted_recipe_is_refused_before_anything_is_read(artifact, mlp, monkeypatch, change, fragment):
     import tngraph.artifact as module
-    import tngraph.blockwise as blockwise
+    import tngraph.shards as shards
 
     def nothing(*args, **kwargs):
         raise AssertionError("read something of a crafted recipe")
 
     monkeypatch.setattr(module, "load_model", nothing)
-    monkeypatch.setattr(module, "_sha256", nothing)
+    monkeypatch.setattr(module, "file_sha256", nothing)
+    monkeypatch.setattr(shards, "file_sha256", nothing)
     monkeypatch.setattr(module, "load_file", nothing)
-    monkeypatch.setattr(blockwise, "Shards", nothing)
+    monkeypatch.setattr(shards, "Shards", nothing)
     recipe = json.loads((artifact / RECIPE).read_text())
     change(recipe)
     (artifact / RECIPE).write_text(json.dumps(recipe))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import tngraph
-from tngraph.blockwise import Shards, causal_lm_config, compress_causal_lm
+from tngraph.blockwise import compress_causal_lm
+from tngraph.shards import Shards, causal_lm_config
 from tngraph.cli import main
 from tngraph.errors import ArtifactError, ConfigError, ModelError
 from tngraph.synthetic import write_synthetic_llama
@@ -58,9 +59,9 @@ def test_synthetic_model_is_a_sharded_hugging_face_llama(tiny_llama):
 
 
 def test_embedding_rows_are_read_in_chunks(tiny_llama, monkeypatch):
-    from tngraph import blockwise
+    from tngraph import shards as module
 
-    monkeypatch.setattr(blockwise, "EMBEDDING_CHUNK", 100)
+    monkeypatch.setattr(module, "EMBEDDING_CHUNK", 100)
     shards = Shards(tiny_llama)
     ids = _ids()
     torch.testing.assert_close(shards.rows("model.embed_tokens.weight", ids), shards.get("model.embed_tokens.weight")[ids])

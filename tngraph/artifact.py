@@ -1,7 +1,6 @@
 """Artifacts: factors as safetensors plus a JSON recipe; written atomically, verified when loaded."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -13,25 +12,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .api import RECIPE_VERSION, apply_plan, attach, plans_from_module
 from .errors import ArtifactError
 from .models import ModelSource, load_model, source_folder, weights_hash
 from .ownership import atomic_dir
-from .plan import TargetPlan
+from .recipe import RECIPE_VERSION, apply_plan, attach, entry_factors, file_sha256, plan_from_entry, plans_from_module
+from .shards import LAYOUT, load_causal_lm
 
 log = logging.getLogger(__name__)
 
 RECIPE = "recipe.json"
 FACTORS = "factors.safetensors"
 HEALED = "healed/"  # key prefix of the non-factor parameters healing trained
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save(module: torch.nn.Module, path: str | os.PathLike, *, force: bool = False, extra: dict[str, Any] | None = None) -> pathlib.Path:
@@ -46,7 +37,7 @@ def save(module: torch.nn.Module, path: str | os.PathLike, *, force: bool = Fals
     with atomic_dir(path, force, keep=[source_folder(recipe.get("source"))]) as tmp:
         # a single metadata key: safetensors writes several in an arbitrary order, breaking byte-identity
         save_file(tensors, str(tmp / FACTORS), metadata={"format": "pt"})
-        recipe["files"] = {FACTORS: {"sha256": _sha256(tmp / FACTORS)}}
+        recipe["files"] = {FACTORS: {"sha256": file_sha256(tmp / FACTORS)}}
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, data in (extra or {}).items():
             (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -112,15 +103,13 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     """
     folder = pathlib.Path(path)
     recipe = read_recipe(folder)
-    if recipe.get("layout") == "causal-lm-blockwise":
-        from .blockwise import load_causal_lm
-
+    if recipe.get("layout") == LAYOUT:
         return load_causal_lm(folder, recipe)
     factors_path = folder / FACTORS
     if not factors_path.is_file():
         raise ArtifactError(f"{str(folder)!r} has no {FACTORS}", "recompress the model to rebuild the artifact")
     expected = recipe["files"].get(FACTORS, {}).get("sha256")
-    if expected != _sha256(factors_path):
+    if expected != file_sha256(factors_path):
         raise ArtifactError(f"{str(factors_path)!r} does not match the hash in its recipe (truncated or modified)", "recompress the model")
     try:
         tensors = load_file(str(factors_path))
@@ -132,7 +121,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
         model = model.eval()
     if weights_hash(model) != recipe["source_hash"]:
         raise ArtifactError("this artifact was made from a different source model (weights hash differs)", "load it onto the model it was compressed from")
-    plans = [_plan(entry, tensors) for entry in recipe["targets"]]
+    plans = [plan_from_entry(entry, entry_factors(entry, tensors)) for entry in recipe["targets"]]
     module = apply_plan(model, plans)
     params = dict(module.named_parameters())
     with torch.no_grad():
@@ -144,23 +133,3 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     recipe = {k: v for k, v in recipe.items() if k != "files"}
     attach(module, recipe)
     return module
-
-
-def _plan(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TargetPlan:
-    factors = {}
-    for key, shape in entry["factors"].items():
-        tensor = tensors.get(f"{entry['name']}.{key}")
-        if tensor is None or list(tensor.shape) != list(shape):
-            raise ArtifactError(f"factor {entry['name']}.{key} is missing or has the wrong shape", "recompress the model")
-        factors[key] = tensor
-    return TargetPlan(
-        name=entry["name"],
-        format=entry["format"],
-        rank=entry["rank"],
-        in_features=entry["in_features"],
-        out_features=entry["out_features"],
-        has_bias=entry["bias"],
-        factors=factors,
-        network=entry.get("network"),
-        kind=entry.get("kind", "linear"),
-    )

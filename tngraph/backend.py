@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .batches import by_token_length, calibration_batches
 from .config import Config, valid_keys
 from .errors import ConfigError, DataError
 
@@ -290,13 +291,11 @@ def _text_shape(lifted: LiftedGraph) -> dict[int, int]:
 def _text_batches(texts: Sequence[str], tokenizer: Any, config: Config, lifted: LiftedGraph) -> list[tuple[tuple, dict]]:
     """Calibration texts as model inputs; for a graph specialised to a batch size and/or a sequence
     length (dynamo's first compile is static), in batches of exactly that shape."""
-    from .api import _by_token_length, calibration_batches
-
     static = _text_shape(lifted)
     if not static:
         return calibration_batches(list(texts), config, tokenizer)
     rows = static.get(0, config.batch_size)
-    texts = _by_token_length(list(texts)[: config.calibration_samples], tokenizer, config.max_length)
+    texts = by_token_length(list(texts)[: config.calibration_samples], tokenizer, config.max_length)
     padding = {"padding": "max_length", "max_length": static[1]} if 1 in static else {"padding": True, "max_length": config.max_length}
     batches = []
     for i in range(0, len(texts), rows):
@@ -339,8 +338,6 @@ def _say_once(message: str) -> None:
 def calibration_for(lifted: LiftedGraph, opts: BackendOptions) -> tuple[list, Any, str]:
     """(batches of lifted-graph inputs, objective, how) for this graph; how is "data-free", "full", or
     "shaped" when the texts had to be cut to the static length the graph was specialised to."""
-    from .api import calibration_batches
-
     if not opts.calibration:
         _say_once("tngraph backend: no calibration data, decomposing data-free "
                   "(pass options={'calibration': [...]} for activation-aware decompositions)")

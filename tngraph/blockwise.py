@@ -2,16 +2,12 @@
 from the safetensors shards when its turn comes, calibrated on the outputs of the already-compressed
 blocks before it, factorized (activation-whitened SVD of q/k/v/o and gate/up/down), written to the
 artifact and freed. Peak memory is about one block plus the calibration activations, whatever the
-model's size; the token embedding is read in row chunks, the LM head not at all.
-
-tngraph.load() of such an artifact builds the model on the meta device and fills it from the source
-shards and the factor files, so it never holds the dense targets either; it is ready for
-transformers' generate().
+model's size; the token embedding is read in row chunks, the LM head not at all. tngraph.shards
+reads the weights and loads the artifacts.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -23,120 +19,22 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import ArtifactError, ConfigError, DataError, ModelError, PassError
+from safetensors.torch import save_file
+
+from .calibration import GramStats
+from .errors import ConfigError, DataError, ModelError, PassError
+from .modules import LowRankLinear
+from .ownership import atomic_dir, check_output_dir
+from .passes.allocate import solve_budget
+from .passes.targets import is_selected
+from .recipe import file_sha256, header, swap_module
+from .shards import FAMILIES, LAYOUT, Shards, causal_lm_config, meta_model, rotary_embedding
+from .tn.lowrank import decompose_lowrank, lowrank_params, rank_for_budget
+from .tn.whitening import Whitening, whitening_from_gram
 
 log = logging.getLogger(__name__)
 
-LAYOUT = "causal-lm-blockwise"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 BLOCK_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-EMBEDDING_CHUNK = 4096  # embedding rows read at once
-
-
-def causal_lm_config(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The config.json of a local Llama/Mistral/Qwen causal LM folder, or None for anything else."""
-    path = pathlib.Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    archs = config.get("architectures") or []
-    if config.get("model_type") in FAMILIES and (not archs or any(str(a).endswith("ForCausalLM") for a in archs)):
-        return config
-    return None
-
-
-class Shards:
-    """Lazy access to a model folder's safetensors weights (one file or an index of shards)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.folder = pathlib.Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelError(f"{str(index)!r} is unreadable: {exc}", "restore the model folder") from None
-        elif (self.folder / "model.safetensors").is_file():
-            with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise ModelError(f"{str(self.folder)!r} has no safetensors weights", "save the model with save_pretrained(safe_serialization=True)")
-        self.weight_map: dict[str, str] = dict(weight_map)
-        self._safe_open = safe_open
-
-    def _path(self, key: str) -> pathlib.Path:
-        name = self.weight_map.get(key)
-        if name is None:
-            raise ModelError(f"the model's weights have no tensor {key!r}", "check that the folder holds the complete model")
-        path = self.folder / name
-        if not path.is_file():
-            raise ModelError(f"weight shard {str(path)!r} is missing", "restore the model folder")
-        return path
-
-    def get_many(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The tensors, copied out of their shards, each shard opened and closed again: a mapping left
-        open would keep every page read so far resident."""
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[pathlib.Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self._path(key), []).append(key)
-        for path, names in by_file.items():
-            with self._safe_open(str(path), "pt") as f:
-                for key in names:
-                    out[key] = f.get_tensor(key)  # a copy: it outlives the file
-        return out
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.get_many([key])[key]
-
-    def keys(self, prefix: str = "") -> list[str]:
-        return sorted(k for k in self.weight_map if k.startswith(prefix))
-
-    def rows(self, key: str, ids: torch.Tensor) -> torch.Tensor:
-        """table[ids] without holding the table: it is read in chunks of rows."""
-        flat = ids.reshape(-1)
-        path = str(self._path(key))
-        with self._safe_open(path, "pt") as f:
-            part = f.get_slice(key)
-            vocab, width = part.get_shape()
-            dtype = part[0:1].dtype
-        if (flat < 0).any() or (flat >= vocab).any():
-            raise DataError(f"token ids outside the vocabulary of {vocab}", "use the model's own tokenizer")
-        out = torch.empty(flat.shape[0], width, dtype=dtype)
-        for start in range(0, vocab, EMBEDDING_CHUNK):
-            hit = (flat >= start) & (flat < start + EMBEDDING_CHUNK)
-            if hit.any():  # the file opened per chunk: the pages read stay mapped only while it is open
-                with self._safe_open(path, "pt") as f:
-                    out[hit] = f.get_slice(key)[start : start + EMBEDDING_CHUNK][flat[hit] - start]
-        return out.reshape(*ids.shape, width)
-
-    def files_hash(self) -> str:
-        """sha256 over the weight files' names and bytes (streamed): the source model's identity."""
-        from .artifact import _sha256
-
-        digest = hashlib.sha256()
-        for name in sorted(set(self.weight_map.values())):
-            digest.update(name.encode())
-            digest.update(_sha256(self.folder / name).encode())
-        return digest.hexdigest()
-
-
-def _meta_model(folder: pathlib.Path) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
-        raise ModelError(f"cannot read the model config in {str(folder)!r}: {str(exc).splitlines()[0][:200]}", "check config.json") from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not len(layers):
-        raise ModelError(f"{str(folder)!r} has no decoder blocks at model.layers", f"tngraph compresses {', '.join(FAMILIES)} causal LMs block by block")
-    return model
 
 
 def _return_freed_memory(first: bool = False) -> None:
@@ -158,12 +56,6 @@ def _return_freed_memory(first: bool = False) -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         log.debug("malloc_trim is not available; freed memory stays with the allocator")
-
-
-def _rotary(model: torch.nn.Module) -> torch.nn.Module:
-    """The rotary embedding built again on the CPU (its buffers are not weights, so the meta model has none)."""
-    rotary = model.model.rotary_emb
-    return type(rotary)(config=model.config)
 
 
 @dataclass
@@ -210,8 +102,6 @@ def heal_block(block: torch.nn.Module, hidden: list[torch.Tensor], teacher: list
     Adam on the relative squared error, `steps` steps over the batches but the last, which is held
     out (with one batch, nothing is). The factors with the lowest held-out error are kept, so the
     block never ends worse there than as decomposed. Returns that error before and after."""
-    from .modules import LowRankLinear
-
     factors = [p for m in block.modules() if isinstance(m, LowRankLinear) for p in (m.a, m.b)]
     train = list(range(len(hidden) - 1)) or [0]
     check = len(hidden) - 1
@@ -287,17 +177,6 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     include / exclude: regular expressions over the projections' full names (model.layers.N.mlp.up_proj):
     only matching ones are targets, and never excluded ones; the others stay dense and out of the budget.
     whiten=False: plain truncated SVD (and plain spectra for the allocation)."""
-    from safetensors.torch import save_file
-
-    from . import __version__
-    from .api import RECIPE_VERSION, _swap
-    from .artifact import _sha256
-    from .ownership import atomic_dir, check_output_dir
-    from .calibration import GramStats
-    from .modules import LowRankLinear
-    from .tn.lowrank import lowrank_params, rank_for_budget
-    from .tn.whitening import Whitening, whitening_from_gram
-
     started = time.perf_counter()
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ConfigError(f"budget must be in (0, 1], got {budget!r}", "e.g. --budget 0.5")
@@ -317,8 +196,8 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
     _agree(lambda: check_output_dir(out, force, keep=[src]), rank, world)  # every rank stops if the output is refused
     _return_freed_memory(first=True)
     shards = Shards(src)
-    model = _meta_model(src)
-    rotary = _rotary(model)
+    model = meta_model(src)
+    rotary = rotary_embedding(model)
     if not any(selected(f"model.layers.{i}.{name}") for i in range(len(model.model.layers)) for name in BLOCK_TARGETS):
         raise ConfigError(f"no layer of the model is a target: --include/--exclude leave none of its {len(model.model.layers) * len(BLOCK_TARGETS)} "
                           "block projections", "loosen --include or --exclude (they match names like model.layers.0.mlp.up_proj)")
@@ -422,7 +301,7 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             for name, out_f, in_f, has_bias, rank_ in plans:
                 a, b = _broadcast(factors.get(name), (out_f, rank_), (rank_, in_f), src=owner[name], world=world)
                 linear = block.get_submodule(name)
-                _swap(block, name, LowRankLinear(a, b, linear.bias.detach().clone() if has_bias else None))
+                swap_module(block, name, LowRankLinear(a, b, linear.bias.detach().clone() if has_bias else None))
             del factors
             if heal_steps and plans:
                 errors = heal_block(block, hidden, dense_path, rotary, heal_steps, heal_lr, seed + i)
@@ -443,21 +322,16 @@ def compress_causal_lm(folder: str | os.PathLike, out: str | os.PathLike, *, bud
             file = f"factors-{i:05d}.safetensors"
             if tmp is not None:
                 save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                files[file] = {"sha256": _sha256(tmp / file)}
+                files[file] = {"sha256": file_sha256(tmp / file)}
             model.model.layers[i] = block.to("meta")  # freed
             del grams, tensors, block
             _return_freed_memory()
-        recipe = {
-            "recipe_version": RECIPE_VERSION, "tngraph_version": __version__, "layout": LAYOUT,
-            "source": {"kind": "hf-causal", "path": str(src)}, "source_hash": shards.files_hash(),
-            "config": {"budget": budget, "allocation": allocation, "format": "lowrank", "whiten": whiten, "damping": damping,
+        recipe = header({"kind": "hf-causal", "path": str(src)}, shards.files_hash(), {"budget": budget, "allocation": allocation, "format": "lowrank", "whiten": whiten, "damping": damping,
                        "calibration_samples": int(ids.shape[0]), "guard_tolerance": guard_tolerance, "strict": strict,
                        "include": list(include), "exclude": list(exclude),
                        "max_length": length, "batch_size": batch_size, "seed": seed,
                        "heal": {"steps": heal_steps, "lr": heal_lr, "scope": "block"} if heal_steps else None},
-            "environment": {"torch": torch.__version__.split("+")[0], "threads": torch.get_num_threads()},
-            "targets": entries, "files": files,
-        }
+            layout=LAYOUT) | {"targets": entries, "files": files}
         if tmp is not None:
             (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if world > 1:
@@ -576,9 +450,6 @@ def allocate_block(shapes: Sequence[tuple[str, int, int, bool]], spectra: dict[s
     Candidates: RANK_STEPS ranks up to the largest that still saves parameters, the uniform rank,
     and dense (error 0). The uniform ranks are one feasible choice, so the result is never worse
     than them by this measure."""
-    from .passes.allocate import solve_budget
-    from .tn.lowrank import rank_for_budget
-
     costs, losses, options = [], [], []
     for name, out_f, in_f, has_bias in shapes:
         bias = out_f if has_bias else 0
@@ -621,8 +492,6 @@ def _selector(include: Sequence[str], exclude: Sequence[str]) -> Any:
     """Whether a projection's full name is a target (passes.targets.is_selected), the patterns checked first."""
     import re
 
-    from .passes.targets import is_selected
-
     for flag, patterns in (("--include", include), ("--exclude", exclude)):
         for pattern in patterns:
             try:
@@ -634,70 +503,7 @@ def _selector(include: Sequence[str], exclude: Sequence[str]) -> Any:
 
 
 def _decompose(weight: torch.Tensor, rank: int, whitening: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from .tn.lowrank import decompose_lowrank
-
     _check_finite(weight, name)
     return decompose_lowrank(weight.detach().float(), rank, whitening, lean=True)
 
 
-def load_causal_lm(folder: str | os.PathLike, recipe: dict[str, Any]) -> torch.nn.Module:
-    """The compressed causal LM of a blockwise artifact, built without its dense targets."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .api import _swap, attach
-    from .artifact import _sha256
-    from .modules import LowRankLinear
-
-    art = pathlib.Path(folder)
-    src = pathlib.Path(recipe["source"]["path"])
-    if causal_lm_config(src) is None:
-        raise ArtifactError(f"the artifact's source model {str(src)!r} is gone or not a causal LM", "restore the source model folder")
-    for file, meta in recipe["files"].items():
-        path = art / file
-        if not path.is_file() or _sha256(path) != meta.get("sha256"):
-            raise ArtifactError(f"{str(path)!r} is missing or does not match the hash in its recipe (truncated or modified)", "recompress the model")
-    shards = Shards(src)
-    if shards.files_hash() != recipe["source_hash"]:
-        raise ArtifactError("this artifact was made from a different source model (weights hash differs)", "load it onto the model it was compressed from")
-    model = _meta_model(src)
-    for entry in recipe["targets"]:
-        with torch.device("meta"):
-            a = torch.empty(entry["factors"]["a"])
-            b = torch.empty(entry["factors"]["b"])
-            bias = torch.empty(entry["out_features"]) if entry["bias"] else None
-        _swap(model, entry["name"], LowRankLinear(a, b, bias))
-    targets = {e["name"] for e in recipe["targets"]}
-    wanted = set(model.state_dict())
-    from_source = []
-    for key in sorted(wanted):
-        owner, _, leaf = key.rpartition(".")
-        if owner in targets and leaf in ("a", "b"):
-            continue
-        if key not in shards.weight_map and key == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        if key not in shards.weight_map:
-            raise ArtifactError(f"the source model has no weight {key!r}", "restore the source model folder")
-        from_source.append(key)
-    state = {k: v.float() for k, v in shards.get_many(from_source).items()}
-    for file in recipe["files"]:
-        try:
-            for key, tensor in load_file(str(art / file)).items():
-                state[key] = tensor
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{str(art / file)!r} is corrupt: {exc}", "recompress the model") from None
-    missing = wanted - set(state) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
-    if missing:
-        raise ArtifactError(f"the artifact does not fill {sorted(missing)[0]!r}", "recompress the model")
-    model.load_state_dict(state, assign=True, strict=False)
-    model.model.rotary_emb = _rotary(model)
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
-    try:
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(src), local_files_only=True)
-    except Exception as exc:  # no generation_config.json: transformers' defaults from the model config stay
-        log.debug("no generation config in %s: %s", src, exc)
-    attach(model, {k: v for k, v in recipe.items() if k != "files"})
-    return model.eval()

@@ -11,24 +11,14 @@ from typing import Any, Iterator
 
 import torch
 
+from .artifact import RECIPE, read_recipe
+from .artifact import load as load_artifact
 from .errors import DataError, ModelError
+from .models import is_causal_lm_config
 from .progress import progress
+from .shards import LAYOUT
 
 log = logging.getLogger(__name__)
-
-# the decoder blocks' linears of Llama/Mistral/Qwen (model.layers.N), GPT-2 (transformer.h.N),
-# GPT-NeoX (gpt_neox.layers.N): the default targets of a causal LM; embeddings and the head stay dense
-DECODER_BLOCKS = r"(^|\.)(layers|h|blocks)\.\d+\."
-
-
-def is_causal_lm_config(path: str | pathlib.Path) -> bool:
-    """Whether a Hugging Face folder's config.json declares a causal-LM architecture."""
-    try:
-        config = json.loads((pathlib.Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
-
 
 @contextlib.contextmanager
 def no_kv_cache(*models: torch.nn.Module) -> Iterator[None]:
@@ -56,8 +46,6 @@ def load(spec: str | pathlib.Path) -> tuple[torch.nn.Module, Any, dict[str, Any]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .artifact import RECIPE
-
     if str(spec) == "minilm":
         raise ModelError("'minilm' is the bundled sentence encoder, not a causal LM",
                          "pass a causal-LM folder, e.g. one written by tools/train_tiny_lm.py")
@@ -68,8 +56,6 @@ def load(spec: str | pathlib.Path) -> tuple[torch.nn.Module, Any, dict[str, Any]
     hf_logging.disable_progress_bar()
     recipe = None
     if (path / RECIPE).is_file():
-        from .artifact import load as load_artifact
-
         model = load_artifact(path)
         recipe = model.tngraph_recipe
         source = recipe["source"].get("path")
@@ -100,8 +86,6 @@ def load(spec: str | pathlib.Path) -> tuple[torch.nn.Module, Any, dict[str, Any]
 
 def artifact_recipe(spec: str | pathlib.Path) -> dict[str, Any] | None:
     """The recipe of a tngraph artifact folder, None for anything else (a model folder, a name)."""
-    from .artifact import RECIPE, read_recipe
-
     path = pathlib.Path(spec).expanduser()
     return read_recipe(path) if (path / RECIPE).is_file() else None
 
@@ -114,8 +98,6 @@ def load_source_then_artifact(spec: str | pathlib.Path) -> Iterator[tuple[torch.
     `tngraph eval` of an artifact does."""
     import gc
 
-    from .artifact import load as load_artifact
-
     recipe = artifact_recipe(spec)
     if recipe is None:
         raise ModelError(f"{str(spec)!r} is not a tngraph artifact (no recipe.json)", "pass an artifact folder written by tngraph compress")
@@ -125,7 +107,7 @@ def load_source_then_artifact(spec: str | pathlib.Path) -> Iterator[tuple[torch.
                          "perplexity and generation need an artifact compressed from a causal LM")
     model, tokenizer, _ = load(source)
     yield model, tokenizer
-    if recipe.get("layout") == "causal-lm-blockwise":
+    if recipe.get("layout") == LAYOUT:
         del model
         gc.collect()
         model, tokenizer, _ = load(spec)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pathlib
 from dataclasses import dataclass
@@ -12,6 +13,19 @@ import torch
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
+
+# the decoder blocks' linears of Llama/Mistral/Qwen (model.layers.N), GPT-2 (transformer.h.N),
+# GPT-NeoX (gpt_neox.layers.N): the default targets of a causal LM; embeddings and the head stay dense
+DECODER_BLOCKS = r"(^|\.)(layers|h|blocks)\.\d+\."
+
+
+def is_causal_lm_config(path: str | pathlib.Path) -> bool:
+    """Whether a Hugging Face folder's config.json declares a causal-LM architecture."""
+    try:
+        config = json.loads((pathlib.Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 MINILM = "minilm"
 # The bundled MiniLM's compression targets are its 36 encoder linears (the pooler is not used by
@@ -79,8 +93,6 @@ def load_model(source: ModelSource) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .lm import is_causal_lm_config
-
     hf_logging.disable_progress_bar()
     auto = AutoModelForCausalLM if is_causal_lm_config(path) else AutoModel  # a causal LM keeps its head
     try:
@@ -99,8 +111,6 @@ def default_include(source: ModelSource, targets: tuple[str, ...] = ("linear",))
     """The bundled MiniLM: its encoder linears, and its token-embedding table when embeddings are
     targets; a causal LM: its decoder blocks' linears (the head and embeddings stay dense)."""
     if source.kind == "hf" and source.path:
-        from .lm import DECODER_BLOCKS, is_causal_lm_config
-
         if is_causal_lm_config(source.path) and "embedding" not in targets:
             return (DECODER_BLOCKS,)
     if source.kind != MINILM:

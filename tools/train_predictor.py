@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import tngraph  # noqa: E402
 from tngraph import meta, predictor  # noqa: E402
-from tngraph.api import calibration_batches  # noqa: E402
+from tngraph.batches import calibration_batches  # noqa: E402
 from tngraph.capture import capture  # noqa: E402
 from tngraph.data import sentence_sets  # noqa: E402
 from tngraph.evaluate import sentence_objective  # noqa: E402

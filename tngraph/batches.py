@@ -1,0 +1,48 @@
+"""Calibration inputs: texts tokenized in batches of similar length, or the user's example inputs, checked."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from .capture import normalize_inputs
+from .config import Config
+from .errors import DataError
+from .models import tokenize
+
+
+def calibration_batches(
+    calibration: Sequence[Any] | None, config: Config, tokenizer: Any = None
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Texts (tokenized in batches of config.batch_size) or a list of example inputs, as (args, kwargs)."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Sequence):
+        raise DataError(f"calibration must be a list of samples, got {type(calibration).__name__}", "pass a list of texts or of example inputs")
+    samples = list(calibration)
+    if not samples:
+        raise DataError("calibration data is empty", "pass at least one sample, or None for data-free decomposition")
+    if all(isinstance(s, str) for s in samples):
+        if tokenizer is None:
+            raise DataError("calibration texts need a tokenizer", "pass tokenizer= or tokenized example inputs")
+        samples = by_token_length(samples[: config.calibration_samples], tokenizer, config.max_length)
+        return [
+            ((), tokenize(tokenizer, samples[i : i + config.batch_size], config.max_length))
+            for i in range(0, len(samples), config.batch_size)
+        ]
+    if any(isinstance(s, str) for s in samples):
+        raise DataError("calibration mixes texts and tensors", "pass only texts or only example inputs")
+    batches = [normalize_inputs(s) for s in samples]
+    for i, (args, kwargs) in enumerate(batches):
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+                raise DataError(f"calibration sample {i} holds NaN or Inf values", "pass finite calibration inputs")
+    return batches
+
+
+def by_token_length(texts: list[str], tokenizer: Any, max_length: int) -> list[str]:
+    """The texts ordered by token count (ties by position): batches of similar length pad little,
+    and padded positions would distort the calibration statistics."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return [texts[i] for i in sorted(range(len(texts)), key=lambda i: (lengths[i], i))]
