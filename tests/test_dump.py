@@ -128,8 +128,8 @@ def test_a_failure_in_any_pass_leaves_the_passes_before_it_and_index_html(tmp_pa
         raise RuntimeError(message) if kind == "bug" else DataError(message, "a fix")
 
     failing.__name__ = name
-    assert run_passes.__defaults__ == (PIPELINE,)  # compress() runs the default pipeline
-    monkeypatch.setattr(run_passes, "__defaults__", ([*PIPELINE[:position], failing, *PIPELINE[position + 1:]],))
+    assert run_passes.__defaults__ == (PIPELINE, None)  # compress() runs the default pipeline
+    monkeypatch.setattr(run_passes, "__defaults__", ([*PIPELINE[:position], failing, *PIPELINE[position + 1:]], None))
     config = tngraph.Config(budget=0.6, heal_steps=0, progress=False, dump_dir=str(tmp_path))
     with caplog.at_level("WARNING", logger="tngraph"), pytest.raises(PassError if kind == "bug" else DataError) as info:
         tngraph.compress(MLP().eval(), calibration=_data(2), config=config)
@@ -184,18 +184,18 @@ def test_a_failure_dump_that_cannot_be_made_is_said_in_the_page_the_log_and_the_
     assert any("targets table left out" in m for m in warned) and any("pictures left out" in m for m in warned)
     # a page that cannot be written at all: the pass's own error still comes, saying so, and the log says why
     caplog.clear()
-    monkeypatch.setattr("tngraph.pipeline.write_report", broken)
+    monkeypatch.setattr("tngraph.instruments.write_report", broken)
     text = run(tmp_path / "b")
     assert not (tmp_path / "b" / "index.html").exists() and "index.html not written, see the log" in text
     assert (tmp_path / "b" / "02_calibrate.failed" / "graph.txt").is_file()
     assert any("index.html not written: ValueError: no rows today" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     # nor does a failure to dump the graph it failed on hide the pass's error
-    from tngraph import pipeline
+    from tngraph import instruments
 
     caplog.clear()
     monkeypatch.undo()
-    dump = pipeline.write_pass_dump
-    monkeypatch.setattr(pipeline, "write_pass_dump", lambda *a, failed=False, **k: broken() if failed else dump(*a, failed=failed, **k))
+    dump = instruments.write_pass_dump
+    monkeypatch.setattr(instruments, "write_pass_dump", lambda *a, failed=False, **k: broken() if failed else dump(*a, failed=failed, **k))
     text = run(tmp_path / "c")
     assert "graph not dumped (ValueError: no rows today)" in text and f"report: {tmp_path / 'c' / 'index.html'}" in text
     assert 'href="#01_targets"' in (tmp_path / "c" / "index.html").read_text()

@@ -9,7 +9,7 @@ import tngraph
 from tngraph import meta
 from tngraph.config import Config
 from tngraph.errors import ConfigError, ModelError, PassError, TngraphError
-from tngraph.passes import PIPELINE, PassContext, PassResult, allocate, calibrate, factorize, targets
+from tngraph.passes import PIPELINE, PassContext, PassResult, allocate, calibrate, declare, factorize, targets
 from tngraph.pipeline import run_passes
 from tngraph.tn.formats import FORMATS
 from tngraph.tn.refit import refit_core
@@ -104,6 +104,7 @@ def test_graph_and_module_materializations_agree(mlp, mlp_data):
     assert isinstance(mlp.layers[1], torch.nn.Linear), "the user's model must not be modified"
 
 
+@declare(kind="analysis", requires=("targets",), produces=("plan",))
 def _full_rank_allocate(gm, ctx):
     for node in meta.targets(gm):
         t = meta.info(node).target

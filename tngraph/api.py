@@ -97,8 +97,8 @@ def _compress(model, example_inputs, batches, config, source, texts, healing, to
     start = time.perf_counter()
     gm = capture(model, example_inputs)
     timings = {"capture": time.perf_counter() - start}
-    ctx = PassContext(config=config, calibration=batches, objective=sentence_objective if texts else None)
-    ctx.analysis["module_targets_only"] = True  # the result is the user's module with its targets swapped
+    # the result is the user's module with its targets swapped: only layers called as modules are targets
+    ctx = PassContext(config=config, calibration=batches, objective=sentence_objective if texts else None, module_targets_only=True)
     gm = run_passes(gm, ctx)
     timings.update(ctx.timings)
     if not meta.targets(gm):

@@ -480,7 +480,7 @@ def tngraph_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         keys[t.name] = _weight_key(prefix, t.name, _attr(gm_, t.weight))
     if keys and all(k in _decisions for k in keys.values()):
         stats["cache_hits"] += 1
-        ctx.analysis["preset"] = {name: _decisions[k] for name, k in keys.items()}
+        ctx.preset = {name: _decisions[k] for name, k in keys.items()}
         log.info("tngraph backend: %d targets from the cache", len(keys))
         passes = [p for p in PIPELINE if p.__name__ in ("factorize", "fuse")]
         from .passes.factorize import preset_plans

@@ -4,8 +4,8 @@
 
 The rules (issue 23): no import circles between tngraph modules (imports inside functions count:
 hiding a circle in a function does not remove it), no function over 80 lines outside kernels,
-tngraph/cli.py at most 300 lines, and no name with a leading underscore imported from another
-module.  tests/test_architecture.py runs the same checks.
+tngraph/cli.py at most 300 lines, no name with a leading underscore imported from another
+module, and no pass (tngraph/passes) keeping state in module-global containers.  tests/test_architecture.py runs the same checks.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class Report:
     cycles: list[list[str]] = field(default_factory=list)
     long_functions: list[tuple[str, str, int]] = field(default_factory=list)
     private_imports: list[tuple[str, str, str]] = field(default_factory=list)
+    pass_state: list[tuple[str, str]] = field(default_factory=list)
     cli_lines: int = 0
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
 
@@ -36,13 +37,15 @@ class Report:
                 for mod, fn, n in self.long_functions]
         out += [f"{mod} imports private name {name} from {src}"
                 for mod, src, name in self.private_imports]
+        out += [f"{mod} keeps module-global state in {name} (passes keep state on the graph or the context)"
+                for mod, name in self.pass_state]
         if self.cli_lines > MAX_CLI_LINES:
             out.append(f"tngraph/cli.py: {self.cli_lines} lines (limit {MAX_CLI_LINES})")
         return out
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = [package.name, *path.relative_to(package).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
@@ -81,12 +84,40 @@ def _function_lengths(tree: ast.AST):
             yield node.name, node.end_lineno - first + 1
 
 
+MUTATORS = {"append", "add", "clear", "extend", "insert", "pop", "popitem", "remove", "setdefault", "update", "__setitem__"}
+
+
+def _module_state(tree: ast.Module):
+    """Module-level containers that a function of the module changes (a pass's hidden state)."""
+    containers = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        value = getattr(node, "value", None)
+        if isinstance(value, (ast.Dict, ast.List, ast.Set)) or (isinstance(value, ast.Call) and getattr(value.func, "id", "") in ("dict", "list", "set")):
+            containers |= {t.id for t in targets if isinstance(t, ast.Name)}
+    changed = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Global):
+                changed |= set(node.names)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in containers:
+                changed.add(node.func.value.id)
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                for t in getattr(node, "targets", None) or [node.target]:
+                    if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id in containers:
+                        changed.add(t.value.id)
+    return sorted(changed)
+
+
 def analyse(package: Path = PACKAGE) -> Report:
     files = sorted(package.rglob("*.py"))
-    known = {module_name(f) for f in files}
+    known = {module_name(f, package) for f in files}
     report = Report()
     for f in files:
-        mod = module_name(f)
+        mod = module_name(f, package)
         tree = ast.parse(f.read_text(), filename=str(f))
         report.graph.add_node(mod)
         for target, name in _imports(tree, mod, f.name == "__init__.py", known):
@@ -96,6 +127,8 @@ def analyse(package: Path = PACKAGE) -> Report:
                 report.graph.add_edge(mod, target)
             if name and name.startswith("_") and not name.startswith("__"):
                 report.private_imports.append((mod, target, name))
+        if mod.startswith("tngraph.passes."):
+            report.pass_state += [(mod, name) for name in _module_state(tree)]
         for fn, n in _function_lengths(tree):
             if n > MAX_FUNCTION_LINES:
                 report.long_functions.append((mod, fn, n))

@@ -10,7 +10,7 @@
 7. fuse       (rewrite)   needs factorize; factor chains (+ activation) become tngraph ops (tngraph.ops).
 """
 from .allocate import allocate
-from .base import Pass, PassContext, PassFn, PassResult
+from .base import PRODUCTS, Pass, PassContext, PassFn, PassResult, declare
 from .calibrate import calibrate
 from .factorize import factorize
 from .fisher import fisher
@@ -20,4 +20,4 @@ from .targets import targets
 
 PIPELINE: list[PassFn] = [targets, calibrate, fisher, sensitivity, allocate, factorize, fuse]
 
-__all__ = ["PIPELINE", "Pass", "PassContext", "PassFn", "PassResult", "allocate", "calibrate", "factorize", "fisher", "fuse", "sensitivity", "targets"]
+__all__ = ["PIPELINE", "PRODUCTS", "Pass", "PassContext", "PassFn", "PassResult", "allocate", "calibrate", "declare", "factorize", "fisher", "fuse", "sensitivity", "targets"]

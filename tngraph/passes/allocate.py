@@ -15,7 +15,7 @@ import torch.fx as fx
 from .. import meta
 from ..errors import ConfigError
 from ..tn.formats import FORMATS, Format, rank_for_params
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def format_options(ctx: PassContext) -> dict:
     return configured_format(ctx.config).options(ctx.config)
 
 
+@declare(kind="analysis", requires=("targets",), produces=("plan",))
 def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     plans = _plans(gm, ctx, set())
     chosen = 0
@@ -66,7 +67,7 @@ def reallocate(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> set[str
 def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, tuple[meta.PlanInfo, str]]:
     """Every target's plan (and its counter name), the targets in `fixed` dense, the rest within the budget."""
     budget = ctx.config.budget
-    budgeted = _budgeted(gm, ctx, fixed) if ctx.config.allocation_kind == "budgeted" else {}
+    budgeted = budgeted_plans(gm, ctx, fixed) if ctx.config.allocation_kind == "budgeted" else {}
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.name not in budgeted]
     infos = [meta.info(n).target for n in nodes]
     if fixed & {t.name for t in infos}:  # uniform: the others keep the fraction that brings the total back to the budget
@@ -141,7 +142,7 @@ def _dense_only(curve):
     return type(curve)(curve.name, curve.ranks[-1:], curve.params[-1:], curve.loss[-1:], curve.cost[-1:], curve.dense_rows[-1:], curve.formats[-1:])
 
 
-def _budgeted(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
+def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
     """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
     with their total parameters within the budget: a Lagrangian relaxation (each target takes the
     candidate minimising loss + lambda * params; lambda bisected to meet the budget), then the

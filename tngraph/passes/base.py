@@ -1,4 +1,12 @@
-"""Core types of the pass pipeline: PassContext, PassResult and the Pass signature."""
+"""Core types of the pass pipeline: PassContext, PassResult, the Pass signature and its contract.
+
+A pass is a function (gm, ctx) -> PassResult declared with @declare: its kind (analysis passes leave
+the graph's computation as it was, rewrite passes change it), what it requires (products of passes
+before it, checked by the pass manager before it runs) and what it produces. Products name what a
+pass leaves for others: in node.meta["tngraph"] (targets, plan) or in the context's typed fields
+(calibration -> ctx.stats, gradients -> ctx.grad_stats, sensitivity -> ctx.curves). A pass keeps no
+state between calls: everything it learns goes to the graph or the context.
+"""
 from __future__ import annotations
 
 import collections
@@ -22,8 +30,27 @@ class PassResult:
 
 class Pass(Protocol):
     __name__: str
+    kind: str  # "analysis" or "rewrite"
+    requires: frozenset[str]
+    produces: frozenset[str]
 
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult: ...
+
+
+PRODUCTS = frozenset({"targets", "calibration", "gradients", "sensitivity", "plan", "factorized", "fused"})
+
+
+def declare(*, kind: str, requires: tuple[str, ...] = (), produces: tuple[str, ...] = ()) -> Callable[[Callable], Pass]:
+    """Declare a pass's contract on its function (see the module docstring)."""
+    unknown = (set(requires) | set(produces)) - PRODUCTS
+    if kind not in ("analysis", "rewrite") or unknown:
+        raise ValueError(f"bad pass declaration: kind {kind!r}, unknown products {sorted(unknown)}")
+
+    def mark(fn: Callable) -> Pass:
+        fn.kind, fn.requires, fn.produces = kind, frozenset(requires), frozenset(produces)
+        return fn
+
+    return mark
 
 
 @dataclass
@@ -47,6 +74,13 @@ class PassContext:
     timings: dict[str, float] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
     current_pass: str = ""
+    produced: set[str] = field(default_factory=set)  # products of the passes run so far (see declare)
+    # control: targets only layers called as modules (the result is the user's module with them swapped)
+    module_targets_only: bool = False
+    # control: plans decided before (name -> (PlanInfo, TargetPlan)), put in place as they are
+    preset: dict[str, tuple[Any, TargetPlan]] = field(default_factory=dict)
+    # instruments' own state that outlives one run_passes call (e.g. the dump folder's), by instrument
+    instrument_state: dict[str, Any] = field(default_factory=dict)
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], PassResult]

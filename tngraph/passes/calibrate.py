@@ -1,8 +1,9 @@
 """calibrate: stream calibration batches through the graph, accumulating each target's X^T X,
 mean |x| and the norms of its output channels.
 
-Observer nodes are inserted before the targets for the duration of the pass and removed after it,
-so the graph leaves this pass as it entered.
+Observer modules (call_module nodes) are inserted before and after the targets for the duration
+of the pass and removed after it, so the graph leaves this pass as it entered. What they accumulate
+lives on the observers of this call: the pass keeps no state between calls.
 """
 from __future__ import annotations
 
@@ -17,25 +18,43 @@ from ..calibration import CountStats, GramStats, OutputStats
 from ..errors import DataError
 from ..progress import progress
 from ..tn.formats import FORMATS
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 
-_ACTIVE: dict[str, GramStats] = {}
-_ROWS: list[torch.Tensor | None] = [None]  # the current batch's token mask (True = real token), if any
+OBSERVER_PREFIX = "tngraph_observer_"
 
 
-def _observe(x: torch.Tensor, key: str) -> None:
-    stats = _ACTIVE.get(key)
-    if stats is None:
-        return
-    mask = _ROWS[0]
-    rows = x.shape if isinstance(stats, CountStats) else x.shape[:-1]
-    if mask is not None and tuple(rows) == tuple(mask.shape):
-        x = x[mask]  # padded positions are not data: leave them out of the statistics
-    stats.update(x)
+class Batch:
+    """The batch running now: its token mask (True = real token), if any, read by every observer."""
+
+    mask: torch.Tensor | None = None
 
 
+class Observer(torch.nn.Module):
+    """Accumulates the rows reaching one point of the graph into `stats` (padding left out)."""
+
+    def __init__(self, stats: GramStats | CountStats | OutputStats, batch: Batch):
+        super().__init__()
+        self.stats, self.batch = stats, batch
+
+    def forward(self, x: torch.Tensor) -> None:
+        mask = self.batch.mask
+        rows = x.shape if isinstance(self.stats, CountStats) else x.shape[:-1]
+        if mask is not None and tuple(rows) == tuple(mask.shape):
+            x = x[mask]  # padded positions are not data: leave them out of the statistics
+        self.stats.update(x)
+
+
+def _insert(gm: fx.GraphModule, where: fx.Node, after: bool, x: fx.Node, observer: Observer, index: int) -> str:
+    name = f"{OBSERVER_PREFIX}{index}"
+    gm.add_submodule(name, observer)
+    with (gm.graph.inserting_after(where) if after else gm.graph.inserting_before(where)):
+        gm.graph.call_module(name, (x,))
+    return name
+
+
+@declare(kind="analysis", requires=("targets",), produces=("calibration",))
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     nodes = meta.targets(gm)
     if not ctx.calibration or not nodes:
@@ -43,7 +62,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             log.info("calibrate: no calibration data; decompositions will be data-free")
         return PassResult(gm, modified=False, summary={"batches": 0})
     stats, shared, outputs = {}, {}, {}
-    observers = []
+    batch, observers = Batch(), []
     for node in nodes:
         t = meta.info(node).target
         x = node.args[_x_index(node)]
@@ -51,26 +70,22 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             stats[t.name] = shared[x]
             continue
         stats[t.name] = shared[x] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
-        with gm.graph.inserting_before(node):
-            observers.append(gm.graph.call_function(_observe, (x, t.name)))
+        observers.append(_insert(gm, node, False, x, Observer(stats[t.name], batch), len(observers)))
     for node in nodes:  # outputs: one set per target
         t = meta.info(node).target
         if t.kind == "linear":
             outputs[t.name] = OutputStats(t.out_features)
-            with gm.graph.inserting_after(node):
-                observers.append(gm.graph.call_function(_observe, (node, f"{t.name}#out")))
+            observers.append(_insert(gm, node, True, node, Observer(outputs[t.name], batch), len(observers)))
     gm.recompile()
-    _ACTIVE.clear()
-    _ACTIVE.update(stats)
-    _ACTIVE.update({f"{name}#out": s for name, s in outputs.items()})
     try:
         with torch.no_grad():
             for args, kwargs in progress(ctx.calibration, desc="calibrate", enabled=ctx.config.progress, unit="batch"):
-                _run(gm, args, kwargs)
+                _run(gm, args, kwargs, batch)
     finally:
-        _ACTIVE.clear()
-        for obs in observers:
-            gm.graph.erase_node(obs)
+        for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in observers]:
+            gm.graph.erase_node(node)
+        for name in observers:
+            gm.delete_submodule(name)
         gm.recompile()
     for node in nodes:
         name = meta.info(node).target.name
@@ -104,9 +119,9 @@ def _x_index(node: fx.Node) -> int:
     return 1 if node.target in (torch.ops.aten.addmm.default, torch.ops.aten.embedding.default) else 0
 
 
-def _run(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _run(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], batch: Batch) -> None:
     mask = kwargs.get("attention_mask")
-    _ROWS[0] = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() >= 1 else None
+    batch.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() >= 1 else None
     try:
         gm(*args, **kwargs)
     except Exception as exc:

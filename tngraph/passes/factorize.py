@@ -16,7 +16,7 @@ from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
 from ..tn.refit import refit_core
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
@@ -212,7 +212,7 @@ def _network_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, plan:
 def _preset(ctx: PassContext, name: str) -> TargetPlan | None:
     """Factors decided before (the torch.compile backend's cache, or factorize's first sweep), to be
     put in place as they are."""
-    preset = ctx.analysis.get("preset", {}).get(name)
+    preset = ctx.preset.get(name)
     return preset[1] if preset is not None else ctx.analysis.get("decided", {}).get(name)
 
 
@@ -320,10 +320,11 @@ def _erase_dead_weights(gm: fx.GraphModule, weights: set[str]) -> int:
     return erased
 
 
+@declare(kind="analysis", requires=("targets",), produces=("plan",))
 def preset_plans(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """(analysis) Every target's plan from decisions made before (ctx.analysis["preset"], name ->
+    """(analysis) Every target's plan from decisions made before (ctx.preset, name ->
     (PlanInfo, TargetPlan)): replaces calibrate .. allocate when the factors are already known."""
-    preset = ctx.analysis.get("preset", {})
+    preset = ctx.preset
     placed = 0
     for node in meta.targets(gm):
         entry = preset.get(meta.info(node).target.name)
@@ -363,6 +364,7 @@ def _decide(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> None:
                 break
 
 
+@declare(kind="rewrite", requires=("plan",), produces=("factorized",))
 def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Decompose every planned target and guard it; when the guard keeps targets dense, the others'
     plans are solved again with those fixed dense (reallocate), so the budget still holds, and the

@@ -24,21 +24,26 @@ from ..calibration import GradStats
 from ..errors import DataError
 from ..progress import progress
 from ..tn.whitening import Whitening, whitening_from_gram
-from .base import PassContext, PassResult, spread
+from .base import PassContext, PassResult, declare, spread
 
 log = logging.getLogger(__name__)
 
-_TAPS: dict[str, torch.Tensor] = {}
-_ENABLED = [False]
+TAP_PREFIX = "tngraph_tap_"
 
 
-def _tap(y: torch.Tensor, key: str) -> torch.Tensor:
-    if not _ENABLED[0]:
+class Tap(torch.nn.Module):
+    """Passes a target's output on, keeping it (in `seen`, under the target's name) as a leaf the
+    backward pass can take the gradient at. The state is this call's: nothing outlives it."""
+
+    def __init__(self, key: str, seen: dict[str, torch.Tensor]):
+        super().__init__()
+        self.key, self.seen = key, seen
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if not y.requires_grad:  # nothing upstream is tracked yet: this output starts the tape
+            y = y.detach().requires_grad_(True)
+        self.seen[self.key] = y
         return y
-    if not y.requires_grad:  # nothing upstream is tracked yet: this output starts the tape
-        y = y.detach().requires_grad_(True)
-    _TAPS[key] = y
-    return y
 
 
 def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple[tuple, dict]],
@@ -48,20 +53,20 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
     `probes` probes; padded positions (attention_mask) left out.
 
     Taps are inserted after the targets for the duration of the call and removed after it."""
-    taps, stats = [], {}
-    for node in nodes:
+    taps, stats, seen = [], {}, {}
+    for k, node in enumerate(nodes):
         t = meta.info(node).target
+        gm.add_submodule(f"{TAP_PREFIX}{k}", Tap(t.name, seen))
         with gm.graph.inserting_after(node):
-            tap = gm.graph.call_function(_tap, (node, t.name))
+            tap = gm.graph.call_module(f"{TAP_PREFIX}{k}", (node,))
         node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
         taps.append(tap)
         stats[t.name] = GradStats(t.out_features)
     gm.recompile()
     generator = torch.Generator().manual_seed(seed)
-    _ENABLED[0] = True
     try:
         for args, kwargs in progress(batches, desc="fisher", enabled=show, unit="batch"):
-            _TAPS.clear()
+            seen.clear()
             with torch.enable_grad():
                 try:
                     result = gm(*args, **kwargs)
@@ -76,12 +81,12 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
                     continue
                 energy = sum(float((x.detach().to(torch.float64) ** 2).sum()) for x in leaves)
                 samples = sum(x.numel() // max(x.shape[-1], 1) if x.dim() else 1 for x in leaves)
-                keys = list(_TAPS)
+                keys = list(seen)
                 mask = kwargs.get("attention_mask")
                 mask = mask.bool() if isinstance(mask, torch.Tensor) else None
                 for p in range(probes):
                     probe = sum((x * torch.randn(x.shape, generator=generator).to(x.dtype)).sum() for x in leaves)
-                    grads = torch.autograd.grad(probe, [_TAPS[k] for k in keys], retain_graph=p + 1 < probes, allow_unused=True)
+                    grads = torch.autograd.grad(probe, [seen[k] for k in keys], retain_graph=p + 1 < probes, allow_unused=True)
                     for key, g in zip(keys, grads):
                         if g is None:
                             continue
@@ -93,11 +98,11 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
                             stats[key].energy += energy
                             stats[key].samples += samples
     finally:
-        _ENABLED[0] = False
-        _TAPS.clear()
-        for node, tap in zip(nodes, taps):
+        seen.clear()
+        for k, (node, tap) in enumerate(zip(nodes, taps)):
             tap.replace_all_uses_with(node)
             gm.graph.erase_node(tap)
+            gm.delete_submodule(f"{TAP_PREFIX}{k}")
         gm.recompile()
     return stats
 
@@ -113,6 +118,7 @@ def needed(ctx: PassContext) -> bool:
     return (cfg.output_whiten and lowrank) or (budgeted and cfg.sensitivity in ("fisher", "predicted"))
 
 
+@declare(kind="analysis", requires=("targets", "calibration"), produces=("gradients",))
 def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
     if not nodes or not needed(ctx):

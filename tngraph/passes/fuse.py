@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta, ops  # noqa: F401  (ops registers torch.ops.tngraph.*)
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 from .rewrite import RewriteRule, apply_rules
 
 aten = torch.ops.aten
@@ -159,6 +159,7 @@ RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank", _chain, _chain_check, _c
 ACT_RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank_act", _act, _act_check, _act_replacement)]
 
 
+@declare(kind="rewrite", requires=("factorized",), produces=("fused",))
 def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not ctx.config.fuse:
         return PassResult(gm, False, {"skipped": "fuse=False"})

@@ -35,7 +35,8 @@ from .. import latency, meta, predictor
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank
-from .base import PassContext, PassResult, spread
+from .allocate import budgeted_plans
+from .base import PassContext, PassResult, declare, spread
 from .calibrate import input_whitening
 from .fisher import output_whitening
 from .targets import getattr_path
@@ -76,6 +77,7 @@ class Curve:
         return self.loss[self.index(rank, dense_rows, fmt)]
 
 
+@declare(kind="analysis", requires=("targets", "calibration"), produces=("sensitivity",))
 def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     if cfg.allocation_kind == "uniform":
@@ -120,9 +122,7 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
         # measure again around the allocation the last curves give: errors interact, so the shares
         # are best measured where the model will actually operate
-        from .allocate import _budgeted
-
-        plans = _budgeted(gm, ctx)
+        plans = budgeted_plans(gm, ctx)
         ranks = {t.name: _operating_rank(t, plans[t.name]) for t in (meta.info(n).target for n in nodes) if t.name in plans}
         scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks)
         _build_curves(gm, ctx, nodes, spectra, scale)

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from .. import meta
 from ..errors import ModelError
-from .base import PassContext, PassResult
+from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -85,6 +85,7 @@ def is_selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -
     return not any(re.search(p, name) for p in exclude)
 
 
+@declare(kind="analysis", produces=("targets",))
 def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     found = 0
@@ -113,7 +114,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             # a shared (tied) weight: factorizing one use would untie it
             ctx.counters["targets.skipped.shared_weight"] += 1
             continue
-        if ctx.analysis.get("module_targets_only") and not _called_as_module(node, name, kind):
+        if ctx.module_targets_only and not _called_as_module(node, name, kind):
             # compress() swaps modules: a weight read by its parent's own code (nn.MultiheadAttention's
             # out_proj and in_proj_weight) would keep running dense, so it is no target there
             ctx.counters["targets.skipped.not_a_module_call"] += 1
