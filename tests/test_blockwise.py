@@ -74,7 +74,7 @@ def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tin
     ids = _ids()
     with torch.no_grad():
         ref = dense(ids).logits
-    half = compress_causal_lm(tiny_llama, tmp_path / "half", budget=0.5, samples=16, length=32, progress=False, allocation="uniform")
+    half = compress_causal_lm(tiny_llama, tmp_path / "half", budget=0.5, calibration_samples=16, max_length=32, progress=False, allocation="uniform")
     assert half.targets == 4 * 7 and 0.4 < half.params_after / half.params_before <= 0.5
     model = tngraph.load(tmp_path / "half")
     assert all(isinstance(model.get_submodule(f"model.layers.{i}.{n}"), LowRankLinear) for i in range(4)
@@ -86,42 +86,18 @@ def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tin
         torch.testing.assert_close(got, dense(ids).logits, atol=1e-6, rtol=1e-6)
     err = _rel(got, ref)
     assert 0 < err < 0.5
-    more = compress_causal_lm(tiny_llama, tmp_path / "more", budget=0.9, samples=16, length=32, progress=False, allocation="uniform")
+    more = compress_causal_lm(tiny_llama, tmp_path / "more", budget=0.9, calibration_samples=16, max_length=32, progress=False, allocation="uniform")
     with torch.no_grad():
         assert _rel(tngraph.load(tmp_path / "more")(ids).logits, ref) < err and more.params_after > half.params_after
     out = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, attention_mask=torch.ones(1, 5, dtype=torch.long))
     assert out.shape == (1, 11) and torch.equal(out[:, :5], ids[:1, :5])
 
 
-def test_budgeted_allocation_spends_the_block_budget_where_the_spectra_say():
-    """Per block: a projection whose whitened spectrum falls fast gets a low rank, one whose spectrum
-    is flat gets more or stays dense; the block's parameters stay within the budget, and the summed
-    error is never above the uniform ranks' (they are one of the choices)."""
-    from tngraph.blockwise import allocate_block
-    from tngraph.tn.lowrank import rank_for_budget
-
-    shapes = [("fast", 64, 64, False), ("flat", 64, 64, False), ("wide", 32, 128, True)]
-    spectra = {"fast": 0.5 ** torch.arange(64.0), "flat": torch.ones(64), "wide": 1.0 / (1 + torch.arange(32.0))}
-    ranks = allocate_block(shapes, spectra, 0.5)
-
-    def params(name, out_f, in_f, bias, r):
-        return out_f * in_f + bias * out_f if r is None else r * (out_f + in_f) + bias * out_f
-
-    def error(name, r):
-        e = spectra[name].double()
-        return 0.0 if r is None else float(e[r:].sum() / e.sum())
-
-    assert sum(params(*s, ranks[s[0]]) for s in shapes) <= 0.5 * sum(params(*s, None) for s in shapes)
-    assert ranks["fast"] is not None and ranks["fast"] < 16 and (ranks["flat"] is None or ranks["flat"] > 16)
-    uniform = {n: rank_for_budget(o, i, 0.5, b) for n, o, i, b in shapes}
-    assert sum(error(n, ranks[n]) for n in spectra) < sum(error(n, uniform[n]) for n in spectra)
-
-
 def test_budgeted_blockwise_artifact_loads_to_its_factors(tiny_llama, tmp_path):
     """The default (budgeted) artifact: within the budget, some projections at other ranks than the
     uniform one, dense ones left to the source, and the loaded model is the source with exactly the
     artifact's factors swapped in."""
-    result = compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=16, length=32, progress=False)
+    result = compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, calibration_samples=16, max_length=32, progress=False)
     assert result.params_after <= 0.5 * result.params_before
     recipe = json.loads((tmp_path / "art" / "recipe.json").read_text())
     assert recipe["config"]["allocation"] == "budgeted" and len({t["rank"] for t in recipe["targets"]}) > 2
@@ -142,8 +118,8 @@ def test_block_healing_lowers_each_blocks_held_out_error_and_is_what_loads(tiny_
     factors are the healed ones, and the recipe says how they were healed."""
     from safetensors.torch import load_file
 
-    plain = compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, samples=16, length=32, progress=False)
-    healed = compress_causal_lm(tiny_llama, tmp_path / "healed", budget=0.5, samples=16, length=32, progress=False,
+    plain = compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, calibration_samples=16, max_length=32, progress=False)
+    healed = compress_causal_lm(tiny_llama, tmp_path / "healed", budget=0.5, calibration_samples=16, max_length=32, progress=False,
                                 heal_steps=40, heal_lr=1e-3)
     assert not plain.healed and len(healed.healed) == 4
     assert all(after <= before for before, after in healed.healed) and sum(a for _, a in healed.healed) < sum(b for b, _ in healed.healed)
@@ -174,7 +150,7 @@ def test_a_nan_weight_is_an_error_naming_the_projection(tiny_llama, tmp_path, al
     tensors[key][3, 5] = float("nan")
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(ModelError, match="the weight of model.layers.1.mlp.up_proj holds NaN"):
-        compress_causal_lm(folder, tmp_path / "art", budget=0.5, samples=4, length=16, progress=False, allocation=allocation)
+        compress_causal_lm(folder, tmp_path / "art", budget=0.5, calibration_samples=4, max_length=16, progress=False, allocation=allocation)
     assert not (tmp_path / "art").exists()
 
 
@@ -184,7 +160,7 @@ def test_whitened_on_the_data_it_sees_beats_plain_svd_there(tiny_llama, tmp_path
     from tngraph.modules import LowRankLinear
     from tngraph.tn.lowrank import decompose_lowrank
 
-    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=16, length=32, seed=3, progress=False, allocation="uniform")
+    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, calibration_samples=16, max_length=32, seed=3, progress=False, allocation="uniform")
     ours = tngraph.load(tmp_path / "art")
     plain = _dense(tiny_llama)
     for name, module in list(ours.named_modules()):
@@ -201,7 +177,7 @@ def test_whitened_on_the_data_it_sees_beats_plain_svd_there(tiny_llama, tmp_path
 
 def test_same_inputs_give_the_same_artifact_bytes(tiny_llama, tmp_path):
     for name in ("a", "b"):
-        compress_causal_lm(tiny_llama, tmp_path / name, budget=0.5, samples=8, length=16, progress=False)
+        compress_causal_lm(tiny_llama, tmp_path / name, budget=0.5, calibration_samples=8, max_length=16, progress=False)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "factors-00003.safetensors" in files
     for f in files:
@@ -213,9 +189,9 @@ def test_bad_inputs_and_tampered_artifacts(tiny_llama, tmp_path):
         compress_causal_lm(tiny_llama, tmp_path / "x", budget=0)
     with pytest.raises(ModelError, match="not a"):
         compress_causal_lm(tmp_path, tmp_path / "x")
-    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=4, length=16, progress=False)
+    compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, calibration_samples=4, max_length=16, progress=False)
     with pytest.raises(ArtifactError, match="already exists"):
-        compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, samples=4, length=16, progress=False)
+        compress_causal_lm(tiny_llama, tmp_path / "art", budget=0.5, calibration_samples=4, max_length=16, progress=False)
     factors = tmp_path / "art" / "factors-00001.safetensors"
     data = factors.read_bytes()
     factors.write_bytes(data[:-10])
@@ -273,41 +249,44 @@ def test_two_gloo_processes_write_the_same_artifact_bytes_as_one(tiny_llama, tmp
 
 
 def test_the_guard_runs_block_by_block(tiny_llama, tmp_path):
-    """Every target's recorded error is its whitened truncation error; budgeted allocation keeps every
-    one within the tolerance and the budget; uniform ranks over it are an error naming the layer, and
-    strict makes it a guard failure; nothing is written when refused."""
+    """The guard of the whole-graph pipeline, per block: every factorized target's recorded error is
+    its relative output error on the calibration inputs; with a tolerance, no written target is over
+    it and the budget holds (the guard's dense targets are made up for by the others, for budgeted
+    and uniform allocation alike); strict makes it an error naming the layer; nothing is written then."""
     from tngraph.errors import PassError
 
-    loose = compress_causal_lm(tiny_llama, tmp_path / "loose", budget=0.5, samples=8, length=16, progress=False)
+    loose = compress_causal_lm(tiny_llama, tmp_path / "loose", budget=0.5, calibration_samples=8, max_length=16, progress=False)
     errors = [t["error"] for t in json.loads((tmp_path / "loose" / "recipe.json").read_text())["targets"]]
     assert all(0 < e < 1 for e in errors)
     tolerance = sorted(errors)[len(errors) // 2]  # half of the default plan's targets are over it
-    tight = compress_causal_lm(tiny_llama, tmp_path / "tight", budget=0.5, samples=8, length=16, progress=False, guard_tolerance=tolerance)
+    tight = compress_causal_lm(tiny_llama, tmp_path / "tight", budget=0.5, calibration_samples=8, max_length=16, progress=False,
+                               guard_tolerance=tolerance)
     recipe = json.loads((tmp_path / "tight" / "recipe.json").read_text())
-    assert recipe["config"]["guard_tolerance"] == tolerance
-    assert all(t["error"] <= tolerance for t in recipe["targets"])
-    assert tight.params_after <= 0.5 * tight.params_before and loose.params_after <= 0.5 * loose.params_before
-    assert max(errors) > tolerance  # the default plan had targets over it: the tight one is another plan
-    with pytest.raises(ConfigError, match=r"model\.layers\.\d\.\S+: relative output error .* exceeds guard_tolerance.*uniform"):
-        compress_causal_lm(tiny_llama, tmp_path / "u", budget=0.5, samples=8, length=16, progress=False, allocation="uniform",
+    assert recipe["config"]["guard_tolerance"] == tolerance and recipe["config"]["allocation"] == "budgeted"
+    assert recipe["targets"] and all(t["error"] <= tolerance for t in recipe["targets"])
+    assert tight.params_after <= 0.5 * tight.params_before
+    # uniform ranks cannot plan around it: the guard keeps layers dense, and the others cannot make up for them here
+    with pytest.raises(ConfigError, match=r"block 0: the numerical guard kept model\.layers\.0\.\S+.* dense, and then budget 0\.5"):
+        compress_causal_lm(tiny_llama, tmp_path / "u", budget=0.5, calibration_samples=8, max_length=16, progress=False, allocation="uniform",
                            guard_tolerance=tolerance)
-    with pytest.raises(PassError, match="exceeds guard_tolerance"):
-        compress_causal_lm(tiny_llama, tmp_path / "s", budget=0.5, samples=8, length=16, progress=False, allocation="uniform",
+    assert max(errors) > tolerance  # the default plan had targets over it: the tight ones are other plans
+    with pytest.raises(PassError, match=r"block \d: model\.layers\.\d\.\S+: relative output error .* exceeds guard_tolerance"):
+        compress_causal_lm(tiny_llama, tmp_path / "s", budget=0.5, calibration_samples=8, max_length=16, progress=False, allocation="uniform",
                            guard_tolerance=tolerance, strict=True)
-    assert not (tmp_path / "u").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "s").exists() and not (tmp_path / "u").exists()
 
 
 def test_include_exclude_and_plain_svd_block_by_block(tiny_llama, tmp_path):
     from tngraph.modules import LowRankLinear
     from tngraph.tn.lowrank import decompose_lowrank
 
-    compress_causal_lm(tiny_llama, tmp_path / "mlp", budget=0.5, samples=4, length=16, progress=False, allocation="uniform",
+    compress_causal_lm(tiny_llama, tmp_path / "mlp", budget=0.5, calibration_samples=4, max_length=16, progress=False, allocation="uniform",
                        include=[r"\.mlp\."], exclude=[r"layers\.0\."])
     names = [t["name"] for t in json.loads((tmp_path / "mlp" / "recipe.json").read_text())["targets"]]
     assert names and all(".mlp." in n and not n.startswith("model.layers.0.") for n in names) and len(names) == 3 * 3
     with pytest.raises(ConfigError, match="no layer of the model is a target"):
-        compress_causal_lm(tiny_llama, tmp_path / "none", budget=0.5, samples=4, length=16, progress=False, include=["nothing"])
-    compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, samples=4, length=16, progress=False, allocation="uniform", whiten=False)
+        compress_causal_lm(tiny_llama, tmp_path / "none", budget=0.5, calibration_samples=4, max_length=16, progress=False, include=["nothing"])
+    compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, calibration_samples=4, max_length=16, progress=False, allocation="uniform", whiten=False)
     model, dense = tngraph.load(tmp_path / "plain"), _dense(tiny_llama)
     assert json.loads((tmp_path / "plain" / "recipe.json").read_text())["config"]["whiten"] is False
     checked = 0

@@ -15,8 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import ArtifactError, DataError, ModelError
-from .modules import LowRankLinear
-from .recipe import attach, file_sha256, swap_module
+from .recipe import attach, entry_factors, file_sha256, module_for, plan_from_entry, swap_module
 
 log = logging.getLogger(__name__)
 
@@ -147,34 +146,27 @@ def load_causal_lm(folder: str | os.PathLike, recipe: dict[str, Any]) -> torch.n
     if shards.files_hash() != recipe["source_hash"]:
         raise ArtifactError("this artifact was made from a different source model (weights hash differs)", "load it onto the model it was compressed from")
     model = meta_model(src)
-    for entry in recipe["targets"]:
-        with torch.device("meta"):
-            a = torch.empty(entry["factors"]["a"])
-            b = torch.empty(entry["factors"]["b"])
-            bias = torch.empty(entry["out_features"]) if entry["bias"] else None
-        swap_module(model, entry["name"], LowRankLinear(a, b, bias))
-    targets = {e["name"] for e in recipe["targets"]}
-    wanted = set(model.state_dict())
-    from_source = []
-    for key in sorted(wanted):
-        owner, _, leaf = key.rpartition(".")
-        if owner in targets and leaf in ("a", "b"):
-            continue
-        if key not in shards.weight_map and key == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        if key not in shards.weight_map:
-            raise ArtifactError(f"the source model has no weight {key!r}", "restore the source model folder")
-        from_source.append(key)
-    state = {k: v.float() for k, v in shards.get_many(from_source).items()}
+    tensors: dict[str, torch.Tensor] = {}
     for file in recipe["files"]:
         try:
-            for key, tensor in load_file(str(art / file)).items():
-                state[key] = tensor
+            tensors.update(load_file(str(art / file)))
         except (SafetensorError, OSError) as exc:
             raise ArtifactError(f"{str(art / file)!r} is corrupt: {exc}", "recompress the model") from None
-    missing = wanted - set(state) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
-    if missing:
-        raise ArtifactError(f"the artifact does not fill {sorted(missing)[0]!r}", "recompress the model")
+    for entry in recipe["targets"]:  # each target's module built from its factors; its bias still on the meta device
+        plan = plan_from_entry(entry, entry_factors(entry, tensors))
+        try:
+            owner = model.get_submodule(plan.name)
+        except AttributeError:
+            raise ArtifactError(f"the source model has no module {plan.name!r}", "load the artifact onto the model it was made from") from None
+        swap_module(model, plan.name, module_for(plan, owner))
+    del tensors
+    wanted = {k for k, v in model.state_dict().items() if v.is_meta}  # what the source still has to fill
+    tied = model.config.tie_word_embeddings
+    from_source = [k for k in sorted(wanted) if not (k == "lm_head.weight" and tied and k not in shards.weight_map)]
+    for key in from_source:
+        if key not in shards.weight_map:
+            raise ArtifactError(f"the source model has no weight {key!r}", "restore the source model folder")
+    state = {k: v.float() for k, v in shards.get_many(from_source).items()}
     model.load_state_dict(state, assign=True, strict=False)
     model.model.rotary_emb = rotary_embedding(model)
     if model.config.tie_word_embeddings:

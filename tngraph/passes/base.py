@@ -79,6 +79,8 @@ class PassContext:
     module_targets_only: bool = False
     # control: plans decided before (name -> (PlanInfo, TargetPlan)), put in place as they are
     preset: dict[str, tuple[Any, TargetPlan]] = field(default_factory=dict)
+    # torch.distributed: the ranks sharing per-target work (tngraph.distributed.Group); None: this process alone
+    group: Any = None
     # instruments' own state that outlives one run_passes call (e.g. the dump folder's), by instrument
     instrument_state: dict[str, Any] = field(default_factory=dict)
 
@@ -91,3 +93,21 @@ def spread(batches: list[Any], n: int) -> list[Any]:
     the first few would all be short."""
     take = min(n, len(batches))
     return [batches[(2 * k + 1) * len(batches) // (2 * take)] for k in range(take)]
+
+
+def recorded(ctx: PassContext, name: str, work: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+    """(work(), what it recorded about target `name`: its new ctx.analysis entries and the counters
+    it moved), for another rank to replay when `work` ran on this one only."""
+    before = dict(ctx.counters)
+    had = {kind for kind, entries in ctx.analysis.items() if name in entries}
+    value = work()
+    analysis = {kind: entries[name] for kind, entries in ctx.analysis.items() if name in entries and kind not in had}
+    counters = {k: v - before.get(k, 0) for k, v in ctx.counters.items() if v != before.get(k, 0)}
+    return value, {"analysis": analysis, "counters": counters}
+
+
+def replay(ctx: PassContext, name: str, effects: dict[str, Any]) -> None:
+    """Record here what `recorded` saw another rank's work record about target `name`."""
+    ctx.counters.update(effects["counters"])
+    for kind, value in effects["analysis"].items():
+        ctx.analysis.setdefault(kind, {})[name] = value

@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .. import meta
+from ..distributed import share_map
 from ..errors import TngraphError
 from ..plan import TargetPlan
 from ..progress import progress
@@ -16,7 +17,7 @@ from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
 from ..tn.refit import refit_core
-from .base import PassContext, PassResult, declare
+from .base import PassContext, PassResult, declare, recorded, replay
 from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
@@ -345,23 +346,35 @@ def _planned(node: fx.Node) -> bool:
     return (meta.info(node).plan or meta.PlanInfo("dense", None, 0, 0)).format != "dense"
 
 
+def _decide_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> tuple[bool, TargetPlan | None, meta.PlanInfo | None]:
+    """Decompose one node's plan and guard it (on the rank that owns it): (decided, the plan or None
+    when the guard refused it, the node's plan after the guard)."""
+    for rule, plan_fn in ((LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LOWRANK_EMBEDDING, _embedding_plan)):
+        match = rule.pattern(node)
+        if match is not None and rule.check(match, gm, ctx) is None:
+            found = plan_fn(match, gm, ctx)
+            if found is None:
+                ctx.counters[f"{rule.name}.refused.guard"] += 1
+            return True, found, meta.info(node).plan
+    return False, None, None
+
+
 def _decide(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> None:
     """Decompose each node's plan and run the guard on it, into ctx.analysis["decided"] (a refused
-    one is planned dense by the guard); nothing enters the graph yet."""
+    one is planned dense by the guard); nothing enters the graph yet. With several ranks
+    (ctx.group), each target is decided by one of them and what it recorded shared."""
     decided = ctx.analysis.setdefault("decided", {})
-    for node in progress(nodes, desc="factorize", enabled=ctx.config.progress, unit="layer"):
+    todo = [n for n in nodes if meta.info(n).target.name not in decided and _preset(ctx, meta.info(n).target.name) is None and _planned(n)]
+    results = share_map(ctx.group, todo, lambda node: recorded(ctx, meta.info(node).target.name, lambda: _decide_one(gm, ctx, node)),
+                        wrap=lambda items: progress(items, desc="factorize", enabled=ctx.config.progress, unit="layer"))
+    for j, (node, ((made, found, node_plan), effects)) in enumerate(results.items()):
         name = meta.info(node).target.name
-        if name in decided or _preset(ctx, name) is not None or not _planned(node):
-            continue
-        for rule, plan_fn in ((LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LOWRANK_EMBEDDING, _embedding_plan)):
-            match = rule.pattern(node)
-            if match is not None and rule.check(match, gm, ctx) is None:
-                found = plan_fn(match, gm, ctx)
-                if found is not None:
-                    decided[name] = found
-                else:
-                    ctx.counters[f"{rule.name}.refused.guard"] += 1
-                break
+        if ctx.group is not None and ctx.group.owner(j) != ctx.group.rank:
+            replay(ctx, name, effects)
+            if made:
+                meta.update(node, plan=node_plan)  # the guard may have planned it dense
+        if found is not None:
+            decided[name] = found
 
 
 @declare(kind="rewrite", requires=("plan",), produces=("factorized",))

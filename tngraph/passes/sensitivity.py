@@ -36,7 +36,8 @@ from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank
 from .allocate import budgeted_plans
-from .base import PassContext, PassResult, declare, spread
+from ..distributed import share_map
+from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
 from .fisher import output_whitening
 from .targets import getattr_path
@@ -77,6 +78,25 @@ class Curve:
         return self.loss[self.index(rank, dense_rows, fmt)]
 
 
+def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> dict[str, Any]:
+    """One target's whitened spectrum (tail[r] for r = 0..n), whitenings and predicted energy, and
+    the patch-level and mixture points the configuration asks for (into ctx.analysis)."""
+    cfg, t = ctx.config, meta.info(node).target
+    w, white, out_white = whitened_weight(gm, ctx, t)
+    s2 = torch.linalg.svdvals(w) ** 2
+    tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
+    out = {"spectrum": torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist(),
+           "whitenings": (white, out_white), "energy": _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)}
+    if cfg.dense_rows and white is not None:
+        _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
+    if cfg.mixture:
+        _mixture_points(gm, ctx, t, white, out_white, float(s2.sum()))
+    if cfg.sensitivity == "predicted" and out["energy"] is not None:
+        image, scalars = predictor.features(w, out["energy"])
+        out["predicted"] = predictor.predict(image, scalars)
+    return out
+
+
 @declare(kind="analysis", requires=("targets", "calibration"), produces=("sensitivity",))
 def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
@@ -85,21 +105,16 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
     # whitenings (input side, output side): computed once, reused by every measurement round
     spectra, whitenings, energy, predicted = {}, {}, {}, {}
-    for node in progress(nodes, desc="spectra", enabled=cfg.progress, unit="layer"):
-        t = meta.info(node).target
-        w, white, out_white = whitened_weight(gm, ctx, t)
-        whitenings[t.name] = (white, out_white)
-        s2 = torch.linalg.svdvals(w) ** 2
-        tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
-        spectra[t.name] = torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist()  # tail[r], r = 0..n
-        energy[t.name] = _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)
-        if cfg.dense_rows and white is not None:
-            _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
-        if cfg.mixture:
-            _mixture_points(gm, ctx, t, white, out_white, float(s2.sum()))
-        if cfg.sensitivity == "predicted" and energy[t.name] is not None:
-            image, scalars = predictor.features(w, energy[t.name])
-            predicted[t.name] = predictor.predict(image, scalars)
+    # per target, on the rank that owns it (ctx.group), what the spectra loop records shared after
+    done = share_map(ctx.group, nodes, lambda node: recorded(ctx, meta.info(node).target.name, lambda: _target_spectrum(gm, ctx, node)),
+                     wrap=lambda items: progress(items, desc="spectra", enabled=cfg.progress, unit="layer"))
+    for j, (node, (result, effects)) in enumerate(done.items()):
+        name = meta.info(node).target.name
+        if ctx.group is not None and ctx.group.owner(j) != ctx.group.rank:
+            replay(ctx, name, effects)
+        spectra[name], whitenings[name], energy[name] = result["spectrum"], result["whitenings"], result["energy"]
+        if "predicted" in result:
+            predicted[name] = result["predicted"]
     ctx.analysis["fisher_energy"] = dict(energy)
     scale = {name: (lambda r: 1.0) for name in spectra}
     if cfg.sensitivity in ("fisher", "predicted"):
@@ -294,7 +309,11 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
             ranks, params, cost, rows = ranks + extra, params + extra_params, cost + extra_cost, rows + [k] * len(extra)
             formats += ["lowrank"] * len(extra)
             loss += [float(tail[r - 1]) * scale[t.name](r) if r <= tail.numel() else 0.0 for r in extra]
-        keep = [i for i, (p, c) in enumerate(zip(params, cost)) if p < t.dense_params and c < dense_cost]
+        # planning around the guard: a candidate whose predicted relative output error on the
+        # calibration data (the square root of its whitened spectral tail) exceeds guard_tolerance is
+        # none, so the guard (still the exact check) rarely has to keep a target dense and break the plan
+        over = _over_tolerance(ctx, t, spectra[t.name], ranks, rows, formats)
+        keep = [i for i, (p, c) in enumerate(zip(params, cost)) if p < t.dense_params and c < dense_cost and i not in over]
         curve = Curve(t.name, [ranks[i] for i in keep] + [None], [params[i] for i in keep] + [t.dense_params],
                       [loss[i] for i in keep] + [0.0], [cost[i] for i in keep] + [dense_cost], [rows[i] for i in keep] + [0],
                       [formats[i] for i in keep] + ["dense"])
@@ -302,6 +321,26 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
         uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
         score = spectra[t.name][uniform] * scale[t.name](uniform)
         meta.update(node, sensitivity=meta.SensitivityInfo(cfg.sensitivity, score, uniform))
+
+
+def _over_tolerance(ctx: PassContext, t: meta.TargetInfo, spectrum: list[float], ranks: list[int | None], rows: list[int],
+                    formats: list[str]) -> set[int]:
+    """Indices of the plain low-rank and dense-row candidates whose predicted error exceeds guard_tolerance."""
+    tolerance = ctx.config.guard_tolerance
+    if tolerance is None:
+        return set()
+    tails = ctx.analysis.get("row_tails", {}).get(t.name, {})
+    over = set()
+    for i, (rank, k, name) in enumerate(zip(ranks, rows, formats)):
+        if name != "lowrank" or rank is None:
+            continue
+        if k == 0:
+            tail = spectrum[rank] if rank < len(spectrum) else 0.0
+        else:
+            tail = float(tails[k][rank - 1]) if rank <= tails[k].numel() else 0.0
+        if math.sqrt(max(tail, 0.0)) > tolerance:
+            over.add(i)
+    return over
 
 
 def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
