@@ -103,3 +103,14 @@ def backend_spy():
 
     spy.graphs = graphs
     return spy
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """The trained tiny LM (tngraph.tinylm's `test` preset: a 2-layer, 64-wide Llama) and its training
+    record, trained once per session: about 20 s on 2 cores."""
+    from tngraph import tinylm
+
+    folder = tmp_path_factory.mktemp("tiny-lm") / "model"
+    meta = tinylm.train(tinylm.spec_for("test"), folder, show=False)
+    return folder, meta

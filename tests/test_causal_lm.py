@@ -15,14 +15,6 @@ from tngraph.errors import ConfigError, DataError, ModelError
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """The `test` preset (2 layers, 64 wide), trained here: about 20 s on 2 cores."""
-    folder = tmp_path_factory.mktemp("tiny-lm") / "model"
-    meta = tinylm.train(tinylm.spec_for("test"), folder, show=False)
-    return folder, meta
-
-
-@pytest.fixture(scope="module")
 def loaded(tiny_lm):
     model, tokenizer, recipe = lm.load(tiny_lm[0])
     assert recipe is None

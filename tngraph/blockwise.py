@@ -13,6 +13,7 @@ Every Config option means here what it means for the whole graph, or is refused 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -95,11 +96,13 @@ class BlockwiseResult:
     seconds: float
     calibration_tokens: int
     healed: list[tuple[float, float]] = field(default_factory=list)  # per healed block: held-out error before, after
+    counters: dict[str, int] = field(default_factory=dict)  # the passes' counters, summed over the blocks
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "blocks": self.blocks, "targets": self.targets, "params_before": self.params_before,
                 "params_after": self.params_after, "kept": self.params_after / max(self.params_before, 1), "seconds": self.seconds,
-                "calibration_tokens": self.calibration_tokens, "healed": [list(e) for e in self.healed]}
+                "calibration_tokens": self.calibration_tokens, "healed": [list(e) for e in self.healed],
+                "counters": dict(sorted(self.counters.items()))}
 
 
 def calibration_ids(tokenizer: Any, texts: Sequence[str] | None, samples: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -228,9 +231,18 @@ def compress_causal_lm(folder: str | pathlib.Path, out: str | pathlib.Path, conf
             (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     distributed.barrier(group)  # the artifact is in place before any rank returns
     result = BlockwiseResult(pathlib.Path(out), len(run.model.model.layers), len(run.entries), run.before, run.after,
-                             time.perf_counter() - started, int(ids.numel()), run.healed)
+                             time.perf_counter() - started, int(ids.numel()), run.healed, dict(run.counters))
     log.info("compressed %d blocks of %s: targets %d -> %d parameters in %.1f s", result.blocks, src, run.before, run.after, result.seconds)
     return result
+
+
+@dataclass
+class BlockPlans:
+    """What the recipe keeps of a block's passes: its targets' recipe entries, guard errors and the counters."""
+
+    entries: dict[str, dict[str, Any]]
+    errors: dict[str, float]
+    counters: dict[str, int]
 
 
 class _Run:
@@ -245,6 +257,7 @@ class _Run:
         self.files: dict[str, dict[str, str]] = {}
         self.before = self.after = 0
         self.healed: list[tuple[float, float]] = []  # per healed block: held-out relative error before, after
+        self.counters: collections.Counter = collections.Counter()
         names = [f"model.layers.{i}.{n}" for i in range(len(self.model.model.layers)) for n in BLOCK_TARGETS]
         if not any(is_selected(n, config.include, config.exclude) for n in names):
             raise ConfigError(f"no layer of the model is a target: include {list(config.include)} / exclude {list(config.exclude)} "
@@ -267,46 +280,53 @@ class _Run:
         block.load_state_dict(state, assign=True, strict=True)
         return block
 
-    def plan_block(self, i: int, block: torch.nn.Module, hidden: list[torch.Tensor]) -> PassContext:
-        """The block captured on its calibration inputs and run through the passes; their context."""
+    def plan_block(self, i: int, block: torch.nn.Module, hidden: list[torch.Tensor]) -> BlockPlans:
+        """The block captured on its calibration inputs and run through the passes, their plans
+        swapped into it; what the recipe needs of the passes' context (the rest of it is let go here:
+        its statistics are the largest thing a block holds)."""
         config = self.config.replace(progress=False)
         if config.dump_dir:
             config = config.replace(dump_dir=str(pathlib.Path(config.dump_dir) / f"block_{i:03d}"))
         holder = BlockModule(i, block, self.rotary)
-        ctx = PassContext(config=config, calibration=[((h,), {}) for h in hidden], module_targets_only=True, group=self.group)
+        ctx = PassContext(config=config, calibration=[((h,), {}) for h in hidden], module_targets_only=True, group=self.group,
+                          lean=True)
         try:
             run_passes(capture(holder, ((hidden[0],), {})), ctx, BLOCK_PIPELINE)
         except TngraphError as exc:  # which block, before where in it
             raise type(exc)(f"block {i}: {exc.problem}", exc.fix) from exc
         apply_plan(holder, ctx.plan.values())
-        return ctx
+        plans = BlockPlans({name: plan.recipe() for name, plan in ctx.plan.items()}, dict(ctx.analysis.get("guard", {})), dict(ctx.counters))
+        del ctx
+        _return_freed_memory()
+        return plans
 
     def block(self, i: int, hidden: list[torch.Tensor], dense_path: list[torch.Tensor] | None,
               tmp: pathlib.Path | None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         block = self.load_block(i)
         if dense_path is not None:  # the dense block on the dense model's inputs: what healing matches
             dense_path = [_block_call(block, h, self.rotary) for h in dense_path]
-        ctx = self.plan_block(i, block, hidden)
-        self.count(block, ctx, i)
-        if self.config.heal_steps and ctx.plan:
+        plans = self.plan_block(i, block, hidden)
+        self.counters.update(plans.counters)
+        self.count(block, plans, i)
+        if self.config.heal_steps and plans.entries:
             self.heal(i, block, hidden, dense_path)
-        self.write(i, block, ctx, tmp)
+        self.write(i, block, plans, tmp)
         hidden = [_block_call(block, h, self.rotary) for h in hidden]  # the next block calibrates on the compressed outputs
         self.model.model.layers[i] = block.to("meta")  # freed
-        del ctx, block
+        del block
         _return_freed_memory()
         return hidden, dense_path
 
-    def count(self, block: torch.nn.Module, ctx: PassContext, i: int) -> None:
+    def count(self, block: torch.nn.Module, plans: BlockPlans, i: int) -> None:
         for name in BLOCK_TARGETS:
             full = f"model.layers.{i}.{name}"
             if not is_selected(full, self.config.include, self.config.exclude):
                 continue  # not a target: dense and out of the budget
-            plan = ctx.plan.get(full)
             module = block.get_submodule(name)
-            dense = plan.params_before if plan is not None else sum(p.numel() for p in module.parameters())
-            self.before += dense
-            self.after += plan.params_after if plan is not None else dense
+            entry = plans.entries.get(full)
+            after = sum(p.numel() for p in module.parameters() if p.is_floating_point())
+            self.before += entry["out_features"] * entry["in_features"] + (entry["out_features"] if entry["bias"] else 0) if entry else after
+            self.after += after
 
     def heal(self, i: int, block: torch.nn.Module, hidden: list[torch.Tensor], dense_path: list[torch.Tensor]) -> None:
         errors = heal_block(block, hidden, dense_path, self.rotary, self.config.heal_steps, self.config.heal_lr, self.config.seed + i)
@@ -317,16 +337,15 @@ class _Run:
                 if name != "bias":
                     p.data = distributed.broadcast(p.data, 0, self.group)
 
-    def write(self, i: int, block: torch.nn.Module, ctx: PassContext, tmp: pathlib.Path | None) -> None:
+    def write(self, i: int, block: torch.nn.Module, plans: BlockPlans, tmp: pathlib.Path | None) -> None:
         """The block's factors (as the block holds them now) into factors-NNNNN.safetensors, its entries into the recipe."""
         file = f"factors-{i:05d}.safetensors"
         tensors, prefix = {}, f"model.layers.{i}."
-        for full, plan in sorted(ctx.plan.items()):
+        for full, entry in sorted(plans.entries.items()):
             module = block.get_submodule(full[len(prefix):])
             for key, tensor in factor_tensors(module).items():
                 tensors[f"{full}.{key}"] = tensor.contiguous()
-            entry = plan.recipe() | {"file": file, "error": ctx.analysis.get("guard", {}).get(full)}
-            self.entries.append(entry)
+            self.entries.append(entry | {"file": file, "error": plans.errors.get(full)})
         if tmp is not None:
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             self.files[file] = {"sha256": file_sha256(tmp / file)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,9 +33,10 @@ class GramStats:
     """Running sums over the rows x (last dimension = in_features) that reach one target."""
 
     in_features: int
-    gram: torch.Tensor = field(init=False)
+    gram: torch.Tensor | None = field(init=False)  # None once a memory-bound run traded it for `whitening`
     abs_sum: torch.Tensor = field(init=False)
     rows: int = 0
+    whitening: Any = field(default=None, init=False)  # its Cholesky factor, when made in place of the Gram
 
     def __post_init__(self) -> None:
         self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)

@@ -79,6 +79,9 @@ class PassContext:
     module_targets_only: bool = False
     # control: plans decided before (name -> (PlanInfo, TargetPlan)), put in place as they are
     preset: dict[str, tuple[Any, TargetPlan]] = field(default_factory=dict)
+    # control: low-rank factors from the eigen-decomposition of the smaller Gram matrix instead of a
+    # full SVD (less work memory, for drivers that bound it: block by block)
+    lean: bool = False
     # torch.distributed: the ranks sharing per-target work (tngraph.distributed.Group); None: this process alone
     group: Any = None
     # instruments' own state that outlives one run_passes call (e.g. the dump folder's), by instrument

@@ -18,6 +18,7 @@ from ..calibration import CountStats, GramStats, OutputStats
 from ..errors import DataError
 from ..progress import progress
 from ..tn.formats import FORMATS
+from ..tn.whitening import whitening_from_gram
 from .base import PassContext, PassResult, declare
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,31 @@ def input_whitening(ctx: PassContext, t: meta.TargetInfo, fmt_name: str = "svd",
     stats = ctx.stats.get(t.name)
     if not (ctx.config.whiten and stats is not None and getattr(stats, "rows", 0) > 0):
         return None
-    return FORMATS[fmt_name].whitening(stats.gram, t.out_features, t.in_features, ctx.config.damping, **options)
+    if trades_gram(ctx) and fmt_name == "svd" and not options:
+        # memory-bound (ctx.lean), low-rank only: the Gram is replaced by its Cholesky factor, made
+        # once per input; nothing later needs the Gram itself (the guard measures with the factor)
+        if stats.whitening is None:
+            stats.whitening = whitening_from_gram(stats.gram, ctx.config.damping)
+            stats.gram = None
+        return stats.whitening
+    # targets reading one input (q, k, v) share its statistics and come one after another: the last
+    # whitening made is kept, so their Cholesky factor is computed once
+    key = (id(stats), stats.rows, fmt_name, t.out_features, t.in_features, ctx.config.damping, tuple(sorted(options.items())))
+    cached = ctx.analysis.get("whitening", {}).get("last")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ctx.analysis["whitening"] = {}  # the last one goes before the next is made: one is held at a time
+    white = FORMATS[fmt_name].whitening(stats.gram, t.out_features, t.in_features, ctx.config.damping, **options)
+    ctx.analysis["whitening"] = {"last": (key, white)}
+    return white
+
+
+def trades_gram(ctx: PassContext) -> bool:
+    """Whether this run keeps each input's whitening instead of its Gram matrix: a memory-bound
+    driver (ctx.lean) with plain low-rank candidates only (the tensor-network formats, mixtures and
+    dense-row candidates read the Gram itself)."""
+    cfg = ctx.config
+    return ctx.lean and cfg.format == "lowrank" and not cfg.mixture and not cfg.dense_rows
 
 
 def _x_index(node: fx.Node) -> int:

@@ -237,7 +237,7 @@ def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
     out_whitening = output_whitening(ctx, t.name)
     if out_whitening is not None:
         ctx.counters["factorize.lowrank.output_whitened"] += 1
-    a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening)
+    a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening, lean=ctx.lean)
     if not accept(ctx, m.node, weight, a @ b):
         return None
     return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
@@ -264,7 +264,7 @@ def _patched_plan(m: LinearMatch, ctx: PassContext, t, plan, weight, whitening) 
     out_whitening = output_whitening(ctx, t.name, rows=rest)
     if out_whitening is not None:
         ctx.counters["factorize.lowrank.output_whitened"] += 1
-    a, b = decompose_lowrank(weight[rest], plan.rank, whitening, out_whitening)
+    a, b = decompose_lowrank(weight[rest], plan.rank, whitening, out_whitening, lean=ctx.lean)
     dense = weight[dense_rows].detach().clone()
     order = torch.argsort(torch.cat([rest, dense_rows]))
     if not accept(ctx, m.node, weight, torch.cat([a @ b, dense]).index_select(0, order)):

@@ -25,16 +25,45 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tenso
                    row_weights: torch.Tensor | None = None) -> float:
     """sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) (linear: weight out x in, G in x in), or the row-weighted
     Frobenius ratio (embedding: weight rows x width), or the plain one."""
+    if gram is not None:
+        return _gram_error(weight, approx, gram)
     w = weight.detach().to(torch.float64)
     d = approx.detach().to(torch.float64, copy=False).to(w.device) - w
-    if gram is not None:
-        g = gram.to(w.device, torch.float64)
-        num, den = float(((d @ g) * d).sum()), float(((w @ g) * w).sum())
-    elif row_weights is not None:
+    if row_weights is not None:
         rw = row_weights.to(w.device, torch.float64)[:, None]
         num, den = float((rw * d * d).sum()), float((rw * w * w).sum())
     else:
         num, den = float((d * d).sum()), float((w * w).sum())
+    return _ratio(num, den)
+
+
+GUARD_ROWS = 256  # output rows per step of the Gram-weighted error: its float64 work memory stays a few row blocks
+
+
+def _gram_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)), summed over blocks of GUARD_ROWS output rows."""
+    g = gram.to(weight.device, torch.float64)
+    num = den = 0.0
+    for start in range(0, weight.shape[0], GUARD_ROWS):
+        w = weight[start : start + GUARD_ROWS].detach().to(torch.float64)
+        d = approx[start : start + GUARD_ROWS].detach().to(w.device, torch.float64) - w
+        num += float(((d @ g) * d).sum())
+        den += float(((w @ g) * w).sum())
+    return _ratio(num, den)
+
+
+def whitened_error(weight: torch.Tensor, approx: torch.Tensor, whitening) -> float:
+    """||ΔW S|| / ||W S|| with S Sᵀ the damped Gram: the Gram-weighted error up to the damping."""
+    num = den = 0.0
+    for start in range(0, weight.shape[0], GUARD_ROWS):
+        w = weight[start : start + GUARD_ROWS].detach().to(torch.float64)
+        d = approx[start : start + GUARD_ROWS].detach().to(w.device, torch.float64) - w
+        num += float(whitening.apply(d).pow(2).sum())
+        den += float(whitening.apply(w).pow(2).sum())
+    return _ratio(num, den)
+
+
+def _ratio(num: float, den: float) -> float:
     if not math.isfinite(num):
         return math.inf
     if den <= 0:  # an all-zero layer (or inputs): exact iff the approximation is zero too
@@ -52,7 +81,10 @@ def accept(ctx: PassContext, node, weight: torch.Tensor, approx: torch.Tensor) -
             row_weights = stats.row_weights()
         else:
             gram = stats.gram
-    error = relative_error(weight, approx, gram, row_weights)
+    if gram is None and getattr(stats, "whitening", None) is not None:  # the Gram was traded for its (damped) Cholesky factor
+        error = whitened_error(weight, approx, stats.whitening)
+    else:
+        error = relative_error(weight, approx, gram, row_weights)
     ctx.analysis.setdefault("guard", {})[t.name] = error
     tolerance = ctx.config.guard_tolerance
     if tolerance is None or error <= tolerance:

@@ -86,7 +86,8 @@ def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> dic
     s2 = torch.linalg.svdvals(w) ** 2
     tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
     out = {"spectrum": torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist(),
-           "whitenings": (white, out_white), "energy": _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)}
+           # kept only where measurement rounds decompose again; else they go as soon as the spectrum is known
+           "whitenings": (white, out_white) if cfg.sensitivity == "measured" else (None, None), "energy": _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)}
     if cfg.dense_rows and white is not None:
         _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
     if cfg.mixture:
@@ -190,6 +191,7 @@ def _row_spectra(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white
         s2 = torch.linalg.svdvals(w) ** 2
         tails[k] = ((s2.sum() - torch.cumsum(s2, 0)) / max(total, 1e-300)).clamp_min(0)
     ctx.analysis.setdefault("row_tails", {})[t.name] = tails
+    ctx.counters["sensitivity.dense_rows.targets"] += 1
 
 
 def _mixture_approx(ctx: PassContext, weight: torch.Tensor, name: str, rank: int, whitening) -> torch.Tensor:
@@ -225,6 +227,7 @@ def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, wh
             delta = out_white.apply_left(delta) if out_white is not None else delta
             points.append((name, rank, params, float((delta**2).sum()) / max(total, 1e-300)))
     ctx.analysis.setdefault("mixture", {})[t.name] = points
+    ctx.counters["sensitivity.mixture.targets"] += 1
 
 
 def _grid_ranks(t: meta.TargetInfo, fmt_name: str = "svd", **options) -> list[int]:

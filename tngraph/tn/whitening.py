@@ -52,10 +52,13 @@ def whitening_from_gram(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
         return Whitening(torch.eye(n, dtype=torch.float64), lower=True)
     damped = g.clone()  # + damping * scale * I, without an identity matrix in memory (wide layers: tens of MB)
     damped.diagonal().add_(damping * scale)
-    chol, info = torch.linalg.cholesky_ex(damped)
+    # factored in place: one n x n float64 matrix less at the peak (the same bits as out of place)
+    chol, info = torch.linalg.cholesky_ex(damped, out=(damped, torch.empty((), dtype=torch.int32)))
     if int(info) == 0:
         return Whitening(chol, lower=True)
     log.warning("damped Gram matrix is not positive definite; whitening through its eigen-decomposition")
+    damped = g.clone()  # the failed factorization overwrote it
+    damped.diagonal().add_(damping * scale)
     values, vectors = torch.linalg.eigh((damped + damped.T) / 2)
     values = values.clamp_min(max(damping, 1e-12) * scale)
     return Whitening(vectors * values.sqrt(), lower=False)

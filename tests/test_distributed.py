@@ -1,0 +1,51 @@
+"""tngraph.distributed on two gloo processes: each piece of per-target work is done by one rank,
+every rank ends with all results, and an error on its owner is raised on every rank."""
+import pytest
+import torch.multiprocessing as mp
+
+
+def _worker(rank, init, results):
+    import torch
+    import torch.distributed as dist
+
+    from tngraph import distributed
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        group = distributed.current()
+        calls = []
+
+        def work(key):
+            calls.append(key)
+            return torch.full((2,), float(key)) * (rank + 1)  # which rank computed it shows in the value
+
+        shared = distributed.share_map(group, [10, 11, 12, 13, 14], work)
+        try:
+            distributed.share_map(group, ["ok", "bad"], lambda k: 1 / 0 if k == "bad" else k)
+            failed = None
+        except ZeroDivisionError as exc:
+            failed = type(exc).__name__
+        results[rank] = (calls, {k: v.tolist() for k, v in shared.items()}, failed)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_share_map_splits_the_work_and_shares_every_result(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(init, results), nprocs=2, join=True)
+        results = dict(results)
+    (calls0, shared0, failed0), (calls1, shared1, failed1) = results[0], results[1]
+    assert calls0 == [10, 12, 14] and calls1 == [11, 13]  # target j on rank j % 2
+    expected = {10: [10.0, 10.0], 11: [22.0, 22.0], 12: [12.0, 12.0], 13: [26.0, 26.0], 14: [14.0, 14.0]}
+    assert shared0 == shared1 == expected
+    assert failed0 == failed1 == "ZeroDivisionError"  # raised on rank 1, where "bad" ran, and on rank 0
+
+
+def test_one_process_is_a_plain_map():
+    from tngraph import distributed
+
+    assert distributed.share_map(None, [1, 2], lambda k: k * 3) == {1: 3, 2: 6}
+    with pytest.raises(KeyError):
+        distributed.share_map(distributed.current(), ["x"], lambda k: {}[k])
