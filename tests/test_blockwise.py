@@ -219,8 +219,14 @@ def test_command_line_routes_causal_lms_block_by_block(tiny_llama, tmp_path, cap
                  "--heal-steps", "5", "--quiet"]) == 0
     assert "5 healing steps per block" in capsys.readouterr().out
     assert json.loads((tmp_path / "h" / "recipe.json").read_text())["config"]["heal"]["steps"] == 5
-    assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "b"), "--format", "tt", "--quiet"]) == 2
-    assert "not available for block-by-block" in capsys.readouterr().err
+    # a tensor-network format runs block by block too (the same factorize pass)
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "t"), "--format", "tt", "--calibration-samples", "4",
+                 "--quiet"]) == 0
+    assert {t["format"] for t in json.loads((tmp_path / "t" / "recipe.json").read_text())["targets"]} == {"tt"}
+    capsys.readouterr()
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "b"), "--targets", "linear,embedding", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--targets (targets) is not available for block-by-block" in err and not (tmp_path / "b").exists()
 
 
 def test_two_gloo_processes_write_the_same_artifact_bytes_as_one(tiny_llama, tmp_path):
@@ -298,11 +304,21 @@ def test_include_exclude_and_plain_svd_block_by_block(tiny_llama, tmp_path):
     assert checked == 28
 
 
-@pytest.mark.parametrize("flag", [["--sensitivity", "measured"], ["--budget-kind", "latency"], ["--dense-rows"], ["--mixture", "tucker"],
-                                  ["--targets", "linear,embedding"], ["--dump", "D"], ["--resume"], ["--fisher-batches", "4"],
-                                  ["--sensitivity-rounds", "2"], ["--latency-rows", "64"], ["--heal-data", "x.txt"]])
-def test_whole_graph_options_are_refused_by_name_block_by_block(tiny_llama, tmp_path, capsys, flag):
+@pytest.mark.parametrize("flag", [["--targets", "linear,embedding"], ["--resume"], ["--heal-data", "x.txt"]])
+def test_what_block_by_block_cannot_honour_is_refused_by_name(tiny_llama, tmp_path, capsys, flag):
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--blockwise", *flag, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"{flag[0]}" in err and "not available for block-by-block" in err and "--no-blockwise" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_whole_graph_options_work_block_by_block_from_the_command_line(tiny_llama, tmp_path, capsys):
+    """Options the block-by-block path used to refuse now run there (the same passes): a dump folder
+    per block, fisher sensitivity, patch-level rows; the recipe records them."""
+    out, dump = tmp_path / "o", tmp_path / "dump"
+    assert main(["compress", "--model", str(tiny_llama), "--out", str(out), "--blockwise", "--sensitivity", "fisher", "--dense-rows",
+                 "--fisher-batches", "2", "--dump", str(dump), "--calibration-samples", "4", "--quiet"]) == 0
+    config = json.loads((out / "recipe.json").read_text())["config"]
+    assert config["sensitivity"] == "fisher" and config["dense_rows"] is True and config["fisher_batches"] == 2
+    assert sorted(p.name for p in dump.iterdir() if p.is_dir()) == [f"block_{i:03d}" for i in range(4)]
+    assert any(p.name.endswith("_factorize") for p in (dump / "block_000").iterdir())

@@ -63,7 +63,7 @@ def test_every_format_and_its_options():
     from tngraph.config import FORMATS
     from tngraph.tn.formats import FORMATS as REGISTRY
 
-    assert set(FORMATS) == {"lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch"}
+    assert set(FORMATS) == {"lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch", "lrbd"}
     assert {("svd" if f == "lowrank" else f) for f in FORMATS} == set(REGISTRY)
     config = Config(format="tr", tr_cores=4, tr_ring=3, tr_als=2, kron_shape="16x8", targets="linear,embedding")
     assert REGISTRY["tr"].options(config) == {"cores": 4, "ring": 3, "als": 2}

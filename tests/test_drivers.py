@@ -78,7 +78,7 @@ def test_dense_rows_and_mixture_join_the_candidates(driver, lm, texts, tmp_path)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-@pytest.mark.parametrize("fmt", ["tt", "tucker"])
+@pytest.mark.parametrize("fmt", ["tt", "tucker", "lrbd"])
 def test_tensor_network_formats(driver, fmt, lm, texts, tmp_path):
     targets, _ = run(driver, lm, texts, tmp_path, format=fmt)
     assert targets and {f for f, _ in targets.values()} == {fmt}
@@ -89,6 +89,6 @@ def test_options_block_by_block_cannot_honour_are_refused_by_name(lm, texts, tmp
     heal = tmp_path / "heal.txt"
     heal.write_text("\n".join(texts) + "\n")
     for option, value in (("targets", ("linear", "embedding")), ("heal_data", str(heal))):
-        with pytest.raises(ConfigError, match=rf"{option} is not available for block-by-block compression"):
+        with pytest.raises(ConfigError, match=rf"\({option}\) is not available for block-by-block compression"):
             compress_causal_lm(folder, tmp_path / "x", tngraph.Config(**{**BASE, option: value}), texts=texts, tokenizer=tokenizer)
     assert not (tmp_path / "x").exists()

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from . import distributed
 from .capture import capture
-from .config import Config
+from .config import Config, flag_of
 from .errors import ConfigError, DataError, ModelError, TngraphError
 from .ownership import atomic_dir, check_output_dir
 from .passes import PIPELINE, PassContext
@@ -48,7 +48,7 @@ DEFAULTS = {"sensitivity": "spectral", "output_whiten": False, "heal_steps": 0, 
 # Config options block by block cannot honour, with why and what to do instead: the one place they are refused
 UNSUPPORTED = {
     "targets": (lambda c: c.targets != ("linear",), "the decoder blocks hold the targets; embeddings and the head stay dense",
-                "leave --targets out"),
+                "leave --targets out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
     "heal_data": (lambda c: c.heal_data is not None, "blocks are healed on their calibration inputs, not on text",
                   "leave --heal-data out (--heal-steps heals each block), or pass --no-blockwise when the model fits in memory"),
 }
@@ -61,7 +61,7 @@ def blockwise_config(config: Config | None = None, **options: Any) -> Config:
     config = base.replace(**options) if options else base
     for name, (refused, why, fix) in UNSUPPORTED.items():
         if refused(config):
-            raise ConfigError(f"{name} is not available for block-by-block compression: {why}", fix)
+            raise ConfigError(f"{flag_of(name)} ({name}) is not available for block-by-block compression: {why}", fix)
     return config
 
 

@@ -9,14 +9,62 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .tn import formats as format_registry
 
-# "lowrank" (alias "svd"): x @ B.T @ A.T + b as two linears; the tensor-network formats: one einsum each
-FORMATS = ("lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch")
+# "lowrank" (alias "svd"): x @ B.T @ A.T + b as two linears; then every format of the registry
+# (tngraph/tn/formats/__init__.py): the tensor-network formats (one einsum each) and the formats of
+# defined layers (tngraph.layers)
+FORMATS = ("lowrank",) + tuple(name for name in format_registry.FORMATS if name != "svd")
+MIXABLE = tuple(name for name, f in format_registry.FORMATS.items() if name != "svd" and f.layer is None)  # mixture's candidates
 _ALIASES = {"svd": "lowrank"}
 TARGET_KINDS = ("linear", "embedding")
 ALLOCATIONS = ("auto", "uniform", "budgeted")
 BUDGET_KINDS = ("params", "bytes", "latency")
 SENSITIVITIES = ("spectral", "fisher", "predicted", "measured")
+
+
+FORMAT_CHOICES = tuple(_ALIASES) + FORMATS  # what --format accepts: the formats and their aliases
+FORMAT_GROUP = "format options (defaults: tngraph.Config)"
+FORMAT_HELP = ("svd (= lowrank, the whitened truncated SVD, default), " + ", ".join(f"{name} ({f.summary})" for name, f in
+               format_registry.FORMATS.items() if name != "svd") + "; docs/formats.md compares them")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag of a Config field (its field metadata): the CLI builds its arguments from these.
+
+    kind: "value" (--flag VALUE), "const" (--flag sets `const`), "bool" (--flag / --no-flag) or
+    "append" (repeatable, a tuple of the values). default: the parser's value when the flag is not
+    given (None: the field is left to Config, or to the driver's own defaults)."""
+
+    name: str
+    flag: str
+    help: str
+    kind: str = "value"
+    type: Any = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    const: Any = None
+    default: Any = None
+    group: str | None = None
+
+
+def option(default: Any, flag: str, help: str, *, kind: str = "value", type: Any = None, choices: tuple[str, ...] | None = None,
+           metavar: str | None = None, const: Any = None, cli_default: Any = None, group: str | None = None, factory: Any = None) -> Any:
+    """A Config field with its command-line flag in the field's metadata (see Flag)."""
+    cli = {"flag": flag, "help": help, "kind": kind, "type": type, "choices": choices, "metavar": metavar, "const": const,
+           "default": cli_default, "group": group}
+    if factory is not None:
+        return field(default_factory=factory, metadata={"cli": cli})
+    return field(default=default, metadata={"cli": cli})
+
+
+def parse_budget(text: str) -> float:
+    """The --budget flag's value: a number (its range is Config's check)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"budget must be a number in (0, 1], got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -31,7 +79,8 @@ class Config:
         "tr": tensor ring with tr_cores cores and closing rank tr_ring, TR-SVD (+ tr_als ALS sweeps);
         "cp": CP of W reshaped to 2*cp_modes ways, ALS (cp_max_iter sweeps, cp_tol, cp_time_limit s per layer);
         "kron": sum of Kronecker products A_r ⊗ B_r, A of kron_shape (rows, cols) or balanced;
-        "monarch": block-diagonal · permutation · block-diagonal, monarch_blocks input blocks (or balanced).
+        "monarch": block-diagonal · permutation · block-diagonal, monarch_blocks input blocks (or balanced);
+        and the formats of defined layers (tngraph.layers), each registered in tngraph/tn/formats.
     targets: which layers are targets: ("linear",) or ("linear", "embedding") (embedding tables become
         a low-rank gather + linear; they also need an `include` pattern that admits them).
     allocation: "uniform" (every target keeps `budget` of its parameters), "budgeted" (ranks, or
@@ -94,48 +143,70 @@ class Config:
     progress: show progress bars.
     """
 
-    budget: float = 0.5
-    format: str = "lowrank"
-    tt_cores: int = 2
-    tucker_modes: int = 2
-    tucker_iters: int = 0
-    tr_cores: int = 3
-    tr_ring: int = 2
-    tr_als: int = 0
-    cp_modes: int = 2
-    cp_max_iter: int = 200
-    cp_tol: float = 1e-2
-    cp_time_limit: float = 120.0
-    kron_shape: tuple[int, int] | None = None
-    monarch_blocks: int | None = None
-    targets: tuple[str, ...] = ("linear",)
-    allocation: str = "auto"
-    budget_kind: str = "params"
-    dense_rows: bool = False
-    mixture: tuple[str, ...] = ()
-    latency_rows: int = 4096
-    sensitivity: str = "measured"
-    sensitivity_rounds: int = 1
-    refit: bool = True
-    whiten: bool = True
+    budget: float = option(0.5, "--budget", "fraction of the targets' parameters kept, in (0, 1] (default 0.5)",
+                           type=parse_budget, cli_default=0.5)
+    format: str = option("lowrank", "--format", FORMAT_HELP,
+                         choices=FORMAT_CHOICES, metavar="FORMAT", cli_default="lowrank")
+    tt_cores: int = option(2, "--tt-cores", "cores of the tt format (default 2)", type=int, group=FORMAT_GROUP)
+    tucker_modes: int = option(2, "--tucker-modes", "modes per side of the tucker format (default 2)", type=int, group=FORMAT_GROUP)
+    tucker_iters: int = option(0, "--tucker-iters", "HOOI sweeps after the HOSVD (default 0)", type=int, group=FORMAT_GROUP)
+    tr_cores: int = option(3, "--tr-cores", "cores of the tr format (default 3)", type=int, group=FORMAT_GROUP)
+    tr_ring: int = option(2, "--tr-ring", "closing rank of the tr format (default 2)", type=int, group=FORMAT_GROUP)
+    tr_als: int = option(0, "--tr-als", "ALS sweeps refining the tensor ring (default 0)", type=int, group=FORMAT_GROUP)
+    cp_modes: int = option(2, "--cp-modes", "modes per side of the cp format (default 2)", type=int, group=FORMAT_GROUP)
+    cp_max_iter: int = option(200, "--cp-max-iter", "most ALS sweeps per layer (default 200)", type=int, group=FORMAT_GROUP)
+    cp_tol: float = option(1e-2, "--cp-tol", "stop when a sweep improves the error by less than this fraction (default 0.01)",
+                           type=float, group=FORMAT_GROUP)
+    cp_time_limit: float = option(120.0, "--cp-time-limit", "seconds of ALS per layer (default 120)", type=float, group=FORMAT_GROUP)
+    kron_shape: tuple[int, int] | None = option(None, "--kron-shape", "shape of the first Kronecker factor, e.g. 16x16 (default balanced)",
+                                                metavar="RxC", group=FORMAT_GROUP)
+    monarch_blocks: int | None = option(None, "--monarch-blocks", "input blocks of the monarch format (default balanced)", type=int,
+                                        group=FORMAT_GROUP)
+    targets: tuple[str, ...] = option(("linear",), "--targets", "linear (default) or linear,embedding (embedding tables too)",
+                                      metavar="KINDS")
+    allocation: str = option("auto", "--allocation", "budgeted: ranks per target from sensitivity curves, total within --budget; "
+                             "uniform: the same fraction per target; auto (default): budgeted for svd, uniform for the tensor-network "
+                             "formats; block by block, budgeted ranks come from each block's whitened spectra", choices=ALLOCATIONS)
+    budget_kind: str = option("params", "--budget-kind", "what --budget is a fraction of: params (default), bytes (weight bytes) or "
+                              "latency (budgeted only)", choices=BUDGET_KINDS)
+    dense_rows: bool = option(False, "--dense-rows", "patch level (budgeted): let a target keep its most sensitive output rows dense",
+                              kind="bool")
+    mixture: tuple[str, ...] = option((), "--mixture", "tensor-network formats whose candidates join budgeted allocation, "
+                                      "e.g. tucker,tt,tr", metavar="FMT[,FMT]")
+    latency_rows: int = option(4096, "--latency-rows", "input rows a latency budget is timed at (default 4096)", type=int)
+    sensitivity: str = option("measured", "--sensitivity", "loss the budgeted allocation minimises (default measured)",
+                              choices=SENSITIVITIES)
+    sensitivity_rounds: int = option(1, "--sensitivity-rounds", "measurements: around uniform ranks, then around each allocation found "
+                                     "(default 1)", type=int)
+    refit: bool = option(True, "--no-refit", "skip the least-squares refit of one core on the calibration data", kind="const", const=False)
+    whiten: bool = option(True, "--no-whiten", "plain (data-free) SVD instead of activation-whitened SVD", kind="const", const=False)
     damping: float = 1e-4
-    output_whiten: bool = True
+    output_whiten: bool = option(True, "--no-output-whiten", "whiten inputs only: skip the output-gradient (fisher) weighting of "
+                                 "low-rank decompositions", kind="const", const=False)
     output_damping: float = 0.1
-    fisher_batches: int = 64
+    fisher_batches: int = option(64, "--fisher-batches", "calibration batches of the output-gradient statistics (default 64)", type=int)
     fuse: bool = True
-    guard_tolerance: float | None = 1.0
-    strict: bool = False
-    heal_steps: int = 500
-    heal_lr: float = 1e-4
-    heal_data: str | None = None
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    calibration_samples: int = 2048
-    eval_samples: int = 2000
+    guard_tolerance: float | None = option(1.0, "--guard-tolerance", "keep a target dense when its relative output error on the "
+                                           "calibration data exceeds E (default 1.0)", type=float, metavar="E")
+    strict: bool = option(False, "--strict", "make a target failing the numerical guard an error instead of keeping it dense",
+                          kind="const", const=True)
+    heal_steps: int = option(500, "--heal-steps", "steps of the healing fine-tune (distillation against the original; default 500, "
+                             "0 turns it off)", type=int, metavar="N")
+    heal_lr: float = option(1e-4, "--heal-lr", "peak learning rate of healing (default 1e-4)", type=float, metavar="LR")
+    heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: the built-in sentences "
+                                   "outside the evaluation set, or the --calibration file)", metavar="FILE")
+    include: tuple[str, ...] = option((), "--include", "target only module paths matching REGEX (repeatable)", kind="append",
+                                      metavar="REGEX")
+    exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",
+                                      metavar="REGEX")
+    calibration_samples: int = option(2048, "--calibration-samples", "calibration samples used (default 2048)", type=int)
+    eval_samples: int = option(2000, "--eval-samples", "held-out sentences for the agreement report (default 2000)", type=int,
+                               cli_default=2000)
     batch_size: int = 32
     max_length: int = 128
-    seed: int = 0
-    dump_dir: str | None = field(default_factory=lambda: os.environ.get("TNGRAPH_DUMP") or None)
+    seed: int = option(0, "--seed", "seed of data sets and latency inputs (default 0)", type=int, cli_default=0)
+    dump_dir: str | None = option(None, "--dump", "write the graph after each pass to DIR (as TNGRAPH_DUMP=DIR)", metavar="DIR",
+                                  factory=lambda: os.environ.get("TNGRAPH_DUMP") or None)
     check_graph: bool = True
     progress: bool = True
 
@@ -176,9 +247,9 @@ class Config:
         if self.monarch_blocks is not None:
             _check_int("monarch_blocks", self.monarch_blocks, 1, 1 << 20)
         mixture = _names(self.mixture, "mixture")
-        bad = [f for f in mixture if f not in FORMATS or f == "lowrank"]
+        bad = [f for f in mixture if f not in MIXABLE]
         if bad:
-            raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(FORMATS[1:])}")
+            raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(MIXABLE)}")
         if mixture and self.allocation_kind != "budgeted":
             raise ConfigError("mixture formats are chosen by the budgeted allocation", "pass allocation='budgeted' (and format='svd') with mixture")
         if mixture and self.budget_kind == "latency":
@@ -226,6 +297,16 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def flags() -> list[Flag]:
+    """The command-line flags of Config's fields, in field order."""
+    return [Flag(name=f.name, **f.metadata["cli"]) for f in dataclasses.fields(Config) if "cli" in f.metadata]
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of Config field `name` (its --name spelling when it has none)."""
+    return next((f.flag for f in flags() if f.name == name), "--" + name.replace("_", "-"))
 
 
 def valid_keys() -> list[str]:

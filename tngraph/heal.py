@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError, ConfigError, DataError, ModelError
 from .evaluate import pooled
-from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
+from .recipe import FACTORIZED
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def trainable(student: torch.nn.Module, train_norms: bool = True) -> dict[str, t
     names: dict[int, str] = {id(p): n for n, p in student.named_parameters()}
     chosen: dict[str, torch.nn.Parameter] = {}
     for module in student.modules():
-        if isinstance(module, (LowRankLinear, LowRankEmbedding, NetworkLinear)):
+        if isinstance(module, FACTORIZED):
             for name, p in module.named_parameters():
                 if name != "bias" or train_norms:
                     chosen[names[id(p)]] = p
@@ -253,6 +253,164 @@ def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, t
     return _State(best_params={n: tensors[f"best.{n}"].clone() for n in params}, **saved)
 
 
+def _split(texts: Sequence[str], tokenizer: Any, cfg: HealConfig, gen: torch.Generator) -> tuple[list[str], list[str], list[list[int]]]:
+    """(held-out texts, shortest first; training texts; the batches of each step) from one seeded order."""
+    order = torch.randperm(len(texts), generator=gen).tolist()
+    n_held = min(cfg.held_out, len(texts) // 4)
+    held = sorted((texts[i] for i in order[:n_held]), key=len)
+    train = [texts[i] for i in order[n_held:]]
+    lengths = [len(ids) for ids in tokenizer(train, truncation=True, max_length=cfg.max_length)["input_ids"]]
+    return held, train, schedule(lengths, cfg.steps, cfg.batch_size, gen)
+
+
+def _learning_rate(cfg: HealConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay, at step 1..cfg.steps."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step <= warm:
+        return cfg.lr * step / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+class _Distillation:
+    """One healing run: the student's trainable factors, the teacher, the held-out score, the state."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any, cfg: HealConfig,
+                 params: dict[str, torch.nn.Parameter], held: list[str]):
+        self.student, self.teacher, self.tokenizer, self.cfg, self.params = student, teacher, tokenizer, cfg, params
+        self.accepted = _accepted_inputs(teacher)
+        self.device = params[next(iter(params))].device
+        if any(p.device != self.device for p in teacher.parameters()):
+            raise ModelError(f"the teacher is not on the student's device ({self.device})", "move both models to one device before healing")
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        teacher.eval()
+        # the student stays in eval mode: dropout would train it to match a function the teacher,
+        # evaluated without dropout, does not compute
+        student.eval()
+        self.opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.held = [self.encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
+        with torch.no_grad():
+            self.kind = _kind(teacher(**self.held[0]))
+            # encoders: the teacher's sentence embeddings, kept; causal LMs: logits are recomputed when
+            # scoring (a large vocabulary's logits for every held-out token would not fit)
+            self.held_targets = ([pooled(teacher(**b).last_hidden_state, b["attention_mask"]) for b in self.held]
+                                 if self.kind == "encoder" else [])
+
+    def encode(self, batch: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items() if self.accepted is None or k in self.accepted}
+
+    def score(self) -> float:
+        """The held-out loss: 1 - cos of the sentence embeddings (an encoder), token KL (a causal LM)."""
+        student, teacher = self.student, self.teacher
+        with torch.no_grad():
+            if self.kind == "encoder":
+                cos = torch.cat([(pooled(student(**b).last_hidden_state, b["attention_mask"]) * t).sum(-1)
+                                 for b, t in zip(self.held, self.held_targets)])
+                return float(1 - cos.mean())
+            tokens = [int(b["attention_mask"].sum()) for b in self.held]
+            kl = [float(_token_kl(student(**b).logits, teacher(**b).logits, b["attention_mask"])) * n for b, n in zip(self.held, tokens)]
+            return sum(kl) / sum(tokens)
+
+    def step(self, step: int, texts: list[str]) -> float | None:
+        """One optimiser step on `texts`; its loss, or None when the loss is not finite."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = _learning_rate(cfg, step)
+        batch = self.encode(texts)
+        with torch.no_grad():
+            target = self.teacher(**batch, output_hidden_states=cfg.layers)
+        loss = _loss(self.kind, self.student(**batch, output_hidden_states=cfg.layers), target, batch["attention_mask"])
+        if not torch.isfinite(loss):
+            log.warning("heal: the loss is %s at step %d; stopping with the best state so far", float(loss), step)
+            return None
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.clip)
+        self.opt.step()
+        return loss.item()
+
+    def evaluate(self, state: _State, step: int) -> bool:
+        """Score at `step`, keep the best parameters; False when patience has run out."""
+        value = self.score()
+        state.history.append((step, value))
+        if value < state.best:
+            state.best, state.best_step, state.bad = value, step, 0
+            state.best_params = {n: p.detach().clone() for n, p in self.params.items()}
+            return True
+        state.bad += 1
+        if state.bad >= self.cfg.patience:
+            log.info("heal: stopped early at step %d (best %.4g at step %d)", step, state.best, state.best_step)
+            return False
+        return True
+
+    def finish(self, state: _State) -> None:
+        """The best parameters back into the student, frozen."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state.best_params[name])
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+
+
+def _start(run: _Distillation, folder: pathlib.Path | None, fingerprint: str, resume: bool) -> _State:
+    """The checkpoint's state when resuming from one, else step 0 scored."""
+    state = _read_checkpoint(folder, fingerprint, run.params, run.opt) if folder is not None and resume else None
+    if state is not None:
+        log.info("heal: resuming from step %d of %d (%s)", state.step, run.cfg.steps, folder)
+        return state
+    if resume:
+        log.warning("heal: no checkpoint in %s to resume from; starting from step 0", folder)
+    loss0 = run.score()
+    return _State(0, loss0, 0, 0, loss0, [(0, loss0)], {n: p.detach().clone() for n, p in run.params.items()})
+
+
+def _train(run: _Distillation, state: _State, train: list[str], plan: list[list[int]], save: _Checkpointer, show: bool) -> None:
+    """Steps state.step + 1 .. cfg.steps (or until the loss diverges or patience runs out), checkpointed."""
+    cfg = run.cfg
+    bar = progress(range(state.step + 1, cfg.steps + 1), desc="heal", enabled=show, unit="step", initial=state.step, total=cfg.steps)
+    try:
+        for step in ([] if state.bad >= cfg.patience else bar):
+            loss = run.step(step, [train[i] for i in plan[step - 1]])
+            if loss is None:
+                break
+            state.step = step
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss:.4f}", held=f"{state.best:.4f}")
+            if (step % cfg.eval_every == 0 or step == cfg.steps) and not run.evaluate(state, step):
+                break
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save()
+    except KeyboardInterrupt:
+        save()
+        if save.folder is not None:
+            log.warning("heal: interrupted at step %d; resume from %s", state.step, save.folder)
+        raise
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+
+
+class _Checkpointer:
+    """Saves the healing state into a checkpoint folder (a no-op without one)."""
+
+    def __init__(self, folder: pathlib.Path | None, fingerprint: str, run: _Distillation):
+        self.folder, self.fingerprint, self.run = folder, fingerprint, run
+        self.state: _State | None = None
+
+    def __call__(self) -> None:
+        if self.folder is not None:
+            _write_checkpoint(self.folder, self.fingerprint, self.state, self.run.params, self.run.opt)
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            (self.folder / CHECKPOINT).unlink(missing_ok=True)
+            if self.folder.is_dir() and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+
+
 def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str], tokenizer: Any,
          config: HealConfig | None = None, *, checkpoint: str | os.PathLike | None = None, resume: bool = False,
          show: bool = True) -> HealResult:
@@ -267,123 +425,19 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     params = trainable(student, cfg.train_norms)
     if not params:
         raise ModelError("the student has no tngraph factorized layers to heal", "heal a model returned by tngraph.compress")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(texts), generator=gen).tolist()
-    n_held = min(cfg.held_out, len(texts) // 4)
-    held = sorted((texts[i] for i in order[:n_held]), key=len)
-    train = [texts[i] for i in order[n_held:]]
-    lengths = [len(ids) for ids in tokenizer(train, truncation=True, max_length=cfg.max_length)["input_ids"]]
-    plan = schedule(lengths, cfg.steps, cfg.batch_size, gen)
-
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    teacher.eval()
-    # the student stays in eval mode: dropout would train it to match a function the teacher,
-    # evaluated without dropout, does not compute
-    student.eval()
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup * cfg.steps))
-
-    def rate(step: int) -> float:  # of step 1..steps
-        if step <= warm:
-            return cfg.lr * step / warm
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
-
-    accepted = _accepted_inputs(teacher)
-    device = params[next(iter(params))].device
-    if any(p.device != device for p in teacher.parameters()):
-        raise ModelError(f"the teacher is not on the student's device ({device})", "move both models to one device before healing")
-
-    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items() if accepted is None or k in accepted}
-
-    held_batches = [encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
-    with torch.no_grad():
-        kind = _kind(teacher(**held_batches[0]))
-        # encoders: the teacher's sentence embeddings, kept; causal LMs: logits are recomputed when
-        # scoring (a large vocabulary's logits for every held-out token would not fit)
-        held_targets = [pooled(teacher(**b).last_hidden_state, b["attention_mask"]) for b in held_batches] if kind == "encoder" else []
-
-    def score() -> float:
-        with torch.no_grad():
-            if kind == "encoder":
-                cos = torch.cat([(pooled(student(**b).last_hidden_state, b["attention_mask"]) * t).sum(-1) for b, t in zip(held_batches, held_targets)])
-                return float(1 - cos.mean())
-            kl = [float(_token_kl(student(**b).logits, teacher(**b).logits, b["attention_mask"])) * int(b["attention_mask"].sum()) for b in held_batches]
-            return sum(kl) / sum(int(b["attention_mask"].sum()) for b in held_batches)
-
+    held, train, plan = _split(texts, tokenizer, cfg, torch.Generator().manual_seed(cfg.seed))
+    run = _Distillation(student, teacher, tokenizer, cfg, params, held)
     start = time.perf_counter()
     folder = pathlib.Path(checkpoint) if checkpoint is not None else None
-    fingerprint = _fingerprint(cfg, texts, params) if folder is not None else ""
-    state = _read_checkpoint(folder, fingerprint, params, opt) if folder is not None and resume else None
-    if state is not None:
-        log.info("heal: resuming from step %d of %d (%s)", state.step, cfg.steps, folder)
-    else:
-        if resume:
-            log.warning("heal: no checkpoint in %s to resume from; starting from step 0", folder)
-        loss0 = score()
-        state = _State(0, loss0, 0, 0, loss0, [(0, loss0)], {n: p.detach().clone() for n, p in params.items()})
+    save = _Checkpointer(folder, _fingerprint(cfg, texts, params) if folder is not None else "", run)
+    state = save.state = _start(run, folder, save.fingerprint, resume)
     resumed_from = state.step
-
-    def save() -> None:
-        if folder is not None:
-            _write_checkpoint(folder, fingerprint, state, params, opt)
-
-    bar = progress(range(state.step + 1, cfg.steps + 1), desc="heal", enabled=show, unit="step", initial=state.step, total=cfg.steps)
-    stopped = state.bad >= cfg.patience
-    try:
-        for step in ([] if stopped else bar):
-            for group in opt.param_groups:
-                group["lr"] = rate(step)
-            batch = encode([train[i] for i in plan[step - 1]])
-            with torch.no_grad():
-                target = teacher(**batch, output_hidden_states=cfg.layers)
-            loss = _loss(kind, student(**batch, output_hidden_states=cfg.layers), target, batch["attention_mask"])
-            if not torch.isfinite(loss):
-                log.warning("heal: the loss is %s at step %d; stopping with the best state so far", float(loss), step)
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip)
-            opt.step()
-            state.step = step
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4f}", held=f"{state.best:.4f}")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                value = score()
-                state.history.append((step, value))
-                if value < state.best:
-                    state.best, state.best_step, state.bad = value, step, 0
-                    state.best_params = {n: p.detach().clone() for n, p in params.items()}
-                else:
-                    state.bad += 1
-                    if state.bad >= cfg.patience:
-                        log.info("heal: stopped early at step %d (best %.4g at step %d)", step, state.best, state.best_step)
-                        break
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save()
-    except KeyboardInterrupt:
-        save()
-        if folder is not None:
-            log.warning("heal: interrupted at step %d; resume from %s", state.step, folder)
-        raise
-    finally:
-        if hasattr(bar, "close"):
-            bar.close()
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state.best_params[name])
-    for p in student.parameters():
-        p.requires_grad_(False)
-    if folder is not None:
-        (folder / CHECKPOINT).unlink(missing_ok=True)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    _train(run, state, train, plan, save, show)
+    run.finish(state)
+    save.remove()
     seconds = time.perf_counter() - start
-    metric = "1 - cos" if kind == "encoder" else "KL"
-    log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step, state.step, seconds)
+    metric = "1 - cos" if run.kind == "encoder" else "KL"
+    log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step,
+             state.step, seconds)
     return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history),
                       list(params), resumed_from)

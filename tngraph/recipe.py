@@ -16,12 +16,14 @@ import torch
 from . import __version__
 from .config import Config
 from .errors import ArtifactError, ModelError
+from .layers import LAYERS, LayerLinear
 from .models import ModelSource, weights_hash
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .plan import TargetPlan
+from .tn.formats import FORMATS
 
 RECIPE_VERSION = 1
-FACTORIZED = (LowRankLinear, LowRankEmbedding, NetworkLinear)
+FACTORIZED = (LowRankLinear, LowRankEmbedding, NetworkLinear, LayerLinear)
 
 
 def file_sha256(path: pathlib.Path) -> str:
@@ -58,6 +60,13 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
         dense, order = plan.factors.get("dense"), plan.factors.get("order")
         return LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias,
                              dense.detach().clone() if dense is not None else None, order.clone() if order is not None else None)
+    fmt = FORMATS.get(plan.format)
+    if fmt is not None and fmt.layer is not None:
+        layer = LAYERS[fmt.layer]
+        missing = [k for k in layer.factors if k not in plan.factors]
+        if missing:
+            raise ArtifactError(f"{plan.name!r} ({plan.format}) has no factors {missing}", "write the artifact again with tngraph.save")
+        return LayerLinear(layer, {k: plan.factors[k].detach().clone() for k in layer.factors}, plan.in_features, plan.out_features, bias)
     if plan.network is not None:
         net = plan.tensor_network()
         net.cores = [c.detach().clone() for c in net.cores]
@@ -116,6 +125,8 @@ def factor_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return factors
     if isinstance(module, NetworkLinear):
         return {f"core{k}": c.detach() for k, c in enumerate(module.cores)}
+    if isinstance(module, LayerLinear):
+        return {k: t.detach() for k, t in zip(module.layer.factors, module.factors())}
     raise TypeError(type(module).__name__)
 
 

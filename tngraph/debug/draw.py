@@ -12,7 +12,7 @@ from typing import Any
 import networkx as nx
 import torch.fx as fx
 
-from .dump import graph_rows
+from .table import graph_rows
 
 log = logging.getLogger(__name__)
 

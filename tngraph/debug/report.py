@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import pathlib
-import re
 from typing import Any
 
 import torch
@@ -17,7 +16,8 @@ import torch.fx as fx
 
 from .. import meta
 from ..ownership import mark
-from .dump import DIFF, PASS_INFO, TABLE, DumpState, _attr
+from .dump import DIFF, PASS_INFO, TABLE, DumpState
+from .table import attr
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def collect_spectra(state: DumpState, gm: fx.GraphModule) -> None:
         if t is None or t.name in spectra:
             continue
         try:
-            weight = _attr(gm, t.weight)
+            weight = attr(gm, t.weight)
         except AttributeError:
             continue
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:

@@ -13,6 +13,7 @@ run in onnxruntime against PyTorch.
 from __future__ import annotations
 
 import collections
+import copy
 import contextlib
 import keyword
 import logging
@@ -30,6 +31,7 @@ import torch
 
 from .. import __version__
 from ..errors import ArtifactError, ConfigError, DataError, ExportError
+from ..layers import OPS, expand_layers
 from ..ownership import check_output_file, clean_stale, staging_dir
 
 log = logging.getLogger(__name__)
@@ -490,23 +492,12 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     kernels for (bf16 on the CPU) is checked through precision.emulate (float32 arithmetic, every
     value rounded to dtype), said in the result.
     """
-    from .precision import DEFAULT_TOLERANCE, DTYPES, RELATIVE_TOLERANCES, cast_inputs, low_precision_copy, precision_name
+    from .precision import DTYPES, cast_inputs, low_precision_copy, precision_name
 
     started = time.perf_counter()
     dtype = precision_name(dtype)
-    relative = tolerance is None and dtype != "fp32"
-    if tolerance is None:
-        tolerance = RELATIVE_TOLERANCES[dtype] if relative else DEFAULT_TOLERANCE
-    if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and math.isfinite(tolerance)):
-        raise ConfigError(f"tolerance must be a finite number >= 0, got {tolerance!r}", "e.g. tolerance=1e-4")
-    if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = _load(model)
-        if example_inputs is None:
-            example_inputs = text_inputs(tokenizer)
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"export_onnx takes a torch.nn.Module or an artifact folder, got {type(model).__name__}")
-    if example_inputs is None:
-        raise DataError("export_onnx needs example inputs for a module", "pass example_inputs=(tensor, ...) or a dict of tensors")
+    tolerance, relative = _tolerance(dtype, tolerance)
+    model, example_inputs = _module_and_example(model, example_inputs)
     out = pathlib.Path(path)
     if out.suffix != ".onnx":
         raise ConfigError(f"the output file {str(out)!r} does not end in .onnx", "name it like model.onnx")
@@ -516,6 +507,73 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     args, kwargs = _as_kwargs(example_inputs, model)
     names = _input_names(model, args, kwargs)
     values = {**dict(zip(names, args)), **kwargs}
+    out_names, keys, axes = _outputs_and_axes(model, args, kwargs, values, dynamic)
+    flat = _Flat(model, keys, names, len(args))
+    exported, export_values = flat, values
+    if dtype != "fp32":
+        exported = _Flat(low_precision_copy(model, DTYPES[dtype]), flat.keys, names, len(args))
+        export_values = cast_inputs(values, DTYPES[dtype])
+    if external_data is None:
+        external_data = _param_bytes(exported) > EXTERNAL_DATA_BYTES
+    providers = list(providers) if providers else _providers()
+    checks_in = [values, *(check_inputs if check_inputs is not None else check_inputs_for(values, axes))]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = staging_dir(out)
+    try:
+        staged = tmp / out.name
+        _run_exporter(exported, export_values, names, out_names, axes, _max_sequence(model), opset, staged, external_data)
+        proto = _checked_proto(staged)
+        session, emulated = _checking_session(staged, providers, dtype, external_data)
+        checks = [_compare(session, flat, names, inputs, len(args), dtype, emulated, tolerance, relative) for inputs in checks_in]
+        del session
+        moved = _install(staged, out, force, replacing)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = out.stat().st_size + (moved.stat().st_size if moved else 0)
+    counts = collections.Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in proto.graph.node)
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    result = OnnxExport(out, size, moved, names, out_names, {n: a for n, a in axes.items() if a}, opset_used, providers, checks,
+                        tolerance, dict(sorted(counts.items())), time.perf_counter() - started, dtype, emulated, relative)
+    log.info("exported %s (%.1f MB), max abs diff %.3g over %d onnxruntime runs", out, size / 1e6, result.max_abs_diff, len(checks))
+    return result
+
+
+def _tolerance(dtype: str, tolerance: float | None) -> tuple[float, bool]:
+    """(the bound, whether it is relative to each output's largest |value|): absolute 1e-4 in fp32 by default, relative in fp16/bf16."""
+    from .precision import DEFAULT_TOLERANCE, RELATIVE_TOLERANCES
+
+    relative = tolerance is None and dtype != "fp32"
+    if tolerance is None:
+        tolerance = RELATIVE_TOLERANCES[dtype] if relative else DEFAULT_TOLERANCE
+    if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and math.isfinite(tolerance)):
+        raise ConfigError(f"tolerance must be a finite number >= 0, got {tolerance!r}", "e.g. tolerance=1e-4")
+    return tolerance, relative
+
+
+def _module_and_example(model: Any, example_inputs: Any) -> tuple[torch.nn.Module, Any]:
+    """The module to export (an artifact folder or model spec loaded) and its example inputs (a
+    loaded text model's default: a few tokenized sentences)."""
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = load_model_spec(model)
+        if example_inputs is None:
+            example_inputs = text_inputs(tokenizer)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"export_onnx takes a torch.nn.Module or an artifact folder, got {type(model).__name__}")
+    if example_inputs is None:
+        raise DataError("export_onnx needs example inputs for a module", "pass example_inputs=(tensor, ...) or a dict of tensors")
+    if isinstance(model, torch.fx.GraphModule) and any(n.op == "call_function" and n.target in OPS for n in model.graph.nodes):
+        model = copy.deepcopy(model)  # a defined layer's op becomes its reference, which the exporter translates
+        expand_layers(model)
+    return model, example_inputs
+
+
+def _outputs_and_axes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], values: dict[str, torch.Tensor],
+                      dynamic: bool) -> tuple[list[str], list[str] | None, dict[str, dict[int, str]]]:
+    """Run the model once on the example: the output names, the keys of a structured output (None for
+    a single tensor) and each input's
+    dynamic axes, the example checked against what dynamic axes need."""
     for name, value in values.items():
         if dynamic and value.dim() and value.shape[0] < 2:
             raise DataError(f"example input {name!r} has batch size {value.shape[0]}; a dynamic batch axis needs an example of at least 2",
@@ -529,80 +587,72 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     out_names, _ = _flatten_outputs(produced)
     if not out_names:
         raise ExportError("the model returned no tensors", "export a module that returns tensors")
-    flat = _Flat(model, out_names if not isinstance(produced, torch.Tensor) else None, names, len(args))
-    exported, export_values = flat, values
-    if dtype != "fp32":
-        exported = _Flat(low_precision_copy(model, DTYPES[dtype]), flat.keys, names, len(args))
-        export_values = cast_inputs(values, DTYPES[dtype])
     axes = {n: _axes(n, v, dynamic) for n, v in values.items()}
     if any(axes.values()):
         lengths = [v.shape[1] for n, v in values.items() if 1 in axes[n]]
         if lengths and min(lengths) < 2:
             raise DataError("the example's sequence length is 1; a dynamic sequence axis needs at least 2",
                             "pass a longer example, or dynamic=False")
-    if external_data is None:
-        external_data = _param_bytes(exported) > EXTERNAL_DATA_BYTES
-    providers = list(providers) if providers else _providers()
-    checks_in = [values, *(check_inputs if check_inputs is not None else check_inputs_for(values, axes))]
+    return out_names, (out_names if not isinstance(produced, torch.Tensor) else None), axes
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tmp = staging_dir(out)
-    try:
-        staged = tmp / out.name
-        with _quiet_exporter(), torch.no_grad():  # an inference graph (the modules' inference paths, no autograd)
-            try:
-                program = torch.onnx.export(
-                    exported, tuple(export_values[n] for n in names), dynamo=True, opset_version=opset, input_names=names, output_names=out_names,
-                    dynamic_shapes=_dynamic_shapes(names, axes, _max_sequence(model)) if any(axes.values()) else None,
-                    custom_translation_table=onnx_translations(), verbose=False, report=False,
-                )
-            except ExportError:
-                raise
-            except Exception as exc:
-                raise ExportError(f"torch.onnx could not export the model: {_first_line(exc)}",
-                                  "check that the model runs under torch.export (dynamic=False removes dynamic-shape constraints)") from exc
-            program.model.metadata_props[PRODUCER_KEY] = __version__  # what lets --force replace this file later
-            program.save(str(staged), external_data=external_data)
-        import onnx
 
+def _run_exporter(exported: torch.nn.Module, values: dict[str, torch.Tensor], names: list[str], out_names: list[str],
+                  axes: dict[str, dict[int, str]], max_sequence: Any, opset: int | None, staged: pathlib.Path, external_data: bool) -> None:
+    """torch.onnx (dynamo) on the flattened module, the file marked as tngraph's, saved to `staged`."""
+    with _quiet_exporter(), torch.no_grad():  # an inference graph (the modules' inference paths, no autograd)
         try:
-            onnx.checker.check_model(str(staged), full_check=True)
+            program = torch.onnx.export(
+                exported, tuple(values[n] for n in names), dynamo=True, opset_version=opset, input_names=names,
+                output_names=out_names,
+                dynamic_shapes=_dynamic_shapes(names, axes, max_sequence) if any(axes.values()) else None,
+                custom_translation_table=onnx_translations(), verbose=False, report=False,
+            )
+        except ExportError:
+            raise
         except Exception as exc:
-            raise ExportError(f"the exported ONNX model fails onnx.checker: {_first_line(exc)}", "report this as a tngraph bug") from exc
-        proto = onnx.load(str(staged), load_external_data=False)
-        session, emulated = _checking_session(staged, providers, dtype, external_data)
-        positional = len(args)
-        checks = []
-        for inputs in checks_in:
-            diff, rel = _max_diff(session, flat, names, inputs, positional, dtype, emulated)
-            checks.append(ExportCheck(_shapes(inputs), diff, rel))
-            if not (rel if relative else diff) <= tolerance:
-                against = "PyTorch's" if dtype == "fp32" else f"the float32 PyTorch model's ({dtype} file)"
-                by = (f"{rel:.1%} of its largest value (tolerance {tolerance:.0%})" if relative
-                      else f"{diff:.3g} (tolerance {tolerance:g})")
-                raise ExportError(f"onnxruntime's output differs from {against} by {by} on inputs {_shapes(inputs)}",
-                                  "pass a tolerance (--tolerance, an absolute bound), or export in float32")
-        del session
-        data = staged.with_name(staged.name + ".data")
-        check_output_file(out, force, ours=written_by_tngraph, what="an ONNX file")  # again: it may have appeared meanwhile
-        stale = out.with_name(out.name + ".data")
-        os.replace(staged, out)
-        moved = None
-        if data.exists():
-            moved = out.with_name(data.name)
-            os.replace(data, moved)
-        elif replacing and stale.exists():
-            stale.unlink()  # the weights of the export this one replaced
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    size = out.stat().st_size + (moved.stat().st_size if moved else 0)
-    counts = collections.Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in proto.graph.node)
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    result = OnnxExport(out, size, moved, names, out_names, {n: a for n, a in axes.items() if a}, opset_used, providers, checks,
-                        tolerance, dict(sorted(counts.items())), time.perf_counter() - started, dtype, emulated, relative)
-    log.info("exported %s (%.1f MB), max abs diff %.3g over %d onnxruntime runs", out, size / 1e6, result.max_abs_diff, len(checks))
-    return result
+            raise ExportError(f"torch.onnx could not export the model: {_first_line(exc)}",
+                              "check that the model runs under torch.export (dynamic=False removes dynamic-shape constraints)") from exc
+        program.model.metadata_props[PRODUCER_KEY] = __version__  # what lets --force replace this file later
+        program.save(str(staged), external_data=external_data)
+
+
+def _checked_proto(staged: pathlib.Path) -> Any:
+    """The staged file through onnx.checker (full_check); its graph, without the weights."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the exported ONNX model fails onnx.checker: {_first_line(exc)}", "report this as a tngraph bug") from exc
+    return onnx.load(str(staged), load_external_data=False)
+
+
+def _compare(session: Any, flat: _Flat, names: list[str], inputs: Mapping[str, torch.Tensor], positional: int, dtype: str,
+             emulated: bool, tolerance: float, relative: bool) -> ExportCheck:
+    """onnxruntime against PyTorch on `inputs`; an error beyond the tolerance fails the export."""
+    diff, rel = _max_diff(session, flat, names, inputs, positional, dtype, emulated)
+    if not (rel if relative else diff) <= tolerance:
+        against = "PyTorch's" if dtype == "fp32" else f"the float32 PyTorch model's ({dtype} file)"
+        by = f"{rel:.1%} of its largest value (tolerance {tolerance:.0%})" if relative else f"{diff:.3g} (tolerance {tolerance:g})"
+        raise ExportError(f"onnxruntime's output differs from {against} by {by} on inputs {_shapes(inputs)}",
+                          "pass a tolerance (--tolerance, an absolute bound), or export in float32")
+    return ExportCheck(_shapes(inputs), diff, rel)
+
+
+def _install(staged: pathlib.Path, out: pathlib.Path, force: bool, replacing: bool) -> pathlib.Path | None:
+    """The checked file (and its external weights) moved into place; the replaced export's weights
+    removed. The external-data path, or None."""
+    data = staged.with_name(staged.name + ".data")
+    check_output_file(out, force, ours=written_by_tngraph, what="an ONNX file")  # again: it may have appeared meanwhile
+    stale = out.with_name(out.name + ".data")
+    os.replace(staged, out)
+    if data.exists():
+        moved = out.with_name(data.name)
+        os.replace(data, moved)
+        return moved
+    if replacing and stale.exists():
+        stale.unlink()  # the weights of the export this one replaced
+    return None
 
 
 def _checking_session(staged: pathlib.Path, providers: list[str], dtype: str, external_data: bool) -> tuple[Any, bool]:
@@ -638,7 +688,7 @@ def _first_line(exc: BaseException) -> str:
 # --- models and inputs for the command line ---------------------------------------------------------
 
 
-def _load(spec: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
+def load_model_spec(spec: str | os.PathLike) -> tuple[torch.nn.Module, Any]:
     """A compressed model from an artifact folder, or a dense one: 'minilm' or a Hugging Face folder."""
     from ..models import ModelSource, load_model, resolve
 
@@ -666,3 +716,4 @@ def text_inputs(tokenizer: Any, batch: int = 2, length: int = 16) -> dict[str, t
     texts = sentence_sets(calibration=max(batch, 8), evaluation=1).calibration[:batch]
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     return dict(enc)
+

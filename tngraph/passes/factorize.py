@@ -1,5 +1,6 @@
 """factorize: linear(x, W, b) -> linear(linear(x, B), A, b)  (lowrank: A @ B the whitened truncated SVD)
-           linear(x, W, b) -> flatten(einsum(eq, unflatten(x), *cores)) + b  (tensor-network formats)."""
+           linear(x, W, b) -> flatten(einsum(eq, unflatten(x), *cores)) + b  (tensor-network formats)
+           linear(x, W, b) -> the layer's reference, traced  (formats of defined layers, tngraph.layers)."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,8 @@ from torch._guards import detect_fake_mode
 
 from .. import meta
 from ..distributed import share_map
-from ..errors import TngraphError
+from ..errors import ConfigError, PassError, TngraphError
+from ..layers import LAYERS, inline
 from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import decompose_lowrank
@@ -92,9 +94,60 @@ def _check_network(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str 
     plan = meta.info(m.node).plan
     if plan is None:
         return "unplanned"
-    if plan.format in ("dense", "lowrank"):
+    if plan.format in ("dense", "lowrank") or FORMATS[plan.format].layer is not None:
         return "other_format"
     return None
+
+
+def _check_layer(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    plan = meta.info(m.node).plan
+    if plan is None:
+        return "unplanned"
+    if plan.format in ("dense", "lowrank") or FORMATS[plan.format].layer is None:
+        return "other_format"
+    return None
+
+
+def _layer_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
+    """The factors of a defined layer's format, or None when the guard refuses them."""
+    plan_format = meta.info(m.node).plan.format
+    fmt = FORMATS[plan_format]
+    options = fmt.options(ctx.config)
+    t, plan, weight, _, whitening = _inputs(m, gm, ctx, plan_format, options)
+    try:
+        factors = fmt.decompose(weight, plan.rank, whitening, **options)
+    except ValueError as exc:  # the format's own refusal (a shape it cannot take)
+        raise ConfigError(f"{t.name}: {exc}", f"--exclude {t.name}, or choose another --format") from exc
+    if not accept(ctx, m.node, weight, LAYERS[fmt.layer].weight(factors, t.in_features)):
+        return None
+    return TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
+
+
+def _layer_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    t = meta.info(m.node).target
+    decided = _preset(ctx, t.name) or _layer_plan(m, gm, ctx)
+    if decided is None:
+        return None
+    ctx.plan[t.name] = decided
+    return _layer_graph(m, gm, t, decided)
+
+
+def _layer_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, decided: TargetPlan) -> fx.Node:
+    """The layer's reference, traced at the target's values (make_fx, the graph's fake mode), in the linear's place."""
+    layer = LAYERS[FORMATS[decided.format].layer]
+    x_val = m.x.meta.get("val")
+    fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
+    if fake_mode is None:
+        raise PassError(f"{t.name}: the graph carries no FakeTensor values to trace the {layer.name} layer at",
+                        "capture the model with tngraph.capture (torch.export), which records them")
+    with gm.graph.inserting_before(m.node):
+        factor_nodes = [_add_factor(gm, t, f"{decided.format}_{k}", decided.factors[k]) for k in layer.factors]
+    for node in factor_nodes:
+        node.meta["val"] = fake_mode.from_tensor(_attr_of(node))
+    traced = layer.trace(x_val, [n.meta["val"] for n in factor_nodes], m.bias.meta.get("val") if m.bias is not None else None)
+    with gm.graph.inserting_before(m.node):
+        created = inline(gm.graph, traced, [m.x, *factor_nodes, *([m.bias] if m.bias is not None else [])])
+    return _finish(m, [(n, f"factor_{k}") for n, k in zip(factor_nodes, layer.factors)] + [(n, "layer") for n in created], created[-1])
 
 
 def _inputs(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, fmt_name: str, options: dict):
@@ -338,8 +391,9 @@ def preset_plans(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 LOWRANK_LINEAR = RewriteRule("lowrank_linear", _pattern, _check, _replacement)
 NETWORK_LINEAR = RewriteRule("network_linear", _pattern, _check_network, _network_replacement)
+LAYER_LINEAR = RewriteRule("layer_linear", _pattern, _check_layer, _layer_replacement)
 LOWRANK_EMBEDDING = RewriteRule("lowrank_embedding", _embedding_pattern, _check_embedding, _embedding_replacement)
-RULES = [LOWRANK_LINEAR, NETWORK_LINEAR, LOWRANK_EMBEDDING]
+RULES = [LOWRANK_LINEAR, NETWORK_LINEAR, LAYER_LINEAR, LOWRANK_EMBEDDING]
 
 
 def _planned(node: fx.Node) -> bool:
@@ -349,7 +403,8 @@ def _planned(node: fx.Node) -> bool:
 def _decide_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> tuple[bool, TargetPlan | None, meta.PlanInfo | None]:
     """Decompose one node's plan and guard it (on the rank that owns it): (decided, the plan or None
     when the guard refused it, the node's plan after the guard)."""
-    for rule, plan_fn in ((LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LOWRANK_EMBEDDING, _embedding_plan)):
+    for rule, plan_fn in ((LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LAYER_LINEAR, _layer_plan),
+                          (LOWRANK_EMBEDDING, _embedding_plan)):
         match = rule.pattern(node)
         if match is not None and rule.check(match, gm, ctx) is None:
             found = plan_fn(match, gm, ctx)

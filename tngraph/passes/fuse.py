@@ -8,6 +8,10 @@ Declared rules, applied in order over the whole graph, each counting what it fus
 - fuse.network:     [add(] flatten(einsum(eq, [unflatten(x, in_dims), *cores])) [, bias)]
                     ->  tngraph::network(x, cores, eq, in_dims, out_features, bias)
                     (the tensor-network formats; cores parameters or buffers)
+- fuse.layer:       a defined layer's traced reference (tngraph.layers; factorize wrote it)
+                    ->  tngraph::<layer>(x, factors, bias)
+                    (the pattern is the reference traced again at the region's values, matched with
+                    torch.fx's SubgraphMatcher; the lowrank and network rules leave such regions alone)
 The fused node keeps the annotations (target, plan, sensitivity) of the chain's output node.
 """
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 import torch.fx as fx
 
 from .. import meta, ops  # noqa: F401  (ops registers torch.ops.tngraph.*)
+from ..layers import LAYERS, Layer, expand_layers
+from ..tn.formats import FORMATS
 from .base import PassContext, PassResult, declare
 from .rewrite import RewriteRule, apply_rules
 
@@ -47,8 +53,14 @@ class ActMatch:
     act: str
 
 
+def _in_layer(node: fx.Node) -> bool:
+    """Whether factorize wrote `node` as part of a defined layer's reference (fuse.layer's to fuse)."""
+    made = meta.info(node).provenance
+    return made is not None and made.created_by == "factorize" and made.role == "layer"
+
+
 def _chain(node: fx.Node) -> ChainMatch | None:
-    if node.op != "call_function" or node.target != aten.linear.default or len(node.args) < 2:
+    if node.op != "call_function" or node.target != aten.linear.default or len(node.args) < 2 or _in_layer(node):
         return None
     inner = node.args[0]
     if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.target != aten.linear.default:
@@ -121,7 +133,7 @@ def _network(node: fx.Node) -> NetworkMatch | None:
         flat, bias = node.args[0], node.args[1]
         if not isinstance(bias, fx.Node) or bias.op != "get_attr":
             return None
-    if flat.op != "call_function" or flat.target != aten.flatten.using_ints:
+    if flat.op != "call_function" or flat.target != aten.flatten.using_ints or _in_layer(flat):
         return None
     ein = flat.args[0]
     if not isinstance(ein, fx.Node) or ein.target != aten.einsum.default:
@@ -154,7 +166,67 @@ def _network_replacement(m: NetworkMatch, gm: fx.GraphModule, ctx: PassContext) 
     return new
 
 
-RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank", _chain, _chain_check, _chain_replacement),
+@dataclass(frozen=True)
+class LayerMatch:
+    node: fx.Node  # the layer's output, which carries the target's annotations
+    layer: Layer
+    x: fx.Node
+    factors: tuple[fx.Node, ...]
+    bias: fx.Node | None
+    region: tuple[fx.Node, ...]  # every node factorize wrote for this target
+
+
+def _layer(node: fx.Node) -> LayerMatch | None:
+    info = meta.info(node)
+    if info.target is None or info.plan is None or not _in_layer(node):
+        return None
+    fmt = FORMATS.get(info.plan.format)
+    if fmt is None or fmt.layer is None:
+        return None
+    source = info.provenance.source
+    region = tuple(n for n in node.graph.nodes if (p := meta.info(n).provenance) is not None and p.created_by == "factorize"
+                   and p.source == source)
+    roles = {meta.info(n).provenance.role: n for n in region}
+    layer = LAYERS[fmt.layer]
+    factors = tuple(roles.get(f"factor_{k}") for k in layer.factors)
+    if any(f is None for f in factors):
+        return None
+    inside = set(region)
+    external = {a for n in region for a in n.all_input_nodes if a not in inside}
+    bias = next((a for a in external if a.op == "get_attr" and str(a.target) == info.target.bias), None) if info.target.bias else None
+    xs = [a for a in external if a is not bias]
+    return LayerMatch(node, layer, xs[0], factors, bias, region) if len(xs) == 1 else None
+
+
+def _layer_check(m: LayerMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
+
+    inside = set(m.region)
+    if any(u not in inside for n in m.region if n is not m.node for u in n.users):
+        return "intermediate_reused"
+    if not all(f.op == "get_attr" for f in m.factors):
+        return "factors_not_constant"
+    inputs = [m.x, *m.factors, *([m.bias] if m.bias is not None else [])]
+    if any(n.meta.get("val") is None for n in inputs):
+        return "no_shape"
+    vals = [n.meta["val"] for n in inputs]
+    pattern = m.layer.trace(vals[0], vals[1 : 1 + len(m.factors)], vals[-1] if m.bias is not None else None)
+    matcher = SubgraphMatcher(pattern.graph, match_output=False, match_placeholder=False, remove_overlapping_matches=True)
+    for found in matcher.match(gm.graph):
+        if found.returning_nodes == [m.node] and found.placeholder_nodes == inputs:
+            return None
+    return "not_the_reference"  # someone changed the region since factorize wrote it
+
+
+def _layer_replacement(m: LayerMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    with gm.graph.inserting_before(m.node):
+        new = gm.graph.call_function(m.layer.op, (m.x, list(m.factors), m.bias))
+    _annotate(new, m.node, m.layer.name)
+    return new
+
+
+RULES: list[RewriteRule] = [RewriteRule("fuse.layer", _layer, _layer_check, _layer_replacement),
+                            RewriteRule("fuse.lowrank", _chain, _chain_check, _chain_replacement),
                             RewriteRule("fuse.network", _network, _network_check, _network_replacement)]
 ACT_RULES: list[RewriteRule] = [RewriteRule("fuse.lowrank_act", _act, _act_check, _act_replacement)]
 
@@ -166,17 +238,19 @@ def fuse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     chains = apply_rules(gm, ctx, RULES)
     acts = apply_rules(gm, ctx, ACT_RULES)
     if chains or acts:
-        # the chains' intermediates, and ops an activation was fused into, are left without users
+        # the chains' intermediates, ops an activation was fused into and the rest of fused layers'
+        # references are left without users
         for node in reversed(list(gm.graph.nodes)):
-            if node.op == "call_function" and node.target in _PURE and not node.users:
+            if node.op == "call_function" and (node.target in _PURE or _in_layer(node)) and not node.users:
                 gm.graph.erase_node(node)
         gm.recompile()
     return PassResult(gm, bool(chains or acts), {"fused": chains, "with_activation": acts})
 
 
 def unfuse(gm: fx.GraphModule) -> fx.GraphModule:
-    """Expand every tngraph::lowrank and tngraph::network node of `gm` (in place) back into aten ops: for targets
-    without tngraph's ops (ONNX, other runtimes) and to check the fused graph against it."""
+    """Expand every tngraph::lowrank, tngraph::network and defined layer's node of `gm` (in place) back
+    into aten ops: for targets without tngraph's ops (ONNX, other runtimes) and to check the fused graph against it."""
+    expand_layers(gm)
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (LOWRANK, NETWORK):

@@ -12,13 +12,13 @@ import torch
 
 from ..network import TensorNetwork
 from ..whitening import Whitening, block_whitening, kronecker_whitening, whitening_from_gram
-from . import cp, kron, lowrank, monarch, tr, tt, tucker
+from . import cp, kron, lowrank, lrbd, monarch, tr, tt, tucker
 
 
 @dataclass(frozen=True)
 class Format:
     name: str
-    decompose: Callable[..., TensorNetwork]  # (weight, rank, whitening=None, **options)
+    decompose: Callable[..., TensorNetwork]  # (weight, rank, whitening=None, **options); a layer format: the factors by key
     params: Callable[..., int]  # (out, in, rank, **options)
     max_rank: Callable[..., int]  # (out, in, **options)
     # how the shared whitening step is shaped for this format: "full" (one S), "axes" (one S_k per
@@ -27,6 +27,7 @@ class Format:
     input_split: Callable[..., object] | None = None  # in_dims (axes) or the block count (blocks)
     config_keys: tuple[tuple[str, str], ...] = ()  # (decompose option, Config field)
     summary: str = ""
+    layer: str | None = None  # a format of a defined layer (tngraph.layers): its name; None: a TensorNetwork
 
     def options(self, config: object) -> dict:
         """The decompose/params options a Config sets for this format."""
@@ -58,6 +59,8 @@ FORMATS: dict[str, Format] = {
                "sum of Kronecker products, rearrangement + SVD"),
         Format("monarch", monarch.decompose, monarch.params, monarch.max_rank, "blocks", monarch.input_blocks,
                (("blocks", "monarch_blocks"),), "block-diagonal · permutation · block-diagonal, rank per block"),
+        Format("lrbd", lrbd.decompose, lrbd.params, lrbd.max_rank, "full", summary="low rank + block diagonal, A·B + diag(D_1..D_g)",
+               layer="lrbd"),
     )
 }
 

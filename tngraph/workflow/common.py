@@ -1,0 +1,107 @@
+"""What every workflow shares: the thread count, the healing checkpoint's place, the model and its
+tokenizer, and the data policy (which texts calibrate, heal and evaluate an encoder or a causal LM)."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError, TngraphError
+
+log = logging.getLogger("tngraph.workflow")
+
+
+def set_threads(threads: int) -> None:
+    """torch's CPU threads for a workflow (the --threads flag): checked once, here."""
+    import torch
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}", "pass --threads N (threads=N) with N >= 1")
+    torch.set_num_threads(threads)
+
+
+def checkpoint_dir(out: str | os.PathLike) -> str:
+    """Healing checkpoints live beside the artifact (the artifact folder is replaced in one rename)."""
+    return os.path.abspath(out).rstrip(os.sep) + ".heal-checkpoint"
+
+
+def fit_length(config: Config, model: Any) -> Config:
+    """Tokenise no longer than the model's position table (a small model may hold fewer than max_length)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and 1 < positions < config.max_length:
+        log.info("tokenising to %d tokens, the model's max_position_embeddings", positions)
+        return config.replace(max_length=positions)
+    return config
+
+
+def load_with_tokenizer(source: Any, spec: str) -> tuple[Any, Any]:
+    """The model of `source` and its tokenizer; a folder without one is an error."""
+    from ..models import load_model
+
+    model, tokenizer = load_model(source)
+    if tokenizer is None:
+        raise TngraphError(f"{spec!r} has no tokenizer", "add the tokenizer files to the model folder")
+    return model, tokenizer
+
+
+def whole_graph_config(source: Any, config: Config | None = None, options: dict[str, Any] | None = None) -> Config:
+    """The Config of a whole-graph run: `config` (default Config()) with `options`; without an include
+    pattern, the model's default targets (models.default_include)."""
+    from ..models import default_include
+
+    config = config or Config()
+    config = config.replace(**options) if options else config
+    return config if config.include else config.replace(include=default_include(source, config.targets))
+
+
+@dataclass
+class TextSets:
+    """The texts of one run: calibration samples, healing samples (None: the calibration texts or
+    Config.heal_data), and the evaluation set (sentences of an encoder, held-out text of a causal LM)."""
+
+    calibration: list[str]
+    heal: list[str] | None
+    evaluation: Any
+
+
+def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True) -> TextSets:
+    """The data policy of the built-in text, in one place.
+
+    A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
+    the first calibration_samples of them calibrate, all of them heal, the held-out documents
+    (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
+    healing on every built-in sentence outside the evaluation set."""
+    from ..data import healing_pool, lm_documents, passages, sentence_sets
+
+    if causal:
+        text = lm_documents()
+        pool = passages(text.train)
+        if shuffle:
+            random.Random(config.seed).shuffle(pool)
+        return TextSets(pool[: config.calibration_samples], pool, "\n\n".join(text.heldout))
+    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+    return TextSets(sets.calibration, healing_pool(sets.evaluation), sets.evaluation)
+
+
+def compress_texts(causal: bool, config: Config, calibration: str | None = None) -> TextSets:
+    """The texts of `tngraph compress`: the built-in ones, or the lines of the `calibration` file
+    (which then heal too, unless Config.heal_data names another file)."""
+    from ..data import read_lines
+
+    texts = builtin_texts(causal, config)
+    if calibration:
+        return TextSets(read_lines(calibration), None, texts.evaluation)
+    return texts
+
+
+def calibration_only(config: Config, calibration: str | None = None, count: int | None = None) -> list[str]:
+    """Calibration texts alone (block by block, a dump): the `calibration` file's lines, else `count`
+    (default calibration_samples) built-in sentences."""
+    from ..data import read_lines, sentence_sets
+
+    if calibration:
+        return read_lines(calibration)
+    return sentence_sets(count or config.calibration_samples, 1, config.seed).calibration

@@ -1,0 +1,157 @@
+"""`tngraph compress` as one Python call: the whole-graph pipeline with its report, or block by block
+for a Llama/Mistral/Qwen causal-LM folder (the decision and the options it refuses live here)."""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError
+from .common import checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, set_threads, whole_graph_config
+from .measure import build_report
+
+log = logging.getLogger("tngraph.workflow")
+
+BLOCKWISE_BYTES = 2 << 30  # weights above this go block by block unless told otherwise
+
+@dataclass
+class WorkflowResult:
+    """What `compress` did: the artifact folder, its report (report.json of a whole-graph run; the
+    block-by-block summary otherwise), which driver ran ("graph" or "blockwise"), the library's result
+    (api.CompressResult or blockwise.BlockwiseResult), the Config it ran with, and the torch.distributed
+    rank and world size (block by block under torchrun; only rank 0 writes)."""
+
+    out: pathlib.Path
+    report: dict[str, Any]
+    layout: str
+    result: Any
+    config: Config
+    rank: int = 0
+    world: int = 1
+
+    def summary(self) -> str:
+        """What `tngraph compress` prints: the report's table, or the block-by-block summary."""
+        if self.layout == "graph":
+            from ..report import format_table
+
+            return format_table(self.report)
+        r, healed = self.report, self.report["healed"]
+        return (f"compressed {r['blocks']} decoder blocks of {r['source']} block by block: {r['targets']} targets, "
+                f"parameters {r['params_before']:,} -> {r['params_after']:,} ({r['kept']:.3f} kept), "
+                f"{r['calibration_tokens']:,} calibration tokens, {r['seconds']:.1f} s" + (f" on {r['world']} processes" if r["world"] > 1 else "")
+                + (f", {r['heal_steps']} healing steps per block (mean held-out relative error of the blocks' outputs "
+                   f"{sum(b for b, _ in healed) / len(healed):.4g} -> {sum(a for _, a in healed) / len(healed):.4g})"
+                   if healed else " (no healing: --heal-steps N heals each block)") + "; `tngraph eval --model DIR` scores it\n"
+                f"artifact: {r['out']}  (tngraph.load(DIR) gives the model for generate())")
+
+
+def use_blockwise(spec: str, source: Any, blockwise: bool | None = None) -> bool:
+    """The driver decision: block by block for a Llama/Mistral/Qwen folder when `blockwise` says so,
+    or (None) when its weights exceed 2 GiB or it has no tokenizer; `blockwise=True` elsewhere is an error."""
+    from ..blockwise import causal_lm_config
+
+    if source.kind != "hf" or causal_lm_config(source.path) is None:
+        if blockwise:
+            raise ConfigError(f"--blockwise compresses Llama/Mistral/Qwen causal LM folders; {spec!r} is not one", "leave --blockwise out")
+        return False
+    if blockwise is not None:
+        return blockwise
+    folder = pathlib.Path(source.path)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    if size > BLOCKWISE_BYTES or not has_tokenizer:
+        log.info("compressing %s block by block (%s)", source.path,
+                 f"weights {size / 2**30:.1f} GiB > 2 GiB" if size > BLOCKWISE_BYTES else "no tokenizer")
+        return True
+    return False
+
+
+def given_options(config: Config | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The options a caller chose: `config`'s fields that differ from Config()'s, then `options`."""
+    if config is None:
+        return dict(options)
+    defaults = Config()
+    chosen = {k: v for k, v in config.to_dict().items() if getattr(defaults, k) != v}
+    return {**chosen, **options}
+
+
+def compress(model: str, out: str | os.PathLike, config: Config | None = None, *, calibration: str | None = None,
+             force: bool = False, resume: bool = False, evaluate: bool = True, baseline: bool = True, threads: int = 2,
+             blockwise: bool | None = None, **options: Any) -> WorkflowResult:
+    """`tngraph compress --model MODEL --out OUT ...` as one call; writes the artifact folder `out`.
+
+    model: "minilm" or a local Hugging Face folder. config / options: tngraph.Config (its fields as
+    keywords, e.g. budget=0.5, heal_steps=0). calibration: a text file, one sample per line (default:
+    the built-in text). evaluate: score and time the result (the report's agreement or perplexity and
+    latency); baseline: also score plain SVD. blockwise: None decides (use_blockwise). force, resume
+    and threads are the flags of the same names. The returned report is the one written to report.json."""
+    from ..models import resolve
+
+    set_threads(threads)
+    source = resolve(model)
+    if use_blockwise(model, source, blockwise):
+        return compress_blockwise(source, out, given_options(config, options), calibration=calibration, force=force, resume=resume)
+    config = whole_graph_config(source, config, options)
+    return compress_graph(model, source, out, config, calibration=calibration, force=force, resume=resume, evaluate=evaluate,
+                          baseline=baseline)
+
+
+def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Config, *, calibration: str | None = None,
+                   force: bool = False, resume: bool = False, evaluate: bool = True, baseline: bool = True) -> WorkflowResult:
+    """The whole-graph pipeline on the model of `source`, healing, the report, the artifact in `out`."""
+    from ..api import compress_with_result
+    from ..artifact import save
+    from ..lm import is_causal_lm, no_kv_cache
+    from ..models import source_folder
+    from ..ownership import check_output_dir
+
+    check_output_dir(out, force, keep=[source_folder(source), calibration, config.heal_data])
+    started = time.perf_counter()
+    model, tokenizer = load_with_tokenizer(source, spec)
+    config = fit_length(config, model)
+    texts = compress_texts(is_causal_lm(model), config, calibration)
+    result = compress_with_result(model, calibration=texts.calibration, config=config, tokenizer=tokenizer, source=source,
+                                  heal_texts=texts.heal, heal_checkpoint=checkpoint_dir(out), resume=resume)
+    with no_kv_cache(model, result.module):  # scored and timed without a KV cache
+        report = build_report(spec, model, tokenizer, result, texts.evaluation, config, evaluate=evaluate, baseline=baseline)
+    report["timings"]["total"] = time.perf_counter() - started
+    save(result.module, out, force=force, extra={"report.json": report})
+    report["out"] = os.path.abspath(out)
+    return WorkflowResult(pathlib.Path(out), report, "graph", result, config)
+
+
+def compress_blockwise(source: Any, out: str | os.PathLike, given: dict[str, Any], *, calibration: str | None = None,
+                       force: bool = False, resume: bool = False) -> WorkflowResult:
+    """A Llama/Mistral/Qwen causal-LM folder block by block (tngraph.blockwise), whatever its size;
+    `given`: the Config options chosen (the driver's defaults, blockwise.DEFAULTS, for the rest)."""
+    from ..blockwise import blockwise_config, compress_causal_lm, init_distributed
+
+    if resume:
+        raise ConfigError("--resume is not available for block-by-block compression: it writes no healing checkpoint "
+                          "(each block heals as it is compressed)", "leave --resume out, or pass --no-blockwise when the model fits in memory")
+    config = blockwise_config(None, **given)  # the driver's defaults under the options given; what it cannot honour is refused
+    tokenizer = causal_tokenizer(source.path)
+    # without a tokenizer the calibration is random token ids: no text to build; a window takes several sentences
+    texts = None if tokenizer is None else calibration_only(config, calibration, max(config.calibration_samples * 8, 256))
+    rank, world = init_distributed()  # torchrun --nproc-per-node N -m tngraph compress ...: decompositions shared
+    config = config.replace(progress=config.progress and rank == 0)
+    result = compress_causal_lm(source.path, out, config, texts=texts, tokenizer=tokenizer, force=force)
+    report = {**result.to_json(), "source": str(source.path), "out": os.path.abspath(out), "heal_steps": config.heal_steps,
+              "world": world}
+    return WorkflowResult(pathlib.Path(out), report, "blockwise", result, config, rank, world)
+
+
+def causal_tokenizer(folder: str | os.PathLike) -> Any:
+    """The folder's tokenizer, or None (logged) when it has none."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        log.warning("no tokenizer in %s (%s): calibrating on random token ids", folder,
+                    str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)
+        return None
