@@ -35,7 +35,7 @@ system-deps:
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

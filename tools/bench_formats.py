@@ -33,11 +33,13 @@ from tngraph.data import sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 from tngraph.tn.formats import FORMATS, rank_for_params  # noqa: E402
+from tngraph.layers import LAYERS  # noqa: E402
 from tngraph.tn.network import TensorNetwork, labels  # noqa: E402
 
 # name shown -> (Config options, FORMATS key, decompose options)
 VARIANTS = {
     "svd": ({"format": "lowrank"}, "svd", {}),
+    "svd uniform": ({"format": "lowrank", "allocation": "uniform"}, "svd", {}),  # the allocation the other formats get by default
     "tucker-2x2": ({"format": "tucker"}, "tucker", {"modes": 2}),
     "tucker-2x2 hooi-2": ({"format": "tucker", "tucker_iters": 2}, "tucker", {"modes": 2, "iters": 2}),
     "tt-2": ({"format": "tt"}, "tt", {"cores": 2}),
@@ -47,6 +49,7 @@ VARIANTS = {
     "cp-2x2": ({"format": "cp"}, "cp", {"modes": 2}),
     "kron": ({"format": "kron"}, "kron", {}),
     "monarch": ({"format": "monarch"}, "monarch", {}),
+    "lrbd": ({"format": "lrbd"}, "lrbd", {}),  # a defined layer (tngraph.layers), not a tensor network
 }
 TLTORCH_KINDS = ("tucker", "cp", "blocktt")
 
@@ -56,7 +59,12 @@ def layer_errors(result, model) -> float:
     for name, plan in result.context.plan.items():
         w = model.get_submodule(name).weight.detach().double()
         gram = result.context.stats[name].gram
-        approx = (plan.factors["a"] @ plan.factors["b"]).double() if plan.format == "lowrank" else plan.tensor_network().to_dense().double()
+        if plan.format == "lowrank":
+            approx = (plan.factors["a"] @ plan.factors["b"]).double()
+        elif FORMATS[plan.format].layer is not None:
+            approx = LAYERS[FORMATS[plan.format].layer].weight(plan.factors, plan.in_features).double()
+        else:
+            approx = plan.tensor_network().to_dense().double()
         diff = w - approx
         errors.append((torch.trace(diff @ gram @ diff.T) / torch.trace(w @ gram @ w.T)).sqrt().item())
     return sum(errors) / len(errors)
@@ -81,7 +89,22 @@ def random_svd():
         torch.linalg.svd = real
 
 
-def timing_network(key: str, w: torch.Tensor, rank: int, options: dict) -> TensorNetwork:
+class LayerTiming:
+    """A defined layer's factors with the three things the timing table reads of a network."""
+
+    def __init__(self, key: str, factors: dict, in_features: int):
+        self.layer, self.factors = LAYERS[FORMATS[key].layer], [factors[k] for k in LAYERS[FORMATS[key].layer].factors]
+        self.num_params = sum(t.numel() for t in self.factors)
+        self.in_features = in_features
+
+    def contract(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.reference(x, self.factors, None)
+
+    def flops(self, rows: int) -> int:
+        return 2 * rows * self.num_params  # every factor entry is one multiply-add per input row
+
+
+def timing_network(key: str, w: torch.Tensor, rank: int, options: dict) -> TensorNetwork | LayerTiming:
     if key == "cp":  # ALS at these ranks would take hours; the factors' shapes are what timing needs
         from tngraph.tn.formats.cp import _dims
 
@@ -92,7 +115,8 @@ def timing_network(key: str, w: torch.Tensor, rank: int, options: dict) -> Tenso
         return TensorNetwork(cores, [m + r for m in modes], in_dims, out_dims, modes[len(out_dims):], modes[: len(out_dims)], format="cp")
     timing_options = {k: v for k, v in options.items() if k != "als"}
     with random_svd():
-        return FORMATS[key].decompose(w, rank, None, **timing_options)
+        made = FORMATS[key].decompose(w, rank, None, **timing_options)
+    return LayerTiming(key, made, w.shape[1]) if FORMATS[key].layer is not None else made
 
 
 def median_time(stmt: str, env: dict, min_run_time: float) -> float:

@@ -76,10 +76,9 @@ def _embedding_pattern(node: fx.Node) -> EmbeddingMatch | None:
 def _embedding_replacement(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     """embedding(W, idx) -> embedding(A, idx) @ B: gathers rows of A (rows x r), never the table."""
     t = meta.info(m.node).target
-    decided = _preset(ctx, t.name) or _embedding_plan(m, gm, ctx)
+    decided = _decided(m, gm, ctx, _embedding_plan)
     if decided is None:
         return None
-    ctx.plan[t.name] = decided
     a, b = decided.factors["a"], decided.factors["b"]
     graph = gm.graph
     with graph.inserting_before(m.node):
@@ -90,22 +89,22 @@ def _embedding_replacement(m: EmbeddingMatch, gm: fx.GraphModule, ctx: PassConte
     return _finish(m, [(a_node, "factor_a"), (b_node, "factor_b"), (rows, "gather"), (out, "up")], out)
 
 
-def _check_network(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+def _format_check(m: LinearMatch, layer: bool) -> str | None:
+    """Refuse unless the plan's format is a tensor network (layer False) or a defined layer's (True)."""
     plan = meta.info(m.node).plan
     if plan is None:
         return "unplanned"
-    if plan.format in ("dense", "lowrank") or FORMATS[plan.format].layer is not None:
+    if plan.format in ("dense", "lowrank") or (FORMATS[plan.format].layer is not None) != layer:
         return "other_format"
     return None
+
+
+def _check_network(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    return _format_check(m, layer=False)
 
 
 def _check_layer(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
-    plan = meta.info(m.node).plan
-    if plan is None:
-        return "unplanned"
-    if plan.format in ("dense", "lowrank") or FORMATS[plan.format].layer is None:
-        return "other_format"
-    return None
+    return _format_check(m, layer=True)
 
 
 def _layer_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
@@ -124,12 +123,8 @@ def _layer_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetP
 
 
 def _layer_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
-    t = meta.info(m.node).target
-    decided = _preset(ctx, t.name) or _layer_plan(m, gm, ctx)
-    if decided is None:
-        return None
-    ctx.plan[t.name] = decided
-    return _layer_graph(m, gm, t, decided)
+    decided = _decided(m, gm, ctx, _layer_plan)
+    return None if decided is None else _layer_graph(m, gm, meta.info(m.node).target, decided)
 
 
 def _layer_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, decided: TargetPlan) -> fx.Node:
@@ -219,11 +214,8 @@ def _attr_of(node: fx.Node) -> torch.Tensor:
 
 def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     t, plan = meta.info(m.node).target, meta.info(m.node).plan
-    decided = _preset(ctx, t.name) or _network_plan(m, gm, ctx)
-    if decided is None:
-        return None
-    ctx.plan[t.name] = decided
-    return _network_graph(m, gm, t, plan, decided.tensor_network())
+    decided = _decided(m, gm, ctx, _network_plan)
+    return None if decided is None else _network_graph(m, gm, t, plan, decided.tensor_network())
 
 
 def _network_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
@@ -263,6 +255,15 @@ def _network_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, plan:
     return _finish(m, created, out)
 
 
+def _decided(m: LinearMatch | EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext, plan_fn) -> TargetPlan | None:
+    """The target's factors (decided before, else now by `plan_fn`), recorded in ctx.plan; None when the guard refused them."""
+    name = meta.info(m.node).target.name
+    decided = _preset(ctx, name) or plan_fn(m, gm, ctx)
+    if decided is not None:
+        ctx.plan[name] = decided
+    return decided
+
+
 def _preset(ctx: PassContext, name: str) -> TargetPlan | None:
     """Factors decided before (the torch.compile backend's cache, or factorize's first sweep), to be
     put in place as they are."""
@@ -272,10 +273,9 @@ def _preset(ctx: PassContext, name: str) -> TargetPlan | None:
 
 def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     t = meta.info(m.node).target
-    decided = _preset(ctx, t.name) or _lowrank_plan(m, gm, ctx)
+    decided = _decided(m, gm, ctx, _lowrank_plan)
     if decided is None:
         return None
-    ctx.plan[t.name] = decided
     if "dense" in decided.factors:
         return _patched_graph(m, gm, t, decided.factors)
     return _lowrank_graph(m, gm, t, decided.factors["a"], decided.factors["b"])
