@@ -49,3 +49,56 @@ def test_one_process_is_a_plain_map():
     assert distributed.share_map(None, [1, 2], lambda k: k * 3) == {1: 3, 2: 6}
     with pytest.raises(KeyError):
         distributed.share_map(distributed.current(), ["x"], lambda k: {}[k])
+
+
+def _compress_worker(rank, init, results, budget):
+    import importlib
+
+    import torch
+    import torch.distributed as dist
+
+    import tngraph
+    from tests.conftest import MLP
+    factorize = importlib.import_module("tngraph.passes.factorize")  # the module (tngraph.passes.factorize is also the pass)
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    calls = []
+    real = factorize.decompose_lowrank
+    factorize.decompose_lowrank = lambda *a, **k: calls.append(1) or real(*a, **k)  # decompositions this rank made
+    try:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(1)
+        mix = torch.randn(24, 24, generator=g)
+        batches = [((torch.randn(16, 24, generator=g) @ mix,), {}) for _ in range(8)]
+        result = tngraph.compress_with_result(MLP(), calibration=batches, budget=budget, heal_steps=0, progress=False,
+                                              sensitivity="measured")
+        results[rank] = ({n: {k: v.clone() for k, v in p.factors.items()} for n, p in result.context.plan.items()},
+                         result.context.group.world, len(calls))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_whole_graph_driver_shares_its_per_target_work_too(tmp_path):
+    """compress() under torch.distributed: the passes' group is the process group, and every rank
+    ends with the factors a one-process run makes (the same thread count), bit for bit."""
+    import torch
+
+    import tngraph
+    from tests.conftest import MLP
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_compress_worker, args=(f"file://{tmp_path / 'rendezvous'}", results, 0.5), nprocs=2, join=True)
+        results = dict(results)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(24, 24, generator=g)
+    batches = [((torch.randn(16, 24, generator=g) @ mix,), {}) for _ in range(8)]
+    one = tngraph.compress_with_result(MLP(), calibration=batches, budget=0.5, heal_steps=0, progress=False, sensitivity="measured")
+    (plans0, world0, made0), (plans1, world1, made1) = results[0], results[1]
+    assert world0 == world1 == 2 and one.context.group is None
+    assert made0 == 2 and made1 == 1  # the three targets' decompositions: j on rank j % 2
+    assert set(plans0) == set(plans1) == set(one.context.plan) and plans0
+    for name, plan in one.context.plan.items():
+        for key, tensor in plan.factors.items():
+            assert torch.equal(plans0[name][key], tensor) and torch.equal(plans1[name][key], tensor), (name, key)

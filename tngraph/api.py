@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from . import meta
+from . import distributed, meta
 from .capture import capture
 from .config import Config
 from .errors import ConfigError, DataError
@@ -98,7 +98,10 @@ def _compress(model, example_inputs, batches, config, source, texts, healing, to
     gm = capture(model, example_inputs)
     timings = {"capture": time.perf_counter() - start}
     # the result is the user's module with its targets swapped: only layers called as modules are targets
-    ctx = PassContext(config=config, calibration=batches, objective=sentence_objective if texts else None, module_targets_only=True)
+    # under torch.distributed (torchrun), the passes' per-target work is shared between the ranks
+    group = distributed.current()
+    ctx = PassContext(config=config, calibration=batches, objective=sentence_objective if texts else None, module_targets_only=True,
+                      group=group if group.world > 1 else None)
     gm = run_passes(gm, ctx)
     timings.update(ctx.timings)
     if not meta.targets(gm):

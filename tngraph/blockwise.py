@@ -349,9 +349,3 @@ class _Run:
         if tmp is not None:
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             self.files[file] = {"sha256": file_sha256(tmp / file)}
-
-
-def init_distributed() -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; (rank, world)."""
-    group = distributed.init_from_env()
-    return group.rank, group.world

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
 from .common import checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, set_threads, whole_graph_config
@@ -109,7 +110,8 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
     from ..models import source_folder
     from ..ownership import check_output_dir
 
-    check_output_dir(out, force, keep=[source_folder(source), calibration, config.heal_data])
+    group = distributed.init_from_env()  # under torchrun the passes share their per-target work; every rank runs the same steps
+    distributed.agree(lambda: check_output_dir(out, force, keep=[source_folder(source), calibration, config.heal_data]), group)
     started = time.perf_counter()
     model, tokenizer = load_with_tokenizer(source, spec)
     config = fit_length(config, model)
@@ -119,16 +121,18 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
     with no_kv_cache(model, result.module):  # scored and timed without a KV cache
         report = build_report(spec, model, tokenizer, result, texts.evaluation, config, evaluate=evaluate, baseline=baseline)
     report["timings"]["total"] = time.perf_counter() - started
-    save(result.module, out, force=force, extra={"report.json": report})
+    if group.rank == 0:  # one writer
+        save(result.module, out, force=force, extra={"report.json": report})
+    distributed.barrier(group)
     report["out"] = os.path.abspath(out)
-    return WorkflowResult(pathlib.Path(out), report, "graph", result, config)
+    return WorkflowResult(pathlib.Path(out), report, "graph", result, config, group.rank, group.world)
 
 
 def compress_blockwise(source: Any, out: str | os.PathLike, given: dict[str, Any], *, calibration: str | None = None,
                        force: bool = False, resume: bool = False) -> WorkflowResult:
     """A Llama/Mistral/Qwen causal-LM folder block by block (tngraph.blockwise), whatever its size;
     `given`: the Config options chosen (the driver's defaults, blockwise.DEFAULTS, for the rest)."""
-    from ..blockwise import blockwise_config, compress_causal_lm, init_distributed
+    from ..blockwise import blockwise_config, compress_causal_lm
 
     if resume:
         raise ConfigError("--resume is not available for block-by-block compression: it writes no healing checkpoint "
@@ -137,7 +141,8 @@ def compress_blockwise(source: Any, out: str | os.PathLike, given: dict[str, Any
     tokenizer = causal_tokenizer(source.path)
     # without a tokenizer the calibration is random token ids: no text to build; a window takes several sentences
     texts = None if tokenizer is None else calibration_only(config, calibration, max(config.calibration_samples * 8, 256))
-    rank, world = init_distributed()  # torchrun --nproc-per-node N -m tngraph compress ...: decompositions shared
+    group = distributed.init_from_env()  # torchrun --nproc-per-node N -m tngraph compress ...: decompositions shared
+    rank, world = group.rank, group.world
     config = config.replace(progress=config.progress and rank == 0)
     result = compress_causal_lm(source.path, out, config, texts=texts, tokenizer=tokenizer, force=force)
     report = {**result.to_json(), "source": str(source.path), "out": os.path.abspath(out), "heal_steps": config.heal_steps,
