@@ -161,3 +161,13 @@ def test_the_artifact_and_the_onnx_file_come_from_the_same_definition(tiny_bert,
     # the fused graph (tngraph::lrbd nodes) exports too: its layers are expanded from the same reference
     graph_result = export_onnx(compressed.graph, enc, tmp_path / "g.onnx", dynamic=False)
     assert graph_result.max_abs_diff <= 1e-4
+
+
+def test_a_layer_the_format_cannot_take_is_an_error_naming_it():
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.ReLU(), torch.nn.Linear(24, 7))
+    batches = [((torch.randn(8, 12),), {}) for _ in range(4)]
+    with pytest.raises(tngraph.ConfigError, match=r"^2: lrbd needs a layer whose sides share a divisor of at least 4; 7x24 shares 1") as info:
+        tngraph.compress(model, calibration=batches, format="lrbd", heal_steps=0, progress=False)
+    assert "--exclude 2" in str(info.value)
+    kept = tngraph.compress(model, calibration=batches, format="lrbd", heal_steps=0, progress=False, exclude=[r"^2$"])
+    assert isinstance(kept[0], LayerLinear) and isinstance(kept[2], torch.nn.Linear)

@@ -86,8 +86,11 @@ def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, t
         options = format_options(ctx) if t.kind == "linear" else {}
         chosen_format = ctx.config.format if t.kind == "linear" else "lowrank"
         bias = t.out_features if t.bias else 0
-        rank = rank_for_params(fmt, t.out_features, t.in_features, budget * t.dense_params - bias, **options)
-        after = fmt.params(t.out_features, t.in_features, rank, **options) + bias
+        try:
+            rank = rank_for_params(fmt, t.out_features, t.in_features, budget * t.dense_params - bias, **options)
+            after = fmt.params(t.out_features, t.in_features, rank, **options) + bias
+        except ValueError as exc:  # a shape the format cannot take (its own message names why)
+            raise ConfigError(f"{t.name}: {exc}", f"--exclude {t.name} (Config(exclude=...)), or choose another --format") from None
         if after >= t.dense_params:
             plans[t.name] = (meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="factorization not smaller"), "dense.not_smaller")
         elif after > budget * t.dense_params * (1 + 1e-12) + 1e-9:

@@ -29,7 +29,7 @@ def blocks(out_features: int, in_features: int, **_: object) -> int:
     g = max(d for d in range(1, MAX_BLOCKS + 1) if common % d == 0)
     if g < MIN_BLOCKS:
         raise ValueError(f"lrbd needs a layer whose sides share a divisor of at least {MIN_BLOCKS}; {out_features}x{in_features} "
-                         f"shares {common} (use --format svd, or --exclude the layer)")
+                         f"shares {common}")
     return g
 
 
