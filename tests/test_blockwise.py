@@ -12,10 +12,13 @@ from tngraph.errors import ArtifactError, ConfigError, ModelError
 from tngraph.synthetic import write_synthetic_llama
 
 
+BLOCKS = 2  # decoder blocks of the tiny model: the second calibrates on the first's compressed outputs
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
-    info = write_synthetic_llama(folder, hidden=64, intermediate=160, layers=4, heads=4, kv_heads=2, vocab=512, shard_bytes=300_000,
+    info = write_synthetic_llama(folder, hidden=64, intermediate=160, layers=BLOCKS, heads=4, kv_heads=2, vocab=512, shard_bytes=300_000,
                                  spectrum_decay=1.0, max_positions=128)
     assert info["shards"] > 1
     return folder
@@ -27,7 +30,7 @@ def _dense(folder):
     return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
 
 
-def _swap_in_factors(model, artifact, blocks=4):
+def _swap_in_factors(model, artifact, blocks=BLOCKS):
     """The artifact's factors put into `model` by hand, as LowRankLinear layers; returns them."""
     from safetensors.torch import load_file
 
@@ -55,7 +58,7 @@ def test_synthetic_model_is_a_sharded_hugging_face_llama(tiny_llama):
     index = json.loads((tiny_llama / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and causal_lm_config(tiny_llama)["model_type"] == "llama"
     dense = _dense(tiny_llama)
-    assert dense.config.num_hidden_layers == 4 and dense(_ids()).logits.shape == (2, 24, 512)
+    assert dense.config.num_hidden_layers == BLOCKS and dense(_ids()).logits.shape == (2, 24, 512)
 
 
 def test_embedding_rows_are_read_in_chunks(tiny_llama, monkeypatch):
@@ -75,9 +78,9 @@ def test_loaded_model_is_the_source_with_the_artifacts_factors_and_generates(tin
     with torch.no_grad():
         ref = dense(ids).logits
     half = compress_causal_lm(tiny_llama, tmp_path / "half", budget=0.5, calibration_samples=16, max_length=32, progress=False, allocation="uniform")
-    assert half.targets == 4 * 7 and 0.4 < half.params_after / half.params_before <= 0.5
+    assert half.targets == BLOCKS * 7 and 0.4 < half.params_after / half.params_before <= 0.5
     model = tngraph.load(tmp_path / "half")
-    assert all(isinstance(model.get_submodule(f"model.layers.{i}.{n}"), LowRankLinear) for i in range(4)
+    assert all(isinstance(model.get_submodule(f"model.layers.{i}.{n}"), LowRankLinear) for i in range(BLOCKS)
                for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
     # the same as the dense model with the artifact's factors swapped in by hand
     _swap_in_factors(dense, tmp_path / "half")
@@ -107,7 +110,7 @@ def test_budgeted_blockwise_artifact_loads_to_its_factors(tiny_llama, tmp_path):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-6, rtol=1e-6)
-    kept_dense = [f"model.layers.{i}.{n}" for i in range(4) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    kept_dense = [f"model.layers.{i}.{n}" for i in range(BLOCKS) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if f"model.layers.{i}.{n}.a" not in factors]
     assert kept_dense and all(type(model.get_submodule(n)) is torch.nn.Linear for n in kept_dense)
 
@@ -121,7 +124,7 @@ def test_block_healing_lowers_each_blocks_held_out_error_and_is_what_loads(tiny_
     plain = compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, calibration_samples=16, max_length=32, progress=False)
     healed = compress_causal_lm(tiny_llama, tmp_path / "healed", budget=0.5, calibration_samples=16, max_length=32, progress=False,
                                 heal_steps=40, heal_lr=1e-3)
-    assert not plain.healed and len(healed.healed) == 4
+    assert not plain.healed and len(healed.healed) == BLOCKS
     assert all(after <= before for before, after in healed.healed) and sum(a for _, a in healed.healed) < sum(b for b, _ in healed.healed)
     recipe = json.loads((tmp_path / "healed" / "recipe.json").read_text())
     assert recipe["config"]["heal"] == {"steps": 40, "lr": 1e-3, "scope": "block"}
@@ -179,7 +182,7 @@ def test_same_inputs_give_the_same_artifact_bytes(tiny_llama, tmp_path):
     for name in ("a", "b"):
         compress_causal_lm(tiny_llama, tmp_path / name, budget=0.5, calibration_samples=8, max_length=16, progress=False)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "factors-00003.safetensors" in files
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and f"factors-{BLOCKS - 1:05d}.safetensors" in files
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
@@ -214,7 +217,7 @@ def test_command_line_routes_causal_lms_block_by_block(tiny_llama, tmp_path, cap
     assert main(["info", str(out)]) == 0 and "hf-causal" in capsys.readouterr().out
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "u"), "--budget", "0.5", "--calibration-samples", "4",
                  "--allocation", "uniform", "--quiet"]) == 0
-    assert "28 targets" in capsys.readouterr().out
+    assert f"{BLOCKS * 7} targets" in capsys.readouterr().out
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "h"), "--budget", "0.5", "--calibration-samples", "8",
                  "--heal-steps", "5", "--quiet"]) == 0
     assert "5 healing steps per block" in capsys.readouterr().out
@@ -289,7 +292,7 @@ def test_include_exclude_and_plain_svd_block_by_block(tiny_llama, tmp_path):
     compress_causal_lm(tiny_llama, tmp_path / "mlp", budget=0.5, calibration_samples=4, max_length=16, progress=False, allocation="uniform",
                        include=[r"\.mlp\."], exclude=[r"layers\.0\."])
     names = [t["name"] for t in json.loads((tmp_path / "mlp" / "recipe.json").read_text())["targets"]]
-    assert names and all(".mlp." in n and not n.startswith("model.layers.0.") for n in names) and len(names) == 3 * 3
+    assert names and all(".mlp." in n and not n.startswith("model.layers.0.") for n in names) and len(names) == (BLOCKS - 1) * 3
     with pytest.raises(ConfigError, match="no layer of the model is a target"):
         compress_causal_lm(tiny_llama, tmp_path / "none", budget=0.5, calibration_samples=4, max_length=16, progress=False, include=["nothing"])
     compress_causal_lm(tiny_llama, tmp_path / "plain", budget=0.5, calibration_samples=4, max_length=16, progress=False, allocation="uniform", whiten=False)
@@ -301,7 +304,7 @@ def test_include_exclude_and_plain_svd_block_by_block(tiny_llama, tmp_path):
             a, b = decompose_lowrank(dense.get_submodule(name).weight.detach(), module.rank)
             torch.testing.assert_close(module.a @ module.b, a @ b, atol=1e-4, rtol=1e-4)
             checked += 1
-    assert checked == 28
+    assert checked == BLOCKS * 7
 
 
 @pytest.mark.parametrize("flag", [["--targets", "linear,embedding"], ["--resume"], ["--heal-data", "x.txt"]])
@@ -320,5 +323,5 @@ def test_whole_graph_options_work_block_by_block_from_the_command_line(tiny_llam
                  "--fisher-batches", "2", "--dump", str(dump), "--calibration-samples", "4", "--quiet"]) == 0
     config = json.loads((out / "recipe.json").read_text())["config"]
     assert config["sensitivity"] == "fisher" and config["dense_rows"] is True and config["fisher_batches"] == 2
-    assert sorted(p.name for p in dump.iterdir() if p.is_dir()) == [f"block_{i:03d}" for i in range(4)]
+    assert sorted(p.name for p in dump.iterdir() if p.is_dir()) == [f"block_{i:03d}" for i in range(BLOCKS)]
     assert any(p.name.endswith("_factorize") for p in (dump / "block_000").iterdir())

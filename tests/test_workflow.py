@@ -61,6 +61,7 @@ def test_compress_flags_are_generated_from_config_metadata():
                               "--no-dense-rows"])
     assert args.refit is False and args.whiten is None and args.tt_cores == 3 and args.include == ["a", "b"] and args.dense_rows is False
     assert args.budget == 0.5 and args.format == "lowrank" and args.eval_samples == 2000 and args.seed == 0  # the flags' defaults
+    assert args.sensitivity is None and Config().sensitivity == "measured"  # left to Config: measured sensitivity by default
     fmt = next(a for a in compress._actions if "--format" in a.option_strings)
     assert list(fmt.choices) == ["svd", "lowrank", "tucker", "tt", "tr", "cp", "kron", "monarch", "lrbd"]  # the registry's
     heal = parser._subparsers._group_actions[0].choices["heal"]
