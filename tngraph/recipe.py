@@ -62,11 +62,11 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
                              dense.detach().clone() if dense is not None else None, order.clone() if order is not None else None)
     fmt = FORMATS.get(plan.format)
     if fmt is not None and fmt.layer is not None:
-        layer = LAYERS[fmt.layer]
-        missing = [k for k in layer.factors if k not in plan.factors]
-        if missing:
-            raise ArtifactError(f"{plan.name!r} ({plan.format}) has no factors {missing}", "write the artifact again with tngraph.save")
-        return LayerLinear(layer, {k: plan.factors[k].detach().clone() for k in layer.factors}, plan.in_features, plan.out_features, bias)
+        try:
+            return LayerLinear(LAYERS[fmt.layer], {k: t.detach().clone() for k, t in plan.factors.items()}, plan.in_features,
+                               plan.out_features, bias)
+        except ValueError as exc:  # factors the layer needs are missing
+            raise ArtifactError(f"{plan.name!r} ({plan.format}): {exc}", "write the artifact again with tngraph.save") from exc
     if plan.network is not None:
         net = plan.tensor_network()
         net.cores = [c.detach().clone() for c in net.cores]

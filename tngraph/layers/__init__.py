@@ -1,10 +1,9 @@
 """Factorized layer kinds defined once by a reference forward (tngraph.layers.base): one file per kind."""
-from .base import Layer, LayerLinear, define, expand, inline, values
+from .base import Layer, LayerLinear, call_inputs, define, expand, inline
 from .lrbd import LRBD
 
 LAYERS: dict[str, Layer] = {layer.name: layer for layer in (LRBD,)}
 OPS = {layer.op: layer for layer in LAYERS.values()}  # tngraph::<name>.default -> its layer
-
 
 
 def expand_layers(gm) -> int:
@@ -12,4 +11,4 @@ def expand_layers(gm) -> int:
     return expand(gm, OPS)
 
 
-__all__ = ["LAYERS", "Layer", "LayerLinear", "OPS", "define", "expand", "expand_layers", "inline", "values"]
+__all__ = ["LAYERS", "Layer", "LayerLinear", "OPS", "call_inputs", "define", "expand", "expand_layers", "inline"]

@@ -63,10 +63,22 @@ class Layer:
         def call(x, *rest):
             return self.reference(x, list(rest[:n]), rest[n] if len(rest) > n else None)
 
-        args = (x, *factors, *([bias] if bias is not None else []))
-        mode = detect_fake_mode(list(args))
+        args = call_inputs(x, factors, bias)
+        mode = detect_fake_mode(args)
         with mode if mode is not None else contextlib.nullcontext():
             return make_fx(call, pre_dispatch=True)(*args)
+
+    def trace_nodes(self, x: fx.Node, factors: list[fx.Node], bias: fx.Node | None) -> fx.GraphModule | None:
+        """`trace` at the FakeTensor values these graph nodes carry (None when one carries none)."""
+        vals = [n.meta.get("val") for n in call_inputs(x, factors, bias)]
+        if any(v is None for v in vals):
+            return None
+        return self.trace(vals[0], vals[1 : 1 + len(factors)], vals[-1] if bias is not None else None)
+
+
+def call_inputs(x, factors, bias) -> list:
+    """The reference's inputs in the order of its trace's placeholders: x, the factors, the bias if any."""
+    return [x, *factors, *([bias] if bias is not None else [])]
 
 
 def define(name: str, reference: Reference, factors: tuple[str, ...], *, weight: Callable[[list], torch.Tensor] | None = None,
@@ -142,15 +154,6 @@ class LayerLinear(nn.Module):
         return f"{self.layer_name}: in_features={self.in_features}, out_features={self.out_features}, {shapes}, bias={self.bias is not None}"
 
 
-def values(node: fx.Node) -> list:
-    """The FakeTensor values of an op node's (x, factors, bias) arguments, in the trace's placeholder order."""
-    x, factors, bias = node.args
-    vals = [x.meta.get("val"), *(f.meta.get("val") for f in factors)]
-    if bias is not None:
-        vals.append(bias.meta.get("val"))
-    return vals
-
-
 def expand(gm: fx.GraphModule, ops: dict) -> int:
     """Every node of `gm` calling one of `ops` (op -> Layer) replaced, in place, by its layer's traced
     reference (unfuse; ONNX and runtimes without tngraph's ops); the number expanded. The last node
@@ -161,12 +164,11 @@ def expand(gm: fx.GraphModule, ops: dict) -> int:
         if layer is None:
             continue
         x, factors, bias = node.args
-        vals = values(node)
-        if any(v is None for v in vals):
+        traced = layer.trace_nodes(x, factors, bias)
+        if traced is None:
             raise ValueError(f"{node.name}: the {layer.name} layer's inputs carry no values to trace its reference at")
-        traced = layer.trace(vals[0], vals[1 : 1 + len(factors)], vals[-1] if bias is not None else None)
         with graph.inserting_before(node):
-            created = inline(graph, traced, [x, *factors, *([bias] if bias is not None else [])])
+            created = inline(graph, traced, call_inputs(x, factors, bias))
         for new in created:
             new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tngraph")})
         created[-1].meta.update(node.meta)

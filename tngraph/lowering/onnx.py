@@ -572,8 +572,7 @@ def _module_and_example(model: Any, example_inputs: Any) -> tuple[torch.nn.Modul
 def _outputs_and_axes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], values: dict[str, torch.Tensor],
                       dynamic: bool) -> tuple[list[str], list[str] | None, dict[str, dict[int, str]]]:
     """Run the model once on the example: the output names, the keys of a structured output (None for
-    a single tensor) and each input's
-    dynamic axes, the example checked against what dynamic axes need."""
+    a single tensor) and each input's dynamic axes, the example checked against what dynamic axes need."""
     for name, value in values.items():
         if dynamic and value.dim() and value.shape[0] < 2:
             raise DataError(f"example input {name!r} has batch size {value.shape[0]}; a dynamic batch axis needs an example of at least 2",

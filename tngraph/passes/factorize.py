@@ -12,7 +12,7 @@ from torch._guards import detect_fake_mode
 from .. import meta
 from ..distributed import share_map
 from ..errors import ConfigError, PassError, TngraphError
-from ..layers import LAYERS, inline
+from ..layers import LAYERS, call_inputs, inline
 from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import decompose_lowrank
@@ -139,9 +139,11 @@ def _layer_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, decided
         factor_nodes = [_add_factor(gm, t, f"{decided.format}_{k}", decided.factors[k]) for k in layer.factors]
     for node in factor_nodes:
         node.meta["val"] = fake_mode.from_tensor(_attr_of(node))
-    traced = layer.trace(x_val, [n.meta["val"] for n in factor_nodes], m.bias.meta.get("val") if m.bias is not None else None)
+    if m.bias is not None:
+        _val(m.bias, fake_mode)  # a get_attr bias without a value gets one
+    traced = layer.trace_nodes(m.x, factor_nodes, m.bias)
     with gm.graph.inserting_before(m.node):
-        created = inline(gm.graph, traced, [m.x, *factor_nodes, *([m.bias] if m.bias is not None else [])])
+        created = inline(gm.graph, traced, call_inputs(m.x, factor_nodes, m.bias))
     return _finish(m, [(n, f"factor_{k}") for n, k in zip(factor_nodes, layer.factors)] + [(n, "layer") for n in created], created[-1])
 
 
@@ -181,6 +183,8 @@ def _finish(m: LinearMatch | EmbeddingMatch, created: list[tuple[fx.Node, str]],
             if key in m.node.meta:
                 node.meta[key] = m.node.meta[key]
         meta.update(node, provenance=meta.Provenance("factorize", m.node.name, role))
+        if "val" in node.meta:  # made with its value (a defined layer's traced nodes and factors)
+            continue
         if node.op == "get_attr":
             node.meta["val"] = fake_mode.from_tensor(_attr_of(node)) if fake_mode else _attr_of(node)
         elif fake_mode is not None:

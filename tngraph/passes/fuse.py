@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta, ops  # noqa: F401  (ops registers torch.ops.tngraph.*)
-from ..layers import LAYERS, Layer, expand_layers
+from ..layers import LAYERS, Layer, call_inputs, expand_layers
 from ..tn.formats import FORMATS
 from .base import PassContext, PassResult, declare
 from .rewrite import RewriteRule, apply_rules
@@ -206,11 +206,10 @@ def _layer_check(m: LayerMatch, gm: fx.GraphModule, ctx: PassContext) -> str | N
         return "intermediate_reused"
     if not all(f.op == "get_attr" for f in m.factors):
         return "factors_not_constant"
-    inputs = [m.x, *m.factors, *([m.bias] if m.bias is not None else [])]
-    if any(n.meta.get("val") is None for n in inputs):
+    pattern = m.layer.trace_nodes(m.x, list(m.factors), m.bias)
+    if pattern is None:
         return "no_shape"
-    vals = [n.meta["val"] for n in inputs]
-    pattern = m.layer.trace(vals[0], vals[1 : 1 + len(m.factors)], vals[-1] if m.bias is not None else None)
+    inputs = call_inputs(m.x, m.factors, m.bias)
     matcher = SubgraphMatcher(pattern.graph, match_output=False, match_placeholder=False, remove_overlapping_matches=True)
     for found in matcher.match(gm.graph):
         if found.returning_nodes == [m.node] and found.placeholder_nodes == inputs:
