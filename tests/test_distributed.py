@@ -102,3 +102,57 @@ def test_the_whole_graph_driver_shares_its_per_target_work_too(tmp_path):
     for name, plan in one.context.plan.items():
         for key, tensor in plan.factors.items():
             assert torch.equal(plans0[name][key], tensor) and torch.equal(plans1[name][key], tensor), (name, key)
+
+
+def _workflow_worker(rank, port, folder, out, calibration, results):
+    import os
+
+    import torch
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from tngraph import workflow
+
+    try:
+        run = workflow.compress(folder, out, calibration=calibration, budget=0.5, heal_steps=2, batch_size=8, evaluate=False, baseline=False,
+                                threads=1, progress=False, sensitivity="fisher")
+        factors = {n: {k: v.clone() for k, v in p.factors.items()} for n, p in run.result.context.plan.items()}
+        results[rank] = (run.rank, run.result.heal is not None, sorted(run.report), factors, os.path.isdir(out))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(2)
+
+
+def test_under_torchrun_rank_0_alone_heals_scores_and_writes(tmp_path, minilm):
+    """The whole-graph workflow on two processes: both share the passes (the same factors), rank 0
+    then heals and writes the artifact, rank 1 stops after the passes instead of healing again."""
+    import socket
+
+    from tests.conftest import write_tiny_bert
+
+    folder = str(write_tiny_bert(tmp_path / "bert", minilm[1]))
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(f"line {i} of a text that is not the built-in one, about tensor {i % 7}." for i in range(48)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "out")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_workflow_worker, args=(port, folder, out, str(calibration), results), nprocs=2, join=True)
+        results = dict(results)
+    (rank0, healed0, report0, factors0, _), (rank1, healed1, report1, factors1, _) = results[0], results[1]
+    assert (rank0, rank1) == (0, 1) and healed0 and not healed1
+    assert "written_by" in report1 and "latency" not in report1 and "timings" in report0
+    assert factors0.keys() == factors1.keys() and factors0
+    import torch
+
+    import tngraph
+
+    loaded = tngraph.load(out)  # rank 0's artifact, healed
+    assert loaded.tngraph_recipe["config"]["heal_steps"] == 2
+    for name, keys in factors1.items():  # the passes' factors are the same on both ranks (before healing)
+        for key, tensor in keys.items():
+            assert torch.equal(factors0[name][key], tensor), (name, key)

@@ -64,7 +64,7 @@ def test_lowrank_op_dispatch_on_cuda(dtype, rows, forced, monkeypatch):
     a = (torch.randn(200, 70, device="cuda", generator=g) / 70**0.5).to(dtype)
     bias = torch.randn(200, device="cuda", generator=g).to(dtype)
     for act in ("none", "gelu"):
-        out = torch.ops.tngraph.lowrank(x, b, a, bias, act)
+        out = torch.ops.tngraph.lowrank(x, [a, b], bias, act)
         ref = lowrank_reference(x.float(), b.float(), a.float(), bias.float(), act)
         tol = 1e-3 if dtype == torch.float32 else 3e-2
         assert out.dtype == dtype and out.device.type == "cuda"
@@ -78,7 +78,7 @@ def test_lowrank_op_falls_back_with_a_logged_reason(caplog):
     x = torch.randn(4, 32, device="cuda", dtype=torch.float64)
     b, a = torch.randn(8, 32, device="cuda", dtype=torch.float64), torch.randn(16, 8, device="cuda", dtype=torch.float64)
     with caplog.at_level("WARNING", logger="tngraph"):
-        out = torch.ops.tngraph.lowrank(x, b, a, None, "none")
+        out = torch.ops.tngraph.lowrank(x, [a, b], None, "none")
     assert torch.equal(out, lowrank_reference(x, b, a, None, "none"))
     assert "runs its torch reference" in caplog.text and "dtype torch.float64" in caplog.text
 
@@ -96,7 +96,7 @@ def test_network_op_dispatch_on_cuda(dtype, forced, monkeypatch):
     g2 = (torch.randn(50, 16, 20, device="cuda", generator=g) / 1000**0.5).to(dtype)
     bias = torch.randn(30 * 16, device="cuda", generator=g).to(dtype)
     eq = "...ab,Aar,rBb->...AB"
-    out = torch.ops.tngraph.network(x, [g1, g2], eq, [24, 20], 480, bias)
+    out = torch.ops.tngraph.network(x, [g1, g2], bias, eq, [24, 20], 480)
     ref = network_reference(x.float(), [g1.float(), g2.float()], eq, [24, 20], 480, bias.float())
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     assert out.dtype == dtype

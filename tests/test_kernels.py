@@ -343,7 +343,7 @@ def test_the_dense_product_is_a_candidate_only_where_allowed(monkeypatch):
     assert weight is ops.dense_weight(b, a)  # made once
     torch.testing.assert_close(weight, a @ b)
     ref = ops.lowrank_reference(x, b, a, c, "gelu")
-    torch.testing.assert_close(ops._lowrank_cuda(x, b, a, c, "gelu"), ref, rtol=1e-5, atol=1e-5)  # the dense path computes the op
+    torch.testing.assert_close(ops.lowrank_cuda(x, b, a, c, "gelu"), ref, rtol=1e-5, atol=1e-5)  # the dense path computes the op
     with torch.no_grad():
         a.mul_(2.0)  # factors changed in place: the product is made again
     torch.testing.assert_close(ops.dense_weight(b, a), a @ b)
@@ -419,7 +419,7 @@ def test_the_network_dispatch_times_kernel_einsum_and_dense_once_per_row_bucket(
         ref = ops.network_reference(x, cores, equation, in_dims, 35, bias)
         for forced in ops.NETWORK_IMPLEMENTATIONS:
             monkeypatch.setenv("TNGRAPH_NETWORK", forced)
-            torch.testing.assert_close(ops._network_cuda(x, cores, equation, in_dims, 35, bias), ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(ops.network_cuda(x, cores, equation, in_dims, 35, bias), ref, atol=1e-4, rtol=1e-4)
         monkeypatch.setenv("TNGRAPH_NETWORK", "kernel")
         assert ops.choose_network(x, monarch_cores, monarch, monarch_dims, 35, None, monarch_plan) == "einsum"  # no kernel to force
         monkeypatch.setenv("TNGRAPH_NETWORK", "fast")
@@ -481,14 +481,14 @@ def test_the_tt_format_is_recognised_and_its_kernel_matches_the_op():
     nodes = [n for n in result.graph.graph.nodes if n.target == NETWORK]
     assert nodes
     for node in nodes:
-        x_node, core_nodes, equation, in_dims, out_features, bias_node = node.args
+        x_node, core_nodes, bias_node, equation, in_dims, out_features = node.args
         cores = [getattr(result.graph, c.target) if "." not in c.target else result.graph.get_parameter(c.target) for c in core_nodes]
         plan = network_plan(equation, cores)
         assert plan[0] == "tt2" and plan[1][0].data_ptr() == cores[0].data_ptr()  # the TT cores as they are, no copy
         x = torch.randn(5, int(torch.tensor(in_dims).prod()))
         bias = result.graph.get_parameter(bias_node.target) if bias_node is not None else None
         with torch.no_grad():
-            torch.testing.assert_close(load_kernels("tt").tt2(x, *cores, bias), torch.ops.tngraph.network(x, cores, equation, in_dims, out_features, bias),
+            torch.testing.assert_close(load_kernels("tt").tt2(x, *cores, bias), torch.ops.tngraph.network(x, cores, bias, equation, in_dims, out_features),
                                        atol=1e-4, rtol=1e-4)
     assert isinstance(network_plan("...ab,Aar,rBb->...BA", cores), str) and isinstance(network_plan("...abc,Aar,rBb->...AB", cores), str)
 
@@ -544,7 +544,7 @@ def test_network_plans_are_made_once_per_set_of_cores(fmt, monkeypatch):
     x = torch.randn(6, 42, generator=g).to(DEVICE)
 
     def run():
-        return ops._network_cuda(x, cores, equation, in_dims, 35, None)
+        return ops.network_cuda(x, cores, equation, in_dims, 35, None)
 
     first = run()
     torch.testing.assert_close(run(), first)

@@ -122,7 +122,7 @@ def test_the_graph_holds_one_lrbd_op_per_target_and_unfuses_to_the_same_numbers(
     assert ops.count(torch.ops.tngraph.lrbd.default) == len(targets)
     assert torch.ops.tngraph.lowrank.default not in ops  # the lowrank rule left the layer's inner chain alone
     counters = compressed.context.counters
-    assert counters["layer_linear.applied"] == counters["fuse.layer.applied"] == len(targets)
+    assert counters["layer_linear.applied"] == counters["fuse.lrbd.applied"] == len(targets)
     compressed.graph.graph.lint()
     enc = dict(tokenizer(sentences.evaluation[:4], padding=True, return_tensors="pt"))
     with torch.no_grad():

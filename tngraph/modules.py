@@ -1,15 +1,22 @@
 """Small nn.Modules that take a factorized target's place in the user's model."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops  # noqa: F401  (registers torch.ops.tngraph)
+from .layers import LOWRANK, NETWORK, LayerLinear
+from .layers.network import equation_of
+
+if TYPE_CHECKING:
+    from .tn.network import TensorNetwork
 
 
-class LowRankLinear(nn.Module):
-    """y = x @ B^T @ A^T + bias: a rank-r stand-in for an nn.Linear (A: out x r, B: r x in).
+class LowRankLinear(LayerLinear):
+    """y = x @ B^T @ A^T + bias: a rank-r stand-in for an nn.Linear (A: out x r, B: r x in), the
+    low-rank layer's module (tngraph.layers.lowrank: its forward, op and kernels).
 
     Patch level: with `dense` (k x in) and `order` (a permutation of the out rows), k output rows
     stay dense: y = cat(x B^T A^T, x D^T)[..., order] + bias, A holding the other out - k rows.
@@ -17,7 +24,6 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
                  dense: torch.Tensor | None = None, order: torch.Tensor | None = None):
-        super().__init__()
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
             raise ValueError(f"factors do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
         if (dense is None) != (order is None):
@@ -27,24 +33,15 @@ class LowRankLinear(nn.Module):
             raise ValueError(f"dense rows {tuple(dense.shape)} and order {tuple(order.shape)} do not fit A {tuple(a.shape)}, B {tuple(b.shape)}")
         if order is not None and not torch.equal(order.sort().values.cpu(), torch.arange(rows)):
             raise ValueError("order is not a permutation of the output rows")
-        self.a = nn.Parameter(a)
-        self.b = nn.Parameter(b)
+        super().__init__(LOWRANK, {"a": a, "b": b}, b.shape[1], rows, bias)
         self.dense = nn.Parameter(dense) if dense is not None else None
         self.register_buffer("order", order if order is not None else None)
-        self.bias = nn.Parameter(bias) if bias is not None else None
-        self.in_features = b.shape[1]
-        self.out_features = rows
         self.rank = a.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is None:
-            if x.is_cuda and not torch.is_grad_enabled():
-                # GPU inference: one fused op (a Triton kernel); on the CPU the op would run this
-                # same chain plus a dispatch, so the chain is called directly
-                return torch.ops.tngraph.lowrank(x, self.b, self.a, self.bias, "none")
-            # training (healing): the chain, whose backward autograd already knows
-            return F.linear(F.linear(x, self.b), self.a, self.bias)
-        y = torch.cat([F.linear(F.linear(x, self.b), self.a), F.linear(x, self.dense)], -1).index_select(-1, self.order)
+            return super().forward(x)
+        y = torch.cat([LOWRANK(x, self.factors(), None), F.linear(x, self.dense)], -1).index_select(-1, self.order)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -72,36 +69,25 @@ class LowRankEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
 
 
-class NetworkLinear(nn.Module):
-    """y = contract(x, cores) + bias: a TensorNetwork stand-in for an nn.Linear."""
+class NetworkLinear(LayerLinear):
+    """y = contract(x, cores) + bias: a TensorNetwork stand-in for an nn.Linear, the network layer's
+    module (tngraph.layers.network: its forward, op, kernels and ONNX translation); the cores are
+    parameters core0, core1, ..."""
 
     def __init__(self, network: "TensorNetwork", bias: torch.Tensor | None = None):
-        super().__init__()
-        from .tn.network import TensorNetwork
-
-        self.cores = nn.ParameterList(nn.Parameter(c) for c in network.cores)
-        self.bias = nn.Parameter(bias) if bias is not None else None
-        self._spec = network.spec()
-        self._network = TensorNetwork.from_spec(list(self.cores), self._spec)
-        self.in_features = network.in_features
-        self.out_features = network.out_features
+        statics = {"equation": equation_of(network), "in_dims": [int(d) for d in network.in_dims],
+                   "out_features": int(network.out_features)}
+        super().__init__(NETWORK, {f"core{k}": c for k, c in enumerate(network.cores)}, network.in_features, network.out_features,
+                         bias, statics)
+        self.spec = network.spec()
 
     @property
     def network(self) -> "TensorNetwork":
-        self._network.cores = list(self.cores)  # follow .to() and training of the parameters
-        return self._network
+        """The cores as they are now, as a TensorNetwork."""
+        from .tn.network import TensorNetwork
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        net = self.network
-        if (x.is_cuda and not torch.is_grad_enabled()) or torch.compiler.is_exporting():
-            # GPU inference: the tngraph::network op (Triton kernels for the two-mode layouts);
-            # export: one opaque node (the contraction path below is chosen per row count, which
-            # would pin the batch size), translated by each exporter (ONNX: Einsum)
-            equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
-            return torch.ops.tngraph.network(x, list(self.cores), equation, list(net.in_dims), net.out_features, self.bias)
-        y = net.contract(x)
-        return y + self.bias if self.bias is not None else y
+        return TensorNetwork.from_spec(self.factors(), self.spec)
 
     def extra_repr(self) -> str:
-        shapes = ", ".join("x".join(map(str, c.shape)) for c in self.cores)
-        return f"{self._spec['format']}: in_features={self.in_features}, out_features={self.out_features}, cores=[{shapes}]"
+        shapes = ", ".join("x".join(map(str, c.shape)) for c in self.factors())
+        return f"{self.spec['format']}: in_features={self.in_features}, out_features={self.out_features}, cores=[{shapes}]"

@@ -1,13 +1,13 @@
-"""tngraph's custom ops (namespace `tngraph`), which the fuse pass puts in place of factor chains.
+"""The GPU side of tngraph's layer ops (tngraph.layers defines the ops; this module runs them on CUDA).
 
-Each op is a `torch.library.custom_op` with a fake (meta) implementation, so dynamo, torch.export
-and Inductor see one opaque node of known output shape. The default implementation is the pure-torch
-reference (the CPU path, bit-identical to the unfused chain); on CUDA a Triton kernel from
-`tngraph.kernels` runs when it supports the inputs, and otherwise the reference does, with the
-reason logged once.
+The low-rank and network layers (tngraph/layers/lowrank.py, network.py) register these CUDA
+implementations with their ops: a Triton kernel from `tngraph.kernels` runs when it supports the
+inputs and is the fastest for the shape, and otherwise the pure-torch reference does (the CPU
+path, bit-identical to the unfused chain), with the reason logged once.
 
-- tngraph::lowrank(x, b, a, bias, act) = act(x @ b^T @ a^T + bias), act in ACTIVATIONS.
-- tngraph::network(x, cores, equation, in_dims, out_features, bias) = a tensor-network layer
+- tngraph::lowrank(x, [a, b], bias, act) = act(x @ b^T @ a^T + bias), act in ACTIVATIONS
+  (lowrank_cuda: the split-rank or tiled kernel, the chain or the dense product, as `choose` picks).
+- tngraph::network(x, cores, bias, equation, in_dims, out_features) = a tensor-network layer
   (Tucker, TT, TR, CP, Kronecker, Monarch): x's features unflattened to in_dims, contracted with
   the cores by `equation` ("...<in>,<core>,...->...<out>"), flattened to out_features, + bias.
   The reference is torch.einsum (opt_einsum's contraction path); on CUDA the two-mode layers
@@ -125,19 +125,6 @@ def lowrank_reference(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: O
     return activation(F.linear(F.linear(x, b), a, bias), act)
 
 
-@torch.library.custom_op("tngraph::lowrank", mutates_args=())
-def lowrank(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
-    """act(x @ b^T @ a^T + bias): x (..., K), b (R, K), a (N, R), bias (N,) or None."""
-    return lowrank_reference(x, b, a, bias, act)
-
-
-@lowrank.register_fake
-def _lowrank_fake(x, b, a, bias, act):
-    torch._check(x.shape[-1] == b.shape[1], lambda: f"tngraph::lowrank: x has {x.shape[-1]} features, b expects {b.shape[1]}")
-    torch._check(a.shape[1] == b.shape[0], lambda: f"tngraph::lowrank: a has rank {a.shape[1]}, b has {b.shape[0]}")
-    return x.new_empty((*x.shape[:-1], a.shape[0]))
-
-
 def load_kernels(name: str = "lowrank"):
     """A Triton kernels module (tngraph.kernels.<name>: lowrank, tt); raises ImportError without triton.
 
@@ -164,31 +151,6 @@ def load_kernels(name: str = "lowrank"):
             sys.modules[package] = module
             spec.loader.exec_module(module)
     return importlib.import_module(f"{package}.{name}")
-
-
-def _lowrank_setup(ctx, inputs, output) -> None:
-    x, b, a, bias, act = inputs
-    ctx.save_for_backward(x, b, a, bias)
-    ctx.act = act
-
-
-def _lowrank_backward(ctx, grad):
-    """Gradients of act(x b^T a^T + bias): the intermediate is recomputed, not kept (memory)."""
-    x, b, a, bias = ctx.saved_tensors
-    hidden = F.linear(x, b)
-    if ctx.act != "none":
-        with torch.enable_grad():
-            z = F.linear(hidden, a, bias).detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(activation(z, ctx.act), z, grad)
-    flat_grad = grad.reshape(-1, a.shape[0])
-    grad_hidden = grad @ a
-    grad_a = flat_grad.T @ hidden.reshape(-1, a.shape[1])
-    grad_b = grad_hidden.reshape(-1, b.shape[0]).T @ x.reshape(-1, b.shape[1])
-    grad_bias = flat_grad.sum(0) if bias is not None else None
-    return grad_hidden @ b, grad_b, grad_a, grad_bias, None
-
-
-lowrank.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,23 +188,7 @@ def network_reference(x: torch.Tensor, cores: list[torch.Tensor], equation: str,
     return y + bias if bias is not None else y
 
 
-@torch.library.custom_op("tngraph::network", mutates_args=())
-def network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in_dims: list[int], out_features: int,
-            bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A tensor-network linear layer: x (..., prod(in_dims)) -> (..., out_features)."""
-    return network_reference(x, cores, equation, in_dims, out_features, bias)
-
-
-@network.register_fake
-def _network_fake(x, cores, equation, in_dims, out_features, bias):
-    size = 1
-    for d in in_dims:
-        size *= d
-    torch._check(x.shape[-1] == size, lambda: f"tngraph::network: x has {x.shape[-1]} features, the network takes {size}")
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-def _parse(equation: str) -> tuple[str, list[str], str]:
+def parse_equation(equation: str) -> tuple[str, list[str], str]:
     lhs, out = equation.replace("...", "").split("->")
     x_labels, *core_labels = lhs.split(",")
     return x_labels, core_labels, out
@@ -261,7 +207,7 @@ def network_plan(equation: str, cores: list[torch.Tensor]) -> tuple[str, tuple] 
       Kronecker matmuls (the two-core kernel with a bond of 1), the core in between one small GEMM
       (m x rank-sized intermediates only).
     Monarch and networks of more than two modes per side run the torch reference."""
-    x_labels, core_labels, out = _parse(equation)
+    x_labels, core_labels, out = parse_equation(equation)
     if len(x_labels) != 2 or len(out) != 2:
         return f"only two-mode layers have a kernel ({len(x_labels)} input modes)"
     (p, q), (P, Q) = x_labels, out
@@ -351,7 +297,7 @@ def cached_network_plan(equation: str, cores: list[torch.Tensor]) -> tuple[str, 
 def network_dense_weight(cores: list[torch.Tensor], equation: str, out_features: int) -> torch.Tensor:
     """The layer's matrix (out_features, in): the cores contracted without x, made once per set of
     cores (and again after they change in place)."""
-    x_labels, core_labels, out = _parse(equation)
+    x_labels, core_labels, out = parse_equation(equation)
 
     def make():
         return torch.einsum(",".join(core_labels) + "->" + out + x_labels, *cores).reshape(out_features, -1).contiguous()
@@ -382,8 +328,9 @@ def choose_network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in
     return _fastest("network", _network_choices, shape, rows, candidates, timer, ("network:" + equation, tuple(cores)))
 
 
-@network.register_kernel("cuda")
-def _network_cuda(x, cores, equation, in_dims, out_features, bias):
+def network_cuda(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in_dims: list[int], out_features: int,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """tngraph::network on CUDA (tngraph.layers.network): the kernel path, the einsum or the dense matrix, as choose_network picks."""
     reason = kernel_unsupported(x, *cores, bias)
     if reason is not None:
         _fallback_once(reason, "network")
@@ -453,8 +400,8 @@ def choose(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[tor
     return _fastest("lowrank", _choices, shape, rows, candidates, timer, ("lowrank", (b, a)))
 
 
-@lowrank.register_kernel("cuda")
-def _lowrank_cuda(x, b, a, bias, act):
+def lowrank_cuda(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
+    """tngraph::lowrank on CUDA (tngraph.layers.lowrank): a Triton kernel, the chain or the dense product, as choose picks."""
     reason = kernel_unsupported(x, b, a, bias)
     if reason is not None:
         _fallback_once(reason)

@@ -23,7 +23,7 @@ from .plan import TargetPlan
 from .tn.formats import FORMATS
 
 RECIPE_VERSION = 1
-FACTORIZED = (LowRankLinear, LowRankEmbedding, NetworkLinear, LayerLinear)
+FACTORIZED = (LowRankEmbedding, LayerLinear)  # LowRankLinear and NetworkLinear are LayerLinears
 
 
 def file_sha256(path: pathlib.Path) -> str:
@@ -123,10 +123,8 @@ def factor_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if getattr(module, "dense", None) is not None:
             factors.update(dense=module.dense.detach(), order=module.order)
         return factors
-    if isinstance(module, NetworkLinear):
-        return {f"core{k}": c.detach() for k, c in enumerate(module.cores)}
-    if isinstance(module, LayerLinear):
-        return {k: t.detach() for k, t in zip(module.layer.factors, module.factors())}
+    if isinstance(module, LayerLinear):  # NetworkLinear too: core0, core1, ...
+        return {k: t.detach() for k, t in module.factor_dict().items()}
     raise TypeError(type(module).__name__)
 
 

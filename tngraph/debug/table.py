@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .. import meta
+from ..layers import OPS
 
 
 def _shape_dtype(node: fx.Node) -> tuple[str, str]:
@@ -40,7 +41,7 @@ def _val(node: Any) -> Any:
 
 
 def node_flops(node: fx.Node) -> int | None:
-    """Multiply-adds x 2 of the matrix products (linear, mm, bmm, matmul, einsum, the tngraph ops), else None."""
+    """Multiply-adds x 2 of the matrix products (linear, mm, bmm, matmul, einsum, the layers' ops), else None."""
     if node.op != "call_function":
         return None
     out = _val(node)
@@ -54,20 +55,15 @@ def node_flops(node: fx.Node) -> int | None:
             return 2 * _numel(out.shape) * int(x.shape[-1])
         if name == "aten.addmm.default":
             return 2 * _numel(out.shape) * int(_val(args[1]).shape[-1])
-        if name == "tngraph.lowrank.default":
-            x, b, a = (_val(v) for v in args[:3])
-            rows = _numel(x.shape[:-1])
-            return 2 * rows * (int(b.shape[0]) * int(b.shape[1]) + int(a.shape[0]) * int(a.shape[1]))
-        if name in ("aten.einsum.default", "tngraph.network.default"):
+        if node.target in OPS:  # a layer's op: what its reference computes
+            layer = OPS[node.target]
+            traced = layer.trace_nodes(args[0], list(args[1]), args[2], layer.op_statics(node))
+            return sum(node_flops(n) or 0 for n in traced.graph.nodes) if traced is not None else None
+        if name == "aten.einsum.default":
             import opt_einsum as oe
 
-            if name == "aten.einsum.default":
-                equation = args[0]
-                shapes = [tuple(int(d) for d in _val(v).shape) for v in args[1]]
-            else:
-                x, equation, in_dims = _val(args[0]), args[2], args[3]
-                shapes = [(*(int(d) for d in x.shape[:-1]), *in_dims), *(tuple(int(d) for d in _val(c).shape) for c in args[1])]
-            return int(oe.contract_path(equation, *shapes, shapes=True, optimize="auto")[1].opt_cost)
+            shapes = [tuple(int(d) for d in _val(v).shape) for v in args[1]]
+            return int(oe.contract_path(args[0], *shapes, shapes=True, optimize="auto")[1].opt_cost)
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
         return None
     return None

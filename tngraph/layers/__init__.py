@@ -1,14 +1,30 @@
-"""Factorized layer kinds defined once by a reference forward (tngraph.layers.base): one file per kind."""
+"""Factorized layer kinds, each defined once by a reference forward (tngraph.layers.base): one file per kind."""
 from .base import Layer, LayerLinear, call_inputs, define, expand, inline
+from .lowrank import LOWRANK
 from .lrbd import LRBD
+from .network import NETWORK
+from ..tn.formats import FORMATS
 
-LAYERS: dict[str, Layer] = {layer.name: layer for layer in (LRBD,)}
+LAYERS: dict[str, Layer] = {layer.name: layer for layer in (LOWRANK, NETWORK, LRBD)}
 OPS = {layer.op: layer for layer in LAYERS.values()}  # tngraph::<name>.default -> its layer
 
 
-def expand_layers(gm) -> int:
-    """Every defined layer's op node of `gm` expanded into its traced reference (in place)."""
-    return expand(gm, OPS)
+def layer_for(format_name: str) -> Layer:
+    """The layer a plan's format becomes: the low-rank layer (lowrank, svd), the format's own
+    defined layer, or the tensor-network layer every other format shares."""
+    if format_name in ("lowrank", "svd"):
+        return LOWRANK
+    fmt = FORMATS.get(format_name)
+    if fmt is None:
+        raise KeyError(f"no layer for the format {format_name!r}")
+    return LAYERS[fmt.layer] if fmt.layer is not None else NETWORK
 
 
-__all__ = ["LAYERS", "Layer", "LayerLinear", "OPS", "call_inputs", "define", "expand", "expand_layers", "inline"]
+def expand_layers(gm, *, translated: bool = True) -> int:
+    """Every defined layer's op node of `gm` expanded into its traced reference (in place); with
+    translated=False, those of layers with an ONNX translation of their own are left as they are."""
+    return expand(gm, OPS, keep=() if translated else tuple(n for n, layer in LAYERS.items() if layer.onnx is not None))
+
+
+__all__ = ["LAYERS", "LOWRANK", "Layer", "LayerLinear", "NETWORK", "OPS", "call_inputs", "define", "expand", "expand_layers",
+           "inline", "layer_for"]

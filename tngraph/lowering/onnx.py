@@ -1,9 +1,9 @@
 """ONNX export: module -> FILE.onnx (torch.onnx dynamo exporter), checked by onnx.checker and
 run in onnxruntime against PyTorch.
 
-- tngraph's custom ops become standard ONNX ops (ONNX_TRANSLATIONS): tngraph::lowrank a
-  MatMul chain (+ Add, + the activation), tngraph::network Reshape -> Einsum -> Reshape (+ Add),
-  the Einsum without an ellipsis, so that TensorRT takes it too.
+- tngraph's layers become standard ONNX ops: the exporter traces each layer's reference (a fused
+  graph's op nodes are expanded back into it first), or takes the layer's own translation where it
+  has one (tngraph::network: Reshape -> Einsum without an ellipsis, for TensorRT -> Reshape (+ Add)).
 - Batch and sequence axes are dynamic by default (named "batch" and "sequence").
 - Models whose weights pass ONNX's 2 GB protobuf limit keep them in FILE.onnx.data beside it.
 - Nothing is left at the destination unless every check passed: the file is written in a
@@ -31,7 +31,7 @@ import torch
 
 from .. import __version__
 from ..errors import ArtifactError, ConfigError, DataError, ExportError
-from ..layers import OPS, expand_layers
+from ..layers import LAYERS, OPS, expand_layers
 from ..ownership import check_output_file, clean_stale, staging_dir
 
 log = logging.getLogger(__name__)
@@ -104,135 +104,9 @@ class OnnxExport:
         }
 
 
-# --- translations of the tngraph ops ----------------------------------------------------------------
-
-
-def _lowrank_onnx(x, b, a, bias, act: str):
-    from onnxscript import opset18 as op
-
-    y = op.MatMul(op.MatMul(x, op.Transpose(b, perm=[1, 0])), op.Transpose(a, perm=[1, 0]))
-    if bias is not None:
-        y = op.Add(y, bias)
-    if act == "gelu":  # exact GELU, as torch's F.gelu: y/2 (1 + erf(y/sqrt 2))
-        half = op.Mul(y, op.CastLike(op.Constant(value_float=0.5), y))
-        return op.Mul(half, op.Add(op.CastLike(op.Constant(value_float=1.0), y),
-                                   op.Erf(op.Div(y, op.CastLike(op.Constant(value_float=math.sqrt(2.0)), y)))))
-    if act == "silu":
-        return op.Mul(y, op.Sigmoid(y))
-    if act == "relu":
-        return op.Relu(y)
-    if act != "none":
-        raise ExportError(f"tngraph::lowrank with activation {act!r} has no ONNX translation", "unfuse the graph first")
-    return y
-
-
-def _network_onnx(x, cores, equation: str, in_dims: Sequence[int], out_features: int, bias):
-    """The leading dims are flattened into one labelled axis: TensorRT's Einsum takes no ellipsis.
-    In bfloat16, which ONNX's Einsum does not take, the contraction becomes MatMuls (einsum_as_matmuls)."""
-    from onnxscript import opset18 as op
-
-    lhs, out = equation.replace("...", "").split("->")
-    x_labels, *core_labels = lhs.split(",")
-    row = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in equation)
-    flat = f"{row}{x_labels}," + ",".join(core_labels) + f"->{row}{out}"
-    lead = op.Shape(x, start=0, end=-1)
-    rows = op.Reshape(x, op.Constant(value_ints=[-1, *[int(d) for d in in_dims]]))
-    if _einsum_as_matmuls(x):
-        shapes = [[None, *[int(d) for d in in_dims]], *[[int(d) for d in c.shape] for c in cores]]
-        y = einsum_as_matmuls(op, flat, [rows, *cores], shapes)
-    else:
-        y = op.Einsum(rows, *cores, equation=flat)
-    y = op.Reshape(y, op.Concat(lead, op.Constant(value_ints=[int(out_features)]), axis=0))
-    return op.Add(y, bias) if bias is not None else y
-
-
-def _einsum_as_matmuls(x: Any) -> bool:
-    """Whether a network layer on x is written as MatMuls instead of one Einsum: ONNX's Einsum takes no bfloat16."""
-    import onnx_ir as ir
-
-    return getattr(x, "dtype", None) == ir.DataType.BFLOAT16
-
-
-def einsum_as_matmuls(op: Any, equation: str, operands: list[Any], shapes: list[list[int | None]], rows_hint: int = 256) -> Any:
-    """`equation` ("ab,bc->ac", no ellipsis) over ONNX values as pairwise MatMuls, in the order
-    opt_einsum plans (a dynamic dim, None in `shapes`, counted as rows_hint). Each pair: labels only
-    one side needs later are summed out (ReduceSum), both sides are transposed to (batch, kept,
-    contracted) / (batch, contracted, kept), reshaped to 3-D, multiplied and reshaped back. At most
-    one dim may be dynamic (the flattened rows); it becomes the -1 of each Reshape."""
-    import opt_einsum as oe
-
-    lhs, out = equation.split("->")
-    terms = lhs.split(",")
-    if len(terms) != len(operands) or len(shapes) != len(operands):
-        raise ExportError(f"einsum {equation!r} has {len(terms)} operands, got {len(operands)}", "report this as a tngraph bug")
-    size: dict[str, int | None] = {}
-    for term, shape in zip(terms, shapes):
-        if len(term) != len(shape) or len(set(term)) != len(term):
-            raise ExportError(f"einsum term {term!r} of {equation!r} does not fit shape {shape} (or repeats a label)",
-                              "report this as a tngraph bug")
-        for label, d in zip(term, shape):
-            size[label] = d
-    if sum(d is None for d in size.values()) > 1:
-        raise ExportError(f"einsum {equation!r} has more than one dynamic dim", "export with dynamic=False")
-    hinted = [tuple(rows_hint if d is None else d for d in shape) for shape in shapes]
-    path, _ = oe.contract_path(equation, *hinted, shapes=True, optimize="optimal" if len(terms) <= 6 else "greedy")
-
-    def product(labels: str) -> int:
-        total = 1
-        for c in labels:
-            if size[c] is None:
-                return -1
-            total *= size[c]
-        return total
-
-    def dims(labels: str) -> list[int]:
-        return [-1 if size[c] is None else int(size[c]) for c in labels]
-
-    def reshape(value: Any, target: list[int]) -> Any:
-        return op.Reshape(value, op.Constant(value_ints=target))
-
-    def arrange(value: Any, labels: str, order: str) -> Any:
-        return value if labels == order else op.Transpose(value, perm=[labels.index(c) for c in order])
-
-    def drop(value: Any, labels: str, needed: set[str]) -> tuple[Any, str]:
-        gone = [i for i, c in enumerate(labels) if c not in needed]
-        if not gone:
-            return value, labels
-        return op.ReduceSum(value, op.Constant(value_ints=gone), keepdims=0), "".join(c for c in labels if c in needed)
-
-    values, labels_of = list(operands), list(terms)
-    for step in path:
-        picked = sorted(step, reverse=True)
-        taken = [(values.pop(i), labels_of.pop(i)) for i in picked][::-1]
-        later = set(out) | set("".join(labels_of))
-        if len(taken) == 1:
-            value, labels = drop(*taken[0], later)
-        elif len(taken) == 2:
-            (a, la), (b, lb) = taken
-            a, la = drop(a, la, later | set(lb))
-            b, lb = drop(b, lb, later | set(la))
-            batch = "".join(c for c in la if c in lb and c in later)
-            summed = "".join(c for c in la if c in lb and c not in later)
-            a_only = "".join(c for c in la if c not in lb)
-            b_only = "".join(c for c in lb if c not in la)
-            a3 = reshape(arrange(a, la, batch + a_only + summed), [product(batch), product(a_only), product(summed)])
-            b3 = reshape(arrange(b, lb, batch + summed + b_only), [product(batch), product(summed), product(b_only)])
-            labels = batch + a_only + b_only
-            value = reshape(op.MatMul(a3, b3), dims(labels))
-        else:
-            raise ExportError(f"opt_einsum planned a {len(taken)}-operand step for {equation!r}", "report this as a tngraph bug")
-        values.append(value)
-        labels_of.append(labels)
-    (value,), (labels,) = values, labels_of
-    value, labels = drop(value, labels, set(out))
-    return arrange(value, labels, out)
-
-
 def onnx_translations() -> dict[Any, Any]:
-    """torch.onnx's custom_translation_table for the tngraph ops."""
-    from .. import ops  # noqa: F401  (registers torch.ops.tngraph)
-
-    return {torch.ops.tngraph.lowrank.default: _lowrank_onnx, torch.ops.tngraph.network.default: _network_onnx}
+    """torch.onnx's custom_translation_table: the layers' own ONNX translations (the others export their reference)."""
+    return {layer.op: layer.onnx for layer in LAYERS.values() if layer.onnx is not None}
 
 
 # --- inputs, outputs, axes --------------------------------------------------------------------------
@@ -563,9 +437,10 @@ def _module_and_example(model: Any, example_inputs: Any) -> tuple[torch.nn.Modul
         raise ConfigError(f"export_onnx takes a torch.nn.Module or an artifact folder, got {type(model).__name__}")
     if example_inputs is None:
         raise DataError("export_onnx needs example inputs for a module", "pass example_inputs=(tensor, ...) or a dict of tensors")
-    if isinstance(model, torch.fx.GraphModule) and any(n.op == "call_function" and n.target in OPS for n in model.graph.nodes):
-        model = copy.deepcopy(model)  # a defined layer's op becomes its reference, which the exporter translates
-        expand_layers(model)
+    if isinstance(model, torch.fx.GraphModule) and any(n.op == "call_function" and n.target in OPS and OPS[n.target].onnx is None
+                                                       for n in model.graph.nodes):
+        model = copy.deepcopy(model)  # a layer's op becomes its reference, which the exporter translates
+        expand_layers(model, translated=False)
     return model, example_inputs
 
 

@@ -7,7 +7,7 @@
 4. sensitivity (analysis) needs calibrate (and fisher); loss-versus-parameters curve per target (budgeted allocation only).
 5. allocate   (analysis)  needs targets (and sensitivity when budgeted); format and rank per target.
 6. factorize  (rewrite)   needs allocate (and calibrate for whitening); replaces targets by factor chains.
-7. fuse       (rewrite)   needs factorize; factor chains (+ activation) become tngraph ops (tngraph.ops).
+7. fuse       (rewrite)   needs factorize; each layer (+ activation) becomes its op (tngraph.layers).
 """
 from .allocate import allocate
 from .base import PRODUCTS, Pass, PassContext, PassFn, PassResult, declare

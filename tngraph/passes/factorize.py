@@ -1,6 +1,6 @@
-"""factorize: linear(x, W, b) -> linear(linear(x, B), A, b)  (lowrank: A @ B the whitened truncated SVD)
-           linear(x, W, b) -> flatten(einsum(eq, unflatten(x), *cores)) + b  (tensor-network formats)
-           linear(x, W, b) -> the layer's reference, traced  (formats of defined layers, tngraph.layers)."""
+"""factorize: linear(x, W, b) -> the target's layer (tngraph.layers), its reference traced at the target's values:
+           lowrank: linear(linear(x, B), A, b), A @ B the whitened truncated SVD (patch level: with dense rows);
+           tensor-network formats: flatten(einsum(eq, unflatten(x), *cores)) + b; lrbd and other defined layers: theirs."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ from torch._guards import detect_fake_mode
 from .. import meta
 from ..distributed import share_map
 from ..errors import ConfigError, PassError, TngraphError
-from ..layers import LAYERS, call_inputs, inline
+from ..layers import LAYERS, call_inputs, inline, layer_for
 from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import decompose_lowrank
@@ -129,22 +129,23 @@ def _layer_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> 
 
 def _layer_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, decided: TargetPlan) -> fx.Node:
     """The layer's reference, traced at the target's values (make_fx, the graph's fake mode), in the linear's place."""
-    layer = LAYERS[FORMATS[decided.format].layer]
+    layer = layer_for(decided.format)
+    keys, statics = layer.keys(decided.factors), layer.plan_statics(decided)
     x_val = m.x.meta.get("val")
     fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
     if fake_mode is None:
         raise PassError(f"{t.name}: the graph carries no FakeTensor values to trace the {layer.name} layer at",
                         "capture the model with tngraph.capture (torch.export), which records them")
     with gm.graph.inserting_before(m.node):
-        factor_nodes = [_add_factor(gm, t, f"{decided.format}_{k}", decided.factors[k]) for k in layer.factors]
+        factor_nodes = [_add_factor(gm, t, f"{decided.format}_{k}", decided.factors[k]) for k in keys]
     for node in factor_nodes:
         node.meta["val"] = fake_mode.from_tensor(_attr_of(node))
     if m.bias is not None:
         _val(m.bias, fake_mode)  # a get_attr bias without a value gets one
-    traced = layer.trace_nodes(m.x, factor_nodes, m.bias)
+    traced = layer.trace_nodes(m.x, factor_nodes, m.bias, statics)
     with gm.graph.inserting_before(m.node):
         created = inline(gm.graph, traced, call_inputs(m.x, factor_nodes, m.bias))
-    return _finish(m, [(n, f"factor_{k}") for n, k in zip(factor_nodes, layer.factors)] + [(n, "layer") for n in created], created[-1])
+    return _finish(m, [(n, f"factor_{k}") for n, k in zip(factor_nodes, keys)] + [(n, "layer") for n in created], created[-1])
 
 
 def _inputs(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, fmt_name: str, options: dict):
@@ -190,20 +191,9 @@ def _finish(m: LinearMatch | EmbeddingMatch, created: list[tuple[fx.Node, str]],
         elif fake_mode is not None:
             with fake_mode:
                 args = fx.node.map_arg(node.args, lambda n: _val(n, fake_mode))
-                node.meta["val"] = _einsum_val(*args) if node.target == aten.einsum.default else node.target(*args)
+                node.meta["val"] = node.target(*args)
     meta.update(out, target=old.target, plan=old.plan, calibration=old.calibration, sensitivity=old.sensitivity)
     return out
-
-
-def _einsum_val(equation: str, operands: list[torch.Tensor]) -> torch.Tensor:
-    """The FakeTensor value of our "...<in>,<cores>->...<out>" einsum, from the shapes alone: running
-    einsum on symbolic shapes plans a contraction and costs seconds per node for nothing."""
-    inputs, output = equation.split("->")
-    first, *cores = inputs.split(",")
-    sizes = {label: size for labels, core in zip(cores, operands[1:]) for label, size in zip(labels, core.shape)}
-    x = operands[0]
-    lead = x.shape[: x.dim() - (len(first) - 3)]
-    return x.new_empty((*lead, *(sizes[label] for label in output[3:])))
 
 
 def _val(node: fx.Node, fake_mode) -> torch.Tensor:
@@ -217,9 +207,9 @@ def _attr_of(node: fx.Node) -> torch.Tensor:
 
 
 def _network_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
-    t, plan = meta.info(m.node).target, meta.info(m.node).plan
+    t = meta.info(m.node).target
     decided = _decided(m, gm, ctx, _network_plan)
-    return None if decided is None else _network_graph(m, gm, t, plan, decided.tensor_network())
+    return None if decided is None else _layer_graph(m, gm, t, decided)
 
 
 def _network_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
@@ -242,21 +232,6 @@ def _network_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
         return None
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
     return TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
-
-
-def _network_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, plan: meta.PlanInfo, net) -> fx.Node:
-    graph = gm.graph
-    equation = "..." + net.in_labels + "," + ",".join(net.core_labels) + "->..." + net.out_labels
-    with graph.inserting_before(m.node):
-        core_nodes = [_add_factor(gm, t, f"{plan.format}_core{k}", core) for k, core in enumerate(net.cores)]
-        xs = graph.call_function(aten.unflatten.int, (m.x, -1, list(net.in_dims)))
-        ys = graph.call_function(aten.einsum.default, (equation, [xs, *core_nodes]))
-        out = graph.call_function(aten.flatten.using_ints, (ys, -len(net.out_dims), -1))
-        created = [(c, f"core{k}") for k, c in enumerate(core_nodes)] + [(xs, "unflatten"), (ys, "contract"), (out, "flatten")]
-        if m.bias is not None:
-            out = graph.call_function(aten.add.Tensor, (out, m.bias))
-            created.append((out, "bias"))
-    return _finish(m, created, out)
 
 
 def _decided(m: LinearMatch | EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext, plan_fn) -> TargetPlan | None:
@@ -282,7 +257,7 @@ def _replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Nod
         return None
     if "dense" in decided.factors:
         return _patched_graph(m, gm, t, decided.factors)
-    return _lowrank_graph(m, gm, t, decided.factors["a"], decided.factors["b"])
+    return _layer_graph(m, gm, t, decided)
 
 
 def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
@@ -298,17 +273,6 @@ def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
     if not accept(ctx, m.node, weight, a @ b):
         return None
     return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
-
-
-def _lowrank_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, a: torch.Tensor, b: torch.Tensor) -> fx.Node:
-    graph = gm.graph
-    with graph.inserting_before(m.node):
-        b_node = _add_factor(gm, t, "lowrank_b", b)
-        a_node = _add_factor(gm, t, "lowrank_a", a)
-        hidden = graph.call_function(aten.linear.default, (m.x, b_node))
-        out_args = (hidden, a_node, m.bias) if m.bias is not None else (hidden, a_node)
-        out = graph.call_function(aten.linear.default, out_args)
-    return _finish(m, [(b_node, "factor_b"), (a_node, "factor_a"), (hidden, "down"), (out, "up")], out)
 
 
 def _patched_plan(m: LinearMatch, ctx: PassContext, t, plan, weight, whitening) -> TargetPlan | None:

@@ -110,20 +110,24 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
     from ..models import source_folder
     from ..ownership import check_output_dir
 
-    group = distributed.init_from_env()  # under torchrun the passes share their per-target work; every rank runs the same steps
+    # under torchrun the passes share their per-target work; rank 0 alone then heals, scores and writes
+    group = distributed.init_from_env()
     distributed.agree(lambda: check_output_dir(out, force, keep=[source_folder(source), calibration, config.heal_data]), group)
+    lead = group.rank == 0
     started = time.perf_counter()
     model, tokenizer = load_with_tokenizer(source, spec)
     config = fit_length(config, model)
     texts = compress_texts(is_causal_lm(model), config, calibration)
-    result = compress_with_result(model, calibration=texts.calibration, config=config, tokenizer=tokenizer, source=source,
-                                  heal_texts=texts.heal, heal_checkpoint=checkpoint_dir(out), resume=resume)
+    result = compress_with_result(model, calibration=texts.calibration, config=config if lead else config.replace(heal_steps=0),
+                                  tokenizer=tokenizer, source=source, heal_texts=texts.heal if lead else None,
+                                  heal_checkpoint=checkpoint_dir(out) if lead else None, resume=resume and lead)
+    if not lead:  # the other ranks' part ends with the passes (the factors are the same on every rank)
+        report = {"rank": group.rank, "world": group.world, "written_by": 0, "timings": {"total": time.perf_counter() - started}}
+        return WorkflowResult(pathlib.Path(out), report, "graph", result, config, group.rank, group.world)
     with no_kv_cache(model, result.module):  # scored and timed without a KV cache
         report = build_report(spec, model, tokenizer, result, texts.evaluation, config, evaluate=evaluate, baseline=baseline)
     report["timings"]["total"] = time.perf_counter() - started
-    if group.rank == 0:  # one writer
-        save(result.module, out, force=force, extra={"report.json": report})
-    distributed.barrier(group)
+    save(result.module, out, force=force, extra={"report.json": report})
     report["out"] = os.path.abspath(out)
     return WorkflowResult(pathlib.Path(out), report, "graph", result, config, group.rank, group.world)
 
