@@ -171,3 +171,46 @@ def test_a_layer_the_format_cannot_take_is_an_error_naming_it():
     assert "--exclude 2" in str(info.value)
     kept = tngraph.compress(model, calibration=batches, format="lrbd", heal_steps=0, progress=False, exclude=[r"^2$"])
     assert isinstance(kept[0], LayerLinear) and isinstance(kept[2], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
+    """The three layers (low rank, network, lrbd) through the one definition: the op on the CPU is the
+    reference bit for bit, its gradients are the reference's (gradcheck), the module is the op, and
+    a layer with kernels has a CUDA implementation registered with its op."""
+    from tngraph.modules import LowRankLinear, NetworkLinear
+    from tngraph.tn.formats import FORMATS
+
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(24, 32, generator=g, dtype=torch.float64)
+    if name == "lowrank":
+        a, b = decompose_lowrank(weight, 4)
+        module = LowRankLinear(a, b, torch.randn(24, generator=g, dtype=torch.float64))
+    elif name == "network":
+        module = NetworkLinear(FORMATS["tt"].decompose(weight, 3), torch.randn(24, generator=g, dtype=torch.float64))
+    else:
+        factors = FORMATS["lrbd"].decompose(weight, 4)
+        module = LayerLinear(LRBD, factors, 32, 24, torch.randn(24, generator=g, dtype=torch.float64))
+    layer = LAYERS[name]
+    assert module.layer is layer and OPS[layer.op] is layer
+    x = torch.randn(3, 5, 32, generator=g, dtype=torch.float64)
+    factors, statics = module.factors(), module.statics
+    with torch.no_grad():
+        assert torch.equal(layer.call_op(x, factors, module.bias, statics), module(x))
+        torch.testing.assert_close(module(x), x @ layer.weight(module.factor_dict(), 32, statics).T + module.bias)
+    inputs = [x.clone().requires_grad_(), *(f.detach().clone().requires_grad_() for f in factors), module.bias.detach().clone().requires_grad_()]
+    n = len(factors)
+    assert torch.autograd.gradcheck(lambda x, *rest: layer.call_op(x, list(rest[:n]), rest[n], statics), inputs)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tngraph::{name}", "CUDA") == layer.cuda
+    assert layer.cuda == (name in ("lowrank", "network")) and (layer.onnx is not None) == (name == "network")
+
+
+def test_a_layer_definition_names_what_it_cannot_take():
+    from tngraph.layers import define
+
+    with pytest.raises(TypeError, match="static 'eps' is a <class 'dict'>"):
+        define("bad_static", lambda x, f, b, eps=None: x, ("w",), statics={"eps": (dict, None)})
+    with pytest.raises(ValueError, match="epilogue 'act' is not one of its statics"):
+        define("bad_epilogue", lambda x, f, b: x, ("w",), epilogue="act")
+    with pytest.raises(ValueError, match=r"takes statics \['act'\], not \['gelu'\]"):
+        LayerLinear(LAYERS["lowrank"], {"a": torch.zeros(3, 1), "b": torch.zeros(1, 2)}, 2, 3, statics={"gelu": "x"})
