@@ -19,7 +19,7 @@ from .lm import no_kv_cache
 from .batches import calibration_batches
 from .data import read_lines
 from .heal import HealConfig, heal, trainable
-from .models import ModelSource
+from .models import ModelSource, forward_names
 from .passes import PassContext
 from .pipeline import run_passes
 from .recipe import apply_plan, attach, factorized_parameters, make_recipe
@@ -75,7 +75,7 @@ def compress_with_result(
     heal_checkpoint / resume: a folder for healing checkpoints, and whether to continue from one.
     """
     config = (config or Config()).replace(**options) if options else (config or Config())
-    batches = calibration_batches(calibration, config, tokenizer)
+    batches = calibration_batches(calibration, config, tokenizer, forward_names(model))
     texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
     # healing data is checked before the long work
     healing = _heal_texts(config, heal_texts, calibration if texts else None) if config.heal_steps > 0 else None

@@ -49,6 +49,7 @@ EXTRA_OPTIONS = {
 }
 FALLBACKS = ("inductor", "eager")
 _LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear}
+_MATMULS = {torch.addmm: torch.ops.aten.addmm.default, torch.mm: torch.ops.aten.mm.default}  # matched as targets in aten form
 _PATH = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
 
 # (options, calibration, weight name, id, content hash) -> (PlanInfo, TargetPlan or None)
@@ -186,6 +187,8 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> LiftedGraph:
                 root.add_module(name.replace(".", "_"), gm.get_submodule(name))
             new = graph.call_module(name.replace(".", "_"), fx.node.map_arg(node.args, env.__getitem__),
                                     fx.node.map_arg(node.kwargs, env.__getitem__))
+        elif node.op == "call_function" and node.target in _MATMULS and not node.kwargs:  # GPT-2's Conv1D: addmm(b, x, W)
+            new = graph.call_function(_MATMULS[node.target], fx.node.map_arg(node.args, env.__getitem__))
         elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
             x, weight, *rest = fx.node.map_arg(node.args, env.__getitem__)
             bias = rest[0] if rest else fx.node.map_arg(node.kwargs, env.__getitem__).get("bias")

@@ -13,9 +13,10 @@ from .models import tokenize
 
 
 def calibration_batches(
-    calibration: Sequence[Any] | None, config: Config, tokenizer: Any = None
+    calibration: Sequence[Any] | None, config: Config, tokenizer: Any = None, accepted: set[str] | None = None
 ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """Texts (tokenized in batches of config.batch_size) or a list of example inputs, as (args, kwargs)."""
+    """Texts (tokenized in batches of config.batch_size, only the tensors named in `accepted`, the
+    model's forward_names) or a list of example inputs, as (args, kwargs)."""
     if calibration is None:
         return []
     if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Sequence):
@@ -28,7 +29,7 @@ def calibration_batches(
             raise DataError("calibration texts need a tokenizer", "pass tokenizer= or tokenized example inputs")
         samples = by_token_length(samples[: config.calibration_samples], tokenizer, config.max_length)
         return [
-            ((), tokenize(tokenizer, samples[i : i + config.batch_size], config.max_length))
+            ((), tokenize(tokenizer, samples[i : i + config.batch_size], config.max_length, accepted))
             for i in range(0, len(samples), config.batch_size)
         ]
     if any(isinstance(s, str) for s in samples):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from typing import Any, Mapping, Sequence
@@ -38,14 +39,23 @@ def normalize_inputs(example_inputs: Any) -> ExampleInputs:
     )
 
 
-def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Let torch.export decide which dims of every tensor input are dynamic (batch, sequence...)."""
+def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Let torch.export decide which dims of every tensor input are dynamic (batch, sequence...):
+    by the forward's parameter names where the inputs bind to them, else in the inputs' order."""
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return {d: Dim.AUTO for d in range(value.dim())}
         return None
 
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        bound = None
+    if bound is not None:
+        kinds = {p.name: p.kind for p in bound.signature.parameters.values()}
+        if all(kinds[name] in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) for name in bound.arguments):
+            return {name: spec(value) for name, value in bound.arguments.items()}
     # torch.export matches a tuple against the positional inputs followed by the keyword inputs
     return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
 
@@ -74,7 +84,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}", "pass the model object itself")
     args, kwargs = normalize_inputs(example_inputs)
-    dynamic_shapes = _dynamic_shapes(args, kwargs) if dynamic else None
+    dynamic_shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
     was_training = model.training
     model.eval()
     try:

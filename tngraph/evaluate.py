@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .models import tokenize
+from .models import accepted_only, forward_names, tokenize
 from .progress import progress
 
 
@@ -47,7 +47,7 @@ def sentence_embeddings(
     out = []
     for i in progress(range(0, len(texts), batch_size), desc="embed", enabled=show, unit="batch"):
         enc = tokenize(tokenizer, texts[i : i + batch_size], max_length)
-        out.append(pooled(model(**enc).last_hidden_state, enc["attention_mask"]))
+        out.append(pooled(model(**accepted_only(enc, forward_names(model))).last_hidden_state, enc["attention_mask"]))
     return torch.cat(out).float()
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError, ConfigError, DataError, ModelError
 from .evaluate import pooled
+from .models import forward_names
 from .recipe import FACTORIZED
 from .progress import progress
 
@@ -153,17 +154,6 @@ def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor) -> 
     return _relative_mse(hs, ht, m) + _blocks(student_out, teacher_out, m) + (1 - cos).mean()
 
 
-def _accepted_inputs(model: torch.nn.Module) -> set[str] | None:
-    """The tokenizer outputs the model's forward names (a causal LM takes no token_type_ids); None: all."""
-    import inspect
-
-    try:
-        names = set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    return names if "input_ids" in names else None
-
-
 def _check_texts(texts: Any, need: int, what: str = "healing data") -> list[str]:
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
         raise DataError(f"{what} must be a list of texts", "pass a list of strings (one sample each), or a text file with one sample per line")
@@ -277,7 +267,7 @@ class _Distillation:
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any, cfg: HealConfig,
                  params: dict[str, torch.nn.Parameter], held: list[str]):
         self.student, self.teacher, self.tokenizer, self.cfg, self.params = student, teacher, tokenizer, cfg, params
-        self.accepted = _accepted_inputs(teacher)
+        self.accepted = forward_names(teacher)  # a causal LM takes no token_type_ids, nor does DistilBERT
         self.device = params[next(iter(params))].device
         if any(p.device != self.device for p in teacher.parameters()):
             raise ModelError(f"the teacher is not on the student's device ({self.device})", "move both models to one device before healing")

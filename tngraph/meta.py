@@ -20,6 +20,7 @@ class TargetInfo:
     in_features: int  # embedding tables: the embedding width
     out_features: int  # embedding tables: the number of rows
     kind: str = "linear"  # "linear" or "embedding"
+    transposed: bool = False  # the weight is stored (in x out): GPT-2's Conv1D, x @ W + b
 
     @property
     def dense_params(self) -> int:

@@ -135,6 +135,29 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+def tokenize(tokenizer: Any, texts: list[str], max_length: int, accepted: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tokenizer's tensors for `texts` (padded, truncated), only those named in `accepted` when given."""
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return dict(enc)
+    return accepted_only(dict(enc), accepted)
+
+
+def forward_names(model: Any) -> set[str] | None:
+    """The inputs `model.forward` names (its explicit parameters; not what a **kwargs would swallow),
+    or None when its signature cannot be read. A tokenizer's outputs are filtered by them: BERT's
+    tokenizer writes token_type_ids, which DistilBERT, OPT or a causal LM does not take."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return None
+    explicit = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return explicit or None
+
+
+def accepted_only(inputs: dict[str, Any], accepted: set[str] | None) -> dict[str, Any]:
+    """Token inputs without the entries `accepted` (forward_names) does not name; all of them when
+    it is None or names no input_ids (a forward that takes them some other way)."""
+    if accepted is None or "input_ids" not in accepted:
+        return dict(inputs)
+    return {k: v for k, v in inputs.items() if k in accepted}

@@ -42,6 +42,17 @@ def swap_module(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None
     setattr(parent, child, new)
 
 
+def linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a linear layer: an nn.Linear, or a Conv1D (transformers' GPT-2 family: y = x @ W + b,
+    W stored (in x out)); None for anything else."""
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features, module.in_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[1]), int(weight.shape[0])
+    return None
+
+
 def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
     """The factorized module that replaces `owner` (the original layer) according to `plan`."""
     if plan.kind == "embedding":
@@ -49,11 +60,12 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
             raise ModelError(f"target {plan.name!r} is not a {plan.out_features}x{plan.in_features} nn.Embedding",
                              "apply the recipe to the model it was made from")
         return LowRankEmbedding(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), owner.padding_idx)
-    if not isinstance(owner, torch.nn.Linear):
-        raise ModelError(f"target {plan.name!r} is a {type(owner).__name__}, not an nn.Linear",
+    shape = linear_shape(owner)
+    if shape is None:
+        raise ModelError(f"target {plan.name!r} is a {type(owner).__name__}, not an nn.Linear (or a Conv1D)",
                          "restrict targets to nn.Linear modules with Config(include=..., exclude=...)")
-    if (owner.out_features, owner.in_features) != (plan.out_features, plan.in_features):
-        raise ModelError(f"target {plan.name!r} is {owner.out_features}x{owner.in_features}, the recipe says "
+    if shape != (plan.out_features, plan.in_features):
+        raise ModelError(f"target {plan.name!r} is {shape[0]}x{shape[1]}, the recipe says "
                          f"{plan.out_features}x{plan.in_features}", "apply the recipe to the model it was made from")
     bias = owner.bias.detach().clone() if owner.bias is not None else None
     if plan.format == "lowrank":

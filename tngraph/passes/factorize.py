@@ -25,7 +25,7 @@ from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
 from .rewrite import RewriteRule, apply_rules
-from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear
+from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -152,7 +152,7 @@ def _inputs(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, fmt_name: str,
     """The target, its plan, the dense weight, its calibration stats and the format's whitening."""
     node_info = meta.info(m.node)
     t, plan = node_info.target, node_info.plan
-    weight = getattr_path(gm, t.weight)
+    weight = target_weight(gm, t)
     stats = ctx.stats.get(t.name)
     if not (stats is not None and stats.rows > 0):
         stats = None

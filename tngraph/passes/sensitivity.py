@@ -40,7 +40,7 @@ from ..distributed import share_map
 from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
 from .fisher import output_whitening
-from .targets import getattr_path
+from .targets import target_weight
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 def whitened_weight(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo):
     """(L^T W S in float64, the input whitening, the output whitening): the weight in the
     coordinates the low-rank decomposition truncates (either side None when not used)."""
-    w = getattr_path(gm, t.weight).detach().to(torch.float64)
+    w = target_weight(gm, t).detach().to(torch.float64)
     white, out_white = input_whitening(ctx, t), None
     if white is not None:
         w = white.apply(w)
@@ -169,7 +169,7 @@ def _row_spectra(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white
     tail_k(r) = ||L_rest^T (W_rest - W_rest,r) S||^2 / ||L^T W S||^2."""
     cfg = ctx.config
     fmt = FORMATS["svd"]
-    weight = getattr_path(gm, t.weight).detach().to(torch.float64)
+    weight = target_weight(gm, t).detach().to(torch.float64)
     bias = t.out_features if t.bias else 0
     uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
     a, b = decompose_lowrank(weight, uniform, white, out_white)
@@ -206,7 +206,7 @@ def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, wh
     (with its own whitening, as factorize does, without the refit), and its error measured in the
     units of the low-rank curve: ||L^T (W - W') S||^2 / ||L^T W S||^2 (S the full input whitening)."""
     cfg = ctx.config
-    weight = getattr_path(gm, t.weight).detach().to(torch.float64)
+    weight = target_weight(gm, t).detach().to(torch.float64)
     bias = t.out_features if t.bias else 0
     points = []
     for name in cfg.mixture:
@@ -257,7 +257,7 @@ def _costs(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, ranks: list
     kind = ctx.config.budget_kind
     if kind == "params":
         return [float(p) for p in params], float(t.dense_params)
-    weight = getattr_path(gm, t.weight)
+    weight = target_weight(gm, t)
     if kind == "bytes":  # factors are stored in the weight's dtype
         size = weight.element_size()
         return [float(p * size) for p in params], float(t.dense_params * size)
@@ -382,7 +382,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
     params, originals = {}, {}
     for node in nodes:
         t = meta.info(node).target
-        params[t.name] = getattr_path(gm, t.weight)
+        params[t.name] = target_weight(gm, t)
         originals[t.name] = params[t.name].detach().clone()
 
     def approx(t: meta.TargetInfo, rank: int) -> torch.Tensor:

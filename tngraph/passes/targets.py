@@ -1,4 +1,5 @@
-"""targets: mark linear-like nodes with a constant weight (aten.linear / addmm / mm), and with
+"""targets: mark linear-like nodes with a constant weight (aten.linear / addmm / mm, the weight
+stored (out x in) and transposed, or stored (in x out) as GPT-2's Conv1D keeps it), and with
 Config(targets=("linear", "embedding")) embedding lookups (aten.embedding), as compression targets."""
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class LinearMatch:
 
     node: fx.Node
     x: fx.Node
-    weight: fx.Node  # the get_attr node of W (out x in)
+    weight: fx.Node  # the get_attr node of W (out x in), or of W^T (in x out) when transposed
     bias: fx.Node | None
+    transposed: bool = False
 
 
 def match_linear(node: fx.Node) -> LinearMatch | None:
@@ -47,7 +49,15 @@ def match_linear(node: fx.Node) -> LinearMatch | None:
             w = wt.args[0]
             if _is_attr(w) and (b is None or _is_attr(b)):
                 return LinearMatch(node, x, w, b)
+        elif _is_attr(wt) and (b is None or _is_attr(b)):  # x @ W with W stored (in x out): Conv1D
+            return LinearMatch(node, x, wt, b, transposed=True)
     return None
+
+
+def target_weight(gm: fx.GraphModule, t: "meta.TargetInfo") -> torch.Tensor:
+    """A linear target's weight as (out x in), whichever way it is stored (a view: writing it writes the weight)."""
+    weight = getattr_path(gm, t.weight)
+    return weight.T if t.transposed else weight
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if m is None:
             continue
         kind = "embedding" if isinstance(m, EmbeddingMatch) else "linear"
+        transposed = kind == "linear" and m.transposed
         weight_name = str(m.weight.target)
         name = weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name
         if not is_selected(name, cfg.include, cfg.exclude):
@@ -125,7 +136,10 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 f"weight {weight_name!r} holds {bad} NaN/Inf values",
                 "repair or reload the model's weights before compressing it",
             )
-        out_features, in_features = weight.shape
+        if m.bias is not None and kind == "linear" and tuple(getattr_path(gm, str(m.bias.target)).shape) != (weight.shape[1 if transposed else 0],):
+            ctx.counters["targets.skipped.bias_shape"] += 1  # an addmm whose "bias" broadcasts otherwise
+            continue
+        out_features, in_features = weight.shape[::-1] if transposed else weight.shape
         meta.update(
             node,
             target=meta.TargetInfo(
@@ -135,6 +149,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 in_features=int(in_features),
                 out_features=int(out_features),
                 kind=kind,
+                transposed=transposed,
             ),
         )
         found += 1
@@ -157,7 +172,7 @@ def _called_as_module(node: fx.Node, name: str, kind: str) -> bool:
     if not isinstance(path, str) or not _PLAIN_PATH.fullmatch(path):
         return True
     type_name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
-    wanted = "Embedding" if kind == "embedding" else "Linear"
+    wanted = ("Embedding",) if kind == "embedding" else ("Linear", "Conv1D")
     return path == name and type_name.endswith(wanted)
 
 

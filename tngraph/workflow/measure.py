@@ -51,14 +51,11 @@ def unhealed(result: Any) -> Iterator[Any]:
 
 
 def model_inputs(model: Any, vocab_size: int, batch: int, length: int, seed: int) -> dict[str, Any]:
-    """Random token inputs of the model's forward (a causal LM takes no token_type_ids)."""
+    """Random token inputs of those the model's forward names (a causal LM takes no token_type_ids)."""
     from ..evaluate import latency_inputs
-    from ..lm import is_causal_lm
+    from ..models import accepted_only, forward_names
 
-    inputs = latency_inputs(vocab_size, batch, length, seed)
-    if is_causal_lm(model):
-        inputs.pop("token_type_ids")
-    return inputs
+    return accepted_only(latency_inputs(vocab_size, batch, length, seed), forward_names(model))
 
 
 def size_report(spec: str, model: Any, result: Any, config: Config) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Architectures beyond BERT and Llama, built tiny from their Hugging Face configs: GPT-2's Conv1D
+layers are targets (their weight stored in x out), DistilBERT and OPT are captured from their own
+forward's inputs (a BERT tokenizer's token_type_ids, which they do not take, left out)."""
+import pytest
+import torch
+
+import tngraph
+from tngraph.layers import LOWRANK
+
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2(low_rank: int | None = None):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    if low_rank is not None:  # every Conv1D weight exactly of this rank: a factorization at that rank is exact
+        with torch.no_grad():
+            for module in model.modules():
+                if type(module).__name__ == "Conv1D":
+                    i, o = module.weight.shape
+                    module.weight.copy_(torch.randn(i, low_rank) @ torch.randn(low_rank, o) / low_rank)
+    return model
+
+
+def _ids(n=4, length=12, vocab=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, length), generator=g)} for _ in range(n)]
+
+
+def test_gpt2_conv1d_layers_are_targets_and_factorize_exactly_at_their_rank():
+    model = _gpt2(low_rank=4)
+    calibration = _ids()
+    result = tngraph.compress_with_result(model, calibration=calibration, budget=0.5, heal_steps=0, progress=False,
+                                          allocation="uniform", sensitivity="fisher")
+    targets = {t.name: t for t in (tngraph.meta.info(n).target for n in result.graph.graph.nodes) if t is not None}
+    convs = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    planned = {n for n, p in result.context.plan.items() if p.format == "lowrank"}
+    assert convs == set(result.context.plan) and planned and len(convs) == 8  # c_attn, c_proj, c_fc, c_proj per block
+    assert all(t.transposed for t in targets.values() if t.name in convs)
+    c_attn = model.get_submodule("transformer.h.0.attn.c_attn")
+    assert (targets["transformer.h.0.attn.c_attn"].out_features, targets["transformer.h.0.attn.c_attn"].in_features) == (96, 32)
+    assert c_attn.weight.shape == (32, 96)  # stored in x out
+    # the graph holds the low-rank op in the Conv1D's place; the module swaps the Conv1D for its layer
+    assert sum(1 for n in result.graph.graph.nodes if n.target == LOWRANK.op) == len(planned)
+    swapped = result.module.get_submodule("transformer.h.0.attn.c_attn")
+    assert isinstance(swapped, tngraph.modules.LowRankLinear) and (swapped.out_features, swapped.in_features) == (96, 32)
+    x = _ids(1, 9, seed=3)[0]
+    with torch.no_grad():
+        dense, compressed, graph = model(**x).logits, result.module(**x).logits, result.graph(**x).logits
+    # exact weights of rank 4 at ranks of at least 4: the same model up to rounding
+    assert min(p.rank for n, p in result.context.plan.items() if n in planned) >= 4
+    torch.testing.assert_close(compressed, dense, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(graph, compressed, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_artifact_round_trip(tmp_path):
+    model = _gpt2()
+    compressed = tngraph.compress(model, calibration=_ids(), budget=0.5, heal_steps=0, progress=False, allocation="uniform",
+                                  sensitivity="fisher")
+    tngraph.save(compressed, tmp_path / "art")
+    loaded = tngraph.load(tmp_path / "art", model=_gpt2())
+    x = _ids(1, 7, seed=5)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, compressed(**x).logits)
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "opt"])
+def test_models_that_take_no_token_type_ids_are_captured_from_a_bert_tokenizer(arch, minilm, sentences):
+    tokenizer = minilm[1]
+    torch.manual_seed(0)
+    if arch == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                               max_position_embeddings=64)
+        model = transformers.DistilBertModel(config).eval()
+    else:
+        config = transformers.OPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32)
+        model = transformers.OPTModel(config).eval()
+    texts = sentences.calibration[:16]
+    assert "token_type_ids" in tokenizer(texts[:1])  # what the tokenizer writes and the model does not take
+    result = tngraph.compress_with_result(model, calibration=texts, tokenizer=tokenizer, budget=0.5, heal_steps=0, progress=False,
+                                          max_length=32, batch_size=8, sensitivity="fisher", allocation="uniform")
+    assert result.context.plan and all("token_type_ids" not in kw for _, kw in result.context.calibration)
+    enc = tokenizer(texts[:3], padding=True, return_tensors="pt")
+    enc.pop("token_type_ids")
+    with torch.no_grad():
+        assert result.module(**enc).last_hidden_state.shape == model(**enc).last_hidden_state.shape
+
+
+def test_gpt2_compiles_with_the_tngraph_backend():
+    from tests.conftest import backend_spy
+
+    model = _gpt2(low_rank=4)
+    spy = backend_spy()
+    compiled = torch.compile(model, backend=spy, options={"budget": 0.5, "calibration": _ids(), "sensitivity": "fisher",
+                                                          "allocation": "uniform", "fallback": "eager"})
+    x = _ids(1, 10, seed=7)[0]["input_ids"]
+    with torch.no_grad():
+        out, ref = compiled(input_ids=x).logits, model(input_ids=x).logits
+    fused = [n for g in spy.graphs for n in g.graph.nodes if n.target == LOWRANK.op]
+    assert len(fused) == 8  # every Conv1D (dynamo's torch.addmm) became the low-rank op
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
