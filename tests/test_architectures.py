@@ -101,3 +101,26 @@ def test_gpt2_compiles_with_the_tngraph_backend():
     fused = [n for g in spy.graphs for n in g.graph.nodes if n.target == LOWRANK.op]
     assert len(fused) == 8  # every Conv1D (dynamo's torch.addmm) became the low-rank op
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_vit_compresses_from_pixel_tensors_and_the_command_line_names_the_route(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+                                    patch_size=8)
+    model = transformers.ViTModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    calibration = [{"pixel_values": torch.randn(4, 3, 32, 32, generator=g)} for _ in range(4)]
+    result = tngraph.compress_with_result(model, calibration=calibration, budget=0.5, heal_steps=0, progress=False,
+                                          sensitivity="fisher", allocation="uniform")
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}  # q, k, v, o, fc1, fc2, the pooler
+    assert set(result.context.plan) == linears and len(linears) == 7
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        dense, compressed = model(pixel_values=x).last_hidden_state, result.module(pixel_values=x).last_hidden_state
+    assert dense.shape == compressed.shape and float((dense - compressed).norm() / dense.norm()) < 0.5
+    model.save_pretrained(tmp_path / "vit")
+    from tngraph import workflow
+
+    with pytest.raises(tngraph.TngraphError, match="has no tokenizer") as info:
+        workflow.compress(str(tmp_path / "vit"), tmp_path / "out", heal_steps=0, evaluate=False)
+    assert "pixel_values" in info.value.fix and not (tmp_path / "out").exists()

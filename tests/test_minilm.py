@@ -77,15 +77,19 @@ def test_save_load_round_trip_rebuilds_from_the_package(minilm, minilm_compresse
         torch.testing.assert_close(loaded(**enc).last_hidden_state, minilm_compressed.module(**enc).last_hidden_state, atol=0, rtol=0)
 
 
-def test_two_runs_write_byte_identical_factors(minilm, minilm_compressed, sentences, tmp_path):
-    model, tokenizer = minilm
-    again = tngraph.compress(
-        model, calibration=sentences.calibration, tokenizer=tokenizer,
-        config=tngraph.Config(budget=0.5, include=MINILM_INCLUDE, sensitivity="fisher", heal_steps=0, progress=False)
-    )
-    a = tngraph.save(minilm_compressed.module, tmp_path / "a")
-    b = tngraph.save(again, tmp_path / "b")
+def test_two_runs_write_byte_identical_factors(minilm, sentences, tmp_path):
+    """Same inputs, same bytes: two compressions (whitening, fisher, allocation, SVDs) of one model
+    write identical factor files. A small BERT of MiniLM's shape family keeps this under seconds."""
+    from tests.conftest import write_tiny_bert
+    from transformers import AutoModel
+
+    tokenizer = minilm[1]
+    model = AutoModel.from_pretrained(write_tiny_bert(tmp_path / "bert", tokenizer)).eval()
+    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, sensitivity="fisher", heal_steps=0, progress=False)
+    runs = [tngraph.compress(model, calibration=sentences.calibration, tokenizer=tokenizer, config=config) for _ in range(2)]
+    a, b = (tngraph.save(run, tmp_path / name) for run, name in zip(runs, "ab"))
     assert (a / "factors.safetensors").read_bytes() == (b / "factors.safetensors").read_bytes()
+    assert len(runs[0].tngraph_recipe["targets"]) >= 8  # most of the twelve linears are factorized
 
 
 def test_text_calibration_needs_a_tokenizer(minilm):

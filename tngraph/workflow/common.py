@@ -43,7 +43,9 @@ def load_with_tokenizer(source: Any, spec: str) -> tuple[Any, Any]:
 
     model, tokenizer = load_model(source)
     if tokenizer is None:
-        raise TngraphError(f"{spec!r} has no tokenizer", "add the tokenizer files to the model folder")
+        raise TngraphError(f"{spec!r} has no tokenizer: the command line calibrates, heals and scores on text",
+                           "add the tokenizer files to the model folder; a model that reads pixels or audio compresses from "
+                           "Python with tensor calibration: tngraph.compress(model, calibration=[{'pixel_values': ...}, ...])")
     return model, tokenizer
 
 
