@@ -136,7 +136,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 f"weight {weight_name!r} holds {bad} NaN/Inf values",
                 "repair or reload the model's weights before compressing it",
             )
-        if m.bias is not None and kind == "linear" and tuple(getattr_path(gm, str(m.bias.target)).shape) != (weight.shape[1 if transposed else 0],):
+        if kind == "linear" and m.bias is not None and tuple(getattr_path(gm, str(m.bias.target)).shape) != (weight.shape[1 if transposed else 0],):
             ctx.counters["targets.skipped.bias_shape"] += 1  # an addmm whose "bias" broadcasts otherwise
             continue
         out_features, in_features = weight.shape[::-1] if transposed else weight.shape
