@@ -44,10 +44,10 @@ def sentence_embeddings(
     model: torch.nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int = 64, max_length: int = 128, show: bool = False
 ) -> torch.Tensor:
     """Mean of the last hidden state over real tokens, L2-normalised (sentence-transformers pooling)."""
-    out = []
+    out, accepted = [], forward_names(model)
     for i in progress(range(0, len(texts), batch_size), desc="embed", enabled=show, unit="batch"):
         enc = tokenize(tokenizer, texts[i : i + batch_size], max_length)
-        out.append(pooled(model(**accepted_only(enc, forward_names(model))).last_hidden_state, enc["attention_mask"]))
+        out.append(pooled(model(**accepted_only(enc, accepted)).last_hidden_state, enc["attention_mask"]))
     return torch.cat(out).float()
 
 

@@ -294,15 +294,15 @@ def cached_network_plan(equation: str, cores: list[torch.Tensor]) -> tuple[str, 
     return how, tuple(cores[p[0]].as_strided(*p[1:]) if isinstance(p, tuple) else p for p in parts)
 
 
-def network_dense_weight(cores: list[torch.Tensor], equation: str, out_features: int) -> torch.Tensor:
-    """The layer's matrix (out_features, in): the cores contracted without x, made once per set of
-    cores (and again after they change in place)."""
+def network_matrix(cores: list[torch.Tensor], equation: str, out_features: int) -> torch.Tensor:
+    """The layer's matrix (out_features, in): the cores contracted without x."""
     x_labels, core_labels, out = parse_equation(equation)
+    return torch.einsum(",".join(core_labels) + "->" + out + x_labels, *cores).reshape(out_features, -1)
 
-    def make():
-        return torch.einsum(",".join(core_labels) + "->" + out + x_labels, *cores).reshape(out_features, -1).contiguous()
 
-    return _dense.get("network:" + equation, tuple(cores), make)
+def network_dense_weight(cores: list[torch.Tensor], equation: str, out_features: int) -> torch.Tensor:
+    """network_matrix, contiguous, made once per set of cores (and again after they change in place)."""
+    return _dense.get("network:" + equation, tuple(cores), lambda: network_matrix(cores, equation, out_features).contiguous())
 
 
 def choose_network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in_dims: list[int], out_features: int,

@@ -24,8 +24,7 @@ def reference(x: torch.Tensor, cores: list[torch.Tensor], bias: Optional[torch.T
 
 
 def weight(cores: list[torch.Tensor], equation: str = "", in_dims: Sequence[int] = (), out_features: int = 0) -> torch.Tensor:
-    x_labels, core_labels, out = ops.parse_equation(equation)
-    return torch.einsum(",".join(core_labels) + "->" + out + x_labels, *cores).reshape(out_features, -1)
+    return ops.network_matrix(cores, equation, out_features)  # uncached: the guard's one look
 
 
 def cuda(x: torch.Tensor, cores: list[torch.Tensor], bias: Optional[torch.Tensor], equation: str = "", in_dims: Sequence[int] = (),
