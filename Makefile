@@ -34,8 +34,9 @@ system-deps:
 	fi
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
+# One pytest-xdist worker per core (each computing on one thread): tracing and export are single-threaded.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n auto --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -6,7 +6,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 # without a GPU the Triton kernels run (and are tested) in triton's interpreter on CPU tensors;
 # it is read when a kernel is decorated, so before tngraph.kernels is first imported
 if not torch.cuda.is_available():

@@ -5,9 +5,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tngraph
-from tngraph.layers import LAYERS, OPS, LayerLinear
+from tngraph.layers import CONV, LAYERS, OPS, LayerLinear
 from tngraph.layers.lrbd import LRBD
 from tngraph.passes.fuse import unfuse
 from tngraph.tn import decompose_lowrank
@@ -188,16 +189,24 @@ def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
         module = LowRankLinear(a, b, torch.randn(24, generator=g, dtype=torch.float64))
     elif name == "network":
         module = NetworkLinear(FORMATS["tt"].decompose(weight, 3), torch.randn(24, generator=g, dtype=torch.float64))
+    elif name == "conv":  # a 3 x 3 convolution of 8 channels (its unfolded weight 24 x 72), strided and padded
+        a, b = decompose_lowrank(torch.randn(24, 72, generator=g, dtype=torch.float64), 4)
+        module = LayerLinear(CONV, {"a": a, "b": b}, 72, 24, torch.randn(24, generator=g, dtype=torch.float64),
+                             {"in_channels": 8, "kernel": [3, 3], "stride": [2, 1], "padding": [1, 1], "dilation": [1, 1]})
     else:
         factors = FORMATS["lrbd"].decompose(weight, 4)
         module = LayerLinear(LRBD, factors, 32, 24, torch.randn(24, generator=g, dtype=torch.float64))
     layer = LAYERS[name]
     assert module.layer is layer and OPS[layer.op] is layer
-    x = torch.randn(3, 5, 32, generator=g, dtype=torch.float64)
+    conv = name == "conv"
+    x = torch.randn(2, 8, 6, 5, generator=g, dtype=torch.float64) if conv else torch.randn(3, 5, 32, generator=g, dtype=torch.float64)
     factors, statics = module.factors(), module.statics
     with torch.no_grad():
         assert torch.equal(layer.call_op(x, factors, module.bias, statics), module(x))
-        torch.testing.assert_close(module(x), x @ layer.weight(module.factor_dict(), 32, statics).T + module.bias)
+        w = layer.weight(module.factor_dict(), module.in_features, statics)
+        dense = F.conv2d(x, w.view(24, 8, 3, 3), module.bias, stride=(2, 1), padding=1) if conv else x @ w.T + module.bias
+        torch.testing.assert_close(module(x), dense)
+        assert torch.equal(module.weight, w)  # what model code reading a Linear's .weight gets
     inputs = [x.clone().requires_grad_(), *(f.detach().clone().requires_grad_() for f in factors), module.bias.detach().clone().requires_grad_()]
     n = len(factors)
     assert torch.autograd.gradcheck(lambda x, *rest: layer.call_op(x, list(rest[:n]), rest[n], statics), inputs)

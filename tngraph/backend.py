@@ -27,6 +27,7 @@ import hashlib
 import inspect
 import logging
 import os
+import operator
 import re
 import types
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ EXTRA_OPTIONS = {
 FALLBACKS = ("inductor", "eager")
 _LINEAR_FUNCTIONS = {torch._C._nn.linear, torch.nn.functional.linear}
 _MATMULS = {torch.addmm: torch.ops.aten.addmm.default, torch.mm: torch.ops.aten.mm.default}  # matched as targets in aten form
+_CONVS = {torch.conv1d: torch.ops.aten.conv1d.default, torch.conv2d: torch.ops.aten.conv2d.default}
 _PATH = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]")
 
 # (options, calibration, weight name, id, content hash) -> (PlanInfo, TargetPlan or None)
@@ -143,7 +145,7 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> LiftedGraph:
     graph = fx.Graph()
     root = torch.nn.Module()
     env: dict[fx.Node, fx.Node] = {}
-    keep, sources, names, values, taken = [], [], [], [], set()
+    keep, sources, names, values, taken, transposes = [], [], [], [], set(), set()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for index, node in enumerate(placeholders):
         value = example_inputs[index] if index < len(example_inputs) else None
@@ -189,6 +191,13 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> LiftedGraph:
                                     fx.node.map_arg(node.kwargs, env.__getitem__))
         elif node.op == "call_function" and node.target in _MATMULS and not node.kwargs:  # GPT-2's Conv1D: addmm(b, x, W)
             new = graph.call_function(_MATMULS[node.target], fx.node.map_arg(node.args, env.__getitem__))
+        elif node.op == "call_function" and node.target in _CONVS and not node.kwargs \
+                and not any(isinstance(a, str) for a in node.args):  # padding="same" is no target
+            new = graph.call_function(_CONVS[node.target], fx.node.map_arg(node.args, env.__getitem__))
+        elif node.op == "call_function" and node.target in (operator.matmul, torch.matmul) and not node.kwargs \
+                and _transposed_state(node.args[1]):  # x @ W.T: Falcon's own Linear
+            new = graph.call_function(torch.ops.aten.linear.default, (env[node.args[0]], env[node.args[1]].args[0]))
+            transposes.add(env[node.args[1]])
         elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
             x, weight, *rest = fx.node.map_arg(node.args, env.__getitem__)
             bias = rest[0] if rest else fx.node.map_arg(node.kwargs, env.__getitem__).get("bias")
@@ -197,11 +206,20 @@ def lift(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> LiftedGraph:
             new = graph.node_copy(node, env.__getitem__)
         new.meta = dict(node.meta)
         env[node] = new
+    for dead in transposes:  # a weight read by nothing else stays a target
+        if not dead.users:
+            graph.erase_node(dead)
     for new in graph.nodes:  # the passes read FakeTensor values from meta["val"], as torch.export writes it
         if "val" not in new.meta and "example_value" in new.meta:
             new.meta["val"] = new.meta["example_value"]
     lifted = fx.GraphModule(root, graph)
     return LiftedGraph(lifted, keep, sources, names, values)
+
+
+def _transposed_state(node: Any) -> bool:
+    """Whether `node` is getattr(W, "T") of a lifted weight (dynamo's `W.T`)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+        and node.args[1] == "T" and isinstance(node.args[0], fx.Node) and node.args[0].op in ("placeholder", "get_attr")
 
 
 def _lift_module_state(root, taken, module: str, attr: str, value: torch.Tensor) -> str:

@@ -39,12 +39,19 @@ def normalize_inputs(example_inputs: Any) -> ExampleInputs:
     )
 
 
+# inputs whose sizes past the batch are what the model is built for: images (channels x height x
+# width) and audio features (mel bins x frames)
+FIXED_SIZE_INPUTS = frozenset({"pixel_values", "input_features"})
+
+
 def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Let torch.export decide which dims of every tensor input are dynamic (batch, sequence...):
     by the forward's parameter names where the inputs bind to them, else in the inputs' order."""
 
-    def spec(value: Any) -> Any:
+    def spec(value: Any, name: str = "") -> Any:
         if isinstance(value, torch.Tensor):
+            if name in FIXED_SIZE_INPUTS and value.dim() > 1:  # only the batch varies: tracing stays fast (Swin's windows)
+                return {0: Dim.AUTO, **{d: Dim.STATIC for d in range(1, value.dim())}}
             return {d: Dim.AUTO for d in range(value.dim())}
         return None
 
@@ -55,7 +62,7 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
     if bound is not None:
         kinds = {p.name: p.kind for p in bound.signature.parameters.values()}
         if all(kinds[name] in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) for name in bound.arguments):
-            return {name: spec(value) for name, value in bound.arguments.items()}
+            return {name: spec(value, name) for name, value in bound.arguments.items()}
     # torch.export matches a tuple against the positional inputs followed by the keyword inputs
     return tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
 

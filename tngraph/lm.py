@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def no_kv_cache(*models: torch.nn.Module) -> Iterator[None]:
-    """Hugging Face models with `config.use_cache` off for the duration (graph capture, healing and
+    """Hugging Face models (and their submodules) with `config.use_cache` off for the duration (graph capture, healing and
     scoring want no KV cache; generate() gets it back)."""
-    configs = [c for c in (getattr(m, "config", None) for m in models) if c is not None and hasattr(c, "use_cache")]
+    # every submodule's config: an encoder-decoder's stacks hold copies of their own (T5, BART)
+    configs = list({id(c): c for c in (getattr(sub, "config", None) for m in models for sub in m.modules())
+                    if c is not None and hasattr(c, "use_cache")}.values())
     saved = [c.use_cache for c in configs]
     for c in configs:
         c.use_cache = False

@@ -11,6 +11,30 @@ KEY = "tngraph"
 
 
 @dataclass(frozen=True)
+class Conv:
+    """A convolution target's geometry (groups 1): y = conv(x, W), W (out, in_channels, *kernel),
+    compressed as the (out x in_channels*prod(kernel)) matrix it unfolds to."""
+
+    in_channels: int
+    kernel: tuple[int, ...]  # one size per spatial dim: 1 (conv1d) or 2 (conv2d)
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    @property
+    def dims(self) -> int:
+        return len(self.kernel)
+
+    def statics(self) -> dict[str, Any]:
+        """The conv layer's static arguments (tngraph.layers.conv)."""
+        return {"in_channels": self.in_channels, **{k: list(getattr(self, k)) for k in ("kernel", "stride", "padding", "dilation")}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Conv":
+        return cls(int(data["in_channels"]), *(tuple(int(v) for v in data[k]) for k in ("kernel", "stride", "padding", "dilation")))
+
+
+@dataclass(frozen=True)
 class TargetInfo:
     """A linear-like node (or embedding lookup) whose weight is a constant of the graph."""
 
@@ -21,6 +45,7 @@ class TargetInfo:
     out_features: int  # embedding tables: the number of rows
     kind: str = "linear"  # "linear" or "embedding"
     transposed: bool = False  # the weight is stored (in x out): GPT-2's Conv1D, x @ W + b
+    conv: Conv | None = None  # a convolution: in_features is in_channels * prod(kernel)
 
     @property
     def dense_params(self) -> int:

@@ -18,6 +18,7 @@ class TargetPlan:
     # for tensor-network formats: core_labels, in_dims, out_dims, in_labels, out_labels, format
     network: dict | None = None
     kind: str = "linear"  # "linear" (out x in weight) or "embedding" (out = rows, in = width)
+    conv: dict | None = None  # a convolution's geometry (meta.Conv.statics()): in is in_channels * prod(kernel)
 
     @property
     def params_before(self) -> int:
@@ -39,6 +40,7 @@ class TargetPlan:
             **({"kind": self.kind} if self.kind != "linear" else {}),
             "factors": {k: list(v.shape) for k, v in sorted(self.factors.items())},
             **({"network": dict(self.network)} if self.network else {}),
+            **({"conv": dict(self.conv)} if self.conv else {}),
         }
 
     def tensor_network(self):

@@ -16,7 +16,8 @@ import torch
 from . import __version__
 from .config import Config
 from .errors import ArtifactError, ModelError
-from .layers import LAYERS, LayerLinear
+from .layers import CONV, LAYERS, LayerLinear
+from .meta import Conv
 from .models import ModelSource, weights_hash
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .plan import TargetPlan
@@ -60,6 +61,8 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
             raise ModelError(f"target {plan.name!r} is not a {plan.out_features}x{plan.in_features} nn.Embedding",
                              "apply the recipe to the model it was made from")
         return LowRankEmbedding(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), owner.padding_idx)
+    if plan.conv is not None:
+        return _conv_module(plan, owner)
     shape = linear_shape(owner)
     if shape is None:
         raise ModelError(f"target {plan.name!r} is a {type(owner).__name__}, not an nn.Linear (or a Conv1D)",
@@ -84,6 +87,26 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
         net.cores = [c.detach().clone() for c in net.cores]
         return NetworkLinear(net, bias)
     raise ModelError(f"unknown format {plan.format!r} for {plan.name!r}", "upgrade tngraph")
+
+
+def conv_statics(module: torch.nn.Module) -> dict[str, Any] | None:
+    """The low-rank convolution layer's statics of an nn.Conv1d / nn.Conv2d (groups 1, numeric
+    padding, zero padding mode); None for anything else."""
+    if not isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) or module.groups != 1 or isinstance(module.padding, str) \
+            or module.padding_mode != "zeros":
+        return None
+    return Conv(module.in_channels, tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
+                tuple(module.dilation)).statics()
+
+
+def _conv_module(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
+    statics = conv_statics(owner)
+    if statics != plan.conv:
+        raise ModelError(f"target {plan.name!r} is not the convolution the recipe describes ({plan.conv}; the model's: "
+                         f"{statics or type(owner).__name__})", "apply the recipe to the model it was made from")
+    bias = owner.bias.detach().clone() if owner.bias is not None else None
+    return LayerLinear(CONV, {k: plan.factors[k].detach().clone() for k in ("a", "b")}, plan.in_features, plan.out_features, bias,
+                       statics)
 
 
 def apply_plan(model: torch.nn.Module, plans: Iterable[TargetPlan]) -> torch.nn.Module:
@@ -166,6 +189,7 @@ def plan_from_entry(entry: dict[str, Any], factors: dict[str, torch.Tensor]) -> 
         factors=factors,
         network=entry.get("network"),
         kind=entry.get("kind", "linear"),
+        conv=entry.get("conv"),
     )
 
 

@@ -244,6 +244,12 @@ class LayerLinear(nn.Module):
     def factor_dict(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.factor_keys}
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out x in) matrix the factors stand for, made on each read: for model code that reads
+        the Linear it replaced (T5 checks `wo.weight.dtype` in its forward). Not a parameter."""
+        return self.layer.weight(self.factor_dict(), self.in_features, self.statics)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         if (layer.cuda and x.is_cuda and not torch.is_grad_enabled()) or (layer.onnx is not None and torch.compiler.is_exporting()):

@@ -31,6 +31,7 @@ import torch
 
 from .. import __version__
 from ..errors import ArtifactError, ConfigError, DataError, ExportError
+from ..capture import FIXED_SIZE_INPUTS
 from ..layers import LAYERS, OPS, expand_layers
 from ..ownership import check_output_file, clean_stale, staging_dir
 
@@ -181,12 +182,18 @@ def _input_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]
 
 def _axes(name: str, value: torch.Tensor, dynamic: bool) -> dict[int, str]:
     """Dynamic axes of one input: the first is the batch; the second the sequence for token inputs
-    (integer, 2-D) and for inputs of three or more dims (batch, sequence, features)."""
+    (integer, 2-D) and for inputs of three or more dims (batch, sequence, features); images and audio
+    features keep their sizes, raw audio its length dynamic."""
     if not dynamic or value.dim() == 0:
         return {}
     axes = {0: "batch"}
+    if name in FIXED_SIZE_INPUTS or (value.is_floating_point() and value.dim() >= 4):
+        # channels x height x width (any float input of 4+ dims), mel bins x frames: sizes the model is built for
+        return axes
+    if name == "input_values":  # raw audio: batch x samples
+        return {0: "batch", 1: "samples"} if value.dim() == 2 else axes
     if value.dim() >= 2 and (value.dim() >= 3 or not value.is_floating_point() or name in _TOKEN_INPUTS):
-        axes[1] = "sequence"
+        axes[1] = "decoder_sequence" if name.startswith("decoder_") else "sequence"  # an encoder-decoder's two lengths
     return axes
 
 
@@ -202,7 +209,7 @@ def _dynamic_shapes(names: list[str], axes: dict[str, dict[int, str]], max_seq: 
 
     def dim(label: str) -> Any:
         if label not in dims:
-            dims[label] = torch.export.Dim(label, min=1, max=max_seq) if label == "sequence" and max_seq else torch.export.Dim(label, min=1)
+            dims[label] = torch.export.Dim(label, min=1, max=max_seq) if label.endswith("sequence") and max_seq else torch.export.Dim(label, min=1)
         return dims[label]
 
     return {n: {axis: dim(label) for axis, label in axes[n].items()} or None for n in names}
@@ -228,14 +235,15 @@ def _grown(values: Mapping[str, torch.Tensor], axes: dict[str, dict[int, str]], 
 
 def check_inputs_for(values: Mapping[str, torch.Tensor], axes: dict[str, dict[int, str]]) -> list[dict[str, torch.Tensor]]:
     """Inputs of other shapes than the example's, made from it (every row and token a real one):
-    one more batch row, and, with a sequence axis, a shorter sequence (a prefix)."""
+    one more batch row, and, with a sequence (or audio samples) axis, a shorter one (a prefix)."""
     checks = []
     more_rows = _grown(values, axes, "batch", lambda n: n + 1)
     if more_rows is not None:
         checks.append(more_rows)
-    shorter = _grown(values, axes, "sequence", lambda n: max(1, n // 2) if n > 1 else None)
-    if shorter is not None:
-        checks.append(shorter)
+    for label in ("sequence", "decoder_sequence", "samples"):
+        shorter = _grown(values, axes, label, lambda n: max(1, n // 2) if n > 1 else None)
+        if shorter is not None:
+            checks.append(shorter)
     return checks
 
 

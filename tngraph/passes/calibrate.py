@@ -1,5 +1,5 @@
 """calibrate: stream calibration batches through the graph, accumulating each target's X^T X,
-mean |x| and the norms of its output channels.
+mean |x| and the norms of its output channels (a convolution's X: its unfolded input patches).
 
 Observer modules (call_module nodes) are inserted before and after the targets for the duration
 of the pass and removed after it, so the graph leaves this pass as it entered. What they accumulate
@@ -7,6 +7,7 @@ lives on the observers of this call: the pass keeps no state between calls.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -35,11 +36,13 @@ class Batch:
 class Observer(torch.nn.Module):
     """Accumulates the rows reaching one point of the graph into `stats` (padding left out)."""
 
-    def __init__(self, stats: GramStats | CountStats | OutputStats, batch: Batch):
+    def __init__(self, stats: GramStats | CountStats | OutputStats, batch: Batch, rows: Any = None):
         super().__init__()
-        self.stats, self.batch = stats, batch
+        self.stats, self.batch, self.rows = stats, batch, rows
 
     def forward(self, x: torch.Tensor) -> None:
+        if self.rows is not None:  # a convolution's: unfolded input patches, or output channels last
+            x = self.rows(x)
         mask = self.batch.mask
         rows = x.shape if isinstance(self.stats, CountStats) else x.shape[:-1]
         if mask is not None and tuple(rows) == tuple(mask.shape):
@@ -67,16 +70,19 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in nodes:
         t = meta.info(node).target
         x = node.args[_x_index(node)]
-        if x in shared:  # targets reading the same input (q, k, v) share one set of statistics
-            stats[t.name] = shared[x]
+        key = (x, t.conv)  # convolutions of one input see it unfolded by their own geometry
+        if key in shared:  # targets reading the same input (q, k, v) share one set of statistics
+            stats[t.name] = shared[key]
             continue
-        stats[t.name] = shared[x] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
-        observers.append(_insert(gm, node, False, x, Observer(stats[t.name], batch), len(observers)))
+        stats[t.name] = shared[key] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
+        rows = functools.partial(unfolded_rows, t.conv) if t.conv is not None else None
+        observers.append(_insert(gm, node, False, x, Observer(stats[t.name], batch, rows), len(observers)))
     for node in nodes:  # outputs: one set per target
         t = meta.info(node).target
         if t.kind == "linear":
             outputs[t.name] = OutputStats(t.out_features)
-            observers.append(_insert(gm, node, True, node, Observer(outputs[t.name], batch), len(observers)))
+            rows = channels_last if t.conv is not None else None
+            observers.append(_insert(gm, node, True, node, Observer(outputs[t.name], batch, rows), len(observers)))
     gm.recompile()
     try:
         with torch.no_grad():
@@ -137,6 +143,24 @@ def trades_gram(ctx: PassContext) -> bool:
     dense-row candidates read the Gram itself)."""
     cfg = ctx.config
     return ctx.lean and cfg.format == "lowrank" and not cfg.mixture and not cfg.dense_rows
+
+
+def unfolded_rows(conv: meta.Conv, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input as the rows its unfolded weight multiplies: one row of
+    in_channels * prod(kernel) values (channel-major, as the weight's reshape) per output position."""
+    if conv.dims == 1:
+        x, kernel, stride, padding, dilation = x.unsqueeze(-2), (1, *conv.kernel), (1, *conv.stride), (0, *conv.padding), (1, *conv.dilation)
+    else:
+        kernel, stride, padding, dilation = conv.kernel, conv.stride, conv.padding, conv.dilation
+    if x.dim() == 3:  # an unbatched input
+        x = x.unsqueeze(0)
+    patches = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def channels_last(y: torch.Tensor) -> torch.Tensor:
+    """A convolution's output (N, C, ...) as rows of C channels."""
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
 
 
 def _x_index(node: fx.Node) -> int:

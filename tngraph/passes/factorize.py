@@ -1,5 +1,6 @@
 """factorize: linear(x, W, b) -> the target's layer (tngraph.layers), its reference traced at the target's values:
            lowrank: linear(linear(x, B), A, b), A @ B the whitened truncated SVD (patch level: with dense rows);
+           a convolution's lowrank: conv(conv(x, B), A 1x1, b), the SVD of its unfolded weight;
            tensor-network formats: flatten(einsum(eq, unflatten(x), *cores)) + b; lrbd and other defined layers: theirs."""
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
 from .rewrite import RewriteRule, apply_rules
-from .targets import EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
+from .targets import TRANSPOSES, EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -96,6 +97,10 @@ def _format_check(m: LinearMatch, layer: bool) -> str | None:
         return "unplanned"
     if plan.format in ("dense", "lowrank") or (FORMATS[plan.format].layer is not None) != layer:
         return "other_format"
+    if m.conv is not None:
+        name = meta.info(m.node).target.name
+        raise ConfigError(f"{name} is a convolution, and convolutions take the low-rank format only, not {plan.format!r}",
+                          f"--exclude {name} (or every convolution) to use --format {plan.format} on the linear layers")
     return None
 
 
@@ -129,7 +134,7 @@ def _layer_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> 
 
 def _layer_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, decided: TargetPlan) -> fx.Node:
     """The layer's reference, traced at the target's values (make_fx, the graph's fake mode), in the linear's place."""
-    layer = layer_for(decided.format)
+    layer = layer_for(decided.format, conv=decided.conv is not None)
     keys, statics = layer.keys(decided.factors), layer.plan_statics(decided)
     x_val = m.x.meta.get("val")
     fake_mode = detect_fake_mode([x_val]) if x_val is not None else None
@@ -264,7 +269,7 @@ def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
     """The whitened low-rank factors of the target's plan (patch level: with its dense rows), or
     None when the guard refuses them."""
     t, plan, weight, _, whitening = _inputs(m, gm, ctx, "svd", {})
-    if plan.dense_rows:
+    if plan.dense_rows and t.conv is None:
         return _patched_plan(m, ctx, t, plan, weight, whitening)
     out_whitening = output_whitening(ctx, t.name)
     if out_whitening is not None:
@@ -272,7 +277,8 @@ def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
     a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening, lean=ctx.lean)
     if not accept(ctx, m.node, weight, a @ b):
         return None
-    return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b})
+    return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b},
+                      conv=t.conv.statics() if t.conv is not None else None)
 
 
 def _patched_plan(m: LinearMatch, ctx: PassContext, t, plan, weight, whitening) -> TargetPlan | None:
@@ -329,7 +335,7 @@ def _erase_dead_weights(gm: fx.GraphModule, weights: set[str]) -> int:
     for node in reversed(list(gm.graph.nodes)):
         if node.users:
             continue
-        if node.op == "call_function" and node.target in (aten.t.default, aten.transpose.int, aten.permute.default):
+        if node.op == "call_function" and node.target in TRANSPOSES:
             if any(isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in weights for a in node.args):
                 gm.graph.erase_node(node)
         elif node.op == "get_attr" and str(node.target) in weights:

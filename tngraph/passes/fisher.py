@@ -25,6 +25,7 @@ from ..errors import DataError
 from ..progress import progress
 from ..tn.whitening import Whitening, whitening_from_gram
 from .base import PassContext, PassResult, declare, spread
+from .calibrate import channels_last
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
 
     Taps are inserted after the targets for the duration of the call and removed after it."""
     taps, stats, seen = [], {}, {}
+    convs = {meta.info(n).target.name for n in nodes if meta.info(n).target.conv is not None}
     for k, node in enumerate(nodes):
         t = meta.info(node).target
         gm.add_submodule(f"{TAP_PREFIX}{k}", Tap(t.name, seen))
@@ -90,6 +92,8 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
                     for key, g in zip(keys, grads):
                         if g is None:
                             continue
+                        if key in convs:  # output channels last
+                            g = channels_last(g)
                         if mask is not None and tuple(g.shape[:-1]) == tuple(mask.shape):
                             g = g[mask]
                         stats[key].update(g, 1.0 / probes)

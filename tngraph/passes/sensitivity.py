@@ -88,9 +88,10 @@ def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> dic
     out = {"spectrum": torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist(),
            # kept only where measurement rounds decompose again; else they go as soon as the spectrum is known
            "whitenings": (white, out_white) if cfg.sensitivity == "measured" else (None, None), "energy": _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)}
-    if cfg.dense_rows and white is not None:
+    # a convolution's candidates are low rank only (its layer has no dense rows or tensor networks)
+    if cfg.dense_rows and white is not None and t.conv is None:
         _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
-    if cfg.mixture:
+    if cfg.mixture and t.conv is None:
         _mixture_points(gm, ctx, t, white, out_white, float(s2.sum()))
     if cfg.sensitivity == "predicted" and out["energy"] is not None:
         image, scalars = predictor.features(w, out["energy"])

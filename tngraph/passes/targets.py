@@ -1,5 +1,6 @@
-"""targets: mark linear-like nodes with a constant weight (aten.linear / addmm / mm, the weight
-stored (out x in) and transposed, or stored (in x out) as GPT-2's Conv1D keeps it), and with
+"""targets: mark linear-like nodes with a constant weight (aten.linear / addmm / mm / matmul, the weight
+stored (out x in) and transposed, or stored (in x out) as GPT-2's Conv1D keeps it; aten.conv1d /
+conv2d with groups 1, as the matrix their weight unfolds to), and with
 Config(targets=("linear", "embedding")) embedding lookups (aten.embedding), as compression targets."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .base import PassContext, PassResult, declare
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-_TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default)  # numpy_T: `W.T`
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,43 @@ class LinearMatch:
     weight: fx.Node  # the get_attr node of W (out x in), or of W^T (in x out) when transposed
     bias: fx.Node | None
     transposed: bool = False
+    conv: meta.Conv | None = None  # a convolution (its weight unfolds to out x in_channels*prod(kernel))
+
+
+_CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2}
+
+
+def conv_geometry(node: fx.Node) -> tuple[meta.Conv | None, str | None]:
+    """(geometry, None) of a conv1d/conv2d node with a constant weight, or (None, why it is no
+    target): grouped and depthwise convolutions are not (their weight is block diagonal already)."""
+    dims = _CONVS[node.target]
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    values = {**dict(zip(names, node.args)), **node.kwargs}
+    w = values.get("weight")
+    if not _is_attr(w):
+        return None, "weight_not_constant"
+    if int(values.get("groups", 1)) != 1:
+        return None, "grouped_conv"
+    shape = w.meta["val"].shape if "val" in w.meta else getattr_path(w.graph.owning_module, str(w.target)).shape
+
+    def sizes(key: str, default: int) -> tuple[int, ...]:
+        value = values.get(key, default)
+        value = [value] if isinstance(value, int) else list(value)
+        return tuple(int(v) for v in (value * dims if len(value) == 1 else value))
+
+    return meta.Conv(int(shape[1]), tuple(int(k) for k in shape[2:]), sizes("stride", 1), sizes("padding", 0), sizes("dilation", 1)), None
 
 
 def match_linear(node: fx.Node) -> LinearMatch | None:
-    """Pattern side of every linear rewrite: which nodes compute x @ W^T + b with a constant W."""
+    """Pattern side of every linear rewrite: which nodes compute x @ W^T + b with a constant W
+    (a convolution's unfolded weight too)."""
     if node.op != "call_function":
+        return None
+    if node.target in _CONVS:
+        geometry, _ = conv_geometry(node)
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if geometry is not None and (b is None or _is_attr(b)):
+            return LinearMatch(node, node.args[0], node.args[1], b, conv=geometry)
         return None
     if node.target == aten.linear.default:
         x, w = node.args[0], node.args[1]
@@ -41,11 +74,11 @@ def match_linear(node: fx.Node) -> LinearMatch | None:
         if _is_attr(w) and (b is None or _is_attr(b)):
             return LinearMatch(node, x, w, b)
         return None
-    if node.target in (aten.addmm.default, aten.mm.default):
+    if node.target in (aten.addmm.default, aten.mm.default, aten.matmul.default):  # matmul: x @ W.T (Falcon's own Linear)
         b, x, wt = (node.args[0], node.args[1], node.args[2]) if node.target == aten.addmm.default else (None, *node.args[:2])
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             return None
-        if isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in _TRANSPOSES and _is_transpose(wt):
+        if isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in TRANSPOSES and _is_transpose(wt):
             w = wt.args[0]
             if _is_attr(w) and (b is None or _is_attr(b)):
                 return LinearMatch(node, x, w, b)
@@ -55,8 +88,11 @@ def match_linear(node: fx.Node) -> LinearMatch | None:
 
 
 def target_weight(gm: fx.GraphModule, t: "meta.TargetInfo") -> torch.Tensor:
-    """A linear target's weight as (out x in), whichever way it is stored (a view: writing it writes the weight)."""
+    """A linear target's weight as (out x in), whichever way it is stored, a convolution's unfolded
+    (a view: writing it writes the weight)."""
     weight = getattr_path(gm, t.weight)
+    if t.conv is not None:
+        return weight.view(weight.shape[0], -1)
     return weight.T if t.transposed else weight
 
 
@@ -102,6 +138,10 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     kinds = set(cfg.targets)
     for node in gm.graph.nodes:
         m = match_linear(node) if "linear" in kinds else None
+        if m is None and node.op == "call_function" and node.target in _CONVS and "linear" in kinds:
+            why = conv_geometry(node)[1] or "conv_bias_not_constant"
+            ctx.counters[f"targets.skipped.{why}"] += 1
+            log.info("targets: %s is no target (%s)", node.name, why.replace("_", " "))
         if m is None and "embedding" in kinds:
             m = match_embedding(node)
         if m is None:
@@ -114,7 +154,8 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.counters["targets.skipped.filtered"] += 1
             continue
         weight = gm.get_parameter(weight_name) if _has_param(gm, weight_name) else getattr_path(gm, weight_name)
-        if weight.dim() != 2 or not weight.is_floating_point():
+        conv = m.conv if kind == "linear" else None
+        if weight.dim() != (2 if conv is None else 2 + conv.dims) or not weight.is_floating_point():
             ctx.counters["targets.skipped.not_float_matrix"] += 1
             continue
         if kind == "embedding" and weight.shape[0] < weight.shape[1]:
@@ -139,7 +180,10 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if kind == "linear" and m.bias is not None and tuple(getattr_path(gm, str(m.bias.target)).shape) != (weight.shape[1 if transposed else 0],):
             ctx.counters["targets.skipped.bias_shape"] += 1  # an addmm whose "bias" broadcasts otherwise
             continue
-        out_features, in_features = weight.shape[::-1] if transposed else weight.shape
+        if conv is not None:
+            out_features, in_features = int(weight.shape[0]), weight[0].numel()
+        else:
+            out_features, in_features = weight.shape[::-1] if transposed else weight.shape
         meta.update(
             node,
             target=meta.TargetInfo(
@@ -150,6 +194,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 out_features=int(out_features),
                 kind=kind,
                 transposed=transposed,
+                conv=conv,
             ),
         )
         found += 1
@@ -172,7 +217,7 @@ def _called_as_module(node: fx.Node, name: str, kind: str) -> bool:
     if not isinstance(path, str) or not _PLAIN_PATH.fullmatch(path):
         return True
     type_name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
-    wanted = ("Embedding",) if kind == "embedding" else ("Linear", "Conv1D")
+    wanted = ("Embedding",) if kind == "embedding" else ("Linear", "Conv1D", "Conv1d", "Conv2d")
     return path == name and type_name.endswith(wanted)
 
 
