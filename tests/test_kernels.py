@@ -162,7 +162,7 @@ def _offsets_kernel(i_ptr, j_ptr, out_ptr, si, sj, N: tl.constexpr, WIDE: tl.con
 
 
 def test_tile_offsets_past_2_to_the_31_elements_do_not_wrap():
-    """kernels/_common.offsets, which every activation and output tile of a WIDE launch goes through
+    """tngraph/kernels/_common.offsets, which every activation and output tile of a WIDE launch goes through
     (_common.tile): row 70000 at a row stride of 40000 is element 2,800,000,000, past int32, as is
     column 3 at a stride of 2**30 + 1.
     WIDE=True (int64) gets them right; WIDE=False is the int32 arithmetic, which wraps there (and
@@ -182,7 +182,7 @@ def test_tile_offsets_past_2_to_the_31_elements_do_not_wrap():
 
 
 def test_needs_wide_by_addressed_extent():
-    """kernels/_common.needs_wide, the launchers' WIDE: True only when some tensor (or scratch extent)
+    """tngraph/kernels/_common.needs_wide, the launchers' WIDE: True only when some tensor (or scratch extent)
     is addressed at or past element 2**31 from its data pointer, 1 + sum((size - 1) * stride)."""
     common = load_kernels("_common")
     meta = dict(device="meta", dtype=torch.float16)  # shapes and strides without memory

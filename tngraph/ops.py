@@ -12,7 +12,7 @@ path, bit-identical to the unfused chain), with the reason logged once.
   the cores by `equation` ("...<in>,<core>,...->...<out>"), flattened to out_features, + bias.
   The reference is torch.einsum (opt_einsum's contraction path); on CUDA the two-mode layers
   (TT, Kronecker, tensor ring, CP, Tucker; see network_plan, made once per layer) can run
-  kernels/tt.py, where it is faster than the einsum for the layer's row bucket (choose_network).
+  tngraph/kernels/tt.py, where it is faster than the einsum for the layer's row bucket (choose_network).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (TNGRAPH_LOWRANK_DENSE=1 or allow_dense(True)): it holds again the dense weight the factorization
 # removed, trading that memory back for speed where the chain loses (many rows at high ranks); the
 # product is made once per layer and dropped when the layer's bucket picks another implementation.
-# tngraph::network is chosen the same way among its kernel path (kernels/tt.py, for the layouts
+# tngraph::network is chosen the same way among its kernel path (tngraph/kernels/tt.py, for the layouts
 # network_plan maps), the einsum and, where allowed, the dense matrix; TNGRAPH_NETWORK=kernel|einsum|dense
 # forces one.
 ROW_BUCKETS = (1, 16, 128, 2048, 4096)  # 4096: more than 2048 rows, timed at 4096
@@ -126,31 +126,10 @@ def lowrank_reference(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bias: O
 
 
 def load_kernels(name: str = "lowrank"):
-    """A Triton kernels module (tngraph.kernels.<name>: lowrank, tt); raises ImportError without triton.
-
-    Installed, kernels/ is the package tngraph.kernels; in a source checkout run without installing
-    (PYTHONPATH=.), it is loaded from the kernels/ folder beside tngraph/."""
+    """A Triton kernels module (tngraph.kernels.<name>: lowrank, tt); raises ImportError without triton."""
     import importlib
-    import sys
 
-    package = f"{__package__}.kernels"
-    if package not in sys.modules:
-        try:
-            importlib.import_module(package)
-        except ModuleNotFoundError as exc:
-            if exc.name != package:
-                raise
-            import importlib.util
-            import pathlib
-
-            root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
-            spec = importlib.util.spec_from_file_location(package, root / "__init__.py", submodule_search_locations=[str(root)])
-            if spec is None or spec.loader is None:
-                raise
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[package] = module
-            spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.{name}")
+    return importlib.import_module(f"{__package__}.kernels.{name}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,7 +174,7 @@ def parse_equation(equation: str) -> tuple[str, list[str], str]:
 
 
 def network_plan(equation: str, cores: list[torch.Tensor]) -> tuple[str, tuple] | str:
-    """How kernels/tt.py runs this tensor-network layer: ("tt2", (g1, g2)), ("tucker2", (...)), or the
+    """How tngraph/kernels/tt.py runs this tensor-network layer: ("tt2", (g1, g2)), ("tucker2", (...)), or the
     reason it cannot (a string).
 
     - "tt2": the cores split into two groups, one holding the first input and output modes (p, P), the
@@ -255,7 +234,7 @@ def _tucker2_plan(x_labels: str, core_labels: list[str], out: str, cores: list[t
 
 def network_kernel(x: torch.Tensor, cores: list[torch.Tensor], equation: str, out_features: int,
                    bias: Optional[torch.Tensor], plan: tuple[str, tuple]) -> torch.Tensor:
-    """Run a network_plan() on x (..., in) with the Triton kernels of kernels/tt.py."""
+    """Run a network_plan() on x (..., in) with the Triton kernels of tngraph/kernels/tt.py."""
     tt = load_kernels("tt")
     rows = x.reshape(-1, x.shape[-1])
     how, parts = plan
@@ -307,7 +286,7 @@ def network_dense_weight(cores: list[torch.Tensor], equation: str, out_features:
 
 def choose_network(x: torch.Tensor, cores: list[torch.Tensor], equation: str, in_dims: list[int], out_features: int,
                    bias: Optional[torch.Tensor], plan: tuple[str, tuple] | str, *, timer=None) -> str:
-    """The implementation of tngraph::network for these 2-D inputs: "kernel" (kernels/tt.py, where
+    """The implementation of tngraph::network for these 2-D inputs: "kernel" (tngraph/kernels/tt.py, where
     `plan` is one), "einsum" or, where allowed (allow_dense), "dense"; measured once per layer shape
     and row bucket (timer(fn) -> time), then cached."""
     forced = _forced("TNGRAPH_NETWORK", NETWORK_IMPLEMENTATIONS)

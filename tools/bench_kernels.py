@@ -176,7 +176,7 @@ def random_network(fmt: str, out_f: int, in_f: int, kept: float, device, dtype) 
 
 def _network_table(args, dtype: torch.dtype, size: int, bench, device: str, check) -> list[dict]:
     """Two-mode tensor-network layers (args.formats) at the same shapes and budgets: dense, the
-    unfused einsum and the kernel path of torch.ops.tngraph.network (kernels/tt.py)."""
+    unfused einsum and the kernel path of torch.ops.tngraph.network (tngraph/kernels/tt.py)."""
     from tngraph.ops import cached_network_plan, network_kernel, network_plan, network_reference
 
     print()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Compile every Triton kernel of kernels/ for a GPU target without a GPU (ahead of time).
+"""Compile every Triton kernel of tngraph/kernels/ for a GPU target without a GPU (ahead of time).
 
 Each kernel x autotune configuration x dtype x WIDE (int32 or int64 tile offsets, the launchers'
-choice by tensor extent, kernels/_common.needs_wide) goes through triton's whole CUDA pipeline (TTIR,
+choice by tensor extent, tngraph/kernels/_common.needs_wide) goes through triton's whole CUDA pipeline (TTIR,
 TTGIR, LLVM IR, PTX, ptxas -> cubin) for --target (default cuda:90:32, Hopper: H100/H200). Printed
 per compilation: registers per thread and local (spill) bytes from the cubin (triton's cuobjdump),
 shared memory, and the matrix instruction the PTX uses (wgmma: Hopper's warpgroup MMA; mma: the

@@ -1,7 +1,7 @@
 """The low-rank layer: y = act(x B^T A^T + bias), A (out x r) and B (r x in) the whitened truncated SVD.
 
 `act` (none, gelu, silu, relu) is the layer's epilogue: the fuse pass folds an activation that
-follows the layer into it. On the GPU the op runs the Triton kernels of kernels/lowrank.py (or the
+follows the layer into it. On the GPU the op runs the Triton kernels of tngraph/kernels/lowrank.py (or the
 two-GEMM chain, or the dense product where allowed), chosen per shape by tngraph.ops.choose.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 einsum ("...<in>,<core>,...-><...out>"), flattened to out_features, + bias. Tucker, TT, TR, CP,
 Kronecker and Monarch (tn/formats) all share it; their plan's network spec gives the statics.
 
-On the GPU the op runs kernels/tt.py for the two-mode layouts (tngraph.ops.network_cuda). Its ONNX
+On the GPU the op runs tngraph/kernels/tt.py for the two-mode layouts (tngraph.ops.network_cuda). Its ONNX
 translation is written here rather than exported from the reference: TensorRT's Einsum takes no
 ellipsis (the leading axes are flattened into one labelled axis) and ONNX's Einsum no bfloat16 (the
 contraction becomes MatMuls along opt_einsum's path).
