@@ -12,6 +12,7 @@ from .config import Config
 from .errors import ArtifactError, CaptureError, ConfigError, DataError, ExportError, ModelError, PassError, TngraphError
 from .lowering.onnx import OnnxExport, export_onnx
 from .passes import PassContext, PassResult
+from .samples import TensorSamples, read_calibration
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -28,11 +29,13 @@ __all__ = [
     "PassContext",
     "PassError",
     "PassResult",
+    "TensorSamples",
     "TngraphError",
     "capture",
     "compress",
     "compress_with_result",
     "export_onnx",
     "load",
+    "read_calibration",
     "save",
 ]

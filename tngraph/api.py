@@ -23,6 +23,7 @@ from .models import ModelSource, forward_names
 from .passes import PassContext
 from .pipeline import run_passes
 from .recipe import apply_plan, attach, factorized_parameters, make_recipe
+from .samples import TensorSamples
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ def compress(
 ) -> torch.nn.Module:
     """Return a compressed copy of `model` that takes the same inputs and returns the same structure.
 
-    `calibration` is a list of texts (with `tokenizer`) or of example inputs; without it the
-    decomposition is data-free. Options may be given as `config=Config(...)` or as keywords.
+    `calibration` is a list of texts (with `tokenizer`), a list of example inputs, or named input
+    tensors (tngraph.read_calibration(path, model_folder): a .safetensors/.npz file, a folder of
+    images or .wav files); without it the decomposition is data-free. Options may be given as `config=Config(...)` or as keywords.
     """
     return compress_with_result(model, example_inputs, calibration, config, tokenizer=tokenizer, **options).module
 
@@ -71,15 +73,21 @@ def compress_with_result(
 ) -> CompressResult:
     """compress() returning the module with its graph, pass context, recipe, timings and healing.
 
-    heal_texts: texts to heal on (default: Config.heal_data's file, else the calibration texts);
+    calibration: texts, example inputs, or a tngraph.samples.TensorSamples (named input tensors, one
+    sample a row: tngraph.read_calibration reads tensor files and image or audio folders);
+    heal_texts: texts (or TensorSamples) to heal on (default: Config.heal_data's file, else the calibration data);
     heal_checkpoint / resume: a folder for healing checkpoints, and whether to continue from one.
     """
     config = (config or Config()).replace(**options) if options else (config or Config())
+    tensors = calibration if isinstance(calibration, TensorSamples) else None  # named input tensors, one sample a row
+    if tensors is not None:
+        tensors.check_names(forward_names(model))
+        calibration = tensors.batches(config.batch_size, limit=config.calibration_samples)
     batches = calibration_batches(calibration, config, tokenizer, forward_names(model))
     texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
     # healing data is checked before the long work
-    healing = _heal_texts(config, heal_texts, calibration if texts else None) if config.heal_steps > 0 else None
-    if healing is not None and tokenizer is None:
+    healing = _heal_texts(config, heal_texts, calibration if texts else tensors) if config.heal_steps > 0 else None
+    if healing is not None and tokenizer is None and not isinstance(healing, TensorSamples):
         raise DataError("healing texts need a tokenizer", "pass tokenizer=, or heal_steps=0")
     if example_inputs is None:
         if not batches:
@@ -115,8 +123,8 @@ def _compress(model, example_inputs, batches, config, source, texts, healing, to
     attach(compressed, recipe)
     result = CompressResult(compressed, gm, ctx, recipe, timings)
     if config.heal_steps > 0 and healing is None:
-        log.warning("healing skipped: it needs texts and a tokenizer (pass heal_data=FILE or heal_texts=[...], "
-                    "or heal_steps=0 to silence this)")
+        log.warning("healing skipped: it needs texts and a tokenizer, or input tensors (pass heal_data=FILE, heal_texts=[...] "
+                    "or calibration=TensorSamples, or heal_steps=0 to silence this)")
     elif healing is not None:
         start = time.perf_counter()
         result.heal, result.unhealed = heal_model(compressed, model, healing, tokenizer, heal_config(config), show=config.progress,

@@ -7,6 +7,10 @@ else is frozen. Losses:
   embeddings; the held-out score is 1 - mean cos, what users of the embeddings see;
 - causal LMs (outputs with `logits`): KL(teacher || student) of the next-token distributions over
   real tokens (plus the block outputs with `layers`); the held-out score is that KL.
+- classifiers (2-D `logits`: images, audio): KL of the class distributions plus the block outputs;
+- other tensor models (`last_hidden_state` without an attention mask: vision and audio encoders):
+  relative MSE of the last hidden state and of the block outputs.
+Texts heal through the tokenizer; named input tensors (tngraph.samples.TensorSamples) row by row.
 AdamW, linear warm-up then cosine decay, gradient-norm clipping. Batches are drawn from a fixed seed
 and grouped by length (little padding); the whole schedule is a function of the seed, so a run
 resumed from a checkpoint takes the same steps as an uninterrupted one and ends bit-identical.
@@ -35,6 +39,7 @@ from .evaluate import pooled
 from .models import forward_names
 from .recipe import FACTORIZED
 from .progress import progress
+from .samples import TensorSamples
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,7 @@ class HealResult:
     best_loss: float  # held-out score of the returned model
     best_step: int
     seconds: float  # this call's wall time
-    metric: str  # what the score is: "1 - cos" or "KL"
+    metric: str  # what the score is: "1 - cos", "KL" or "relative MSE"
     history: list[tuple[int, float]] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)  # names of the parameters that trained
     resumed_from: int = 0
@@ -134,16 +139,26 @@ def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: 
     return (kl * m).sum() / m.sum().clamp_min(1)
 
 
-def _kind(outputs: Any) -> str:
-    if getattr(outputs, "logits", None) is not None:
-        return "lm"
-    if getattr(outputs, "last_hidden_state", None) is not None:
-        return "encoder"
+METRICS = {"encoder": "1 - cos", "lm": "KL", "classifier": "KL", "features": "relative MSE"}
+
+
+def _kind(outputs: Any, batch: dict[str, Any]) -> str:
+    logits = getattr(outputs, "logits", None)
+    if logits is not None:
+        return "lm" if logits.dim() == 3 else "classifier"
+    hidden = getattr(outputs, "last_hidden_state", None)
+    if hidden is not None:
+        return "encoder" if "attention_mask" in batch and hidden.dim() == 3 else "features"
     raise ModelError(f"healing does not know what to match in a {type(outputs).__name__} output",
-                     "heal Hugging Face encoders (last_hidden_state) or causal LMs (logits), or pass heal_steps=0")
+                     "heal Hugging Face models (outputs with last_hidden_state or logits), or pass heal_steps=0")
 
 
-def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor) -> torch.Tensor:
+def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    if kind == "classifier":
+        ones = torch.ones(student_out.logits.shape[:-1], device=student_out.logits.device)
+        return _token_kl(student_out.logits, teacher_out.logits, ones) + _blocks(student_out, teacher_out, 1.0)
+    if kind == "features":
+        return _relative_mse(student_out.last_hidden_state, teacher_out.last_hidden_state, 1.0) + _blocks(student_out, teacher_out, 1.0)
     if kind == "lm":
         hidden = teacher_out.hidden_states[-1] if getattr(teacher_out, "hidden_states", None) else None
         m = mask.unsqueeze(-1).to(hidden.dtype) if hidden is not None else None
@@ -154,7 +169,12 @@ def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor) -> 
     return _relative_mse(hs, ht, m) + _blocks(student_out, teacher_out, m) + (1 - cos).mean()
 
 
-def _check_texts(texts: Any, need: int, what: str = "healing data") -> list[str]:
+def _check_texts(texts: Any, need: int, what: str = "healing data") -> list[str] | TensorSamples:
+    if isinstance(texts, TensorSamples):
+        if len(texts) < need:
+            raise DataError(f"{what} needs at least {need} samples (two batches), got {len(texts)} ({texts.origin})",
+                            "pass more samples, or a smaller batch size")
+        return texts
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
         raise DataError(f"{what} must be a list of texts", "pass a list of strings (one sample each), or a text file with one sample per line")
     texts = [t for t in texts if t.strip()]
@@ -181,8 +201,12 @@ def schedule(lengths: Sequence[int], steps: int, batch_size: int, generator: tor
 def _fingerprint(cfg: HealConfig, texts: Sequence[str], params: dict[str, torch.nn.Parameter]) -> str:
     """What a checkpoint must match to be resumed: the options, the data and the student's start."""
     digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, sort_keys=True).encode())
-    for t in texts:
-        digest.update(t.encode("utf-8") + b"\0")
+    if isinstance(texts, TensorSamples):
+        for name, t in sorted(texts.inputs.items()):
+            digest.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().to(torch.float64).sum().numpy().tobytes())
+    else:
+        for t in texts:
+            digest.update(t.encode("utf-8") + b"\0")
     for name, p in params.items():
         digest.update(name.encode() + str(tuple(p.shape)).encode())
         digest.update(p.detach().to("cpu", torch.float64).sum().numpy().tobytes())
@@ -243,10 +267,14 @@ def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, t
     return _State(best_params={n: tensors[f"best.{n}"].clone() for n in params}, **saved)
 
 
-def _split(texts: Sequence[str], tokenizer: Any, cfg: HealConfig, gen: torch.Generator) -> tuple[list[str], list[str], list[list[int]]]:
-    """(held-out texts, shortest first; training texts; the batches of each step) from one seeded order."""
+def _split(texts: Sequence[str] | TensorSamples, tokenizer: Any, cfg: HealConfig, gen: torch.Generator) -> tuple[list, list, list[list[int]]]:
+    """(held-out texts, shortest first; training texts; the batches of each step) from one seeded
+    order; of tensor samples, their row numbers (all of one length)."""
     order = torch.randperm(len(texts), generator=gen).tolist()
     n_held = min(cfg.held_out, len(texts) // 4)
+    if isinstance(texts, TensorSamples):
+        held, train = sorted(order[:n_held]), order[n_held:]
+        return held, train, schedule([1] * len(train), cfg.steps, cfg.batch_size, gen)
     held = sorted((texts[i] for i in order[:n_held]), key=len)
     train = [texts[i] for i in order[n_held:]]
     lengths = [len(ids) for ids in tokenizer(train, truncation=True, max_length=cfg.max_length)["input_ids"]]
@@ -265,8 +293,9 @@ class _Distillation:
     """One healing run: the student's trainable factors, the teacher, the held-out score, the state."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any, cfg: HealConfig,
-                 params: dict[str, torch.nn.Parameter], held: list[str]):
+                 params: dict[str, torch.nn.Parameter], held: list, samples: TensorSamples | None = None):
         self.student, self.teacher, self.tokenizer, self.cfg, self.params = student, teacher, tokenizer, cfg, params
+        self.samples = samples  # tensor inputs, taken by row number; None: texts, tokenized
         self.accepted = forward_names(teacher)  # a causal LM takes no token_type_ids, nor does DistilBERT
         self.device = params[next(iter(params))].device
         if any(p.device != self.device for p in teacher.parameters()):
@@ -282,20 +311,28 @@ class _Distillation:
         self.opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.held = [self.encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
         with torch.no_grad():
-            self.kind = _kind(teacher(**self.held[0]))
+            self.kind = _kind(teacher(**self.held[0]), self.held[0])
             # encoders: the teacher's sentence embeddings, kept; causal LMs: logits are recomputed when
             # scoring (a large vocabulary's logits for every held-out token would not fit)
             self.held_targets = ([pooled(teacher(**b).last_hidden_state, b["attention_mask"]) for b in self.held]
                                  if self.kind == "encoder" else [])
 
-    def encode(self, batch: list[str]) -> dict[str, torch.Tensor]:
+    def encode(self, batch: list) -> dict[str, torch.Tensor]:
+        if self.samples is not None:
+            return {k: v.to(self.device) for k, v in self.samples.rows(batch).items()}
         enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if self.accepted is None or k in self.accepted}
 
     def score(self) -> float:
-        """The held-out loss: 1 - cos of the sentence embeddings (an encoder), token KL (a causal LM)."""
+        """The held-out loss: 1 - cos of the sentence embeddings (an encoder), token KL (a causal LM),
+        the training loss of the batches (a classifier or another tensor model), sample-weighted."""
         student, teacher = self.student, self.teacher
         with torch.no_grad():
+            if self.kind in ("classifier", "features"):
+                sizes = [next(iter(b.values())).shape[0] for b in self.held]
+                losses = [float(_loss(self.kind, student(**b, output_hidden_states=self.cfg.layers),
+                                      teacher(**b, output_hidden_states=self.cfg.layers), None)) for b in self.held]
+                return sum(v * n for v, n in zip(losses, sizes)) / sum(sizes)
             if self.kind == "encoder":
                 cos = torch.cat([(pooled(student(**b).last_hidden_state, b["attention_mask"]) * t).sum(-1)
                                  for b, t in zip(self.held, self.held_targets)])
@@ -312,7 +349,7 @@ class _Distillation:
         batch = self.encode(texts)
         with torch.no_grad():
             target = self.teacher(**batch, output_hidden_states=cfg.layers)
-        loss = _loss(self.kind, self.student(**batch, output_hidden_states=cfg.layers), target, batch["attention_mask"])
+        loss = _loss(self.kind, self.student(**batch, output_hidden_states=cfg.layers), target, batch.get("attention_mask"))
         if not torch.isfinite(loss):
             log.warning("heal: the loss is %s at step %d; stopping with the best state so far", float(loss), step)
             return None
@@ -401,10 +438,11 @@ class _Checkpointer:
                 self.folder.rmdir()
 
 
-def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str], tokenizer: Any,
+def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str] | TensorSamples, tokenizer: Any,
          config: HealConfig | None = None, *, checkpoint: str | os.PathLike | None = None, resume: bool = False,
          show: bool = True) -> HealResult:
-    """Distil `teacher` into `student` (in place) on `texts`; returns what happened.
+    """Distil `teacher` into `student` (in place) on `texts` (or named input tensors, TensorSamples;
+    `tokenizer` is then unused); returns what happened.
 
     `checkpoint`: a folder where the training state is saved every `checkpoint_every` steps and
     when interrupted (Ctrl-C); with `resume`, a checkpoint found there is continued from (it must
@@ -416,7 +454,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     if not params:
         raise ModelError("the student has no tngraph factorized layers to heal", "heal a model returned by tngraph.compress")
     held, train, plan = _split(texts, tokenizer, cfg, torch.Generator().manual_seed(cfg.seed))
-    run = _Distillation(student, teacher, tokenizer, cfg, params, held)
+    run = _Distillation(student, teacher, tokenizer, cfg, params, held, texts if isinstance(texts, TensorSamples) else None)
     start = time.perf_counter()
     folder = pathlib.Path(checkpoint) if checkpoint is not None else None
     save = _Checkpointer(folder, _fingerprint(cfg, texts, params) if folder is not None else "", run)
@@ -426,7 +464,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     run.finish(state)
     save.remove()
     seconds = time.perf_counter() - start
-    metric = "1 - cos" if run.kind == "encoder" else "KL"
+    metric = METRICS[run.kind]
     log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step,
              state.step, seconds)
     return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history),

@@ -27,6 +27,27 @@ def is_causal_lm_config(path: str | pathlib.Path) -> bool:
         return False
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
+
+CLASSIFIER_HEADS = ("ForImageClassification", "ForAudioClassification")  # kept: their logits are what users read
+
+
+def auto_class(path: str | pathlib.Path) -> Any:
+    """The transformers class a folder loads as: a causal LM or an image/audio classifier with its
+    head, everything else as its bare model (AutoModel: an encoder's last hidden state)."""
+    import transformers
+
+    if is_causal_lm_config(path):
+        return transformers.AutoModelForCausalLM
+    try:
+        architectures = json.loads((pathlib.Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        architectures = []
+    for name in architectures:
+        if name.endswith(CLASSIFIER_HEADS):
+            return (transformers.AutoModelForImageClassification if name.endswith(CLASSIFIER_HEADS[0])
+                    else transformers.AutoModelForAudioClassification)
+    return transformers.AutoModel
+
 MINILM = "minilm"
 # The bundled MiniLM's compression targets are its 36 encoder linears (the pooler is not used by
 # sentence embeddings).
@@ -90,11 +111,11 @@ def load_model(source: ModelSource) -> tuple[torch.nn.Module, Any]:
     path = minilm_path() if source.kind == MINILM else source.path
     if path is None or not pathlib.Path(path).is_dir():
         raise ModelError(f"source model folder {path!r} does not exist", "restore the folder or pass model= to tngraph.load")
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    auto = AutoModelForCausalLM if is_causal_lm_config(path) else AutoModel  # a causal LM keeps its head
+    auto = auto_class(path)
     try:
         model = auto.from_pretrained(path, local_files_only=True)
     except Exception as exc:

@@ -30,7 +30,7 @@ def format_table(report: dict[str, Any]) -> str:
     rows.append(("weight bytes, model", _mb(b["model_before"]), _mb(b["model_after"]), _ratio(b["model_after"], b["model_before"])))
     lat = report.get("latency")
     if lat:
-        shape = f"{lat['batch']}x{lat['length']}, {lat['threads']} thr"
+        shape = f"{lat['batch']}x{lat['length']}, {lat['threads']} thr" if "length" in lat else f"{lat['batch']} samples, {lat['threads']} thr"
         rows.append((f"CPU latency ({shape})", f"{lat['dense_ms']:.1f} ms", f"{lat['compressed_ms']:.1f} ms", f"{lat['ratio']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     allocation = report.get("allocation", "uniform")
@@ -50,6 +50,15 @@ def format_table(report: dict[str, Any]) -> str:
         for key, label in _variants(agree):
             a = agree[key]
             lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
+    outputs = report.get("outputs")
+    if outputs:
+        lines.append("")
+        lines.append(f"outputs on {outputs['compressed']['samples']} held-out samples of {report['calibration']['origin']} "
+                     "(relative error and top-1 agreement against the dense model" + (", accuracy against the labels" if "accuracy" in outputs["compressed"] else "") + "):")
+        columns = [c for c in ("relative_error", "top1_agreement", "accuracy") if c in outputs["compressed"]]
+        lines.append(f"  {'':24}" + "".join(f"{c.replace('_', ' ').replace('top1', 'top-1'):>16}" for c in columns))
+        for key, label in [("dense", "dense")] + list(_variants(outputs)):
+            lines.append(f"  {label:24}" + "".join(f"{outputs[key][c]:>16.4f}" for c in columns))
     ppl = report.get("perplexity")
     if ppl:
         d = ppl["dense"]

@@ -44,8 +44,9 @@ def load_with_tokenizer(source: Any, spec: str) -> tuple[Any, Any]:
     model, tokenizer = load_model(source)
     if tokenizer is None:
         raise TngraphError(f"{spec!r} has no tokenizer: the command line calibrates, heals and scores on text",
-                           "add the tokenizer files to the model folder; a model that reads pixels or audio compresses from "
-                           "Python with tensor calibration: tngraph.compress(model, calibration=[{'pixel_values': ...}, ...])")
+                           "add the tokenizer files to the model folder, or calibrate on inputs: --calibration FILE.safetensors/.npz "
+                           "(named input tensors), or a folder of images or .wav files (read by the model folder's processor); "
+                           "data-free from Python: tngraph.compress(model, example_inputs=..., whiten=False)")
     return model, tokenizer
 
 

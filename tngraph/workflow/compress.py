@@ -12,6 +12,7 @@ from typing import Any
 from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
+from ..samples import TensorSamples, read_calibration
 from .common import checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, set_threads, whole_graph_config
 from .measure import build_report
 
@@ -115,6 +116,9 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
     distributed.agree(lambda: check_output_dir(out, force, keep=[source_folder(source), calibration, config.heal_data]), group)
     lead = group.rank == 0
     started = time.perf_counter()
+    data = read_calibration(calibration, source_folder(source)) if calibration else None
+    if isinstance(data, TensorSamples):
+        return compress_tensors(spec, source, out, config, data, force=force, resume=resume, evaluate=evaluate, baseline=baseline)
     model, tokenizer = load_with_tokenizer(source, spec)
     config = fit_length(config, model)
     texts = compress_texts(is_causal_lm(model), config, calibration)
@@ -130,6 +134,55 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
     save(result.module, out, force=force, extra={"report.json": report})
     report["out"] = os.path.abspath(out)
     return WorkflowResult(pathlib.Path(out), report, "graph", result, config, group.rank, group.world)
+
+
+def compress_tensors(spec: str, source: Any, out: str | os.PathLike, config: Config, data: TensorSamples, *, force: bool = False,
+                     resume: bool = False, evaluate: bool = True, baseline: bool = True) -> WorkflowResult:
+    """The whole-graph pipeline calibrated (and healed) on named input tensors: a tensor file, or an
+    image or audio folder read through the model folder's processor. With `evaluate`, the last
+    samples (a fifth, at most eval_samples) are held out and score the result."""
+    from ..api import compress_with_result
+    from ..artifact import save
+    from ..models import load_model
+    from .measure import size_report, tensor_latency, tensor_report
+
+    if distributed.init_from_env().world > 1:
+        raise ConfigError("calibration on input tensors runs in one process", "run it without torchrun")
+    started = time.perf_counter()
+    model, tokenizer = load_model(source)
+    config = keep_head_dense(model, config)
+    calibration, held = data.split(min(config.eval_samples, max(1, len(data) // 5)), config.seed) if evaluate else (data, None)
+    log.info("calibrating on %d samples of %s%s", len(calibration), data.origin, f", {len(held)} held out" if held else "")
+    result = compress_with_result(model, calibration=calibration, config=config, tokenizer=tokenizer, source=source,
+                                  heal_checkpoint=checkpoint_dir(out), resume=resume)
+    report = size_report(spec, model, result, config)
+    report["calibration"] = {"origin": data.origin, "samples": len(calibration), "inputs": sorted(data.inputs)}
+    if held is not None:
+        start = time.perf_counter()
+        report["outputs"] = tensor_report(model, result, held, config, baseline=baseline)
+        report["timings"]["evaluate"] = time.perf_counter() - start
+        report["latency"] = tensor_latency(model, result.module, held)
+    report["timings"]["total"] = time.perf_counter() - started
+    save(result.module, out, force=force, extra={"report.json": report})
+    report["out"] = os.path.abspath(out)
+    return WorkflowResult(pathlib.Path(out), report, "graph", result, config)
+
+
+def keep_head_dense(model: Any, config: Config) -> Config:
+    """A classifier's output layer (its linears with num_labels outputs) stays dense unless the
+    user chose what to exclude: it is small, and every class score goes through it."""
+    import re
+
+    import torch
+
+    from ..models import CLASSIFIER_HEADS
+
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    heads = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features == labels]
+    if config.exclude or not heads or not type(model).__name__.endswith(CLASSIFIER_HEADS):
+        return config
+    log.info("the classification head %s stays dense (pass --exclude to choose otherwise)", ", ".join(heads))
+    return config.replace(exclude=tuple(f"^{re.escape(name)}$" for name in heads))
 
 
 def compress_blockwise(source: Any, out: str | os.PathLike, given: dict[str, Any], *, calibration: str | None = None,

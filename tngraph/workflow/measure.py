@@ -104,12 +104,14 @@ def scorer(model: Any, tokenizer: Any, evaluation: Any, config: Config) -> tuple
     return "agreement", lambda m: agreement(ref, sentence_embeddings(m, tokenizer, evaluation, max_length=config.max_length, show=show))
 
 
-def plain_svd(model: Any, tokenizer: Any, config: Config) -> Any:
-    """The data-free baseline: plain truncated SVD at the budget's uniform ranks (a second compression)."""
+def plain_svd(model: Any, tokenizer: Any, config: Config, example_inputs: Any = None) -> Any:
+    """The data-free baseline: plain truncated SVD at the budget's uniform ranks (a second compression),
+    captured on `example_inputs` (default: random tokens)."""
     from ..api import compress_with_result
 
     baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, heal_steps=0, dump_dir=None)
-    return compress_with_result(model, example_inputs=model_inputs(model, tokenizer.vocab_size, 2, 16, 0), config=baseline).module
+    example = example_inputs if example_inputs is not None else model_inputs(model, tokenizer.vocab_size, 2, 16, 0)
+    return compress_with_result(model, example_inputs=example, config=baseline).module
 
 
 def score_report(model: Any, tokenizer: Any, result: Any, evaluation: Any, config: Config, *, baseline: bool = True) -> tuple[str, dict]:
@@ -153,3 +155,60 @@ def build_report(spec: str, model: Any, tokenizer: Any, result: Any, evaluation:
     report["latency"] = latency_report(model, tokenizer, result.module, config)
     report["timings"]["latency"] = time.perf_counter() - start
     return report
+
+
+def main_output(outputs: Any) -> Any:
+    """What a model of tensor inputs is judged by: its logits, else its last hidden state."""
+    logits = getattr(outputs, "logits", None)
+    return logits if logits is not None else getattr(outputs, "last_hidden_state", outputs[0] if isinstance(outputs, tuple) else outputs)
+
+
+def tensor_scorer(model: Any, held: Any, config: Config) -> Callable[[Any], dict[str, float]]:
+    """Scores on held-out tensor samples (tngraph.samples.TensorSamples): the relative error of the
+    main output against `model`'s; of a classifier (2-D logits) the top-1 agreement with `model` and,
+    when the samples carry labels, the accuracy."""
+    import torch
+
+    batches = held.batches(config.batch_size)
+
+    def outputs(m: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([main_output(m(**b)).float() for b in batches])
+
+    ref = outputs(model)
+
+    def score(m: Any) -> dict[str, float]:
+        out = ref if m is model else outputs(m)
+        entry = {"relative_error": float((out - ref).norm() / ref.norm().clamp_min(1e-12)), "samples": len(held)}
+        if out.dim() == 2:
+            entry["top1_agreement"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+            if held.labels is not None:
+                entry["accuracy"] = float((out.argmax(-1) == held.labels).float().mean())
+        return entry
+
+    return score
+
+
+def tensor_report(model: Any, result: Any, held: Any, config: Config, *, baseline: bool = True) -> dict[str, Any]:
+    """The scores of a run calibrated on tensors: dense, compressed, unhealed and plain SVD on the held-out samples."""
+    score = tensor_scorer(model, held, config)
+    scores = {"dense": score(model), "compressed": score(result.module)}
+    if result.unhealed is not None:
+        with unhealed(result) as before:
+            scores["unhealed"] = score(before)
+    if baseline and config.whiten and config.format == "lowrank":
+        scores["plain_svd"] = score(plain_svd(model, None, config, held.rows(slice(0, 2))))
+    return scores
+
+
+def tensor_latency(model: Any, compressed: Any, samples: Any) -> dict[str, Any]:
+    """CPU latency of the dense and the compressed model on (up to) 32 of the samples at once."""
+    import torch
+
+    from ..evaluate import latency
+
+    inputs = samples.rows(slice(0, LATENCY_BATCH))
+    with torch.no_grad():
+        times = latency({"dense": model, "compressed": compressed}, inputs)
+    return {"batch": next(iter(inputs.values())).shape[0], "threads": torch.get_num_threads(), "dense_ms": times["dense"] * 1e3,
+            "compressed_ms": times["compressed"] * 1e3, "ratio": times["compressed"] / times["dense"]}
