@@ -44,7 +44,7 @@ def test_untraceable_model_names_the_construct():
         tngraph.capture(Branchy(), torch.randn(3))
     text = str(info.value)
     assert "cannot capture Branchy" in text and "data-dependent" in text
-    assert "if x.sum() > 0" in text and "torch.cond" in text
+    assert "if x.sum() > 0" in text and "torch.cond" in text and "backend='tngraph'" in text
 
 
 def test_bad_arguments():

@@ -120,4 +120,6 @@ def _capture_error(model: torch.nn.Module, exc: Exception) -> CaptureError:
         )
     else:
         fix = "make forward() traceable by torch.export (see torch.export's docs on unsupported constructs)"
+    fix += ("; or compress through torch.compile(model, backend='tngraph'), which compresses each graph between "
+            "graph breaks (the ones after a break data-free)")
     return CaptureError(f"cannot capture {type(model).__name__}: {first[:300]}{where}", fix)
