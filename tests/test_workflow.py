@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tngraph import workflow
 from tngraph.cli import build_parser, main
@@ -44,7 +45,11 @@ def test_compress_call_reproduces_the_command_lines_report(tiny_hf, tmp_path, ca
 
 
 def test_no_eval_reports_no_measurements_and_a_config_object_works_too(tiny_hf, tmp_path):
-    run = workflow.compress(str(tiny_hf), tmp_path / "a", Config(budget=0.3, progress=False, **SMALL), evaluate=False)
+    torch.set_num_threads(1)
+    run = workflow.compress(str(tiny_hf), tmp_path / "a", Config(budget=0.3, progress=False, **SMALL), evaluate=False, threads=2)
+    # the call ran on its 2 threads and gave the caller's count back (a library call must not leave
+    # the process oversubscribed: under pytest-xdist that made every later test several times slower)
+    assert torch.get_num_threads() == 1
     assert "agreement" not in run.report and "latency" not in run.report
     assert run.config.budget == 0.3 and run.report["params"]["targets_kept"] <= 0.3
     assert len(run.report["per_target"]) == 2 * 6 + 1  # a generic model: every linear, the pooler included

@@ -2,11 +2,13 @@
 tokenizer, and the data policy (which texts calibrate, heal and evaluate an encoder or a causal LM)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Config
 from ..errors import ConfigError, TngraphError
@@ -21,6 +23,27 @@ def set_threads(threads: int) -> None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}", "pass --threads N (threads=N) with N >= 1")
     torch.set_num_threads(threads)
+
+
+def uses_threads(fn: Callable) -> Callable:
+    """Run a workflow with torch's CPU threads set from its `threads` argument, and give the caller's
+    thread count back when it returns: a library call must not leave the process oversubscribed."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        before = torch.get_num_threads()
+        set_threads(bound.arguments["threads"])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
 
 
 def checkpoint_dir(out: str | os.PathLike) -> str:

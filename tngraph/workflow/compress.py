@@ -13,7 +13,7 @@ from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
 from ..samples import TensorSamples, read_calibration
-from .common import checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, set_threads, whole_graph_config
+from .common import checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, uses_threads, whole_graph_config
 from .measure import build_report
 
 log = logging.getLogger("tngraph.workflow")
@@ -81,6 +81,7 @@ def given_options(config: Config | None, options: dict[str, Any]) -> dict[str, A
     return {**chosen, **options}
 
 
+@uses_threads
 def compress(model: str, out: str | os.PathLike, config: Config | None = None, *, calibration: str | None = None,
              force: bool = False, resume: bool = False, evaluate: bool = True, baseline: bool = True, threads: int = 2,
              blockwise: bool | None = None, **options: Any) -> WorkflowResult:
@@ -93,7 +94,6 @@ def compress(model: str, out: str | os.PathLike, config: Config | None = None, *
     and threads are the flags of the same names. The returned report is the one written to report.json."""
     from ..models import resolve
 
-    set_threads(threads)
     source = resolve(model)
     if use_blockwise(model, source, blockwise):
         return compress_blockwise(source, out, given_options(config, options), calibration=calibration, force=force, resume=resume)

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import TngraphError
-from .common import calibration_only, fit_length, load_with_tokenizer, set_threads, whole_graph_config
+from .common import calibration_only, fit_length, load_with_tokenizer, uses_threads, whole_graph_config
 
 DUMP_LATENCY_SHAPE = (8, 128)  # rows x tokens of the dump's latency measurement
 
@@ -41,6 +41,7 @@ def compare_dumps(a: str | os.PathLike, b: str | os.PathLike) -> str:
     return diff(a, b)
 
 
+@uses_threads
 def dump(model: str, out: str | os.PathLike, config: Config | None = None, *, calibration: str | None = None, force: bool = False,
          evaluate: bool = True, threads: int = 2, **options: Any) -> DumpRun:
     """`tngraph dump --model MODEL --out OUT ...` as one call: the compress options (healing off
@@ -55,7 +56,6 @@ def dump(model: str, out: str | os.PathLike, config: Config | None = None, *, ca
     from ..ownership import check_output_dir, fresh_dir
 
     source = resolve(model)
-    set_threads(threads)
     if config is None:
         options = {"heal_steps": 0, **options}
     keep = [source_folder(source), calibration]

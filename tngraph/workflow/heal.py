@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import ConfigError, TngraphError
-from .common import builtin_texts, checkpoint_dir, set_threads
+from .common import builtin_texts, checkpoint_dir, uses_threads
 
 # the compress options an artifact's recipe carries over into its healing
 CARRIED = ("heal_lr", "max_length", "batch_size", "seed", "calibration_samples", "eval_samples")
@@ -98,6 +98,7 @@ def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, eval
                                                                       show=show)), texts.heal
 
 
+@uses_threads
 def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
          data: str | None = None, eval_samples: int | None = None, evaluate: bool = True, seed: int | None = None, threads: int = 2,
          force: bool = False, resume: bool = False, progress: bool = True) -> HealRun:
@@ -110,7 +111,6 @@ def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, s
     from ..data import read_lines
     from ..lm import is_causal_lm, no_kv_cache
 
-    set_threads(threads)
     out = out or artifact
     module, teacher, tokenizer, in_place = heal_source(artifact, out, force, data)
     config = healing_config(module.tngraph_recipe, heal_steps=steps, heal_lr=lr, seed=seed, eval_samples=eval_samples).replace(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from .common import set_threads
+from .common import uses_threads
 
 
 @dataclass
@@ -29,6 +29,7 @@ class PerplexityRun:
         return text
 
 
+@uses_threads
 def perplexity(model: str | os.PathLike, text: str | os.PathLike | None = None, *, window: int | None = None,
                stride: int | None = None, batch_size: int = 8, source: bool = True, threads: int = 2,
                progress: bool = True) -> PerplexityRun:
@@ -40,7 +41,6 @@ def perplexity(model: str | os.PathLike, text: str | os.PathLike | None = None, 
     from .. import lm
     from ..data import lm_documents, read_text
 
-    set_threads(threads)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if text:
