@@ -6,6 +6,7 @@ import torch
 
 import tngraph
 from tngraph.layers import LOWRANK
+from tests.helpers_reference import plan_weights, substituted
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,3 +127,37 @@ def test_vit_compresses_from_pixel_tensors_and_the_command_line_names_the_route(
     with pytest.raises(tngraph.TngraphError, match="has no tokenizer") as info:
         workflow.compress(str(tmp_path / "vit"), tmp_path / "out", heal_steps=0, evaluate=False)
     assert "--calibration" in info.value.fix and ".safetensors" in info.value.fix and not (tmp_path / "out").exists()
+
+
+def test_albert_shared_layer_is_compressed_once_and_the_tie_survives(tmp_path):
+    """ALBERT runs one layer at every depth: its linears are targets once (the Gram of every depth's
+    inputs), every depth runs the same factors, in the graph, the module and the loaded artifact."""
+    def build():
+        torch.manual_seed(0)
+        config = transformers.AlbertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, embedding_size=16, max_position_embeddings=64)
+        return transformers.AlbertModel(config).eval()
+
+    model, calibration = build(), _ids(4, 10)
+    result = tngraph.compress_with_result(model, calibration=calibration, budget=0.5, heal_steps=0, progress=False, allocation="uniform")
+    layer = "encoder.albert_layer_groups.0.albert_layers.0"
+    assert result.context.counters["targets.shared_uses"] == 3 * 6
+    assert {f"{layer}.attention.query", f"{layer}.ffn", f"{layer}.ffn_output"} <= set(result.context.plan)
+    # the graph runs a low-rank op at each of the 3 depths for each of the 6 shared linears, on one set of factors
+    ops = [n for n in result.graph.graph.nodes if n.target == LOWRANK.op]
+    assert sum(1 for n in ops if str(n.args[1][0].target).startswith(layer)) == 3 * 6
+    assert sum(p.numel() for p in result.graph.parameters()) == sum(p.numel() for p in result.module.parameters())
+    assert sum(p.numel() for p in result.module.parameters()) < 0.75 * sum(p.numel() for p in model.parameters())
+    assert isinstance(result.module.get_submodule(f"{layer}.ffn"), tngraph.modules.LowRankLinear)
+    x = _ids(1, 9, seed=3)[0]
+    tngraph.save(result.module, tmp_path / "albert")
+    loaded = tngraph.load(tmp_path / "albert", model=build())
+    with torch.no_grad():
+        dense, compressed = model(**x).last_hidden_state, result.module(**x).last_hidden_state
+        assert torch.allclose(result.graph(**x).last_hidden_state, compressed, atol=1e-5)
+        assert torch.equal(loaded(**x).last_hidden_state, compressed)
+        # every depth runs the plan's one approximation W' = A B of each shared weight (random weights
+        # are full rank, so W' itself is far from W: that is the budget's, not the tie's)
+        by_hand = substituted(model, plan_weights(result.context))(**x).last_hidden_state
+    assert float((compressed - by_hand).norm() / by_hand.norm()) < 1e-5
+    assert float((compressed - dense).norm() / dense.norm()) < 1.0

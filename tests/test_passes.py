@@ -157,17 +157,63 @@ def test_include_exclude_filters(mlp, mlp_data):
     assert ctx.counters["targets.skipped.filtered"] == 2
 
 
-def test_tied_weights_are_left_alone(mlp_data):
+class _Shared(torch.nn.Module):
+    """One linear layer run twice (ALBERT runs its one layer at every depth), and another layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared, self.other = torch.nn.Linear(24, 24), torch.nn.Linear(24, 24)
+
+    def forward(self, x):
+        return self.other(self.shared(torch.relu(self.shared(x))))
+
+
+def test_a_weight_run_twice_is_one_target_whose_factors_both_uses_read(mlp_data):
+    model = _Shared().eval()
+    gm, ctx = _run(model, mlp_data, budget=0.5, output_whiten=False)
+    assert ctx.counters["targets.shared_uses"] == 2 and sorted(ctx.plan) == ["other", "shared"]
+    # its Gram sums the inputs of both uses (forward hooks see every call), the decomposition is the
+    # whitened SVD on that sum, and both uses read the same factor attributes: the tie holds
+    grams = linear_grams(model, mlp_data)
+    assert ctx.stats["shared"].rows == 2 * ctx.stats["other"].rows
+    assert rel(ctx.stats["shared"].gram, grams["shared"]) < 1e-6
+    got = plan_weights(ctx)
+    rank = ctx.plan["shared"].rank
+    assert rel(got["shared"], truncated(model.shared.weight, rank, grams["shared"])) < 1e-5
+    factor_reads = [str(n.args[1].target) for n in gm.graph.nodes if n.target == aten.linear.default and "shared" in str(n.args[1].target)]
+    assert len(factor_reads) == 4 and len(set(factor_reads)) == 2  # (B, A) twice, two attributes
+    assert sum(p.numel() for p in gm.parameters()) == sum(ctx.plan[n].params_after for n in ctx.plan)
+    x = _inputs(mlp_data)
+    with torch.no_grad():
+        assert rel(gm(x), substituted(model, got)(x)) < 1e-5
+    # and compress() swaps the one module: the compressed model runs its factors at both depths
+    result = tngraph.compress_with_result(model, calibration=mlp_data, budget=0.5, allocation="uniform", output_whiten=False, progress=False)
+    with torch.no_grad():
+        assert rel(result.module(x), substituted(model, got)(x)) < 1e-5
+
+
+def test_a_weight_read_otherwise_too_is_left_alone(mlp_data):
     class Tied(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.randn(24, 24))
 
-        def forward(self, x):
-            return torch.nn.functional.linear(torch.nn.functional.linear(x, self.w), self.w)
+        def forward(self, x):  # a linear use and an elementwise one: factorizing would untie them
+            return torch.nn.functional.linear(x, self.w) + x @ self.w.exp()
 
     gm, ctx = _run(Tied().eval(), mlp_data)
-    assert ctx.counters["targets.skipped.shared_weight"] == 2 and not meta.targets(gm)
+    assert ctx.counters["targets.skipped.shared_weight"] == 1 and not meta.targets(gm)
+
+
+def test_a_parameter_tied_into_two_modules_is_no_module_target(mlp_data):
+    """compress() swaps modules: swapping the owner would leave the other module reading the dense
+    weight, so the tie is left alone there (torch.compile's graphs rewrite both uses)."""
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24, bias=False), torch.nn.Linear(24, 24, bias=False), torch.nn.Linear(24, 24)).eval()
+    model[1].weight = model[0].weight
+    result = tngraph.compress_with_result(model, calibration=mlp_data, budget=0.5, allocation="uniform", progress=False)
+    assert result.context.counters["targets.skipped.tied_across_modules"] == 2 and sorted(result.context.plan) == ["2"]
+    assert model[1].weight is model[0].weight and isinstance(result.module[0], torch.nn.Linear)
 
 
 def test_addmm_with_a_constant_weight_is_a_target(mlp_data):

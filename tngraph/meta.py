@@ -126,5 +126,18 @@ def update(node: fx.Node, **changes: Any) -> NodeInfo:
 
 
 def targets(gm: fx.GraphModule) -> list[fx.Node]:
-    """Nodes the targets pass marked, in graph order."""
+    """One node per target the targets pass marked, in graph order: a weight read by several linear
+    nodes (ALBERT's one layer run at every depth) is one target, represented by its first use."""
+    seen: set[str] = set()
+    first = []
+    for n in target_uses(gm):
+        name = info(n).target.name
+        if name not in seen:
+            seen.add(name)
+            first.append(n)
+    return first
+
+
+def target_uses(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every node the targets pass marked, in graph order: each use of a shared weight."""
     return [n for n in gm.graph.nodes if info(n).target is not None]

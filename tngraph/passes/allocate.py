@@ -38,7 +38,8 @@ def allocate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plan, why = plans[meta.info(node).target.name]
         chosen += plan.format != "dense"
         ctx.counters[f"allocate.{why}"] += 1
-        meta.update(node, plan=plan)
+    for node in meta.target_uses(gm):  # every use of a shared weight carries its one plan
+        meta.update(node, plan=plans[meta.info(node).target.name][0])
     log.info("allocate: %d targets factorized at budget %.3g", chosen, ctx.config.budget)
     return PassResult(gm, modified=chosen > 0, summary={"factorized": chosen})
 
@@ -53,7 +54,7 @@ def reallocate(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> set[str
         raise ConfigError(f"the numerical guard kept {', '.join(sorted(fixed))} dense, and then {exc.problem}",
                           "raise the budget or guard_tolerance, or leave those layers out with exclude") from exc
     changed = set()
-    for node in meta.targets(gm):
+    for node in meta.target_uses(gm):
         name = meta.info(node).target.name
         old, (new, _) = meta.info(node).plan, plans[name]
         if name in fixed or (old.format, old.rank, old.dense_rows) == (new.format, new.rank, new.dense_rows):

@@ -60,29 +60,32 @@ def _insert(gm: fx.GraphModule, where: fx.Node, after: bool, x: fx.Node, observe
 
 @declare(kind="analysis", requires=("targets",), produces=("calibration",))
 def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    nodes = meta.targets(gm)
+    nodes = meta.target_uses(gm)
     if not ctx.calibration or not nodes:
         if nodes:
             log.info("calibrate: no calibration data; decompositions will be data-free")
         return PassResult(gm, modified=False, summary={"batches": 0})
     stats, shared, outputs = {}, {}, {}
     batch, observers = Batch(), []
+    inputs: dict[str, list[fx.Node]] = {}  # a shared weight's Gram sums the inputs of all its uses
     for node in nodes:
+        inputs.setdefault(meta.info(node).target.name, []).append(node)
+    for node in meta.targets(gm):
         t = meta.info(node).target
-        x = node.args[_x_index(node)]
-        key = (x, t.conv)  # convolutions of one input see it unfolded by their own geometry
+        key = (tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv)  # convolutions of one input see it unfolded by their own geometry
         if key in shared:  # targets reading the same input (q, k, v) share one set of statistics
             stats[t.name] = shared[key]
             continue
         stats[t.name] = shared[key] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
         rows = functools.partial(unfolded_rows, t.conv) if t.conv is not None else None
-        observers.append(_insert(gm, node, False, x, Observer(stats[t.name], batch, rows), len(observers)))
-    for node in nodes:  # outputs: one set per target
+        for use in inputs[t.name]:
+            observers.append(_insert(gm, use, False, use.args[_x_index(use)], Observer(stats[t.name], batch, rows), len(observers)))
+    for node in nodes:  # outputs: one set per target, fed by each of its uses
         t = meta.info(node).target
         if t.kind == "linear":
-            outputs[t.name] = OutputStats(t.out_features)
+            out = outputs.setdefault(t.name, OutputStats(t.out_features))
             rows = channels_last if t.conv is not None else None
-            observers.append(_insert(gm, node, True, node, Observer(outputs[t.name], batch, rows), len(observers)))
+            observers.append(_insert(gm, node, True, node, Observer(out, batch, rows), len(observers)))
     gm.recompile()
     try:
         with torch.no_grad():

@@ -168,10 +168,15 @@ def _inputs(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, fmt_name: str,
 
 
 def _add_factor(gm: fx.GraphModule, t: meta.TargetInfo, suffix: str, tensor: torch.Tensor) -> fx.Node:
-    """Register `tensor` next to the dense weight it replaces and return a get_attr node for it."""
+    """Register `tensor` next to the dense weight it replaces and return a get_attr node for it; a
+    factor registered already (an earlier use of a shared weight) is read again, not copied."""
     owner_path, _, weight_attr = t.weight.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
-    name = _free_name(owner, f"{weight_attr}_{suffix}")
+    base = f"{weight_attr}_{suffix}"
+    for held, value in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
+        if (held == base or held.startswith(base + "_")) and value.shape == tensor.shape and value.data_ptr() == tensor.data_ptr():
+            return gm.graph.get_attr(f"{owner_path}.{held}" if owner_path else held)
+    name = _free_name(owner, base)
     if tensor.is_floating_point():
         owner.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
     else:  # indices (the row order of patch-level plans)
@@ -354,7 +359,7 @@ def preset_plans(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     (PlanInfo, TargetPlan)): replaces calibrate .. allocate when the factors are already known."""
     preset = ctx.preset
     placed = 0
-    for node in meta.targets(gm):
+    for node in meta.target_uses(gm):
         entry = preset.get(meta.info(node).target.name)
         if entry is not None:
             meta.update(node, plan=entry[0])
@@ -401,7 +406,9 @@ def _decide(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> None:
         if ctx.group is not None and ctx.group.owner(j) != ctx.group.rank:
             replay(ctx, name, effects)
             if made:
-                meta.update(node, plan=node_plan)  # the guard may have planned it dense
+                for use in meta.target_uses(gm):  # the guard may have planned it dense
+                    if meta.info(use).target.name == name:
+                        meta.update(use, plan=node_plan)
         if found is not None:
             decided[name] = found
 
@@ -420,7 +427,7 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.analysis["decided"].pop(name, None)
         ctx.counters["factorize.reallocated"] += len(changed)
         _decide(gm, ctx, [n for n in meta.targets(gm) if meta.info(n).target.name in changed])
-    candidates = [n for n in meta.targets(gm) if _planned(n)]
+    candidates = [n for n in meta.target_uses(gm) if _planned(n)]  # every use of a shared weight, one set of factors
     replaced = {meta.info(n).target.weight for n in candidates}
     fired = apply_rules(gm, ctx, RULES, nodes=candidates)
     ctx.analysis.pop("decided", None)  # the factors now live in the graph and ctx.plan

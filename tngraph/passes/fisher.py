@@ -33,10 +33,10 @@ TAP_PREFIX = "tngraph_tap_"
 
 
 class Tap(torch.nn.Module):
-    """Passes a target's output on, keeping it (in `seen`, under the target's name) as a leaf the
+    """Passes a target's output on, keeping it (in `seen`, under the tap's number) as a leaf the
     backward pass can take the gradient at. The state is this call's: nothing outlives it."""
 
-    def __init__(self, key: str, seen: dict[str, torch.Tensor]):
+    def __init__(self, key: int, seen: dict[int, torch.Tensor]):
         super().__init__()
         self.key, self.seen = key, seen
 
@@ -56,14 +56,15 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
     Taps are inserted after the targets for the duration of the call and removed after it."""
     taps, stats, seen = [], {}, {}
     convs = {meta.info(n).target.name for n in nodes if meta.info(n).target.conv is not None}
+    names = [meta.info(n).target.name for n in nodes]  # tap k -> its target (a shared weight's uses feed one)
     for k, node in enumerate(nodes):
         t = meta.info(node).target
-        gm.add_submodule(f"{TAP_PREFIX}{k}", Tap(t.name, seen))
+        gm.add_submodule(f"{TAP_PREFIX}{k}", Tap(k, seen))
         with gm.graph.inserting_after(node):
             tap = gm.graph.call_module(f"{TAP_PREFIX}{k}", (node,))
         node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
         taps.append(tap)
-        stats[t.name] = GradStats(t.out_features)
+        stats.setdefault(t.name, GradStats(t.out_features))
     gm.recompile()
     generator = torch.Generator().manual_seed(seed)
     try:
@@ -86,10 +87,12 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
                 keys = list(seen)
                 mask = kwargs.get("attention_mask")
                 mask = mask.bool() if isinstance(mask, torch.Tensor) else None
+                counted: set[str] = set()  # a batch's energy and samples count once per target, whatever its uses
                 for p in range(probes):
                     probe = sum((x * torch.randn(x.shape, generator=generator).to(x.dtype)).sum() for x in leaves)
                     grads = torch.autograd.grad(probe, [seen[k] for k in keys], retain_graph=p + 1 < probes, allow_unused=True)
-                    for key, g in zip(keys, grads):
+                    for k, g in zip(keys, grads):
+                        key = names[k]
                         if g is None:
                             continue
                         if key in convs:  # output channels last
@@ -99,8 +102,10 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
                         stats[key].update(g, 1.0 / probes)
                         if p == 0:
                             stats[key].rows += g.numel() // g.shape[-1]
-                            stats[key].energy += energy
-                            stats[key].samples += samples
+                            if key not in counted:
+                                counted.add(key)
+                                stats[key].energy += energy
+                                stats[key].samples += samples
     finally:
         seen.clear()
         for k, (node, tap) in enumerate(zip(nodes, taps)):
@@ -124,7 +129,7 @@ def needed(ctx: PassContext) -> bool:
 
 @declare(kind="analysis", requires=("targets", "calibration"), produces=("gradients",))
 def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
+    nodes = [n for n in meta.target_uses(gm) if meta.info(n).target.kind == "linear"]
     if not nodes or not needed(ctx):
         return PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
     batches = spread(ctx.calibration, ctx.config.fisher_batches)

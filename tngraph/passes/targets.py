@@ -136,6 +136,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     found = 0
     kinds = set(cfg.targets)
+    shared = _shareable_weights(gm) if "linear" in kinds else {}
     for node in gm.graph.nodes:
         m = match_linear(node) if "linear" in kinds else None
         if m is None and node.op == "call_function" and node.target in _CONVS and "linear" in kinds:
@@ -162,9 +163,15 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             # a table with fewer rows than its width (token types, a few positions) has nothing to gain
             ctx.counters["targets.skipped.small_table"] += 1
             continue
-        if len(m.weight.users) > 1:
-            # a shared (tied) weight: factorizing one use would untie it
+        if len(m.weight.users) > 1 and m.weight not in shared:
+            # a weight read otherwise too (an embedding table tied to the output head): factorizing
+            # the linear use would untie it
             ctx.counters["targets.skipped.shared_weight"] += 1
+            continue
+        if ctx.module_targets_only and m.weight in shared and not all(_called_as_module(u, name, kind) for u in shared[m.weight]):
+            # one Parameter tied into several modules: swapping the module that owns it would leave
+            # the others reading the dense weight (the tie broken); torch.compile's graphs rewrite every use
+            ctx.counters["targets.skipped.tied_across_modules"] += 1
             continue
         if ctx.module_targets_only and not _called_as_module(node, name, kind):
             # compress() swaps modules: a weight read by its parent's own code (nn.MultiheadAttention's
@@ -199,9 +206,35 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         )
         found += 1
         ctx.counters[f"targets.{kind}"] += 1
+        if m.weight in shared:
+            ctx.counters["targets.shared_uses"] += 1
     ctx.counters["targets.found"] += found
     log.info("targets: %d nodes selected", found)
     return PassResult(gm, modified=found > 0, summary={"targets": found})
+
+
+def _shareable_weights(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """Weights read by several linear nodes alike (one module run several times, as ALBERT runs its
+    one layer at every depth): each is one target whose factors every use reads, so the tie holds.
+    A weight with any other reader (a tied embedding table, a weight used in arithmetic) is not.
+    Returns each such weight's linear nodes."""
+    uses: dict[fx.Node, list[LinearMatch]] = {}
+    for node in gm.graph.nodes:
+        m = match_linear(node)
+        if m is not None:
+            uses.setdefault(m.weight, []).append(m)
+    shareable = {}
+    for weight, matches in uses.items():
+        if len(matches) < 2:
+            continue
+        nodes = {m.node for m in matches}
+        readers = {u for u in weight.users if u not in nodes}
+        # Falcon's x @ W.T reads W through a transpose: it is a reader only through the matched nodes
+        if any(not (u.op == "call_function" and u.target in TRANSPOSES and set(u.users) <= nodes) for u in readers):
+            continue
+        if len({(m.transposed, m.conv, m.bias) for m in matches}) == 1:
+            shareable[weight] = [m.node for m in matches]
+    return shareable
 
 
 _PLAIN_PATH = re.compile(r"[\w.]*")
