@@ -96,11 +96,107 @@ def test_a_recipe_applied_to_a_convolution_of_another_geometry_is_refused(tmp_pa
         tngraph.load(tmp_path / "art", model=other)
 
 
-def test_a_tensor_network_format_on_a_convolution_is_refused_by_name():
-    with pytest.raises(tngraph.ConfigError, match="stem is a convolution") as info:
-        tngraph.compress(Net().eval(), calibration=_data(), budget=0.5, heal_steps=0, progress=False, format="tucker",
+def test_a_format_a_convolution_does_not_take_is_refused_by_name():
+    with pytest.raises(tngraph.ConfigError, match="stem is a convolution.*lowrank, tucker, cp, not 'tt'") as info:
+        tngraph.compress(Net().eval(), calibration=_data(), budget=0.5, heal_steps=0, progress=False, format="tt",
                          allocation="uniform")
     assert "--exclude stem" in info.value.fix
+
+
+def _patch_grams(model, data):
+    """X^T X of the unfolded input patches reaching each nn.Conv1d/Conv2d, by forward hooks (float64)."""
+    grams, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) and m.groups == 1:
+            g = meta.Conv(m.in_channels, tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation))
+
+            def hook(module, args, out, name=name, g=g):
+                rows = unfolded_rows(g, args[0]).double()
+                grams[name] = grams.get(name, 0) + rows.T @ rows
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        for args, _ in data:
+            model(*args)
+    for h in hooks:
+        h.remove()
+    return grams
+
+
+@pytest.mark.parametrize("fmt", ["tucker", "cp"])
+def test_tucker2_and_cp_keep_the_kernel_whole_in_graph_module_artifact_and_onnx(fmt, tmp_path):
+    """--format tucker / cp on convolutions: the Tucker-2 (1x1, k x k core, 1x1) and CP (1x1,
+    depthwise per spatial axis, 1x1) layers, decomposed as tngraph.tn.conv does by hand on the
+    hooked patch Grams, within the budget, in the graph, the module, the artifact and ONNX."""
+    from tngraph.layers import CONV_LAYERS
+    from tngraph.tn import conv as conv_formats
+
+    model, data = Net().eval(), _smooth(6, 0)
+    result = tngraph.compress_with_result(model, calibration=data, budget=0.5, heal_steps=0, progress=False, format=fmt,
+                                          allocation="uniform", guard_tolerance=10.0, include=("stem", "down", "seq"))
+    layer = CONV_LAYERS[fmt]
+    plan = result.context.plan
+    assert set(plan) == {"stem", "down", "seq"} and all(p.format == fmt and p.conv is not None for p in plan.values())
+    assert all(p.params_after <= 0.5 * p.params_before for p in plan.values())
+    assert sum(1 for n in result.graph.graph.nodes if n.target == layer.op) == 3
+    grams = _patch_grams(model, data)
+    for name, p in plan.items():
+        weight = model.get_submodule(name).weight
+        by_hand = conv_formats.decompose(fmt, weight, p.rank, grams[name], result.context.config.damping,
+                                         **tngraph.tn.formats.FORMATS[fmt].options(result.context.config))
+        for key in layer.factors:
+            torch.testing.assert_close(p.factors[key], by_hand[key], atol=1e-5, rtol=1e-4)
+        assert isinstance(result.module.get_submodule(name), tngraph.layers.LayerLinear)
+        assert result.module.get_submodule(name).layer is layer
+    x = _smooth(1, 99)[0][0][0]
+    with torch.no_grad():
+        compressed, graph = result.module(x), result.graph(x)
+    torch.testing.assert_close(graph, compressed, atol=1e-5, rtol=1e-5)
+    tngraph.save(result.module, tmp_path / "art")
+    loaded = tngraph.load(tmp_path / "art", model=Net().eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compressed)
+    assert tngraph.export_onnx(loaded, (x,), tmp_path / "net.onnx").max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["tucker", "cp"])
+def test_conv_decompositions_are_exact_at_full_rank_and_improve_with_rank(fmt):
+    from tngraph.tn import conv as conv_formats
+    from tngraph.layers import CONV_LAYERS
+
+    torch.manual_seed(0)
+    weight, layer = torch.randn(10, 6, 3, 3, dtype=torch.float64), CONV_LAYERS[fmt]
+    rows = unfolded_rows(meta.Conv(6, (3, 3), (1, 1), (1, 1), (1, 1)), F.interpolate(torch.randn(4, 6, 5, 5), size=10).double())
+    gram, top = rows.T @ rows, conv_formats.max_rank(fmt, 10, 6, (3, 3))
+
+    def error(rank):
+        f = conv_formats.decompose(fmt, weight, rank, gram, 1e-4, tol=1e-4, max_iter=500)
+        delta = weight.flatten(1) - layer.weight(f, 54, {"kernel": [3, 3]})
+        return float(torch.einsum("oi,ij,oj->", delta, gram, delta) / torch.einsum("oi,ij,oj->", weight.flatten(1), gram, weight.flatten(1)))
+
+    assert error(top) < 1e-10
+    errors = [error(r) for r in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    with pytest.raises(ValueError, match=f"rank must be an integer in \\[1, {top}\\]"):
+        conv_formats.decompose(fmt, weight, top + 1)
+
+
+def test_the_tucker2_core_is_the_least_squares_optimum_on_the_patch_gram():
+    from tngraph.tn import conv as conv_formats
+    from tngraph.layers import CONV_TUCKER
+
+    torch.manual_seed(1)
+    weight = torch.randn(8, 5, 3, 3, dtype=torch.float64)
+    rows = unfolded_rows(meta.Conv(5, (3, 3), (1, 1), (1, 1), (1, 1)), F.interpolate(torch.randn(3, 5, 4, 4), size=9).double())
+    gram = rows.T @ rows
+    f = conv_formats.tucker2(weight, 3, gram, 0.0)
+
+    def error(core):
+        delta = weight.flatten(1) - CONV_TUCKER.weight({**f, "core": core}, 45)
+        return float(torch.einsum("oi,ij,oj->", delta, gram, delta))
+
+    base = error(f["core"])
+    for _ in range(5):
+        assert error(f["core"] + 1e-3 * torch.randn_like(f["core"])) > base
 
 
 def _smooth(n, seed):

@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .config import Config
 from .errors import ArtifactError, ModelError
-from .layers import CONV, LAYERS, LayerLinear
+from .layers import CONV_LAYERS, LAYERS, LayerLinear
 from .meta import Conv
 from .models import ModelSource, weights_hash
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
@@ -105,7 +105,14 @@ def _conv_module(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
         raise ModelError(f"target {plan.name!r} is not the convolution the recipe describes ({plan.conv}; the model's: "
                          f"{statics or type(owner).__name__})", "apply the recipe to the model it was made from")
     bias = owner.bias.detach().clone() if owner.bias is not None else None
-    return LayerLinear(CONV, {k: plan.factors[k].detach().clone() for k in ("a", "b")}, plan.in_features, plan.out_features, bias,
+    layer = CONV_LAYERS.get(plan.format)
+    if layer is None:
+        raise ArtifactError(f"{plan.name!r}: a convolution's format is one of {sorted(CONV_LAYERS)}, not {plan.format!r}",
+                            "write the artifact again with tngraph.save")
+    missing = [k for k in layer.factors if k not in plan.factors]
+    if missing:
+        raise ArtifactError(f"{plan.name!r} ({plan.format} convolution) has no factors {missing}", "write the artifact again with tngraph.save")
+    return LayerLinear(layer, {k: plan.factors[k].detach().clone() for k in layer.factors}, plan.in_features, plan.out_features, bias,
                        statics)
 
 

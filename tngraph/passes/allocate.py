@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .. import meta
 from ..errors import ConfigError
+from ..tn import conv as conv_formats
 from ..tn.formats import FORMATS, Format, rank_for_params
 from .base import PassContext, PassResult, declare
 
@@ -86,6 +87,12 @@ def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, t
         fmt = configured_format(ctx.config) if t.kind == "linear" else FORMATS["svd"]
         options = format_options(ctx) if t.kind == "linear" else {}
         chosen_format = ctx.config.format if t.kind == "linear" else "lowrank"
+        if t.conv is not None and chosen_format != "lowrank":
+            if chosen_format not in conv_formats.FORMATS:
+                raise ConfigError(f"{t.name} is a convolution, and convolutions take the formats lowrank, "
+                                  f"{', '.join(conv_formats.FORMATS)}, not {chosen_format!r}",
+                                  f"--exclude {t.name} (or every convolution) to use --format {chosen_format} on the linear layers")
+            fmt, options = conv_formats.format_for(chosen_format, t.conv), {}
         bias = t.out_features if t.bias else 0
         try:
             rank = rank_for_params(fmt, t.out_features, t.in_features, budget * t.dense_params - bias, **options)

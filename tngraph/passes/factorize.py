@@ -16,6 +16,7 @@ from ..errors import ConfigError, PassError, TngraphError
 from ..layers import LAYERS, call_inputs, inline, layer_for
 from ..plan import TargetPlan
 from ..progress import progress
+from ..tn import conv as conv_formats
 from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
@@ -97,10 +98,10 @@ def _format_check(m: LinearMatch, layer: bool) -> str | None:
         return "unplanned"
     if plan.format in ("dense", "lowrank") or (FORMATS[plan.format].layer is not None) != layer:
         return "other_format"
-    if m.conv is not None:
+    if m.conv is not None and (layer or plan.format not in conv_formats.FORMATS):
         name = meta.info(m.node).target.name
-        raise ConfigError(f"{name} is a convolution, and convolutions take the low-rank format only, not {plan.format!r}",
-                          f"--exclude {name} (or every convolution) to use --format {plan.format} on the linear layers")
+        raise ConfigError(f"{name} is a convolution, and convolutions take the formats lowrank, {', '.join(conv_formats.FORMATS)}, "
+                          f"not {plan.format!r}", f"--exclude {name} (or every convolution) to use --format {plan.format} on the linear layers")
     return None
 
 
@@ -226,6 +227,8 @@ def _network_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
     """The tensor-network decomposition of the target's plan, or None when the guard refuses it."""
     plan_format = meta.info(m.node).plan.format
     options = FORMATS[plan_format].options(ctx.config)  # the plan's format: budgeted mixtures hold several
+    if m.conv is not None:
+        return _conv_plan(m, gm, ctx, options)
     t, plan, weight, stats, whitening = _inputs(m, gm, ctx, plan_format, options)
     try:
         net = FORMATS[plan.format].decompose(weight, plan.rank, whitening, **options)
@@ -242,6 +245,26 @@ def _network_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
         return None
     factors = {f"core{k}": c for k, c in enumerate(net.cores)}
     return TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, net.spec())
+
+
+def _conv_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext, options: dict) -> TargetPlan | None:
+    """A convolution's Tucker-2 or CP factors (its kernel kept whole), whitened by the Gram of its
+    unfolded input patches; None when the guard refuses them."""
+    t, plan = meta.info(m.node).target, meta.info(m.node).plan
+    stats = ctx.stats.get(t.name)
+    gram = stats.gram if ctx.config.whiten and stats is not None and stats.rows > 0 else None
+    if gram is not None:
+        ctx.counters[f"factorize.conv_{plan.format}.whitened"] += 1
+    try:
+        factors = conv_formats.decompose(plan.format, getattr_path(gm, t.weight), plan.rank, gram, ctx.config.damping, **options)
+    except TngraphError as exc:  # CP that did not converge: its own fix
+        raise type(exc)(f"{t.name}: {exc.problem}", exc.fix) from exc
+    except ValueError as exc:
+        raise ConfigError(f"{t.name}: {exc}", f"--exclude {t.name}, or choose another --format") from exc
+    statics = t.conv.statics()
+    if not accept(ctx, m.node, target_weight(gm, t), layer_for(plan.format, conv=True).weight(factors, t.in_features, statics)):
+        return None
+    return TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors, conv=statics)
 
 
 def _decided(m: LinearMatch | EmbeddingMatch, gm: fx.GraphModule, ctx: PassContext, plan_fn) -> TargetPlan | None:
