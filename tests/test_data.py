@@ -36,3 +36,13 @@ def test_read_lines(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(DataError, match="cannot read"):
         read_lines(tmp_path / "bin.txt")
+
+
+def test_package_sentences_are_another_domain_than_the_corpus():
+    from tngraph.data import corpus, package_sentences
+
+    sentences = package_sentences(("safetensors", "no_such_package_here"))  # a missing package is skipped
+    assert sentences and sentences == sorted(set(sentences))
+    assert not set(sentences) & set(corpus())
+    assert all(40 <= len(s) <= 300 for s in sentences)
+    assert package_sentences(("no_such_package_here",)) == []

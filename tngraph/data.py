@@ -61,6 +61,33 @@ def _stdlib_docstrings() -> list[str]:
     return docs
 
 
+def package_sentences(packages: tuple[str, ...] = ("numpy", "onnx", "transformers", "tokenizers", "safetensors", "networkx")) -> list[str]:
+    """Prose sentences of the docstrings of installed third-party packages, sorted and unique: text
+    from another domain than the standard library's (none of it calibrates or heals by default).
+    A package that is not installed is skipped."""
+    import importlib.util
+
+    sentences: set[str] = set()
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            for path in sorted(pathlib.Path(root).rglob("*.py")):
+                if any(part in ("test", "tests", "testing") for part in path.parts):
+                    continue
+                try:
+                    tree = ast.parse(path.read_text(encoding="utf-8"))
+                except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc:
+                            sentences.update(_sentences(doc))
+    return sorted(sentences - set(corpus()))
+
+
 @functools.lru_cache(maxsize=1)
 def corpus() -> tuple[str, ...]:
     """All unique prose sentences of pydoc's topics and the stdlib's docstrings, sorted."""

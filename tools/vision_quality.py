@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="cached", help="a tiny vision model folder (tools: tngraph.tinyvision), or 'cached'")
     p.add_argument("--budgets", default="0.5", help="comma-separated budgets (default 0.5)")
     p.add_argument("--heal-steps", type=int, default=300, help="healing steps per budget (default 300)")
+    p.add_argument("--formats", default="svd", help="comma-separated formats, each run at every budget (default svd; a "
+                   "convolution also takes tucker and cp)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-out", default=None, help="keep the compressed artifacts under this folder (default: a temporary one)")
     p.add_argument("--force", action="store_true", help="replace artifacts tngraph wrote under --train-out")
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         budgets = [float(b) for b in args.budgets.split(",")]
+        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
         model_dir = tinyvision.cached() if args.model == "cached" else args.model
         test = read_calibration(os.path.join(model_dir, "images", "test"), model_dir)
         if test.labels is None:
@@ -54,15 +57,16 @@ def main(argv=None) -> int:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             root = args.train_out or tmp
-            for budget in budgets:
-                run = workflow.compress(str(model_dir), os.path.join(root, f"budget-{budget:g}"), calibration=os.path.join(model_dir, "images", "train"),
+            for fmt, budget in [(f, b) for f in formats for b in budgets]:
+                run = workflow.compress(str(model_dir), os.path.join(root, f"{fmt}-budget-{budget:g}"),
+                                        calibration=os.path.join(model_dir, "images", "train"), format=fmt,
                                         budget=budget, heal_steps=args.heal_steps, progress=False, force=args.force, baseline=False)
                 result = run.result
                 with unhealed(result) as before:
                     acc_before = tinyvision.accuracy(before, x, y)
                 acc_after = tinyvision.accuracy(result.module, x, y)
                 params = run.report["params"]
-                rows.append((budget, params["targets_kept"], params["model_after"] / params["model_before"], acc_before, acc_after))
+                rows.append((fmt, budget, params["targets_kept"], params["model_after"] / params["model_before"], acc_before, acc_after))
             from tngraph.models import ModelSource, load_model
 
             dense, _ = load_model(ModelSource("hf", str(model_dir)))
@@ -72,9 +76,9 @@ def main(argv=None) -> int:
         return 2
     print(f"tiny digits classifier {model_dir}: top-1 accuracy on {len(y)} held-out test images "
           f"(dense {acc_dense:.4f}; healing {args.heal_steps} steps, {torch.get_num_threads()} threads)")
-    print(f"{'budget':>8}{'targets kept':>14}{'model kept':>12}{'unhealed':>10}{'healed':>10}{'healed - dense':>16}")
-    for budget, kept, model_kept, before, after in rows:
-        print(f"{budget:>8g}{kept:>14.3f}{model_kept:>12.3f}{before:>10.4f}{after:>10.4f}{(after - acc_dense) * 100:>+15.2f}pt")
+    print(f"{'format':>8}{'budget':>8}{'targets kept':>14}{'model kept':>12}{'unhealed':>10}{'healed':>10}{'healed - dense':>16}")
+    for fmt, budget, kept, model_kept, before, after in rows:
+        print(f"{fmt:>8}{budget:>8g}{kept:>14.3f}{model_kept:>12.3f}{before:>10.4f}{after:>10.4f}{(after - acc_dense) * 100:>+15.2f}pt")
     return 0
 
 

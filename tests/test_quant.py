@@ -1,0 +1,78 @@
+"""Weight quantizers (tngraph.tn.quant): round to nearest, GPTQ-style error feedback on the
+calibration Gram, and low-rank-compensated quantization, measured in the output error
+||(W - W') S||^2 / ||W S||^2 the rest of tngraph minimises."""
+import pytest
+import torch
+
+from tngraph.tn.quant import QuantSpec, compensated, gptq, output_error, quantize, rtn
+
+
+def _problem(seed=0, out=48, width=64):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, width, generator=g) / 8
+    x = torch.randn(1024, width, generator=g) @ (torch.randn(width, width, generator=g) / 8 + torch.eye(width))
+    return weight, x.T.double() @ x.double()
+
+
+def test_weights_on_the_grid_come_back_exactly():
+    g = torch.Generator().manual_seed(0)
+    scale = (torch.rand(16, 1, generator=g) + 0.1).half().float()  # scales are stored in fp16
+    codes = torch.randint(-127, 128, (16, 32), generator=g).float()
+    codes[:, 0] = 127  # each row's largest magnitude sets its scale
+    weight = scale * codes
+    spec = QuantSpec(8)
+    for q in (rtn(weight, spec), gptq(weight, spec, torch.eye(32, dtype=torch.float64))):
+        assert torch.equal(q.dequantize(), weight)
+    half = torch.randn(8, 16).half().float()
+    assert torch.equal(rtn(half, QuantSpec(16)).dequantize(), half)
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_error_falls_with_bits_and_error_feedback_beats_rounding(group):
+    weight, gram = _problem()
+    errors = {}
+    for bits in (2, 3, 4, 8):
+        spec = QuantSpec(bits, group)
+        errors[bits] = (output_error(weight, rtn(weight, spec).dequantize(), gram), output_error(weight, gptq(weight, spec, gram).dequantize(), gram))
+        assert errors[bits][1] < errors[bits][0]  # GPTQ below RTN on correlated inputs
+    for lo, hi in ((2, 3), (3, 4), (4, 8)):
+        assert errors[hi][0] < errors[lo][0] and errors[hi][1] < errors[lo][1]
+
+
+def test_without_correlation_error_feedback_is_rounding():
+    """With a diagonal Gram no column's error moves onto another: GPTQ's codes are RTN's."""
+    weight, _ = _problem()
+    spec = QuantSpec(4)
+    assert torch.equal(gptq(weight, spec, torch.eye(64, dtype=torch.float64) * 3.0).codes, rtn(weight, spec).codes)
+    assert torch.equal(quantize(weight, spec, None).codes, rtn(weight, spec).codes)  # no Gram: round to nearest
+
+
+def test_a_low_rank_part_absorbs_quantization_error():
+    weight, gram = _problem(1)
+    spec = QuantSpec(3, 16)
+    alone = output_error(weight, gptq(weight, spec, gram).dequantize(), gram)
+    errors = [compensated(weight, spec, rank, gram).error for rank in (2, 8, 16)]
+    assert errors[0] < alone and errors[2] < errors[1] < errors[0]
+    c = compensated(weight, spec, 8, gram)
+    assert output_error(weight, c.dequantize(), gram) == pytest.approx(c.error, rel=1e-6)
+    # the refit rounds never make it worse than the first
+    assert c.error <= compensated(weight, spec, 8, gram, rounds=1).error
+
+
+def test_stored_bytes():
+    weight, _ = _problem()  # 48 x 64
+    assert rtn(weight, QuantSpec(8)).nbytes() == 48 * 64 + 2 * 48
+    assert rtn(weight, QuantSpec(4, 32)).nbytes() == 48 * 64 // 2 + 2 * 48 * 2 + 48 * 2 // 2
+    assert rtn(weight, QuantSpec(16)).nbytes() == 2 * 48 * 64
+
+
+def test_bad_specs_are_refused_with_the_fix():
+    weight, gram = _problem()
+    with pytest.raises(ValueError, match="bits 5 is not offered; choose one of 16, 8, 4, 3, 2"):
+        rtn(weight, QuantSpec(5))
+    with pytest.raises(ValueError, match="group 48 does not divide the width 64; choose a divisor"):
+        gptq(weight, QuantSpec(4, 48), gram)
+    with pytest.raises(ValueError, match="rank must be an integer in \\[1, 48\\]"):
+        compensated(weight, QuantSpec(4), 0, gram)
+    with pytest.raises(ValueError, match="unknown quantizer 'hqq'"):
+        quantize(weight, QuantSpec(4), gram, method="hqq")

@@ -1,0 +1,238 @@
+"""Weight quantizers: the precision half of a plan (issue 25's foundation).
+
+A weight W (out x in) is stored as integer codes of `bits` bits with one scale (and, below 8 bits,
+one zero point) per output channel or per group of `group` consecutive input columns:
+
+    W ~= scale * (codes - zero)           codes in [0, 2^bits - 1] (asymmetric, bits < 8)
+    W ~= scale * codes                    codes in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (symmetric, 8 bits)
+
+Three ways to choose the codes, each measured in the error the rest of tngraph uses, the output
+error over the calibration data ||(W - W') S||^2 with S S^T = X^T X (the calibrate pass's Gram):
+
+- `rtn`: round to nearest (each scale from the group's range);
+- `gptq`: error feedback in column order (Frantar et al., 2022, GPTQ): each column is rounded and its
+  rounding error pushed onto the columns not yet rounded through the inverse Gram, so later columns
+  absorb what earlier ones lost;
+- `compensated`: W ~= deq(Q(W - L)) + L with L = A B the whitened rank-r part of the residual
+  (LQER / CALDERA style: a small rank absorbs the quantization error), refit in turns: L from the
+  residual of Q, then Q of W - L, keeping the best.
+
+Bits 16 is fp16 storage (a cast). Bits offered: 16, 8, 4, 3, 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .lowrank import decompose_lowrank
+from .whitening import whitening_from_gram
+
+BITS = (16, 8, 4, 3, 2)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a tensor is stored: `bits` per value, scales per output channel (group None) or per
+    `group` consecutive input columns."""
+
+    bits: int
+    group: int | None = None
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """A ValueError naming what is wrong and the fix."""
+        if isinstance(self.bits, bool) or self.bits not in BITS:
+            raise ValueError(f"bits {self.bits!r} is not offered; choose one of {', '.join(map(str, BITS))}")
+        if len(shape) != 2:
+            raise ValueError(f"quantization takes a matrix (out x in), got shape {tuple(shape)}")
+        if self.group is not None:
+            if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+                raise ValueError(f"group must be a positive integer, got {self.group!r}")
+            if shape[1] % self.group:
+                raise ValueError(f"group {self.group} does not divide the width {shape[1]}; choose a divisor of it "
+                                 f"(e.g. {_divisor_near(shape[1], self.group)}) or per-channel scales (no group)")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.bits >= 8
+
+
+def _divisor_near(n: int, want: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - want), d))
+
+
+@dataclass
+class Quantized:
+    """Codes, scales and zero points of one matrix; `dequantize()` gives W' back."""
+
+    spec: QuantSpec
+    shape: tuple[int, int]
+    codes: torch.Tensor  # int8 (out x in), or the fp16 values at 16 bits
+    scales: torch.Tensor | None = None  # (out x groups), float32
+    zeros: torch.Tensor | None = None  # (out x groups), codes' zero points (asymmetric)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.spec.bits == 16:
+            return self.codes.to(dtype)
+        out, width = self.shape
+        group = self.spec.group or width
+        codes = self.codes.to(torch.float32).view(out, width // group, group)
+        if self.zeros is not None:
+            codes = codes - self.zeros.to(torch.float32)[..., None]
+        return (codes * self.scales.to(torch.float32)[..., None]).view(out, width).to(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes stored: codes packed at `bits` per value, fp16 scales and zero points as `bits`-bit codes."""
+        out, width = self.shape
+        if self.spec.bits == 16:
+            return 2 * out * width
+        groups = width // (self.spec.group or width)
+        code_bytes = math.ceil(out * width * self.spec.bits / 8)
+        zero_bytes = math.ceil(out * groups * self.spec.bits / 8) if self.zeros is not None else 0
+        return code_bytes + 2 * out * groups + zero_bytes
+
+
+def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) of each group of w (out x group-width columns, viewed (out, groups, group))."""
+    if spec.symmetric:
+        top = 2 ** (spec.bits - 1) - 1
+        scale = w.abs().amax(-1).clamp_min(1e-12) / top
+        return scale, None
+    top = 2**spec.bits - 1
+    lo, hi = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
+    scale = ((hi - lo) / top).clamp_min(1e-12)
+    zero = torch.round(-lo / scale).clamp(0, top)
+    return scale, zero
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    if zero is None:
+        top = 2 ** (spec.bits - 1) - 1
+        return torch.round(w / scale).clamp(-top, top)
+    return torch.round(w / scale + zero).clamp(0, 2**spec.bits - 1)
+
+
+def _deq(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    return (codes - zero if zero is not None else codes) * scale
+
+
+def rtn(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
+    """Round to nearest, scales from each group's range."""
+    spec.check(tuple(weight.shape))
+    if spec.bits == 16:
+        return Quantized(spec, tuple(weight.shape), weight.detach().to(torch.float16))
+    out, width = weight.shape
+    group = spec.group or width
+    w = weight.detach().to(torch.float32).view(out, width // group, group)
+    scale, zero = _grid(w, spec)
+    scale = scale.to(torch.float16).to(torch.float32)  # rounded with the scale as stored
+    codes = _round(w, scale[..., None], zero[..., None] if zero is not None else None, spec)
+    return Quantized(spec, (out, width), codes.view(out, width).to(torch.int8 if spec.symmetric else torch.uint8), scale, zero)
+
+
+def gptq(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, damping: float = 0.01, block: int = 128) -> Quantized:
+    """Error-feedback quantization on the Gram X^T X (GPTQ): columns in order, each group's scales
+    taken when the group is reached (from the weights as updated so far)."""
+    spec.check(tuple(weight.shape))
+    if spec.bits == 16:
+        return rtn(weight, spec)
+    out, width = weight.shape
+    if tuple(gram.shape) != (width, width):
+        raise ValueError(f"the Gram is {tuple(gram.shape)}, the weight's width is {width}")
+    group = spec.group or width
+    w = weight.detach().to(torch.float64).clone()
+    h = gram.detach().to(torch.float64).clone()
+    dead = h.diagonal() == 0  # inputs never seen: their columns cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damping * float(h.diagonal().mean()))
+    # the upper Cholesky factor of H^-1: row j holds what rounding column j does to the columns after it
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(out, width, dtype=torch.float64)
+    scales = torch.zeros(out, width // group, dtype=torch.float64)
+    zeros = torch.zeros(out, width // group, dtype=torch.float64) if not spec.symmetric else None
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        w_blk, err_blk = w[:, start:stop].clone(), torch.zeros(out, stop - start, dtype=torch.float64)
+        h_blk = hinv[start:stop, start:stop]
+        for j in range(stop - start):
+            col = start + j
+            if col % group == 0:  # a new group: its grid from the weights as they are now
+                g = col // group
+                whole = torch.cat([w_blk[:, j:], w[:, stop:]], dim=1)[:, :group]
+                scale, zero = _grid(whole[:, None, :], spec)
+                scale = scale[:, 0].to(torch.float16).to(torch.float64)  # stored in fp16
+                scales[:, g] = scale
+                if zeros is not None:
+                    zeros[:, g] = zero[:, 0]
+            g = col // group
+            zero = zeros[:, g] if zeros is not None else None
+            q = _round(w_blk[:, j], scales[:, g], zero, spec)
+            codes[:, col] = q
+            err = (w_blk[:, j] - _deq(q, scales[:, g], zero)) / h_blk[j, j]
+            w_blk[:, j:] -= err[:, None] * h_blk[j, j:][None, :]
+            err_blk[:, j] = err
+        w[:, stop:] -= err_blk @ hinv[start:stop, stop:]
+    dtype = torch.int8 if spec.symmetric else torch.uint8
+    return Quantized(spec, (out, width), codes.to(dtype), scales.to(torch.float32), zeros.to(torch.float32) if zeros is not None else None)
+
+
+def quantize(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None, method: str = "gptq") -> Quantized:
+    """`method` gptq (error feedback; round to nearest without a Gram) or rtn."""
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"unknown quantizer {method!r}; choose gptq or rtn")
+    return gptq(weight, spec, gram) if method == "gptq" and gram is not None else rtn(weight, spec)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor | None) -> float:
+    """||(W - W') S||^2 / ||W S||^2 with S S^T = gram (the plain Frobenius ratio without one)."""
+    w, d = weight.detach().to(torch.float64), (weight.detach().to(torch.float64) - approx.detach().to(torch.float64))
+    if gram is None:
+        return float((d**2).sum() / (w**2).sum().clamp_min(1e-300))
+    g = gram.to(torch.float64)
+    return float(torch.einsum("oi,ij,oj->", d, g, d) / torch.einsum("oi,ij,oj->", w, g, w).clamp_min(1e-300))
+
+
+@dataclass
+class Compensated:
+    """W ~= deq(q) + a @ b: a quantized residual plus a low-rank part (a, b kept in `factor_bits`)."""
+
+    q: Quantized
+    a: torch.Tensor
+    b: torch.Tensor
+    error: float  # output_error of the whole
+    rounds: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.dequantize(torch.float64) + self.a.double() @ self.b.double()).to(dtype)
+
+    def nbytes(self, factor_bytes: int = 2) -> int:
+        return self.q.nbytes() + factor_bytes * (self.a.numel() + self.b.numel())
+
+
+def compensated(weight: torch.Tensor, spec: QuantSpec, rank: int, gram: torch.Tensor | None = None, *, rounds: int = 3,
+                method: str = "gptq", damping: float = 1e-4) -> Compensated:
+    """Low-rank-compensated quantization: L = whitened rank-`rank` part of W, Q = quantize(W - L), then
+    in turns L refit to the residual W - deq(Q) and Q of W - L; the best of the rounds by output error.
+    The factors are rounded to fp16, as stored."""
+    spec.check(tuple(weight.shape))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank must be an integer in [1, {min(weight.shape)}] for a {tuple(weight.shape)} weight, got {rank!r}")
+    w = weight.detach().to(torch.float64)
+    white = whitening_from_gram(gram, damping) if gram is not None else None
+    best: Compensated | None = None
+    residual = w
+    for k in range(max(1, rounds)):
+        a, b = decompose_lowrank(residual, rank, white)
+        a, b = a.to(torch.float16).to(torch.float64), b.to(torch.float16).to(torch.float64)
+        q = quantize((w - a @ b).to(torch.float32), spec, gram, method)
+        approx = q.dequantize(torch.float64) + a @ b
+        err = output_error(w, approx, gram)
+        if best is None or err < best.error:
+            best = Compensated(q, a.to(torch.float32), b.to(torch.float32), err, k + 1)
+        residual = w - q.dequantize(torch.float64)
+    return best
+
+
+__all__ = ["BITS", "Compensated", "QuantSpec", "Quantized", "compensated", "gptq", "output_error", "quantize", "rtn"]
