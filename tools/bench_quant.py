@@ -12,7 +12,11 @@ biases) as a fraction of their fp32 bytes (weights + biases x 4), as EVALUATION.
 Methods: fp16; int8 per channel and int4 (groups of 32 and 128) by round to nearest; GPTQ-style
 error feedback (tngraph.tn.quant.gptq, on the calibration Gram); whitened low rank alone (fp16
 factors); low-rank-compensated quantization (W ~= Q(W - L) + L, tngraph.tn.quant.compensated);
-torch.ao dynamic int8 (`quantize_dynamic`, activations quantized too).
+torch.ao dynamic int8 (`quantize_dynamic`, activations quantized too); and allocated plans at 25 %,
+12.5 % and 6.25 % of the bytes, each layer choosing its bits, group and compensating rank from
+CANDIDATES so that the summed output error ||(W - W') S||^2 of the layers is least within the bytes
+(tngraph.passes.allocate.solve_budget): the allocation over format x rank x bits of issue 25, tried
+here before it enters the passes.
 
   python tools/bench_quant.py [--calibration 256] [--eval 1000]
 """
@@ -67,22 +71,22 @@ def lowrank_rank(out: int, inp: int, fraction: float, bias: int) -> int:
 
 
 def methods(fraction_points: list[float]) -> dict[str, callable]:
-    """name -> (weight, gram, bias size) -> (W', stored bytes)."""
+    """name -> (layer path, weight, gram, bias size) -> (W', stored bytes)."""
     def q(spec, method):
-        def run(w, g, nb):
+        def run(path, w, g, nb):
             qt = gptq(w, spec, g) if method == "gptq" else rtn(w, spec)
             return qt.dequantize(), qt.nbytes() + 2 * nb
         return run
 
     def lowrank(frac):
-        def run(w, g, nb):
+        def run(path, w, g, nb):
             r = lowrank_rank(*w.shape, frac, nb)
             a, b = decompose_lowrank(w, r, whitening_from_gram(g))
             return (a.half().float() @ b.half().float()), 2 * (a.numel() + b.numel()) + 2 * nb
         return run
 
     def comp(spec, frac):
-        def run(w, g, nb):
+        def run(path, w, g, nb):
             base = rtn(w, spec).nbytes() + 2 * nb
             room = frac * 4 * (w.numel() + nb) - base
             r = max(1, int(room // (2 * sum(w.shape))))
@@ -91,7 +95,7 @@ def methods(fraction_points: list[float]) -> dict[str, callable]:
         return run
 
     table = {
-        "fp16": lambda w, g, nb: (w.half().float(), 2 * w.numel() + 2 * nb),
+        "fp16": lambda path, w, g, nb: (w.half().float(), 2 * w.numel() + 2 * nb),
         "int8 rtn per channel": q(QuantSpec(8), "rtn"),
         "int8 gptq per channel": q(QuantSpec(8), "gptq"),
         "int4 rtn g32": q(QuantSpec(4, 32), "rtn"),
@@ -107,6 +111,43 @@ def methods(fraction_points: list[float]) -> dict[str, callable]:
     table["int3 g128 + lowrank @0.125"] = comp(QuantSpec(3, 128), 0.125)
     table["int2 g64 + lowrank @0.0938"] = comp(QuantSpec(2, 64), 0.09375)
     return table
+
+
+# the candidates each layer chooses from in the allocated plans: (bits, group, compensating rank)
+CANDIDATES = [(8, None, 0), (4, 32, 0), (4, 64, 0), (4, 128, 0), (3, 32, 0), (3, 64, 0), (3, 128, 0), (2, 32, 0), (2, 64, 0),
+              (4, 128, 8), (3, 128, 8), (3, 128, 16)]
+
+
+def candidate(w: torch.Tensor, gram: torch.Tensor, bits: int, group: int | None, rank: int) -> tuple[torch.Tensor, int]:
+    """W' and its stored bytes (bias aside) for one candidate: GPTQ, compensated by `rank` when > 0."""
+    spec = QuantSpec(bits, group)
+    if rank:
+        c = compensated(w, spec, rank, gram)
+        return c.dequantize(), c.nbytes()
+    q = gptq(w, spec, gram)
+    return q.dequantize(), q.nbytes()
+
+
+def allocated(model: torch.nn.Module, stats: dict[str, torch.Tensor], fractions: list[float]) -> dict[str, dict[str, int]]:
+    """Per byte fraction, each layer's candidate index: the summed output error
+    ||(W - W') S||^2 (S S^T the layer's Gram, in the units of its own inputs) least with the bytes
+    within the fraction of the fp32 bytes (tngraph.passes.allocate.solve_budget)."""
+    from tngraph.passes.allocate import solve_budget
+
+    names, costs, losses = [], [], []
+    for name, m in encoder_linears(model).items():
+        w, g = m.weight.detach(), stats[name]
+        row_cost, row_loss = [], []
+        for bits, group, rank in CANDIDATES:
+            approx, nbytes = candidate(w, g, bits, group, rank)
+            d = (w.double() - approx.double())
+            row_cost.append(nbytes + 2 * m.bias.numel())
+            row_loss.append(float(torch.einsum("oi,ij,oj->", d, g, d)))
+        names.append(name)
+        costs.append(row_cost)
+        losses.append(row_loss)
+    fp32 = sum(4 * (m.weight.numel() + m.bias.numel()) for m in encoder_linears(model).values())
+    return {f"{frac:.4g}": dict(zip(names, solve_budget(costs, losses, frac * fp32))) for frac in fractions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,17 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     linears = encoder_linears(model)
     fp32_bytes = sum(4 * (m.weight.numel() + m.bias.numel()) for m in linears.values())
     table = methods([0.25, 0.125, 0.0625])
+    for frac, choice in allocated(model, stats, [0.25, 0.125, 0.0625]).items():
+        def plan(path, w, g, nb, choice=choice):
+            approx, nbytes = candidate(w, g, *CANDIDATES[choice[path]])
+            return approx, nbytes + 2 * nb
+        mix = sorted({CANDIDATES[i] for i in choice.values()})
+        table[f"allocated @{frac}"] = plan
+        print(f"  allocated @{frac}: " + ", ".join(f"{b}-bit g{g or 'ch'}{f' +r{r}' if r else ''} x{sum(1 for i in choice.values() if CANDIDATES[i] == (b, g, r))}"
+                                                  for b, g, r in mix), file=sys.stderr, flush=True)
     chosen = [n.strip() for n in args.only.split(",") if n.strip()] or list(table)
     rows = []
     for name in chosen:
         t0 = time.perf_counter()
-        candidate, stored = copy.deepcopy(model), 0
+        trial, stored = copy.deepcopy(model), 0
         with torch.no_grad():
-            for path, m in encoder_linears(candidate).items():
-                approx, nbytes = table[name](m.weight.detach(), stats[path], m.bias.numel())
+            for path, m in encoder_linears(trial).items():
+                approx, nbytes = table[name](path, m.weight.detach(), stats[path], m.bias.numel())
                 m.weight.copy_(approx.to(m.weight.dtype))
                 stored += nbytes
-        scores = [agreement(dense[k], sentence_embeddings(candidate, tokenizer, v)) for k, v in held.items()]
+        scores = [agreement(dense[k], sentence_embeddings(trial, tokenizer, v)) for k, v in held.items()]
         rows.append((name, stored / fp32_bytes, scores, time.perf_counter() - t0))
         print(f"  {name}: {stored / fp32_bytes:.4f} of the bytes ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     # torch.ao dynamic int8: activations quantized per batch too, weights int8 per channel
