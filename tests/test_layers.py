@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import tngraph
-from tngraph.layers import CONV, LAYERS, OPS, LayerLinear
+from tngraph.layers import LAYERS, OPS, LayerLinear
+from tngraph.tn import conv as conv_formats
 from tngraph.layers.lrbd import LRBD
 from tngraph.passes.fuse import unfuse
 from tngraph.tn import decompose_lowrank
@@ -176,7 +177,7 @@ def test_a_layer_the_format_cannot_take_is_an_error_naming_it():
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
-    """The three layers (low rank, network, lrbd) through the one definition: the op on the CPU is the
+    """Every layer (low rank, network, lrbd, the three convolutions) through the one definition: the op on the CPU is the
     reference bit for bit, its gradients are the reference's (gradcheck), the module is the op, and
     a layer with kernels has a CUDA implementation registered with its op."""
     from tngraph.modules import LowRankLinear, NetworkLinear
@@ -189,16 +190,21 @@ def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
         module = LowRankLinear(a, b, torch.randn(24, generator=g, dtype=torch.float64))
     elif name == "network":
         module = NetworkLinear(FORMATS["tt"].decompose(weight, 3), torch.randn(24, generator=g, dtype=torch.float64))
-    elif name == "conv":  # a 3 x 3 convolution of 8 channels (its unfolded weight 24 x 72), strided and padded
-        a, b = decompose_lowrank(torch.randn(24, 72, generator=g, dtype=torch.float64), 4)
-        module = LayerLinear(CONV, {"a": a, "b": b}, 72, 24, torch.randn(24, generator=g, dtype=torch.float64),
-                             {"in_channels": 8, "kernel": [3, 3], "stride": [2, 1], "padding": [1, 1], "dilation": [1, 1]})
+    elif name.startswith("conv"):  # a 3 x 3 convolution of 8 channels (its unfolded weight 24 x 72), strided and padded
+        geometry = {"in_channels": 8, "kernel": [3, 3], "stride": [2, 1], "padding": [1, 1], "dilation": [1, 1]}
+        kernel = torch.randn(24, 8, 3, 3, generator=g, dtype=torch.float64)
+        if name == "conv":
+            a, b = decompose_lowrank(kernel.view(24, 72), 4)
+            factors = {"a": a, "b": b}
+        else:
+            factors = conv_formats.decompose(name.removeprefix("conv_"), kernel, 4)
+        module = LayerLinear(LAYERS[name], factors, 72, 24, torch.randn(24, generator=g, dtype=torch.float64), geometry)
     else:
         factors = FORMATS["lrbd"].decompose(weight, 4)
         module = LayerLinear(LRBD, factors, 32, 24, torch.randn(24, generator=g, dtype=torch.float64))
     layer = LAYERS[name]
     assert module.layer is layer and OPS[layer.op] is layer
-    conv = name == "conv"
+    conv = name.startswith("conv")
     x = torch.randn(2, 8, 6, 5, generator=g, dtype=torch.float64) if conv else torch.randn(3, 5, 32, generator=g, dtype=torch.float64)
     factors, statics = module.factors(), module.statics
     with torch.no_grad():

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from .als import als
-from .formats.cp import CPConvergenceError, _exact, _initial
+from .formats.cp import CPConvergenceError, exact_factors, initial_factors
 from .network import TensorNetwork, labels
 
 FORMATS = ("tucker", "cp")  # the formats a convolution takes besides channel low rank
@@ -99,11 +99,11 @@ def cp(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, dampin
     _check(weight, rank, max_rank("cp", out_c, in_c, kernel))
     w = weight.detach().to(torch.float64)
     if rank >= max_rank("cp", out_c, in_c, kernel):
-        factors = _exact(w, rank)
+        factors = exact_factors(w, rank)
     else:
         names = labels(w.dim())
         r = labels(1, skip=names)
-        net = TensorNetwork(_initial(w, rank, seed), [n + r for n in names], (in_c, *kernel), (out_c,), names[1:], names[:1], format="cp")
+        net = TensorNetwork(initial_factors(w, rank, seed), [n + r for n in names], (in_c, *kernel), (out_c,), names[1:], names[:1], format="cp")
         fit = als(net, w, sweeps=max_iter, tol=tol, time_limit=time_limit)
         if not fit.converged:
             raise CPConvergenceError(

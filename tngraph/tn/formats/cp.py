@@ -71,9 +71,9 @@ def decompose(
     core_labels = [m + r_label for m in mode_labels]
     o_lab, i_lab = mode_labels[:modes], mode_labels[modes:]
     if rank >= max_rank(*weight.shape, modes):
-        factors = _exact(t, rank)
+        factors = exact_factors(t, rank)
     else:
-        factors = _initial(t, rank, seed)
+        factors = initial_factors(t, rank, seed)
         net = TensorNetwork(factors, core_labels, in_dims_, out_dims, i_lab, o_lab, format="cp")
         fit = als(net, t, sweeps=max_iter, tol=tol, time_limit=time_limit)
         if not fit.converged:
@@ -92,7 +92,7 @@ def decompose(
     return TensorNetwork([f.to(dtype).contiguous() for f in factors], core_labels, in_dims_, out_dims, i_lab, o_lab, format="cp")
 
 
-def _initial(t: torch.Tensor, rank: int, seed: int) -> list[torch.Tensor]:
+def initial_factors(t: torch.Tensor, rank: int, seed: int) -> list[torch.Tensor]:
     """Leading left singular vectors of each unfolding, seeded Gaussian columns where a mode is too small;
     the first factor carries the tensor's scale."""
     gen = torch.Generator().manual_seed(seed)
@@ -106,7 +106,7 @@ def _initial(t: torch.Tensor, rank: int, seed: int) -> list[torch.Tensor]:
     return factors
 
 
-def _exact(t: torch.Tensor, rank: int) -> list[torch.Tensor]:
+def exact_factors(t: torch.Tensor, rank: int) -> list[torch.Tensor]:
     """An exact CP: the largest mode's factor holds the tensor's fibres, the others one-hot indicators;
     columns beyond prod(other sizes) are zero."""
     sizes = list(t.shape)
