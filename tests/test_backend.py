@@ -248,3 +248,34 @@ def test_minilm_with_texts(minilm):
         theirs = sentence_embeddings(compressed, tokenizer, sets.evaluation, batch_size=16)
     assert backend.stats["data_free"] == 0 and backend.stats["graphs"] <= 2 and backend.stats["cache_misses"] == 1
     assert agreement(ref, got).mean_cos >= agreement(ref, theirs).mean_cos - 0.01
+
+
+def test_a_parameter_tied_into_two_modules_is_rewritten_at_both_uses_on_one_set_of_factors():
+    """compress() leaves such a tie alone (it swaps modules); the backend's graph rewrites both uses,
+    and both read the same factor attributes: the compiled model is the original with W' = A B in
+    both places."""
+    import copy
+
+    from tngraph.layers import LOWRANK
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24, bias=False), torch.nn.ReLU(), torch.nn.Linear(24, 24, bias=False),
+                                torch.nn.Linear(24, 24)).eval()
+    model[2].weight = model[0].weight
+    spy = backend_spy()
+    data = [(torch.randn(16, 24),) for _ in range(4)]
+    compiled = torch.compile(model, backend=spy, options={"budget": 0.5, "calibration": data, "allocation": "uniform", "fallback": "eager"})
+    x = torch.randn(16, 24)
+    with torch.no_grad():
+        out = compiled(x)
+    (graph,) = spy.graphs
+    reads = [tuple(str(f.target) for f in n.args[1]) for n in graph.graph.nodes if n.target == LOWRANK.op]
+    assert len(reads) == 3 and reads[0] == reads[1] != reads[2]
+    a, b = (graph.get_parameter(name) for name in reads[0])
+    by_hand = copy.deepcopy(model)
+    with torch.no_grad():
+        by_hand[0].weight.copy_(a @ b)  # the tie holds in the copy: [2] reads it too
+        c, d = (graph.get_parameter(name) for name in reads[2])
+        by_hand[3].weight.copy_(c @ d)
+        assert by_hand[2].weight is by_hand[0].weight
+        torch.testing.assert_close(out, by_hand(x), atol=1e-5, rtol=1e-5)
