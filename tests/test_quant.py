@@ -76,3 +76,30 @@ def test_bad_specs_are_refused_with_the_fix():
         compensated(weight, QuantSpec(4), 0, gram)
     with pytest.raises(ValueError, match="unknown quantizer 'hqq'"):
         quantize(weight, QuantSpec(4), gram, method="hqq")
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 16), (3, 16), (2, 32), (16, None)])
+def test_stored_tensors_are_packed_to_the_bit_and_round_trip_through_safetensors(bits, group, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tngraph.tn.quant import Quantized, pack, unpack
+
+    weight, gram = _problem()
+    q = gptq(weight, QuantSpec(bits, group), gram)
+    stored = q.tensors()
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == q.nbytes()
+    save_file(stored, tmp_path / "q.safetensors")
+    back = Quantized.from_tensors(q.spec, q.shape, load_file(tmp_path / "q.safetensors"))
+    assert torch.equal(back.dequantize(), q.dequantize())
+    codes = torch.randint(0, 2**3, (37,))
+    assert torch.equal(unpack(pack(codes, 3), 3, 37).long(), codes) and pack(codes, 3).numel() == 14  # 111 bits
+
+
+def test_stored_tensors_of_the_wrong_size_are_refused():
+    from tngraph.tn.quant import Quantized
+
+    weight, _ = _problem()
+    stored = rtn(weight, QuantSpec(4, 16)).tensors()
+    stored["scales"] = stored["scales"][:-1]
+    with pytest.raises(ValueError, match="stored scales of a 4-bit 48x64 matrix should hold 192 values"):
+        Quantized.from_tensors(QuantSpec(4, 16), (48, 64), stored)

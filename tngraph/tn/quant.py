@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .lowrank import decompose_lowrank
@@ -82,6 +83,38 @@ class Quantized:
             codes = codes - self.zeros.to(torch.float32)[..., None]
         return (codes * self.scales.to(torch.float32)[..., None]).view(out, width).to(dtype)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What is stored, by name: codes packed `bits` to a value (uint8; fp16 values at 16 bits),
+        fp16 scales, zero points packed like the codes. sum(t.nbytes) == nbytes()."""
+        if self.spec.bits == 16:
+            return {"codes": self.codes.to(torch.float16)}
+        offset = 0 if self.zeros is not None else 2 ** (self.spec.bits - 1) - 1  # symmetric codes stored unsigned
+        out = {"codes": pack(self.codes.to(torch.int64) + offset, self.spec.bits), "scales": self.scales.to(torch.float16)}
+        if self.zeros is not None:
+            out["zeros"] = pack(self.zeros.to(torch.int64), self.spec.bits)
+        return out
+
+    @classmethod
+    def from_tensors(cls, spec: QuantSpec, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> "Quantized":
+        """The inverse of `tensors()`; a tensor of the wrong size is a ValueError naming it."""
+        spec.check(tuple(shape))
+        out, width = shape
+        if spec.bits == 16:
+            return cls(spec, (out, width), tensors["codes"].reshape(out, width))
+        groups = width // (spec.group or width)
+        expected = {"codes": math.ceil(out * width * spec.bits / 8), "scales": out * groups}
+        if not spec.symmetric:
+            expected["zeros"] = math.ceil(out * groups * spec.bits / 8)
+        for name, size in expected.items():
+            if name not in tensors or tensors[name].numel() != size:
+                got = tuple(tensors[name].shape) if name in tensors else "none"
+                raise ValueError(f"stored {name} of a {spec.bits}-bit {out}x{width} matrix should hold {size} values, got {got}")
+        codes = unpack(tensors["codes"], spec.bits, out * width).view(out, width)
+        if spec.symmetric:
+            codes = (codes.to(torch.int16) - (2 ** (spec.bits - 1) - 1)).to(torch.int8)
+        zeros = unpack(tensors["zeros"], spec.bits, out * groups).view(out, groups).to(torch.float32) if not spec.symmetric else None
+        return cls(spec, (out, width), codes, tensors["scales"].reshape(out, groups).to(torch.float32), zeros)
+
     def nbytes(self) -> int:
         """Bytes stored: codes packed at `bits` per value, fp16 scales and zero points as `bits`-bit codes."""
         out, width = self.shape
@@ -91,6 +124,21 @@ class Quantized:
         code_bytes = math.ceil(out * width * self.spec.bits / 8)
         zero_bytes = math.ceil(out * groups * self.spec.bits / 8) if self.zeros is not None else 0
         return code_bytes + 2 * out * groups + zero_bytes
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (each below 2^bits) packed `bits` to a value into a flat uint8 tensor, most
+    significant bit first (the last byte zero-filled)."""
+    values = codes.reshape(-1).to(torch.int64).numpy().astype(np.uint8)
+    planes = np.unpackbits(values[:, None], axis=1)[:, 8 - bits:]  # each value's low `bits` bits
+    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+
+
+def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The `count` codes `pack` stored, as uint8."""
+    planes = np.unpackbits(packed.numpy())[: count * bits].reshape(count, bits)
+    full = np.concatenate([np.zeros((count, 8 - bits), dtype=np.uint8), planes], axis=1)
+    return torch.from_numpy(np.packbits(full, axis=1).reshape(-1))
 
 
 def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,4 +283,4 @@ def compensated(weight: torch.Tensor, spec: QuantSpec, rank: int, gram: torch.Te
     return best
 
 
-__all__ = ["BITS", "Compensated", "QuantSpec", "Quantized", "compensated", "gptq", "output_error", "quantize", "rtn"]
+__all__ = ["BITS", "Compensated", "QuantSpec", "Quantized", "compensated", "gptq", "output_error", "pack", "quantize", "rtn", "unpack"]
