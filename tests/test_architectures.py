@@ -32,8 +32,9 @@ def _ids(n=4, length=12, vocab=96, seed=0):
 def test_gpt2_conv1d_layers_are_targets_and_factorize_exactly_at_their_rank():
     model = _gpt2(low_rank=4)
     calibration = _ids()
+    # the output head (tied to the token table, of full rank) is left out: tests below take it
     result = tngraph.compress_with_result(model, calibration=calibration, budget=0.5, heal_steps=0, progress=False,
-                                          allocation="uniform", sensitivity="fisher")
+                                          allocation="uniform", sensitivity="fisher", exclude=("lm_head",))
     targets = {t.name: t for t in (tngraph.meta.info(n).target for n in result.graph.graph.nodes) if t is not None}
     convs = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     planned = {n for n, p in result.context.plan.items() if p.format == "lowrank"}
@@ -53,6 +54,45 @@ def test_gpt2_conv1d_layers_are_targets_and_factorize_exactly_at_their_rank():
     assert min(p.rank for n, p in result.context.plan.items() if n in planned) >= 4
     torch.testing.assert_close(compressed, dense, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(graph, compressed, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_output_head_tied_to_the_token_table_is_compressed_once_and_the_tie_holds(tmp_path):
+    """lm_head reads wte's weight: it is the target (named by the module that runs it as a linear),
+    the table gathers rows of its factors (A[ids] @ B), in the graph, the module, the artifact (one
+    copy of the factors) and ONNX; the output is the model with W' = A B in the tied Parameter."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    model = _gpt2()
+    result = tngraph.compress_with_result(model, calibration=_ids(), budget=0.5, heal_steps=0, progress=False, allocation="uniform",
+                                          include=(r"^lm_head$",))
+    head = result.context.plan["lm_head"]
+    assert head.tied == ("transformer.wte",) and result.context.counters["factorize.tied_lookups"] == 1
+    module = result.module
+    assert isinstance(module.transformer.wte, tngraph.modules.LowRankEmbedding) and module.transformer.wte.a is module.lm_head.a
+    assert not any(n.target == torch.ops.aten.embedding.default and str(n.args[0].target).endswith("wte.weight")
+                   for n in result.graph.graph.nodes)  # the graph gathers from A, and the dense table is gone
+    assert sum(p.numel() for p in result.graph.parameters()) == sum(p.numel() for p in module.parameters())
+    x = _ids(1, 9, seed=3)[0]
+    by_hand = copy.deepcopy(model)
+    with torch.no_grad():
+        by_hand.lm_head.weight.copy_(head.factors["a"] @ head.factors["b"])  # wte reads the same Parameter
+        expected = by_hand(**x).logits
+        torch.testing.assert_close(module(**x).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.graph(**x).logits, expected, atol=1e-5, rtol=1e-5)
+    tngraph.save(module, tmp_path / "art")
+    stored = load_file(tmp_path / "art" / "factors.safetensors")
+    assert "lm_head.a" in stored and not any(k.startswith("transformer.wte") for k in stored)
+    loaded = tngraph.load(tmp_path / "art", model=_gpt2())
+    assert loaded.transformer.wte.a is loaded.lm_head.a
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, module(**x).logits)
+    assert tngraph.export_onnx(loaded, x, tmp_path / "g.onnx").max_abs_diff < 1e-4
+    # a format whose factors a table cannot gather leaves the tied head dense
+    with pytest.raises(tngraph.ConfigError, match="no layer of the model is a target"):
+        tngraph.compress(model, calibration=_ids(), budget=0.5, heal_steps=0, progress=False, format="tt", allocation="uniform",
+                         include=(r"^lm_head$",))
 
 
 def test_gpt2_artifact_round_trip(tmp_path):

@@ -46,6 +46,9 @@ class TargetInfo:
     kind: str = "linear"  # "linear" or "embedding"
     transposed: bool = False  # the weight is stored (in x out): GPT-2's Conv1D, x @ W + b
     conv: Conv | None = None  # a convolution: in_features is in_channels * prod(kernel)
+    # embedding tables (module paths) that read this output head's weight (a tied table): they
+    # gather rows of its factors, A[indices] @ B, so the tie holds
+    lookups: tuple[str, ...] = ()
 
     @property
     def dense_params(self) -> int:

@@ -19,6 +19,7 @@ class TargetPlan:
     network: dict | None = None
     kind: str = "linear"  # "linear" (out x in weight) or "embedding" (out = rows, in = width)
     conv: dict | None = None  # a convolution's geometry (meta.Conv.statics()): in is in_channels * prod(kernel)
+    tied: tuple[str, ...] = ()  # embedding modules tied to this head: they gather rows of its factors
 
     @property
     def params_before(self) -> int:
@@ -41,6 +42,7 @@ class TargetPlan:
             "factors": {k: list(v.shape) for k, v in sorted(self.factors.items())},
             **({"network": dict(self.network)} if self.network else {}),
             **({"conv": dict(self.conv)} if self.conv else {}),
+            **({"tied": list(self.tied)} if self.tied else {}),
         }
 
     def tensor_network(self):

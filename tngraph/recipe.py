@@ -124,7 +124,31 @@ def apply_plan(model: torch.nn.Module, plans: Iterable[TargetPlan]) -> torch.nn.
         except AttributeError as exc:
             raise ModelError(f"the model has no module {plan.name!r}", "apply the recipe to the model it was made from") from exc
         swap_module(model, plan.name, module_for(plan, owner).to(device=owner.weight.device))
+        tie_lookups(model, plan)
     return model
+
+
+def tie_lookups(model: torch.nn.Module, plan: TargetPlan) -> None:
+    """Each embedding table tied to the output head `plan` describes becomes a LowRankEmbedding on the
+    head's own factor Parameters (A[indices] @ B): one copy of them, and the tie holds."""
+    if not plan.tied:
+        return
+    head = model.get_submodule(plan.name)
+    if not isinstance(head, LowRankLinear) or head.dense is not None:
+        raise ArtifactError(f"{plan.name!r} is tied to {list(plan.tied)} but is no plain low-rank layer", "write the artifact again with tngraph.save")
+    for name in plan.tied:
+        try:
+            owner = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ModelError(f"the model has no module {name!r} (tied to {plan.name!r})", "apply the recipe to the model it was made from") from exc
+        if isinstance(owner, LowRankEmbedding) and owner.a is head.a:
+            continue  # tied already
+        if not isinstance(owner, torch.nn.Embedding) or tuple(owner.weight.shape) != (plan.out_features, plan.in_features):
+            raise ModelError(f"{name!r} is not a {plan.out_features}x{plan.in_features} nn.Embedding tied to {plan.name!r}",
+                             "apply the recipe to the model it was made from")
+        table = LowRankEmbedding(head.a.detach(), head.b.detach(), owner.padding_idx)
+        table.a, table.b = head.a, head.b  # the head's Parameters themselves
+        swap_module(model, name, table)
 
 
 def make_recipe(model: torch.nn.Module, plans: Iterable[TargetPlan], config: Config, source: ModelSource) -> dict[str, Any]:
@@ -197,6 +221,7 @@ def plan_from_entry(entry: dict[str, Any], factors: dict[str, torch.Tensor]) -> 
         network=entry.get("network"),
         kind=entry.get("kind", "linear"),
         conv=entry.get("conv"),
+        tied=tuple(entry.get("tied", ())),
     )
 
 

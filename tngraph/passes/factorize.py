@@ -213,6 +213,13 @@ def _val(node: fx.Node, fake_mode) -> torch.Tensor:
     return node.meta["val"]
 
 
+def _attr_or_none(gm: fx.GraphModule, path: str):
+    try:
+        return getattr_path(gm, path)
+    except (AttributeError, AssertionError):
+        return None
+
+
 def _attr_of(node: fx.Node) -> torch.Tensor:
     return getattr_path(node.graph.owning_module, str(node.target))
 
@@ -306,7 +313,7 @@ def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
     if not accept(ctx, m.node, weight, a @ b):
         return None
     return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b},
-                      conv=t.conv.statics() if t.conv is not None else None)
+                      conv=t.conv.statics() if t.conv is not None else None, tied=t.lookups)
 
 
 def _patched_plan(m: LinearMatch, ctx: PassContext, t, plan, weight, whitening) -> TargetPlan | None:
@@ -355,6 +362,30 @@ def _free_name(owner: torch.nn.Module, name: str) -> str:
     while hasattr(owner, candidate):
         candidate, i = f"{name}_{i}", i + 1
     return candidate
+
+
+def _tie_lookups(gm: fx.GraphModule, ctx: PassContext, heads: set) -> int:
+    """Embedding lookups of a factorized output head's tied weight gather rows of its factors
+    instead: embedding(W, idx) -> embedding(A, idx) @ B, the same A and B the head reads."""
+    done = 0
+    for t in heads:
+        plan = ctx.plan.get(t.name)
+        if plan is None or plan.format != "lowrank" or "dense" in plan.factors or plan.conv is not None:
+            continue
+        for node in list(gm.graph.nodes):
+            m = match_embedding(node)
+            if m is None or str(m.weight.target) != t.weight:
+                continue
+            with gm.graph.inserting_before(node):
+                a_node = _add_factor(gm, t, "lowrank_a", plan.factors["a"])
+                b_node = _add_factor(gm, t, "lowrank_b", plan.factors["b"])
+                rows = gm.graph.call_function(aten.embedding.default, (a_node, m.indices, *node.args[2:]))
+                out = gm.graph.call_function(aten.matmul.default, (rows, b_node))
+            _finish(m, [(a_node, "factor_a"), (b_node, "factor_b"), (rows, "gather"), (out, "up")], out)
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            done += 1
+    return done
 
 
 def _erase_dead_weights(gm: fx.GraphModule, weights: set[str]) -> int:
@@ -452,8 +483,13 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _decide(gm, ctx, [n for n in meta.targets(gm) if meta.info(n).target.name in changed])
     candidates = [n for n in meta.target_uses(gm) if _planned(n)]  # every use of a shared weight, one set of factors
     replaced = {meta.info(n).target.weight for n in candidates}
+    # a tied Parameter export also left under its other name (an embedding table's), read by nothing
+    storages = {getattr_path(gm, w).data_ptr() for w in replaced}
+    replaced |= {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and not n.users and isinstance(_attr_or_none(gm, str(n.target)), torch.Tensor)
+                 and _attr_or_none(gm, str(n.target)).data_ptr() in storages}
     fired = apply_rules(gm, ctx, RULES, nodes=candidates)
     ctx.analysis.pop("decided", None)  # the factors now live in the graph and ctx.plan
+    ctx.counters["factorize.tied_lookups"] += _tie_lookups(gm, ctx, {meta.info(n).target for n in candidates})
     ctx.counters["factorize.dense_weights_freed"] += _erase_dead_weights(gm, replaced)
     gm.recompile()
     log.info("factorize: %d targets rewritten", fired)

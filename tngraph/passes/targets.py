@@ -137,6 +137,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     found = 0
     kinds = set(cfg.targets)
     shared = _shareable_weights(gm) if "linear" in kinds else {}
+    tied = _tied_lookups(gm, cfg) if "linear" in kinds else {}
     for node in gm.graph.nodes:
         m = match_linear(node) if "linear" in kinds else None
         if m is None and node.op == "call_function" and node.target in _CONVS and "linear" in kinds:
@@ -151,6 +152,19 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         transposed = kind == "linear" and m.transposed
         weight_name = str(m.weight.target)
         name = weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name
+        lookups: tuple[str, ...] = ()
+        if m.weight in tied:
+            if kind == "embedding":  # the table's factors are its head's: the head is the target
+                ctx.counters["targets.skipped.tied_to_a_head"] += 1
+                continue
+            # the Parameter may carry the table's name: the head's target is the module that runs it
+            paths = [_module_path(u, ("Embedding",)) for u in tied[m.weight]]
+            head = _module_path(node, ("Linear",))
+            if ctx.module_targets_only and (head is None or None in paths):
+                ctx.counters["targets.skipped.tied_across_modules"] += 1
+                continue
+            name = head or name
+            lookups = tuple(p for p in paths if p is not None)
         if not is_selected(name, cfg.include, cfg.exclude):
             ctx.counters["targets.skipped.filtered"] += 1
             continue
@@ -163,7 +177,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             # a table with fewer rows than its width (token types, a few positions) has nothing to gain
             ctx.counters["targets.skipped.small_table"] += 1
             continue
-        if len(m.weight.users) > 1 and m.weight not in shared:
+        if len(m.weight.users) > 1 and m.weight not in shared and m.weight not in tied:
             # a weight read otherwise too (an embedding table tied to the output head): factorizing
             # the linear use would untie it
             ctx.counters["targets.skipped.shared_weight"] += 1
@@ -202,15 +216,47 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 kind=kind,
                 transposed=transposed,
                 conv=conv,
+                lookups=lookups,
             ),
         )
         found += 1
         ctx.counters[f"targets.{kind}"] += 1
         if m.weight in shared:
             ctx.counters["targets.shared_uses"] += 1
+        if lookups or m.weight in tied:
+            ctx.counters["targets.tied_lookups"] += len(tied[m.weight])
     ctx.counters["targets.found"] += found
     log.info("targets: %d nodes selected", found)
     return PassResult(gm, modified=found > 0, summary={"targets": found})
+
+
+def _tied_lookups(gm: fx.GraphModule, cfg) -> dict[fx.Node, list[fx.Node]]:
+    """Output heads tied to an embedding table (GPT-2's lm_head reads wte's weight): a weight read by
+    exactly one linear node and by embedding lookups only, mapped to those lookups. The head is
+    the target; its lookups gather rows of its low-rank factors, so only a plain low-rank plan keeps
+    the tie (other formats, dense rows and mixtures leave such a head dense)."""
+    if cfg.format != "lowrank" or cfg.dense_rows or cfg.mixture:
+        return {}
+    tied = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or len(node.users) < 2:
+            continue
+        lookups = [u for u in node.users if match_embedding(u) is not None and u.args[0] is node]
+        heads = [u for u in node.users if u not in lookups]
+        if lookups and len(heads) == 1 and (m := match_linear(heads[0])) is not None and m.weight is node and m.conv is None \
+                and not m.transposed:
+            tied[node] = lookups
+    return tied
+
+
+def _module_path(node: fx.Node, types: tuple[str, ...]) -> str | None:
+    """The module path that runs `node` (torch.export's module stack) when its type ends with one of `types`."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, typ = list(stack.values())[-1]
+    type_name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+    return path if isinstance(path, str) and _PLAIN_PATH.fullmatch(path) and type_name.endswith(types) else None
 
 
 def _shareable_weights(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
