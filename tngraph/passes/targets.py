@@ -154,17 +154,10 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         name = weight_name.rsplit(".", 1)[0] if "." in weight_name else weight_name
         lookups: tuple[str, ...] = ()
         if m.weight in tied:
-            if kind == "embedding":  # the table's factors are its head's: the head is the target
-                ctx.counters["targets.skipped.tied_to_a_head"] += 1
+            head = _tied_head(ctx, node, kind, tied[m.weight])
+            if head is None:
                 continue
-            # the Parameter may carry the table's name: the head's target is the module that runs it
-            paths = [_module_path(u, ("Embedding",)) for u in tied[m.weight]]
-            head = _module_path(node, ("Linear",))
-            if ctx.module_targets_only and (head is None or None in paths):
-                ctx.counters["targets.skipped.tied_across_modules"] += 1
-                continue
-            name = head or name
-            lookups = tuple(p for p in paths if p is not None)
+            name, lookups = head[0] or name, head[1]
         if not is_selected(name, cfg.include, cfg.exclude):
             ctx.counters["targets.skipped.filtered"] += 1
             continue
@@ -177,20 +170,9 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             # a table with fewer rows than its width (token types, a few positions) has nothing to gain
             ctx.counters["targets.skipped.small_table"] += 1
             continue
-        if len(m.weight.users) > 1 and m.weight not in shared and m.weight not in tied:
-            # a weight read otherwise too (an embedding table tied to the output head): factorizing
-            # the linear use would untie it
-            ctx.counters["targets.skipped.shared_weight"] += 1
-            continue
-        if ctx.module_targets_only and m.weight in shared and not all(_called_as_module(u, name, kind) for u in shared[m.weight]):
-            # one Parameter tied into several modules: swapping the module that owns it would leave
-            # the others reading the dense weight (the tie broken); torch.compile's graphs rewrite every use
-            ctx.counters["targets.skipped.tied_across_modules"] += 1
-            continue
-        if ctx.module_targets_only and not _called_as_module(node, name, kind):
-            # compress() swaps modules: a weight read by its parent's own code (nn.MultiheadAttention's
-            # out_proj and in_proj_weight) would keep running dense, so it is no target there
-            ctx.counters["targets.skipped.not_a_module_call"] += 1
+        why = _use_refused(ctx, node, m, name, kind, shared, tied)
+        if why is not None:
+            ctx.counters[f"targets.skipped.{why}"] += 1
             continue
         if not torch.isfinite(weight).all():
             bad = int((~torch.isfinite(weight)).sum())
@@ -247,6 +229,39 @@ def _tied_lookups(gm: fx.GraphModule, cfg) -> dict[fx.Node, list[fx.Node]]:
                 and not m.transposed:
             tied[node] = lookups
     return tied
+
+
+def _use_refused(ctx: PassContext, node: fx.Node, m, name: str, kind: str, shared: dict, tied: dict) -> str | None:
+    """Why this use of its weight is no target (a counter's name), or None."""
+    if len(m.weight.users) > 1 and m.weight not in shared and m.weight not in tied:
+        # a weight read otherwise too (in arithmetic, or by a format that cannot keep a tie): factorizing
+        # the linear use would untie it
+        return "shared_weight"
+    if ctx.module_targets_only and m.weight in shared and not all(_called_as_module(u, name, kind) for u in shared[m.weight]):
+        # one Parameter tied into several modules: swapping the module that owns it would leave the
+        # others reading the dense weight (the tie broken); torch.compile's graphs rewrite every use
+        return "tied_across_modules"
+    if ctx.module_targets_only and not _called_as_module(node, name, kind):
+        # compress() swaps modules: a weight read by its parent's own code (nn.MultiheadAttention's
+        # out_proj and in_proj_weight) would keep running dense, so it is no target there
+        return "not_a_module_call"
+    return None
+
+
+def _tied_head(ctx: PassContext, node: fx.Node, kind: str, lookups: list[fx.Node]) -> tuple[str | None, tuple[str, ...]] | None:
+    """(the head's module path, its tables' module paths) for a use of a tied weight; None (counted)
+    when this use is no target: the table itself (the head is), or, under compress(), a tie whose
+    modules the export does not name."""
+    if kind == "embedding":  # the table's factors are its head's: the head is the target
+        ctx.counters["targets.skipped.tied_to_a_head"] += 1
+        return None
+    # the Parameter may carry the table's name: the head's target is the module that runs it
+    paths = [_module_path(u, ("Embedding",)) for u in lookups]
+    head = _module_path(node, ("Linear",))
+    if ctx.module_targets_only and (head is None or None in paths):
+        ctx.counters["targets.skipped.tied_across_modules"] += 1
+        return None
+    return head, tuple(p for p in paths if p is not None)
 
 
 def _module_path(node: fx.Node, types: tuple[str, ...]) -> str | None:
