@@ -89,9 +89,7 @@ def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, t
         chosen_format = ctx.config.format if t.kind == "linear" else "lowrank"
         if t.conv is not None and chosen_format != "lowrank":
             if chosen_format not in conv_formats.FORMATS:
-                raise ConfigError(f"{t.name} is a convolution, and convolutions take the formats lowrank, "
-                                  f"{', '.join(conv_formats.FORMATS)}, not {chosen_format!r}",
-                                  f"--exclude {t.name} (or every convolution) to use --format {chosen_format} on the linear layers")
+                raise conv_formats.refusal(t.name, chosen_format)
             fmt, options = conv_formats.format_for(chosen_format, t.conv), {}
         bias = t.out_features if t.bias else 0
         try:

@@ -99,9 +99,7 @@ def _format_check(m: LinearMatch, layer: bool) -> str | None:
     if plan.format in ("dense", "lowrank") or (FORMATS[plan.format].layer is not None) != layer:
         return "other_format"
     if m.conv is not None and (layer or plan.format not in conv_formats.FORMATS):
-        name = meta.info(m.node).target.name
-        raise ConfigError(f"{name} is a convolution, and convolutions take the formats lowrank, {', '.join(conv_formats.FORMATS)}, "
-                          f"not {plan.format!r}", f"--exclude {name} (or every convolution) to use --format {plan.format} on the linear layers")
+        raise conv_formats.refusal(meta.info(m.node).target.name, plan.format)
     return None
 
 
@@ -211,13 +209,6 @@ def _val(node: fx.Node, fake_mode) -> torch.Tensor:
     if "val" not in node.meta and node.op == "get_attr":
         node.meta["val"] = fake_mode.from_tensor(_attr_of(node))
     return node.meta["val"]
-
-
-def _attr_or_none(gm: fx.GraphModule, path: str):
-    try:
-        return getattr_path(gm, path)
-    except (AttributeError, AssertionError):
-        return None
 
 
 def _attr_of(node: fx.Node) -> torch.Tensor:
@@ -364,18 +355,37 @@ def _free_name(owner: torch.nn.Module, name: str) -> str:
     return candidate
 
 
+def _dead_aliases(gm: fx.GraphModule, weights: set[str]) -> set[str]:
+    """Attributes read by no node that hold one of `weights`' tensors: a tied Parameter torch.export
+    also left under its other name (an embedding table's), to be freed with it."""
+    storages = {getattr_path(gm, w).data_ptr() for w in weights}
+    dead = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and not node.users:
+            try:
+                value = getattr_path(gm, str(node.target))
+            except (AttributeError, AssertionError):  # a submodule, or nothing
+                continue
+            if value.data_ptr() in storages:
+                dead.add(str(node.target))
+    return dead
+
+
 def _tie_lookups(gm: fx.GraphModule, ctx: PassContext, heads: set) -> int:
     """Embedding lookups of a factorized output head's tied weight gather rows of its factors
     instead: embedding(W, idx) -> embedding(A, idx) @ B, the same A and B the head reads."""
+    lookups: dict[str, list] = {}
+    for node in gm.graph.nodes:
+        m = match_embedding(node)
+        if m is not None:
+            lookups.setdefault(str(m.weight.target), []).append(m)
     done = 0
     for t in heads:
         plan = ctx.plan.get(t.name)
         if plan is None or plan.format != "lowrank" or "dense" in plan.factors or plan.conv is not None:
             continue
-        for node in list(gm.graph.nodes):
-            m = match_embedding(node)
-            if m is None or str(m.weight.target) != t.weight:
-                continue
+        for m in lookups.get(t.weight, []):
+            node = m.node
             with gm.graph.inserting_before(node):
                 a_node = _add_factor(gm, t, "lowrank_a", plan.factors["a"])
                 b_node = _add_factor(gm, t, "lowrank_b", plan.factors["b"])
@@ -483,10 +493,7 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _decide(gm, ctx, [n for n in meta.targets(gm) if meta.info(n).target.name in changed])
     candidates = [n for n in meta.target_uses(gm) if _planned(n)]  # every use of a shared weight, one set of factors
     replaced = {meta.info(n).target.weight for n in candidates}
-    # a tied Parameter export also left under its other name (an embedding table's), read by nothing
-    storages = {getattr_path(gm, w).data_ptr() for w in replaced}
-    replaced |= {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and not n.users and isinstance(_attr_or_none(gm, str(n.target)), torch.Tensor)
-                 and _attr_or_none(gm, str(n.target)).data_ptr() in storages}
+    replaced |= _dead_aliases(gm, replaced)
     fired = apply_rules(gm, ctx, RULES, nodes=candidates)
     ctx.analysis.pop("decided", None)  # the factors now live in the graph and ctx.plan
     ctx.counters["factorize.tied_lookups"] += _tie_lookups(gm, ctx, {meta.info(n).target for n in candidates})

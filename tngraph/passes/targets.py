@@ -205,7 +205,7 @@ def targets(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.counters[f"targets.{kind}"] += 1
         if m.weight in shared:
             ctx.counters["targets.shared_uses"] += 1
-        if lookups or m.weight in tied:
+        if m.weight in tied:
             ctx.counters["targets.tied_lookups"] += len(tied[m.weight])
     ctx.counters["targets.found"] += found
     log.info("targets: %d nodes selected", found)
@@ -264,14 +264,22 @@ def _tied_head(ctx: PassContext, node: fx.Node, kind: str, lookups: list[fx.Node
     return head, tuple(p for p in paths if p is not None)
 
 
-def _module_path(node: fx.Node, types: tuple[str, ...]) -> str | None:
-    """The module path that runs `node` (torch.export's module stack) when its type ends with one of `types`."""
+def _innermost_module(node: fx.Node) -> tuple[str, str] | None:
+    """(path, type name) of the innermost module running `node` (torch.export's module stack), or
+    None when the graph has no stack or another path syntax."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     path, typ = list(stack.values())[-1]
-    type_name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
-    return path if isinstance(path, str) and _PLAIN_PATH.fullmatch(path) and type_name.endswith(types) else None
+    if not isinstance(path, str) or not _PLAIN_PATH.fullmatch(path):
+        return None
+    return path, typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
+
+
+def _module_path(node: fx.Node, types: tuple[str, ...]) -> str | None:
+    """The module path that runs `node` when its type ends with one of `types`."""
+    module = _innermost_module(node)
+    return module[0] if module is not None and module[1].endswith(types) else None
 
 
 def _shareable_weights(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
@@ -304,15 +312,11 @@ _PLAIN_PATH = re.compile(r"[\w.]*")
 def _called_as_module(node: fx.Node, name: str, kind: str) -> bool:
     """Whether the op runs inside the forward of the nn.Linear / nn.Embedding that owns the weight
     (torch.export's module stack; graphs without one, or with another path syntax, are trusted)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
+    module = _innermost_module(node)
+    if module is None:
         return True
-    path, typ = list(stack.values())[-1]
-    if not isinstance(path, str) or not _PLAIN_PATH.fullmatch(path):
-        return True
-    type_name = typ if isinstance(typ, str) else getattr(typ, "__qualname__", str(typ))
     wanted = ("Embedding",) if kind == "embedding" else ("Linear", "Conv1D", "Conv1d", "Conv2d")
-    return path == name and type_name.endswith(wanted)
+    return module[0] == name and module[1].endswith(wanted)
 
 
 def _has_param(gm: fx.GraphModule, name: str) -> bool:

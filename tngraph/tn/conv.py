@@ -28,6 +28,14 @@ from .network import TensorNetwork, labels
 FORMATS = ("tucker", "cp")  # the formats a convolution takes besides channel low rank
 
 
+def refusal(name: str, fmt: str) -> "ConfigError":
+    """The error for convolution `name` planned in a format it does not take."""
+    from ..errors import ConfigError
+
+    return ConfigError(f"{name} is a convolution, and convolutions take the formats lowrank, {', '.join(FORMATS)}, not {fmt!r}",
+                       f"--exclude {name} (or every convolution) to use --format {fmt} on the linear layers")
+
+
 def params(fmt: str, out_channels: int, in_channels: int, kernel: Sequence[int], rank: int) -> int:
     """Parameters of the factors (bias aside)."""
     k = math.prod(kernel)
@@ -149,4 +157,4 @@ def decompose(fmt: str, weight: torch.Tensor, rank: int, gram: torch.Tensor | No
     raise ValueError(f"a convolution takes the formats lowrank, {', '.join(FORMATS)}, not {fmt!r}")
 
 
-__all__ = ["FORMATS", "cp", "decompose", "max_rank", "params", "tucker2"]
+__all__ = ["FORMATS", "cp", "decompose", "format_for", "max_rank", "params", "refusal", "tucker2"]
