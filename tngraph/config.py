@@ -167,12 +167,17 @@ class Config:
     allocation: str = option("auto", "--allocation", "budgeted: ranks per target from sensitivity curves, total within --budget; "
                              "uniform: the same fraction per target; auto (default): budgeted for svd, uniform for the tensor-network "
                              "formats; block by block, budgeted ranks come from each block's whitened spectra", choices=ALLOCATIONS)
-    budget_kind: str = option("params", "--budget-kind", "what --budget is a fraction of: params (default), bytes (weight bytes) or "
-                              "latency (budgeted only)", choices=BUDGET_KINDS)
+    budget_kind: str = option("auto", "--budget-kind", "what --budget is a fraction of: params, bytes (weight bytes) or "
+                              "latency (budgeted only); auto (default): bytes with --bits, else params", choices=("auto",) + BUDGET_KINDS)
     dense_rows: bool = option(False, "--dense-rows", "patch level (budgeted): let a target keep its most sensitive output rows dense",
                               kind="bool")
     mixture: tuple[str, ...] = option((), "--mixture", "tensor-network formats whose candidates join budgeted allocation, "
                                       "e.g. tucker,tt,tr", metavar="FMT[,FMT]")
+    bits: tuple[int, ...] = option((), "--bits", "precisions a target may be stored in (of 16, 8, 4, 2), e.g. 16,8,4: quantized "
+                                   "candidates (error-feedback codes, with or without a low-rank correction) join budgeted "
+                                   "allocation under a byte budget", metavar="B[,B]")
+    act_bits: int = option(0, "--act-bits", "8: 8-bit per-channel targets run int8 x int8 on the CPU, each input row quantized on the "
+                           "fly; 0 (default): weight-only (dequantize, float GEMM)", type=int, choices=(0, 8))
     latency_rows: int = option(4096, "--latency-rows", "input rows a latency budget is timed at (default 4096)", type=int)
     sensitivity: str = option("measured", "--sensitivity", "loss the budgeted allocation minimises (default measured)",
                               choices=SENSITIVITIES)
@@ -229,6 +234,7 @@ class Config:
         if self.heal_data is not None and not isinstance(self.heal_data, str):
             raise ConfigError(f"heal_data must be the path of a text file, got {type(self.heal_data).__name__}",
                               "pass a path, or the texts themselves to compress(..., heal_texts=[...])")
+        self._check_precision()
         for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES), ("budget_kind", BUDGET_KINDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
@@ -276,6 +282,34 @@ class Config:
                     raise ConfigError(f"{name} pattern {pattern!r} is not a regular expression: {exc}",
                                       "escape special characters, e.g. encoder\\.layer\\.0") from None
             object.__setattr__(self, name, patterns)
+
+    def _check_precision(self) -> None:
+        """bits as a sorted tuple of offered widths; budget_kind auto resolved (bytes with bits); the
+        combinations that cannot hold refused by name."""
+        from .tn.quant import LAYER_BITS
+
+        raw = self.bits
+        items = tuple(p for item in ((raw,) if isinstance(raw, (str, int)) else tuple(raw) if isinstance(raw, (tuple, list)) else (None,))
+                      for p in (str(item).split(",") if isinstance(item, str) else (item,)) if str(p).strip())
+        try:
+            bits = tuple(sorted({int(str(b).strip()) for b in items if not isinstance(b, bool)}, reverse=True))
+        except ValueError:
+            bits = (None,)
+        if None in bits or any(b not in LAYER_BITS for b in bits):
+            raise ConfigError(f"bits must list precisions of {', '.join(map(str, LAYER_BITS))}, got {raw!r}", 'e.g. bits=(16, 8, 4) or --bits 16,8,4')
+        object.__setattr__(self, "bits", bits)
+        if self.budget_kind == "auto":
+            object.__setattr__(self, "budget_kind", "bytes" if bits else "params")
+        if self.act_bits not in (0, 8):
+            raise ConfigError(f"act_bits must be 0 (weight-only) or 8, got {self.act_bits!r}")
+        if not bits:
+            return
+        if self.budget_kind != "bytes":
+            raise ConfigError(f"bits are allocated under a byte budget, not budget_kind={self.budget_kind!r}",
+                              "pass budget_kind='bytes' (or leave it auto) with bits")
+        if self.format != "lowrank" or self.allocation == "uniform":
+            raise ConfigError("bits are chosen per target by the budgeted allocation of the low-rank format",
+                              "use format='svd' with allocation='budgeted' (or auto) when passing bits")
 
     @property
     def allocation_kind(self) -> str:

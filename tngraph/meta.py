@@ -65,6 +65,9 @@ class PlanInfo:
     params_after: int
     reason: str = ""
     dense_rows: int = 0  # patch level: output rows kept dense beside the low-rank rest
+    # a quantized plan (format quant or qlowrank): {"bits", "group" (0: per output channel), "act_bits"}
+    quant: dict | None = None
+    bytes_after: int | None = None  # what its tensors store (quantized plans)
 
 
 @dataclass(frozen=True)

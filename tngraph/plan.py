@@ -20,6 +20,7 @@ class TargetPlan:
     kind: str = "linear"  # "linear" (out x in weight) or "embedding" (out = rows, in = width)
     conv: dict | None = None  # a convolution's geometry (meta.Conv.statics()): in is in_channels * prod(kernel)
     tied: tuple[str, ...] = ()  # embedding modules tied to this head: they gather rows of its factors
+    quant: dict | None = None  # a quantized plan (format quant / qlowrank): {"bits", "group" (0: per channel), "act_bits"}
 
     @property
     def params_before(self) -> int:
@@ -27,8 +28,17 @@ class TargetPlan:
 
     @property
     def params_after(self) -> int:
+        if self.quant is not None:  # every weight kept, as codes, plus the compensating rank
+            extra = sum(self.factors[k].numel() for k in ("a", "b") if k in self.factors)
+            return self.in_features * self.out_features + extra + (self.out_features if self.has_bias else 0)
         # integer factors (the row order of patch-level plans) are indices, not parameters
         return sum(t.numel() for t in self.factors.values() if t.is_floating_point()) + (self.out_features if self.has_bias else 0)
+
+    def bytes_after(self, bias_bytes: int = 4) -> int:
+        """Bytes its factors store (codes packed as held, fp16 scales, factors in their dtype), plus
+        the bias at `bias_bytes` per value; row orders (indices) not counted."""
+        stored = sum(t.numel() * t.element_size() for k, t in self.factors.items() if k != "order")
+        return stored + (self.out_features * bias_bytes if self.has_bias else 0)
 
     def recipe(self) -> dict:
         return {
@@ -43,6 +53,7 @@ class TargetPlan:
             **({"network": dict(self.network)} if self.network else {}),
             **({"conv": dict(self.conv)} if self.conv else {}),
             **({"tied": list(self.tied)} if self.tied else {}),
+            **({"quant": dict(self.quant)} if self.quant else {}),
         }
 
     def tensor_network(self):

@@ -16,12 +16,13 @@ import torch
 from . import __version__
 from .config import Config
 from .errors import ArtifactError, ModelError
-from .layers import CONV_LAYERS, LAYERS, LayerLinear
+from .layers import CONV_LAYERS, LAYERS, QUANT_LAYERS, LayerLinear
 from .meta import Conv
 from .models import ModelSource, weights_hash
 from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
 from .plan import TargetPlan
 from .tn.formats import FORMATS
+from .tn.quant import LAYER_BITS
 
 RECIPE_VERSION = 1
 FACTORIZED = (LowRankEmbedding, LayerLinear)  # LowRankLinear and NetworkLinear are LayerLinears
@@ -75,6 +76,8 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
         dense, order = plan.factors.get("dense"), plan.factors.get("order")
         return LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias,
                              dense.detach().clone() if dense is not None else None, order.clone() if order is not None else None)
+    if plan.format in QUANT_LAYERS:
+        return _quant_module(plan, bias)
     fmt = FORMATS.get(plan.format)
     if fmt is not None and fmt.layer is not None:
         try:
@@ -87,6 +90,19 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
         net.cores = [c.detach().clone() for c in net.cores]
         return NetworkLinear(net, bias)
     raise ModelError(f"unknown format {plan.format!r} for {plan.name!r}", "upgrade tngraph")
+
+
+def _quant_module(plan: TargetPlan, bias: torch.Tensor | None) -> torch.nn.Module:
+    """The quantized layer of a quant / qlowrank plan, its codes and scales as stored."""
+    layer = QUANT_LAYERS[plan.format]
+    if not isinstance(plan.quant, dict) or plan.quant.get("bits") not in LAYER_BITS:
+        raise ArtifactError(f"{plan.name!r} ({plan.format}) records no bits of {list(LAYER_BITS)} ({plan.quant!r})",
+                            "write the artifact again with tngraph.save")
+    missing = [k for k in layer.factors if k not in plan.factors]
+    if missing:
+        raise ArtifactError(f"{plan.name!r} ({plan.format}) has no factors {missing}", "write the artifact again with tngraph.save")
+    return LayerLinear(layer, {k: plan.factors[k].detach().clone() for k in layer.factors}, plan.in_features, plan.out_features, bias,
+                       layer.plan_statics(plan))
 
 
 def conv_statics(module: torch.nn.Module) -> dict[str, Any] | None:
@@ -222,6 +238,7 @@ def plan_from_entry(entry: dict[str, Any], factors: dict[str, torch.Tensor]) -> 
         kind=entry.get("kind", "linear"),
         conv=entry.get("conv"),
         tied=tuple(entry.get("tied", ())),
+        quant=entry.get("quant"),
     )
 
 

@@ -231,8 +231,11 @@ class LayerLinear(nn.Module):
             raise ValueError(f"the {layer.name} layer takes statics {list(layer.statics)}, not {unknown}")
         self.layer_name = layer.name
         self.factor_keys = tuple(keys)
-        for key in keys:
-            self.register_parameter(key, nn.Parameter(factors[key]))
+        for key in keys:  # integer factors (quantized codes, zero points) are buffers: nothing trains them
+            if factors[key].is_floating_point():
+                self.register_parameter(key, nn.Parameter(factors[key]))
+            else:
+                self.register_buffer(key, factors[key])
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.in_features, self.out_features = in_features, out_features
         self.layer = layer

@@ -58,7 +58,7 @@ def reallocate(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> set[str
     for node in meta.target_uses(gm):
         name = meta.info(node).target.name
         old, (new, _) = meta.info(node).plan, plans[name]
-        if name in fixed or (old.format, old.rank, old.dense_rows) == (new.format, new.rank, new.dense_rows):
+        if name in fixed or (old.format, old.rank, old.dense_rows, old.quant) == (new.format, new.rank, new.dense_rows, new.quant):
             continue
         meta.update(node, plan=new)
         changed.add(name)
@@ -148,7 +148,8 @@ def solve_budget(costs: Sequence[Sequence[float]], losses: Sequence[Sequence[flo
 
 def _dense_only(curve):
     """A target's curve reduced to its dense candidate (the last one)."""
-    return type(curve)(curve.name, curve.ranks[-1:], curve.params[-1:], curve.loss[-1:], curve.cost[-1:], curve.dense_rows[-1:], curve.formats[-1:])
+    return type(curve)(curve.name, curve.ranks[-1:], curve.params[-1:], curve.loss[-1:], curve.cost[-1:], curve.dense_rows[-1:], curve.formats[-1:],
+                       curve.quant[-1:])
 
 
 def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
@@ -194,6 +195,10 @@ def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froze
         rank = c.ranks[i]
         if rank is None:
             plans[t.name] = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: kept dense")
+        elif c.quant[i] is not None:
+            choice = c.quant[i]
+            plans[t.name] = meta.PlanInfo(choice.format, choice.rank, t.dense_params, c.params[i], reason=f"budgeted: {choice.label()}, "
+                                          f"loss {c.loss[i]:.3g}", quant=choice.record(cfg.act_bits), bytes_after=int(c.cost[i]))
         else:
             plans[t.name] = meta.PlanInfo(c.formats[i], rank, t.dense_params, c.params[i], reason=f"budgeted: loss {c.loss[i]:.3g}",
                                           dense_rows=c.dense_rows[i])

@@ -145,7 +145,7 @@ def trades_gram(ctx: PassContext) -> bool:
     driver (ctx.lean) with plain low-rank candidates only (the tensor-network formats, mixtures and
     dense-row candidates read the Gram itself)."""
     cfg = ctx.config
-    return ctx.lean and cfg.format == "lowrank" and not cfg.mixture and not cfg.dense_rows
+    return ctx.lean and cfg.format == "lowrank" and not cfg.mixture and not cfg.dense_rows and not cfg.bits
 
 
 def unfolded_rows(conv: meta.Conv, x: torch.Tensor) -> torch.Tensor:

@@ -13,19 +13,21 @@ from torch._guards import detect_fake_mode
 from .. import meta
 from ..distributed import share_map
 from ..errors import ConfigError, PassError, TngraphError
-from ..layers import LAYERS, call_inputs, inline, layer_for
+from ..layers import LAYERS, QUANT_LAYERS, call_inputs, inline, layer_for
 from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import conv as conv_formats
 from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
+from ..tn.quant import Choice, layer_weight
 from ..tn.refit import refit_core
 from .base import PassContext, PassResult, declare, recorded, replay
 from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
+from .sensitivity import quant_tensors
 from .rewrite import RewriteRule, apply_rules
 from .targets import TRANSPOSES, EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
 
@@ -96,7 +98,7 @@ def _format_check(m: LinearMatch, layer: bool) -> str | None:
     plan = meta.info(m.node).plan
     if plan is None:
         return "unplanned"
-    if plan.format in ("dense", "lowrank") or (FORMATS[plan.format].layer is not None) != layer:
+    if plan.format in ("dense", "lowrank") or plan.format in QUANT_LAYERS or (FORMATS[plan.format].layer is not None) != layer:
         return "other_format"
     if m.conv is not None and (layer or plan.format not in conv_formats.FORMATS):
         raise conv_formats.refusal(meta.info(m.node).target.name, plan.format)
@@ -126,6 +128,32 @@ def _layer_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetP
     return TargetPlan(t.name, plan.format, plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
 
 
+def _check_quant(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    plan = meta.info(m.node).plan
+    if plan is None:
+        return "unplanned"
+    return None if plan.format in QUANT_LAYERS else "other_format"
+
+
+def _quant_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
+    """The codes, scales (and compensating low-rank factors) of a quantized plan, error feedback on
+    the calibration Gram; None when the guard refuses them."""
+    t, plan = meta.info(m.node).target, meta.info(m.node).plan
+    weight = target_weight(gm, t)
+    choice = Choice(plan.quant["bits"], plan.quant["group"], plan.rank or 0)
+    factors = quant_tensors(ctx, t, weight, choice)
+    ctx.counters[f"factorize.{plan.format}.int{choice.bits}"] += 1
+    if not accept(ctx, m.node, weight, layer_weight([factors[k] for k in QUANT_LAYERS[plan.format].factors], choice.bits).to(weight.dtype)):
+        return None
+    return TargetPlan(t.name, plan.format, plan.rank or 0, t.in_features, t.out_features, t.bias is not None, factors,
+                      quant=dict(plan.quant))
+
+
+def _quant_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    decided = _decided(m, gm, ctx, _quant_plan)
+    return None if decided is None else _layer_graph(m, gm, meta.info(m.node).target, decided)
+
+
 def _layer_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
     decided = _decided(m, gm, ctx, _layer_plan)
     return None if decided is None else _layer_graph(m, gm, meta.info(m.node).target, decided)
@@ -143,7 +171,7 @@ def _layer_graph(m: LinearMatch, gm: fx.GraphModule, t: meta.TargetInfo, decided
     with gm.graph.inserting_before(m.node):
         factor_nodes = [_add_factor(gm, t, f"{decided.format}_{k}", decided.factors[k]) for k in keys]
     for node in factor_nodes:
-        node.meta["val"] = fake_mode.from_tensor(_attr_of(node))
+        node.meta["val"] = fake_mode.from_tensor(_attr_of(node), static_shapes=True)
     if m.bias is not None:
         _val(m.bias, fake_mode)  # a get_attr bias without a value gets one
     traced = layer.trace_nodes(m.x, factor_nodes, m.bias, statics)
@@ -196,7 +224,7 @@ def _finish(m: LinearMatch | EmbeddingMatch, created: list[tuple[fx.Node, str]],
         if "val" in node.meta:  # made with its value (a defined layer's traced nodes and factors)
             continue
         if node.op == "get_attr":
-            node.meta["val"] = fake_mode.from_tensor(_attr_of(node)) if fake_mode else _attr_of(node)
+            node.meta["val"] = fake_mode.from_tensor(_attr_of(node), static_shapes=True) if fake_mode else _attr_of(node)
         elif fake_mode is not None:
             with fake_mode:
                 args = fx.node.map_arg(node.args, lambda n: _val(n, fake_mode))
@@ -207,7 +235,7 @@ def _finish(m: LinearMatch | EmbeddingMatch, created: list[tuple[fx.Node, str]],
 
 def _val(node: fx.Node, fake_mode) -> torch.Tensor:
     if "val" not in node.meta and node.op == "get_attr":
-        node.meta["val"] = fake_mode.from_tensor(_attr_of(node))
+        node.meta["val"] = fake_mode.from_tensor(_attr_of(node), static_shapes=True)
     return node.meta["val"]
 
 
@@ -435,8 +463,9 @@ def preset_plans(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 LOWRANK_LINEAR = RewriteRule("lowrank_linear", _pattern, _check, _replacement)
 NETWORK_LINEAR = RewriteRule("network_linear", _pattern, _check_network, _network_replacement)
 LAYER_LINEAR = RewriteRule("layer_linear", _pattern, _check_layer, _layer_replacement)
+QUANT_LINEAR = RewriteRule("quant_linear", _pattern, _check_quant, _quant_replacement)
 LOWRANK_EMBEDDING = RewriteRule("lowrank_embedding", _embedding_pattern, _check_embedding, _embedding_replacement)
-RULES = [LOWRANK_LINEAR, NETWORK_LINEAR, LAYER_LINEAR, LOWRANK_EMBEDDING]
+RULES = [LOWRANK_LINEAR, NETWORK_LINEAR, LAYER_LINEAR, QUANT_LINEAR, LOWRANK_EMBEDDING]
 
 
 def _planned(node: fx.Node) -> bool:
@@ -447,7 +476,7 @@ def _decide_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> tuple[bo
     """Decompose one node's plan and guard it (on the rank that owns it): (decided, the plan or None
     when the guard refused it, the node's plan after the guard)."""
     for rule, plan_fn in ((LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LAYER_LINEAR, _layer_plan),
-                          (LOWRANK_EMBEDDING, _embedding_plan)):
+                          (QUANT_LINEAR, _quant_plan), (LOWRANK_EMBEDDING, _embedding_plan)):
         match = rule.pattern(node)
         if match is not None and rule.check(match, gm, ctx) is None:
             found = plan_fn(match, gm, ctx)

@@ -32,9 +32,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .. import latency, meta, predictor
+from ..layers import QUANT_LAYERS
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank
+from ..tn.quant import Choice, candidates, layer_weight, quantize_choice, tensor_bytes
 from .allocate import budgeted_plans
 from ..distributed import share_map
 from .base import PassContext, PassResult, declare, recorded, replay, spread
@@ -60,6 +62,7 @@ class Curve:
     cost: list[float] | None = None
     dense_rows: list[int] | None = None  # patch level: output rows kept dense beside the rank
     formats: list[str] | None = None  # "lowrank" unless Config.mixture adds tensor-network candidates
+    quant: list[Choice | None] | None = None  # the precision of quantized candidates (Config.bits), None elsewhere
 
     def __post_init__(self) -> None:
         if self.cost is None:
@@ -68,6 +71,8 @@ class Curve:
             self.dense_rows = [0] * len(self.ranks)
         if self.formats is None:
             self.formats = ["lowrank"] * (len(self.ranks) - 1) + ["dense"]
+        if self.quant is None:
+            self.quant = [None] * len(self.ranks)
 
     def index(self, rank: int | None, dense_rows: int = 0, fmt: str = "lowrank") -> int:
         fmt = "dense" if rank is None else fmt
@@ -93,6 +98,8 @@ def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> dic
         _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
     if cfg.mixture and t.conv is None:
         _mixture_points(gm, ctx, t, white, out_white, float(s2.sum()))
+    if cfg.bits and t.conv is None and not t.lookups:  # a tied head's table gathers its low-rank rows: low rank only
+        _quant_points(gm, ctx, t, white, out_white, float(s2.sum()))
     if cfg.sensitivity == "predicted" and out["energy"] is not None:
         image, scalars = predictor.features(w, out["energy"])
         out["predicted"] = predictor.predict(image, scalars)
@@ -231,6 +238,30 @@ def _mixture_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, wh
     ctx.counters["sensitivity.mixture.targets"] += 1
 
 
+def quant_tensors(ctx: PassContext, t: meta.TargetInfo, weight: torch.Tensor, choice: Choice) -> dict[str, torch.Tensor]:
+    """The quantized layer's tensors of a target's `weight` at `choice`, error feedback on its
+    calibration Gram when whitening is on (what factorize stores)."""
+    stats = ctx.stats.get(t.name)
+    usable = ctx.config.whiten and stats is not None and stats.rows > 0 and stats.gram is not None
+    return quantize_choice(weight.detach(), choice, stats.gram if usable else None)
+
+
+def _quant_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white, out_white, total: float) -> None:
+    """Precision candidates (Config.bits): each quantized as factorize would, its stored bytes, and
+    its error in the low-rank curve's units, ||L^T (W - W') S||^2 / ||L^T W S||^2."""
+    weight = target_weight(gm, t).detach()
+    bias_bytes = (t.out_features if t.bias else 0) * weight.element_size()
+    points = []
+    for choice in candidates(ctx.config.bits, t.out_features, t.in_features):
+        tensors = quant_tensors(ctx, t, weight, choice)
+        delta = weight.to(torch.float64) - layer_weight([tensors[k] for k in QUANT_LAYERS[choice.format].factors], choice.bits).to(torch.float64)
+        delta = white.apply(delta) if white is not None else delta
+        delta = out_white.apply_left(delta) if out_white is not None else delta
+        points.append((choice, tensor_bytes(tensors) + bias_bytes, float((delta**2).sum()) / max(total, 1e-300)))
+    ctx.analysis.setdefault("quant", {})[t.name] = points
+    ctx.counters["sensitivity.quant.candidates"] += len(points)
+
+
 def _grid_ranks(t: meta.TargetInfo, fmt_name: str = "svd", **options) -> list[int]:
     """The ranks of a format (low-rank by default) keeping the GRID fractions of a target's weight."""
     fmt = FORMATS[fmt_name]
@@ -305,6 +336,17 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
             cost += _costs(gm, ctx, t, [equal], [p])[0]
             share = measured_mix.get((name, rank))
             loss.append(share if share is not None and share > 0 else rel * scale[t.name](equal))
+        quant = [None] * len(ranks)
+        measured_quant = ctx.analysis.get("quant_measured", {}).get(t.name, {})
+        for choice, nbytes, rel in ctx.analysis.get("quant", {}).get(t.name, []):
+            # a precision candidate: its measured share when measured, else its error in the low-rank
+            # curve's units with that curve's correction at the top rank (quantization error is spread
+            # over every direction, as the top rank's is)
+            ranks, params, rows, formats = ranks + [choice.rank], params + [t.dense_params + choice.rank * (t.out_features + t.in_features)], rows + [0], formats + [choice.format]
+            cost.append(float(nbytes))
+            quant += [None] * (len(ranks) - 1 - len(quant)) + [choice]
+            share = measured_quant.get(choice)
+            loss.append(share if share is not None and share > 0 else rel * scale[t.name](top))
         for k, tail in ctx.analysis.get("row_tails", {}).get(t.name, {}).items():
             # patch level: k output rows dense (k x in), the other out - k rows at rank r
             extra = list(range(step, min(tail.numel(), top) + 1, step))
@@ -317,10 +359,13 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
         # calibration data (the square root of its whitened spectral tail) exceeds guard_tolerance is
         # none, so the guard (still the exact check) rarely has to keep a target dense and break the plan
         over = _over_tolerance(ctx, t, spectra[t.name], ranks, rows, formats)
-        keep = [i for i, (p, c) in enumerate(zip(params, cost)) if p < t.dense_params and c < dense_cost and i not in over]
+        quant += [None] * (len(ranks) - len(quant))
+        # a quantized candidate keeps every weight (as codes): it is kept when it costs less
+        keep = [i for i, (p, c) in enumerate(zip(params, cost))
+                if (p < t.dense_params or quant[i] is not None) and c < dense_cost and i not in over]
         curve = Curve(t.name, [ranks[i] for i in keep] + [None], [params[i] for i in keep] + [t.dense_params],
                       [loss[i] for i in keep] + [0.0], [cost[i] for i in keep] + [dense_cost], [rows[i] for i in keep] + [0],
-                      [formats[i] for i in keep] + ["dense"])
+                      [formats[i] for i in keep] + ["dense"], [quant[i] for i in keep] + [None])
         ctx.curves[t.name] = curve
         uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
         score = spectra[t.name][uniform] * scale[t.name](uniform)
@@ -420,6 +465,11 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
                     approx_mix = _mixture_approx(ctx, originals[t.name], name, rank, mixture_whitening[name])
                     params[t.name].copy_(approx_mix.to(originals[t.name].dtype))
                     ctx.analysis.setdefault("mixture_measured", {}).setdefault(t.name, {})[(name, rank)] = max(error() - floor, 0.0)
+                for choice, _, _ in ctx.analysis.get("quant", {}).get(t.name, []):
+                    # the precision candidates, measured the same way (quantized again: cheaper than holding them)
+                    tensors = quant_tensors(ctx, t, originals[t.name], choice)
+                    params[t.name].copy_(layer_weight([tensors[k] for k in QUANT_LAYERS[choice.format].factors], choice.bits))
+                    ctx.analysis.setdefault("quant_measured", {}).setdefault(t.name, {})[choice] = max(error() - floor, 0.0)
                 params[t.name].copy_(operating[t.name])
                 # a share measured as zero is below the noise of the measurement, not zero: leave it
                 # out, so the curve holds the ratio of the nearest lower rank measured (conservative)

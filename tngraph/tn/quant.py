@@ -283,4 +283,121 @@ def compensated(weight: torch.Tensor, spec: QuantSpec, rank: int, gram: torch.Te
     return best
 
 
-__all__ = ["BITS", "Compensated", "QuantSpec", "Quantized", "compensated", "gptq", "output_error", "pack", "quantize", "rtn", "unpack"]
+LAYER_BITS = (16, 8, 4, 2)  # what a quantized layer runs: codes packed 8 / bits to a byte along the input
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (out x in, each below 2^bits) packed 8 / bits to a byte along each row, the
+    first value in the low bits (onnxruntime's MatMulNBits and ONNX's uint4 layout): (out x in*bits/8) uint8."""
+    per = 8 // bits
+    if bits not in (2, 4, 8) or codes.shape[-1] % per:
+        raise ValueError(f"{bits}-bit codes pack along rows of a width divisible by {per}; got width {codes.shape[-1]}")
+    values = codes.to(torch.int32).unflatten(-1, (-1, per))
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (values << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes `pack_rows` stored (out x in, uint8); torch ops only, so that graphs trace through it."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+def layer_tensors(q: Quantized) -> dict[str, torch.Tensor]:
+    """The tensors a quantized layer (tngraph.layers.quant) runs on: codes (int8 at 8 bits, packed
+    uint8 at 4 and 2, fp16 values at 16), fp16 scales (out x groups) and zero points (out x groups,
+    the codes' integer type; zero at 8 bits, which are symmetric). Their bytes are what is stored."""
+    out, width = q.shape
+    if q.spec.bits not in LAYER_BITS:
+        raise ValueError(f"a quantized layer runs {', '.join(map(str, LAYER_BITS))}-bit codes, not {q.spec.bits}")
+    if q.spec.bits == 16:
+        return {"codes": q.codes.to(torch.float16), "scales": torch.ones(out, 1, dtype=torch.float16),
+                "zeros": torch.zeros(out, 1, dtype=torch.uint8)}
+    scales = q.scales.to(torch.float16).reshape(out, -1)
+    if q.spec.bits == 8:
+        return {"codes": q.codes.to(torch.int8), "scales": scales, "zeros": torch.zeros(scales.shape, dtype=torch.int8)}
+    return {"codes": pack_rows(q.codes, q.spec.bits), "scales": scales, "zeros": q.zeros.to(torch.uint8).reshape(out, -1)}
+
+
+def dequantize_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """W' (out x in) from a quantized layer's tensors, in `dtype`; torch ops only (traced into graphs)."""
+    if bits == 16:
+        return codes.to(dtype)
+    q = unpack_rows(codes, bits).to(torch.float32)
+    out, groups = scales.shape
+    w = (q.unflatten(-1, (groups, -1)) - zeros.to(torch.float32).unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
+    return w.flatten(-2).to(dtype)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One precision candidate of a target: `bits` codes, scales per `group` input columns (0: per
+    output channel), plus a compensating low-rank part of `rank` (0: none)."""
+
+    bits: int
+    group: int = 0
+    rank: int = 0
+
+    @property
+    def format(self) -> str:
+        return "qlowrank" if self.rank else "quant"
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group or None)
+
+    def label(self) -> str:
+        if self.bits == 16:
+            return "fp16"
+        return f"int{self.bits} " + (f"g{self.group}" if self.group else "per channel") + (f" + rank {self.rank}" if self.rank else "")
+
+    def record(self, act_bits: int = 0) -> dict:
+        """The plan's and recipe's record of it (act_bits applies to 8-bit per-channel codes only)."""
+        return {"bits": self.bits, "group": self.group, "act_bits": act_bits if self.bits == 8 and not self.group else 0}
+
+
+GROUPS = {4: (32, 64, 128, 0), 2: (32, 64, 128)}  # group sizes offered below 8 bits (0: per output channel)
+RANKS = {4: (8, 16), 2: (16, 32)}  # compensating ranks offered at the coarsest group
+
+
+def candidates(bits: tuple[int, ...], out_features: int, in_features: int) -> list[Choice]:
+    """The precision candidates of an (out x in) target at these widths: fp16; int8 per channel;
+    int4 / int2 in the groups of GROUPS that divide the width (and per channel), and at the
+    coarsest group with each compensating rank of RANKS up to a quarter of the smaller side."""
+    found = []
+    for b in bits:
+        if b in (16, 8):
+            found.append(Choice(b))
+            continue
+        groups = [g for g in GROUPS[b] if g == 0 or (in_features % g == 0 and g < in_features)] or [0]
+        found += [Choice(b, g) for g in groups]
+        coarsest = max(groups)
+        found += [Choice(b, coarsest, r) for r in RANKS[b] if r <= min(out_features, in_features) // 4]
+    return found
+
+
+def quantize_choice(weight: torch.Tensor, choice: Choice, gram: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A quantized layer's tensors (layer_tensors, plus fp16 `a` and `b` with a rank) for `choice`:
+    error feedback on the Gram where there is one (round to nearest without), low-rank-compensated
+    with a rank."""
+    if choice.rank:
+        made = compensated(weight, choice.spec, choice.rank, gram)
+        return {**layer_tensors(made.q), "a": made.a.to(torch.float16), "b": made.b.to(torch.float16)}
+    return layer_tensors(quantize(weight, choice.spec, gram))
+
+
+def layer_weight(factors: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """W' (out x in, float32) of a quantized layer's tensors in key order (codes, scales, zeros[, a, b])."""
+    w = dequantize_layer(*factors[:3], bits, torch.float32)
+    if len(factors) == 5:
+        w = w + factors[3].to(torch.float32) @ factors[4].to(torch.float32)
+    return w
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+__all__ = ["BITS", "Choice", "Compensated", "GROUPS", "RANKS", "candidates", "layer_weight", "quantize_choice", "LAYER_BITS", "dequantize_layer", "layer_tensors", "pack_rows", "tensor_bytes", "unpack_rows", "QuantSpec", "Quantized", "compensated", "gptq", "output_error", "pack", "quantize", "rtn", "unpack"]

@@ -1,0 +1,171 @@
+"""Precision in the plan (issue 25): quantized layers (tngraph.layers.quant) chosen per target by the
+budgeted allocation under a byte budget (Config.bits), through graph, module, artifact, ONNX and
+the torch.compile backend."""
+import copy
+import json
+
+import pytest
+import torch
+
+import tngraph
+from tngraph.errors import ConfigError
+from tngraph.layers import QLOWRANK, QUANT, LayerLinear
+from tngraph.tn.quant import (Choice, QuantSpec, candidates, dequantize_layer, gptq, layer_tensors, layer_weight, pack_rows,
+                              quantize_choice, rtn, tensor_bytes, unpack_rows)
+
+from tests.conftest import MLP, backend_spy
+
+
+def _data(width=64, batches=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=g)
+    return [((torch.randn(16, width, generator=g) @ mix,), {}) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_rows_pack_low_bits_first_and_come_back(bits):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 2**bits, (6, 32), generator=g).to(torch.uint8)
+    packed = pack_rows(codes, bits)
+    assert packed.shape == (6, 32 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_rows(packed, bits), codes)
+    if bits == 4:  # onnxruntime's MatMulNBits / ONNX uint4 layout: the first value in the low nibble
+        assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)
+    with pytest.raises(ValueError, match="divisible"):
+        pack_rows(codes[:, :3], 2)
+
+
+@pytest.mark.parametrize("bits,group", [(16, None), (8, None), (4, 16), (4, None), (2, 32)])
+def test_layer_tensors_store_what_the_quantizer_chose(bits, group):
+    w = torch.randn(24, 64)
+    q = rtn(w, QuantSpec(bits, group))
+    tensors = layer_tensors(q)
+    assert torch.equal(dequantize_layer(tensors["codes"], tensors["scales"], tensors["zeros"], bits, torch.float32), q.dequantize())
+    # stored bytes: codes at `bits` per weight plus 2-byte scales and 1-byte zero points per group
+    groups = 64 // (group or 64)
+    assert tensor_bytes(tensors) == 24 * 64 * bits // 8 + 24 * groups * (2 + 1)
+    with pytest.raises(ValueError, match="runs"):
+        layer_tensors(rtn(w, QuantSpec(3, 16)))
+
+
+def test_candidates_cover_the_widths_asked_for():
+    found = candidates((16, 8, 4), 96, 384)
+    assert Choice(16) in found and Choice(8) in found and Choice(4, 128) in found and Choice(4, 0) in found
+    assert Choice(4, 128, 16) in found and not any(c.bits == 2 for c in found)
+    assert all(c.group == 0 or 384 % c.group == 0 for c in found)
+    assert [c for c in candidates((4,), 8, 20) if c.rank] == [] and Choice(4, 0) in candidates((4,), 8, 20)  # no group divides 20
+
+
+@pytest.mark.parametrize("layer,rank", [(QUANT, 0), (QLOWRANK, 4)])
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 16), (2, 32), (16, 0)])
+def test_op_module_and_reference_agree_with_the_dequantized_weight(layer, rank, bits, group):
+    g = torch.Generator().manual_seed(2)
+    w, bias = torch.randn(20, 64, generator=g), torch.randn(20, generator=g)
+    x = torch.randn(3, 5, 64, generator=g)
+    gram = (x.reshape(-1, 64).T @ x.reshape(-1, 64)).double() + torch.eye(64, dtype=torch.float64)
+    factors = quantize_choice(w, Choice(bits, group, rank), gram)
+    assert sorted(factors) == sorted(layer.factors)
+    tensors = [factors[k] for k in layer.factors]
+    expected = x @ layer_weight(tensors, bits).T + bias
+    statics = {"bits": bits, "act_bits": 0}
+    torch.testing.assert_close(layer(x, tensors, bias, statics), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.call_op(x, tensors, bias, statics), expected, rtol=1e-5, atol=1e-5)
+    module = LayerLinear(layer, factors, 64, 20, bias.clone(), statics)
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    # integer codes are buffers (nothing trains them); the fp16 scales take gradients through the op
+    assert {n for n, _ in module.named_buffers()} >= {"zeros"} | ({"codes"} if bits != 16 else set())
+    if bits != 16:
+        module.scales.data = module.scales.data.float()
+        module(x).square().sum().backward()
+        assert module.scales.grad is not None and torch.isfinite(module.scales.grad).all()
+
+
+def test_int8_activations_run_the_integer_gemm_close_to_weight_only():
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(4, 7, 64, generator=g)
+    factors = quantize_choice(w, Choice(8), None)
+    tensors = [factors[k] for k in QUANT.factors]
+    weight_only = QUANT(x, tensors, None, {"bits": 8, "act_bits": 0})
+    integer = QUANT(x, tensors, None, {"bits": 8, "act_bits": 8})
+    # each row of x on a 127-step grid: by hand
+    rows = x.reshape(-1, 64)
+    step = rows.abs().amax(-1, keepdim=True) / 127
+    by_hand = (torch.round(rows / step) * step) @ layer_weight(tensors, 8).T
+    torch.testing.assert_close(integer.reshape(-1, 48), by_hand, rtol=1e-4, atol=1e-4)
+    assert float((integer - weight_only).norm() / weight_only.norm()) < 0.02
+    graph = torch.fx.experimental.proxy_tensor.make_fx(lambda x: QUANT(x, tensors, None, {"bits": 8, "act_bits": 8}))(x)
+    assert any(n.target == torch.ops.aten._int_mm.default for n in graph.graph.nodes)
+
+
+def test_config_refuses_precision_it_cannot_allocate():
+    assert tngraph.Config(bits="16,8,4").budget_kind == "bytes" and tngraph.Config(bits="4,8").bits == (8, 4)
+    assert tngraph.Config().budget_kind == "params"
+    for bad, words in ((dict(bits="3"), "precisions of 16, 8, 4, 2"), (dict(bits=(4,), budget_kind="params"), "byte budget"),
+                       (dict(bits=(4,), allocation="uniform"), "budgeted allocation"), (dict(bits=(4,), format="tt"), "budgeted allocation"),
+                       (dict(act_bits=4), "act_bits")):
+        with pytest.raises(ConfigError, match=words):
+            tngraph.Config(**bad)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    model, data = MLP(dims=(64, 128, 128, 32)).eval(), _data()
+    config = tngraph.Config(budget=0.2, bits=(16, 8, 4, 2), sensitivity="fisher", heal_steps=0, progress=False)
+    return model, data, tngraph.compress_with_result(model, calibration=data, config=config)
+
+
+def test_allocation_chooses_bits_within_the_byte_budget_and_the_graph_runs_them(quantized):
+    model, data, result = quantized
+    plan = result.context.plan
+    assert set(plan) == {"layers.0", "layers.1", "layers.2"} and all(p.format in ("quant", "qlowrank") for p in plan.values())
+    dense_bytes = sum(4 * p.params_before for p in plan.values())
+    assert sum(p.bytes_after() for p in plan.values()) <= 0.2 * dense_bytes
+    # the graph holds one quantized op per target, its statics the plan's bits
+    ops = [n for n in result.graph.graph.nodes if n.op == "call_function" and n.target in (QUANT.op, QLOWRANK.op)]
+    assert len(ops) == 3 and sorted(n.args[3] for n in ops) == sorted(p.quant["bits"] for p in plan.values())
+    # each layer's weight is what error feedback on the calibration Gram gives, and the model stays close
+    for name, p in plan.items():
+        layer = model.get_submodule(name)
+        x = torch.cat([a[0] for a, _ in data]) if name == "layers.0" else None
+        if x is not None:
+            gram = x.T.double() @ x.double()
+            expected = gptq(layer.weight, QuantSpec(p.quant["bits"], p.quant["group"] or None), gram).dequantize()
+            torch.testing.assert_close(result.module.get_submodule(name).weight, expected, rtol=0, atol=1e-6)
+    x = data[0][0][0]
+    assert torch.nn.functional.cosine_similarity(result.module(x), model(x)).mean() > 0.99
+
+
+def test_quantized_artifact_round_trips_byte_for_byte(quantized, tmp_path):
+    model, data, result = quantized
+    first = tngraph.save(result.module, tmp_path / "a")
+    recipe = json.loads((first / "recipe.json").read_text())
+    assert all(t["quant"]["bits"] in (16, 8, 4, 2) for t in recipe["targets"])
+    loaded = tngraph.load(first, model=copy.deepcopy(model))  # load swaps the layers of the model it is given
+    x = data[1][0][0]
+    torch.testing.assert_close(loaded(x), result.module(x), rtol=0, atol=0)
+    codes = [m.codes for m in loaded.modules() if isinstance(m, LayerLinear)]
+    assert all(c.dtype in (torch.int8, torch.uint8, torch.float16) for c in codes)
+    second = tngraph.save(loaded, tmp_path / "b")
+    assert (first / "factors.safetensors").read_bytes() == (second / "factors.safetensors").read_bytes()
+
+
+def test_quantized_model_exports_to_onnx(quantized, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from tngraph.lowering.onnx import export_onnx
+
+    model, data, result = quantized
+    report = export_onnx(result.module, data[0][0], tmp_path / "q.onnx")
+    assert report.max_abs_diff < 1e-4
+
+
+def test_backend_compiles_with_bits(quantized):
+    model, data, _ = quantized
+    torch._dynamo.reset()
+    spy = backend_spy()
+    compiled = torch.compile(model, backend=spy, options={"budget": 0.2, "bits": "8,4", "sensitivity": "fisher", "fallback": "eager",
+                                                          "calibration": [a for a, _ in data]})
+    x = data[2][0][0]
+    y = compiled(x)
+    ops = [n for g in spy.graphs for n in g.graph.nodes if n.op == "call_function" and n.target in (QUANT.op, QLOWRANK.op)]
+    assert len(ops) == 3, [str(g.graph) for g in spy.graphs]
+    assert torch.nn.functional.cosine_similarity(y, model(x)).mean() > 0.99
