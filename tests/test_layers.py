@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import tngraph
 from tngraph.layers import LAYERS, OPS, LayerLinear
 from tngraph.tn import conv as conv_formats
+from tngraph.tn.quant import Choice, quantize_choice
 from tngraph.layers.lrbd import LRBD
 from tngraph.passes.fuse import unfuse
 from tngraph.tn import decompose_lowrank
@@ -177,7 +178,7 @@ def test_a_layer_the_format_cannot_take_is_an_error_naming_it():
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
-    """Every layer (low rank, network, lrbd, the three convolutions) through the one definition: the op on the CPU is the
+    """Every layer (low rank, network, lrbd, the three convolutions, the two quantized) through the one definition: the op on the CPU is the
     reference bit for bit, its gradients are the reference's (gradcheck), the module is the op, and
     a layer with kernels has a CUDA implementation registered with its op."""
     from tngraph.modules import LowRankLinear, NetworkLinear
@@ -199,6 +200,10 @@ def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
         else:
             factors = conv_formats.decompose(name.removeprefix("conv_"), kernel, 4)
         module = LayerLinear(LAYERS[name], factors, 72, 24, torch.randn(24, generator=g, dtype=torch.float64), geometry)
+    elif name in ("quant", "qlowrank"):  # int4 codes in groups of 16 (+ a rank-4 correction); scales and factors in float64
+        factors = quantize_choice(weight.float(), Choice(4, 16, 4 if name == "qlowrank" else 0), None)
+        factors = {k: v.double() if v.is_floating_point() else v for k, v in factors.items()}
+        module = LayerLinear(LAYERS[name], factors, 32, 24, torch.randn(24, generator=g, dtype=torch.float64), {"bits": 4})
     else:
         factors = FORMATS["lrbd"].decompose(weight, 4)
         module = LayerLinear(LRBD, factors, 32, 24, torch.randn(24, generator=g, dtype=torch.float64))
@@ -213,11 +218,11 @@ def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
         dense = F.conv2d(x, w.view(24, 8, 3, 3), module.bias, stride=(2, 1), padding=1) if conv else x @ w.T + module.bias
         torch.testing.assert_close(module(x), dense)
         assert torch.equal(module.weight, w)  # what model code reading a Linear's .weight gets
-    inputs = [x.clone().requires_grad_(), *(f.detach().clone().requires_grad_() for f in factors), module.bias.detach().clone().requires_grad_()]
+    inputs = [x.clone().requires_grad_(), *(f.detach().clone().requires_grad_(f.is_floating_point()) for f in factors), module.bias.detach().clone().requires_grad_()]
     n = len(factors)
     assert torch.autograd.gradcheck(lambda x, *rest: layer.call_op(x, list(rest[:n]), rest[n], statics), inputs)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tngraph::{name}", "CUDA") == layer.cuda
-    assert layer.cuda == (name in ("lowrank", "network")) and (layer.onnx is not None) == (name == "network")
+    assert layer.cuda == (name in ("lowrank", "network")) and (layer.onnx is not None) == (name in ("network", "quant", "qlowrank"))
 
 
 def test_a_layer_definition_names_what_it_cannot_take():

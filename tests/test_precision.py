@@ -99,7 +99,8 @@ def test_int8_activations_run_the_integer_gemm_close_to_weight_only():
 
 def test_config_refuses_precision_it_cannot_allocate():
     assert tngraph.Config(bits="16,8,4").budget_kind == "bytes" and tngraph.Config(bits="4,8").bits == (8, 4)
-    assert tngraph.Config().budget_kind == "params"
+    assert tngraph.Config().budget_kind == "params" and tngraph.Config().replace(bits=(8,)).budget_kind == "bytes"
+    assert tngraph.Config(bits=(8,)).replace(bits=()).budget_kind == "params"
     for bad, words in ((dict(bits="3"), "precisions of 16, 8, 4, 2"), (dict(bits=(4,), budget_kind="params"), "byte budget"),
                        (dict(bits=(4,), allocation="uniform"), "budgeted allocation"), (dict(bits=(4,), format="tt"), "budgeted allocation"),
                        (dict(act_bits=4), "act_bits")):

@@ -49,6 +49,9 @@ DEFAULTS = {"sensitivity": "spectral", "output_whiten": False, "heal_steps": 0, 
 UNSUPPORTED = {
     "targets": (lambda c: c.targets != ("linear",), "the decoder blocks hold the targets; embeddings and the head stay dense",
                 "leave --targets out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
+    "bits": (lambda c: bool(c.bits), "precision candidates are allocated over the whole graph's byte budget; the sharded "
+             "block-by-block layout stores low-rank factors only so far",
+             "leave --bits out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
     "heal_data": (lambda c: c.heal_data is not None, "blocks are healed on their calibration inputs, not on text",
                   "leave --heal-data out (--heal-steps heals each block), or pass --no-blockwise when the model fits in memory"),
 }

@@ -327,6 +327,8 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         _reject_unknown(changes)
+        if "bits" in changes and "budget_kind" not in changes and self.budget_kind == ("bytes" if self.bits else "params"):
+            changes["budget_kind"] = "auto"  # what auto resolved to before: resolved again for the new bits
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -101,13 +101,22 @@ def latency_inputs(vocab_size: int, batch: int, length: int, seed: int = 0) -> d
 
 
 def count_params(module: torch.nn.Module, prefix_filter: tuple[str, ...] | None = None) -> tuple[int, int]:
-    """(parameters, bytes) of the module's float state, optionally only under the given module paths."""
+    """(parameters, bytes) of the module's state, optionally only under the given module paths: bytes
+    of every tensor stored (quantized codes and zero points included, index buffers too), parameters
+    of the float tensors plus the weights a quantized layer's codes hold (out x in each)."""
+    def kept(name: str) -> bool:
+        return prefix_filter is None or any(name.startswith(p + ".") for p in prefix_filter)
+
+    quantized = {name: sub.in_features * sub.out_features for name, sub in module.named_modules()
+                 if getattr(getattr(sub, "layer", None), "name", None) in ("quant", "qlowrank")}
     params = nbytes = 0
     for name, tensor in module.state_dict().items():
-        if not tensor.is_floating_point():
+        if not kept(name):
             continue
-        if prefix_filter is not None and not any(name.startswith(p + ".") for p in prefix_filter):
-            continue
-        params += tensor.numel()
         nbytes += tensor.numel() * tensor.element_size()
+        owner, _, leaf = name.rpartition(".")
+        if owner in quantized and leaf in ("codes", "scales"):
+            params += quantized[owner] if leaf == "codes" else 0
+        elif tensor.is_floating_point():
+            params += tensor.numel()
     return params, nbytes

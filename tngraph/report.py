@@ -80,7 +80,7 @@ def format_table(report: dict[str, Any]) -> str:
     per_target = report.get("per_target")
     if per_target:
         lines.append("")
-        lines.append("per target (format, rank, output rows kept dense, parameters kept, relative output error on the calibration data, "
+        lines.append("per target (format, rank, output rows kept dense, precision, parameters kept, relative output error on the calibration data, "
                      "sensitivity: predicted error share at the uniform rank):")
         width = max(len(name) for name in per_target)
         for name, row in per_target.items():
@@ -89,7 +89,9 @@ def format_table(report: dict[str, Any]) -> str:
             sens = row.get("sensitivity")
             score = f"{sens['kind']} {sens['score']:.3g}" if sens else ""
             error = "" if row.get("error") is None else f"err {row['error']:.3f}" + (" reverted" if row.get("guard_reverted") else "")
-            lines.append(f"  {name:{width}}  {row['format']:8} {rank:>5} {rows_dense:>9} {row['params_kept']:6.3f}  {error:>9}  {score}")
+            q = row.get("precision")
+            bits = "" if not q else (f"fp16" if q["bits"] == 16 else f"int{q['bits']} " + (f"g{q['group']}" if q["group"] else "ch"))
+            lines.append(f"  {name:{width}}  {row['format']:8} {rank:>5} {rows_dense:>9} {bits:>9} {row['params_kept']:6.3f}  {error:>9}  {score}")
     lines.append("")
     lines.append("time per step: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()))
     if report.get("out"):

@@ -325,9 +325,10 @@ def dequantize_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     """W' (out x in) from a quantized layer's tensors, in `dtype`; torch ops only (traced into graphs)."""
     if bits == 16:
         return codes.to(dtype)
-    q = unpack_rows(codes, bits).to(torch.float32)
+    work = torch.float64 if scales.dtype == torch.float64 else torch.float32  # float64 scales (gradcheck) keep float64; no op traced
+    q = unpack_rows(codes, bits).to(work)
     out, groups = scales.shape
-    w = (q.unflatten(-1, (groups, -1)) - zeros.to(torch.float32).unsqueeze(-1)) * scales.to(torch.float32).unsqueeze(-1)
+    w = (q.unflatten(-1, (groups, -1)) - zeros.to(work).unsqueeze(-1)) * scales.to(work).unsqueeze(-1)
     return w.flatten(-2).to(dtype)
 
 
@@ -389,10 +390,12 @@ def quantize_choice(weight: torch.Tensor, choice: Choice, gram: torch.Tensor | N
 
 
 def layer_weight(factors: list[torch.Tensor], bits: int) -> torch.Tensor:
-    """W' (out x in, float32) of a quantized layer's tensors in key order (codes, scales, zeros[, a, b])."""
-    w = dequantize_layer(*factors[:3], bits, torch.float32)
+    """W' (out x in) of a quantized layer's tensors in key order (codes, scales, zeros[, a, b]), in
+    float32 (float64 when the scales are)."""
+    dtype = torch.float64 if factors[1].dtype == torch.float64 else torch.float32
+    w = dequantize_layer(*factors[:3], bits, dtype)
     if len(factors) == 5:
-        w = w + factors[3].to(torch.float32) @ factors[4].to(torch.float32)
+        w = w + factors[3].to(dtype) @ factors[4].to(dtype)
     return w
 
 

@@ -20,6 +20,7 @@ def per_target(result: Any) -> dict[str, dict[str, Any]]:
     for node in meta.targets(result.graph):
         node_info = meta.info(node)
         t, plan, sens = node_info.target, node_info.plan, node_info.sensitivity
+        decided = result.context.plan.get(t.name)
         rows[t.name] = {
             "error": errors.get(t.name),  # relative output error on the calibration data (the guard's)
             "guard_reverted": bool(plan and plan.reason == "guard"),
@@ -27,6 +28,8 @@ def per_target(result: Any) -> dict[str, dict[str, Any]]:
             "rank": plan.rank if plan else None,
             "dense_rows": plan.dense_rows if plan else 0,
             "params_kept": (plan.params_after / plan.params_before) if plan else 1.0,
+            "precision": dict(plan.quant) if plan is not None and plan.quant else None,  # bits, group (0: per channel), act_bits
+            "bytes": decided.bytes_after() if decided is not None else None,  # what its factors (and bias) store
             "sensitivity": None if sens is None else {"kind": sens.kind, "score": sens.score},
         }
     return rows
