@@ -170,3 +170,26 @@ def test_backend_compiles_with_bits(quantized):
     ops = [n for g in spy.graphs for n in g.graph.nodes if n.op == "call_function" and n.target in (QUANT.op, QLOWRANK.op)]
     assert len(ops) == 3, [str(g.graph) for g in spy.graphs]
     assert torch.nn.functional.cosine_similarity(y, model(x)).mean() > 0.99
+
+
+@pytest.mark.parametrize("sensitivity", ["fisher", "measured"])
+def test_precision_candidates_join_the_curves_at_their_stored_bytes(sensitivity):
+    """Each target's curve holds its precision candidates at the bytes their tensors store; their loss
+    falls with bits; "measured" measures each candidate's share of the output error with the other
+    targets dense."""
+    model, data = MLP(dims=(64, 128, 128, 32)).eval(), _data()
+    config = tngraph.Config(budget=0.3, bits=(8, 4, 2), sensitivity=sensitivity, heal_steps=0, progress=False)
+    result = tngraph.compress_with_result(model, calibration=data, config=config)
+    ctx = result.context
+    for name, points in ctx.analysis["quant"].items():
+        curve = ctx.curves[name]
+        t = {p.name: p for p in result.context.plan.values()}.get(name)
+        for choice, nbytes, rel in points:
+            i = curve.quant.index(choice)
+            assert curve.cost[i] == nbytes and curve.formats[i] == choice.format
+        loss = {c: curve.loss[curve.quant.index(c)] for c, _, _ in points}
+        assert loss[Choice(8)] < loss[Choice(4, 32)] < loss[Choice(2, 32)]
+        assert t is not None and t.quant is not None
+    if sensitivity == "measured":
+        shares = ctx.analysis["quant_measured"]
+        assert set(shares) == set(ctx.analysis["quant"]) and all(s[Choice(8)] < s[Choice(2, 32)] for s in shares.values())

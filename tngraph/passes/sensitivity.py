@@ -141,7 +141,10 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 scale[t.name] = lambda r, e=energy[t.name], f=interp: e * f(r)
                 ctx.analysis.setdefault("patch_sensitivity", {})[t.name] = patches.exp()
     if cfg.sensitivity == "measured":
-        scale = _measure(gm, ctx, nodes, spectra, whitenings)
+        # with precision candidates, each target is measured with the others dense: quantization errors
+        # are small and add up, and the uniform low-rank point would be far from where the model operates
+        dense_point = {meta.info(n).target.name: None for n in nodes} if cfg.bits else None
+        scale = _measure(gm, ctx, nodes, spectra, whitenings, dense_point)
     _build_curves(gm, ctx, nodes, spectra, scale)
     for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
         # measure again around the allocation the last curves give: errors interact, so the shares

@@ -141,17 +141,38 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.from_numpy(np.packbits(full, axis=1).reshape(-1))
 
 
-def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (and zero points) of each group of w (out x group-width columns, viewed (out, groups, group))."""
+SHRINK = tuple(1.0 - 0.05 * k for k in range(10))  # range fractions the grid search tries (1.0 .. 0.55)
+
+
+def _grid_at(w: torch.Tensor, spec: QuantSpec, shrink: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) of each group of w with its range shrunk by `shrink`."""
     if spec.symmetric:
         top = 2 ** (spec.bits - 1) - 1
-        scale = w.abs().amax(-1).clamp_min(1e-12) / top
-        return scale, None
+        return (w.abs().amax(-1) * shrink).clamp_min(1e-12) / top, None
     top = 2**spec.bits - 1
-    lo, hi = w.amin(-1).clamp_max(0), w.amax(-1).clamp_min(0)
+    lo, hi = w.amin(-1).clamp_max(0) * shrink, w.amax(-1).clamp_min(0) * shrink
     scale = ((hi - lo) / top).clamp_min(1e-12)
-    zero = torch.round(-lo / scale).clamp(0, top)
-    return scale, zero
+    return scale, torch.round(-lo / scale).clamp(0, top)
+
+
+def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) of each group of w (viewed (out, groups, group)): per group, the range
+    fraction of SHRINK whose rounding leaves the least squared error (clipping a few outliers buys
+    a finer step for all the others; GPTQ's and AWQ's grid search)."""
+    best_scale, best_zero, best_err = None, None, None
+    for shrink in SHRINK:
+        scale, zero = _grid_at(w, spec, shrink)
+        scale = scale.to(torch.float16).to(w.dtype)  # judged as stored
+        q = _round(w, scale[..., None], zero[..., None] if zero is not None else None, spec)
+        err = ((w - _deq(q, scale[..., None], zero[..., None] if zero is not None else None)) ** 2).sum(-1)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+            continue
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero) if zero is not None else None
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_zero
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
@@ -180,8 +201,9 @@ def rtn(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
 
 
 def gptq(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, damping: float = 0.01, block: int = 128) -> Quantized:
-    """Error-feedback quantization on the Gram X^T X (GPTQ): columns in order, each group's scales
-    taken when the group is reached (from the weights as updated so far)."""
+    """Error-feedback quantization on the Gram X^T X (GPTQ): columns in order (per-channel grids: the
+    columns of largest input energy first), each group's scales taken when the group is reached
+    (from the weights as updated so far)."""
     spec.check(tuple(weight.shape))
     if spec.bits == 16:
         return rtn(weight, spec)
@@ -189,6 +211,16 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, damping: flo
     if tuple(gram.shape) != (width, width):
         raise ValueError(f"the Gram is {tuple(gram.shape)}, the weight's width is {width}")
     group = spec.group or width
+    # the columns of largest input energy first (GPTQ's act order), each group's grid taken from the
+    # weights before any feedback (static groups: a column's group no longer follows its position)
+    order = torch.argsort(torch.diagonal(gram), descending=True, stable=True)
+    if not torch.equal(order, torch.arange(width)):
+        w0 = weight.detach().to(torch.float64)
+        scale, zero = _grid(w0.view(out, width // group, group), spec)
+        grids = (scale.repeat_interleave(group, 1)[:, order], zero.repeat_interleave(group, 1)[:, order] if zero is not None else None)
+        codes = _feedback(w0[:, order], gram.detach().to(torch.float64)[order][:, order], spec, grids, damping, block)
+        return Quantized(spec, (out, width), codes[:, torch.argsort(order)].contiguous().to(torch.int8 if spec.symmetric else torch.uint8),
+                         scale.to(torch.float32), zero.to(torch.float32) if zero is not None else None)
     w = weight.detach().to(torch.float64).clone()
     h = gram.detach().to(torch.float64).clone()
     dead = h.diagonal() == 0  # inputs never seen: their columns cannot matter
@@ -224,6 +256,34 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, damping: flo
         w[:, stop:] -= err_blk @ hinv[start:stop, stop:]
     dtype = torch.int8 if spec.symmetric else torch.uint8
     return Quantized(spec, (out, width), codes.to(dtype), scales.to(torch.float32), zeros.to(torch.float32) if zeros is not None else None)
+
+
+def _feedback(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, grids: tuple[torch.Tensor, torch.Tensor | None], damping: float,
+              block: int) -> torch.Tensor:
+    """GPTQ's column loop on fixed grids (per column: its scale and zero point, (out x in) each): the
+    codes, each column's rounding error pushed onto the later columns through the inverse Gram."""
+    out, width = w.shape
+    w, h = w.clone(), gram.clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damping * float(h.diagonal().mean()))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    scales, zeros = grids
+    codes = torch.zeros(out, width, dtype=torch.float64)
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        w_blk, err_blk, h_blk = w[:, start:stop].clone(), torch.zeros(out, stop - start, dtype=torch.float64), hinv[start:stop, start:stop]
+        for j in range(stop - start):
+            col = start + j
+            zero = zeros[:, col] if zeros is not None else None
+            q = _round(w_blk[:, j], scales[:, col], zero, spec)
+            codes[:, col] = q
+            err = (w_blk[:, j] - _deq(q, scales[:, col], zero)) / h_blk[j, j]
+            w_blk[:, j:] -= err[:, None] * h_blk[j, j:][None, :]
+            err_blk[:, j] = err
+        w[:, stop:] -= err_blk @ hinv[start:stop, stop:]
+    return codes
 
 
 def quantize(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None, method: str = "gptq") -> Quantized:
