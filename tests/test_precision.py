@@ -193,3 +193,12 @@ def test_precision_candidates_join_the_curves_at_their_stored_bytes(sensitivity)
     if sensitivity == "measured":
         shares = ctx.analysis["quant_measured"]
         assert set(shares) == set(ctx.analysis["quant"]) and all(s[Choice(8)] < s[Choice(2, 32)] for s in shares.values())
+
+
+def test_healing_trains_biases_of_quantized_layers_not_their_stored_fp16_tensors(quantized):
+    from tngraph.heal import trainable
+
+    _, _, result = quantized
+    chosen = trainable(result.module)
+    assert {"layers.0.bias", "layers.1.bias", "layers.2.bias"} <= set(chosen)
+    assert not [n for n, p in chosen.items() if p.dtype == torch.float16]

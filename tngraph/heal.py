@@ -101,13 +101,17 @@ class HealResult:
 
 
 def trainable(student: torch.nn.Module, train_norms: bool = True) -> dict[str, torch.nn.Parameter]:
-    """The parameters healing trains, by name: every factor of a tngraph layer, and with
-    `train_norms` every bias and LayerNorm parameter of the model."""
+    """The parameters healing trains, by name: every factor of a tngraph layer (not the fp16 tensors
+    of quantized layers), and with `train_norms` every bias and LayerNorm parameter of the model."""
     names: dict[int, str] = {id(p): n for n, p in student.named_parameters()}
     chosen: dict[str, torch.nn.Parameter] = {}
     for module in student.modules():
         if isinstance(module, FACTORIZED):
             for name, p in module.named_parameters():
+                # a quantized layer's fp16 scales and correction factors are stored values: an fp16
+                # optimizer step underflows (its biases still train)
+                if name != "bias" and getattr(module, "layer_name", "") in ("quant", "qlowrank") and p.dtype == torch.float16:
+                    continue
                 if name != "bias" or train_norms:
                     chosen[names[id(p)]] = p
         elif train_norms and isinstance(module, torch.nn.LayerNorm):

@@ -98,11 +98,7 @@ def _quant_module(plan: TargetPlan, bias: torch.Tensor | None) -> torch.nn.Modul
     if not isinstance(plan.quant, dict) or plan.quant.get("bits") not in LAYER_BITS:
         raise ArtifactError(f"{plan.name!r} ({plan.format}) records no bits of {list(LAYER_BITS)} ({plan.quant!r})",
                             "write the artifact again with tngraph.save")
-    missing = [k for k in layer.factors if k not in plan.factors]
-    if missing:
-        raise ArtifactError(f"{plan.name!r} ({plan.format}) has no factors {missing}", "write the artifact again with tngraph.save")
-    return LayerLinear(layer, {k: plan.factors[k].detach().clone() for k in layer.factors}, plan.in_features, plan.out_features, bias,
-                       layer.plan_statics(plan))
+    return _layer_module(plan, layer, bias, layer.plan_statics(plan), plan.format)
 
 
 def conv_statics(module: torch.nn.Module) -> dict[str, Any] | None:
@@ -125,9 +121,14 @@ def _conv_module(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
     if layer is None:
         raise ArtifactError(f"{plan.name!r}: a convolution's format is one of {sorted(CONV_LAYERS)}, not {plan.format!r}",
                             "write the artifact again with tngraph.save")
+    return _layer_module(plan, layer, bias, statics, f"{plan.format} convolution")
+
+
+def _layer_module(plan: TargetPlan, layer, bias: torch.Tensor | None, statics: dict[str, Any], what: str) -> LayerLinear:
+    """`layer`'s module on copies of the plan's factors (all of the layer's keys, or an ArtifactError)."""
     missing = [k for k in layer.factors if k not in plan.factors]
     if missing:
-        raise ArtifactError(f"{plan.name!r} ({plan.format} convolution) has no factors {missing}", "write the artifact again with tngraph.save")
+        raise ArtifactError(f"{plan.name!r} ({what}) has no factors {missing}", "write the artifact again with tngraph.save")
     return LayerLinear(layer, {k: plan.factors[k].detach().clone() for k in layer.factors}, plan.in_features, plan.out_features, bias,
                        statics)
 

@@ -201,9 +201,10 @@ def rtn(weight: torch.Tensor, spec: QuantSpec) -> Quantized:
 
 
 def gptq(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, damping: float = 0.01, block: int = 128) -> Quantized:
-    """Error-feedback quantization on the Gram X^T X (GPTQ): columns in order (per-channel grids: the
-    columns of largest input energy first), each group's scales taken when the group is reached
-    (from the weights as updated so far)."""
+    """Error-feedback quantization on the Gram X^T X (GPTQ): the columns of largest input energy
+    first (act order), each rounded on its group's grid and its rounding error pushed onto the
+    columns not yet rounded through the inverse Gram; the grids are taken from the weights before
+    any feedback (static groups: a column's group does not follow its place in the order)."""
     spec.check(tuple(weight.shape))
     if spec.bits == 16:
         return rtn(weight, spec)
@@ -211,51 +212,13 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor, damping: flo
     if tuple(gram.shape) != (width, width):
         raise ValueError(f"the Gram is {tuple(gram.shape)}, the weight's width is {width}")
     group = spec.group or width
-    # the columns of largest input energy first (GPTQ's act order), each group's grid taken from the
-    # weights before any feedback (static groups: a column's group no longer follows its position)
+    w = weight.detach().to(torch.float64)
+    scale, zero = _grid(w.view(out, width // group, group), spec)
     order = torch.argsort(torch.diagonal(gram), descending=True, stable=True)
-    if not torch.equal(order, torch.arange(width)):
-        w0 = weight.detach().to(torch.float64)
-        scale, zero = _grid(w0.view(out, width // group, group), spec)
-        grids = (scale.repeat_interleave(group, 1)[:, order], zero.repeat_interleave(group, 1)[:, order] if zero is not None else None)
-        codes = _feedback(w0[:, order], gram.detach().to(torch.float64)[order][:, order], spec, grids, damping, block)
-        return Quantized(spec, (out, width), codes[:, torch.argsort(order)].contiguous().to(torch.int8 if spec.symmetric else torch.uint8),
-                         scale.to(torch.float32), zero.to(torch.float32) if zero is not None else None)
-    w = weight.detach().to(torch.float64).clone()
-    h = gram.detach().to(torch.float64).clone()
-    dead = h.diagonal() == 0  # inputs never seen: their columns cannot matter
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(damping * float(h.diagonal().mean()))
-    # the upper Cholesky factor of H^-1: row j holds what rounding column j does to the columns after it
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(out, width, dtype=torch.float64)
-    scales = torch.zeros(out, width // group, dtype=torch.float64)
-    zeros = torch.zeros(out, width // group, dtype=torch.float64) if not spec.symmetric else None
-    for start in range(0, width, block):
-        stop = min(start + block, width)
-        w_blk, err_blk = w[:, start:stop].clone(), torch.zeros(out, stop - start, dtype=torch.float64)
-        h_blk = hinv[start:stop, start:stop]
-        for j in range(stop - start):
-            col = start + j
-            if col % group == 0:  # a new group: its grid from the weights as they are now
-                g = col // group
-                whole = torch.cat([w_blk[:, j:], w[:, stop:]], dim=1)[:, :group]
-                scale, zero = _grid(whole[:, None, :], spec)
-                scale = scale[:, 0].to(torch.float16).to(torch.float64)  # stored in fp16
-                scales[:, g] = scale
-                if zeros is not None:
-                    zeros[:, g] = zero[:, 0]
-            g = col // group
-            zero = zeros[:, g] if zeros is not None else None
-            q = _round(w_blk[:, j], scales[:, g], zero, spec)
-            codes[:, col] = q
-            err = (w_blk[:, j] - _deq(q, scales[:, g], zero)) / h_blk[j, j]
-            w_blk[:, j:] -= err[:, None] * h_blk[j, j:][None, :]
-            err_blk[:, j] = err
-        w[:, stop:] -= err_blk @ hinv[start:stop, stop:]
-    dtype = torch.int8 if spec.symmetric else torch.uint8
-    return Quantized(spec, (out, width), codes.to(dtype), scales.to(torch.float32), zeros.to(torch.float32) if zeros is not None else None)
+    grids = (scale.repeat_interleave(group, 1)[:, order], zero.repeat_interleave(group, 1)[:, order] if zero is not None else None)
+    codes = _feedback(w[:, order], gram.detach().to(torch.float64)[order][:, order], spec, grids, damping, block)
+    return Quantized(spec, (out, width), codes[:, torch.argsort(order)].contiguous().to(torch.int8 if spec.symmetric else torch.uint8),
+                     scale.to(torch.float32), zero.to(torch.float32) if zero is not None else None)
 
 
 def _feedback(w: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, grids: tuple[torch.Tensor, torch.Tensor | None], damping: float,
