@@ -202,3 +202,15 @@ def test_healing_trains_biases_of_quantized_layers_not_their_stored_fp16_tensors
     chosen = trainable(result.module)
     assert {"layers.0.bias", "layers.1.bias", "layers.2.bias"} <= set(chosen)
     assert not [n for n, p in chosen.items() if p.dtype == torch.float16]
+
+
+def test_int8_activations_fuse_and_run_in_the_pipeline():
+    model, data = MLP(dims=(64, 128, 128, 32)).eval(), _data()
+    config = tngraph.Config(budget=0.3, bits=(8,), act_bits=8, sensitivity="fisher", heal_steps=0, progress=False)
+    result = tngraph.compress_with_result(model, calibration=data, config=config)
+    ops = [n for n in result.graph.graph.nodes if n.op == "call_function" and n.target == QUANT.op]
+    assert len(ops) == 3 and all(n.args[3:] == (8, 8) for n in ops)
+    x = data[0][0][0]
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(result.module(x), model(x)).mean() > 0.999
+        torch.testing.assert_close(result.graph(x)[0] if isinstance(result.graph(x), tuple) else result.graph(x), result.module(x))

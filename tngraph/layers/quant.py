@@ -23,19 +23,19 @@ from ..tn.quant import dequantize_layer, layer_weight
 from .base import define
 
 
-def _int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (..., in) float against int8 codes (out x in) with per-channel scales (out x 1): each row of
-    x quantized to int8 with its own scale, the product in int32, both scales applied after."""
+def _int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x (..., in) float against int8 codes (out x in) with per-channel scales and zero points (out x 1):
+    each row of x quantized to int8 with its own scale, the product in int32, both scales applied after."""
     rows = x.reshape(-1, x.shape[-1])
     step = rows.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
     q = torch.round(rows / step).clamp(-127, 127).to(torch.int8)
-    y = torch._int_mm(q, codes.t()).to(torch.float32) * step.to(torch.float32) * scales.reshape(1, -1).to(torch.float32)
+    y = torch._int_mm(q, (codes - zeros).t()).to(torch.float32) * step.to(torch.float32) * scales.reshape(1, -1).to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
 
 
 def _dense_part(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, act_bits: int) -> torch.Tensor:
     if act_bits == 8 and bits == 8 and scales.shape[1] == 1 and not x.requires_grad:
-        return _int8_matmul(x, codes, scales)
+        return _int8_matmul(x, codes, scales, zeros)
     return F.linear(x, dequantize_layer(codes, scales, zeros, bits, x.dtype))
 
 
