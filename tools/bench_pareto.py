@@ -79,6 +79,8 @@ def baseline(model: torch.nn.Module, prefix: str, stats: dict, spec: QuantSpec, 
     trial, stored = copy.deepcopy(model), 0
     with torch.no_grad():
         for name, m in linears(trial, prefix).items():
+            if spec.group and m.in_features % spec.group:  # a group wider than the layer (the small tiny LM): per channel
+                spec = QuantSpec(spec.bits)
             q = gptq(m.weight, spec, stats[name]) if method == "gptq" else rtn(m.weight, spec)
             m.weight.copy_(q.dequantize())
             stored += q.nbytes() + 2 * (m.bias.numel() if m.bias is not None else 0)
@@ -247,7 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     budgets = [float(b) for b in args.budgets.split(",")]
     rows, timed = minilm_rows(args, budgets)
+    print_minilm(args, rows, timed, started)
+    if args.png:
+        plot(rows, args.png)
+        print(f"\nfrontier: {args.png}")
     lm = [] if args.skip_lm else lm_rows(args, budgets)
+    if lm:
+        print(f"\ntiny LM ({args.lm_preset} preset), decoder linears, held-out perplexity\n")
+        print("| method | bytes of fp32 | perplexity |")
+        print("|---|---|---|")
+        for r in sorted(lm, key=lambda r: -r["bytes"]):
+            print(f"| {r['method']} | {r['bytes']:.4f} | {r['perplexity']:.3f} |")
+    return 0
+
+
+def print_minilm(args, rows: list[dict], timed: dict, started: float) -> None:
     print(f"\nMiniLM, 36 encoder linears; calibration {args.calibration} stdlib sentences; held out {args.eval} per domain; "
           f"sensitivity {args.sensitivity}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{time.perf_counter() - started:.0f} s in all\n")
@@ -260,16 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|" + "---|" * len(timed))
         for name in timed["32x128"]:
             print(f"| {name} | " + " | ".join(f"{t[name]:.1f} ({t[name] / t['dense']:.2f}x)" for t in timed.values()) + " |")
-    if lm:
-        print(f"\ntiny LM ({args.lm_preset} preset), decoder linears, held-out perplexity\n")
-        print("| method | bytes of fp32 | perplexity |")
-        print("|---|---|---|")
-        for r in sorted(lm, key=lambda r: -r["bytes"]):
-            print(f"| {r['method']} | {r['bytes']:.4f} | {r['perplexity']:.3f} |")
-    if args.png:
-        plot(rows, args.png)
-        print(f"\nfrontier: {args.png}")
-    return 0
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
