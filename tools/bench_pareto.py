@@ -20,6 +20,7 @@ Latency (MiniLM, CPU, --threads): median forward time at 32 x 128 and 1 x 128 to
 (Inductor) for dense and tngraph, eager for torch.ao (its quantized kernels are its own), same run.
 
   python tools/bench_pareto.py [--budgets 0.25,0.125,0.0625] [--sensitivity measured] [--png docs/pareto.png]
+                               [--skip-latency | --latency-only] [--skip-lm] [--lm-preset default]
 """
 from __future__ import annotations
 
@@ -154,10 +155,11 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
 
 
 def minilm_latency(model, models, tok, args) -> dict:
-    """Median ms per forward at 32 x 128 and 1 x 128: dense and tngraph plans torch.compile'd, torch.ao eager."""
-    chosen = {"dense": model, "torch.ao dynamic int8": models["torch.ao dynamic int8"][0],
+    """Median ms per forward at 32 x 128 and 1 x 128: dense (compiled and eager), tngraph plans
+    torch.compile'd, torch.ao eager."""
+    chosen = {"dense": model, "dense, eager": model, "torch.ao dynamic int8": models["torch.ao dynamic int8"][0],
               **{k: m for k, (m, _) in models.items() if k.startswith("tngraph")}}
-    compiled = {k: (m if k.startswith("torch.ao") else torch.compile(m)) for k, m in chosen.items()}
+    compiled = {k: (m if k.startswith(("torch.ao", "dense, eager")) else torch.compile(m)) for k, m in chosen.items()}
     out = {}
     with torch.no_grad():
         for batch in (32, 1):
@@ -167,6 +169,20 @@ def minilm_latency(model, models, tok, args) -> dict:
             seconds = latency(compiled, inputs, repeats=args.repeats)
             out[f"{batch}x128"] = {k: 1e3 * v for k, v in seconds.items()}
     return out
+
+
+def latency_only(args, top: float) -> dict:
+    """Only the timings: dense, torch.ao dynamic int8 and tngraph's plans at `top` (weight-only and
+    with int8 activations), without the quality runs (for a quiet machine after them)."""
+    model, tok = load_model(ModelSource("minilm"))
+    model.eval()
+    sets = sentence_sets(calibration=args.calibration, evaluation=8, seed=0)
+    common = dict(calibration=sets.calibration, tokenizer=tok, source=ModelSource("minilm"))
+    cfg = tngraph.Config(budget=top, bits=(16, 8, 4, 2), include=MINILM_INCLUDE, sensitivity=args.sensitivity, heal_steps=0, progress=False)
+    models = {"torch.ao dynamic int8": (torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8), 0.0),
+              f"tngraph @{top:g}": (tngraph.compress(model, config=cfg, **common), 0.0),
+              f"tngraph @{top:g}, int8 activations": (tngraph.compress(model, config=cfg.replace(act_bits=8), **common), 0.0)}
+    return minilm_latency(model, models, tok, args)
 
 
 def lm_rows(args, budgets: list[float]) -> list[dict]:
@@ -243,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-preset", default="default", help="tiny LM preset (default: the 'default' one, trained once and cached)")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-lm", action="store_true")
+    p.add_argument("--latency-only", action="store_true", help="only the CPU timings (dense, torch.ao, tngraph at the largest budget)")
     p.add_argument("--png", default=None, help="write the MiniLM frontier here (matplotlib)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     budgets = [float(b) for b in args.budgets.split(",")]
+    if args.latency_only:
+        print_minilm(args, [], latency_only(args, max(budgets)), started)
+        return 0
     rows, timed = minilm_rows(args, budgets)
     print_minilm(args, rows, timed, started)
     if args.png:
