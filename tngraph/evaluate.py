@@ -107,8 +107,10 @@ def count_params(module: torch.nn.Module, prefix_filter: tuple[str, ...] | None 
     def kept(name: str) -> bool:
         return prefix_filter is None or any(name.startswith(p + ".") for p in prefix_filter)
 
+    from .layers import QUANT_LAYERS, LayerLinear
+
     quantized = {name: sub.in_features * sub.out_features for name, sub in module.named_modules()
-                 if getattr(getattr(sub, "layer", None), "name", None) in ("quant", "qlowrank")}
+                 if isinstance(sub, LayerLinear) and sub.layer_name in QUANT_LAYERS}
     params = nbytes = 0
     for name, tensor in module.state_dict().items():
         if not kept(name):

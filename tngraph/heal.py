@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from .errors import ArtifactError, ConfigError, DataError, ModelError
 from .evaluate import pooled
 from .models import forward_names
+from .layers import QUANT_LAYERS
 from .recipe import FACTORIZED
 from .progress import progress
 from .samples import TensorSamples
@@ -110,7 +111,7 @@ def trainable(student: torch.nn.Module, train_norms: bool = True) -> dict[str, t
             for name, p in module.named_parameters():
                 # a quantized layer's fp16 scales and correction factors are stored values: an fp16
                 # optimizer step underflows (its biases still train)
-                if name != "bias" and getattr(module, "layer_name", "") in ("quant", "qlowrank") and p.dtype == torch.float16:
+                if name != "bias" and getattr(module, "layer_name", "") in QUANT_LAYERS and p.dtype == torch.float16:
                     continue
                 if name != "bias" or train_norms:
                     chosen[names[id(p)]] = p

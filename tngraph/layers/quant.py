@@ -9,8 +9,9 @@ codes: int8 (out x in) at 8 bits (symmetric, zeros 0), uint8 packed two (4 bits)
 to a byte along the input, first value in the low bits; fp16 values at 16 bits. Statics: `bits`, and
 `act_bits` 8 for 8-bit per-channel weights to run int8 x int8 on the CPU (torch._int_mm, each row of
 x quantized on the fly with its own scale; the integer GEMM is several times faster than fp32 there),
-0 for weight-only (dequantize, then one fp32 GEMM). The ONNX translation (tngraph/lowering/onnx.py)
-writes DequantizeLinear -> MatMul (activations float).
+0 for weight-only (dequantize, then one fp32 GEMM). The ONNX translation (`onnx` below) writes the
+dequantization in standard operators before a MatMul (activations float; a DequantizeLinear with
+act_bits 8, which onnxruntime runs as its own integer GEMM).
 """
 from __future__ import annotations
 

@@ -20,14 +20,14 @@ from ..tn import conv as conv_formats
 from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted
 from ..tn.formats import FORMATS
-from ..tn.quant import Choice, layer_weight
+from ..tn.quant import Choice
 from ..tn.refit import refit_core
 from .base import PassContext, PassResult, declare, recorded, replay
 from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
-from .sensitivity import quant_tensors
+from .sensitivity import quant_tensors, quant_weight
 from .rewrite import RewriteRule, apply_rules
 from .targets import TRANSPOSES, EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
 
@@ -143,7 +143,7 @@ def _quant_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetP
     choice = Choice(plan.quant["bits"], plan.quant["group"], plan.rank or 0)
     factors = quant_tensors(ctx, t, weight, choice)
     ctx.counters[f"factorize.{plan.format}.int{choice.bits}"] += 1
-    if not accept(ctx, m.node, weight, layer_weight([factors[k] for k in QUANT_LAYERS[plan.format].factors], choice.bits).to(weight.dtype)):
+    if not accept(ctx, m.node, weight, quant_weight(factors, choice).to(weight.dtype)):
         return None
     return TargetPlan(t.name, plan.format, plan.rank or 0, t.in_features, t.out_features, t.bias is not None, factors,
                       quant=dict(plan.quant))

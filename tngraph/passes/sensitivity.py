@@ -249,6 +249,11 @@ def quant_tensors(ctx: PassContext, t: meta.TargetInfo, weight: torch.Tensor, ch
     return quantize_choice(weight.detach(), choice, stats.gram if usable else None)
 
 
+def quant_weight(tensors: dict[str, torch.Tensor], choice: Choice) -> torch.Tensor:
+    """The (out x in) matrix a quantized layer's tensors stand for (its layer's key order)."""
+    return layer_weight([tensors[k] for k in QUANT_LAYERS[choice.format].factors], choice.bits)
+
+
 def _quant_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white, out_white, total: float) -> None:
     """Precision candidates (Config.bits): each quantized as factorize would, its stored bytes, and
     its error in the low-rank curve's units, ||L^T (W - W') S||^2 / ||L^T W S||^2."""
@@ -257,7 +262,7 @@ def _quant_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, whit
     points = []
     for choice in candidates(ctx.config.bits, t.out_features, t.in_features):
         tensors = quant_tensors(ctx, t, weight, choice)
-        delta = weight.to(torch.float64) - layer_weight([tensors[k] for k in QUANT_LAYERS[choice.format].factors], choice.bits).to(torch.float64)
+        delta = weight.to(torch.float64) - quant_weight(tensors, choice).to(torch.float64)
         delta = white.apply(delta) if white is not None else delta
         delta = out_white.apply_left(delta) if out_white is not None else delta
         points.append((choice, tensor_bytes(tensors) + bias_bytes, float((delta**2).sum()) / max(total, 1e-300)))
@@ -347,7 +352,7 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
             # over every direction, as the top rank's is)
             ranks, params, rows, formats = ranks + [choice.rank], params + [t.dense_params + choice.rank * (t.out_features + t.in_features)], rows + [0], formats + [choice.format]
             cost.append(float(nbytes))
-            quant += [None] * (len(ranks) - 1 - len(quant)) + [choice]
+            quant.append(choice)
             share = measured_quant.get(choice)
             loss.append(share if share is not None and share > 0 else rel * scale[t.name](top))
         for k, tail in ctx.analysis.get("row_tails", {}).get(t.name, {}).items():
@@ -471,7 +476,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
                 for choice, _, _ in ctx.analysis.get("quant", {}).get(t.name, []):
                     # the precision candidates, measured the same way (quantized again: cheaper than holding them)
                     tensors = quant_tensors(ctx, t, originals[t.name], choice)
-                    params[t.name].copy_(layer_weight([tensors[k] for k in QUANT_LAYERS[choice.format].factors], choice.bits))
+                    params[t.name].copy_(quant_weight(tensors, choice))
                     ctx.analysis.setdefault("quant_measured", {}).setdefault(t.name, {})[choice] = max(error() - floor, 0.0)
                 params[t.name].copy_(operating[t.name])
                 # a share measured as zero is below the noise of the measurement, not zero: leave it
