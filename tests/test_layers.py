@@ -178,7 +178,7 @@ def test_a_layer_the_format_cannot_take_is_an_error_naming_it():
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
-    """Every layer (low rank, network, lrbd, the three convolutions, the two quantized) through the one definition: the op on the CPU is the
+    """Every layer (low rank, network, lrbd, the three convolutions, the three quantized) through the one definition: the op on the CPU is the
     reference bit for bit, its gradients are the reference's (gradcheck), the module is the op, and
     a layer with kernels has a CUDA implementation registered with its op."""
     from tngraph.modules import LowRankLinear, NetworkLinear
@@ -200,8 +200,8 @@ def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
         else:
             factors = conv_formats.decompose(name.removeprefix("conv_"), kernel, 4)
         module = LayerLinear(LAYERS[name], factors, 72, 24, torch.randn(24, generator=g, dtype=torch.float64), geometry)
-    elif name in ("quant", "qlowrank"):  # int4 codes in groups of 16 (+ a rank-4 correction); scales and factors in float64
-        factors = quantize_choice(weight.float(), Choice(4, 16, 4 if name == "qlowrank" else 0), None)
+    elif name in ("quant", "qlowrank", "qfactors"):  # int4 codes in groups of 16 (+ a rank-4 correction; or rank-8 factors); scales and factors in float64
+        factors = quantize_choice(weight.float(), Choice(4, 16, {"quant": 0, "qlowrank": 4, "qfactors": 8}[name], name == "qfactors"), None)
         factors = {k: v.double() if v.is_floating_point() else v for k, v in factors.items()}
         module = LayerLinear(LAYERS[name], factors, 32, 24, torch.randn(24, generator=g, dtype=torch.float64), {"bits": 4})
     else:
@@ -222,7 +222,7 @@ def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
     n = len(factors)
     assert torch.autograd.gradcheck(lambda x, *rest: layer.call_op(x, list(rest[:n]), rest[n], statics), inputs)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tngraph::{name}", "CUDA") == layer.cuda
-    assert layer.cuda == (name in ("lowrank", "network")) and (layer.onnx is not None) == (name in ("network", "quant", "qlowrank"))
+    assert layer.cuda == (name in ("lowrank", "network")) and (layer.onnx is not None) == (name in ("network", "quant", "qlowrank", "qfactors"))
 
 
 def test_a_layer_definition_names_what_it_cannot_take():

@@ -9,9 +9,9 @@ import torch
 
 import tngraph
 from tngraph.errors import ConfigError
-from tngraph.layers import QLOWRANK, QUANT, LayerLinear
-from tngraph.tn.quant import (Choice, QuantSpec, candidates, dequantize_layer, gptq, layer_tensors, layer_weight, pack_rows,
-                              quantize_choice, rtn, tensor_bytes, unpack_rows)
+from tngraph.layers import QFACTORS, QLOWRANK, QUANT, LayerLinear
+from tngraph.tn.quant import (Choice, QuantSpec, candidates, dequantize_layer, factored, gptq, layer_tensors, layer_weight, output_error,
+                              pack_rows, quantize_choice, rtn, tensor_bytes, unpack_rows)
 
 from tests.conftest import MLP, backend_spy
 
@@ -56,14 +56,54 @@ def test_candidates_cover_the_widths_asked_for():
     assert [c for c in candidates((4,), 8, 20) if c.rank] == [] and Choice(4, 0) in candidates((4,), 8, 20)  # no group divides 20
 
 
-@pytest.mark.parametrize("layer,rank", [(QUANT, 0), (QLOWRANK, 4)])
+def _low_rank_weight(out=48, width=64, rank=6, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, width, generator=g) @ torch.randn(width, width, generator=g) * 0.2
+    w = torch.randn(out, rank, generator=g) @ torch.randn(rank, width, generator=g) + 0.02 * torch.randn(out, width, generator=g)
+    return w, (x.T @ x).double()
+
+
+def test_quantized_factors_feed_back_error_and_improve_with_bits_and_rank():
+    w, gram = _low_rank_weight()
+    err = {(bits, rank): factored(w, QuantSpec(bits, 16 if bits < 8 else None), rank, gram).error for bits in (4, 8) for rank in (4, 8, 16)}
+    assert all(err[(4, r)] > err[(8, r)] for r in (4, 8, 16)) and err[(8, 4)] > err[(8, 8)] > err[(8, 16)]
+    # at full rank and 16 bits the factors are the weight, to fp16
+    exact = factored(w, QuantSpec(16), 48, gram)
+    assert exact.error < 1e-6 and exact.a.codes.dtype == torch.float16
+    # error feedback between the factors (A refit to the quantized B, then quantized on the Gram of x B'^T)
+    # beats quantizing both factors as they come, and beats rounding to nearest
+    spec = QuantSpec(4, 16)
+    fed, plain = factored(w, spec, 8, gram), factored(w, spec, 8, gram, refit=False)
+    rounded = factored(w, spec, 8, None)
+    assert fed.error < plain.error and fed.error < output_error(w, rounded.dequantize(), gram)
+    assert fed.error == pytest.approx(output_error(w, fed.dequantize(), gram))
+    for bad, words in ((dict(rank=0), "rank must be"), (dict(rank=49), "rank must be"), (dict(spec=QuantSpec(4, 24)), "does not divide"),
+                       (dict(spec=QuantSpec(5)), "not offered")):
+        with pytest.raises(ValueError, match=words):
+            factored(w, bad.get("spec", spec), bad.get("rank", 8), gram)
+
+
+def test_quantized_factor_candidates_and_their_stored_bytes():
+    found = [c for c in candidates((16, 8, 4, 2), 384, 1536) if c.factored]
+    # ranks keeping 1/8, 1/4, 1/2 of the values, multiples of 8, at 8 bits per channel and 4 bits in groups of 32
+    assert {c.rank for c in found} == {32, 72, 152} and {(c.bits, c.group) for c in found} == {(8, 0), (4, 32)}
+    assert all(c.format == "qfactors" and c.params(384, 1536) == c.rank * (384 + 1536) for c in found)
+    w, gram = _low_rank_weight()
+    tensors = quantize_choice(w, Choice(4, 32, 8, True), gram)
+    assert sorted(tensors) == sorted(QFACTORS.factors)
+    # B (8 x 64): 4-bit codes in 2 groups of 32; A (48 x 8): narrower than a group, per channel
+    assert tensors["scales_b"].shape == (8, 2) and tensors["scales_a"].shape == (48, 1)
+    assert tensor_bytes(tensors) == (48 * 8 + 8 * 64) // 2 + (48 * 1 + 8 * 2) * 3
+
+
+@pytest.mark.parametrize("layer,rank,factored_", [(QUANT, 0, False), (QLOWRANK, 4, False), (QFACTORS, 8, True)])
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 16), (2, 32), (16, 0)])
-def test_op_module_and_reference_agree_with_the_dequantized_weight(layer, rank, bits, group):
+def test_op_module_and_reference_agree_with_the_dequantized_weight(layer, rank, factored_, bits, group):
     g = torch.Generator().manual_seed(2)
     w, bias = torch.randn(20, 64, generator=g), torch.randn(20, generator=g)
     x = torch.randn(3, 5, 64, generator=g)
     gram = (x.reshape(-1, 64).T @ x.reshape(-1, 64)).double() + torch.eye(64, dtype=torch.float64)
-    factors = quantize_choice(w, Choice(bits, group, rank), gram)
+    factors = quantize_choice(w, Choice(bits, group, rank, factored_), gram)
     assert sorted(factors) == sorted(layer.factors)
     tensors = [factors[k] for k in layer.factors]
     expected = x @ layer_weight(tensors, bits).T + bias
@@ -73,11 +113,13 @@ def test_op_module_and_reference_agree_with_the_dequantized_weight(layer, rank, 
     module = LayerLinear(layer, factors, 64, 20, bias.clone(), statics)
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
     # integer codes are buffers (nothing trains them); the fp16 scales take gradients through the op
-    assert {n for n, _ in module.named_buffers()} >= {"zeros"} | ({"codes"} if bits != 16 else set())
+    side = "_b" if factored_ else ""
+    assert {n for n, _ in module.named_buffers()} >= {"zeros" + side} | ({"codes" + side} if bits != 16 else set())
     if bits != 16:
-        module.scales.data = module.scales.data.float()
+        scales = getattr(module, "scales" + side)
+        scales.data = scales.data.float()
         module(x).square().sum().backward()
-        assert module.scales.grad is not None and torch.isfinite(module.scales.grad).all()
+        assert scales.grad is not None and torch.isfinite(scales.grad).all()
 
 
 def test_int8_activations_run_the_integer_gemm_close_to_weight_only():
@@ -188,11 +230,16 @@ def test_precision_candidates_join_the_curves_at_their_stored_bytes(sensitivity)
             i = curve.quant.index(choice)
             assert curve.cost[i] == nbytes and curve.formats[i] == choice.format
         loss = {c: curve.loss[curve.quant.index(c)] for c, _, _ in points}
-        assert loss[Choice(8)] < loss[Choice(4, 32)] < loss[Choice(2, 32)]
+        best = {b: min(v for c, v in loss.items() if c.bits == b and not c.factored) for b in (8, 4, 2)}
+        assert best[8] < best[4] < best[2]
+        # none kept that another candidate beats in both bytes and predicted error; quantized factors offered
+        assert not any(q[1] <= p[1] and q[2] < p[2] for p in points for q in points)
+        assert any(c.factored for c in loss) and ctx.counters["sensitivity.quant.dominated"] > 0
         assert t is not None and t.quant is not None
     if sensitivity == "measured":
         shares = ctx.analysis["quant_measured"]
-        assert set(shares) == set(ctx.analysis["quant"]) and all(s[Choice(8)] < s[Choice(2, 32)] for s in shares.values())
+        assert set(shares) == set(ctx.analysis["quant"])
+        assert all(s[Choice(8)] < min(v for c, v in s.items() if c.bits == 2) for s in shares.values())
 
 
 def test_healing_trains_biases_of_quantized_layers_not_their_stored_fp16_tensors(quantized):
@@ -214,3 +261,35 @@ def test_int8_activations_fuse_and_run_in_the_pipeline():
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(result.module(x), model(x)).mean() > 0.999
         torch.testing.assert_close(result.graph(x)[0] if isinstance(result.graph(x), tuple) else result.graph(x), result.module(x))
+
+
+def test_low_rank_layers_take_quantized_factors_through_artifact_onnx_and_compile(tmp_path):
+    """Where a weight is low rank, a byte budget below its cheapest codes takes quantized factors
+    (format qfactors): the graph holds the op, the artifact round-trips byte for byte, the ONNX file
+    runs in onnxruntime, and torch.compile runs the loaded module."""
+    model, data = MLP(dims=(64, 128, 128, 32)).eval(), _data()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.layers:
+            out, width = layer.weight.shape
+            layer.weight.copy_(torch.randn(out, 4, generator=g) @ torch.randn(4, width, generator=g) / width**0.5)
+    config = tngraph.Config(budget=0.07, bits=(16, 8, 4, 2), sensitivity="fisher", heal_steps=0, progress=False)
+    result = tngraph.compress_with_result(model, calibration=data, config=config)
+    plan = result.context.plan
+    chosen = [p for p in plan.values() if p.format == "qfactors"]
+    assert chosen and all(p.quant["bits"] in (8, 4) and p.rank >= 8 for p in chosen)
+    assert sum(p.bytes_after() for p in plan.values()) <= 0.07 * sum(4 * p.params_before for p in plan.values())
+    assert sum(n.op == "call_function" and n.target == QFACTORS.op for n in result.graph.graph.nodes) == len(chosen)
+    x = data[0][0][0]
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(result.module(x), model(x)).mean() > 0.99
+    first = tngraph.save(result.module, tmp_path / "a")
+    loaded = tngraph.load(first, model=copy.deepcopy(model))
+    assert (first / "factors.safetensors").read_bytes() == (tngraph.save(loaded, tmp_path / "b") / "factors.safetensors").read_bytes()
+    pytest.importorskip("onnxruntime")
+    from tngraph.lowering.onnx import export_onnx
+
+    assert export_onnx(loaded, x, tmp_path / "f.onnx").max_abs_diff < 1e-4
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(loaded)(x), loaded(x), rtol=1e-4, atol=1e-4)

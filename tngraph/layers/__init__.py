@@ -4,17 +4,17 @@ from .conv import CONV, CONV_CP, CONV_LAYERS, CONV_TUCKER
 from .lowrank import LOWRANK
 from .lrbd import LRBD
 from .network import NETWORK
-from .quant import QLOWRANK, QUANT, QUANT_LAYERS
+from .quant import QFACTORS, QLOWRANK, QUANT, QUANT_LAYERS
 from ..tn.formats import FORMATS
 
-LAYERS: dict[str, Layer] = {layer.name: layer for layer in (LOWRANK, NETWORK, LRBD, CONV, CONV_TUCKER, CONV_CP, QUANT, QLOWRANK)}
+LAYERS: dict[str, Layer] = {layer.name: layer for layer in (LOWRANK, NETWORK, LRBD, CONV, CONV_TUCKER, CONV_CP, QUANT, QLOWRANK, QFACTORS)}
 OPS = {layer.op: layer for layer in LAYERS.values()}  # tngraph::<name>.default -> its layer
 
 
 def layer_for(format_name: str, conv: bool = False) -> Layer:
     """The layer a plan's format becomes: the low-rank layer (lowrank, svd), the format's own defined
     layer, or the tensor-network layer every other format shares; for a convolution's plan, the
-    low-rank, Tucker-2 or CP convolution; a quantized plan's (quant, qlowrank), the quantized layer."""
+    low-rank, Tucker-2 or CP convolution; a quantized plan's (quant, qlowrank, qfactors), the quantized layer."""
     if format_name in QUANT_LAYERS:
         return QUANT_LAYERS[format_name]
     if conv:
@@ -35,5 +35,5 @@ def expand_layers(gm, *, translated: bool = True) -> int:
     return expand(gm, OPS, keep=() if translated else tuple(n for n, layer in LAYERS.items() if layer.onnx is not None))
 
 
-__all__ = ["CONV", "CONV_CP", "CONV_LAYERS", "CONV_TUCKER", "LAYERS", "LOWRANK", "Layer", "LayerLinear", "NETWORK", "OPS", "QLOWRANK", "QUANT", "QUANT_LAYERS", "call_inputs", "define", "expand", "expand_layers",
+__all__ = ["CONV", "CONV_CP", "CONV_LAYERS", "CONV_TUCKER", "LAYERS", "LOWRANK", "Layer", "LayerLinear", "NETWORK", "OPS", "QFACTORS", "QLOWRANK", "QUANT", "QUANT_LAYERS", "call_inputs", "define", "expand", "expand_layers",
            "inline", "layer_for"]

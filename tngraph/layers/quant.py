@@ -4,6 +4,7 @@ low-rank part that absorbs the quantization error (tngraph.tn.quant makes the co
     quant:    y = x W'^T + bias,                 W' = scales * (codes - zeros), per output channel or
                                                  per group of input columns
     qlowrank: y = x W'^T + (x B^T) A^T + bias,   A (out x r), B (r x in) fp16
+    qfactors: y = (x B'^T) A'^T + bias,           A' (out x r), B' (r x in) each quantized as W' is
 
 codes: int8 (out x in) at 8 bits (symmetric, zeros 0), uint8 packed two (4 bits) or four (2 bits)
 to a byte along the input, first value in the low bits; fp16 values at 16 bits. Statics: `bits`, and
@@ -57,6 +58,12 @@ def lowrank_reference(x: torch.Tensor, factors: list[torch.Tensor], bias: Option
     return y + bias if bias is not None else y
 
 
+def factors_reference(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int = 8,
+                      act_bits: int = 0) -> torch.Tensor:
+    y = _dense_part(_dense_part(x, *factors[3:], bits, act_bits), *factors[:3], bits, act_bits)
+    return y + bias if bias is not None else y
+
+
 def _onnx_weight(op, codes, scales, zeros, bits: int, act_bits: int):
     """W' (out x in, float) in ONNX: codes unpacked by BitShift / BitwiseAnd below 8 bits, then
     (q - zero) * scale per group, which onnxruntime folds into a float weight at load (weight-only,
@@ -92,6 +99,9 @@ def onnx(x, factors, bias, bits: int = 4, act_bits: int = 0):
     MatMul (+ the low-rank branch) (+ Add). Activations stay float: act_bits is an execution choice of the CPU op."""
     from onnxscript import opset18 as op
 
+    if len(factors) == 6:  # quantized factors: x B'^T, then A'^T
+        y = _onnx_linear(op, _onnx_linear(op, x, _onnx_weight(op, *factors[3:], bits, act_bits)), _onnx_weight(op, *factors[:3], bits, act_bits))
+        return op.Add(y, bias) if bias is not None else y
     y = _onnx_linear(op, x, _onnx_weight(op, *factors[:3], bits, act_bits))
     if len(factors) == 5:
         y = op.Add(y, _onnx_linear(op, _onnx_linear(op, x, factors[4]), factors[3]))
@@ -108,4 +118,7 @@ QUANT = define("quant", reference, ("codes", "scales", "zeros"), statics=_STATIC
                summary="quantized weight, x·(s·(q − z))ᵀ + bias (int8/int4/int2 codes, fp16 scales)")
 QLOWRANK = define("qlowrank", lowrank_reference, ("codes", "scales", "zeros", "a", "b"), statics=_STATICS, statics_of=statics_of,
                   weight=weight, onnx=onnx, summary="quantized weight + low-rank compensation, x·(s·(q − z) + A·B)ᵀ + bias")
-QUANT_LAYERS = {"quant": QUANT, "qlowrank": QLOWRANK}  # a plan's format -> its layer
+QFACTORS = define("qfactors", factors_reference, ("codes_a", "scales_a", "zeros_a", "codes_b", "scales_b", "zeros_b"), statics=_STATICS,
+                  statics_of=statics_of, weight=weight, onnx=onnx,
+                  summary="quantized low-rank factors, (x·B'ᵀ)·A'ᵀ + bias (int8/int4 codes of both factors, fp16 scales)")
+QUANT_LAYERS = {"quant": QUANT, "qlowrank": QLOWRANK, "qfactors": QFACTORS}  # a plan's format -> its layer

@@ -140,7 +140,7 @@ def _quant_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetP
     the calibration Gram; None when the guard refuses them."""
     t, plan = meta.info(m.node).target, meta.info(m.node).plan
     weight = target_weight(gm, t)
-    choice = Choice(plan.quant["bits"], plan.quant["group"], plan.rank or 0)
+    choice = Choice.of_plan(plan.format, plan.quant, plan.rank)
     factors = quant_tensors(ctx, t, weight, choice)
     ctx.counters[f"factorize.{plan.format}.int{choice.bits}"] += 1
     if not accept(ctx, m.node, weight, quant_weight(factors, choice).to(weight.dtype)):

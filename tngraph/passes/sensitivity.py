@@ -266,8 +266,16 @@ def _quant_points(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, whit
         delta = white.apply(delta) if white is not None else delta
         delta = out_white.apply_left(delta) if out_white is not None else delta
         points.append((choice, tensor_bytes(tensors) + bias_bytes, float((delta**2).sum()) / max(total, 1e-300)))
-    ctx.analysis.setdefault("quant", {})[t.name] = points
-    ctx.counters["sensitivity.quant.candidates"] += len(points)
+    kept = undominated(points)
+    ctx.analysis.setdefault("quant", {})[t.name] = kept
+    ctx.counters["sensitivity.quant.candidates"] += len(kept)
+    ctx.counters["sensitivity.quant.dominated"] += len(points) - len(kept)
+
+
+def undominated(points: list[tuple[Choice, int, float]]) -> list[tuple[Choice, int, float]]:
+    """The candidates no other candidate of the target beats in both stored bytes and predicted
+    error (one that costs as much or more and loses more is never worth measuring or allocating)."""
+    return [p for p in points if not any(q[1] <= p[1] and q[2] <= p[2] and (q[1], q[2]) != (p[1], p[2]) for q in points)]
 
 
 def _grid_ranks(t: meta.TargetInfo, fmt_name: str = "svd", **options) -> list[int]:
@@ -349,12 +357,13 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
         for choice, nbytes, rel in ctx.analysis.get("quant", {}).get(t.name, []):
             # a precision candidate: its measured share when measured, else its error in the low-rank
             # curve's units with that curve's correction at the top rank (quantization error is spread
-            # over every direction, as the top rank's is)
-            ranks, params, rows, formats = ranks + [choice.rank], params + [t.dense_params + choice.rank * (t.out_features + t.in_features)], rows + [0], formats + [choice.format]
+            # over every direction, as the top rank's is; quantized factors: at their rank, their error
+            # mostly the truncation's)
+            ranks, params, rows, formats = ranks + [choice.rank], params + [choice.params(t.out_features, t.in_features) + bias], rows + [0], formats + [choice.format]
             cost.append(float(nbytes))
             quant.append(choice)
             share = measured_quant.get(choice)
-            loss.append(share if share is not None and share > 0 else rel * scale[t.name](top))
+            loss.append(share if share is not None and share > 0 else rel * scale[t.name](choice.rank if choice.factored else top))
         for k, tail in ctx.analysis.get("row_tails", {}).get(t.name, {}).items():
             # patch level: k output rows dense (k x in), the other out - k rows at rank r
             extra = list(range(step, min(tail.numel(), top) + 1, step))

@@ -15,7 +15,11 @@ error over the calibration data ||(W - W') S||^2 with S S^T = X^T X (the calibra
   absorb what earlier ones lost;
 - `compensated`: W ~= deq(Q(W - L)) + L with L = A B the whitened rank-r part of the residual
   (LQER / CALDERA style: a small rank absorbs the quantization error), refit in turns: L from the
-  residual of Q, then Q of W - L, keeping the best.
+  residual of Q, then Q of W - L, keeping the best;
+- `factored`: W ~= deq(Qa) deq(Qb), the whitened rank-r factors themselves quantized (Dobi-SVD /
+  quantized-factor style), with error feedback between them: B is quantized first on X^T X, A is
+  refit to the quantized B (least squares in the output error), then quantized on the Gram of
+  x B'^T.
 
 Bits 16 is fp16 storage (a cast). Bits offered: 16, 8, 4, 3, 2.
 """
@@ -306,6 +310,52 @@ def compensated(weight: torch.Tensor, spec: QuantSpec, rank: int, gram: torch.Te
     return best
 
 
+@dataclass
+class Factored:
+    """W ~= deq(a) @ deq(b): low-rank factors (a: out x r, b: r x in) stored quantized."""
+
+    a: Quantized
+    b: Quantized
+    error: float  # output error ||(W - W') S||^2 / ||W S||^2
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.a.dequantize(torch.float64) @ self.b.dequantize(torch.float64)).to(dtype)
+
+    def nbytes(self) -> int:
+        return self.a.nbytes() + self.b.nbytes()
+
+
+def factor_spec(spec: QuantSpec, width: int) -> QuantSpec:
+    """The spec of one factor of `width` columns: `spec`'s group where it divides the width (and is
+    smaller), per channel otherwise."""
+    return spec if spec.group is not None and width % spec.group == 0 and spec.group < width else QuantSpec(spec.bits)
+
+
+def factored(weight: torch.Tensor, spec: QuantSpec, rank: int, gram: torch.Tensor | None = None, *, method: str = "gptq",
+             damping: float = 1e-4, refit: bool = True) -> Factored:
+    """Quantized low-rank factors with error feedback between them: (A, B) the whitened rank-`rank`
+    factors of W; B quantized (error feedback on the Gram X^T X); A refit to the quantized B', the
+    least-squares A of ||(W - A B') S||^2, A = W G B'^T (B' G B'^T)^-1 (`refit`); A quantized with
+    error feedback on B' G B'^T, the Gram of the rank-r activations x B'^T. Without a Gram, G = I and
+    both factors are rounded to nearest."""
+    spec.check(tuple(weight.shape))
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank must be an integer in [1, {min(weight.shape)}] for a {tuple(weight.shape)} weight, got {rank!r}")
+    w = weight.detach().to(torch.float64)
+    g = gram.detach().to(torch.float64) if gram is not None else torch.eye(w.shape[1], dtype=torch.float64)
+    a, b = decompose_lowrank(w, rank, whitening_from_gram(g, damping) if gram is not None else None)
+    qb = quantize(b.to(torch.float32), factor_spec(spec, w.shape[1]), gram, method)
+    bq = qb.dequantize(torch.float64)
+    inner = bq @ g @ bq.T  # the Gram of x B'^T
+    if refit:
+        damped = inner + damping * float(inner.diagonal().mean().clamp_min(1e-300)) * torch.eye(rank, dtype=torch.float64)
+        a = torch.linalg.solve(damped, (w @ g @ bq.T).T).T
+    qa = quantize(a.to(torch.float32), factor_spec(spec, rank), inner.to(torch.float32) if gram is not None else None, method)
+    made = Factored(qa, qb, 0.0)
+    made.error = output_error(w, made.dequantize(torch.float64), gram)
+    return made
+
+
 LAYER_BITS = (16, 8, 4, 2)  # what a quantized layer runs: codes packed 8 / bits to a byte along the input
 
 
@@ -358,24 +408,39 @@ def dequantize_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 @dataclass(frozen=True)
 class Choice:
     """One precision candidate of a target: `bits` codes, scales per `group` input columns (0: per
-    output channel), plus a compensating low-rank part of `rank` (0: none)."""
+    output channel), plus a compensating low-rank part of `rank` (0: none) kept in fp16; or, with
+    `factored`, a rank-`rank` factorization whose two factors are the quantized tensors."""
 
     bits: int
     group: int = 0
     rank: int = 0
+    factored: bool = False
 
     @property
     def format(self) -> str:
-        return "qlowrank" if self.rank else "quant"
+        return "qfactors" if self.factored else "qlowrank" if self.rank else "quant"
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group or None)
 
+    @classmethod
+    def of_plan(cls, format_name: str, quant: dict, rank: int | None) -> "Choice":
+        """The choice a plan records (its format, its `quant` record, its rank)."""
+        return cls(quant["bits"], quant["group"], rank or 0, format_name == "qfactors")
+
+    def params(self, out_features: int, in_features: int) -> int:
+        """The weight values it stands for (codes count one each), without the bias."""
+        low = self.rank * (out_features + in_features)
+        return low if self.factored else out_features * in_features + low
+
     def label(self) -> str:
         if self.bits == 16:
             return "fp16"
-        return f"int{self.bits} " + (f"g{self.group}" if self.group else "per channel") + (f" + rank {self.rank}" if self.rank else "")
+        scales = f"g{self.group}" if self.group else "per channel"
+        if self.factored:
+            return f"rank {self.rank}, int{self.bits} factors ({scales})"
+        return f"int{self.bits} {scales}" + (f" + rank {self.rank}" if self.rank else "")
 
     def record(self, act_bits: int = 0) -> dict:
         """The plan's and recipe's record of it (act_bits applies to 8-bit per-channel codes only)."""
@@ -384,28 +449,42 @@ class Choice:
 
 GROUPS = {4: (32, 64, 128, 0), 2: (32, 64, 128)}  # group sizes offered below 8 bits (0: per output channel)
 RANKS = {4: (8, 16), 2: (16, 32)}  # compensating ranks offered at the coarsest group
+FACTOR_BITS = {8: 0, 4: 32}  # quantized-factor candidates: bits -> group (0: per channel; a factor too narrow for the group: per channel)
+FACTOR_KEEP = (1 / 8, 1 / 4, 1 / 2)  # ... at ranks keeping these fractions of the weight's values
 
 
 def candidates(bits: tuple[int, ...], out_features: int, in_features: int) -> list[Choice]:
     """The precision candidates of an (out x in) target at these widths: fp16; int8 per channel;
     int4 / int2 in the groups of GROUPS that divide the width (and per channel), and at the
-    coarsest group with each compensating rank of RANKS up to a quarter of the smaller side."""
+    coarsest group with each compensating rank of RANKS up to a quarter of the smaller side; and
+    low-rank factors quantized at 8 and 4 bits (FACTOR_BITS) at the ranks keeping FACTOR_KEEP of
+    the values (multiples of 8, at least 8)."""
     found = []
     for b in bits:
         if b in (16, 8):
             found.append(Choice(b))
-            continue
-        groups = [g for g in GROUPS[b] if g == 0 or (in_features % g == 0 and g < in_features)] or [0]
-        found += [Choice(b, g) for g in groups]
-        coarsest = max(groups)
-        found += [Choice(b, coarsest, r) for r in RANKS[b] if r <= min(out_features, in_features) // 4]
+        else:
+            groups = [g for g in GROUPS[b] if g == 0 or (in_features % g == 0 and g < in_features)] or [0]
+            found += [Choice(b, g) for g in groups]
+            coarsest = max(groups)
+            found += [Choice(b, coarsest, r) for r in RANKS[b] if r <= min(out_features, in_features) // 4]
+        if b in FACTOR_BITS:
+            ranks = sorted({8 * int(keep * out_features * in_features / (out_features + in_features) // 8) for keep in FACTOR_KEEP})
+            found += [Choice(b, FACTOR_BITS[b], r, True) for r in ranks if 8 <= r < min(out_features, in_features)]
     return found
 
 
+def factored_tensors(made: Factored) -> dict[str, torch.Tensor]:
+    """The quantized-factor layer's tensors: each factor's layer_tensors, suffixed _a and _b."""
+    return {f"{k}_{side}": v for side, q in (("a", made.a), ("b", made.b)) for k, v in layer_tensors(q).items()}
+
+
 def quantize_choice(weight: torch.Tensor, choice: Choice, gram: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """A quantized layer's tensors (layer_tensors, plus fp16 `a` and `b` with a rank) for `choice`:
-    error feedback on the Gram where there is one (round to nearest without), low-rank-compensated
-    with a rank."""
+    """A quantized layer's tensors (layer_tensors, plus fp16 `a` and `b` with a rank; the two factors'
+    with `factored`) for `choice`: error feedback on the Gram where there is one (round to nearest
+    without), low-rank-compensated with a rank."""
+    if choice.factored:
+        return factored_tensors(factored(weight, choice.spec, choice.rank, gram))
     if choice.rank:
         made = compensated(weight, choice.spec, choice.rank, gram)
         return {**layer_tensors(made.q), "a": made.a.to(torch.float16), "b": made.b.to(torch.float16)}
@@ -413,10 +492,12 @@ def quantize_choice(weight: torch.Tensor, choice: Choice, gram: torch.Tensor | N
 
 
 def layer_weight(factors: list[torch.Tensor], bits: int) -> torch.Tensor:
-    """W' (out x in) of a quantized layer's tensors in key order (codes, scales, zeros[, a, b]), in
-    float32 (float64 when the scales are)."""
+    """W' (out x in) of a quantized layer's tensors in key order (codes, scales, zeros[, a, b]; or
+    the two factors' codes, scales, zeros, A's first), in float32 (float64 when the scales are)."""
     dtype = torch.float64 if factors[1].dtype == torch.float64 else torch.float32
     w = dequantize_layer(*factors[:3], bits, dtype)
+    if len(factors) == 6:
+        return w @ dequantize_layer(*factors[3:], bits, dtype)
     if len(factors) == 5:
         w = w + factors[3].to(dtype) @ factors[4].to(dtype)
     return w
@@ -426,4 +507,4 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-__all__ = ["BITS", "Choice", "Compensated", "GROUPS", "RANKS", "candidates", "layer_weight", "quantize_choice", "LAYER_BITS", "dequantize_layer", "layer_tensors", "pack_rows", "tensor_bytes", "unpack_rows", "QuantSpec", "Quantized", "compensated", "gptq", "output_error", "pack", "quantize", "rtn", "unpack"]
+__all__ = ["BITS", "Choice", "Compensated", "FACTOR_BITS", "FACTOR_KEEP", "Factored", "factor_spec", "factored", "factored_tensors", "GROUPS", "RANKS", "candidates", "layer_weight", "quantize_choice", "LAYER_BITS", "dequantize_layer", "layer_tensors", "pack_rows", "tensor_bytes", "unpack_rows", "QuantSpec", "Quantized", "compensated", "gptq", "output_error", "pack", "quantize", "rtn", "unpack"]
