@@ -196,9 +196,21 @@ def test_quantized_model_exports_to_onnx(quantized, tmp_path):
     pytest.importorskip("onnxruntime")
     from tngraph.lowering.onnx import export_onnx
 
+    from tngraph.lowering.tensorrt import check_tensorrt
+
     model, data, result = quantized
+    plan = result.context.plan
+    low = sum(p.quant["bits"] < 16 and not (p.quant["bits"] == 8 and p.quant["act_bits"] == 8) for p in plan.values())
+    # onnxruntime (default): weight-only codes in its MatMulNBits, the codes packed in the file as stored
     report = export_onnx(result.module, data[0][0], tmp_path / "q.onnx")
-    assert report.max_abs_diff < 1e-4
+    assert report.max_abs_diff < 1e-4 and report.op_counts.get("com.microsoft::MatMulNBits", 0) == low > 0
+    assert any(p.op_type == "com.microsoft::MatMulNBits" for p in check_tensorrt(report.path))  # named for TensorRT
+    # standard: ONNX's own operators only, which TensorRT's check takes
+    standard = export_onnx(result.module, data[0][0], tmp_path / "s.onnx", quant_ops="standard")
+    assert standard.max_abs_diff < 1e-4 and not any(k.startswith("com.microsoft") for k in standard.op_counts)
+    assert not [p for p in check_tensorrt(standard.path) if p.severity == "error"]
+    with pytest.raises(ConfigError, match="quant_ops"):
+        export_onnx(result.module, data[0][0], tmp_path / "x.onnx", quant_ops="tensorrt")
 
 
 def test_backend_compiles_with_bits(quantized):

@@ -147,6 +147,9 @@ def _add_export_parser(sub: Any) -> None:
                         "bounds each output's error relative to its largest value: 2 %% fp16, 25 %% bf16)")
     o.add_argument("--static", action="store_true", help="fix batch and sequence to the example's (default: dynamic axes)")
     o.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    o.add_argument("--quant-ops", default="onnxruntime", choices=("onnxruntime", "standard"),
+                   help="quantized layers (--bits) as onnxruntime's MatMulNBits, codes kept packed (default), or in ONNX's own "
+                        "operators only (standard: for TensorRT and other runtimes)")
     _common(o, threads=None, what="the export's steps", quiet="no log lines")
     t = kinds.add_parser("tensorrt", help="build a TensorRT engine from an ONNX file (needs an NVIDIA GPU and tensorrt), "
                                           "or only check the file against TensorRT's operators (--check-only, no GPU)")
@@ -234,7 +237,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     print(workflow.export_onnx(args.model, args.out, batch=args.batch, length=args.length, dtype=args.dtype, tolerance=args.tolerance,
-                               static=args.static, opset=args.opset, force=args.force).summary())
+                               static=args.static, opset=args.opset, force=args.force, quant_ops=args.quant_ops).summary())
     return 0
 
 

@@ -9,6 +9,10 @@ at --budget by the default pipeline without healing (healing changes values, not
 --dtype fp16|bf16 exports both in that precision (max abs diff then against the float32 PyTorch
 model, sizes also against the dense float32 file); a bf16 file, which onnxruntime's CPU provider
 cannot run, is checked through emulation and its latency is not measured.
+An artifact with quantized layers (--bits) is exported twice: with onnxruntime's MatMulNBits (the
+default, codes kept packed) and with ONNX's own operators only (--quant-ops standard, the weight
+dequantized at load); each session's resident memory is the process's growth while it loads and
+runs once.
 
   python tools/bench_onnx.py [--artifact DIR] [--budget 0.5] [--dtype fp32] [--threads 2] [--repeats 20] [--json FILE]
 """
@@ -58,9 +62,15 @@ def main() -> int:
     folder = args.out or tempfile.mkdtemp(prefix="tngraph-onnx-")
     example = text_inputs(tokenizer, 2, 16)
     exports = {}
-    for name, model in (("dense", dense), ("compressed", compressed)):
+    from tngraph.layers import QUANT_LAYERS
+
+    runs = [("dense", dense, "onnxruntime"), ("compressed", compressed, "onnxruntime")]
+    if any(getattr(m, "layer_name", "") in QUANT_LAYERS for m in compressed.modules()):
+        runs.append(("compressed, standard ops", compressed, "standard"))
+    for name, model, quant_ops in runs:
         start = time.perf_counter()
-        exports[name] = tngraph.export_onnx(model, example, os.path.join(folder, f"{name}-{args.dtype}.onnx"), force=True, dtype=args.dtype)
+        exports[name] = tngraph.export_onnx(model, example, os.path.join(folder, f"{name.replace(', ', '-').replace(' ', '_')}-{args.dtype}.onnx"),
+                                            force=True, dtype=args.dtype, quant_ops=quant_ops)
         e = exports[name]
         print(f"{name} ({args.dtype}): {e.bytes / 1e6:.2f} MB, max abs diff vs float32 PyTorch {e.max_abs_diff:.2e}"
               f"{' (emulated: onnxruntime has no ' + args.dtype + ' kernels here)' if e.emulated else ''}, "
@@ -78,9 +88,16 @@ def main() -> int:
     if any(e.emulated for e in exports.values()):
         print(f"latency not measured: onnxruntime's CPU provider has no {args.dtype} kernels")
         return _write(args.json, result)
-    sessions = {name: _session(e.path, ["CPUExecutionProvider"], threads=args.threads) for name, e in exports.items()}
+    sessions, resident = {}, {}
+    for name, e in exports.items():
+        before = _rss()
+        sessions[name] = _session(e.path, ["CPUExecutionProvider"], threads=args.threads)
+        sessions[name].run(None, {n: v.numpy() for n, v in example.items() if n in e.inputs})
+        resident[name] = (_rss() - before) / 1e6
+    result["resident_mb"] = resident
     print(f"onnxruntime {__import__('onnxruntime').__version__}, CPU provider, {args.threads} threads, median of {args.repeats}")
-    print(f"{'batch':>10} | {'dense ms':>9} | {'compressed ms':>13} | {'compressed/dense':>16}")
+    print("| batch | " + " | ".join(f"{n} ms (/dense)" for n in sessions) + " |")
+    print("|---|" + "---|" * len(sessions))
     for rows, length in ((32, 128), (1, 128)):
         g = np.random.default_rng(rows)
         feeds = {"input_ids": g.integers(1000, 20000, (rows, length)).astype(np.int64),
@@ -90,16 +107,24 @@ def main() -> int:
         for s in sessions.values():
             for _ in range(3):
                 s.run(None, feeds)
-        for _ in range(args.repeats):  # interleaved, so that drifts of a shared machine hit both
+        for _ in range(args.repeats):  # interleaved, so that drifts of a shared machine hit all alike
             for n, s in sessions.items():
                 start = time.perf_counter()
                 s.run(None, feeds)
                 times[n].append(time.perf_counter() - start)
         med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
-        ratio = med["compressed"] / med["dense"]
-        result["latency"].append({"rows": rows, "length": length, "dense_ms": med["dense"], "compressed_ms": med["compressed"], "ratio": ratio})
-        print(f"{f'{rows} x {length}':>10} | {med['dense']:>9.2f} | {med['compressed']:>13.2f} | {ratio:>16.3f}")
+        result["latency"].append({"rows": rows, "length": length, "dense_ms": med["dense"], "compressed_ms": med["compressed"],
+                                  "ratio": med["compressed"] / med["dense"], "ms": med})
+        print(f"| {rows} x {length} | " + " | ".join(f"{med[n]:.2f} ({med[n] / med['dense']:.3f})" for n in sessions) + " |")
+    print("| resident MB (load + one run) | " + " | ".join(f"{resident[n]:.0f}" for n in sessions) + " |")
+    print("| file MB | " + " | ".join(f"{exports[n].bytes / 1e6:.2f}" for n in sessions) + " |")
     return _write(args.json, result)
+
+
+def _rss() -> int:
+    """This process's resident bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _write(path: str | None, result: dict) -> int:

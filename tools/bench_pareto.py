@@ -11,13 +11,14 @@ biases.
 
 Baselines: fp16; int8 per channel (round to nearest); int4 round to nearest in groups of 32 and
 128; int4 GPTQ-style error feedback in groups of 128 (tngraph.tn.quant.gptq); torch.ao dynamic int8
-(`quantize_dynamic`: activations quantized per tensor too); HQQ when the `hqq` package is installed;
+(`quantize_dynamic`: activations quantized per tensor too); torchao's int8 dynamic-activation and
+int8 weight-only configs (`quantize_`) when torchao is installed; HQQ when `hqq` is installed;
 whitened low rank alone (tngraph's pipeline without --bits, byte budget). tngraph: `compress(...,
 bits=(16, 8, 4, 2), budget=B)` at each budget (the byte budget, sensitivity as --sensitivity), and at
-the largest budget also with act_bits=8 (8-bit layers run int8 x int8).
+the largest budget and at torch.ao's own bytes also with act_bits=8 (8-bit layers run int8 x int8).
 
 Latency (MiniLM, CPU, --threads): median forward time at 32 x 128 and 1 x 128 tokens, torch.compile'd
-(Inductor) for dense and tngraph, eager for torch.ao (its quantized kernels are its own), same run.
+(Inductor) for dense, torchao and tngraph, eager for torch.ao (its quantized kernels are its own), same run.
 
   python tools/bench_pareto.py [--budgets 0.25,0.125,0.0625] [--sensitivity measured] [--png docs/pareto.png]
                                [--skip-latency | --latency-only] [--skip-lm] [--lm-preset default]
@@ -125,8 +126,8 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
     for name, (spec, method) in BASELINES.items():
         trial, stored = baseline(model, "encoder.", stats, spec, method)
         models[name] = (trial, stored / fp32)
-    ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-    models["torch.ao dynamic int8"] = (ao, sum(m.weight.numel() + 8 * m.out_features for m in linears(model, "encoder.").values()) / fp32)
+    for name, (m, stored) in int8_ecosystem(model, "encoder.").items():
+        models[name] = (m, stored / fp32)
     hqq = hqq_model(model, "encoder.")
     if hqq is not None:
         models["hqq int4 g64"] = (hqq[0], hqq[1] / fp32)
@@ -140,10 +141,10 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
         plan = tngraph.compress(model, config=cfg.replace(bits=(16, 8, 4, 2)), **common)
         models[f"tngraph @{budget:g}"] = (plan, target_bytes(plan, names) / fp32)
         print(f"  tngraph @{budget:g}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    top = max(budgets)
-    fast = tngraph.compress(model, config=tngraph.Config(budget=top, bits=(16, 8, 4, 2), act_bits=8, include=MINILM_INCLUDE,
-                                                         sensitivity=args.sensitivity, heal_steps=0, progress=False), **common)
-    models[f"tngraph @{top:g}, int8 activations"] = (fast, target_bytes(fast, names) / fp32)
+    cfg = tngraph.Config(budget=max(budgets), bits=(16, 8, 4, 2), act_bits=8, include=MINILM_INCLUDE, sensitivity=args.sensitivity,
+                         heal_steps=0, progress=False)
+    for name, fast in int8_plans(model, cfg, models["torch.ao dynamic int8"][1], common).items():
+        models[name] = (fast, target_bytes(fast, names) / fp32)
     rows = []
     for name, (m, frac) in models.items():
         scores = {k: agreement(dense[k], sentence_embeddings(m, tok, v)) for k, v in held.items()}
@@ -154,11 +155,40 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
     return rows, timed
 
 
+def int8_ecosystem(model: torch.nn.Module, prefix: str) -> dict[str, tuple[torch.nn.Module, int]]:
+    """What a user tries first, with the bytes it stores for the target linears: torch.ao's dynamic
+    int8 (`quantize_dynamic`, per-tensor activations; int8 weights, fp32 scale and zero point per
+    channel, fp32 bias), and torchao's int8 dynamic-activation / int8 weight-only configs when torchao
+    is installed (int8 weights, an fp32 scale per channel, fp32 bias)."""
+    targets = linears(model, prefix).values()
+    per_channel = sum(m.weight.numel() + 4 * m.out_features + 4 * (m.bias.numel() if m.bias is not None else 0) for m in targets)
+    out = {"torch.ao dynamic int8": (torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8),
+                                     per_channel + 4 * sum(m.out_features for m in targets))}
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return out
+    for name, config in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()), ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+        trial = copy.deepcopy(model)
+        quantize_(trial.get_submodule(prefix.rstrip(".")), config)
+        out[name] = (trial, per_channel)
+    return out
+
+
+def int8_plans(model: torch.nn.Module, cfg: tngraph.Config, ao_bytes: float, common: dict) -> dict[str, torch.nn.Module]:
+    """tngraph's plans with int8 activations: at the largest budget, and at torch.ao's own bytes (equal
+    bytes: every layer can then take int8, the integer GEMM's format)."""
+    plans = {f"tngraph @{cfg.budget:g}, int8 activations": tngraph.compress(model, config=cfg, **common)}
+    if ao_bytes > cfg.budget:
+        plans[f"tngraph @{ao_bytes:.4f} (torch.ao's bytes), int8 activations"] = tngraph.compress(model, config=cfg.replace(budget=ao_bytes),
+                                                                                                      **common)
+    return plans
+
+
 def minilm_latency(model, models, tok, args) -> dict:
     """Median ms per forward at 32 x 128 and 1 x 128: dense (compiled and eager), tngraph plans
     torch.compile'd, torch.ao eager."""
-    chosen = {"dense": model, "dense, eager": model, "torch.ao dynamic int8": models["torch.ao dynamic int8"][0],
-              **{k: m for k, (m, _) in models.items() if k.startswith("tngraph")}}
+    chosen = {"dense": model, "dense, eager": model, **{k: m for k, (m, _) in models.items() if k.startswith(("torch.ao", "torchao", "tngraph"))}}
     compiled = {k: (m if k.startswith(("torch.ao", "dense, eager")) else torch.compile(m)) for k, m in chosen.items()}
     out = {}
     with torch.no_grad():
@@ -179,9 +209,11 @@ def latency_only(args, top: float) -> dict:
     sets = sentence_sets(calibration=args.calibration, evaluation=8, seed=0)
     common = dict(calibration=sets.calibration, tokenizer=tok, source=ModelSource("minilm"))
     cfg = tngraph.Config(budget=top, bits=(16, 8, 4, 2), include=MINILM_INCLUDE, sensitivity=args.sensitivity, heal_steps=0, progress=False)
-    models = {"torch.ao dynamic int8": (torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8), 0.0),
-              f"tngraph @{top:g}": (tngraph.compress(model, config=cfg, **common), 0.0),
-              f"tngraph @{top:g}, int8 activations": (tngraph.compress(model, config=cfg.replace(act_bits=8), **common), 0.0)}
+    fp32 = target_bytes(model, list(linears(model, "encoder.")))
+    models = {name: (m, stored / fp32) for name, (m, stored) in int8_ecosystem(model, "encoder.").items()}
+    models[f"tngraph @{top:g}"] = (tngraph.compress(model, config=cfg, **common), 0.0)
+    for name, fast in int8_plans(model, cfg.replace(act_bits=8), models["torch.ao dynamic int8"][1], common).items():
+        models[name] = (fast, 0.0)
     return minilm_latency(model, models, tok, args)
 
 

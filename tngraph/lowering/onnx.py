@@ -357,7 +357,7 @@ def _param_bytes(model: torch.nn.Module) -> int:
 def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any = None, path: str | os.PathLike = "model.onnx", *,
                 dynamic: bool = True, tolerance: float | None = None, check_inputs: Sequence[Mapping[str, torch.Tensor]] | None = None,
                 opset: int | None = None, external_data: bool | None = None, force: bool = False,
-                providers: Sequence[str] | None = None, dtype: Any = "fp32") -> OnnxExport:
+                providers: Sequence[str] | None = None, dtype: Any = "fp32", quant_ops: str = "onnxruntime") -> OnnxExport:
     """Export `model` (a module, or an artifact folder written by tngraph.compress/save) to `path`.
 
     example_inputs: a tensor, a tuple of positional tensors or a dict of keyword tensors (e.g.
@@ -373,10 +373,21 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     relative to its largest |value| (precision.RELATIVE_TOLERANCES). A file onnxruntime has no
     kernels for (bf16 on the CPU) is checked through precision.emulate (float32 arithmetic, every
     value rounded to dtype), said in the result.
+
+    quant_ops: how quantized layers (--bits) are written. "onnxruntime" (default): weight-only codes
+    as onnxruntime's MatMulNBits (com.microsoft; the codes stay packed in memory and run in its
+    blocked low-bit GEMM), where a power-of-two block of at least 16 divides the layer's groups;
+    "standard": ONNX's own operators only (the weight dequantized, then MatMul), for TensorRT and
+    other runtimes.
     """
     from .precision import DTYPES, cast_inputs, low_precision_copy, precision_name
 
+    from ..layers.quant import QUANT_OPS
+
     started = time.perf_counter()
+    if quant_ops not in QUANT_OPS:
+        raise ConfigError(f"quant_ops {quant_ops!r} is not one of {', '.join(QUANT_OPS)}",
+                          "onnxruntime (MatMulNBits, the default) or standard (ONNX operators only, e.g. for TensorRT)")
     dtype = precision_name(dtype)
     tolerance, relative = _tolerance(dtype, tolerance)
     model, example_inputs = _module_and_example(model, example_inputs)
@@ -405,7 +416,7 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, example_inputs: Any 
     tmp = staging_dir(out)
     try:
         staged = tmp / out.name
-        _run_exporter(exported, export_values, names, out_names, axes, _max_sequence(model), opset, staged, external_data)
+        _run_exporter(exported, export_values, names, out_names, axes, _max_sequence(model), opset, staged, external_data, quant_ops)
         proto = _checked_proto(staged)
         session, emulated = _checking_session(staged, providers, dtype, external_data)
         checks = [_compare(session, flat, names, inputs, len(args), dtype, emulated, tolerance, relative) for inputs in checks_in]
@@ -479,8 +490,13 @@ def _outputs_and_axes(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any
 
 
 def _run_exporter(exported: torch.nn.Module, values: dict[str, torch.Tensor], names: list[str], out_names: list[str],
-                  axes: dict[str, dict[int, str]], max_sequence: Any, opset: int | None, staged: pathlib.Path, external_data: bool) -> None:
-    """torch.onnx (dynamo) on the flattened module, the file marked as tngraph's, saved to `staged`."""
+                  axes: dict[str, dict[int, str]], max_sequence: Any, opset: int | None, staged: pathlib.Path, external_data: bool,
+                  quant_ops: str = "onnxruntime") -> None:
+    """torch.onnx (dynamo) on the flattened module, the file marked as tngraph's, saved to `staged`;
+    the quantized layers' translation writes `quant_ops`."""
+    from ..layers.quant import quant_ops as quant_ops_var
+
+    token = quant_ops_var.set(quant_ops)
     with _quiet_exporter(), torch.no_grad():  # an inference graph (the modules' inference paths, no autograd)
         try:
             program = torch.onnx.export(
@@ -494,6 +510,8 @@ def _run_exporter(exported: torch.nn.Module, values: dict[str, torch.Tensor], na
         except Exception as exc:
             raise ExportError(f"torch.onnx could not export the model: {_first_line(exc)}",
                               "check that the model runs under torch.export (dynamic=False removes dynamic-shape constraints)") from exc
+        finally:
+            quant_ops_var.reset(token)
         program.model.metadata_props[PRODUCER_KEY] = __version__  # what lets --force replace this file later
         program.save(str(staged), external_data=external_data)
 

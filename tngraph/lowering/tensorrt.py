@@ -114,6 +114,10 @@ def check_tensorrt(path: str | os.PathLike) -> list[TrtProblem]:
             problems.append(TrtProblem(value.name, "input", "DOUBLE input: TensorRT casts it to FLOAT", "warning"))
     for index, node in enumerate(graph.node):
         name = node.name or f"#{index}"
+        if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
+            problems.append(TrtProblem(name, f"{node.domain}::{node.op_type}", "onnxruntime's low-bit GEMM, which TensorRT does not read "
+                                       "(export with `tngraph export onnx --quant-ops standard`)"))
+            continue
         if node.domain not in ("", "ai.onnx"):
             problems.append(TrtProblem(name, f"{node.domain}::{node.op_type}", "a custom-domain operator needs a TensorRT plugin "
                                        "(export with tngraph.export_onnx, which translates tngraph's ops into standard ones)"))

@@ -69,7 +69,8 @@ class OnnxRun:
 
 
 def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, batch: int = 2, length: int = 16, dtype: str = "fp32",
-                tolerance: float | None = None, static: bool = False, opset: int | None = None, force: bool = False) -> OnnxRun:
+                tolerance: float | None = None, static: bool = False, opset: int | None = None, force: bool = False,
+                quant_ops: str = "onnxruntime") -> OnnxRun:
     """`tngraph export onnx --model MODEL --out OUT ...` as one call: an artifact, 'minilm' or a
     Hugging Face folder exported at a batch x length example, checked, then checked against TensorRT."""
     from ..lowering.onnx import export_onnx as export, load_model_spec, text_inputs, written_by_tngraph
@@ -81,5 +82,5 @@ def export_onnx(model: str | os.PathLike, out: str | os.PathLike, *, batch: int 
     check_output_file(out, force, ours=written_by_tngraph, what="an ONNX file")  # before the model is read
     module, tokenizer = load_model_spec(model)
     result = export(module, text_inputs(tokenizer, batch, length), out, dynamic=not static, tolerance=tolerance, opset=opset,
-                    force=force, dtype=dtype)
+                    force=force, dtype=dtype, quant_ops=quant_ops)
     return OnnxRun(result, check_tensorrt(result.path))
