@@ -11,8 +11,8 @@ model, sizes also against the dense float32 file); a bf16 file, which onnxruntim
 cannot run, is checked through emulation and its latency is not measured.
 An artifact with quantized layers (--bits) is exported twice: with onnxruntime's MatMulNBits (the
 default, codes kept packed) and with ONNX's own operators only (--quant-ops standard, the weight
-dequantized at load); each session's resident memory is the process's growth while it loads and
-runs once.
+dequantized at load); each file's peak resident memory is measured in a process of its own that
+loads it and runs it once at 1 x 128 (beside that of a process that only imports onnxruntime).
 
   python tools/bench_onnx.py [--artifact DIR] [--budget 0.5] [--dtype fp32] [--threads 2] [--repeats 20] [--json FILE]
 """
@@ -88,13 +88,9 @@ def main() -> int:
     if any(e.emulated for e in exports.values()):
         print(f"latency not measured: onnxruntime's CPU provider has no {args.dtype} kernels")
         return _write(args.json, result)
-    sessions, resident = {}, {}
-    for name, e in exports.items():
-        before = _rss()
-        sessions[name] = _session(e.path, ["CPUExecutionProvider"], threads=args.threads)
-        sessions[name].run(None, {n: v.numpy() for n, v in example.items() if n in e.inputs})
-        resident[name] = (_rss() - before) / 1e6
-    result["resident_mb"] = resident
+    resident = {name: _peak_rss_mb(str(e.path), args.threads) for name, e in exports.items()}
+    result["peak_resident_mb"] = {**resident, "onnxruntime imported only": _peak_rss_mb(None, args.threads)}
+    sessions = {name: _session(e.path, ["CPUExecutionProvider"], threads=args.threads) for name, e in exports.items()}
     print(f"onnxruntime {__import__('onnxruntime').__version__}, CPU provider, {args.threads} threads, median of {args.repeats}")
     print("| batch | " + " | ".join(f"{n} ms (/dense)" for n in sessions) + " |")
     print("|---|" + "---|" * len(sessions))
@@ -116,15 +112,33 @@ def main() -> int:
         result["latency"].append({"rows": rows, "length": length, "dense_ms": med["dense"], "compressed_ms": med["compressed"],
                                   "ratio": med["compressed"] / med["dense"], "ms": med})
         print(f"| {rows} x {length} | " + " | ".join(f"{med[n]:.2f} ({med[n] / med['dense']:.3f})" for n in sessions) + " |")
-    print("| resident MB (load + one run) | " + " | ".join(f"{resident[n]:.0f}" for n in sessions) + " |")
+    print("| peak resident MB, load + one run (onnxruntime alone: %.0f) | " % result["peak_resident_mb"]["onnxruntime imported only"]
+          + " | ".join(f"{resident[n]:.0f}" for n in sessions) + " |")
     print("| file MB | " + " | ".join(f"{exports[n].bytes / 1e6:.2f}" for n in sessions) + " |")
     return _write(args.json, result)
 
 
-def _rss() -> int:
-    """This process's resident bytes (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+_PEAK = """
+import sys
+import numpy as np, onnxruntime as ort
+if sys.argv[1] != "-":
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = int(sys.argv[2])
+    s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.full((1, 128), 2000, np.int64), "attention_mask": np.ones((1, 128), np.int64),
+             "token_type_ids": np.zeros((1, 128), np.int64)}
+    s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))  # kB; ru_maxrss keeps the forking parent's
+"""
+
+
+def _peak_rss_mb(path: str | None, threads: int) -> float:
+    """Peak resident MB of a fresh process that loads `path` in onnxruntime and runs it once (None:
+    that only imports onnxruntime)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _PEAK, path or "-", str(threads)], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 1024
 
 
 def _write(path: str | None, result: dict) -> int:
