@@ -245,6 +245,24 @@ def test_export_onnx_of_an_artifact_and_the_tensorrt_check(tiny_hf, tmp_path, ca
     assert low.stat().st_size < 0.7 * out.stat().st_size
 
 
+def test_export_of_a_quantized_artifact_in_both_onnx_forms(tiny_hf, tmp_path, capsys):
+    """A --bits artifact exports as onnxruntime's MatMulNBits by default (which the TensorRT check names,
+    with the flag that avoids it) and with --quant-ops standard as ONNX operators TensorRT takes."""
+    art = tmp_path / "art"
+    assert main(["compress", "--model", str(tiny_hf), "--budget", "0.2", "--bits", "8,4", "--sensitivity", "fisher", "--out", str(art),
+                 "--no-eval", "--heal-steps", "0", *SMALL]) == 0
+    capsys.readouterr()
+    assert main(["export", "onnx", "--model", str(art), "--out", str(tmp_path / "q.onnx"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "com.microsoft::MatMulNBits" in printed and "TensorRT check: 0 errors" not in printed
+    assert main(["export", "tensorrt", "--onnx", str(tmp_path / "q.onnx"), "--check-only", "--quiet"]) == 1
+    assert "--quant-ops standard" in capsys.readouterr().out
+    assert main(["export", "onnx", "--model", str(art), "--out", str(tmp_path / "s.onnx"), "--quant-ops", "standard", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "TensorRT check: 0 errors" in printed and "MatMulNBits" not in printed
+    assert "invalid choice" in _fail(capsys, ["export", "onnx", "--model", str(art), "--out", str(tmp_path / "x.onnx"), "--quant-ops", "trt"])
+
+
 def test_export_errors_are_one_line(tiny_hf, tmp_path, capsys):
     assert "unknown model" in _fail(capsys, ["export", "onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx"), "--quiet"])
     assert "does not end in .onnx" in _fail(capsys, ["export", "onnx", "--model", str(tiny_hf), "--out", str(tmp_path / "m.bin"), "--quiet"])
