@@ -632,8 +632,8 @@ def test_every_kernel_compiles_for_hopper_in_bf16_without_a_gpu(tmp_path):
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.read_text())
-    assert {r["kernel"] for r in rows} == {"lowrank.split_rank", "lowrank.tiled", "tt.tt2"}
-    assert sorted(r["wide"] for r in rows) == [False] * 3 + [True] * 3  # int32 and int64 tile offsets, each kernel
+    assert {r["kernel"] for r in rows} == {"lowrank.split_rank", "lowrank.tiled", "tt.tt2", "quant.int4", "quant.int8"}
+    assert sorted(r["wide"] for r in rows) == [False] * 5 + [True] * 5  # int32 and int64 tile offsets, each kernel
     for r in rows:
         assert "error" not in r and r["cubin_bytes"] > 0 and r["local"] == 0 and 0 < r["regs"] <= 255, r
         assert r["mma"] in ("mma", "wgmma"), r  # bf16 dots run on tensor cores

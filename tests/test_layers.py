@@ -222,7 +222,7 @@ def test_every_layer_op_is_its_reference_with_its_gradients_and_kernels(name):
     n = len(factors)
     assert torch.autograd.gradcheck(lambda x, *rest: layer.call_op(x, list(rest[:n]), rest[n], statics), inputs)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tngraph::{name}", "CUDA") == layer.cuda
-    assert layer.cuda == (name in ("lowrank", "network")) and (layer.onnx is not None) == (name in ("network", "quant", "qlowrank", "qfactors"))
+    assert layer.cuda == (name in ("lowrank", "network", "quant", "qlowrank", "qfactors")) and (layer.onnx is not None) == (name in ("network", "quant", "qlowrank", "qfactors"))
 
 
 def test_a_layer_definition_names_what_it_cannot_take():

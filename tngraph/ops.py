@@ -7,6 +7,9 @@ path, bit-identical to the unfused chain), with the reason logged once.
 
 - tngraph::lowrank(x, [a, b], bias, act) = act(x @ b^T @ a^T + bias), act in ACTIVATIONS
   (lowrank_cuda: the split-rank or tiled kernel, the chain or the dense product, as `choose` picks).
+- tngraph::quant / qlowrank / qfactors (tngraph/layers/quant.py): each quantized weight's product in
+  the dequantizing GEMM kernel tngraph/kernels/quant.py (quant_product_cuda), the low-rank branch of
+  qlowrank as two GEMMs, the bias after.
 - tngraph::network(x, cores, bias, equation, in_dims, out_features) = a tensor-network layer
   (Tucker, TT, TR, CP, Kronecker, Monarch): x's features unflattened to in_dims, contracted with
   the cores by `equation` ("...<in>,<core>,...->...<out>"), flattened to out_features, + bias.
@@ -151,6 +154,24 @@ def kernel_unsupported(x: torch.Tensor, *others: Optional[torch.Tensor]) -> str 
     if any(t.device != x.device for t in tensors):
         return "inputs on different devices"
     return None
+
+
+def quant_product_cuda(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                       op: str = "quant") -> torch.Tensor | None:
+    """x W'^T of one quantized tensor (tngraph.layers.quant) on CUDA by the dequantizing GEMM kernel
+    (tngraph/kernels/quant.py): the weight unpacked tile by tile inside the GEMM, never in memory;
+    None where the kernel cannot take these inputs (the reason logged once; the caller runs the
+    reference)."""
+    reason = kernel_unsupported(x)
+    if reason is None:
+        if any(t.device != x.device for t in (codes, scales, zeros)):
+            reason = "inputs on different devices"
+        else:
+            reason = load_kernels("quant").supported(x, codes, scales, bits)
+    if reason is not None:
+        _fallback_once(reason, op)
+        return None
+    return load_kernels("quant").quant_matmul(x, codes, scales, zeros, bits)
 
 
 def bucket(rows: int) -> int:

@@ -35,6 +35,10 @@ KERNELS = {
     "lowrank.tiled": ("lowrank", "_tiled_kernel", {"x_ptr": "T", "b_ptr": "T", "a_ptr": "T", "bias_ptr": "T", "y_ptr": "T"},
                       {"HAS_BIAS": True, "ACT": 1}),
     "tt.tt2": ("tt", "_tt2_kernel", {"x_ptr": "T", "g1_ptr": "T", "g2_ptr": "T", "bias_ptr": "T", "y_ptr": "T"}, {"HAS_BIAS": True}),
+    "quant.int4": ("quant", "_quant_kernel", {"x_ptr": "T", "c_ptr": "u8", "s_ptr": "fp16", "z_ptr": "u8", "bias_ptr": "T", "y_ptr": "T"},
+                   {"HAS_BIAS": True, "BITS": 4}),
+    "quant.int8": ("quant", "_quant_kernel", {"x_ptr": "T", "c_ptr": "i8", "s_ptr": "fp16", "z_ptr": "i8", "bias_ptr": "T", "y_ptr": "T"},
+                   {"HAS_BIAS": True, "BITS": 8}),
 }
 SHARED_LIMIT = {90: 232448, 89: 101376, 80: 166912}  # bytes of shared memory one block may use, by compute capability
 

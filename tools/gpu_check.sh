@@ -16,9 +16,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 rc=0
 # the kernel tests run every autotune configuration explicitly: no autotuning per shape they try
-for selection in "-m gpu tests" "tests/test_kernels.py"; do
+for selection in "-m gpu tests" "tests/test_kernels.py tests/test_quant_kernel.py"; do
   # shellcheck disable=SC2086
-  TNGRAPH_AUTOTUNE=$([ "$selection" = tests/test_kernels.py ] && echo 0 || echo 1) timeout 150 $PY -m pytest -q $selection 2>&1 | tee -a "$OUT/gpu-tests.txt"
+  TNGRAPH_AUTOTUNE=$([ "$selection" != "-m gpu tests" ] && echo 0 || echo 1) timeout 150 $PY -m pytest -q $selection 2>&1 | tee -a "$OUT/gpu-tests.txt"
   code=${PIPESTATUS[0]}
   [ "$code" -ne 0 ] && [ "$code" -ne 5 ] && rc=$code
 done

@@ -73,6 +73,25 @@ quant_ops: contextvars.ContextVar[str] = contextvars.ContextVar("tngraph_quant_o
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits' block sizes along the input: powers of two, at least 16
 
 
+def _gpu_part(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, act_bits: int) -> torch.Tensor:
+    from .. import ops
+
+    y = ops.quant_product_cuda(x, codes, scales, zeros, bits) if bits < 16 else None
+    return y if y is not None else _dense_part(x, codes, scales, zeros, bits, act_bits)
+
+
+def cuda(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int = 4, act_bits: int = 0) -> torch.Tensor:
+    """The three layers on CUDA: each quantized product in the dequantizing GEMM kernel (tngraph.ops
+    quant_product_cuda; the reference's where it cannot run), weight-only whatever act_bits."""
+    if len(factors) == 6:
+        y = _gpu_part(_gpu_part(x, *factors[3:], bits, act_bits), *factors[:3], bits, act_bits)
+    else:
+        y = _gpu_part(x, *factors[:3], bits, act_bits)
+        if len(factors) == 5:
+            y = y + F.linear(F.linear(x, factors[4].to(x.dtype)), factors[3].to(x.dtype))
+    return y + bias if bias is not None else y
+
+
 def _onnx_weight(op, codes, scales, zeros, bits: int, act_bits: int):
     """W' (out x in, float) in ONNX's own operators: codes unpacked below 8 bits (the low bits of a
     byte are its first value: p - 2^bits floor(p / 2^bits), in float arithmetic, which is exact on
@@ -192,11 +211,11 @@ def statics_of(plan) -> dict:
 
 _STATICS = {"bits": (int, 4), "act_bits": (int, 0)}
 
-QUANT = define("quant", reference, ("codes", "scales", "zeros"), statics=_STATICS, statics_of=statics_of, weight=weight, onnx=onnx,
+QUANT = define("quant", reference, ("codes", "scales", "zeros"), statics=_STATICS, statics_of=statics_of, weight=weight, onnx=onnx, cuda=cuda,
                summary="quantized weight, x·(s·(q − z))ᵀ + bias (int8/int4/int2 codes, fp16 scales)")
 QLOWRANK = define("qlowrank", lowrank_reference, ("codes", "scales", "zeros", "a", "b"), statics=_STATICS, statics_of=statics_of,
-                  weight=weight, onnx=onnx, summary="quantized weight + low-rank compensation, x·(s·(q − z) + A·B)ᵀ + bias")
+                  weight=weight, onnx=onnx, cuda=cuda, summary="quantized weight + low-rank compensation, x·(s·(q − z) + A·B)ᵀ + bias")
 QFACTORS = define("qfactors", factors_reference, ("codes_a", "scales_a", "zeros_a", "codes_b", "scales_b", "zeros_b"), statics=_STATICS,
-                  statics_of=statics_of, weight=weight, onnx=onnx,
+                  statics_of=statics_of, weight=weight, onnx=onnx, cuda=cuda,
                   summary="quantized low-rank factors, (x·B'ᵀ)·A'ᵀ + bias (int8/int4 codes of both factors, fp16 scales)")
 QUANT_LAYERS = {"quant": QUANT, "qlowrank": QLOWRANK, "qfactors": QFACTORS}  # a plan's format -> its layer
