@@ -83,3 +83,17 @@ def test_the_module_runs_the_kernel_on_the_gpu():
         y = module(x)
         expected = x.float() @ module.weight.float().T + bias
     torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the smoke run is the interpreter's")
+def test_the_benchmark_runs_and_checks_the_kernel(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "bench_quant_kernel.py"
+    spec = importlib.util.spec_from_file_location("bench_quant_kernel", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--dtype", "fp32", "--shapes", "128x40", "--rows", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8" in printed and "int4 g128" in printed

@@ -2,7 +2,7 @@
 # One GPU session's checks, under 8 minutes on one H200: the gpu-marked tests and the kernel tests
 # (on the CPU those run in triton's interpreter; here on the GPU), then the fused-kernel benchmark
 # on Qwen3-32B shapes (dense cuBLAS, unfused chain, split-rank, tiled, dispatching op; two-mode TT/TR/CP/Tucker
-# kernel path vs einsum) in fp16, the low-rank table again in bf16. Results land in ${OUT:-gpu-out}/.
+# kernel path vs einsum) in fp16, the low-rank table again in bf16, the quantized GEMM against dense. Results land in ${OUT:-gpu-out}/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -26,6 +26,9 @@ done
 timeout 200 $PY tools/bench_kernels.py --dtype fp16 --json "$OUT/bench_kernels_fp16.json" 2>&1 | tee "$OUT/bench_kernels_fp16.txt"
 code=${PIPESTATUS[0]}; [ "$code" -ne 0 ] && rc=$code
 timeout 90 $PY tools/bench_kernels.py --dtype bf16 --formats --json "$OUT/bench_kernels_bf16.json" 2>&1 | tee "$OUT/bench_kernels_bf16.txt"
+code=${PIPESTATUS[0]}; [ "$code" -ne 0 ] && rc=$code
+# the quantized layers' GEMM (tngraph/kernels/quant.py) against dense cuBLAS, int8 and int4 g128
+timeout 90 $PY tools/bench_quant_kernel.py --dtype fp16 --json "$OUT/bench_quant_kernel.json" 2>&1 | tee "$OUT/bench_quant_kernel.txt"
 code=${PIPESTATUS[0]}; [ "$code" -ne 0 ] && rc=$code
 # speculative decoding (tngraph.speculative) against greedy generate() is among the gpu-marked tests above
 exit "$rc"
