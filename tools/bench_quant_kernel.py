@@ -18,34 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import QWEN3_32B, timer  # noqa: E402  (the same shapes and timer as the low-rank kernels' bench)
 
-QWEN3_32B = ["5120x5120", "5120x25600", "25600x5120"]  # attention o_proj, MLP up, MLP down
 PRECISIONS = {"int8": (8, 0), "int4 g128": (4, 128)}
-
-
-def _timer(device: str):
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench
-
-    def wall(fn):
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return wall
 
 
 def _layer(k: int, n: int, bits: int, group: int, device: str) -> dict[str, torch.Tensor]:
@@ -78,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kernels = load_kernels("quant")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    bench = _timer(args.device)
+    bench = timer(args.device)
     rows, wrong = [], []
     print(f"{'shape':>11} {'precision':>10} {'m':>5} | {'dense ms':>9} {'deq+mm ms':>9} {'kernel ms':>9} | {'weight MB dense/q':>17} | kernel/dense")
     for shape in args.shapes:
