@@ -70,6 +70,7 @@ def test_what_the_kernel_cannot_take_is_named():
     assert "16-bit" in kernels.supported(x, *tensors[:2], 16)
     assert "width" in kernels.supported(x[:, :64], *tensors[:2], 8)
     assert "torch.int32" in kernels.supported(x.to(torch.int32), *tensors[:2], 8)
+    assert "stores torch.uint8 codes" in kernels.supported(x, *tensors[:2], 4)  # int8 codes read as packed 4-bit ones
     with pytest.raises(ValueError, match="cannot run"):
         kernels.quant_matmul(x[:, :64], *tensors, 8)
 

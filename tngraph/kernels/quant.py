@@ -65,6 +65,9 @@ def supported(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: 
         return f"{bits}-bit codes (the kernel unpacks 8, 4 and 2)"
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"x is {x.dtype}"
+    stored = torch.int8 if bits == 8 else torch.uint8
+    if codes.dtype != stored or not scales.is_floating_point():
+        return f"codes of {codes.dtype} and scales of {scales.dtype} (the layer stores {stored} codes at {bits} bits, float scales)"
     width = codes.shape[1] * (8 // bits)
     if x.shape[-1] != width or width % scales.shape[1]:
         return f"x's width {x.shape[-1]} does not match the codes' {width} in {scales.shape[1]} groups"
