@@ -163,15 +163,16 @@ def quant_product_cuda(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     None where the kernel cannot take these inputs (the reason logged once; the caller runs the
     reference)."""
     reason = kernel_unsupported(x)
-    if reason is None:
+    kernels = load_kernels("quant") if reason is None else None
+    if kernels is not None:
         if any(t.device != x.device for t in (codes, scales, zeros)):
             reason = "inputs on different devices"
         else:
-            reason = load_kernels("quant").supported(x, codes, scales, bits)
+            reason = kernels.supported(x, codes, scales, bits)
     if reason is not None:
         _fallback_once(reason, op)
         return None
-    return load_kernels("quant").quant_matmul(x, codes, scales, zeros, bits)
+    return kernels.quant_matmul(x, codes, scales, zeros, bits)
 
 
 def bucket(rows: int) -> int:

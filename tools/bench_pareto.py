@@ -186,8 +186,8 @@ def int8_plans(model: torch.nn.Module, cfg: tngraph.Config, ao_bytes: float, com
 
 
 def minilm_latency(model, models, tok, args) -> dict:
-    """Median ms per forward at 32 x 128 and 1 x 128: dense (compiled and eager), tngraph plans
-    torch.compile'd, torch.ao eager."""
+    """Median ms per forward at 32 x 128 and 1 x 128: dense (compiled and eager), torchao's and
+    tngraph's models torch.compile'd, torch.ao eager."""
     chosen = {"dense": model, "dense, eager": model, **{k: m for k, (m, _) in models.items() if k.startswith(("torch.ao", "torchao", "tngraph"))}}
     compiled = {k: (m if k.startswith(("torch.ao", "dense, eager")) else torch.compile(m)) for k, m in chosen.items()}
     out = {}

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import configs as _configs, launcher, needs_wide, row_bucket, tile, tuned
+from ._common import INTERPRET, configs as _configs, launcher, needs_wide, row_bucket, tile, tuned
 
 # tl.dot needs every block dimension >= 16; BLOCK_K divides every group offered (32/64/128) or is
 # masked at the edge of a per-channel row
@@ -59,7 +59,7 @@ def _quant_kernel(x_ptr, c_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, K, N, M_BUCKET
 
 def supported(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: int) -> str | None:
     """Why the kernel cannot run these inputs (None: it can)."""
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not INTERPRET:
         return "x is not on a GPU"
     if bits not in (8, 4, 2):
         return f"{bits}-bit codes (the kernel unpacks 8, 4 and 2)"
@@ -72,12 +72,6 @@ def supported(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bits: 
     if x.shape[-1] != width or width % scales.shape[1]:
         return f"x's width {x.shape[-1]} does not match the codes' {width} in {scales.shape[1]} groups"
     return None
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,

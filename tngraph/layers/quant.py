@@ -45,27 +45,27 @@ def _dense_part(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zero
     return F.linear(x, dequantize_layer(codes, scales, zeros, bits, x.dtype))
 
 
-def reference(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int = 4, act_bits: int = 0) -> torch.Tensor:
-    codes, scales, zeros = factors
-    y = _dense_part(x, codes, scales, zeros, bits, act_bits)
+def _forward(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int, act_bits: int, part) -> torch.Tensor:
+    """The three layers from one quantized product `part(x, codes, scales, zeros, bits, act_bits)` = x W'^T:
+    quant, part alone; qlowrank, part plus the fp16 low-rank branch (x B^T) A^T; qfactors, part of
+    part (x B'^T, then A'^T). The bias last."""
+    if len(factors) == 6:
+        y = part(part(x, *factors[3:], bits, act_bits), *factors[:3], bits, act_bits)
+    else:
+        y = part(x, *factors[:3], bits, act_bits)
+        if len(factors) == 5:
+            y = y + F.linear(F.linear(x, factors[4].to(x.dtype)), factors[3].to(x.dtype))
     return y + bias if bias is not None else y
+
+
+def reference(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int = 4, act_bits: int = 0) -> torch.Tensor:
+    """The three layers' reference (the CPU op, the graph factorize writes, the backward): each
+    quantized product dequantizes its weight, or runs int8 x int8 (`_dense_part`)."""
+    return _forward(x, factors, bias, bits, act_bits, _dense_part)
 
 
 def weight(factors: list[torch.Tensor], bits: int = 4, act_bits: int = 0) -> torch.Tensor:
     return layer_weight(factors, bits)
-
-
-def lowrank_reference(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int = 4,
-                      act_bits: int = 0) -> torch.Tensor:
-    codes, scales, zeros, a, b = factors
-    y = _dense_part(x, codes, scales, zeros, bits, act_bits) + F.linear(F.linear(x, b.to(x.dtype)), a.to(x.dtype))
-    return y + bias if bias is not None else y
-
-
-def factors_reference(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int = 8,
-                      act_bits: int = 0) -> torch.Tensor:
-    y = _dense_part(_dense_part(x, *factors[3:], bits, act_bits), *factors[:3], bits, act_bits)
-    return y + bias if bias is not None else y
 
 
 QUANT_OPS = ("onnxruntime", "standard")
@@ -83,13 +83,7 @@ def _gpu_part(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros:
 def cuda(x: torch.Tensor, factors: list[torch.Tensor], bias: Optional[torch.Tensor], bits: int = 4, act_bits: int = 0) -> torch.Tensor:
     """The three layers on CUDA: each quantized product in the dequantizing GEMM kernel (tngraph.ops
     quant_product_cuda; the reference's where it cannot run), weight-only whatever act_bits."""
-    if len(factors) == 6:
-        y = _gpu_part(_gpu_part(x, *factors[3:], bits, act_bits), *factors[:3], bits, act_bits)
-    else:
-        y = _gpu_part(x, *factors[:3], bits, act_bits)
-        if len(factors) == 5:
-            y = y + F.linear(F.linear(x, factors[4].to(x.dtype)), factors[3].to(x.dtype))
-    return y + bias if bias is not None else y
+    return _forward(x, factors, bias, bits, act_bits, _gpu_part)
 
 
 def _onnx_weight(op, codes, scales, zeros, bits: int, act_bits: int):
@@ -213,9 +207,9 @@ _STATICS = {"bits": (int, 4), "act_bits": (int, 0)}
 
 QUANT = define("quant", reference, ("codes", "scales", "zeros"), statics=_STATICS, statics_of=statics_of, weight=weight, onnx=onnx, cuda=cuda,
                summary="quantized weight, x·(s·(q − z))ᵀ + bias (int8/int4/int2 codes, fp16 scales)")
-QLOWRANK = define("qlowrank", lowrank_reference, ("codes", "scales", "zeros", "a", "b"), statics=_STATICS, statics_of=statics_of,
+QLOWRANK = define("qlowrank", reference, ("codes", "scales", "zeros", "a", "b"), statics=_STATICS, statics_of=statics_of,
                   weight=weight, onnx=onnx, cuda=cuda, summary="quantized weight + low-rank compensation, x·(s·(q − z) + A·B)ᵀ + bias")
-QFACTORS = define("qfactors", factors_reference, ("codes_a", "scales_a", "zeros_a", "codes_b", "scales_b", "zeros_b"), statics=_STATICS,
+QFACTORS = define("qfactors", reference, ("codes_a", "scales_a", "zeros_a", "codes_b", "scales_b", "zeros_b"), statics=_STATICS,
                   statics_of=statics_of, weight=weight, onnx=onnx, cuda=cuda,
                   summary="quantized low-rank factors, (x·B'ᵀ)·A'ᵀ + bias (int8/int4 codes of both factors, fp16 scales)")
 QUANT_LAYERS = {"quant": QUANT, "qlowrank": QLOWRANK, "qfactors": QFACTORS}  # a plan's format -> its layer
