@@ -254,6 +254,40 @@ def test_precision_candidates_join_the_curves_at_their_stored_bytes(sensitivity)
         assert all(s[Choice(8)] < min(v for c, v in s.items() if c.bits == 2) for s in shares.values())
 
 
+def _output_error(model, compressed, data) -> float:
+    x = torch.cat([a[0] for a, _ in data])
+    with torch.no_grad():
+        return float(((compressed(x) - model(x)) ** 2).sum() / (model(x) ** 2).sum())
+
+
+def test_refine_measures_around_the_fisher_allocation_and_allocates_again():
+    """refine=N: around each target's allocated candidate, N hull neighbours a side are measured end to
+    end with the others at their allocation; the measured shares become the curve's losses, the rest
+    of the curve is rescaled, and the new allocation (within the budget) is no worse on the model."""
+    model, data = MLP(dims=(64, 128, 128, 32)).eval(), _data()
+    config = tngraph.Config(budget=0.12, bits=(16, 8, 4, 2), sensitivity="fisher", heal_steps=0, progress=False)
+    plain = tngraph.compress_with_result(model, calibration=data, config=config)
+    refined = tngraph.compress_with_result(model, calibration=data, config=config.replace(refine=1))
+    ctx = refined.context
+    assert "refined" not in plain.context.analysis and "sensitivity.refined" not in plain.context.counters
+    measured = ctx.analysis["refined"]
+    assert set(measured) == {"layers.0", "layers.1", "layers.2"}
+    assert sum(len(m) for m in measured.values()) == ctx.counters["sensitivity.refined"] <= 3 * 3
+    for name, shares in measured.items():
+        curve, before = ctx.curves[name], plain.context.curves[name]
+        assert 1 <= len(shares) <= 3 and all(curve.ranks[j] is not None for j in shares)
+        for j, (predicted, share) in shares.items():
+            assert predicted == before.loss[j]  # what fisher predicted, then what the model measured
+            assert curve.loss[j] == (share if share > 0 else curve.loss[j])
+        assert curve.loss != before.loss and curve.loss[-1] == 0.0  # the rest rescaled; dense stays exact
+    dense_bytes = sum(4 * p.params_before for p in ctx.plan.values())
+    assert sum(p.bytes_after() for p in ctx.plan.values()) <= 0.12 * dense_bytes
+    assert _output_error(model, refined.module, data) <= _output_error(model, plain.module, data) * (1 + 1e-9)
+    for bad, words in ((dict(refine=-1), "refine"), (dict(refine=65), "refine"), (dict(refine=1, allocation="uniform"), "budgeted allocation")):
+        with pytest.raises(ConfigError, match=words):
+            tngraph.Config(**bad)
+
+
 def test_healing_trains_biases_of_quantized_layers_not_their_stored_fp16_tensors(quantized):
     from tngraph.heal import trainable
 

@@ -106,7 +106,12 @@ class Config:
         patch-level spectra; trained on MiniLM-derived networks) or "measured" (the default: the
         curves rescaled by end-to-end errors measured per target; the best, and the slowest).
     sensitivity_rounds: measurements of "measured": the first around uniform ranks, each further one
-        around the allocation the previous gave.
+        around the allocation the previous gave (and the rounds of `refine`).
+    refine: after the curves (any sensitivity), measure end to end the `refine` candidates on either
+        side of each target's allocated one, every other target at its allocation, put the measured
+        shares in the curves (the target's other candidates rescaled by the nearest measured ratio)
+        and let the allocation solve again: a few forwards per target where the allocation decides,
+        instead of "measured"'s dozens. 0 (default): off. Budgeted allocation only.
     refit: after decomposing, refit one core by closed-form least squares on the exact calibration
         Gram matrix (tensor-network formats; low-rank's whitened SVD is already optimal).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
@@ -183,6 +188,8 @@ class Config:
                               choices=SENSITIVITIES)
     sensitivity_rounds: int = option(1, "--sensitivity-rounds", "measurements: around uniform ranks, then around each allocation found "
                                      "(default 1)", type=int)
+    refine: int = option(0, "--refine", "measure end to end the N candidates on either side of each target's allocation (the others "
+                         "at theirs) and allocate again; e.g. --sensitivity fisher --refine 2 (default 0: off)", type=int)
     refit: bool = option(True, "--no-refit", "skip the least-squares refit of one core on the calibration data", kind="const", const=False)
     whiten: bool = option(True, "--no-whiten", "plain (data-free) SVD instead of activation-whitened SVD", kind="const", const=False)
     damping: float = 1e-4
@@ -223,7 +230,7 @@ class Config:
         _check_number("damping", self.damping, low=0.0, high=1.0)
         _check_number("output_damping", self.output_damping, low=0.0, high=100.0)
         for name, low, high in (("tt_cores", 2, 6), ("tucker_modes", 1, 6), ("tr_cores", 2, 6), ("cp_modes", 1, 6),
-                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("fisher_batches", 1, 1 << 20), ("heal_steps", 0, 1 << 30)):
+                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("refine", 0, 64), ("fisher_batches", 1, 1 << 20), ("heal_steps", 0, 1 << 30)):
             _check_int(name, getattr(self, name), low, high)
         _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
         if self.guard_tolerance is not None:
@@ -238,6 +245,9 @@ class Config:
         for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES), ("budget_kind", BUDGET_KINDS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}", f"choose one of {', '.join(allowed)}")
+        if self.refine and self.allocation_kind != "budgeted":
+            raise ConfigError(f"refine={self.refine} measures around a budgeted allocation; allocation {self.allocation!r} has none",
+                              "pass allocation='budgeted' (or auto with format='svd'), or refine=0")
         if self.budget_kind == "latency" and self.allocation_kind != "budgeted":
             raise ConfigError("budget_kind='latency' needs allocation='budgeted' (uniform keeps a fraction of each target's parameters)",
                               "pass allocation='budgeted', or budget_kind='params'")

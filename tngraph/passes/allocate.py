@@ -8,7 +8,7 @@ target is refused with an error, never exceeded. Embedding tables always take th
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch.fx as fx
 
@@ -152,11 +152,10 @@ def _dense_only(curve):
                        curve.quant[-1:])
 
 
-def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
-    """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
-    with their total parameters within the budget: a Lagrangian relaxation (each target takes the
-    candidate minimising loss + lambda * params; lambda bisected to meet the budget), then the
-    leftover budget spent greedily on the best loss reduction per parameter."""
+def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> tuple[list[fx.Node], list[Any], list[int]]:
+    """The linear targets, their curves (ctx.curves; `fixed` ones reduced to dense) and per target the
+    index of the candidate minimising the summed predicted loss with the total cost within the budget
+    (`solve_budget`); the budget's errors are raised here."""
     cfg = ctx.config
     if cfg.format != "lowrank":
         raise ConfigError(
@@ -167,7 +166,7 @@ def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froze
     curves = [ctx.curves[meta.info(n).target.name] for n in nodes]
     curves = [_dense_only(c) if c.name in fixed else c for c in curves]
     if not curves:
-        return {}
+        return [], [], []
     # what the budget counts (Config.budget_kind); the last candidate of a curve is dense
     limit = cfg.budget * sum(c.cost[-1] for c in curves)
 
@@ -188,7 +187,23 @@ def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froze
             f"({cost(cheapest) / (limit / cfg.budget):.3f})",
             "raise the budget or leave targets out with Config(exclude=...)",
         )
-    best = solve_budget([c.cost for c in curves], [c.loss for c in curves], limit)
+    return nodes, curves, solve_budget([c.cost for c in curves], [c.loss for c in curves], limit)
+
+
+def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
+    """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
+    with their total cost within the budget: a Lagrangian relaxation (each target takes the
+    candidate minimising loss + lambda * cost; lambda bisected to meet the budget), then the
+    leftover budget spent greedily on the best loss reduction per unit of cost."""
+    cfg = ctx.config
+    nodes, curves, best = budgeted_choice(gm, ctx, fixed)
+    if not curves:
+        return {}
+    limit = cfg.budget * sum(c.cost[-1] for c in curves)
+
+    def cost(choice: list[int]) -> float:
+        return sum(c.cost[i] for c, i in zip(curves, choice))
+
     plans = {}
     for node, c, i in zip(nodes, curves, best):
         t = meta.info(node).target

@@ -37,7 +37,7 @@ from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank
 from ..tn.quant import Choice, candidates, layer_weight, quantize_choice, tensor_bytes
-from .allocate import budgeted_plans
+from .allocate import budgeted_choice, budgeted_plans
 from ..distributed import share_map
 from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
@@ -153,6 +153,8 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ranks = {t.name: _operating_rank(t, plans[t.name]) for t in (meta.info(n).target for n in nodes) if t.name in plans}
         scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks)
         _build_curves(gm, ctx, nodes, spectra, scale)
+    for _ in range(cfg.sensitivity_rounds if cfg.refine else 0):
+        refine(gm, ctx, cfg.refine)
     ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
     log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
     return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
@@ -419,6 +421,20 @@ def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
     return outs
 
 
+def _probe(gm: fx.GraphModule, ctx: PassContext):
+    """error(): the squared relative error of the model's output (ctx.objective) on MEASURE_BATCHES
+    calibration batches against what it gives now (call it with the weights as the reference)."""
+    batches = spread(ctx.calibration, MEASURE_BATCHES)
+    reference = _outputs(gm, batches, ctx.objective)
+    energy = max(sum(float((y**2).sum()) for y in reference), 1e-300)
+
+    def error() -> float:
+        outs = _outputs(gm, batches, ctx.objective)
+        return sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / energy
+
+    return error
+
+
 def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]],
              whitenings: dict[str, Any], operating_ranks: dict[str, int | None] | None = None) -> dict[str, Any]:
     """Per target, the end-to-end squared relative output error at the GRID ranks divided by its
@@ -434,14 +450,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
         return {name: (lambda r: 1.0) for name in spectra}
     cfg = ctx.config
     fmt = FORMATS["svd"]
-    batches = spread(ctx.calibration, MEASURE_BATCHES)
-    reference = _outputs(gm, batches, ctx.objective)
-    ref_energy = max(sum(float((y**2).sum()) for y in reference), 1e-300)
-
-    def error() -> float:
-        outs = _outputs(gm, batches, ctx.objective)
-        return sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / ref_energy
-
+    error = _probe(gm, ctx)
     params, originals = {}, {}
     for node in nodes:
         t = meta.info(node).target
@@ -498,6 +507,103 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
             for name, param in params.items():
                 param.copy_(originals[name])
     return scales
+
+
+def _candidate_weight(ctx: PassContext, t: meta.TargetInfo, original: torch.Tensor, curve: Curve, i: int) -> torch.Tensor | None:
+    """The (out x in) matrix candidate `i` of a target's curve stands for, as measurement swaps it in
+    (quantized as factorize would; a decomposition without the refit); None for the dense candidate
+    and for dense-row ones (not measured this way)."""
+    if curve.quant[i] is not None:
+        return quant_weight(quant_tensors(ctx, t, original, curve.quant[i]), curve.quant[i])
+    rank, name = curve.ranks[i], curve.formats[i]
+    if rank is None or curve.dense_rows[i]:
+        return None
+    weight = original.detach().to(torch.float64)
+    if name == "lowrank":
+        white = input_whitening(ctx, t)
+        a, b = decompose_lowrank(weight, rank, white, output_whitening(ctx, t.name) if white is not None else None)
+        return a @ b
+    return _mixture_approx(ctx, weight, name, rank, input_whitening(ctx, t, name, **FORMATS[name].options(ctx.config)))
+
+
+def _hull_window(curve: Curve, chosen: int, near: int) -> list[int]:
+    """The `near` candidates on either side of `chosen` along the lower convex hull of the curve's
+    (cost, loss) points (the ones a Lagrangian allocation can pick), `chosen` included; dense and
+    dense-row candidates left out."""
+    order = sorted(range(len(curve.cost)), key=lambda i: (curve.cost[i], curve.loss[i]))
+    hull: list[int] = []
+    for i in order:
+        if hull and curve.loss[i] >= curve.loss[hull[-1]]:
+            continue  # dearer and no better
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b above the segment a-i: not on the lower hull
+            if (curve.loss[b] - curve.loss[a]) * (curve.cost[i] - curve.cost[a]) >= (curve.loss[i] - curve.loss[a]) * (curve.cost[b] - curve.cost[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    if chosen not in hull:
+        hull = sorted(hull + [chosen], key=lambda i: curve.cost[i])
+    at = hull.index(chosen)
+    return [i for i in hull[max(0, at - near): at + near + 1] if curve.ranks[i] is not None and not curve.dense_rows[i]]
+
+
+def _corrected(curve: Curve, measured: dict[int, float]) -> Curve:
+    """The curve with its measured losses in, and every other candidate's prediction scaled by the
+    ratio measured / predicted of the nearest (in cost) positively measured candidate of its kind
+    (quantized or not; of any kind when its own has none). A share measured as zero is below the
+    noise of the measurement and counts as not measured."""
+    ratios = {j: v / curve.loss[j] for j, v in measured.items() if v > 0 and curve.loss[j] > 0}
+    loss = list(curve.loss)
+    for i in range(len(loss)):
+        if i in ratios:
+            loss[i] = measured[i]
+        elif ratios and curve.ranks[i] is not None:
+            same = [j for j in ratios if (curve.quant[j] is None) == (curve.quant[i] is None)] or list(ratios)
+            loss[i] *= ratios[min(same, key=lambda j: abs(math.log(max(curve.cost[j], 1e-300) / max(curve.cost[i], 1e-300))))]
+    return Curve(curve.name, curve.ranks, curve.params, loss, curve.cost, curve.dense_rows, curve.formats, curve.quant)
+
+
+def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
+    """Measure the allocation: each target's `near` candidates on either side of its allocated one
+    (along the lower hull of its curve) are swapped in one at a time with every other target at its
+    allocated candidate, and their share of the model's output error on calibration batches replaces
+    the prediction (`_corrected`); the allocate pass then solves again on the corrected curves.
+    Predicted curves (spectral, fisher, predicted) are cheap but see each target alone and to second
+    order; this spends a few forwards per target where the allocation actually decides."""
+    if not ctx.calibration:
+        log.info("sensitivity: no calibration data to refine with; the allocation stays on the predicted curves")
+        return
+    nodes, curves, best = budgeted_choice(gm, ctx)
+    error = _probe(gm, ctx)  # against the model as given
+    params = {meta.info(n).target.name: target_weight(gm, meta.info(n).target) for n in nodes}
+    originals = {name: p.detach().clone() for name, p in params.items()}
+    measured_total = 0
+    with torch.no_grad():
+        try:
+            operating = {}
+            for node, curve, i in zip(nodes, curves, best):
+                t = meta.info(node).target
+                w = _candidate_weight(ctx, t, originals[t.name], curve, i)
+                operating[t.name] = originals[t.name] if w is None else w.to(originals[t.name].dtype)
+                params[t.name].copy_(operating[t.name])
+            for node, curve, i in progress(list(zip(nodes, curves, best)), desc="refine", enabled=ctx.config.progress, unit="layer"):
+                t = meta.info(node).target
+                params[t.name].copy_(originals[t.name])
+                floor, measured = error(), {}
+                for j in _hull_window(curve, i, near):
+                    params[t.name].copy_(_candidate_weight(ctx, t, originals[t.name], curve, j).to(originals[t.name].dtype))
+                    measured[j] = max(error() - floor, 0.0)
+                params[t.name].copy_(operating[t.name])
+                ctx.curves[t.name] = _corrected(curve, measured)
+                ctx.analysis.setdefault("refined", {})[t.name] = {j: (curve.loss[j], v) for j, v in measured.items()}
+                measured_total += len(measured)
+        finally:
+            for name, param in params.items():
+                param.copy_(originals[name])
+    ctx.counters["sensitivity.refined"] += measured_total
+    log.info("sensitivity: refined %d candidates of %d targets end to end around the allocation", measured_total, len(nodes))
 
 
 def _interpolator(points: list[tuple[int, float]]):
