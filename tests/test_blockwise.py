@@ -317,11 +317,11 @@ def test_what_block_by_block_cannot_honour_is_refused_by_name(tiny_llama, tmp_pa
 
 def test_whole_graph_options_work_block_by_block_from_the_command_line(tiny_llama, tmp_path, capsys):
     """Options the block-by-block path used to refuse now run there (the same passes): a dump folder
-    per block, fisher sensitivity, patch-level rows; the recipe records them."""
+    per block, fisher sensitivity refined end to end, patch-level rows; the recipe records them."""
     out, dump = tmp_path / "o", tmp_path / "dump"
     assert main(["compress", "--model", str(tiny_llama), "--out", str(out), "--blockwise", "--sensitivity", "fisher", "--dense-rows",
-                 "--fisher-batches", "2", "--dump", str(dump), "--calibration-samples", "4", "--quiet"]) == 0
+                 "--refine", "1", "--fisher-batches", "2", "--dump", str(dump), "--calibration-samples", "4", "--quiet"]) == 0
     config = json.loads((out / "recipe.json").read_text())["config"]
-    assert config["sensitivity"] == "fisher" and config["dense_rows"] is True and config["fisher_batches"] == 2
+    assert config["sensitivity"] == "fisher" and config["dense_rows"] is True and config["fisher_batches"] == 2 and config["refine"] == 1
     assert sorted(p.name for p in dump.iterdir() if p.is_dir()) == [f"block_{i:03d}" for i in range(BLOCKS)]
     assert any(p.name.endswith("_factorize") for p in (dump / "block_000").iterdir())

@@ -20,7 +20,8 @@ the largest budget and at torch.ao's own bytes also with act_bits=8 (8-bit layer
 Latency (MiniLM, CPU, --threads): median forward time at 32 x 128 and 1 x 128 tokens, torch.compile'd
 (Inductor) for dense, torchao and tngraph, eager for torch.ao (its quantized kernels are its own), same run.
 
-  python tools/bench_pareto.py [--budgets 0.25,0.125,0.0625] [--sensitivity measured] [--png docs/pareto.png]
+  python tools/bench_pareto.py [--budgets 0.25,0.125,0.0625] [--sensitivity measured] [--refine 0] [--equal-bytes]
+                               [--png docs/pareto.png]
                                [--skip-latency | --latency-only] [--skip-lm] [--lm-preset default]
 """
 from __future__ import annotations
@@ -109,6 +110,9 @@ def target_bytes(module: torch.nn.Module, names: list[str]) -> int:
     return count_params(module, tuple(names))[1]
 
 
+EQUAL_BYTES = ("int4 gptq g128",)  # baselines tngraph is also allocated at the bytes of, with --equal-bytes
+
+
 def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
     model, tok = load_model(ModelSource("minilm"))
     model.eval()
@@ -137,12 +141,15 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
                              progress=False)
         low = tngraph.compress(model, config=cfg, **common)
         models[f"low rank alone @{budget:g}"] = (low, target_bytes(low, names) / fp32)
+    for budget, name in plan_budgets(budgets, models, args):
+        cfg = tngraph.Config(budget=budget, bits=(16, 8, 4, 2), include=MINILM_INCLUDE, sensitivity=args.sensitivity, refine=args.refine,
+                             heal_steps=0, progress=False)
         t0 = time.perf_counter()
-        plan = tngraph.compress(model, config=cfg.replace(bits=(16, 8, 4, 2)), **common)
-        models[f"tngraph @{budget:g}"] = (plan, target_bytes(plan, names) / fp32)
-        print(f"  tngraph @{budget:g}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        plan = tngraph.compress(model, config=cfg, **common)
+        models[name] = (plan, target_bytes(plan, names) / fp32)
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     cfg = tngraph.Config(budget=max(budgets), bits=(16, 8, 4, 2), act_bits=8, include=MINILM_INCLUDE, sensitivity=args.sensitivity,
-                         heal_steps=0, progress=False)
+                         refine=args.refine, heal_steps=0, progress=False)
     for name, fast in int8_plans(model, cfg, models["torch.ao dynamic int8"][1], common).items():
         models[name] = (fast, target_bytes(fast, names) / fp32)
     rows = []
@@ -153,6 +160,17 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
         print(f"  {name}: {frac:.4f} of the bytes, out-of-domain cos {rows[-1]['out_cos']:.4f}", file=sys.stderr, flush=True)
     timed = {} if args.skip_latency else minilm_latency(model, models, tok, args)
     return rows, timed
+
+
+def plan_budgets(budgets: list[float], models: dict[str, tuple[torch.nn.Module, float]], args) -> list[tuple[float, str]]:
+    """tngraph's byte budgets and the names of its plans there: each of `budgets`, and with
+    --equal-bytes also each of EQUAL_BYTES' baselines' own bytes (the same bytes as the baseline, for
+    a comparison that does not depend on where the budgets fall)."""
+    out = [(b, f"tngraph @{b:g}") for b in budgets]
+    for baseline_name in EQUAL_BYTES if args.equal_bytes else ():
+        frac = models[baseline_name][1]
+        out.append((frac, f"tngraph @{frac:.4f} ({baseline_name}'s bytes)"))
+    return out
 
 
 def int8_ecosystem(model: torch.nn.Module, prefix: str) -> dict[str, tuple[torch.nn.Module, int]]:
@@ -208,7 +226,8 @@ def latency_only(args, top: float) -> dict:
     model.eval()
     sets = sentence_sets(calibration=args.calibration, evaluation=8, seed=0)
     common = dict(calibration=sets.calibration, tokenizer=tok, source=ModelSource("minilm"))
-    cfg = tngraph.Config(budget=top, bits=(16, 8, 4, 2), include=MINILM_INCLUDE, sensitivity=args.sensitivity, heal_steps=0, progress=False)
+    cfg = tngraph.Config(budget=top, bits=(16, 8, 4, 2), include=MINILM_INCLUDE, sensitivity=args.sensitivity, refine=args.refine,
+                         heal_steps=0, progress=False)
     fp32 = target_bytes(model, list(linears(model, "encoder.")))
     models = {name: (m, stored / fp32) for name, (m, stored) in int8_ecosystem(model, "encoder.").items()}
     models[f"tngraph @{top:g}"] = (tngraph.compress(model, config=cfg, **common), 0.0)
@@ -245,8 +264,11 @@ def lm_rows(args, budgets: list[float]) -> list[dict]:
                              progress=False, max_length=window)
         low = tngraph.compress(model, calibration=calib_texts, tokenizer=tok, config=cfg)
         models[f"low rank alone @{budget:g}"] = (low, target_bytes(low, names) / fp32)
-        plan = tngraph.compress(model, calibration=calib_texts, tokenizer=tok, config=cfg.replace(bits=(16, 8, 4, 2)))
-        models[f"tngraph @{budget:g}"] = (plan, target_bytes(plan, names) / fp32)
+    for budget, name in plan_budgets(budgets, models, args):
+        cfg = tngraph.Config(budget=budget, bits=(16, 8, 4, 2), include=include, sensitivity=args.sensitivity, refine=args.refine,
+                             heal_steps=0, progress=False, max_length=window)
+        plan = tngraph.compress(model, calibration=calib_texts, tokenizer=tok, config=cfg)
+        models[name] = (plan, target_bytes(plan, names) / fp32)
     rows = []
     for name, (m, frac) in models.items():
         ppl = perplexity(m, tok, heldout, window=window)
@@ -286,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", type=int, default=256, help="calibration samples (default 256)")
     p.add_argument("--eval", type=int, default=1000, help="held-out sentences per domain (default 1000)")
     p.add_argument("--sensitivity", default="measured", help="tngraph's sensitivity for its plans (default measured)")
+    p.add_argument("--refine", type=int, default=0, help="tngraph's Config.refine for its plans (default 0)")
+    p.add_argument("--equal-bytes", action="store_true", help="also allocate tngraph at the bytes of " + ", ".join(EQUAL_BYTES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per model and shape (median)")
     p.add_argument("--lm-preset", default="default", help="tiny LM preset (default: the 'default' one, trained once and cached)")
@@ -317,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_minilm(args, rows: list[dict], timed: dict, started: float) -> None:
     print(f"\nMiniLM, 36 encoder linears; calibration {args.calibration} stdlib sentences; held out {args.eval} per domain; "
-          f"sensitivity {args.sensitivity}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"sensitivity {args.sensitivity}, refine {args.refine}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{time.perf_counter() - started:.0f} s in all\n")
     print("| method | bytes of fp32 | in domain: mean cos | top-10 | out of domain: mean cos | top-10 |")
     print("|---|---|---|---|---|---|")
