@@ -84,3 +84,16 @@ def test_sensitivity_rounds_are_checked_and_rerun_the_measurement():
     config = Config(budget=0.5, allocation="budgeted", sensitivity="measured", sensitivity_rounds=3, progress=False)
     result = tngraph.compress_with_result(_Uneven().eval(), calibration=_data(), config=config)
     assert sum(p.params_after for p in result.context.plan.values()) <= 0.5 * 2 * (32 * 32 + 32)
+
+
+def test_refine_corrects_low_rank_curves_at_the_allocation():
+    """Without precision candidates refine measures at the allocation (the others at their ranks): the
+    measured ranks' losses are the measured shares, and the plan stays within the budget."""
+    config = Config(budget=0.5, allocation="budgeted", sensitivity="spectral", refine=1, progress=False)
+    result = tngraph.compress_with_result(_Uneven().eval(), calibration=_data(), config=config)
+    refined = result.context.analysis["refined"]
+    assert set(refined) == {"a", "b"} and result.context.counters["sensitivity.refined"] == sum(map(len, refined.values())) > 0
+    for name, shares in refined.items():
+        curve = result.context.curves[name]
+        assert all(curve.formats[j] == "lowrank" and (share == 0 or curve.loss[j] == share) for j, (_, share) in shares.items())
+    assert sum(p.params_after for p in result.context.plan.values()) <= 0.5 * 2 * (32 * 32 + 32)

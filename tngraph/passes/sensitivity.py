@@ -576,11 +576,14 @@ def _corrected(curve: Curve, measured: dict[int, float]) -> Curve:
 
 def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
     """Measure the allocation: each target's `near` candidates on either side of its allocated one
-    (along the lower hull of its curve) are swapped in one at a time with every other target at its
-    allocated candidate, and their share of the model's output error on calibration batches replaces
-    the prediction (`_corrected`); the allocate pass then solves again on the corrected curves.
-    Predicted curves (spectral, fisher, predicted) are cheap but see each target alone and to second
-    order; this spends a few forwards per target where the allocation actually decides."""
+    (along the lower hull of its curve) are swapped in one at a time, and their share of the model's
+    output error on calibration batches replaces the prediction (`_corrected`); the allocate pass
+    then solves again on the corrected curves. The other targets sit at their allocated candidates,
+    or stay dense with precision candidates (Config.bits), as in `_measure`: quantization errors are
+    small and add up, and a dense background measures them with less noise (docs/quantization.md,
+    "Refining the allocation"). Predicted curves (spectral, fisher,
+    predicted) are cheap but see each target alone and to second order; this spends a few forwards
+    per target where the allocation actually decides."""
     if not ctx.calibration:
         log.info("sensitivity: no calibration data to refine with; the allocation stays on the predicted curves")
         return
@@ -594,7 +597,7 @@ def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
             operating = {}
             for node, curve, i in zip(nodes, curves, best):
                 t = meta.info(node).target
-                w = _candidate_weight(ctx, t, originals[t.name], curve, i)
+                w = None if ctx.config.bits else _candidate_weight(ctx, t, originals[t.name], curve, i)
                 operating[t.name] = originals[t.name] if w is None else w.to(originals[t.name].dtype)
                 params[t.name].copy_(operating[t.name])
             for node, curve, i in progress(list(zip(nodes, curves, best)), desc="refine", enabled=ctx.config.progress, unit="layer"):
