@@ -581,9 +581,9 @@ def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
     then solves again on the corrected curves. The other targets sit at their allocated candidates,
     or stay dense with precision candidates (Config.bits), as in `_measure`: quantization errors are
     small and add up, and a dense background measures them with less noise (docs/quantization.md,
-    "Refining the allocation"). Predicted curves (spectral, fisher,
-    predicted) are cheap but see each target alone and to second order; this spends a few forwards
-    per target where the allocation actually decides."""
+    "Refining the allocation"). Predicted curves (spectral, fisher, predicted) are cheap but see each
+    target alone and to second order; this spends a few forwards per target where the allocation
+    actually decides."""
     if not ctx.calibration:
         log.info("sensitivity: no calibration data to refine with; the allocation stays on the predicted curves")
         return
@@ -594,16 +594,16 @@ def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
     measured_total = 0
     with torch.no_grad():
         try:
-            operating = {}
+            operating, background = {}, not ctx.config.bits
             for node, curve, i in zip(nodes, curves, best):
                 t = meta.info(node).target
-                w = None if ctx.config.bits else _candidate_weight(ctx, t, originals[t.name], curve, i)
+                w = _candidate_weight(ctx, t, originals[t.name], curve, i) if background else None
                 operating[t.name] = originals[t.name] if w is None else w.to(originals[t.name].dtype)
                 params[t.name].copy_(operating[t.name])
             for node, curve, i in progress(list(zip(nodes, curves, best)), desc="refine", enabled=ctx.config.progress, unit="layer"):
                 t = meta.info(node).target
                 params[t.name].copy_(originals[t.name])
-                floor, measured = error(), {}
+                floor, measured = error() if background else 0.0, {}  # a dense background is the reference itself
                 for j in _hull_window(curve, i, near):
                     params[t.name].copy_(_candidate_weight(ctx, t, originals[t.name], curve, j).to(originals[t.name].dtype))
                     measured[j] = max(error() - floor, 0.0)
