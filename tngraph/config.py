@@ -108,7 +108,8 @@ class Config:
     sensitivity_rounds: measurements of "measured": the first around uniform ranks, each further one
         around the allocation the previous gave (and the rounds of `refine`).
     refine: after the curves (any sensitivity), measure end to end the `refine` candidates on either
-        side of each target's allocated one, every other target at its allocation, put the measured
+        side of each target's allocated one, every other target at its allocation (dense with
+        `bits`: quantization errors are small and add up), put the measured
         shares in the curves (the target's other candidates rescaled by the nearest measured ratio)
         and let the allocation solve again: a few forwards per target where the allocation decides,
         instead of "measured"'s dozens. 0 (default): off. Budgeted allocation only.
@@ -189,7 +190,8 @@ class Config:
     sensitivity_rounds: int = option(1, "--sensitivity-rounds", "measurements: around uniform ranks, then around each allocation found "
                                      "(default 1)", type=int)
     refine: int = option(0, "--refine", "measure end to end the N candidates on either side of each target's allocation (the others "
-                         "at theirs) and allocate again; e.g. --sensitivity fisher --refine 2 (default 0: off)", type=int)
+                         "at theirs, or dense with --bits) and allocate again; e.g. --sensitivity fisher --refine 2 (default 0: off)",
+                         type=int, metavar="N")
     refit: bool = option(True, "--no-refit", "skip the least-squares refit of one core on the calibration data", kind="const", const=False)
     whiten: bool = option(True, "--no-whiten", "plain (data-free) SVD instead of activation-whitened SVD", kind="const", const=False)
     damping: float = 1e-4
