@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -571,7 +571,7 @@ def _corrected(curve: Curve, measured: dict[int, float]) -> Curve:
         elif ratios and curve.ranks[i] is not None:
             same = [j for j in ratios if _kind(curve, j) == _kind(curve, i)] or list(ratios)
             loss[i] *= ratios[min(same, key=lambda j: abs(math.log(max(curve.cost[j], 1e-300) / max(curve.cost[i], 1e-300))))]
-    return Curve(curve.name, curve.ranks, curve.params, loss, curve.cost, curve.dense_rows, curve.formats, curve.quant)
+    return replace(curve, loss=loss)
 
 
 def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
