@@ -307,6 +307,36 @@ def test_int8_activations_fuse_and_run_in_the_pipeline():
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(result.module(x), model(x)).mean() > 0.999
         torch.testing.assert_close(result.graph(x)[0] if isinstance(result.graph(x), tuple) else result.graph(x), result.module(x))
+    # Inductor stores each int8 layer's input once (its producer is not recomputed for the row maximum
+    # and the rounding); weight-only and dense models keep Inductor's defaults
+    assert tngraph.compile_options(result.module) == tngraph.compile_options(result.graph) == {"realize_opcount_threshold": 8}
+    weight_only = tngraph.compress(model, calibration=data, config=config.replace(act_bits=0))
+    assert tngraph.compile_options(weight_only) == {} and tngraph.compile_options(model) == {}
+    torch._dynamo.reset()
+    compiled = torch.compile(result.module, options=tngraph.compile_options(result.module))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), result.module(x), rtol=1e-4, atol=1e-4)
+
+
+def test_backend_compiles_int8_activations_with_the_options_they_need(monkeypatch):
+    """torch.compile(backend="tngraph") with --act-bits 8 hands Inductor the graph's `_int_mm` layers
+    with compile_options' patch, and its output stays close to the model's."""
+    import torch._inductor.compile_fx as inductor
+
+    model, data = MLP(dims=(64, 128, 128, 32)).eval(), _data()
+    seen, real = [], inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, config_patches=None, **kw: (seen.append(config_patches),
+                                                                                                real(gm, inputs, config_patches=config_patches, **kw))[1])
+    torch._dynamo.reset()
+    spy = backend_spy()
+    compiled = torch.compile(model, backend=spy, options={"budget": 0.3, "bits": "8", "act_bits": 8, "sensitivity": "fisher",
+                                                          "calibration": [a for a, _ in data]})
+    x = data[2][0][0]
+    with torch.no_grad():
+        y = compiled(x)
+        assert torch.nn.functional.cosine_similarity(y, model(x)).mean() > 0.999
+    assert sum(n.target == torch.ops.aten._int_mm.default for g in spy.graphs for n in g.graph.nodes) == 3
+    assert seen[0] == {"realize_opcount_threshold": 8}  # (Inductor calls itself again inside the patch)
 
 
 def test_low_rank_layers_take_quantized_factors_through_artifact_onnx_and_compile(tmp_path):

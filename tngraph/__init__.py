@@ -10,6 +10,7 @@ from .artifact import load, save
 from .capture import capture
 from .config import Config
 from .errors import ArtifactError, CaptureError, ConfigError, DataError, ExportError, ModelError, PassError, TngraphError
+from .layers.quant import compile_options
 from .lowering.onnx import OnnxExport, export_onnx
 from .passes import PassContext, PassResult
 from .samples import TensorSamples, read_calibration
@@ -32,6 +33,7 @@ __all__ = [
     "TensorSamples",
     "TngraphError",
     "capture",
+    "compile_options",
     "compress",
     "compress_with_result",
     "export_onnx",

@@ -529,7 +529,10 @@ def tngraph_backend(gm: fx.GraphModule, example_inputs: list, options: dict | No
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = compile_fx(gm_, inputs, config_patches=list_mode_options(mode) if mode else None)
+        from .layers.quant import compile_options
+
+        patches = {**({} if cuda else compile_options(gm_)), **(list_mode_options(mode) if mode else {})}
+        compiled = compile_fx(gm_, inputs, config_patches=patches or None)
     keep = lifted.keep
 
     def run(*args: Any) -> Any:

@@ -18,7 +18,8 @@ bits=(16, 8, 4, 2), budget=B)` at each budget (the byte budget, sensitivity as -
 the largest budget and at torch.ao's own bytes also with act_bits=8 (8-bit layers run int8 x int8).
 
 Latency (MiniLM, CPU, --threads): median forward time at 32 x 128 and 1 x 128 tokens, torch.compile'd
-(Inductor) for dense, torchao and tngraph, eager for torch.ao (its quantized kernels are its own), same run.
+(Inductor) for dense, torchao and tngraph (with `tngraph.compile_options(model)`, as the tngraph backend
+compiles), eager for torch.ao (its quantized kernels are its own), same run.
 
   python tools/bench_pareto.py [--budgets 0.25,0.125,0.0625] [--sensitivity measured] [--refine 0] [--equal-bytes]
                                [--png docs/pareto.png]
@@ -207,7 +208,8 @@ def minilm_latency(model, models, tok, args) -> dict:
     """Median ms per forward at 32 x 128 and 1 x 128: dense (compiled and eager), torchao's and
     tngraph's models torch.compile'd, torch.ao eager."""
     chosen = {"dense": model, "dense, eager": model, **{k: m for k, (m, _) in models.items() if k.startswith(("torch.ao", "torchao", "tngraph"))}}
-    compiled = {k: (m if k.startswith(("torch.ao", "dense, eager")) else torch.compile(m)) for k, m in chosen.items()}
+    compiled = {k: (m if k.startswith(("torch.ao", "dense, eager")) else torch.compile(m, options=tngraph.compile_options(m)))
+                for k, m in chosen.items()}
     out = {}
     with torch.no_grad():
         for batch in (32, 1):

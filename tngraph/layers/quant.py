@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tn.quant import dequantize_layer, layer_weight
-from .base import define
+from .base import LayerLinear, define
 
 
 def _int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -213,3 +213,38 @@ QFACTORS = define("qfactors", reference, ("codes_a", "scales_a", "zeros_a", "cod
                   statics_of=statics_of, weight=weight, onnx=onnx, cuda=cuda,
                   summary="quantized low-rank factors, (x·B'ᵀ)·A'ᵀ + bias (int8/int4 codes of both factors, fp16 scales)")
 QUANT_LAYERS = {"quant": QUANT, "qlowrank": QLOWRANK, "qfactors": QFACTORS}  # a plan's format -> its layer
+
+# Inductor's options for a CPU graph with int8 x int8 layers. Each such layer reads its input twice (the
+# row maximum, then the rounding), and Inductor, below its default of 30 operations, inlines the
+# producer (a LayerNorm; a dequantize + bias + GELU) into both reads and computes it twice; at 8 it
+# stores it once. MiniLM at torch.ao's bytes, 32 x 128, 2 threads (docs/quantization.md): 249 -> 225 ms.
+INT8_ACTIVATION_OPTIONS = {"realize_opcount_threshold": 8}
+
+
+def compile_options(model: torch.nn.Module) -> dict:
+    """The Inductor options (torch.compile's `options`) that suit `model`'s quantized layers on the
+    CPU: INT8_ACTIVATION_OPTIONS where it holds an int8 x int8 layer (a module's quantized layer with
+    8-bit codes and act_bits 8, or a graph's `_int_mm`), else none. The tngraph backend applies them
+    itself; `torch.compile(model, options=tngraph.compile_options(model))` for a compressed module."""
+    if any(p.is_cuda for p in model.parameters()) or any(b.is_cuda for b in model.buffers()):
+        return {}
+    for sub in model.modules():
+        graph = getattr(sub, "graph", None)
+        nodes = graph.nodes if isinstance(graph, torch.fx.Graph) else ()
+        if (isinstance(sub, LayerLinear) and sub.layer_name in QUANT_LAYERS and _int8(sub.statics)) or any(map(_int8_node, nodes)):
+            return dict(INT8_ACTIVATION_OPTIONS)
+    return {}
+
+
+def _int8(statics: dict) -> bool:
+    return statics.get("bits") == 8 and statics.get("act_bits") == 8
+
+
+def _int8_node(node: torch.fx.Node) -> bool:
+    """An integer GEMM, or a fused quantized layer's op node running int8 x int8."""
+    if node.op != "call_function":
+        return False
+    if node.target in (torch.ops.aten._int_mm.default, torch._int_mm):
+        return True
+    layer = next((q for q in QUANT_LAYERS.values() if q.op is node.target), None)
+    return layer is not None and _int8(layer.op_statics(node))
