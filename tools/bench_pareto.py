@@ -15,7 +15,7 @@ Baselines: fp16; int8 per channel (round to nearest); int4 round to nearest in g
 int8 weight-only configs (`quantize_`) when torchao is installed; HQQ when `hqq` is installed;
 whitened low rank alone (tngraph's pipeline without --bits, byte budget). tngraph: `compress(...,
 bits=(16, 8, 4, 2), budget=B)` at each budget (the byte budget, sensitivity as --sensitivity), and at
-the largest budget and at torch.ao's own bytes also with act_bits=8 (8-bit layers run int8 x int8).
+the largest budget and at torch.ao's own bytes also with bits=(8,), act_bits=8 (every layer runs int8 x int8).
 
 Latency (MiniLM, CPU, --threads): median forward time at 32 x 128 and 1 x 128 tokens, torch.compile'd
 (Inductor) for dense, torchao and tngraph (with `tngraph.compile_options(model)`, as the tngraph backend
@@ -149,7 +149,7 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
         plan = tngraph.compress(model, config=cfg, **common)
         models[name] = (plan, target_bytes(plan, names) / fp32)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    cfg = tngraph.Config(budget=max(budgets), bits=(16, 8, 4, 2), act_bits=8, include=MINILM_INCLUDE, sensitivity=args.sensitivity,
+    cfg = tngraph.Config(budget=max(budgets), bits=(16, 8, 4, 2), include=MINILM_INCLUDE, sensitivity=args.sensitivity,
                          refine=args.refine, heal_steps=0, progress=False)
     for name, fast in int8_plans(model, cfg, models["torch.ao dynamic int8"][1], common).items():
         models[name] = (fast, target_bytes(fast, names) / fp32)
@@ -195,11 +195,13 @@ def int8_ecosystem(model: torch.nn.Module, prefix: str) -> dict[str, tuple[torch
 
 
 def int8_plans(model: torch.nn.Module, cfg: tngraph.Config, ao_bytes: float, common: dict) -> dict[str, torch.nn.Module]:
-    """tngraph's plans with int8 activations: at the largest budget, and at torch.ao's own bytes (equal
-    bytes: every layer can then take int8, the integer GEMM's format)."""
-    plans = {f"tngraph @{cfg.budget:g}, int8 activations": tngraph.compress(model, config=cfg, **common)}
+    """tngraph's plans that run every layer as int8 x int8 (`--bits 8 --act-bits 8`: 8-bit codes, and
+    8-bit quantized factors where the budget is below a layer's own int8 bytes): at the largest budget,
+    and at torch.ao's own bytes (equal bytes)."""
+    cfg = cfg.replace(bits=(8,), act_bits=8)
+    plans = {f"tngraph @{cfg.budget:g}, --bits 8 --act-bits 8": tngraph.compress(model, config=cfg, **common)}
     if ao_bytes > cfg.budget:
-        plans[f"tngraph @{ao_bytes:.4f} (torch.ao's bytes), int8 activations"] = tngraph.compress(model, config=cfg.replace(budget=ao_bytes),
+        plans[f"tngraph @{ao_bytes:.4f} (torch.ao's bytes), --bits 8 --act-bits 8"] = tngraph.compress(model, config=cfg.replace(budget=ao_bytes),
                                                                                                       **common)
     return plans
 
@@ -236,7 +238,7 @@ def latency_only(args, top: float) -> dict:
     fp32 = target_bytes(model, list(linears(model, "encoder.")))
     models = {name: (m, stored / fp32) for name, (m, stored) in int8_ecosystem(model, "encoder.").items()}
     models[f"tngraph @{top:g}"] = (tngraph.compress(model, config=cfg, **common), 0.0)
-    for name, fast in int8_plans(model, cfg.replace(act_bits=8), models["torch.ao dynamic int8"][1], common).items():
+    for name, fast in int8_plans(model, cfg, models["torch.ao dynamic int8"][1], common).items():
         models[name] = (fast, 0.0)
     return minilm_latency(model, models, tok, args)
 
