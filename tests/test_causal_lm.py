@@ -135,6 +135,10 @@ def test_eval_command_scores_dense_models_and_artifacts(tiny_lm, compressed, tmp
     report = json.loads((compressed / "report.json").read_text())["perplexity"]
     assert out["perplexity"] == pytest.approx(report["compressed"]["perplexity"], rel=1e-4)
     assert out["source"]["perplexity"] == pytest.approx(report["dense"]["perplexity"], rel=1e-4)
+    # the out-of-domain documents beside them, the same numbers as the compress report's
+    outside = json.loads((compressed / "report.json").read_text())["perplexity_outside"]
+    assert out["outside"]["perplexity"] == pytest.approx(outside["compressed"]["perplexity"], rel=1e-4)
+    assert out["outside"]["source"]["perplexity"] == pytest.approx(outside["dense"]["perplexity"], rel=1e-4)
     text = tmp_path / "held.txt"
     text.write_text("\n\n".join(lm_documents().heldout[:5]))
     assert main(["eval", "--model", str(tiny_lm[0]), "--text", str(text), "--window", "32", "--quiet"]) == 0
@@ -245,9 +249,12 @@ def test_heal_command_heals_a_causal_lm_artifact_and_reports_perplexity(compress
     out = tmp_path / "healed"
     assert main(["heal", str(compressed), "--out", str(out), "--steps", "10", "--lr", "1e-3", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "perplexity on" in printed and "dense" in printed
+    assert "perplexity on" in printed and "dense" in printed and "tokens of other domain: package docs" in printed
     report = json.loads((out / "heal.json").read_text())
     assert report["heal"]["metric"] == "KL" and report["perplexity"]["after"]["perplexity"] > 0
+    inside, outside = report["perplexity"], report["perplexity_outside"]
+    assert outside["dense"]["perplexity"] > inside["dense"]["perplexity"]  # text the tiny LM was not trained on
+    assert abs(outside["after"]["tokens"] - inside["after"]["tokens"]) < 0.5 * inside["after"]["tokens"]
     assert tngraph.load(out).tngraph_recipe["heal"]["steps"] >= json.loads((compressed / "recipe.json").read_text())["heal"]["steps"]
 
 

@@ -199,6 +199,11 @@ def test_heal_command_heals_an_artifact_in_place_or_into_a_new_folder(tiny_hf, t
     summary = json.loads((healed / "heal.json").read_text())
     assert summary["heal"]["best_loss"] < summary["heal"]["start_loss"]
     assert summary["agreement"]["after"]["mean_cos"] > summary["agreement"]["before"]["mean_cos"]
+    # the out-of-domain sentences before and after, beside the built-in held-out ones, both printed
+    outside = summary["agreement_outside"]
+    assert outside["after"]["sentences"] == summary["agreement"]["after"]["sentences"] == 40
+    assert outside["after"]["mean_cos"] != summary["agreement"]["after"]["mean_cos"]
+    assert "sentences of held-out stdlib text" in printed and "sentences of other domain: package docs" in printed
     recipe = json.loads((healed / "recipe.json").read_text())
     assert recipe["heal"]["steps"] == summary["heal"]["best_step"] > 0
     assert not (tmp_path / "healed.heal-checkpoint").exists()

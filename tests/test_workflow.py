@@ -34,6 +34,15 @@ def test_compress_call_reproduces_the_command_lines_report(tiny_hf, tmp_path, ca
     # the same measurements, not just the same keys (latency and timings are clocks)
     assert json.loads(json.dumps(run.report["agreement"])) == cli["agreement"] == saved["agreement"]
     assert set(cli["agreement"]) == {"compressed", "plain_svd"} and 0 < cli["agreement"]["compressed"]["mean_cos"] <= 1
+    # the out-of-domain sentences scored beside the built-in held-out ones, as many, and printed side by side
+    inside, outside = cli["agreement"], cli["agreement_outside"]
+    assert set(outside) == set(inside) and outside["compressed"]["sentences"] == inside["compressed"]["sentences"] == 40
+    assert outside["compressed"]["mean_cos"] != inside["compressed"]["mean_cos"]
+    assert json.loads(json.dumps(run.report["agreement_outside"])) == outside
+    table = next(line for line in printed.splitlines() if "held-out stdlib text" in line)
+    assert "other domain: package docs" in table
+    row = next(line for line in printed.splitlines() if line.startswith("  tngraph "))
+    assert f"{outside['compressed']['mean_cos']:.4f}" in row and f"{inside['compressed']['mean_cos']:.4f}" in row
     for key in ("params", "bytes", "ranks", "per_target", "counters", "targets", "allocation", "budget", "format"):
         assert json.loads(json.dumps(run.report[key])) == cli[key], key
     assert set(run.report["latency"]) == set(cli["latency"]) and run.report["latency"]["threads"] == cli["latency"]["threads"] == 2

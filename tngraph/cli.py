@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a causal LM (a model folder or a compressed artifact) on a text file")
     e.add_argument("--model", required=True, help="a causal-LM folder (save_pretrained) or an artifact written by `tngraph compress`")
     e.add_argument("--text", default=None, metavar="FILE",
-                   help="UTF-8 text to score (default: the built-in held-out documents, never used for calibration or healing)")
+                   help="UTF-8 text to score (default: the built-in held-out documents, never used for calibration or healing, "
+                        "and out-of-domain documents, third-party package docstrings, beside them)")
     e.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context, at most 256)")
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: half a window)")
     e.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")

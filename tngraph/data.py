@@ -61,31 +61,84 @@ def _stdlib_docstrings() -> list[str]:
     return docs
 
 
-def package_sentences(packages: tuple[str, ...] = ("numpy", "onnx", "transformers", "tokenizers", "safetensors", "networkx")) -> list[str]:
+# The out-of-domain text of reports and benches: docstrings of packages tngraph itself requires (so every
+# install has them), on other subjects than the standard library's (graph algorithms, plotting, ONNX,
+# the model hub, einsum paths, progress bars), and quick to read: about 21,000 sentences in a few seconds.
+OUTSIDE_PACKAGES = ("networkx", "matplotlib", "onnx", "onnxscript", "huggingface_hub", "opt_einsum", "tqdm")
+
+
+@functools.lru_cache(maxsize=8)
+def _package_docstrings(name: str) -> tuple[str, ...]:
+    """The docstrings of an installed package's modules, classes and functions (its tests skipped),
+    in file order; none for a package that is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    docs = []
+    for root in spec.submodule_search_locations:
+        for path in sorted(pathlib.Path(root).rglob("*.py")):
+            if any(part in ("test", "tests", "testing") for part in path.parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+                continue
+            docs += [d for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                     and (d := ast.get_docstring(node))]
+    return tuple(docs)
+
+
+def package_sentences(packages: tuple[str, ...] = OUTSIDE_PACKAGES) -> list[str]:
     """Prose sentences of the docstrings of installed third-party packages, sorted and unique: text
     from another domain than the standard library's (none of it calibrates or heals by default).
     A package that is not installed is skipped."""
-    import importlib.util
-
     sentences: set[str] = set()
     for name in packages:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        for root in spec.submodule_search_locations:
-            for path in sorted(pathlib.Path(root).rglob("*.py")):
-                if any(part in ("test", "tests", "testing") for part in path.parts):
-                    continue
-                try:
-                    tree = ast.parse(path.read_text(encoding="utf-8"))
-                except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-                    continue
-                for node in ast.walk(tree):
-                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                        doc = ast.get_docstring(node)
-                        if doc:
-                            sentences.update(_sentences(doc))
+        for doc in _package_docstrings(name):
+            sentences.update(_sentences(doc))
     return sorted(sentences - set(corpus()))
+
+
+def _aside(text: str) -> bool:
+    """Whether a text belongs to the part of the out-of-domain data that only scores (by a hash of it,
+    the same on every run): the other part may tune (choose a step, a setting); this one never does."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 2 == 0
+
+
+def outside_sentences(count: int, seed: int = 0, *, part: str = "report") -> list[str]:
+    """`count` out-of-domain sentences (package_sentences), shuffled with `seed`: from the half set
+    aside for reports (`part` "report"), or from the half that may tune ("tune"). Fewer when the
+    installed packages hold fewer."""
+    if part not in ("report", "tune"):
+        raise ValueError(f"part is 'report' or 'tune', not {part!r}")
+    pool = [s for s in package_sentences() if _aside(s) == (part == "report")]
+    random.Random(seed).shuffle(pool)
+    return pool[:count]
+
+
+def outside_text(chars: int, seed: int = 0, *, part: str = "report") -> str:
+    """About `chars` characters of out-of-domain running text for a causal LM: whole documents of
+    outside_documents(part), shuffled with `seed`, joined by blank lines until `chars` is reached."""
+    docs = outside_documents(part=part)
+    random.Random(seed).shuffle(docs)
+    taken, total = [], 0
+    for doc in docs:
+        if total >= chars:
+            break
+        taken.append(doc)
+        total += len(doc) + 2
+    return "\n\n".join(taken)
+
+
+def outside_documents(*, part: str = "report", min_chars: int = 200) -> list[str]:
+    """Out-of-domain documents for a causal LM: the packages' docstrings of at least `min_chars`
+    characters, unique, sorted, from the half set aside for reports or the half that may tune."""
+    if part not in ("report", "tune"):
+        raise ValueError(f"part is 'report' or 'tune', not {part!r}")
+    docs = {d.strip() for name in OUTSIDE_PACKAGES for d in _package_docstrings(name) if len(d.strip()) >= min_chars}
+    return sorted(d for d in docs if _aside(d) == (part == "report"))
 
 
 @functools.lru_cache(maxsize=1)

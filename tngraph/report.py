@@ -19,6 +19,43 @@ def _variants(scores: dict[str, Any]) -> list[tuple[str, str]]:
     return [(key, label) for key, label in labels if key in scores]
 
 
+# The evaluation sets a report scores, side by side: its key suffix and the column's title.
+SETS = (("", "held-out stdlib text"), ("_outside", "other domain: package docs"))
+
+
+def _agreement_lines(report: dict[str, Any]) -> list[str]:
+    """The embedding agreement block: mean cos, min cos and top-10 of each model, one group of
+    columns per evaluation set (in the calibration's domain, then out of it)."""
+    sets = [(report[f"agreement{suffix}"], title) for suffix, title in SETS if report.get(f"agreement{suffix}")]
+    if not sets:
+        return []
+    counts = sorted({agree["compressed"]["sentences"] for agree, _ in sets})
+    each = f"{counts[0]} held-out sentences" + (" each" if len(sets) > 1 else "") if len(counts) == 1 else " and ".join(map(str, counts)) + " sentences"
+    lines = ["", f"embedding agreement with the dense model ({each}):",
+             f"  {'':24}" + "".join(f"{title:>30}" for _, title in sets),
+             f"  {'':24}" + f"{'mean cos':>10}{'min cos':>10}{'top-10':>10}" * len(sets)]
+    for key, label in _variants(sets[0][0]):
+        cells = "".join(f"{a[key]['mean_cos']:>10.4f}{a[key]['min_cos']:>10.4f}{a[key]['top10_overlap']:>10.4f}" for a, _ in sets if key in a)
+        lines.append(f"  {label:24}{cells}")
+    return lines
+
+
+def _perplexity_lines(report: dict[str, Any]) -> list[str]:
+    """The perplexity block: dense and each compressed model (and its ratio to dense), one column
+    pair per evaluation set."""
+    sets = [(report[f"perplexity{suffix}"], title) for suffix, title in SETS if report.get(f"perplexity{suffix}")]
+    if not sets:
+        return []
+    tokens = " and ".join(f"{p['dense']['tokens']:,}" for p, _ in sets)
+    lines = ["", f"perplexity on {tokens} held-out tokens (windows of {sets[0][0]['dense']['window']}, stride {sets[0][0]['dense']['stride']}):",
+             f"  {'':26}" + "".join(f"{title:>30}" for _, title in sets)]
+    lines.append(f"  {'dense':26}" + "".join(f"{p['dense']['perplexity']:>18.3f}{'':12}" for p, _ in sets))
+    for key, label in _variants(sets[0][0]):
+        cells = "".join(f"{p[key]['perplexity']:>18.3f}  ({p[key]['perplexity'] / p['dense']['perplexity']:.3f}x) " for p, _ in sets if key in p)
+        lines.append(f"  {label:26}{cells}")
+    return lines
+
+
 def format_table(report: dict[str, Any]) -> str:
     """Rows of (quantity, dense, compressed, ratio), then agreement and pass times."""
     rows: list[tuple[str, str, str, str]] = [("", "dense", "compressed", "ratio")]
@@ -42,14 +79,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
         if i == 0:
             lines.append("-" * (sum(widths) + 6))
-    agree = report.get("agreement")
-    if agree:
-        lines.append("")
-        lines.append(f"embedding agreement on {agree['compressed']['sentences']} held-out sentences:")
-        lines.append(f"  {'':24}{'mean cos':>10}{'min cos':>10}{'top-10':>10}")
-        for key, label in _variants(agree):
-            a = agree[key]
-            lines.append(f"  {label:24}{a['mean_cos']:>10.4f}{a['min_cos']:>10.4f}{a['top10_overlap']:>10.4f}")
+    lines += _agreement_lines(report)
     outputs = report.get("outputs")
     if outputs:
         lines.append("")
@@ -59,14 +89,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  {'':24}" + "".join(f"{c.replace('_', ' ').replace('top1', 'top-1'):>16}" for c in columns))
         for key, label in [("dense", "dense")] + list(_variants(outputs)):
             lines.append(f"  {label:24}" + "".join(f"{outputs[key][c]:>16.4f}" for c in columns))
-    ppl = report.get("perplexity")
-    if ppl:
-        d = ppl["dense"]
-        lines.append("")
-        lines.append(f"perplexity on {d['tokens']:,} held-out tokens (windows of {d['window']}, stride {d['stride']}):")
-        lines.append(f"  {'dense':26}{d['perplexity']:>10.3f}")
-        for key, label in _variants(ppl):
-            lines.append(f"  {label:26}{ppl[key]['perplexity']:>10.3f}  ({ppl[key]['perplexity'] / d['perplexity']:.3f} of dense)")
+    lines += _perplexity_lines(report)
     guard = report.get("guard") or {}
     if guard.get("reverted"):
         lines.append("")

@@ -91,6 +91,7 @@ class TextSets:
     calibration: list[str]
     heal: list[str] | None
     evaluation: Any
+    outside: Any = None  # the same kind of set from another domain (tngraph.data.OUTSIDE_PACKAGES' docstrings)
 
 
 def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True) -> TextSets:
@@ -99,17 +100,20 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True) -> Text
     A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
     the first calibration_samples of them calibrate, all of them heal, the held-out documents
     (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
-    healing on every built-in sentence outside the evaluation set."""
-    from ..data import healing_pool, lm_documents, passages, sentence_sets
+    healing on every built-in sentence outside the evaluation set. Out of domain, scored beside them:
+    as many sentences (an encoder), or as many characters of documents (a causal LM), of the
+    third-party docstrings set aside for reports (tngraph.data.outside_sentences, outside_text)."""
+    from ..data import healing_pool, lm_documents, outside_sentences, outside_text, passages, sentence_sets
 
     if causal:
         text = lm_documents()
         pool = passages(text.train)
         if shuffle:
             random.Random(config.seed).shuffle(pool)
-        return TextSets(pool[: config.calibration_samples], pool, "\n\n".join(text.heldout))
+        heldout = "\n\n".join(text.heldout)
+        return TextSets(pool[: config.calibration_samples], pool, heldout, outside_text(len(heldout), config.seed))
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
-    return TextSets(sets.calibration, healing_pool(sets.evaluation), sets.evaluation)
+    return TextSets(sets.calibration, healing_pool(sets.evaluation), sets.evaluation, outside_sentences(config.eval_samples, config.seed))
 
 
 def compress_texts(causal: bool, config: Config, calibration: str | None = None) -> TextSets:
@@ -119,7 +123,7 @@ def compress_texts(causal: bool, config: Config, calibration: str | None = None)
 
     texts = builtin_texts(causal, config)
     if calibration:
-        return TextSets(read_lines(calibration), None, texts.evaluation)
+        return TextSets(read_lines(calibration), None, texts.evaluation, texts.outside)
     return texts
 
 

@@ -129,7 +129,8 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
         report = {"rank": group.rank, "world": group.world, "written_by": 0, "timings": {"total": time.perf_counter() - started}}
         return WorkflowResult(pathlib.Path(out), report, "graph", result, config, group.rank, group.world)
     with no_kv_cache(model, result.module):  # scored and timed without a KV cache
-        report = build_report(spec, model, tokenizer, result, texts.evaluation, config, evaluate=evaluate, baseline=baseline)
+        report = build_report(spec, model, tokenizer, result, texts.evaluation, config, evaluate=evaluate, baseline=baseline,
+                              outside=texts.outside)
     report["timings"]["total"] = time.perf_counter() - started
     save(result.module, out, force=force, extra={"report.json": report})
     report["out"] = os.path.abspath(out)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import ConfigError, TngraphError
+from ..report import SETS
 from .common import builtin_texts, checkpoint_dir, uses_threads
 
 # the compress options an artifact's recipe carries over into its healing
@@ -19,7 +20,8 @@ CARRIED = ("heal_lr", "max_length", "batch_size", "seed", "calibration_samples",
 @dataclass
 class HealRun:
     """What `heal` did: the artifact folder written, the heal.json report, heal.HealResult, whether
-    the model is a causal LM, and the scores before and after (None with evaluate=False)."""
+    the model is a causal LM, and the scores before and after by evaluation set ("" the built-in
+    held-out set, "_outside" the out-of-domain one; None with evaluate=False)."""
 
     out: pathlib.Path
     report: dict[str, Any]
@@ -30,17 +32,22 @@ class HealRun:
     artifact: str = ""
 
     def summary(self) -> str:
-        """What `tngraph heal` prints."""
-        h, before, after = self.outcome, self.before, self.after
+        """What `tngraph heal` prints: the healing loss, then each evaluation set's scores before and after."""
+        h = self.outcome
         lines = [f"healed {self.artifact}: held-out {h.metric} {h.start_loss:.4f} -> {h.best_loss:.4f} "
                  f"(best at step {h.best_step} of {h.steps}, {h.seconds:.0f}s)"]
-        if before is not None and self.causal:
-            lines.append(f"perplexity on {after.tokens:,} held-out tokens: {before.perplexity:.3f} -> {after.perplexity:.3f} "
-                         f"(dense {self.report['perplexity']['dense']['perplexity']:.3f})")
-        elif before is not None:
-            lines.append(f"embedding agreement on {before.sentences} evaluation sentences: mean cos {before.mean_cos:.4f} -> "
-                         f"{after.mean_cos:.4f}, min cos {before.min_cos:.4f} -> {after.min_cos:.4f}, top-10 {before.top10_overlap:.4f} -> "
-                         f"{after.top10_overlap:.4f}")
+        for suffix, title in SETS:
+            before, after = (self.before or {}).get(suffix), (self.after or {}).get(suffix)
+            if before is None:
+                continue
+            if self.causal:
+                dense = self.report[f"perplexity{suffix}"]["dense"]["perplexity"]
+                lines.append(f"perplexity on {after.tokens:,} tokens of {title}: {before.perplexity:.3f} -> {after.perplexity:.3f} "
+                             f"(dense {dense:.3f})")
+            else:
+                lines.append(f"embedding agreement on {before.sentences} sentences of {title}: mean cos {before.mean_cos:.4f} -> "
+                             f"{after.mean_cos:.4f}, min cos {before.min_cos:.4f} -> {after.min_cos:.4f}, top-10 "
+                             f"{before.top10_overlap:.4f} -> {after.top10_overlap:.4f}")
         lines.append(f"artifact: {os.path.abspath(self.out)}")
         return "\n".join(lines)
 
@@ -81,21 +88,21 @@ def healing_config(recipe: dict[str, Any], **changes: Any) -> Config:
     return config
 
 
-def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, evaluate: bool) -> tuple[str, Callable | None, Any]:
-    """(report key, score or None, built-in healing texts): perplexity on the held-out documents for
-    a causal LM (its training passages heal), else the agreement with the source on the evaluation sentences."""
-    from ..evaluate import agreement, sentence_embeddings
-    from ..lm import perplexity
+def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, evaluate: bool) -> tuple[str, dict[str, Callable], Any]:
+    """(report key, {set suffix: score}, built-in healing texts): perplexity on the held-out
+    documents for a causal LM (its training passages heal), else the agreement with the source on
+    the evaluation sentences; "" the built-in held-out set, "_outside" the out-of-domain one (no
+    scores with evaluate False)."""
+    from .measure import scorer
 
     texts = builtin_texts(causal, config, shuffle=False)
-    show = config.progress
-    if causal:
-        return "perplexity", (lambda m: perplexity(m, tokenizer, texts.evaluation, show=show)) if evaluate else None, texts.heal
     if not evaluate:
-        return "agreement", None, texts.heal
-    ref = sentence_embeddings(teacher, tokenizer, texts.evaluation, max_length=config.max_length, show=show)
-    return "agreement", lambda m: agreement(ref, sentence_embeddings(m, tokenizer, texts.evaluation, max_length=config.max_length,
-                                                                      show=show)), texts.heal
+        return ("perplexity" if causal else "agreement"), {}, texts.heal
+    scores = {}
+    for suffix, held in (("", texts.evaluation), ("_outside", texts.outside)):
+        if held:
+            key, scores[suffix] = scorer(teacher, tokenizer, held, config)
+    return key, scores, texts.heal
 
 
 @uses_threads
@@ -117,17 +124,17 @@ def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, s
         progress=progress)
     causal = is_causal_lm(teacher)
     texts = read_lines(data, what="healing data") if data else None
-    key, score, builtin = heal_scorer(causal, teacher, tokenizer, config, evaluate)
+    key, scores, builtin = heal_scorer(causal, teacher, tokenizer, config, evaluate)
     texts = texts or builtin
     with no_kv_cache(module, teacher) if causal else contextlib.nullcontext():
-        before = score(module) if score else None
+        before = {suffix: score(module) for suffix, score in scores.items()}
         outcome, _ = heal_model(module, teacher, texts, tokenizer, heal_config(config), show=progress,
                                 checkpoint=checkpoint_dir(out), resume=resume)
         report: dict[str, Any] = {"heal": outcome.to_json()}
-        after = score(module) if score else None
-        if score:
-            report[key] = {"before": before.to_json(), "after": after.to_json()}
+        after = {suffix: score(module) for suffix, score in scores.items()}
+        for suffix, score in scores.items():
+            report[key + suffix] = {"before": before[suffix].to_json(), "after": after[suffix].to_json()}
             if causal:
-                report[key]["dense"] = score(teacher).to_json()
+                report[key + suffix]["dense"] = score(teacher).to_json()
     save(module, out, force=force or in_place, extra={"heal.json": report})
-    return HealRun(pathlib.Path(out), report, outcome, causal, before, after, str(artifact))
+    return HealRun(pathlib.Path(out), report, outcome, causal, before or None, after or None, str(artifact))

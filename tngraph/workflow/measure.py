@@ -117,20 +117,30 @@ def plain_svd(model: Any, tokenizer: Any, config: Config, example_inputs: Any = 
     return compress_with_result(model, example_inputs=example, config=baseline).module
 
 
-def score_report(model: Any, tokenizer: Any, result: Any, evaluation: Any, config: Config, *, baseline: bool = True) -> tuple[str, dict]:
-    """(key, scores) of the compressed model, before healing when it healed, and the plain-SVD
-    baseline (whitened low-rank runs, `baseline`); a causal LM's dense perplexity too."""
+def score_report(model: Any, tokenizer: Any, result: Any, sets: dict[str, Any], config: Config, *, baseline: bool = True) -> tuple[str, dict]:
+    """(key, {set name: scores}): on each evaluation set of `sets` (name -> sentences or text; None
+    skipped), the scores of the compressed model, before healing when it healed, and of the
+    plain-SVD baseline (whitened low-rank runs, `baseline`); a causal LM's dense perplexity too.
+    Each model is built once and scored on every set."""
     from ..lm import is_causal_lm
 
-    key, score = scorer(model, tokenizer, evaluation, config)
-    scores = {"dense": score(model).to_json()} if is_causal_lm(model) else {}
-    scores["compressed"] = score(result.module).to_json()
+    key, scored = "", {}
+    for name, texts in sets.items():
+        if texts:
+            key, score = scorer(model, tokenizer, texts, config)
+            scored[name] = (score, {"dense": score(model).to_json()} if is_causal_lm(model) else {})
+
+    def run(variant: str, module: Any) -> None:
+        for score, out in scored.values():
+            out[variant] = score(module).to_json()
+
+    run("compressed", result.module)
     if result.unhealed is not None:
         with unhealed(result) as before:
-            scores["unhealed"] = score(before).to_json()
+            run("unhealed", before)
     if baseline and config.whiten and config.format == "lowrank":
-        scores["plain_svd"] = score(plain_svd(model, tokenizer, config)).to_json()
-    return key, scores
+        run("plain_svd", plain_svd(model, tokenizer, config))
+    return key, {name: out for name, (_, out) in scored.items()}
 
 
 def latency_report(model: Any, tokenizer: Any, compressed: Any, config: Config) -> dict[str, Any]:
@@ -146,13 +156,17 @@ def latency_report(model: Any, tokenizer: Any, compressed: Any, config: Config) 
 
 
 def build_report(spec: str, model: Any, tokenizer: Any, result: Any, evaluation: Any, config: Config, *,
-                 evaluate: bool = True, baseline: bool = True) -> dict[str, Any]:
-    """The report.json of `tngraph compress`: size_report, then (`evaluate`) the scores and latency, timed."""
+                 evaluate: bool = True, baseline: bool = True, outside: Any = None) -> dict[str, Any]:
+    """The report.json of `tngraph compress`: size_report, then (`evaluate`) the scores and latency,
+    timed. The scores on the `evaluation` set go under "agreement" / "perplexity", those on the
+    out-of-domain set `outside` (when given) under "agreement_outside" / "perplexity_outside"."""
     report = size_report(spec, model, result, config)
     if not evaluate:
         return report
     start = time.perf_counter()
-    key, report[key] = score_report(model, tokenizer, result, evaluation, config, baseline=baseline)
+    key, scored = score_report(model, tokenizer, result, {"": evaluation, "_outside": outside}, config, baseline=baseline)
+    for suffix, scores in scored.items():
+        report[key + suffix] = scores
     report["timings"]["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     report["latency"] = latency_report(model, tokenizer, result.module, config)

@@ -15,18 +15,22 @@ class PerplexityRun:
     """The result of `perplexity`: the report (model, text, perplexity, tokens, windows, and for an
     artifact its source's score and the ratio under "source"), and whether the model is an artifact."""
 
-    report: dict[str, Any]
+    report: dict[str, Any]  # the text's scores; with the built-in text, the out-of-domain documents' under "outside"
     artifact: bool
 
     def summary(self) -> str:
-        """What `tngraph eval` prints (without --json)."""
-        r = self.report
-        text = (f"{'compressed artifact' if self.artifact else 'model'} {r['model']}: perplexity {r['perplexity']:.3f} on {r['tokens']:,} "
-                f"tokens of {r['text']} ({r['windows']} windows of {r['window']}, stride {r['stride']})")
-        if "source" in r:
-            text += (f"\ndense source {r['source']['model']}: perplexity {r['source']['perplexity']:.3f} "
-                     f"(compressed / dense {r['source']['ratio']:.3f})")
-        return text
+        """What `tngraph eval` prints (without --json): the text's perplexity, and the out-of-domain
+        documents' beside it when the built-in text was scored."""
+        lines = []
+        for r in (self.report, self.report.get("outside")):
+            if not r:
+                continue
+            lines.append(f"{'compressed artifact' if self.artifact else 'model'} {r['model']}: perplexity {r['perplexity']:.3f} on "
+                         f"{r['tokens']:,} tokens of {r['text']} ({r['windows']} windows of {r['window']}, stride {r['stride']})")
+            if "source" in r:
+                lines.append(f"  dense source {r['source']['model']}: perplexity {r['source']['perplexity']:.3f} "
+                             f"(compressed / dense {r['source']['ratio']:.3f})")
+        return "\n".join(lines)
 
 
 @uses_threads
@@ -36,34 +40,42 @@ def perplexity(model: str | os.PathLike, text: str | os.PathLike | None = None, 
     """`tngraph eval --model MODEL [--text FILE] ...` as one call.
 
     text: a UTF-8 file (default: the built-in held-out documents, never used for calibration or
-    healing); window / stride: tokens per window and between starts (default: the model's context,
+    healing, and as many characters of out-of-domain documents, tngraph.data.outside_text); window / stride: tokens per window and between starts (default: the model's context,
     at most 256, and half a window); source: for an artifact, score its dense source first."""
     from .. import lm
-    from ..data import lm_documents, read_text
+    from ..data import lm_documents, outside_text, read_text
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if text:
-        body, label = read_text(text), str(text)
+        bodies = {"": (read_text(text), str(text))}
     else:
-        body, label = "\n\n".join(lm_documents().heldout), "the built-in held-out documents"
+        heldout = "\n\n".join(lm_documents().heldout)
+        bodies = {"": (heldout, "the built-in held-out documents"),
+                  "outside": (outside_text(len(heldout)), "out-of-domain documents (third-party package docstrings)")}
     kwargs: dict[str, Any] = dict(window=window, stride=stride, batch_size=batch_size, show=progress)
 
-    def score(m: Any, tokenizer: Any) -> Any:
+    def score(m: Any, tokenizer: Any) -> dict[str, Any]:
         with lm.no_kv_cache(m):
-            return lm.perplexity(m, tokenizer, body, **kwargs)
+            return {key: lm.perplexity(m, tokenizer, body, **kwargs) for key, (body, _) in bodies.items() if body}
 
     recipe = lm.artifact_recipe(model)
     if recipe is not None and source:
         # the dense source first, then the same model compressed in place: one model in memory, read once
         models = lm.load_source_then_artifact(model)
         dense = score(*next(models))
-        kwargs["window"], kwargs["stride"] = dense.window, dense.stride  # the same windows
+        kwargs["window"], kwargs["stride"] = dense[""].window, dense[""].stride  # the same windows
         result = score(*next(models))
     else:
         loaded, tokenizer, recipe = lm.load(model)
         result, dense = score(loaded, tokenizer), None
-    report: dict[str, Any] = {"model": str(model), "text": label, **result.to_json()}
-    if dense is not None:
-        report["source"] = {"model": recipe["source"]["path"], **dense.to_json(), "ratio": result.perplexity / dense.perplexity}
+    report: dict[str, Any] = {}
+    for key, scored in result.items():
+        entry = {"model": str(model), "text": bodies[key][1], **scored.to_json()}
+        if dense is not None:
+            entry["source"] = {"model": recipe["source"]["path"], **dense[key].to_json(), "ratio": scored.perplexity / dense[key].perplexity}
+        if key:
+            report[key] = entry
+        else:
+            report.update(entry)
     return PerplexityRun(report, recipe is not None)
