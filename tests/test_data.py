@@ -46,3 +46,21 @@ def test_package_sentences_are_another_domain_than_the_corpus():
     assert not set(sentences) & set(corpus())
     assert all(40 <= len(s) <= 300 for s in sentences)
     assert package_sentences(("no_such_package_here",)) == []
+
+
+def test_out_of_domain_sets_split_into_a_reported_half_and_a_tuning_half():
+    from tngraph.data import corpus, outside_documents, outside_sentences, outside_text, sentence_sets
+
+    report, tune = outside_sentences(300, seed=0), outside_sentences(300, seed=0, part="tune")
+    assert len(report) == len(tune) == 300 and len(set(report)) == 300
+    assert not set(report) & set(tune)  # nothing that tunes is ever reported
+    assert not set(report) & set(corpus()) and not set(report) & set(sentence_sets(64, 64).calibration)
+    assert outside_sentences(300, seed=0) == report and outside_sentences(300, seed=1) != report  # seeded, deterministic
+    assert set(outside_sentences(100, seed=0)) <= set(outside_sentences(10**6, seed=0))
+    docs = outside_documents()
+    assert docs and not set(docs) & set(outside_documents(part="tune")) and all(len(d) >= 200 for d in docs)
+    text = outside_text(20_000, seed=0)
+    assert 20_000 <= len(text) < 20_000 + max(map(len, docs)) + 2 and text == outside_text(20_000, seed=0)
+    assert text.startswith(tuple(docs)) and text.endswith(tuple(docs))  # whole documents
+    with pytest.raises(ValueError, match="part"):
+        outside_sentences(10, part="heal")

@@ -4,7 +4,7 @@ budget) beside every single-method baseline, in one run (issue 25's Pareto bench
 
 MiniLM (its 36 encoder linears): mean cosine and top-10 neighbour overlap of the sentence embeddings
 against the dense model's, on held-out standard-library sentences (the calibration domain) and on
-third-party package docstrings (`tngraph.data.package_sentences`, never calibrated on). The trained
+third-party package docstrings (`tngraph.data.outside_sentences`, the part set aside for reports, never calibrated on). The trained
 tiny LM (`tngraph.tinylm`, its decoder linears): held-out perplexity. Bytes: everything stored for
 the target layers (codes, fp16 scales, zero points, factors, biases) over their fp32 weights and
 biases.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
 import sys
 import time
 
@@ -41,7 +40,7 @@ sys.path.insert(0, ".")
 import torch  # noqa: E402
 
 import tngraph  # noqa: E402
-from tngraph.data import lm_documents, package_sentences, passages, sentence_sets  # noqa: E402
+from tngraph.data import lm_documents, outside_sentences, passages, sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, count_params, latency, latency_inputs, sentence_embeddings  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 from tngraph.tn.quant import QuantSpec, gptq, rtn  # noqa: E402
@@ -118,9 +117,7 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
     model, tok = load_model(ModelSource("minilm"))
     model.eval()
     sets = sentence_sets(calibration=args.calibration, evaluation=args.eval, seed=0)
-    outside = package_sentences()
-    random.Random(0).shuffle(outside)
-    held = {"in": sets.evaluation, "out": outside[: args.eval]}
+    held = {"in": sets.evaluation, "out": outside_sentences(args.eval, seed=0)}
     dense = {k: sentence_embeddings(model, tok, v) for k, v in held.items()}
     names = list(linears(model, "encoder."))
     fp32 = target_bytes(model, names)

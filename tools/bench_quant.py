@@ -5,7 +5,7 @@ first half of issue 25's Pareto bench (quality only; allocation, execution and l
 Each method replaces every encoder linear's weight by its approximation W' (simulated: the weights
 are dequantized in place), and the sentence embeddings are compared with the dense model's on
 held-out text from the standard library (the calibration domain, other sentences) and from the
-docstrings of third-party packages (another domain: tngraph.data.package_sentences). Bytes are
+docstrings of third-party packages (another domain: tngraph.data.outside_sentences). Bytes are
 everything stored for the 36 layers (codes, fp16 scales and zero points, fp16 factors, fp16
 biases) as a fraction of their fp32 bytes (weights + biases x 4), as EVALUATION.md counts them.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
 import sys
 import time
 
@@ -34,7 +33,7 @@ sys.path.insert(0, ".")
 
 import torch  # noqa: E402
 
-from tngraph.data import package_sentences, sentence_sets  # noqa: E402
+from tngraph.data import outside_sentences, sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.models import ModelSource, load_model  # noqa: E402
 from tngraph.tn import decompose_lowrank  # noqa: E402
@@ -162,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(ModelSource("minilm"))
     model.eval()
     sets = sentence_sets(calibration=args.calibration, evaluation=args.eval, seed=0)
-    outside = package_sentences()
-    random.Random(0).shuffle(outside)
-    held = {"stdlib (in domain)": sets.evaluation, "packages (out of domain)": outside[: args.eval]}
+    held = {"stdlib (in domain)": sets.evaluation, "packages (out of domain)": outside_sentences(args.eval, seed=0)}
     stats = grams(model, tokenizer, sets.calibration)
     dense = {k: sentence_embeddings(model, tokenizer, v) for k, v in held.items()}
     linears = encoder_linears(model)
