@@ -2,11 +2,15 @@
 """Healing on the bundled MiniLM: the same compressed model before and after each healing variant.
 
 Compresses the MiniLM once with the default pipeline without healing (or loads --artifact), then for
-each variant heals a fresh copy against the original on the built-in sentences outside the
-evaluation set and prints the held-out embedding agreement before and after, the cut in
-1 - mean cos, the steps taken and the healing time (this machine, --threads threads).
+each variant heals a fresh copy against the original and prints, before and after, the embedding
+agreement on held-out standard-library sentences (the calibration's domain) and on as many
+out-of-domain sentences (tngraph.data.outside_sentences: the part set aside for reports), the cut in
+1 - mean cos, the steps taken and the healing time (this machine, --threads threads). Variants heal
+on the built-in sentences outside the evaluation set, except "mixed-data": those plus as many
+sentences of other packages' docstrings (numpy, setuptools, pip: neither the calibration's source
+nor the out-of-domain set's).
 
-  python tools/bench_heal.py [--artifact DIR] [--runs default,factors-only,last-layer] [--eval-samples 2000]
+  python tools/bench_heal.py [--artifact DIR] [--runs default,factors-only,last-layer,mixed-data] [--eval-samples 2000]
 """
 from __future__ import annotations
 
@@ -24,18 +28,35 @@ import torch  # noqa: E402
 
 import tngraph  # noqa: E402
 from tngraph.api import heal_config  # noqa: E402
-from tngraph.data import healing_pool, sentence_sets  # noqa: E402
+from tngraph.data import healing_pool, outside_sentences, package_sentences, sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.heal import heal  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 
-# label: HealConfig overrides of the default (Config's heal_steps / heal_lr)
+# label: HealConfig overrides of the default (Config's heal_steps / heal_lr); "mixed-data" changes the texts instead
 RUNS = {
     "default": {},
     "factors-only": dict(train_norms=False),
     "last-layer": dict(layers=False),
     "half-steps": dict(steps=250),
+    "mixed-data": {},
 }
+OTHER_SOURCES = ("numpy", "setuptools", "pip")  # docstrings of neither the calibration's source nor the out-of-domain set's
+
+
+def mixed(texts: list[str], seed: int) -> list[str]:
+    """`texts` and as many sentences of OTHER_SOURCES' docstrings (fewer if they hold fewer), interleaved."""
+    import random
+
+    reported = set(outside_sentences(10**9, seed=0))
+    other = [s for s in package_sentences(OTHER_SOURCES) if s not in reported]
+    random.Random(seed).shuffle(other)
+    other = other[: len(texts)]
+    return [t for pair in zip(texts, other) for t in pair] + texts[len(other):]
+
+
+def scores(model, tokenizer, held: dict, refs: dict) -> dict:
+    return {k: agreement(refs[k], sentence_embeddings(model, tokenizer, v)) for k, v in held.items()}
 
 
 def main() -> int:
@@ -62,20 +83,25 @@ def main() -> int:
         student = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
         label = f"default pipeline, budget {args.budget:g}, compressed in {time.perf_counter() - start:.0f}s"
     texts = healing_pool(sets.evaluation)
-    ref = sentence_embeddings(model, tokenizer, sets.evaluation)
-    before = agreement(ref, sentence_embeddings(student, tokenizer, sets.evaluation))
-    print(f"MiniLM ({label}); healing on {len(texts)} built-in sentences, agreement on {before.sentences} others; "
+    held = {"in domain": sets.evaluation, "out of domain": outside_sentences(args.eval_samples, seed=0)}
+    refs = {k: sentence_embeddings(model, tokenizer, v) for k, v in held.items()}
+    before = scores(student, tokenizer, held, refs)
+    print(f"MiniLM ({label}); healing on {len(texts)} built-in sentences (mixed-data: twice as many), agreement on "
+          f"{before['in domain'].sentences} held-out stdlib and {before['out of domain'].sentences} out-of-domain sentences; "
           f"{torch.get_num_threads()} threads")
-    print(f"{'run':14} {'steps':>5} {'best':>5} {'seconds':>7} {'mean cos':>17} {'cut':>6} {'min cos':>17} {'top-10':>17}")
+    print(f"{'run':14} {'steps':>5} {'best':>5} {'seconds':>7}" + "".join(f" {k + ': mean cos':>24} {'cut':>6} {'top-10':>17}" for k in held))
     base = heal_config(config.replace(heal_steps=tngraph.Config().heal_steps))
     for run in runs:
         cfg = base.__class__(**{**base.__dict__, **RUNS[run]})
         healed = copy.deepcopy(student)
-        result = heal(healed, model, texts, tokenizer, cfg, show=sys.stderr.isatty())
-        after = agreement(ref, sentence_embeddings(healed, tokenizer, sets.evaluation))
-        cut = 1 - (1 - after.mean_cos) / (1 - before.mean_cos)
-        print(f"{run:14} {result.steps:>5} {result.best_step:>5} {result.seconds:>7.0f} {before.mean_cos:>8.4f}->{after.mean_cos:.4f} {cut:>6.1%} "
-              f"{before.min_cos:>8.4f}->{after.min_cos:.4f} {before.top10_overlap:>8.4f}->{after.top10_overlap:.4f}", flush=True)
+        result = heal(healed, model, mixed(texts, config.seed) if run == "mixed-data" else texts, tokenizer, cfg, show=sys.stderr.isatty())
+        after = scores(healed, tokenizer, held, refs)
+        cells = ""
+        for k in held:
+            b, a = before[k], after[k]
+            cut = 1 - (1 - a.mean_cos) / (1 - b.mean_cos)
+            cells += f" {b.mean_cos:>15.4f}->{a.mean_cos:.4f} {cut:>6.1%} {b.top10_overlap:>8.4f}->{a.top10_overlap:.4f}"
+        print(f"{run:14} {result.steps:>5} {result.best_step:>5} {result.seconds:>7.0f}{cells}", flush=True)
     return 0
 
 
