@@ -279,3 +279,21 @@ def test_a_parameter_tied_into_two_modules_is_rewritten_at_both_uses_on_one_set_
         by_hand[3].weight.copy_(c @ d)
         assert by_hand[2].weight is by_hand[0].weight
         torch.testing.assert_close(out, by_hand(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_text_objective_pools_hidden_states_and_keeps_logits_whole():
+    """With calibration texts the backend compares a target's effect on the pooled sentence
+    embedding of a (batch, tokens, width) first output, but a language model's logits (as wide as the
+    tokenizer's vocabulary) count whole, as tngraph.compress counts a causal LM's."""
+    import types
+
+    from tngraph.evaluate import pooled
+
+    lifted = types.SimpleNamespace(names=["input_ids", "attention_mask"])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    hidden, logits = torch.randn(2, 3, 8), torch.randn(2, 3, 50)
+    objective = backend._objective(lifted, True, 50)
+    torch.testing.assert_close(objective((hidden,), (), {"attention_mask": mask}), pooled(hidden, mask))
+    assert objective((logits,), (), {"attention_mask": mask})[0] is logits
+    assert backend._objective(lifted, False, 50) is None
+    assert backend._vocabulary(types.SimpleNamespace(vocab_size=7)) == 7 and backend._vocabulary(None) is None

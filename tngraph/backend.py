@@ -399,7 +399,7 @@ def calibration_for(lifted: LiftedGraph, opts: BackendOptions) -> tuple[list, An
         return [], None, "data-free"
     if len(batches) < len(bound):
         log.info("tngraph backend: %d of %d calibration batches fit the graph's static shapes", len(batches), len(bound))
-    return batches, _objective(lifted, texts), "shaped" if shaped else "full"
+    return batches, _objective(lifted, texts, _vocabulary(tokenizer)), "shaped" if shaped else "full"
 
 
 def _rebatch(lifted: LiftedGraph, bound: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -421,8 +421,17 @@ def _rebatch(lifted: LiftedGraph, bound: list[dict[str, Any]]) -> list[dict[str,
     return [{name: t[i : i + rows] for name, t in joined.items()} for i in range(0, total - rows + 1, rows)]
 
 
-def _objective(lifted: LiftedGraph, texts: bool):
-    """For texts, the pooled sentence embedding of the graph's first output (as tngraph.compress)."""
+def _vocabulary(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer) if tokenizer is not None else None
+    except TypeError:
+        return getattr(tokenizer, "vocab_size", None)
+
+
+def _objective(lifted: LiftedGraph, texts: bool, vocabulary: int | None = None):
+    """For texts, the pooled sentence embedding of the graph's first output (as tngraph.compress),
+    unless that output is as wide as the tokenizer's vocabulary: a language model's logits, which
+    count whole (every float output), as tngraph.compress counts a causal LM's."""
     if not texts or "attention_mask" not in lifted.names:
         return None
     from .evaluate import pooled
@@ -430,7 +439,8 @@ def _objective(lifted: LiftedGraph, texts: bool):
     def objective(outputs: Any, args: tuple, kwargs: dict) -> Any:
         first = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else outputs
         mask = kwargs["attention_mask"]
-        if isinstance(first, torch.Tensor) and first.dim() == 3 and tuple(first.shape[:2]) == tuple(mask.shape):
+        if isinstance(first, torch.Tensor) and first.dim() == 3 and tuple(first.shape[:2]) == tuple(mask.shape) \
+                and (vocabulary is None or first.shape[-1] < vocabulary):
             return pooled(first, mask)
         return outputs
 
