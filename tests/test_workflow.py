@@ -53,13 +53,17 @@ def test_compress_call_reproduces_the_command_lines_report(tiny_hf, tmp_path, ca
     assert capsys.readouterr().out == workflow.info(tmp_path / "py").summary() + "\n"
 
 
-def test_no_eval_reports_no_measurements_and_a_config_object_works_too(tiny_hf, tmp_path):
+def test_no_eval_reports_no_measurements_and_a_config_object_works_too(tiny_hf, tmp_path, monkeypatch):
+    import tngraph.data
+
     torch.set_num_threads(1)
+    # nothing is scored, so the out-of-domain packages are not read
+    monkeypatch.setattr(tngraph.data, "outside_sentences", lambda *a, **k: pytest.fail("read the out-of-domain set without --eval"))
     run = workflow.compress(str(tiny_hf), tmp_path / "a", Config(budget=0.3, progress=False, **SMALL), evaluate=False, threads=2)
     # the call ran on its 2 threads and gave the caller's count back (a library call must not leave
     # the process oversubscribed: under pytest-xdist that made every later test several times slower)
     assert torch.get_num_threads() == 1
-    assert "agreement" not in run.report and "latency" not in run.report
+    assert "agreement" not in run.report and "agreement_outside" not in run.report and "latency" not in run.report
     assert run.config.budget == 0.3 and run.report["params"]["targets_kept"] <= 0.3
     assert len(run.report["per_target"]) == 2 * 6 + 1  # a generic model: every linear, the pooler included
 

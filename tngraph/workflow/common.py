@@ -94,7 +94,7 @@ class TextSets:
     outside: Any = None  # the same kind of set from another domain (tngraph.data.OUTSIDE_PACKAGES' docstrings)
 
 
-def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True) -> TextSets:
+def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside: bool = True) -> TextSets:
     """The data policy of the built-in text, in one place.
 
     A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
@@ -102,7 +102,8 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True) -> Text
     (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
     healing on every built-in sentence outside the evaluation set. Out of domain, scored beside them:
     as many sentences (an encoder), or as many characters of documents (a causal LM), of the
-    third-party docstrings set aside for reports (tngraph.data.outside_sentences, outside_text)."""
+    third-party docstrings set aside for reports (tngraph.data.outside_sentences, outside_text);
+    None with `outside` False (nothing will be scored: the packages are not read)."""
     from ..data import healing_pool, lm_documents, outside_sentences, outside_text, passages, sentence_sets
 
     if causal:
@@ -111,17 +112,18 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True) -> Text
         if shuffle:
             random.Random(config.seed).shuffle(pool)
         heldout = "\n\n".join(text.heldout)
-        return TextSets(pool[: config.calibration_samples], pool, heldout, outside_text(len(heldout), config.seed))
+        return TextSets(pool[: config.calibration_samples], pool, heldout, outside_text(len(heldout), config.seed) if outside else None)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
-    return TextSets(sets.calibration, healing_pool(sets.evaluation), sets.evaluation, outside_sentences(config.eval_samples, config.seed))
+    return TextSets(sets.calibration, healing_pool(sets.evaluation), sets.evaluation,
+                    outside_sentences(config.eval_samples, config.seed) if outside else None)
 
 
-def compress_texts(causal: bool, config: Config, calibration: str | None = None) -> TextSets:
+def compress_texts(causal: bool, config: Config, calibration: str | None = None, *, outside: bool = True) -> TextSets:
     """The texts of `tngraph compress`: the built-in ones, or the lines of the `calibration` file
     (which then heal too, unless Config.heal_data names another file)."""
     from ..data import read_lines
 
-    texts = builtin_texts(causal, config)
+    texts = builtin_texts(causal, config, outside=outside)
     if calibration:
         return TextSets(read_lines(calibration), None, texts.evaluation, texts.outside)
     return texts

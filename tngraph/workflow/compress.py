@@ -121,7 +121,7 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
         return compress_tensors(spec, source, out, config, data, force=force, resume=resume, evaluate=evaluate, baseline=baseline)
     model, tokenizer = load_with_tokenizer(source, spec)
     config = fit_length(config, model)
-    texts = compress_texts(is_causal_lm(model), config, calibration)
+    texts = compress_texts(is_causal_lm(model), config, calibration, outside=evaluate)
     result = compress_with_result(model, calibration=texts.calibration, config=config if lead else config.replace(heal_steps=0),
                                   tokenizer=tokenizer, source=source, heal_texts=texts.heal if lead else None,
                                   heal_checkpoint=checkpoint_dir(out) if lead else None, resume=resume and lead)

@@ -95,7 +95,7 @@ def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, eval
     scores with evaluate False)."""
     from .measure import scorer
 
-    texts = builtin_texts(causal, config, shuffle=False)
+    texts = builtin_texts(causal, config, shuffle=False, outside=evaluate)
     if not evaluate:
         return ("perplexity" if causal else "agreement"), {}, texts.heal
     scores = {}
