@@ -51,7 +51,8 @@ def _perplexity_lines(report: dict[str, Any]) -> list[str]:
              f"  {'':26}" + "".join(f"{title:>30}" for _, title in sets)]
     lines.append(f"  {'dense':26}" + "".join(f"{p['dense']['perplexity']:>18.3f}{'':12}" for p, _ in sets))
     for key, label in _variants(sets[0][0]):
-        cells = "".join(f"{p[key]['perplexity']:>18.3f}  ({p[key]['perplexity'] / p['dense']['perplexity']:.3f}x) " for p, _ in sets if key in p)
+        cells = "".join(f"{p[key]['perplexity']:>18.3f}" + f"  ({p[key]['perplexity'] / p['dense']['perplexity']:.3f}x)".ljust(12)
+                        for p, _ in sets if key in p)
         lines.append(f"  {label:26}{cells}")
     return lines
 
