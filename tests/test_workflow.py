@@ -121,3 +121,23 @@ def test_threads_and_given_options():
         workflow.set_threads(0)
     assert workflow.given_options(Config(budget=0.3), {"seed": 1}) == {"budget": 0.3, "seed": 1}
     assert workflow.given_options(None, {"seed": 1}) == {"seed": 1}
+
+
+def test_the_report_prints_both_evaluation_sets_side_by_side():
+    from tngraph.report import format_table
+
+    def scores(dense, compressed, tokens):
+        entry = {"tokens": tokens, "window": 128, "stride": 64}
+        return {"dense": {**entry, "perplexity": dense}, "compressed": {**entry, "perplexity": compressed}}
+
+    sizes = {"targets_before": 100, "targets_after": 50, "model_before": 200, "model_after": 150}
+    report = {"model": "m", "budget": 0.5, "targets": 2, "format": "lowrank", "timings": {"total": 1.0}, "params": sizes, "bytes": sizes,
+              "perplexity": scores(60.0, 63.0, 1000), "perplexity_outside": scores(80.0, 88.0, 990)}
+    lines = format_table(report).splitlines()
+    assert "1,000 and 990 held-out tokens" in next(line for line in lines if line.startswith("perplexity on"))
+    titles = next(line for line in lines if "held-out stdlib text" in line)
+    row = next(line for line in lines if line.startswith("  tngraph"))
+    assert titles.index("held-out stdlib text") < titles.index("other domain: package docs")
+    assert row.split() == ["tngraph", "63.000", "(1.050x)", "88.000", "(1.100x)"]
+    report.pop("perplexity_outside")  # one set: one column
+    assert "other domain" not in format_table(report)
