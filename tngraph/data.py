@@ -101,19 +101,20 @@ def package_sentences(packages: tuple[str, ...] = OUTSIDE_PACKAGES) -> list[str]
     return sorted(sentences - set(corpus()))
 
 
-def _aside(text: str) -> bool:
-    """Whether a text belongs to the part of the out-of-domain data that only scores (by a hash of it,
-    the same on every run): the other part may tune (choose a step, a setting); this one never does."""
-    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) % 2 == 0
+def _in_part(texts, part: str) -> list[str]:
+    """The texts of one half of the out-of-domain data, chosen by a hash of each text (the same on
+    every run): "report", the half that only scores, or "tune", the half a choice (a step, a
+    setting) may read."""
+    if part not in ("report", "tune"):
+        raise ValueError(f"part is 'report' or 'tune', not {part!r}")
+    return [t for t in texts if (int(hashlib.sha1(t.encode()).hexdigest()[:8], 16) % 2 == 0) == (part == "report")]
 
 
 def outside_sentences(count: int, seed: int = 0, *, part: str = "report") -> list[str]:
     """`count` out-of-domain sentences (package_sentences), shuffled with `seed`: from the half set
     aside for reports (`part` "report"), or from the half that may tune ("tune"). Fewer when the
     installed packages hold fewer."""
-    if part not in ("report", "tune"):
-        raise ValueError(f"part is 'report' or 'tune', not {part!r}")
-    pool = [s for s in package_sentences() if _aside(s) == (part == "report")]
+    pool = _in_part(package_sentences(), part)
     random.Random(seed).shuffle(pool)
     return pool[:count]
 
@@ -132,13 +133,19 @@ def outside_text(chars: int, seed: int = 0, *, part: str = "report") -> str:
     return "\n\n".join(taken)
 
 
+def lm_heldout_texts(seed: int = 0, *, outside: bool = True) -> tuple[str, str | None]:
+    """A causal LM's two evaluation texts: the held-out documents of the built-in text (lm_documents,
+    joined), and as many characters of out-of-domain documents (outside_text, the reported half;
+    None without `outside`, the packages then not read)."""
+    heldout = "\n\n".join(lm_documents().heldout)
+    return heldout, outside_text(len(heldout), seed) if outside else None
+
+
 def outside_documents(*, part: str = "report", min_chars: int = 200) -> list[str]:
     """Out-of-domain documents for a causal LM: the packages' docstrings of at least `min_chars`
     characters, unique, sorted, from the half set aside for reports or the half that may tune."""
-    if part not in ("report", "tune"):
-        raise ValueError(f"part is 'report' or 'tune', not {part!r}")
     docs = {d.strip() for name in OUTSIDE_PACKAGES for d in _package_docstrings(name) if len(d.strip()) >= min_chars}
-    return sorted(d for d in docs if _aside(d) == (part == "report"))
+    return _in_part(sorted(docs), part)
 
 
 @functools.lru_cache(maxsize=1)

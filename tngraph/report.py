@@ -29,8 +29,11 @@ def _agreement_lines(report: dict[str, Any]) -> list[str]:
     sets = [(report[f"agreement{suffix}"], title) for suffix, title in SETS if report.get(f"agreement{suffix}")]
     if not sets:
         return []
-    counts = sorted({agree["compressed"]["sentences"] for agree, _ in sets})
-    each = f"{counts[0]} held-out sentences" + (" each" if len(sets) > 1 else "") if len(counts) == 1 else " and ".join(map(str, counts)) + " sentences"
+    counts = [agree["compressed"]["sentences"] for agree, _ in sets]
+    if len(set(counts)) == 1:
+        each = f"{counts[0]} held-out sentences" + (" each" if len(counts) > 1 else "")
+    else:
+        each = " and ".join(map(str, counts)) + " held-out sentences"
     lines = ["", f"embedding agreement with the dense model ({each}):",
              f"  {'':24}" + "".join(f"{title:>30}" for _, title in sets),
              f"  {'':24}" + f"{'mean cos':>10}{'min cos':>10}{'top-10':>10}" * len(sets)]

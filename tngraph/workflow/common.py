@@ -104,15 +104,14 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     as many sentences (an encoder), or as many characters of documents (a causal LM), of the
     third-party docstrings set aside for reports (tngraph.data.outside_sentences, outside_text);
     None with `outside` False (nothing will be scored: the packages are not read)."""
-    from ..data import healing_pool, lm_documents, outside_sentences, outside_text, passages, sentence_sets
+    from ..data import healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets
 
     if causal:
-        text = lm_documents()
-        pool = passages(text.train)
+        pool = passages(lm_documents().train)
         if shuffle:
             random.Random(config.seed).shuffle(pool)
-        heldout = "\n\n".join(text.heldout)
-        return TextSets(pool[: config.calibration_samples], pool, heldout, outside_text(len(heldout), config.seed) if outside else None)
+        heldout, other = lm_heldout_texts(config.seed, outside=outside)
+        return TextSets(pool[: config.calibration_samples], pool, heldout, other)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
     return TextSets(sets.calibration, healing_pool(sets.evaluation), sets.evaluation,
                     outside_sentences(config.eval_samples, config.seed) if outside else None)

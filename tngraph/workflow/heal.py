@@ -96,13 +96,9 @@ def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, eval
     from .measure import scorer
 
     texts = builtin_texts(causal, config, shuffle=False, outside=evaluate)
-    if not evaluate:
-        return ("perplexity" if causal else "agreement"), {}, texts.heal
-    scores = {}
-    for suffix, held in (("", texts.evaluation), ("_outside", texts.outside)):
-        if held:
-            key, scores[suffix] = scorer(teacher, tokenizer, held, config)
-    return key, scores, texts.heal
+    held = {"": texts.evaluation, "_outside": texts.outside} if evaluate else {}
+    scores = {suffix: scorer(teacher, tokenizer, t, config)[1] for suffix, t in held.items() if t}
+    return ("perplexity" if causal else "agreement"), scores, texts.heal
 
 
 @uses_threads

@@ -43,16 +43,15 @@ def perplexity(model: str | os.PathLike, text: str | os.PathLike | None = None, 
     healing, and as many characters of out-of-domain documents, tngraph.data.outside_text); window / stride: tokens per window and between starts (default: the model's context,
     at most 256, and half a window); source: for an artifact, score its dense source first."""
     from .. import lm
-    from ..data import lm_documents, outside_text, read_text
+    from ..data import lm_heldout_texts, read_text
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if text:
         bodies = {"": (read_text(text), str(text))}
     else:
-        heldout = "\n\n".join(lm_documents().heldout)
-        bodies = {"": (heldout, "the built-in held-out documents"),
-                  "outside": (outside_text(len(heldout)), "out-of-domain documents (third-party package docstrings)")}
+        heldout, other = lm_heldout_texts()
+        bodies = {"": (heldout, "the built-in held-out documents"), "outside": (other, "out-of-domain documents (third-party package docstrings)")}
     kwargs: dict[str, Any] = dict(window=window, stride=stride, batch_size=batch_size, show=progress)
 
     def score(m: Any, tokenizer: Any) -> dict[str, Any]:
