@@ -49,8 +49,8 @@ def mixed(texts: list[str], seed: int) -> list[str]:
     """`texts` and as many sentences of OTHER_SOURCES' docstrings (fewer if they hold fewer), interleaved."""
     import random
 
-    reported = set(outside_sentences(10**9, seed=0))
-    other = [s for s in package_sentences(OTHER_SOURCES) if s not in reported]
+    scored = set(package_sentences())  # both halves of the out-of-domain set: --outside-part may score either
+    other = [s for s in package_sentences(OTHER_SOURCES) if s not in scored]
     random.Random(seed).shuffle(other)
     other = other[: len(texts)]
     return [t for pair in zip(texts, other) for t in pair] + texts[len(other):]
