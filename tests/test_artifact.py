@@ -22,9 +22,13 @@ def test_round_trip_of_a_user_module(compressed, mlp, tmp_path):
     assert recipe["source"] == {"kind": "module", "path": None}
     assert [t["name"] for t in recipe["targets"]] == ["layers.0", "layers.1", "layers.2"]
     assert recipe["tngraph_version"] == tngraph.__version__ and len(recipe["source_hash"]) == 64
-    loaded = tngraph.load(out, model=type(mlp)())  # a fresh instance with the same (seeded) weights
+    source = type(mlp)()  # a fresh instance with the same (seeded) weights
+    loaded = tngraph.load(out, model=source)
     x = torch.randn(6, 24)
     torch.testing.assert_close(loaded(x), compressed(x), atol=0, rtol=0)
+    # the recipe goes onto a copy: the model passed in stays dense, usable as the reference
+    assert loaded is not source and all(type(m) is torch.nn.Linear for m in source.layers)
+    torch.testing.assert_close(source(x), mlp(x), atol=0, rtol=0)
     with pytest.raises(ModelError, match="user-supplied module"):
         tngraph.load(out)
 

@@ -1,6 +1,7 @@
 """Artifacts: factors as safetensors plus a JSON recipe; written atomically, verified when loaded."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -99,7 +100,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     """Rebuild the compressed model: the source model from its own definition, then the recipe applied.
 
     `model` is needed only when the artifact was made from a user-supplied module; it must hold the
-    same weights as the module that was compressed.
+    same weights as the module that was compressed. The recipe is applied to a copy of it: `model`
+    itself stays as it was (it can go on serving as the dense reference).
     """
     folder = pathlib.Path(path)
     recipe = read_recipe(folder)
@@ -118,7 +120,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> torch
     if model is None:
         model, _ = load_model(ModelSource.from_json(recipe["source"]))
     else:
-        model = model.eval()
+        model = copy.deepcopy(model).eval()
     if weights_hash(model) != recipe["source_hash"]:
         raise ArtifactError("this artifact was made from a different source model (weights hash differs)", "load it onto the model it was compressed from")
     plans = [plan_from_entry(entry, entry_factors(entry, tensors)) for entry in recipe["targets"]]
