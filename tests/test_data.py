@@ -64,3 +64,29 @@ def test_out_of_domain_sets_split_into_a_reported_half_and_a_tuning_half():
     assert text.startswith(tuple(docs)) and text.endswith(tuple(docs))  # whole documents
     with pytest.raises(ValueError, match="part"):
         outside_sentences(10, part="heal")
+
+
+def test_healing_mixes_other_packages_and_never_reads_what_is_scored(monkeypatch):
+    """The default healing data: the built-in sentences outside the evaluation set, interleaved with
+    as many sentences of other installed packages' docstrings; none of them is in either half of the
+    out-of-domain set, in the evaluation set or in the corpus; seeded and deterministic."""
+    import tngraph.data
+    from tngraph.data import HEALING_PACKAGES, OUTSIDE_PACKAGES, corpus, healing_pool, healing_sentences, package_sentences
+
+    assert not set(HEALING_PACKAGES) & set(OUTSIDE_PACKAGES)
+    small = ("pip", "numpy")  # quick to read
+    other = healing_sentences(400, seed=0, packages=small)
+    assert len(other) == len(set(other)) == 400
+    assert not set(other) & set(package_sentences()) and not set(other) & set(corpus())
+    assert healing_sentences(400, seed=0, packages=small) == other and healing_sentences(400, seed=1, packages=small) != other
+    # an equal share from each package
+    from_pip, from_numpy = (set(other) & set(package_sentences((name,))) for name in small)
+    assert 180 <= len(from_pip) <= 220 and 180 <= len(from_numpy) <= 220
+    assert healing_sentences(50, seed=0, packages=("no_such_package_here",)) == []
+    builtin = corpus()[:300]
+    monkeypatch.setattr(tngraph.data, "corpus", lambda: builtin)
+    evaluation = list(builtin[::3])
+    own, mixed = healing_pool(evaluation, mixed=False), healing_pool(evaluation)
+    assert own == [s for s in builtin if s not in evaluation]
+    assert len(mixed) == 2 * len(own) and mixed[0::2] == own  # interleaved: every batch draws from both
+    assert set(mixed[1::2]) == set(healing_sentences(len(own), seed=0)) and not set(mixed[1::2]) & set(package_sentences())

@@ -71,23 +71,7 @@ OUTSIDE_PACKAGES = ("networkx", "matplotlib", "onnx", "onnxscript", "huggingface
 def _package_docstrings(name: str) -> tuple[str, ...]:
     """The docstrings of an installed package's modules, classes and functions (its tests skipped),
     in file order; none for a package that is not installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return ()
-    docs = []
-    for root in spec.submodule_search_locations:
-        for path in sorted(pathlib.Path(root).rglob("*.py")):
-            if any(part in ("test", "tests", "testing") for part in path.parts):
-                continue
-            try:
-                tree = ast.parse(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
-                continue
-            docs += [d for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                     and (d := ast.get_docstring(node))]
-    return tuple(docs)
+    return tuple(d for path in _package_files(name) for d in _file_docstrings(path))
 
 
 def package_sentences(packages: tuple[str, ...] = OUTSIDE_PACKAGES) -> list[str]:
@@ -175,11 +159,78 @@ def sentence_sets(calibration: int = 512, evaluation: int = 2000, seed: int = 0)
     return SentenceSets(calibration=pool[evaluation : evaluation + calibration], evaluation=pool[:evaluation])
 
 
-def healing_pool(evaluation: list[str]) -> list[str]:
-    """Every built-in sentence outside `evaluation`: the default healing data (more text than the
-    calibration set, none of the sentences the report scores)."""
+def healing_pool(evaluation: list[str], *, mixed: bool = True, seed: int = 0) -> list[str]:
+    """The default healing data: every built-in sentence outside `evaluation` (more text than the
+    calibration set, none of the sentences the report scores), and with `mixed` as many sentences of
+    HEALING_PACKAGES' docstrings (healing_sentences), the two interleaved. Healing on one source fits
+    the model to that source: text from several raises the out-of-domain agreement (docs/healing.md)."""
     held = set(evaluation)
-    return [s for s in corpus() if s not in held]
+    own = [s for s in corpus() if s not in held]
+    if not mixed:
+        return own
+    other = healing_sentences(len(own), seed)
+    return [t for pair in zip(own, other) for t in pair] + own[len(other):]
+
+
+# Healing text from other sources than the calibration's: docstrings of packages every tngraph install has
+# (its requirements and theirs: sympy comes with torch; pip and setuptools with every environment), none of
+# them read by the out-of-domain set. A missing one is skipped.
+HEALING_PACKAGES = ("setuptools", "pip", "numpy", "sympy", "transformers", "torch")  # the smaller first
+
+
+def healing_sentences(count: int, seed: int = 0, packages: tuple[str, ...] = HEALING_PACKAGES) -> list[str]:
+    """`count` prose sentences of `packages`' docstrings (fewer if they hold fewer), an equal share
+    from each (the files of a package read in an order drawn from `seed` until its share is met, so
+    a large package is not read whole; what one cannot give, the later ones do), shuffled; none of the out-of-domain set's sentences (package_sentences) nor of
+    the built-in corpus."""
+    return list(_healing_sentences(count, seed, tuple(packages)))
+
+
+@functools.lru_cache(maxsize=4)
+def _healing_sentences(count: int, seed: int, packages: tuple[str, ...]) -> tuple[str, ...]:
+    present = [name for name in packages if _package_files(name)]
+    if not present or count <= 0:
+        return ()
+    skip = set(package_sentences()) | set(corpus())
+    taken: list[str] = []
+    for i, name in enumerate(present):
+        share = -(-(count - len(taken)) // (len(present) - i))  # what a package before it could not give passes on
+        found: dict[str, None] = {}  # insertion-ordered and unique
+        for path in _package_files(name, seed):
+            for doc in _file_docstrings(path):
+                found.update((x, None) for x in _sentences(doc) if x not in skip)
+            if len(found) >= share:
+                break
+        kept = list(found)[:share]
+        taken += kept
+        skip.update(kept)  # a sentence two packages share is taken once
+    random.Random(seed).shuffle(taken)
+    return tuple(taken[:count])
+
+
+def _package_files(name: str, seed: int | None = None) -> list[pathlib.Path]:
+    """An installed package's .py files outside its tests: sorted, or in an order drawn from `seed`
+    (a hash of each relative path, so the same on every machine with the same version)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    files = [(root, path) for root in spec.submodule_search_locations for path in sorted(pathlib.Path(root).rglob("*.py"))
+             if not any(part in ("test", "tests", "testing") for part in path.relative_to(root).parts)]
+    if seed is not None:
+        files.sort(key=lambda item: hashlib.sha1(f"{seed}:{item[1].relative_to(item[0]).as_posix()}".encode()).hexdigest())
+    return [path for _, path in files]
+
+
+def _file_docstrings(path: pathlib.Path) -> list[str]:
+    """The docstrings of a file's module, classes and functions; none when it does not parse."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+        return []
+    return [d for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and (d := ast.get_docstring(node))]
 
 
 def read_lines(path: str | pathlib.Path, *, what: str = "calibration data") -> list[str]:

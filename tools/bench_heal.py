@@ -6,11 +6,11 @@ each variant heals a fresh copy against the original and prints, before and afte
 agreement on held-out standard-library sentences (the calibration's domain) and on as many
 out-of-domain sentences (tngraph.data.outside_sentences: the part set aside for reports), the cut in
 1 - mean cos, the steps taken and the healing time (this machine, --threads threads). Variants heal
-on the built-in sentences outside the evaluation set, except "mixed-data": those plus as many
-sentences of other packages' docstrings (numpy, setuptools, pip: neither the calibration's source
-nor the out-of-domain set's).
+on the default healing data (tngraph.data.healing_pool: the built-in sentences outside the
+evaluation set, interleaved with as many sentences of other packages' docstrings, neither the
+calibration's source nor the out-of-domain set's), except "stdlib-only": the built-in sentences alone.
 
-  python tools/bench_heal.py [--artifact DIR] [--runs default,factors-only,last-layer,mixed-data] [--eval-samples 2000]
+  python tools/bench_heal.py [--artifact DIR] [--runs default,stdlib-only,factors-only,last-layer] [--eval-samples 2000]
                              [--outside-part report|tune]
 """
 from __future__ import annotations
@@ -29,31 +29,19 @@ import torch  # noqa: E402
 
 import tngraph  # noqa: E402
 from tngraph.api import heal_config  # noqa: E402
-from tngraph.data import healing_pool, outside_sentences, package_sentences, sentence_sets  # noqa: E402
+from tngraph.data import healing_pool, outside_sentences, sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.heal import heal  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 
-# label: HealConfig overrides of the default (Config's heal_steps / heal_lr); "mixed-data" changes the texts instead
+# label: HealConfig overrides of the default (Config's heal_steps / heal_lr); "stdlib-only" changes the texts instead
 RUNS = {
     "default": {},
+    "stdlib-only": {},
     "factors-only": dict(train_norms=False),
     "last-layer": dict(layers=False),
     "half-steps": dict(steps=250),
-    "mixed-data": {},
 }
-OTHER_SOURCES = ("numpy", "setuptools", "pip")  # docstrings of neither the calibration's source nor the out-of-domain set's
-
-
-def mixed(texts: list[str], seed: int) -> list[str]:
-    """`texts` and as many sentences of OTHER_SOURCES' docstrings (fewer if they hold fewer), interleaved."""
-    import random
-
-    scored = set(package_sentences())  # both halves of the out-of-domain set: --outside-part may score either
-    other = [s for s in package_sentences(OTHER_SOURCES) if s not in scored]
-    random.Random(seed).shuffle(other)
-    other = other[: len(texts)]
-    return [t for pair in zip(texts, other) for t in pair] + texts[len(other):]
 
 
 def scores(model, tokenizer, held: dict, refs: dict) -> dict:
@@ -80,17 +68,17 @@ def main() -> int:
     config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, eval_samples=args.eval_samples, progress=False)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
     if args.artifact:
-        student = tngraph.load(args.artifact)
+        student = tngraph.load(args.artifact, model=model)  # onto a copy: `model` stays the dense teacher
         label = args.artifact
     else:
         start = time.perf_counter()
         student = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
         label = f"default pipeline, budget {args.budget:g}, compressed in {time.perf_counter() - start:.0f}s"
-    texts = healing_pool(sets.evaluation)
+    texts = {mixed: healing_pool(sets.evaluation, mixed=mixed, seed=config.seed) for mixed in (True, False)}
     held = {"in domain": sets.evaluation, "out of domain": outside_sentences(args.eval_samples, seed=0, part=args.outside_part)}
     refs = {k: sentence_embeddings(model, tokenizer, v) for k, v in held.items()}
     before = scores(student, tokenizer, held, refs)
-    print(f"MiniLM ({label}); healing on {len(texts)} built-in sentences (mixed-data: twice as many), agreement on "
+    print(f"MiniLM ({label}); healing on {len(texts[True])} sentences ({len(texts[False])} built-in; stdlib-only: those alone), agreement on "
           f"{before['in domain'].sentences} held-out stdlib and {before['out of domain'].sentences} out-of-domain sentences; "
           f"{torch.get_num_threads()} threads")
     print(f"{'run':14} {'steps':>5} {'best':>5} {'seconds':>7}" + "".join(f" {k + ': mean cos':>24} {'cut':>6} {'top-10':>17}" for k in held))
@@ -98,7 +86,7 @@ def main() -> int:
     for run in runs:
         cfg = base.__class__(**{**base.__dict__, **RUNS[run]})
         healed = copy.deepcopy(student)
-        result = heal(healed, model, mixed(texts, config.seed) if run == "mixed-data" else texts, tokenizer, cfg, show=sys.stderr.isatty())
+        result = heal(healed, model, texts[run != "stdlib-only"], tokenizer, cfg, show=sys.stderr.isatty())
         after = scores(healed, tokenizer, held, refs)
         cells = ""
         for k in held:

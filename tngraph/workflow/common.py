@@ -100,10 +100,11 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
     the first calibration_samples of them calibrate, all of them heal, the held-out documents
     (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
-    healing on every built-in sentence outside the evaluation set. Out of domain, scored beside them:
-    as many sentences (an encoder), or as many characters of documents (a causal LM), of the
-    third-party docstrings set aside for reports (tngraph.data.outside_sentences, outside_text);
-    None with `outside` False (nothing will be scored: the packages are not read)."""
+    healing on every built-in sentence outside the evaluation set and as many sentences of other
+    packages' docstrings (tngraph.data.healing_pool; none when Config.heal_steps is 0). Out of
+    domain, scored beside them: as many sentences (an encoder), or as many characters of documents
+    (a causal LM), of the third-party docstrings set aside for reports (tngraph.data.outside_sentences,
+    outside_text); None with `outside` False (nothing will be scored: the packages are not read)."""
     from ..data import healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets
 
     if causal:
@@ -113,7 +114,8 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
         heldout, other = lm_heldout_texts(config.seed, outside=outside)
         return TextSets(pool[: config.calibration_samples], pool, heldout, other)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
-    return TextSets(sets.calibration, healing_pool(sets.evaluation), sets.evaluation,
+    healing = healing_pool(sets.evaluation, seed=config.seed) if config.heal_steps else None  # other packages are read only to heal
+    return TextSets(sets.calibration, healing, sets.evaluation,
                     outside_sentences(config.eval_samples, config.seed) if outside else None)
 
 
