@@ -10,7 +10,7 @@ import torch
 import tngraph
 from tngraph.errors import ConfigError
 from tngraph.layers import QFACTORS, QLOWRANK, QUANT, LayerLinear
-from tngraph.tn.quant import (Choice, QuantSpec, candidates, dequantize_layer, factored, gptq, layer_tensors, layer_weight, output_error,
+from tngraph.tn.quant import (Choice, QuantSpec, candidates, dequantize_layer, factored, gptq, layer_tensors, layer_weight, output_error, quantize,
                               pack_rows, quantize_choice, rtn, tensor_bytes, unpack_rows)
 
 from tests.conftest import MLP, backend_spy
@@ -166,14 +166,17 @@ def test_allocation_chooses_bits_within_the_byte_budget_and_the_graph_runs_them(
     # the graph holds one quantized op per target, its statics the plan's bits
     ops = [n for n in result.graph.graph.nodes if n.op == "call_function" and n.target in (QUANT.op, QLOWRANK.op)]
     assert len(ops) == 3 and sorted(n.args[3] for n in ops) == sorted(p.quant["bits"] for p in plan.values())
-    # each layer's weight is what error feedback on the calibration Gram gives, and the model stays close
+    # each layer's weight is what error feedback on the calibration Gram gives, its scales refit to
+    # the codes (quantize: gptq, then fit_scales), and the model stays close
     for name, p in plan.items():
         layer = model.get_submodule(name)
         x = torch.cat([a[0] for a, _ in data]) if name == "layers.0" else None
         if x is not None:
             gram = x.T.double() @ x.double()
-            expected = gptq(layer.weight, QuantSpec(p.quant["bits"], p.quant["group"] or None), gram).dequantize()
+            spec = QuantSpec(p.quant["bits"], p.quant["group"] or None)
+            expected = quantize(layer.weight, spec, gram).dequantize()
             torch.testing.assert_close(result.module.get_submodule(name).weight, expected, rtol=0, atol=1e-6)
+            assert output_error(layer.weight, expected, gram) < output_error(layer.weight, gptq(layer.weight, spec, gram).dequantize(), gram)
     x = data[0][0][0]
     assert torch.nn.functional.cosine_similarity(result.module(x), model(x)).mean() > 0.99
 

@@ -8,6 +8,7 @@ import logging
 import pathlib
 import random
 import re
+import sys
 import sysconfig
 from dataclasses import dataclass
 
@@ -211,16 +212,23 @@ def _healing_sentences(count: int, seed: int, packages: tuple[str, ...]) -> tupl
 def _package_files(name: str, seed: int | None = None) -> list[pathlib.Path]:
     """An installed package's .py files outside its tests: sorted, or in an order drawn from `seed`
     (a hash of each relative path, so the same on every machine with the same version)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    files = [(root, path) for root in spec.submodule_search_locations for path in sorted(pathlib.Path(root).rglob("*.py"))
+    roots = _package_roots(name)
+    files = [(root, path) for root in roots for path in sorted(root.rglob("*.py"))
              if not any(part in ("test", "tests", "testing") for part in path.relative_to(root).parts)]
     if seed is not None:
         files.sort(key=lambda item: hashlib.sha1(f"{seed}:{item[1].relative_to(item[0]).as_posix()}".encode()).hexdigest())
     return [path for _, path in files]
+
+
+def _package_roots(name: str) -> list[pathlib.Path]:
+    """The folder of an installed package on sys.path, found by looking, not through the import
+    system: the finders some packages install have side effects on a lookup (setuptools' distutils
+    hack drops the loaded distutils modules when asked for pip, which then breaks torch.compile)."""
+    for entry in sys.path:
+        folder = pathlib.Path(entry or ".") / name
+        if (folder / "__init__.py").is_file():
+            return [folder]
+    return []
 
 
 def _file_docstrings(path: pathlib.Path) -> list[str]:
