@@ -101,3 +101,7 @@ def test_healing_mixes_other_packages_and_never_reads_what_is_scored(monkeypatch
     assert own == [s for s in builtin if s not in evaluation]
     assert len(mixed) == 2 * len(own) and mixed[0::2] == own  # interleaved: every batch draws from both
     assert set(mixed[1::2]) == set(healing_sentences(len(own), seed=0)) and not set(mixed[1::2]) & set(package_sentences())
+    # a short run reads no more than its steps can use: half of it built-in, half the packages'
+    short = healing_pool(evaluation, most=41)
+    assert len(short) == 42 and set(short[0::2]) < set(own) and set(short[1::2]) == set(healing_sentences(21, seed=0))
+    assert healing_pool(evaluation, most=10**6) == mixed and len(healing_pool(evaluation, mixed=False, most=30)) == 30

@@ -160,13 +160,17 @@ def sentence_sets(calibration: int = 512, evaluation: int = 2000, seed: int = 0)
     return SentenceSets(calibration=pool[evaluation : evaluation + calibration], evaluation=pool[:evaluation])
 
 
-def healing_pool(evaluation: list[str], *, mixed: bool = True, seed: int = 0) -> list[str]:
+def healing_pool(evaluation: list[str], *, mixed: bool = True, seed: int = 0, most: int | None = None) -> list[str]:
     """The default healing data: every built-in sentence outside `evaluation` (more text than the
     calibration set, none of the sentences the report scores), and with `mixed` as many sentences of
     HEALING_PACKAGES' docstrings (healing_sentences), the two interleaved. Healing on one source fits
-    the model to that source: text from several raises the out-of-domain agreement (docs/healing.md)."""
+    the model to that source: text from several raises the out-of-domain agreement (docs/healing.md).
+    `most`: the texts a short healing run can use; when fewer than the built-in sentences, a seeded
+    sample of half as many of them (and as many of the packages'), so that little is read."""
     held = set(evaluation)
     own = [s for s in corpus() if s not in held]
+    if most is not None and most < len(own):
+        own = random.Random(seed).sample(own, max(1, -(-most // 2)) if mixed else most)
     if not mixed:
         return own
     other = healing_sentences(len(own), seed)

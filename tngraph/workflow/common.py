@@ -106,6 +106,7 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     (a causal LM), of the third-party docstrings set aside for reports (tngraph.data.outside_sentences,
     outside_text); None with `outside` False (nothing will be scored: the packages are not read)."""
     from ..data import healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets
+    from ..heal import HealConfig
 
     if causal:
         pool = passages(lm_documents().train)
@@ -114,7 +115,9 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
         heldout, other = lm_heldout_texts(config.seed, outside=outside)
         return TextSets(pool[: config.calibration_samples], pool, heldout, other)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
-    healing = healing_pool(sets.evaluation, seed=config.seed) if config.heal_steps else None  # other packages are read only to heal
+    healing = None  # other packages are read only to heal, and no more of them than the steps can use
+    if config.heal_steps:
+        healing = healing_pool(sets.evaluation, seed=config.seed, most=config.heal_steps * config.batch_size + HealConfig.held_out)
     return TextSets(sets.calibration, healing, sets.evaluation,
                     outside_sentences(config.eval_samples, config.seed) if outside else None)
 
