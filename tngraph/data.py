@@ -50,15 +50,7 @@ def _stdlib_docstrings() -> list[str]:
     for path in files:
         if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.parts[-2:]):
             continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    docs.append(doc)
+        docs += _file_docstrings(path)
     return docs
 
 
@@ -79,11 +71,17 @@ def package_sentences(packages: tuple[str, ...] = OUTSIDE_PACKAGES) -> list[str]
     """Prose sentences of the docstrings of installed third-party packages, sorted and unique: text
     from another domain than the standard library's (none of it calibrates or heals by default).
     A package that is not installed is skipped."""
+    return list(_package_sentences(tuple(packages)))
+
+
+@functools.lru_cache(maxsize=8)
+def _package_sentences(packages: tuple[str, ...]) -> tuple[str, ...]:
+    """package_sentences, split once per process (reports, healing's exclusions and benches ask again)."""
     sentences: set[str] = set()
     for name in packages:
         for doc in _package_docstrings(name):
             sentences.update(_sentences(doc))
-    return sorted(sentences - set(corpus()))
+    return tuple(sorted(sentences - set(corpus())))
 
 
 def _in_part(texts, part: str) -> list[str]:
@@ -186,14 +184,15 @@ HEALING_PACKAGES = ("setuptools", "pip", "numpy", "sympy", "transformers", "torc
 def healing_sentences(count: int, seed: int = 0, packages: tuple[str, ...] = HEALING_PACKAGES) -> list[str]:
     """`count` prose sentences of `packages`' docstrings (fewer if they hold fewer), an equal share
     from each (the files of a package read in an order drawn from `seed` until its share is met, so
-    a large package is not read whole; what one cannot give, the later ones do), shuffled; none of the out-of-domain set's sentences (package_sentences) nor of
-    the built-in corpus."""
+    a large package is not read whole; what one cannot give, the later ones do), shuffled; none of
+    the out-of-domain set's sentences (package_sentences) nor of the built-in corpus."""
     return list(_healing_sentences(count, seed, tuple(packages)))
 
 
 @functools.lru_cache(maxsize=4)
 def _healing_sentences(count: int, seed: int, packages: tuple[str, ...]) -> tuple[str, ...]:
-    present = [name for name in packages if _package_files(name)]
+    files = {name: _package_files(name, seed) for name in packages}  # each package's tree walked once
+    present = [name for name in packages if files[name]]
     if not present or count <= 0:
         return ()
     skip = set(package_sentences()) | set(corpus())
@@ -201,7 +200,7 @@ def _healing_sentences(count: int, seed: int, packages: tuple[str, ...]) -> tupl
     for i, name in enumerate(present):
         share = -(-(count - len(taken)) // (len(present) - i))  # what a package before it could not give passes on
         found: dict[str, None] = {}  # insertion-ordered and unique
-        for path in _package_files(name, seed):
+        for path in files[name]:
             for doc in _file_docstrings(path):
                 found.update((x, None) for x in _sentences(doc) if x not in skip)
             if len(found) >= share:
