@@ -21,6 +21,8 @@ from ..progress import progress
 from ..tn.formats import FORMATS
 from ..tn.whitening import whitening_from_gram
 from .base import PassContext, PassResult, declare
+from .head import head_targets, reduced_head
+from .targets import target_weight
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +82,16 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rows = functools.partial(unfolded_rows, t.conv) if t.conv is not None else None
         for use in inputs[t.name]:
             observers.append(_insert(gm, use, False, use.args[_x_index(use)], Observer(stats[t.name], batch, rows), len(observers)))
+    heads = head_targets(gm, ctx)  # a vocabulary head's output norms follow from its input's Gram
     for node in nodes:  # outputs: one set per target, fed by each of its uses
         t = meta.info(node).target
-        if t.kind == "linear":
+        if t.kind == "linear" and t.name not in heads:
             out = outputs.setdefault(t.name, OutputStats(t.out_features))
             rows = channels_last if t.conv is not None else None
             observers.append(_insert(gm, node, True, node, Observer(out, batch, rows), len(observers)))
     gm.recompile()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reduced_head(gm, ctx, objective=False, held=True):  # no logits: the statistics are taken upstream
             for args, kwargs in progress(ctx.calibration, desc="calibrate", enabled=ctx.config.progress, unit="batch"):
                 _run(gm, args, kwargs, batch)
     finally:
@@ -97,6 +100,10 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for name in observers:
             gm.delete_submodule(name)
         gm.recompile()
+    for node in meta.targets(gm):
+        t = meta.info(node).target
+        if t.name in heads and isinstance(stats[t.name], GramStats):
+            outputs[t.name] = _head_outputs(gm, t, stats[t.name])
     for node in nodes:
         name = meta.info(node).target.name
         s = stats[name]
@@ -113,6 +120,19 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.counters["calibrate.batches"] += len(ctx.calibration)
     log.info("calibrate: %d batches, %d rows per target", len(ctx.calibration), rows)
     return PassResult(gm, modified=True, summary={"batches": len(ctx.calibration), "rows": rows})
+
+
+def _head_outputs(gm: fx.GraphModule, t: meta.TargetInfo, stats: GramStats) -> OutputStats:
+    """A vocabulary head's output channel norms from its input's Gram, without its logits: the
+    squared norm of channel j is w_j^T (X^T X) w_j (the bias left out)."""
+    out = OutputStats(t.out_features)
+    weight = target_weight(gm, t).detach()
+    gram = stats.gram.to(torch.float32)
+    for start in range(0, t.out_features, 8192):
+        rows = weight[start : start + 8192].float()
+        out.sq_sum[start : start + 8192] = ((rows @ gram) * rows).sum(1).clamp_min(0).to(torch.float64)
+    out.rows = stats.rows
+    return out
 
 
 def input_whitening(ctx: PassContext, t: meta.TargetInfo, fmt_name: str = "svd", **options):

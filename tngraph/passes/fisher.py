@@ -26,6 +26,7 @@ from ..progress import progress
 from ..tn.whitening import Whitening, whitening_from_gram
 from .base import PassContext, PassResult, declare, spread
 from .calibrate import channels_last
+from .head import head_targets, reduced_head
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,15 @@ def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
     batches = spread(ctx.calibration, ctx.config.fisher_batches)
     take = len(batches)
-    stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress)
+    # a language model's head runs reduced: the probes' gradients at its input have the same
+    # distribution. A head that is a target is not tapped: the objective is its output, so its
+    # output-gradient Gram is the identity (and V x V would not fit); its sensitivity is known exactly
+    heads = head_targets(gm, ctx)
+    with reduced_head(gm, ctx, held=bool(heads)) as reduced:
+        if reduced and heads:
+            ctx.analysis["head_targets"] = dict.fromkeys(heads, True)
+            nodes = [n for n in nodes if meta.info(n).target.name not in heads]
+        stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress)
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take
     log.info("fisher: output-gradient statistics of %d targets over %d batches", len(nodes), take)

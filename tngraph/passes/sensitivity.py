@@ -22,6 +22,7 @@ summary (the loss at the uniform rank of the budget).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -41,6 +42,7 @@ from .allocate import budgeted_choice, budgeted_plans
 from ..distributed import share_map
 from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
+from .head import head_targets, reduced_head
 from .fisher import output_whitening
 from .targets import target_weight
 
@@ -92,7 +94,10 @@ def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> dic
     tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
     out = {"spectrum": torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist(),
            # kept only where measurement rounds decompose again; else they go as soon as the spectrum is known
-           "whitenings": (white, out_white) if cfg.sensitivity == "measured" else (None, None), "energy": _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)}
+           "whitenings": (white, out_white) if cfg.sensitivity == "measured" else (None, None),
+           "energy": _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)}
+    if t.name in ctx.analysis.get("head_targets", {}) and white is not None and out_white is None:
+        out["energy"] = _head_energy(ctx, t, s2)
     # a convolution's candidates are low rank only (its layer has no dense rows or tensor networks)
     if cfg.dense_rows and white is not None and t.conv is None:
         _row_spectra(gm, ctx, t, white, out_white, float(s2.sum()))
@@ -140,21 +145,27 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 interp = _interpolator([(r, math.exp(v)) for r, v in zip(ranks, ratios)])
                 scale[t.name] = lambda r, e=energy[t.name], f=interp: e * f(r)
                 ctx.analysis.setdefault("patch_sensitivity", {})[t.name] = patches.exp()
-    if cfg.sensitivity == "measured":
-        # with precision candidates, each target is measured with the others dense: quantization errors
-        # are small and add up, and the uniform low-rank point would be far from where the model operates
-        dense_point = {meta.info(n).target.name: None for n in nodes} if cfg.bits else None
-        scale = _measure(gm, ctx, nodes, spectra, whitenings, dense_point)
-    _build_curves(gm, ctx, nodes, spectra, scale)
-    for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
-        # measure again around the allocation the last curves give: errors interact, so the shares
-        # are best measured where the model will actually operate
-        plans = budgeted_plans(gm, ctx)
-        ranks = {t.name: _operating_rank(t, plans[t.name]) for t in (meta.info(n).target for n in nodes) if t.name in plans}
-        scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks)
+    measures = cfg.sensitivity == "measured" or cfg.refine
+    # the measurements compare outputs through their squared error: a language model's head runs
+    # reduced; a head that is a target is held dense meanwhile, its share known without measuring
+    held = head_targets(gm, ctx) if measures and cfg.whiten else set()
+    with reduced_head(gm, ctx, held=bool(held)) if measures else contextlib.nullcontext() as reduced:
+        held = held if reduced else set()
+        if cfg.sensitivity == "measured":
+            # with precision candidates, each target is measured with the others dense: quantization errors
+            # are small and add up, and the uniform low-rank point would be far from where the model operates
+            dense_point = {meta.info(n).target.name: None for n in nodes} if cfg.bits else None
+            scale = _measure(gm, ctx, nodes, spectra, whitenings, dense_point, held)
         _build_curves(gm, ctx, nodes, spectra, scale)
-    for _ in range(cfg.sensitivity_rounds if cfg.refine else 0):
-        refine(gm, ctx, cfg.refine)
+        for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
+            # measure again around the allocation the last curves give: errors interact, so the shares
+            # are best measured where the model will actually operate
+            plans = budgeted_plans(gm, ctx)
+            ranks = {t.name: _operating_rank(t, plans[t.name]) for t in (meta.info(n).target for n in nodes) if t.name in plans}
+            scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks, held)
+            _build_curves(gm, ctx, nodes, spectra, scale)
+        for _ in range(cfg.sensitivity_rounds if cfg.refine else 0):
+            refine(gm, ctx, cfg.refine, held)
     ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
     log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
     return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
@@ -300,6 +311,21 @@ def _predicted_energy(ctx: PassContext, name: str, whitened: torch.Tensor | None
     return float(s2.sum()) / stats.rows / grads.energy
 
 
+def _head_energy(ctx: PassContext, t: meta.TargetInfo, s2: torch.Tensor, per_row: float | None = None) -> float | None:
+    """The same prediction for a vocabulary head that is a target, and exact: the objective is its
+    output (tngraph.passes.head), so the error of a candidate is ||(W - W') X^T||^2 over the
+    objective's energy, and its input-whitened tail is that error's fraction of ||W X^T||^2 =
+    ||W S||^2. Per row of each: ||W S||^2 over the head's calibration rows, and the objective's
+    energy per output row (`per_row`; default: the fisher probes')."""
+    stats = ctx.stats.get(t.name)
+    if per_row is None:
+        seen = [g for g in ctx.grad_stats.values() if g.samples > 0 and g.energy > 0]
+        per_row = seen[0].energy / seen[0].samples if seen else None
+    if per_row is None or per_row <= 0 or stats is None or stats.rows <= 0:
+        return None
+    return float(s2.sum()) / stats.rows / per_row
+
+
 def _costs(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, ranks: list[int], params: list[int],
            rows: int = 0) -> tuple[list[float], float]:
     """What each candidate rank (with `rows` output rows kept dense), and the dense layer, spend of
@@ -411,39 +437,46 @@ def _over_tolerance(ctx: PassContext, t: meta.TargetInfo, spectrum: list[float],
     return over
 
 
-def _outputs(gm: fx.GraphModule, batches, objective=None) -> list[torch.Tensor]:
-    outs = []
+def _outputs(gm: fx.GraphModule, batches, objective=None) -> tuple[list[torch.Tensor], int]:
+    """(each batch's objective values, flattened in float64; how many rows they hold)."""
+    outs, rows = [], 0
     with torch.no_grad():
         for args, kwargs in batches:
             result = gm(*args, **kwargs)
             leaves = pytree.tree_leaves(objective(result, args, kwargs) if objective is not None else result)
-            outs.append(torch.cat([x.detach().reshape(-1).to(torch.float64) for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]))
-    return outs
+            leaves = [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+            outs.append(torch.cat([x.detach().reshape(-1).to(torch.float64) for x in leaves]))
+            rows += sum(x.numel() // max(x.shape[-1], 1) if x.dim() else 1 for x in leaves)
+    return outs, rows
 
 
 def _probe(gm: fx.GraphModule, ctx: PassContext):
     """error(): the squared relative error of the model's output (ctx.objective) on MEASURE_BATCHES
-    calibration batches against what it gives now (call it with the weights as the reference)."""
+    calibration batches against what it gives now (call it with the weights as the reference);
+    error.energy and error.rows: the reference's squared norm and its rows."""
     batches = spread(ctx.calibration, MEASURE_BATCHES)
-    reference = _outputs(gm, batches, ctx.objective)
+    reference, rows = _outputs(gm, batches, ctx.objective)
     energy = max(sum(float((y**2).sum()) for y in reference), 1e-300)
 
     def error() -> float:
-        outs = _outputs(gm, batches, ctx.objective)
+        outs, _ = _outputs(gm, batches, ctx.objective)
         return sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / energy
 
+    error.energy, error.rows = energy, rows  # type: ignore[attr-defined]
     return error
 
 
 def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]],
-             whitenings: dict[str, Any], operating_ranks: dict[str, int | None] | None = None) -> dict[str, Any]:
+             whitenings: dict[str, Any], operating_ranks: dict[str, int | None] | None = None,
+             held: set[str] = frozenset()) -> dict[str, Any]:
     """Per target, the end-to-end squared relative output error at the GRID ranks divided by its
     spectral tail there; returned as r -> interpolated ratio.
 
     Errors interact (a layer's error matters more when its inputs are already perturbed), so each
     target is measured at the operating point of the budget: every other target replaced by its
     uniform-rank approximation. The target's own share is the error at rank r minus the error
-    with the target dense, everything else unchanged.
+    with the target dense, everything else unchanged. Vocabulary heads in `held` stay dense (the
+    graph runs them reduced) and their ratio is known without measuring (`_head_energy`).
     """
     if not ctx.calibration:
         log.info("sensitivity: no calibration data to measure with; using the spectral curves")
@@ -451,6 +484,8 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
     cfg = ctx.config
     fmt = FORMATS["svd"]
     error = _probe(gm, ctx)
+    scales = {meta.info(n).target.name: _held_ratio(gm, ctx, meta.info(n).target, error) for n in nodes if meta.info(n).target.name in held}
+    nodes = [n for n in nodes if meta.info(n).target.name not in held]
     params, originals = {}, {}
     for node in nodes:
         t = meta.info(node).target
@@ -461,7 +496,6 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
         net = fmt.decompose(originals[t.name], rank, *whitenings.get(t.name, (None, None)))
         return net.to_dense().to(originals[t.name].dtype)
 
-    scales = {}
     with torch.no_grad():
         try:
             operating = {}
@@ -507,6 +541,16 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
             for name, param in params.items():
                 param.copy_(originals[name])
     return scales
+
+
+def _held_ratio(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, error) -> Any:
+    """A held vocabulary head's measured ratio, known without measuring (`_head_energy`, with the
+    probe's energy per output row): the same at every rank."""
+    w, _, _ = whitened_weight(gm, ctx, t)
+    ratio = _head_energy(ctx, t, (w**2).sum().reshape(1), per_row=error.energy / max(error.rows, 1)) or 1.0
+    ctx.analysis.setdefault("measured_points", {})[t.name] = [(rank, ratio) for rank in _grid_ranks(t)]
+    ctx.counters["sensitivity.measured.head"] += 1
+    return lambda rank: ratio
 
 
 def _candidate_weight(ctx: PassContext, t: meta.TargetInfo, original: torch.Tensor, curve: Curve, i: int) -> torch.Tensor | None:
@@ -574,7 +618,7 @@ def _corrected(curve: Curve, measured: dict[int, float]) -> Curve:
     return replace(curve, loss=loss)
 
 
-def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
+def refine(gm: fx.GraphModule, ctx: PassContext, near: int, held: set[str] = frozenset()) -> None:
     """Measure the allocation: each target's `near` candidates on either side of its allocated one
     (along the lower hull of its curve) are swapped in one at a time, and their share of the model's
     output error on calibration batches replaces the prediction (`_corrected`); the allocate pass
@@ -583,11 +627,12 @@ def refine(gm: fx.GraphModule, ctx: PassContext, near: int) -> None:
     small and add up, and a dense background measures them with less noise (docs/quantization.md,
     "Refining the allocation"). Predicted curves (spectral, fisher, predicted) are cheap but see each
     target alone and to second order; this spends a few forwards per target where the allocation
-    actually decides."""
+    actually decides. Vocabulary heads in `held` stay dense and keep their curves (exact already)."""
     if not ctx.calibration:
         log.info("sensitivity: no calibration data to refine with; the allocation stays on the predicted curves")
         return
-    nodes, curves, best = budgeted_choice(gm, ctx)
+    chosen = [c for c in zip(*budgeted_choice(gm, ctx)) if meta.info(c[0]).target.name not in held]  # held heads: exact already
+    nodes, curves, best = (list(x) for x in zip(*chosen)) if chosen else ([], [], [])
     error = _probe(gm, ctx)  # against the model as given
     params = {meta.info(n).target.name: target_weight(gm, meta.info(n).target) for n in nodes}
     originals = {name: p.detach().clone() for name, p in params.items()}
