@@ -6,6 +6,7 @@ import tngraph
 from tngraph import meta
 from tngraph.config import Config
 from tngraph.errors import ConfigError
+from tngraph.passes.sensitivity import GRID
 
 
 class _Uneven(torch.nn.Module):
@@ -97,3 +98,23 @@ def test_refine_corrects_low_rank_curves_at_the_allocation():
         curve = result.context.curves[name]
         assert all(curve.formats[j] == "lowrank" and (share == 0 or curve.loss[j] == share) for j, (_, share) in shares.items())
     assert sum(p.params_after for p in result.context.plan.values()) <= 0.5 * 2 * (32 * 32 + 32)
+
+
+def test_a_measured_sensitivity_over_its_time_budget_falls_back_to_fisher_and_says_so(caplog):
+    """The measured search is timed and counted before it starts: over --time-budget it is not run,
+    and the allocation is the fisher one; no limit (0) measures."""
+    model = _Uneven().eval()
+    data = _data()
+    fisher = tngraph.compress_with_result(model, calibration=data, budget=0.5, sensitivity="fisher", heal_steps=0, progress=False)
+    with caplog.at_level("WARNING", logger="tngraph.passes.sensitivity"):
+        short = tngraph.compress_with_result(model, calibration=data, budget=0.5, time_budget=1e-9, heal_steps=0, progress=False)
+    assert "over the time budget of 0 s (--time-budget); using the fisher sensitivity instead" in caplog.text
+    fallback = short.context.analysis["sensitivity_fallback"]
+    assert fallback["used"] == "fisher" and fallback["forwards"] == 2 * (1 + len(GRID)) and fallback["predicted_seconds"] > 0
+    assert "measured_points" not in short.context.analysis and short.context.counters["sensitivity.time_budget_fallback"] == 1
+    assert {n: p.rank for n, p in short.context.plan.items()} == {n: p.rank for n, p in fisher.context.plan.items()}
+    assert {meta.info(n).sensitivity.kind for n in meta.targets(short.graph)} == {"fisher"}
+    unlimited = tngraph.compress_with_result(model, calibration=data, budget=0.5, time_budget=0, heal_steps=0, progress=False)
+    assert set(unlimited.context.analysis["measured_points"]) == {"a", "b"} and "sensitivity_fallback" not in unlimited.context.analysis
+    with pytest.raises(ConfigError, match="time_budget"):
+        Config(time_budget=-1)

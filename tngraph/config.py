@@ -107,6 +107,10 @@ class Config:
         curves rescaled by end-to-end errors measured per target; the best, and the slowest).
     sensitivity_rounds: measurements of "measured": the first around uniform ranks, each further one
         around the allocation the previous gave (and the rounds of `refine`).
+    time_budget: seconds "measured" may take. Its forwards are timed on the first (the reference
+        outputs) and counted before it starts; when they would take longer, the "fisher" curves
+        (the "spectral" ones without output-gradient statistics) are used instead, with a logged
+        warning and the prediction in the report's counters. 0: no limit. Block by block: per block.
     refine: after the curves (any sensitivity), measure end to end the `refine` candidates on either
         side of each target's allocated one, every other target at its allocation (dense with
         `bits`: quantization errors are small and add up), put the measured
@@ -189,6 +193,9 @@ class Config:
                               choices=SENSITIVITIES)
     sensitivity_rounds: int = option(1, "--sensitivity-rounds", "measurements: around uniform ranks, then around each allocation found "
                                      "(default 1)", type=int)
+    time_budget: float = option(1800.0, "--time-budget", "seconds the measured sensitivity may take: when the forwards it needs, "
+                                "timed on the first, would take longer, the fisher sensitivity is used instead, said in the log "
+                                "(default 1800; 0: no limit)", type=float, metavar="SECONDS")
     refine: int = option(0, "--refine", "measure end to end the N candidates on either side of each target's allocation (the others "
                          "at theirs, or dense with --bits) and allocate again; e.g. --sensitivity fisher --refine 2 (default 0: off)",
                          type=int, metavar="N")
@@ -226,6 +233,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_number("budget", self.budget, low=0.0, high=1.0, low_open=True)
+        _check_number("time_budget", self.time_budget, low=0.0, high=float("inf"))
         object.__setattr__(self, "format", _ALIASES.get(self.format, self.format))
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}", f"choose one of {', '.join(FORMATS)}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -152,23 +153,55 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     with reduced_head(gm, ctx, held=bool(held)) if measures else contextlib.nullcontext() as reduced:
         held = held if reduced else set()
         if cfg.sensitivity == "measured":
-            # with precision candidates, each target is measured with the others dense: quantization errors
-            # are small and add up, and the uniform low-rank point would be far from where the model operates
-            dense_point = {meta.info(n).target.name: None for n in nodes} if cfg.bits else None
-            scale = _measure(gm, ctx, nodes, spectra, whitenings, dense_point, held)
-        _build_curves(gm, ctx, nodes, spectra, scale)
-        for _ in range(cfg.sensitivity_rounds - 1 if cfg.sensitivity == "measured" else 0):
-            # measure again around the allocation the last curves give: errors interact, so the shares
-            # are best measured where the model will actually operate
-            plans = budgeted_plans(gm, ctx)
-            ranks = {t.name: _operating_rank(t, plans[t.name]) for t in (meta.info(n).target for n in nodes) if t.name in plans}
-            scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks, held)
+            _measured_curves(gm, ctx, nodes, spectra, whitenings, energy, held)
+        else:
             _build_curves(gm, ctx, nodes, spectra, scale)
         for _ in range(cfg.sensitivity_rounds if cfg.refine else 0):
             refine(gm, ctx, cfg.refine, held)
-    ctx.counters[f"sensitivity.{cfg.sensitivity}"] += len(nodes)
-    log.info("sensitivity (%s): %d targets", cfg.sensitivity, len(nodes))
-    return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": cfg.sensitivity})
+    kind = ctx.analysis.get("sensitivity_fallback", {}).get("used", cfg.sensitivity)
+    ctx.counters[f"sensitivity.{kind}"] += len(nodes)
+    log.info("sensitivity (%s): %d targets", kind, len(nodes))
+    return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": kind})
+
+
+def _measured_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]],
+                     whitenings: dict[str, Any], energy: dict[str, float | None], held: set[str]) -> None:
+    """The measured sensitivity's curves: measured around the uniform ranks (or, with precision
+    candidates, with the others dense), then `sensitivity_rounds - 1` times around the allocation
+    the last curves give. When the forwards it needs, timed on the first, would take longer than
+    Config.time_budget, the fisher curves (else the spectral ones) are used instead, said in the log."""
+    cfg = ctx.config
+    error = _probe(gm, ctx) if ctx.calibration else None
+    if error is not None and cfg.time_budget:
+        forwards = cfg.sensitivity_rounds * sum(_measure_forwards(ctx, meta.info(n).target) for n in nodes if meta.info(n).target.name not in held)
+        seconds = forwards * error.seconds
+        if seconds > cfg.time_budget:
+            fisher = all(e is not None for e in energy.values())
+            log.warning("sensitivity: measuring would take about %.0f s (%d forwards of %.2f s), over the time budget of %.0f s "
+                        "(--time-budget); using the %s sensitivity instead", seconds, forwards, error.seconds, cfg.time_budget,
+                        "fisher" if fisher else "spectral")
+            ctx.analysis["sensitivity_fallback"] = {"predicted_seconds": seconds, "forwards": forwards, "used": "fisher" if fisher else "spectral"}
+            ctx.counters["sensitivity.time_budget_fallback"] += 1
+            scale = {name: (lambda r, e=e: e) for name, e in energy.items()} if fisher else {name: (lambda r: 1.0) for name in spectra}
+            _build_curves(gm, ctx, nodes, spectra, scale, kind="fisher" if fisher else "spectral")
+            return
+    # with precision candidates, each target is measured with the others dense: quantization errors
+    # are small and add up, and the uniform low-rank point would be far from where the model operates
+    dense_point = {meta.info(n).target.name: None for n in nodes} if cfg.bits else None
+    scale = _measure(gm, ctx, nodes, spectra, whitenings, dense_point, held, error)
+    _build_curves(gm, ctx, nodes, spectra, scale)
+    for _ in range(cfg.sensitivity_rounds - 1):
+        # measure again around the allocation the last curves give: errors interact, so the shares
+        # are best measured where the model will actually operate
+        plans = budgeted_plans(gm, ctx)
+        ranks = {t.name: _operating_rank(t, plans[t.name]) for t in (meta.info(n).target for n in nodes) if t.name in plans}
+        scale = _measure(gm, ctx, nodes, spectra, whitenings, ranks, held)
+        _build_curves(gm, ctx, nodes, spectra, scale)
+
+
+def _measure_forwards(ctx: PassContext, t: meta.TargetInfo) -> int:
+    """The probe forwards `_measure` runs for one target: its floor, the grid, its mixture and precision candidates."""
+    return 1 + len(_grid_ranks(t)) + len(ctx.analysis.get("mixture", {}).get(t.name, [])) + len(ctx.analysis.get("quant", {}).get(t.name, []))
 
 
 def whitened_weight(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo):
@@ -357,7 +390,8 @@ def _operating_rank(t: meta.TargetInfo, plan: meta.PlanInfo) -> int | None:
     return rank_for_params(FORMATS["svd"], t.out_features, t.in_features, plan.params_after - (t.out_features if t.bias else 0))
 
 
-def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]], scale: dict[str, Any]) -> None:
+def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]], scale: dict[str, Any],
+                  kind: str | None = None) -> None:
     cfg = ctx.config
     fmt = FORMATS["svd"]
     for node in nodes:
@@ -414,7 +448,7 @@ def _build_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], sp
         ctx.curves[t.name] = curve
         uniform = rank_for_params(fmt, t.out_features, t.in_features, cfg.budget * t.dense_params - bias)
         score = spectra[t.name][uniform] * scale[t.name](uniform)
-        meta.update(node, sensitivity=meta.SensitivityInfo(cfg.sensitivity, score, uniform))
+        meta.update(node, sensitivity=meta.SensitivityInfo(kind or cfg.sensitivity, score, uniform))
 
 
 def _over_tolerance(ctx: PassContext, t: meta.TargetInfo, spectrum: list[float], ranks: list[int | None], rows: list[int],
@@ -453,22 +487,24 @@ def _outputs(gm: fx.GraphModule, batches, objective=None) -> tuple[list[torch.Te
 def _probe(gm: fx.GraphModule, ctx: PassContext):
     """error(): the squared relative error of the model's output (ctx.objective) on MEASURE_BATCHES
     calibration batches against what it gives now (call it with the weights as the reference);
-    error.energy and error.rows: the reference's squared norm and its rows."""
+    error.energy, error.rows, error.seconds: the reference's squared norm, its rows, the time it took."""
     batches = spread(ctx.calibration, MEASURE_BATCHES)
+    start = time.perf_counter()
     reference, rows = _outputs(gm, batches, ctx.objective)
+    seconds = time.perf_counter() - start
     energy = max(sum(float((y**2).sum()) for y in reference), 1e-300)
 
     def error() -> float:
         outs, _ = _outputs(gm, batches, ctx.objective)
         return sum(float(((a - b) ** 2).sum()) for a, b in zip(outs, reference)) / energy
 
-    error.energy, error.rows = energy, rows  # type: ignore[attr-defined]
+    error.energy, error.rows, error.seconds = energy, rows, seconds  # type: ignore[attr-defined]
     return error
 
 
 def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]],
              whitenings: dict[str, Any], operating_ranks: dict[str, int | None] | None = None,
-             held: set[str] = frozenset()) -> dict[str, Any]:
+             held: set[str] = frozenset(), error: Any = None) -> dict[str, Any]:
     """Per target, the end-to-end squared relative output error at the GRID ranks divided by its
     spectral tail there; returned as r -> interpolated ratio.
 
@@ -483,7 +519,7 @@ def _measure(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra
         return {name: (lambda r: 1.0) for name in spectra}
     cfg = ctx.config
     fmt = FORMATS["svd"]
-    error = _probe(gm, ctx)
+    error = error or _probe(gm, ctx)
     scales = {meta.info(n).target.name: _held_ratio(gm, ctx, meta.info(n).target, error) for n in nodes if meta.info(n).target.name in held}
     nodes = [n for n in nodes if meta.info(n).target.name not in held]
     params, originals = {}, {}
