@@ -243,3 +243,77 @@ def test_causal_lm_is_distilled_by_kl(minilm, texts):
                                config=tngraph.Config(budget=0.2, allocation="uniform", include=(r"^model\.layers\.",), progress=False))
     result = heal(student, teacher, texts, tokenizer, HealConfig(steps=20, lr=2e-3, eval_every=5, patience=10, **FAST), show=False)
     assert result.metric == "KL" and result.best_loss < result.start_loss and result.start_loss > 0
+
+
+@pytest.fixture(scope="module")
+def lm_pair(minilm, texts):
+    """A Llama with the MiniLM's 30,522-token vocabulary and its compressed copy (uniform ranks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = minilm
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    teacher = LlamaForCausalLM(config).eval()
+    batches = [{k: v for k, v in tokenizer(texts[i : i + 8], padding=True, return_tensors="pt").items() if k != "token_type_ids"}
+               for i in range(0, 32, 8)]
+    student = tngraph.compress(teacher, calibration=batches,
+                               config=tngraph.Config(budget=0.2, allocation="uniform", include=(r"^model\.layers\.",), progress=False))
+    return teacher, student, tokenizer, batches
+
+
+def test_the_chunked_kl_is_the_full_logits_kl_in_value_and_gradient(lm_pair, monkeypatch):
+    from tngraph import lm
+    from tngraph.heal import _token_kl
+
+    teacher, student, _, batches = lm_pair
+    student = _copy(student)
+    batch = batches[1]
+    trained = [p for n, p in student.named_parameters() if "layers.1.mlp" in n]
+    for p in trained:
+        p.requires_grad_(True)
+    full = _token_kl(student(**batch).logits, teacher(**batch).logits.detach(), batch["attention_mask"])
+    full_grads = torch.autograd.grad(full, trained)
+    monkeypatch.setattr(lm, "LOGIT_CHUNK", 30522 * 7)  # 7 tokens of logits at a time
+    shown = []
+    student.get_output_embeddings().register_forward_hook(lambda m, i, o: shown.append(o.shape[0] if o.dim() == 2 else o.shape[:-1].numel()))
+    s, t = lm.headless(student, batch), lm.headless(teacher, batch)
+    assert s is not None and t is not None and s.keep
+    shown.clear()
+    with torch.no_grad():
+        hidden_t, _ = t.hidden(batch)
+    hidden_s, _ = s.hidden(batch)
+    chunked = lm.chunked_token_kl(hidden_s, hidden_t, s.head, t.head, batch["attention_mask"])
+    chunked_grads = torch.autograd.grad(chunked, trained)
+    assert float(chunked) == pytest.approx(float(full), rel=1e-3)  # a small difference of fp32 log-probabilities
+    for a, b in zip(chunked_grads, full_grads):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    # the student's head saw one position per sequence (logits_to_keep=1), then 7 tokens at a time,
+    # each chunk twice: forward, and recomputed in the backward pass instead of kept
+    rows = batch["input_ids"].shape[0]
+    assert shown[0] == rows and max(shown[1:]) <= 7 and sum(shown[1:]) == 2 * batch["input_ids"].numel()
+
+
+def test_a_large_vocabulary_heals_a_chunk_of_logits_at_a_time_alike(lm_pair, texts, monkeypatch):
+    from tngraph import lm
+
+    teacher, student, tokenizer, _ = lm_pair
+    cfg = HealConfig(steps=6, lr=2e-3, eval_every=3, patience=10, **FAST)
+    whole = heal(_copy(student), teacher, texts, tokenizer, cfg, show=False)
+    monkeypatch.setattr(lm, "LOGIT_CHUNK", 30522 * 16)
+    calls = []
+    chunked_kl = lm.chunked_token_kl
+    monkeypatch.setattr(lm, "chunked_token_kl", lambda *a, **k: calls.append(1) or chunked_kl(*a, **k))
+    chunked = heal(_copy(student), teacher, texts, tokenizer, cfg, show=False)
+    assert len(calls) >= cfg.steps
+    assert chunked.start_loss == pytest.approx(whole.start_loss, rel=1e-3)
+    assert [v for _, v in chunked.history] == pytest.approx([v for _, v in whole.history], rel=1e-3)
+
+
+def test_a_model_whose_logits_are_not_its_head_keeps_them_whole(lm_pair):
+    from tngraph import lm
+
+    teacher, _, _, batches = lm_pair
+    scaled = _copy(teacher)
+    scaled.register_forward_hook(lambda m, i, out: out.__class__(**{**out, "logits": out.logits * 2}))  # a logit scale outside the head
+    assert lm.headless(scaled, batches[0]) is None and lm.headless(teacher, batches[0]) is not None

@@ -89,17 +89,32 @@ class GradStats:
     a pooled embedding) and its energy over the same batches."""
 
     out_features: int
-    gram: torch.Tensor = field(init=False)
+    diagonal: bool = False  # keep only G's diagonal (a memory plan's choice for wide outputs: tngraph.memory)
+    sums: torch.Tensor = field(init=False)
     rows: int = 0
     samples: int = 0
     energy: float = 0.0
 
     def __post_init__(self) -> None:
-        self.gram = torch.zeros(self.out_features, self.out_features, dtype=torch.float64)
+        shape = (self.out_features,) if self.diagonal else (self.out_features, self.out_features)
+        self.sums = torch.zeros(shape, dtype=torch.float64)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """G (out x out, float64); diagonal statistics give diag(G), made on demand."""
+        return torch.diag(self.sums) if self.diagonal else self.sums
 
     def update(self, g: torch.Tensor, scale: float = 1.0) -> None:
         rows = g.detach().reshape(-1, self.out_features).to(torch.float32)
-        self.gram += (rows.T @ rows).to(torch.float64) * scale
+        if self.diagonal:
+            self.sums += rows.pow(2).sum(0).to(torch.float64) * scale
+        else:
+            self.sums += (rows.T @ rows).to(torch.float64) * scale
+
+    @staticmethod
+    def bytes(out_features: int, diagonal: bool = False) -> int:
+        """What the statistics of a target with `out_features` outputs hold."""
+        return 8 * (out_features if diagonal else out_features * out_features)
 
     def damping(self, floor: float) -> float:
         """Relative damping of G: at least `floor`, more when G is estimated from few independent

@@ -111,6 +111,10 @@ class Config:
         outputs) and counted before it starts; when they would take longer, the "fisher" curves
         (the "spectral" ones without output-gradient statistics) are used instead, with a logged
         warning and the prediction in the report's counters. 0: no limit. Block by block: per block.
+    max_memory: GB the analysis statistics may bring the process to (tngraph.memory): the input
+        Grams must fit beside what it holds, or the run is refused before the calibration forwards
+        with the number it needs; output-gradient Grams that do not fit are kept diagonal, widest
+        outputs first. 0 (default): the machine's physical memory.
     refine: after the curves (any sensitivity), measure end to end the `refine` candidates on either
         side of each target's allocated one, every other target at its allocation (dense with
         `bits`: quantization errors are small and add up), put the measured
@@ -196,6 +200,9 @@ class Config:
     time_budget: float = option(1800.0, "--time-budget", "seconds the measured sensitivity may take: when the forwards it needs, "
                                 "timed on the first, would take longer, the fisher sensitivity is used instead, said in the log "
                                 "(default 1800; 0: no limit)", type=float, metavar="SECONDS")
+    max_memory: float = option(0.0, "--max-memory", "GB the analysis statistics may bring the process to: wide output-gradient "
+                               "statistics are kept diagonal to stay within it, or the run is refused before the long work with the "
+                               "number it needs (default 0: the machine's physical memory)", type=float, metavar="GB")
     refine: int = option(0, "--refine", "measure end to end the N candidates on either side of each target's allocation (the others "
                          "at theirs, or dense with --bits) and allocate again; e.g. --sensitivity fisher --refine 2 (default 0: off)",
                          type=int, metavar="N")
@@ -234,6 +241,7 @@ class Config:
     def __post_init__(self) -> None:
         _check_number("budget", self.budget, low=0.0, high=1.0, low_open=True)
         _check_number("time_budget", self.time_budget, low=0.0, high=float("inf"))
+        _check_number("max_memory", self.max_memory, low=0.0, high=float("inf"))
         object.__setattr__(self, "format", _ALIASES.get(self.format, self.format))
         if self.format not in FORMATS:
             raise ConfigError(f"unknown format {self.format!r}", f"choose one of {', '.join(FORMATS)}")

@@ -28,12 +28,14 @@ import os
 import pathlib
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import lm
 from .errors import ArtifactError, ConfigError, DataError, ModelError
 from .evaluate import pooled
 from .models import forward_names
@@ -172,6 +174,11 @@ def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor | No
     m = mask.unsqueeze(-1).to(hs.dtype)
     cos = (pooled(hs, mask) * pooled(ht, mask)).sum(-1)
     return _relative_mse(hs, ht, m) + _blocks(student_out, teacher_out, m) + (1 - cos).mean()
+
+
+def _vocabulary(model: torch.nn.Module) -> int:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return int(getattr(head, "out_features", 0) or 0) if isinstance(head, torch.nn.Module) else 0
 
 
 def _check_texts(texts: Any, need: int, what: str = "healing data") -> list[str] | TensorSamples:
@@ -316,11 +323,16 @@ class _Distillation:
         self.opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.held = [self.encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
         with torch.no_grad():
-            self.kind = _kind(teacher(**self.held[0]), self.held[0])
+            self.kind = _kind(teacher(**{k: v[:1] for k, v in self.held[0].items()}), self.held[0])
             # encoders: the teacher's sentence embeddings, kept; causal LMs: logits are recomputed when
             # scoring (a large vocabulary's logits for every held-out token would not fit)
             self.held_targets = ([pooled(teacher(**b).last_hidden_state, b["attention_mask"]) for b in self.held]
                                  if self.kind == "encoder" else [])
+        # a causal LM with a large vocabulary: its logits a chunk of tokens at a time (tngraph.lm)
+        self.vocab = None
+        if self.kind == "lm" and cfg.batch_size * cfg.max_length * _vocabulary(teacher) > lm.LOGIT_CHUNK:
+            pair = (lm.headless(student, self.held[0]), lm.headless(teacher, self.held[0]))
+            self.vocab = pair if None not in pair else None
 
     def encode(self, batch: list) -> dict[str, torch.Tensor]:
         if self.samples is not None:
@@ -343,8 +355,23 @@ class _Distillation:
                                  for b, t in zip(self.held, self.held_targets)])
                 return float(1 - cos.mean())
             tokens = [int(b["attention_mask"].sum()) for b in self.held]
-            kl = [float(_token_kl(student(**b).logits, teacher(**b).logits, b["attention_mask"])) * n for b, n in zip(self.held, tokens)]
+            kl = [float(self.lm_kl(b) if self.vocab else _token_kl(student(**b).logits, teacher(**b).logits, b["attention_mask"])) * n
+                  for b, n in zip(self.held, tokens)]
             return sum(kl) / sum(tokens)
+
+    def lm_kl(self, batch: dict[str, torch.Tensor], layers: bool = False) -> torch.Tensor:
+        """The causal LM loss from the final hidden states, logits a chunk at a time (lm.chunked_token_kl),
+        plus the block outputs with `layers`: the value _loss gives from the full logits."""
+        student, teacher = self.vocab
+        with torch.no_grad():
+            hidden_t, states_t = teacher.hidden(batch)
+        hidden_s, states_s = student.hidden(batch)
+        mask = batch["attention_mask"]
+        loss = lm.chunked_token_kl(hidden_s, hidden_t, student.head, teacher.head, mask)
+        if layers:
+            m = mask.unsqueeze(-1).to(hidden_t.dtype)
+            loss = loss + _blocks(SimpleNamespace(hidden_states=states_s), SimpleNamespace(hidden_states=states_t), m)
+        return loss
 
     def step(self, step: int, texts: list[str]) -> float | None:
         """One optimiser step on `texts`; its loss, or None when the loss is not finite."""
@@ -352,9 +379,12 @@ class _Distillation:
         for group in self.opt.param_groups:
             group["lr"] = _learning_rate(cfg, step)
         batch = self.encode(texts)
-        with torch.no_grad():
-            target = self.teacher(**batch, output_hidden_states=cfg.layers)
-        loss = _loss(self.kind, self.student(**batch, output_hidden_states=cfg.layers), target, batch.get("attention_mask"))
+        if self.vocab:
+            loss = self.lm_kl(batch, cfg.layers)
+        else:
+            with torch.no_grad():
+                target = self.teacher(**batch, output_hidden_states=cfg.layers)
+            loss = _loss(self.kind, self.student(**batch, output_hidden_states=cfg.layers), target, batch.get("attention_mask"))
         if not torch.isfinite(loss):
             log.warning("heal: the loss is %s at step %d; stopping with the best state so far", float(loss), step)
             return None

@@ -173,3 +173,76 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, *, window: int
     if not math.isfinite(mean):
         raise DataError("the model's perplexity is not finite (NaN or Inf logits)", "check the model's weights")
     return Perplexity(math.exp(mean), mean, count, len(spans), window, stride)
+
+
+# --- logits a chunk of tokens at a time -------------------------------------------------------------
+
+LOGIT_CHUNK = 1 << 24  # logits held at once (64 MB in fp32): tokens per chunk = this // vocabulary
+
+
+class Headless:
+    """A causal LM called without its full logits: `hidden(batch)` gives its final hidden states
+    (and the per-block ones), `head` maps a chunk of them to logits. Made by `headless`, which
+    checks on a sample that head(final hidden state) is what the model's logits are (a softcap or
+    a logit scale outside the head would not be)."""
+
+    def __init__(self, model: torch.nn.Module, keep: bool):
+        self.model, self.head, self.keep = model, model.get_output_embeddings(), keep
+
+    def hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple | None]:
+        extra = {"logits_to_keep": 1} if self.keep else {}  # the model computes one position's logits, not all
+        out = self.model(**batch, output_hidden_states=True, **extra)
+        return out.hidden_states[-1], out.hidden_states
+
+
+def headless(model: torch.nn.Module, sample: dict[str, torch.Tensor]) -> Headless | None:
+    """A Headless for `model` when its logits are its output embeddings applied to its last hidden
+    state (checked on the first row of `sample`); None otherwise."""
+    import inspect
+
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if not isinstance(head, torch.nn.Module):
+        return None
+    try:
+        keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        keep = False
+    row = {k: v[:1] for k, v in sample.items()}
+    with torch.no_grad():
+        out = model(**row, output_hidden_states=True)
+        states = getattr(out, "hidden_states", None)
+        if not states or getattr(out, "logits", None) is None:
+            return None
+        if not torch.allclose(head(states[-1]).float(), out.logits.float(), rtol=1e-4, atol=1e-4):
+            log.info("%s: its logits are not its head applied to its last hidden state; healing holds them whole",
+                     type(model).__name__)
+            return None
+    return Headless(model, keep)
+
+
+def _chunk_kl(rows_s: torch.Tensor, rows_t: torch.Tensor, weight: torch.Tensor, head_s: torch.nn.Module,
+              head_t: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        logp_t = torch.log_softmax(head_t(rows_t).float(), -1)
+    logp_s = torch.log_softmax(head_s(rows_s).float(), -1)
+    return ((logp_t.exp() * (logp_t - logp_s)).sum(-1) * weight).sum()
+
+
+def chunked_token_kl(hidden_s: torch.Tensor, hidden_t: torch.Tensor, head_s: torch.nn.Module, head_t: torch.nn.Module,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of KL(teacher || student) of the next-token distributions, from the
+    two models' final hidden states: the logits of LOGIT_CHUNK values at a time, recomputed in the
+    backward pass (torch.utils.checkpoint) instead of kept, so no tokens x vocabulary tensor is ever
+    held. The same value as the KL of the full logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    rows_s, rows_t = hidden_s.reshape(-1, hidden_s.shape[-1]), hidden_t.reshape(-1, hidden_t.shape[-1])
+    weight = mask.reshape(-1).to(torch.float32)
+    vocab = getattr(head_s, "out_features", None) or int(head_s(rows_s[:1]).shape[-1])
+    step = max(1, LOGIT_CHUNK // vocab)
+    total = hidden_s.new_zeros((), dtype=torch.float32)
+    for i in range(0, rows_s.shape[0], step):
+        part = (rows_s[i : i + step], rows_t[i : i + step], weight[i : i + step], head_s, head_t)
+        total = total + (checkpoint(_chunk_kl, *part, use_reentrant=False) if torch.is_grad_enabled() and rows_s.requires_grad
+                         else _chunk_kl(*part))
+    return total / weight.sum().clamp_min(1)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .. import meta
+from .. import memory, meta
 from ..calibration import CountStats, GramStats, OutputStats
 from ..errors import DataError
 from ..progress import progress
@@ -72,6 +72,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     inputs: dict[str, list[fx.Node]] = {}  # a shared weight's Gram sums the inputs of all its uses
     for node in nodes:
         inputs.setdefault(meta.info(node).target.name, []).append(node)
+    _check_memory(gm, ctx, inputs)
     for node in meta.targets(gm):
         t = meta.info(node).target
         key = (tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv)  # convolutions of one input see it unfolded by their own geometry
@@ -120,6 +121,19 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.counters["calibrate.batches"] += len(ctx.calibration)
     log.info("calibrate: %d batches, %d rows per target", len(ctx.calibration), rows)
     return PassResult(gm, modified=True, summary={"batches": len(ctx.calibration), "rows": rows})
+
+
+def _check_memory(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.Node]]) -> None:
+    """Refuse before allocating when the input Grams (one per distinct input, float64) would not fit
+    within Config.max_memory beside what the process holds (tngraph.memory)."""
+    need = {}
+    for node in meta.targets(gm):
+        t = meta.info(node).target
+        if t.kind == "linear":
+            need[(tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv)] = 8 * (t.in_features**2 + 2 * t.in_features)
+    memory.check_fits(sum(need.values()), f"the calibration statistics (X^T X of {len(need)} distinct target inputs)",
+                      memory.limit_bytes(ctx.config.max_memory),
+                      "raise --max-memory, target fewer layers (--include/--exclude), or pass --blockwise for a causal LM")
 
 
 def _head_outputs(gm: fx.GraphModule, t: meta.TargetInfo, stats: GramStats) -> OutputStats:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .. import meta
+from .. import memory, meta
 from ..calibration import GradStats
 from ..errors import DataError
 from ..progress import progress
@@ -49,13 +49,17 @@ class Tap(torch.nn.Module):
 
 
 def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple[tuple, dict]],
-                   objective=None, *, probes: int = 1, seed: int = 0, show: bool = False) -> dict[str, GradStats]:
+                   objective=None, *, probes: int = 1, seed: int = 0, show: bool = False,
+                   max_memory: float | None = None) -> dict[str, GradStats]:
     """G = sum over batches and tokens of E_v[g g^T] (out x out, float64) for every target in `nodes`,
     g the gradient of <v, objective(output)> at the target's output, v ~ N(0, I), averaged over
-    `probes` probes; padded positions (attention_mask) left out.
+    `probes` probes; padded positions (attention_mask) left out. `max_memory` (GB, 0: physical
+    memory; None: no plan): targets whose Grams do not fit keep only the diagonal (tngraph.memory).
 
     Taps are inserted after the targets for the duration of the call and removed after it."""
     taps, stats, seen = [], {}, {}
+    widths = {meta.info(n).target.name: meta.info(n).target.out_features for n in nodes}
+    diagonal = memory.diagonal_plan(widths, memory.limit_bytes(max_memory)) if max_memory is not None else set()
     convs = {meta.info(n).target.name for n in nodes if meta.info(n).target.conv is not None}
     names = [meta.info(n).target.name for n in nodes]  # tap k -> its target (a shared weight's uses feed one)
     for k, node in enumerate(nodes):
@@ -65,7 +69,7 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
             tap = gm.graph.call_module(f"{TAP_PREFIX}{k}", (node,))
         node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
         taps.append(tap)
-        stats.setdefault(t.name, GradStats(t.out_features))
+        stats.setdefault(t.name, GradStats(t.out_features, diagonal=t.name in diagonal))
     gm.recompile()
     generator = torch.Generator().manual_seed(seed)
     try:
@@ -143,7 +147,8 @@ def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if reduced and heads:
             ctx.analysis["head_targets"] = dict.fromkeys(heads, True)
             nodes = [n for n in nodes if meta.info(n).target.name not in heads]
-        stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress)
+        stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress,
+                               max_memory=ctx.config.max_memory)
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take
     log.info("fisher: output-gradient statistics of %d targets over %d batches", len(nodes), take)

@@ -1,0 +1,88 @@
+"""The analysis passes' memory plan: what their statistics will hold, checked against a limit before
+they are allocated (Config.max_memory; default: the machine's physical memory).
+
+The statistics that grow with the model are one X^T X per distinct target input (in x in, float64:
+calibrate) and one output-gradient Gram per target (out x out, float64: fisher). On a 0.5 B
+LM the latter are the larger part (each MLP's gate and up projections: 4,864 x 4,864). The plan:
+
+- the input Grams must fit beside what the process holds already, or the run is refused before
+  the calibration forwards, with the number it needs and what would bring it down;
+- output-gradient Grams that do not fit are kept diagonal, widest outputs first, until the rest
+  fits (the output whitening of those targets then weighs each output channel by its mean squared
+  gradient, without the correlations between channels), said in the log; when even diagonal ones do
+  not fit, the run is refused likewise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where the system does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS")), 0)
+    except OSError:
+        return 0
+
+
+def physical_bytes() -> int:
+    """The machine's physical memory (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def size(n: float) -> str:
+    """Bytes as a reader wants them: MB below a GB, else GB."""
+    return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 1024**2:.1f} MB"
+
+
+def limit_bytes(max_memory: float) -> int:
+    """The limit the plan keeps to: max_memory GB, or the physical memory when 0 (0: no limit known)."""
+    return int(max_memory * GB) if max_memory > 0 else physical_bytes()
+
+
+def check_fits(need: int, what: str, limit: int, fixes: str) -> None:
+    """Refuse, naming the numbers, when what the process holds plus `need` bytes exceeds `limit`."""
+    held = resident_bytes()
+    if limit and held + need > limit:
+        raise ConfigError(f"{what} need {size(need)} beside the {size(held)} this process holds: "
+                          f"{size(held + need)}, over the memory limit of {size(limit)} (--max-memory)", fixes)
+
+
+def diagonal_plan(widths: dict[str, int], limit: int, element_bytes=None) -> set[str]:
+    """Which targets (name -> output width) keep diagonal output-gradient statistics so that all of
+    them fit within `limit` beside what the process holds: none when the full ones fit, else the
+    widest first. `element_bytes(width, diagonal)`: bytes of one target's statistics."""
+    if element_bytes is None:
+        from .calibration import GradStats
+
+        element_bytes = GradStats.bytes
+    if not limit:
+        return set()
+    room = limit - resident_bytes()
+    need = sum(element_bytes(w, False) for w in widths.values())
+    diagonal: set[str] = set()
+    for name in sorted(widths, key=lambda n: -widths[n]):
+        if need <= room:
+            break
+        need -= element_bytes(widths[name], False) - element_bytes(widths[name], True)
+        diagonal.add(name)
+    if need > room:
+        raise ConfigError(f"the output-gradient statistics need {size(need)} even kept diagonal, beside the "
+                          f"{size(resident_bytes())} this process holds: over the memory limit of {size(limit)} (--max-memory)",
+                          "raise --max-memory, pass --no-output-whiten with --sensitivity measured or spectral, or --blockwise for a causal LM")
+    if diagonal:
+        log.warning("memory plan: %d of %d targets keep diagonal output-gradient statistics (the widest: %s, %d outputs) to stay "
+                    "within %s (--max-memory)", len(diagonal), len(widths), max(diagonal, key=lambda n: widths[n]),
+                    max(widths[n] for n in diagonal), size(limit))
+    return diagonal
