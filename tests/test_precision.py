@@ -372,3 +372,17 @@ def test_low_rank_layers_take_quantized_factors_through_artifact_onnx_and_compil
     torch._dynamo.reset()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(loaded)(x), loaded(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_candidates_fuse_though_their_reference_reads_no_scales(mlp, mlp_data):
+    """bits=(16,): an fp16 target's reference leaves its scale and zero-point inputs unread; the fuse
+    pass matched its region with those placeholders in the pattern and failed (KeyError) before."""
+    result = tngraph.compress_with_result(mlp, calibration=mlp_data, budget=0.6, bits=(16,), sensitivity="fisher", heal_steps=0,
+                                          progress=False)
+    fp16 = [name for name, plan in result.context.plan.items() if plan.format == "quant"]
+    assert fp16 and result.context.counters["fuse.quant.applied"] == len(fp16)
+    ops = {str(n.target) for n in result.graph.graph.nodes if n.op == "call_function"}
+    assert any("tngraph" in op and "quant" in op for op in ops), ops
+    x = mlp_data[0][0][0]
+    with torch.no_grad():
+        assert (result.module(x) - mlp(x)).norm() / mlp(x).norm() < 0.05

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from safetensors.torch import save_file
 
-from . import distributed
+from . import distributed, memory
 from .capture import capture
 from .config import Config, flag_of
 from .errors import ConfigError, DataError, ModelError, TngraphError
@@ -66,27 +66,6 @@ def blockwise_config(config: Config | None = None, **options: Any) -> Config:
         if refused(config):
             raise ConfigError(f"{flag_of(name)} ({name}) is not available for block-by-block compression: {why}", fix)
     return config
-
-
-def _return_freed_memory(first: bool = False) -> None:
-    """Give freed heap memory back to the OS (glibc): without it the blocks' transient buffers
-    (weights, Grams, SVD work arrays) stay resident and the peak grows with every block. The first
-    call pins glibc's mmap threshold, so that large buffers are mapped and unmapped, not heaped."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        if first:
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        log.debug("malloc_trim is not available; freed memory stays with the allocator")
 
 
 @dataclass
@@ -216,7 +195,7 @@ def compress_causal_lm(folder: str | pathlib.Path, out: str | pathlib.Path, conf
         raise ModelError(f"{str(src)!r} is not a {'/'.join(FAMILIES)} causal LM folder", "pass a Hugging Face causal LM folder")
     group = distributed.current()
     distributed.agree(lambda: check_output_dir(out, force, keep=[src]), group)  # every rank stops if the output is refused
-    _return_freed_memory(first=True)
+    memory.return_freed(first=True)
     run = _Run(src, config, group)
     ids = calibration_ids(tokenizer, texts, config.calibration_samples, config.max_length, run.model.config.vocab_size, config.seed)
     with torch.no_grad():
@@ -300,7 +279,7 @@ class _Run:
         apply_plan(holder, ctx.plan.values())
         plans = BlockPlans({name: plan.recipe() for name, plan in ctx.plan.items()}, dict(ctx.analysis.get("guard", {})), dict(ctx.counters))
         del ctx
-        _return_freed_memory()
+        memory.return_freed()
         return plans
 
     def block(self, i: int, hidden: list[torch.Tensor], dense_path: list[torch.Tensor] | None,
@@ -317,7 +296,7 @@ class _Run:
         hidden = [_block_call(block, h, self.rotary) for h in hidden]  # the next block calibrates on the compressed outputs
         self.model.model.layers[i] = block.to("meta")  # freed
         del block
-        _return_freed_memory()
+        memory.return_freed()
         return hidden, dense_path
 
     def count(self, block: torch.nn.Module, plans: BlockPlans, i: int) -> None:

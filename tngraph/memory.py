@@ -86,3 +86,24 @@ def diagonal_plan(widths: dict[str, int], limit: int, element_bytes=None) -> set
                     "within %s (--max-memory)", len(diagonal), len(widths), max(diagonal, key=lambda n: widths[n]),
                     max(widths[n] for n in diagonal), size(limit))
     return diagonal
+
+
+def return_freed(first: bool = False) -> None:
+    """Give freed heap memory back to the OS (glibc): without it the blocks' transient buffers
+    (weights, Grams, SVD work arrays) stay resident and the peak grows with every block. The first
+    call pins glibc's mmap threshold, so that large buffers are mapped and unmapped, not heaped."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        if first:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        log.debug("malloc_trim is not available; freed memory stays with the allocator")

@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--budget", default="0.5")
     parser.add_argument("--calibration-samples", type=int, default=None, help="(default: the CLI's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-memory", type=float, default=None, help="GB, passed to tngraph compress")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--cache", default=str(pathlib.Path.home() / ".cache" / "tngraph" / "cost-models"),
                         help="where the random-weight checkpoints are written once")
@@ -177,6 +178,8 @@ def main() -> None:
     args = ["--budget", opts.budget, "--threads", str(opts.threads)]
     if opts.calibration_samples:
         args += ["--calibration-samples", str(opts.calibration_samples)]
+    if opts.max_memory:
+        args += ["--max-memory", str(opts.max_memory)]
     results = {}
     with tempfile.TemporaryDirectory(prefix="tngraph-cost-") as tmp:
         for name in models:
@@ -187,6 +190,7 @@ def main() -> None:
     print()
     print(f"tngraph compress --budget {opts.budget} --heal-steps 0 --no-eval --threads {opts.threads}"
           + (f" --calibration-samples {opts.calibration_samples}" if opts.calibration_samples else "")
+          + (f" --max-memory {opts.max_memory:g}" if opts.max_memory else "")
           + "; per pass: seconds / peak resident GB")
     print(table(results))
     if opts.json:

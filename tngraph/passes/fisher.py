@@ -58,8 +58,7 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
 
     Taps are inserted after the targets for the duration of the call and removed after it."""
     taps, stats, seen = [], {}, {}
-    widths = {meta.info(n).target.name: meta.info(n).target.out_features for n in nodes}
-    diagonal = memory.diagonal_plan(widths, memory.limit_bytes(max_memory)) if max_memory is not None else set()
+    diagonal, batches = _memory_plan(nodes, batches, max_memory) if max_memory is not None else (set(), batches)
     convs = {meta.info(n).target.name for n in nodes if meta.info(n).target.conv is not None}
     names = [meta.info(n).target.name for n in nodes]  # tap k -> its target (a shared weight's uses feed one)
     for k, node in enumerate(nodes):
@@ -121,6 +120,47 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
     return stats
 
 
+ACTIVATION_BYTES = 24  # per target output value and token: about six float32 tensors (the output, its gradient, what autograd saves)
+
+
+def _memory_plan(nodes: list[fx.Node], batches: list, max_memory: float) -> tuple[set[str], list]:
+    """Within Config.max_memory (tngraph.memory): which targets keep diagonal statistics, and the
+    batches cut into micro-batches whose forward and backward pass fit in half the room left (the
+    statistics are sums over rows: the same in distribution, other random probes)."""
+    limit = memory.limit_bytes(max_memory)
+    widths = {meta.info(n).target.name: meta.info(n).target.out_features for n in nodes}
+    diagonal = memory.diagonal_plan(widths, limit)
+    if not limit or not batches:
+        return diagonal, batches
+    held = sum(GradStats.bytes(w, name in diagonal) for name, w in widths.items())
+    per_token = ACTIVATION_BYTES * sum(meta.info(n).target.out_features for n in nodes)
+    room = (limit - memory.resident_bytes() - held) / 2
+    rows, length = _shape(batches[0])
+    fit = max(1, int(room // max(per_token * length, 1)))
+    if fit >= max(_shape(b)[0] for b in batches):
+        return diagonal, batches
+    log.info("fisher: micro-batches of %d rows (about %s of activations each) to stay within %s (--max-memory)",
+             fit, memory.size(fit * length * per_token), memory.size(limit))
+    return diagonal, [part for batch in batches for part in _split(batch, fit)]
+
+
+def _shape(batch: tuple[tuple, dict]) -> tuple[int, int]:
+    """(rows, tokens per row) of a batch: its first tensor's first two dimensions."""
+    first = next((x for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() >= 1), None)
+    if first is None:
+        return 1, 1
+    return int(first.shape[0]), int(first.shape[1]) if first.dim() >= 2 and first.dtype in (torch.long, torch.int) else 1
+
+
+def _split(batch: tuple[tuple, dict], rows: int) -> list[tuple[tuple, dict]]:
+    """The batch in parts of at most `rows` rows: every tensor with the batch's row count is cut."""
+    total = _shape(batch)[0]
+    if total <= rows:
+        return [batch]
+    return [pytree.tree_map(lambda x: x[i : i + rows] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == total else x,
+                            batch) for i in range(0, total, rows)]
+
+
 def needed(ctx: PassContext) -> bool:
     """Whether this run uses output statistics: output whitening of low-rank targets, or the fisher
     sensitivity of a budgeted allocation."""
@@ -149,6 +189,7 @@ def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             nodes = [n for n in nodes if meta.info(n).target.name not in heads]
         stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress,
                                max_memory=ctx.config.max_memory)
+    memory.return_freed()  # the backward passes' buffers go back to the system
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take
     log.info("fisher: output-gradient statistics of %d targets over %d batches", len(nodes), take)

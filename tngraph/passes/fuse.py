@@ -99,6 +99,13 @@ def _region_check(m: LayerMatch, gm: fx.GraphModule, ctx: PassContext) -> str | 
     if pattern is None:
         return "no_shape"
     inputs = call_inputs(m.x, m.factors, m.bias)
+    # a reference may leave an input unread (an fp16 layer's scales and zero points): the matcher
+    # cannot bind a placeholder nothing reads, so such inputs leave the pattern and the comparison
+    placeholders = [n for n in pattern.graph.nodes if n.op == "placeholder"]
+    unread = {i for i, n in enumerate(placeholders) if not n.users}
+    for i in sorted(unread, reverse=True):
+        pattern.graph.erase_node(placeholders[i])
+    inputs = [node for i, node in enumerate(inputs) if i not in unread]
     matcher = SubgraphMatcher(pattern.graph, match_output=False, match_placeholder=False, remove_overlapping_matches=True)
     for found in matcher.match(gm.graph):
         if found.returning_nodes == [m.node] and found.placeholder_nodes == inputs:
