@@ -229,18 +229,9 @@ def test_heal_data_file_errors_name_the_file(tiny_pair, tmp_path):
             tngraph.compress(teacher, calibration=calibration, tokenizer=tokenizer, config=config.replace(heal_data=str(path)))
 
 
-def test_causal_lm_is_distilled_by_kl(minilm, texts):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _, tokenizer = minilm
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
-    teacher = LlamaForCausalLM(config).eval()
-    batches = [{k: v for k, v in tokenizer(texts[i : i + 8], padding=True, return_tensors="pt").items() if k != "token_type_ids"}
-               for i in range(0, 32, 8)]
-    student = tngraph.compress(teacher, calibration=batches,
-                               config=tngraph.Config(budget=0.2, allocation="uniform", include=(r"^model\.layers\.",), progress=False))
+def test_causal_lm_is_distilled_by_kl(lm_pair, texts):
+    teacher, student, tokenizer, _ = lm_pair
+    student = _copy(student)
     result = heal(student, teacher, texts, tokenizer, HealConfig(steps=20, lr=2e-3, eval_every=5, patience=10, **FAST), show=False)
     assert result.metric == "KL" and result.best_loss < result.start_loss and result.start_loss > 0
 

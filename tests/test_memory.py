@@ -10,7 +10,7 @@ from tngraph.capture import capture
 from tngraph.cli import main
 from tngraph.config import Config
 from tngraph.errors import ConfigError
-from tngraph.passes import PassContext, calibrate, targets
+from tngraph.passes import PassContext, targets
 from tngraph.passes.fisher import gradient_stats
 
 
@@ -30,6 +30,13 @@ def _data():
     return [((torch.randn(30, 12, generator=g),), {}) for _ in range(3)]
 
 
+def _graph():
+    model, data = _Wide().eval(), _data()
+    gm = capture(model, data[0])
+    targets(gm, PassContext(config=Config(progress=False), calibration=data))
+    return gm, meta.targets(gm), data
+
+
 def test_diagonal_gradient_statistics_are_the_diagonal_of_the_full_ones():
     g = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
     full, diagonal = GradStats(7), GradStats(7, diagonal=True)
@@ -42,11 +49,7 @@ def test_diagonal_gradient_statistics_are_the_diagonal_of_the_full_ones():
 
 def test_the_widest_output_statistics_go_diagonal_when_the_full_ones_do_not_fit(monkeypatch, caplog):
     monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
-    model, data = _Wide().eval(), _data()
-    gm = capture(model, data[0])
-    ctx = PassContext(config=Config(progress=False), calibration=data)
-    targets(gm, ctx)
-    nodes = meta.targets(gm)
+    gm, nodes, data = _graph()
     full = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=0)  # the physical memory: all full, one pass per batch
     assert not any(s.diagonal for s in full.values())
     room = GradStats.bytes(10) + GradStats.bytes(40, True) + 100  # the narrow one full, the wide one diagonal
@@ -79,11 +82,7 @@ def test_a_run_whose_statistics_would_not_fit_is_refused_before_the_forwards(tmp
 
 def test_fisher_cuts_its_batches_into_micro_batches_that_fit(monkeypatch, caplog):
     monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
-    model, data = _Wide().eval(), _data()
-    gm = capture(model, data[0])
-    ctx = PassContext(config=Config(progress=False), calibration=data)
-    targets(gm, ctx)
-    nodes = meta.targets(gm)
+    gm, nodes, data = _graph()
     whole = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=0)
     # full statistics (13,600 bytes) and 24 bytes per output value and row (50 outputs): room for 10 of 30 rows
     limit = GradStats.bytes(10) + GradStats.bytes(40) + 2 * 24 * 50 * 10
