@@ -267,3 +267,18 @@ def test_blockwise_is_chosen_by_flag_for_a_small_model(tiny_lm, tmp_path, capsys
     assert "cannot be healed afterwards" in capsys.readouterr().err  # compress with --heal-steps instead
     assert main(["compress", "--model", "minilm", "--out", str(tmp_path / "m"), "--blockwise", "--quiet"]) == 2
     assert "not one" in capsys.readouterr().err
+
+
+def test_a_measured_search_over_its_time_budget_says_what_replaced_it(tiny_lm, tmp_path, capsys):
+    """The command line on a causal LM: the head runs reduced, the measured search is predicted to
+    take longer than --time-budget and the fisher sensitivity replaces it, in the printed report and
+    in report.json."""
+    out = tmp_path / "art"
+    rc = main(["compress", "--model", str(tiny_lm[0]), "--out", str(out), "--budget", "0.5", "--calibration-samples", "32",
+               "--heal-steps", "0", "--no-eval", "--time-budget", "0.001"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "sensitivity fisher (measured would take about" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["sensitivity"].startswith("fisher (measured would take about")
+    assert report["counters"]["sensitivity.time_budget_fallback"] == 1 and report["counters"]["sensitivity.fisher"] > 0

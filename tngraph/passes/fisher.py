@@ -135,7 +135,7 @@ def _memory_plan(nodes: list[fx.Node], batches: list, max_memory: float) -> tupl
     held = sum(GradStats.bytes(w, name in diagonal) for name, w in widths.items())
     per_token = ACTIVATION_BYTES * sum(meta.info(n).target.out_features for n in nodes)
     room = (limit - memory.resident_bytes() - held) / 2
-    rows, length = _shape(batches[0])
+    length = max(_shape(b)[1] for b in batches)  # calibration batches come sorted by length: the longest decides
     fit = max(1, int(room // max(per_token * length, 1)))
     if fit >= max(_shape(b)[0] for b in batches):
         return diagonal, batches

@@ -81,7 +81,7 @@ def size_report(spec: str, model: Any, result: Any, config: Config) -> dict[str,
         "bytes": {"targets_before": tbb, "targets_after": tab, "model_before": mbb, "model_after": mab},
         "allocation": config.allocation_kind,
         "budget_kind": config.budget_kind,
-        "sensitivity": config.sensitivity if config.allocation_kind == "budgeted" else None,
+        "sensitivity": _sensitivity(config, result.context) if config.allocation_kind == "budgeted" else None,
         "output_whiten": config.output_whiten,
         "ranks": {t["name"]: t["rank"] for t in result.recipe["targets"]},
         "per_target": rows,
@@ -229,3 +229,12 @@ def tensor_latency(model: Any, compressed: Any, samples: Any) -> dict[str, Any]:
         times = latency({"dense": model, "compressed": compressed}, inputs)
     return {"batch": next(iter(inputs.values())).shape[0], "threads": torch.get_num_threads(), "dense_ms": times["dense"] * 1e3,
             "compressed_ms": times["compressed"] * 1e3, "ratio": times["compressed"] / times["dense"]}
+
+
+def _sensitivity(config, ctx) -> str:
+    """The sensitivity the allocation used: the one asked for, or what replaced it (--time-budget)."""
+    fallback = ctx.analysis.get("sensitivity_fallback")
+    if not fallback:
+        return config.sensitivity
+    return f"{fallback['used']} (measured would take about {fallback['predicted_seconds']:.0f} s, over --time-budget)"
+
