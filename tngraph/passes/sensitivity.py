@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .. import latency, meta, predictor
+from .. import latency, memory, meta, predictor
 from ..layers import QUANT_LAYERS
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
@@ -86,16 +86,16 @@ class Curve:
         return self.loss[self.index(rank, dense_rows, fmt)]
 
 
-def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> dict[str, Any]:
-    """One target's whitened spectrum (tail[r] for r = 0..n), whitenings and predicted energy, and
-    the patch-level and mixture points the configuration asks for (into ctx.analysis)."""
+def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, keep: bool = False) -> dict[str, Any]:
+    """One target's whitened spectrum (tail[r] for r = 0..n), whitenings (`keep`: for measuring) and
+    predicted energy, and the patch-level and mixture points the configuration asks for (into ctx.analysis)."""
     cfg, t = ctx.config, meta.info(node).target
     w, white, out_white = whitened_weight(gm, ctx, t)
     s2 = torch.linalg.svdvals(w) ** 2
     tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
     out = {"spectrum": torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist(),
            # kept only where measurement rounds decompose again; else they go as soon as the spectrum is known
-           "whitenings": (white, out_white) if cfg.sensitivity == "measured" else (None, None),
+           "whitenings": (white, out_white) if keep else (None, None),
            "energy": _predicted_energy(ctx, t.name, w if out_white is not None else None, s2)}
     if t.name in ctx.analysis.get("head_targets", {}) and white is not None and out_white is None:
         out["energy"] = _head_energy(ctx, t, s2)
@@ -118,10 +118,41 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if cfg.allocation_kind == "uniform":
         return PassResult(gm, modified=False, summary={"skipped": "uniform allocation"})
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
-    # whitenings (input side, output side): computed once, reused by every measurement round
+    measures = cfg.sensitivity == "measured" or cfg.refine
+    # the measurements compare outputs through their squared error: a language model's head runs
+    # reduced; a head that is a target is held dense meanwhile, its share known without measuring
+    held = head_targets(gm, ctx) if measures and cfg.whiten else set()
+    with reduced_head(gm, ctx, held=bool(held)) if measures else contextlib.nullcontext() as reduced:
+        held = held if reduced else set()
+        # the measured search is timed and counted first (its grid; then with the candidates the
+        # spectra add): over Config.time_budget, the whitenings it would keep are never made twice
+        error = _probe(gm, ctx) if cfg.sensitivity == "measured" and ctx.calibration else None
+        over = _over_time_budget(ctx, nodes, held, error)
+        spectra, whitenings, energy, scale = _spectra(gm, ctx, nodes, keep=error is not None and over is None)
+        over = over or _over_time_budget(ctx, nodes, held, error)
+        if over is not None:
+            scale = _fall_back(ctx, over, energy, spectra)
+        if error is not None and over is None:
+            _measured_curves(gm, ctx, nodes, spectra, whitenings, held, error)
+        else:
+            _build_curves(gm, ctx, nodes, spectra, scale, kind=over["used"] if over else None)
+        del whitenings
+        for _ in range(cfg.sensitivity_rounds if cfg.refine else 0):
+            refine(gm, ctx, cfg.refine, held)
+    memory.return_freed()  # the whitenings and measurement buffers go back to the system
+    kind = ctx.analysis.get("sensitivity_fallback", {}).get("used", cfg.sensitivity)
+    ctx.counters[f"sensitivity.{kind}"] += len(nodes)
+    log.info("sensitivity (%s): %d targets", kind, len(nodes))
+    return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": kind})
+
+
+def _spectra(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], keep: bool) -> tuple[dict, dict, dict, dict]:
+    """(spectra, whitenings (kept with `keep`, for measuring), predicted energies, the curves' scale
+    for the fisher and predicted sensitivities) of every target."""
+    cfg = ctx.config
     spectra, whitenings, energy, predicted = {}, {}, {}, {}
     # per target, on the rank that owns it (ctx.group), what the spectra loop records shared after
-    done = share_map(ctx.group, nodes, lambda node: recorded(ctx, meta.info(node).target.name, lambda: _target_spectrum(gm, ctx, node)),
+    done = share_map(ctx.group, nodes, lambda node: recorded(ctx, meta.info(node).target.name, lambda: _target_spectrum(gm, ctx, node, keep)),
                      wrap=lambda items: progress(items, desc="spectra", enabled=cfg.progress, unit="layer"))
     for j, (node, (result, effects)) in enumerate(done.items()):
         name = meta.info(node).target.name
@@ -142,49 +173,42 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             for node in nodes:
                 t = meta.info(node).target
                 ratios, patches = predicted[t.name]
-                ranks = _grid_ranks(t)
-                interp = _interpolator([(r, math.exp(v)) for r, v in zip(ranks, ratios)])
+                interp = _interpolator([(r, math.exp(v)) for r, v in zip(_grid_ranks(t), ratios)])
                 scale[t.name] = lambda r, e=energy[t.name], f=interp: e * f(r)
                 ctx.analysis.setdefault("patch_sensitivity", {})[t.name] = patches.exp()
-    measures = cfg.sensitivity == "measured" or cfg.refine
-    # the measurements compare outputs through their squared error: a language model's head runs
-    # reduced; a head that is a target is held dense meanwhile, its share known without measuring
-    held = head_targets(gm, ctx) if measures and cfg.whiten else set()
-    with reduced_head(gm, ctx, held=bool(held)) if measures else contextlib.nullcontext() as reduced:
-        held = held if reduced else set()
-        if cfg.sensitivity == "measured":
-            _measured_curves(gm, ctx, nodes, spectra, whitenings, energy, held)
-        else:
-            _build_curves(gm, ctx, nodes, spectra, scale)
-        for _ in range(cfg.sensitivity_rounds if cfg.refine else 0):
-            refine(gm, ctx, cfg.refine, held)
-    kind = ctx.analysis.get("sensitivity_fallback", {}).get("used", cfg.sensitivity)
-    ctx.counters[f"sensitivity.{kind}"] += len(nodes)
-    log.info("sensitivity (%s): %d targets", kind, len(nodes))
-    return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": kind})
+    return spectra, whitenings, energy, scale
+
+
+def _over_time_budget(ctx: PassContext, nodes: list[fx.Node], held: set[str], error: Any) -> dict[str, Any] | None:
+    """The measured search's prediction ({"predicted_seconds", "forwards"}) when its forwards, timed
+    on the probe's first, would take longer than Config.time_budget; None when they fit (or nothing
+    is measured). Before the spectra it counts the grid only; after, the candidates they add."""
+    cfg = ctx.config
+    if error is None or not cfg.time_budget:
+        return None
+    forwards = cfg.sensitivity_rounds * sum(_measure_forwards(ctx, meta.info(n).target) for n in nodes if meta.info(n).target.name not in held)
+    seconds = forwards * error.seconds
+    return {"predicted_seconds": seconds, "forwards": forwards, "seconds_per_forward": error.seconds} if seconds > cfg.time_budget else None
+
+
+def _fall_back(ctx: PassContext, over: dict[str, Any], energy: dict[str, float | None], spectra: dict[str, list[float]]) -> dict[str, Any]:
+    """The curves' scale in place of a measured search over its time budget: fisher's, else spectral (logged)."""
+    fisher = all(e is not None for e in energy.values())
+    over["used"] = "fisher" if fisher else "spectral"
+    log.warning("sensitivity: measuring would take about %.0f s (%d forwards of %.2f s), over the time budget of %.0f s "
+                "(--time-budget); using the %s sensitivity instead", over["predicted_seconds"], over["forwards"],
+                over["seconds_per_forward"], ctx.config.time_budget, over["used"])
+    ctx.analysis["sensitivity_fallback"] = over
+    ctx.counters["sensitivity.time_budget_fallback"] += 1
+    return {name: (lambda r, e=e: e) for name, e in energy.items()} if fisher else {name: (lambda r: 1.0) for name in spectra}
 
 
 def _measured_curves(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], spectra: dict[str, list[float]],
-                     whitenings: dict[str, Any], energy: dict[str, float | None], held: set[str]) -> None:
+                     whitenings: dict[str, Any], held: set[str], error: Any) -> None:
     """The measured sensitivity's curves: measured around the uniform ranks (or, with precision
     candidates, with the others dense), then `sensitivity_rounds - 1` times around the allocation
-    the last curves give. When the forwards it needs, timed on the first, would take longer than
-    Config.time_budget, the fisher curves (else the spectral ones) are used instead, said in the log."""
+    the last curves give."""
     cfg = ctx.config
-    error = _probe(gm, ctx) if ctx.calibration else None
-    if error is not None and cfg.time_budget:
-        forwards = cfg.sensitivity_rounds * sum(_measure_forwards(ctx, meta.info(n).target) for n in nodes if meta.info(n).target.name not in held)
-        seconds = forwards * error.seconds
-        if seconds > cfg.time_budget:
-            fisher = all(e is not None for e in energy.values())
-            log.warning("sensitivity: measuring would take about %.0f s (%d forwards of %.2f s), over the time budget of %.0f s "
-                        "(--time-budget); using the %s sensitivity instead", seconds, forwards, error.seconds, cfg.time_budget,
-                        "fisher" if fisher else "spectral")
-            ctx.analysis["sensitivity_fallback"] = {"predicted_seconds": seconds, "forwards": forwards, "used": "fisher" if fisher else "spectral"}
-            ctx.counters["sensitivity.time_budget_fallback"] += 1
-            scale = {name: (lambda r, e=e: e) for name, e in energy.items()} if fisher else {name: (lambda r: 1.0) for name in spectra}
-            _build_curves(gm, ctx, nodes, spectra, scale, kind="fisher" if fisher else "spectral")
-            return
     # with precision candidates, each target is measured with the others dense: quantization errors
     # are small and add up, and the uniform low-rank point would be far from where the model operates
     dense_point = {meta.info(n).target.name: None for n in nodes} if cfg.bits else None
