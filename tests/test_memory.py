@@ -53,7 +53,7 @@ def test_the_widest_output_statistics_go_diagonal_when_the_full_ones_do_not_fit(
     full = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=0)  # the physical memory: all full, one pass per batch
     assert not any(s.diagonal for s in full.values())
     room = GradStats.bytes(10) + GradStats.bytes(40, True) + 100  # the narrow one full, the wide one diagonal
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="tngraph.memory"), caplog.at_level("INFO", logger="tngraph.passes.fisher"):
         planned = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=room / memory.GB)
     assert "1 of 2 targets keep diagonal output-gradient statistics (the widest: wide, 40 outputs)" in caplog.text
     assert "micro-batches of 1 rows" in caplog.text  # what room is left: a row at a time

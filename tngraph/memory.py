@@ -14,6 +14,7 @@ LM the latter are the larger part (each MLP's gate and up projections: 4,864 x 4
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -88,22 +89,37 @@ def diagonal_plan(widths: dict[str, int], limit: int, element_bytes=None) -> set
     return diagonal
 
 
-def return_freed(first: bool = False) -> None:
+def return_freed(first: bool = False, collect: bool = True) -> None:
     """Give freed heap memory back to the OS (glibc): without it the blocks' transient buffers
     (weights, Grams, SVD work arrays) stay resident and the peak grows with every block. The first
-    call pins glibc's mmap threshold, so that large buffers are mapped and unmapped, not heaped."""
-    import ctypes
-    import ctypes.util
+    call pins glibc's mmap threshold, so that large buffers are mapped and unmapped, not heaped.
+    `collect=False`: no garbage collection first, and nothing done below 1 GB resident (the
+    whole-graph passes call it after their large transients)."""
+    if not collect and resident_bytes() < GB:
+        return
     import gc
 
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if not name:
+    if collect:
+        gc.collect()
+    libc = _libc()
+    if libc is None:
         return
     try:
-        libc = ctypes.CDLL(name)
         if first:
             libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
         libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
+    except AttributeError:  # not glibc: nothing to trim
         log.debug("malloc_trim is not available; freed memory stays with the allocator")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library (found once: find_library runs a subprocess), or None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None

@@ -187,9 +187,11 @@ def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if reduced and heads:
             ctx.analysis["head_targets"] = dict.fromkeys(heads, True)
             nodes = [n for n in nodes if meta.info(n).target.name not in heads]
+        if not nodes:  # the heads were the only targets: nothing to tap
+            return PassResult(gm, modified=False, summary={"skipped": "the only targets are output heads"})
         stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress,
                                max_memory=ctx.config.max_memory)
-    memory.return_freed()  # the backward passes' buffers go back to the system
+    memory.return_freed(collect=False)  # the backward passes' buffers go back to the system
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take
     log.info("fisher: output-gradient statistics of %d targets over %d batches", len(nodes), take)

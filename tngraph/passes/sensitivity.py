@@ -139,7 +139,7 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         del whitenings
         for _ in range(cfg.sensitivity_rounds if cfg.refine else 0):
             refine(gm, ctx, cfg.refine, held)
-    memory.return_freed()  # the whitenings and measurement buffers go back to the system
+    memory.return_freed(collect=False)  # the whitenings and measurement buffers go back to the system
     kind = ctx.analysis.get("sensitivity_fallback", {}).get("used", cfg.sensitivity)
     ctx.counters[f"sensitivity.{kind}"] += len(nodes)
     log.info("sensitivity (%s): %d targets", kind, len(nodes))
