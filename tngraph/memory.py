@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 
+from .calibration import GradStats
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,11 @@ def check_fits(need: int, what: str, limit: int, fixes: str) -> None:
                           f"{size(held + need)}, over the memory limit of {size(limit)} (--max-memory)", fixes)
 
 
-def diagonal_plan(widths: dict[str, int], limit: int, element_bytes=None) -> set[str]:
+def diagonal_plan(widths: dict[str, int], limit: int) -> set[str]:
     """Which targets (name -> output width) keep diagonal output-gradient statistics so that all of
     them fit within `limit` beside what the process holds: none when the full ones fit, else the
-    widest first. `element_bytes(width, diagonal)`: bytes of one target's statistics."""
-    if element_bytes is None:
-        from .calibration import GradStats
-
-        element_bytes = GradStats.bytes
+    widest first."""
+    element_bytes = GradStats.bytes
     if not limit:
         return set()
     room = limit - resident_bytes()

@@ -75,7 +75,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     _check_memory(gm, ctx, inputs)
     for node in meta.targets(gm):
         t = meta.info(node).target
-        key = (tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv)  # convolutions of one input see it unfolded by their own geometry
+        key = _input_key(t, inputs)
         if key in shared:  # targets reading the same input (q, k, v) share one set of statistics
             stats[t.name] = shared[key]
             continue
@@ -123,6 +123,12 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=True, summary={"batches": len(ctx.calibration), "rows": rows})
 
 
+def _input_key(t: meta.TargetInfo, inputs: dict[str, list[fx.Node]]) -> tuple:
+    """What targets share one set of input statistics by: the nodes their uses read (q, k, v share
+    theirs), and the convolution geometry (convolutions of one input see it unfolded by their own)."""
+    return tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv
+
+
 def _check_memory(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.Node]]) -> None:
     """Refuse before allocating when the input Grams (one per distinct input, float64) would not fit
     within Config.max_memory beside what the process holds (tngraph.memory)."""
@@ -130,7 +136,7 @@ def _check_memory(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[f
     for node in meta.targets(gm):
         t = meta.info(node).target
         if t.kind == "linear":
-            need[(tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv)] = 8 * (t.in_features**2 + 2 * t.in_features)
+            need[_input_key(t, inputs)] = 8 * (t.in_features**2 + 2 * t.in_features)
     memory.check_fits(sum(need.values()), f"the calibration statistics (X^T X of {len(need)} distinct target inputs)",
                       memory.limit_bytes(ctx.config.max_memory),
                       "raise --max-memory, target fewer layers (--include/--exclude), or pass --blockwise for a causal LM")

@@ -38,6 +38,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .. import meta
+from ..calibration import GramStats
 from .base import PassContext
 from .targets import getattr_path, match_linear
 
@@ -208,12 +209,10 @@ def reduce_head(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple
     """For a head y = x W^T + b (W: V x d), a (d + 1) x d weight R' and bias c' with
     ||x R'^T + c'||^2 = ||x W^T + b||^2 for every x, in the head's dtype."""
     d = weight.shape[1]
-    gram = torch.zeros(d, d, dtype=torch.float64)
-    compute = torch.promote_types(weight.dtype, torch.float32)  # chunks in fp32 (fp64 weights in fp64), summed in fp64
+    stats = GramStats(d)  # W^T W as calibration sums X^T X: chunks in fp32 (fp64 weights in fp64), summed in fp64
     for start in range(0, weight.shape[0], GRAM_ROWS):
-        rows = weight[start : start + GRAM_ROWS].to(compute)
-        gram += (rows.T @ rows).double()
-    s, u = torch.linalg.eigh(gram)
+        stats.update(weight[start : start + GRAM_ROWS])
+    s, u = torch.linalg.eigh(stats.gram)
     s = s.clamp_min(0)
     root = s.sqrt()
     reduced = torch.zeros(d + 1, d, dtype=torch.float64)
