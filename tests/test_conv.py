@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import tngraph
 from tngraph import meta
 from tngraph.layers import CONV
-from tngraph.passes.calibrate import channels_last, unfolded_rows
+from tngraph.calibration import channels_last
+from tngraph.passes.calibrate import unfolded_rows
 
 
 class Net(torch.nn.Module):

@@ -322,3 +322,68 @@ def test_latency_curve_times_a_few_ranks_and_interpolates(monkeypatch):
     seconds = latency.lowrank_curve(64, 64, ranks, False, 128, points=5)
     assert sorted(set(timed)) == [1, 25, 50, 75, 100]  # timed at five ranks spread over them
     assert seconds == [float(r) for r in ranks]  # linear in between, exact for a linear cost
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_calibrate_runs_the_fisher_backward_passes_on_its_own_forwards(monkeypatch, mask):
+    """When the fisher pass reads every calibration batch, calibrate's forwards take its backward
+    passes too: one forward per batch, and the same statistics as the two passes apart."""
+    import importlib
+
+    from tngraph.pipeline import run_passes
+
+    calibrate_module, fisher = (importlib.import_module(f"tngraph.passes.{m}") for m in ("calibrate", "fisher"))
+
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for k in range(4):
+        x = torch.randn(6, 5, 12, generator=g)
+        m = (torch.arange(5) < 3 + k % 2).expand(6, 5).long() if mask else None  # padded positions left out
+        data.append(((x,), {"attention_mask": m} if mask else {}))
+
+    class _Masked(_Chain):
+        def forward(self, x, attention_mask=None):
+            return super().forward(x)
+
+    runs, calls = {}, []
+    monkeypatch.setattr(calibrate_module, "_run", lambda *a, _run=calibrate_module._run: (calls.append(1), _run(*a)))
+    for fused in (True, False):
+        calls.clear()
+        model = _Masked().eval()
+        gm = capture(model, data[0])
+        ctx = PassContext(config=Config(progress=False), calibration=data)
+        if fused:
+            run_passes(gm, ctx, [targets, calibrate, fisher.fisher], instruments=[])
+            assert not calls  # no forward of calibrate's own
+        else:
+            run_passes(gm, ctx, [targets, calibrate], instruments=[])
+            assert len(calls) == len(data)
+            run_passes(gm, ctx, [fisher.fisher], instruments=[])
+        assert ctx.grad_stats and fisher.needed(ctx)
+        runs[fused] = ctx
+    together, apart = runs[True], runs[False]
+    for name in ("l1", "l2"):
+        assert together.stats[name].rows == apart.stats[name].rows == (sum(int(d[1]["attention_mask"].sum()) for d in data) if mask else 120)
+        assert torch.allclose(together.stats[name].gram, apart.stats[name].gram, rtol=1e-6)
+        assert torch.allclose(together.output_stats[name].sq_sum, apart.output_stats[name].sq_sum, rtol=1e-6)
+        assert together.grad_stats[name].rows == apart.grad_stats[name].rows
+        assert torch.allclose(together.grad_stats[name].gram, apart.grad_stats[name].gram, rtol=1e-6)
+        assert together.grad_stats[name].energy == pytest.approx(apart.grad_stats[name].energy, rel=1e-9)
+    assert together.counters["fisher.batches"] == apart.counters["fisher.batches"] == len(data)
+    assert "fisher_in_calibrate" not in together.analysis  # the fisher pass took its summary
+
+
+def test_calibrate_keeps_its_own_forwards_when_the_fisher_pass_reads_a_part_of_the_batches(monkeypatch):
+    import importlib
+
+    from tngraph.pipeline import run_passes
+
+    calibrate_module, fisher = (importlib.import_module(f"tngraph.passes.{m}") for m in ("calibrate", "fisher"))
+
+    calls = []
+    monkeypatch.setattr(calibrate_module, "_run", lambda *a, _run=calibrate_module._run: (calls.append(1), _run(*a)))
+    data = [((torch.randn(20, 12, generator=torch.Generator().manual_seed(k)),), {}) for k in range(4)]
+    gm = capture(_Chain().eval(), data[0])
+    ctx = PassContext(config=Config(progress=False, fisher_batches=2), calibration=data)
+    run_passes(gm, ctx, [targets, calibrate, fisher.fisher], instruments=[])
+    assert len(calls) == 4 and ctx.counters["fisher.batches"] == 2 and ctx.grad_stats["l1"].rows == 40

@@ -196,3 +196,31 @@ class _Same:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_calibration_statistics_leave_out_the_head_checks_forward_when_fisher_rides_on_calibrate():
+    """With the fisher pass's backward passes on calibrate's forwards, the reduced head's check of
+    the objective (one forward of its own) adds no rows: the statistics are those of the passes apart."""
+    from tngraph.pipeline import run_passes
+
+    fisher = importlib.import_module("tngraph.passes.fisher")
+    model, data = _qwen2()
+    model.config.use_cache = False
+    for k, (_, kwargs) in enumerate(data):  # padded rows: the statistics count real tokens only
+        kwargs["attention_mask"][k % 4, 10 - k:] = 0
+    runs = {}
+    for together in (True, False):
+        gm = capture(model, data[0])
+        ctx = PassContext(config=Config(progress=False, exclude=("lm_head",)), calibration=data, objective=lambda result, args, kwargs: result)
+        if together:
+            run_passes(gm, ctx, [targets, calibrate, fisher.fisher], instruments=[])
+        else:
+            run_passes(gm, ctx, [targets, calibrate], instruments=[])
+            run_passes(gm, ctx, [fisher.fisher], instruments=[])
+        assert ctx.analysis["head"].get(("whole", id(ctx.objective))) is True  # the check ran
+        runs[together] = ctx
+    real = sum(int(kwargs["attention_mask"].sum()) for _, kwargs in data)
+    for name, stats in runs[True].stats.items():
+        assert stats.rows == runs[False].stats[name].rows == real, name
+        assert torch.allclose(stats.gram, runs[False].stats[name].gram, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(runs[True].grad_stats[name].gram, runs[False].grad_stats[name].gram, rtol=1e-5, atol=1e-9)

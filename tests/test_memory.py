@@ -52,7 +52,7 @@ def test_the_widest_output_statistics_go_diagonal_when_the_full_ones_do_not_fit(
     gm, nodes, data = _graph()
     full = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=0)  # the physical memory: all full, one pass per batch
     assert not any(s.diagonal for s in full.values())
-    room = GradStats.bytes(10) + GradStats.bytes(40, True) + 100  # the narrow one full, the wide one diagonal
+    room = 2 * (GradStats.bytes(10) + GradStats.bytes(40, True) + 100)  # half of it: the narrow one full, the wide one diagonal
     with caplog.at_level("INFO", logger="tngraph.memory"), caplog.at_level("INFO", logger="tngraph.passes.fisher"):
         planned = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=room / memory.GB)
     assert "1 of 2 targets keep diagonal output-gradient statistics (the widest: wide, 40 outputs)" in caplog.text
@@ -68,7 +68,7 @@ def test_the_widest_output_statistics_go_diagonal_when_the_full_ones_do_not_fit(
 
 def test_a_run_whose_statistics_would_not_fit_is_refused_before_the_forwards(tmp_path, monkeypatch, capsys):
     model, data = _Wide().eval(), _data()
-    with pytest.raises(ConfigError, match=r"the calibration statistics \(X\^T X of 2 distinct target inputs\) need .* over the memory limit"):
+    with pytest.raises(ConfigError, match=r"the calibration statistics \(X\^T X of 2 distinct target inputs, float32\) need .* over the memory limit"):
         tngraph.compress(model, calibration=data, max_memory=1e-6, heal_steps=0, progress=False)
     with pytest.raises(ConfigError, match="max_memory"):
         Config(max_memory=-1)
@@ -78,6 +78,32 @@ def test_a_run_whose_statistics_would_not_fit_is_refused_before_the_forwards(tmp
     assert rc != 0 and not out.exists()
     err = capsys.readouterr().err
     assert "over the memory limit of 10.2 MB (--max-memory)" in err and "Traceback" not in err
+
+
+def test_the_widest_calibration_grams_are_summed_in_float32_when_float64_ones_do_not_fit(monkeypatch, caplog):
+    from tngraph.passes import calibrate
+
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
+    runs = {}
+    # float64 Grams: 8 (12^2 + 10^2) = 1,952 bytes; within half of 2,800 only with the 12-wide one in float32
+    for limit in (0.0, 2800 / memory.GB):
+        model, data = _Wide().eval(), _data()
+        gm = capture(model, data[0])
+        ctx = PassContext(config=Config(progress=False, max_memory=limit), calibration=data)
+        targets(gm, ctx)
+        with caplog.at_level("INFO", logger="tngraph.passes.calibrate"):
+            calibrate(gm, ctx)
+        runs[limit] = ctx.stats
+    full, planned = runs[0.0], runs[2800 / memory.GB]
+    assert "1 of 2 calibration Grams summed in float32 (the widest: 12 inputs)" in caplog.text
+    assert planned["narrow"].dtype == torch.float32 and planned["wide"].dtype == torch.float64
+    for name in ("narrow", "wide"):
+        assert full[name].dtype == torch.float64 and planned[name].gram.dtype == torch.float64  # read in float64 either way
+        assert torch.allclose(planned[name].gram, full[name].gram, rtol=1e-6, atol=1e-6 * float(full[name].gram.abs().max()))
+    # the refusal counts float32 Grams: 4 (144 + 100) = 976 bytes do not fit in 900
+    with pytest.raises(ConfigError, match="float32"):
+        model, data = _Wide().eval(), _data()
+        tngraph.compress(model, calibration=data, max_memory=900 / memory.GB, heal_steps=0, progress=False)
 
 
 def test_fisher_cuts_its_batches_into_micro_batches_that_fit(monkeypatch, caplog):
@@ -94,3 +120,77 @@ def test_fisher_cuts_its_batches_into_micro_batches_that_fit(monkeypatch, caplog
         assert parts[name].energy == pytest.approx(whole[name].energy, rel=1e-6)
         # other random probes, the same expectation
         assert (parts[name].gram - whole[name].gram).norm() / whole[name].gram.norm() < 0.2, name
+
+
+class _Tied(torch.nn.Module):
+    """Four layers, two pairs of them sharing one weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c, self.d = (torch.nn.Linear(8, 8) for _ in range(4))
+        self.c.weight = self.b.weight
+        self.d.weight = self.b.weight
+
+    def forward(self, x):
+        return self.d(self.c(self.b(self.a(x))))
+
+
+def test_the_result_is_built_without_copying_the_weights_it_replaces():
+    from types import SimpleNamespace
+
+    from tngraph.api import copy_around, unshare
+
+    model = _Tied()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plans = [SimpleNamespace(name="a", tied=()), SimpleNamespace(name="b", tied=())]
+    copy = copy_around(model, plans)
+    assert copy.a.weight is model.a.weight and copy.b.weight is model.b.weight  # not copied: about to be replaced
+    assert copy.c.bias is not model.c.bias  # the kept layers' own tensors are copies
+    for name in ("a", "b"):  # what apply_plan does
+        setattr(copy, name, torch.nn.Linear(8, 8))
+    unshare(copy, model)
+    originals = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not originals & {t.data_ptr() for t in [*copy.parameters(), *copy.buffers()]}
+    assert copy.c.weight is copy.d.weight  # the kept layers' tie holds: one clone for both
+    assert torch.equal(copy.c.weight, model.b.weight)
+    with torch.no_grad():
+        copy.c.weight.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compress_leaves_the_users_model_untouched_and_shares_nothing_with_it():
+    model = _Wide().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _data()
+    result = tngraph.compress(model, data[0], [d[0] for d in data], budget=0.5, progress=False)
+    assert type(result.wide).__name__ != "Linear"  # replaced
+    originals = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not originals & {t.data_ptr() for t in [*result.parameters(), *result.buffers()]}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_diagonal_statistics_whiten_by_scaling_as_the_dense_diagonal_matrix_would():
+    from tngraph.tn.whitening import diagonal_whitening, whitening_from_gram
+
+    g = torch.Generator().manual_seed(0)
+    diag = torch.rand(9, generator=g, dtype=torch.float64) + 0.1
+    w = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    fast, dense = diagonal_whitening(diag, 0.1), whitening_from_gram(torch.diag(diag), 0.1)
+    assert torch.allclose(fast.apply_left(w), dense.apply_left(w))
+    assert torch.allclose(fast.unapply_left(fast.apply_left(w)), w)
+    assert torch.allclose(fast.apply(w.T), dense.apply(w.T)) and torch.allclose(fast.unapply(fast.apply(w.T)), w.T)
+    assert torch.allclose(fast.s, dense.s)
+
+
+def test_the_plans_count_an_mmapped_checkpoints_weights_before_the_forwards_touch_them(tmp_path):
+    """A safetensors checkpoint is mmapped: its pages are resident only once touched, so the plans
+    bring the weights in first (memory.load_weights) and count them."""
+    path = tmp_path / "weights.bin"
+    n = 16 * 1024 * 1024  # 64 MB of float32
+    path.write_bytes(b"\0" * (4 * n))
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.from_file(str(path), shared=True, size=n, dtype=torch.float32), requires_grad=False)
+    before = memory.resident_bytes()
+    memory.load_weights(module)
+    assert memory.resident_bytes() - before > 0.9 * 4 * n

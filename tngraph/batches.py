@@ -47,3 +47,20 @@ def by_token_length(texts: list[str], tokenizer: Any, max_length: int) -> list[s
     and padded positions would distort the calibration statistics."""
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     return [texts[i] for i in sorted(range(len(texts)), key=lambda i: (lengths[i], i))]
+
+
+def batch_shape(batch: tuple[tuple, dict]) -> tuple[int, int]:
+    """(rows, tokens per row) of a batch: its first tensor's first two dimensions."""
+    first = next((x for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() >= 1), None)
+    if first is None:
+        return 1, 1
+    return int(first.shape[0]), int(first.shape[1]) if first.dim() >= 2 and first.dtype in (torch.long, torch.int) else 1
+
+
+def split_batch(batch: tuple[tuple, dict], rows: int) -> list[tuple[tuple, dict]]:
+    """The batch in parts of at most `rows` rows: every tensor with the batch's row count is cut."""
+    total = batch_shape(batch)[0]
+    if total <= rows:
+        return [batch]
+    return [pytree.tree_map(lambda x: x[i : i + rows] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == total else x,
+                            batch) for i in range(0, total, rows)]

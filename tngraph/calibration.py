@@ -6,6 +6,37 @@ from typing import Any
 
 import torch
 
+TRIANGLE_FROM = 1024  # sums of products this wide or wider keep their lower triangle only
+TRIANGLE_BLOCK = 512  # ... made a block column at a time: about (1 + 1/k) / 2 of the full product's work
+
+
+def add_products(total: torch.Tensor, rows: torch.Tensor, scale: float = 1.0) -> None:
+    """total += scale * rows^T rows (rows: n x d, total: d x d). From TRIANGLE_FROM columns on, only
+    the lower triangle's block columns are made (read them with `symmetric`): a symmetric sum needs
+    half the product, and the product is the calibration's largest cost (a 4,864-wide MLP input's
+    costs more per token than the model's forward)."""
+    d = rows.shape[-1]
+    if d < TRIANGLE_FROM:
+        total.add_(rows.T @ rows, alpha=scale)
+        return
+    for start in range(0, d, TRIANGLE_BLOCK):
+        stop = min(start + TRIANGLE_BLOCK, d)
+        total[start:, start:stop].add_(rows[:, start:].T @ rows[:, start:stop], alpha=scale)
+
+
+def symmetric(total: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The full sum that `add_products` accumulated into `total` (a new tensor in `dtype`)."""
+    full = total.to(dtype, copy=True)
+    if total.shape[-1] >= TRIANGLE_FROM:
+        full.tril_()
+        full.add_(full.T.triu(1))  # the strict lower triangle mirrored (triu makes it a new tensor first)
+    return full
+
+
+def channels_last(y: torch.Tensor) -> torch.Tensor:
+    """A convolution's output (N, C, ...) as rows of C channels."""
+    return y.movedim(1, -1).reshape(-1, y.shape[1])
+
 
 @dataclass
 class CountStats:
@@ -30,28 +61,53 @@ class CountStats:
 
 @dataclass
 class GramStats:
-    """Running sums over the rows x (last dimension = in_features) that reach one target."""
+    """Running sums over the rows x (last dimension = in_features) that reach one target.
+
+    The sum X^T X is kept in `dtype`: float64 by default, float32 where a memory plan needs the room
+    (half the bytes; each batch's product is float32 either way). `gram` reads it in float64."""
 
     in_features: int
-    gram: torch.Tensor | None = field(init=False)  # None once a memory-bound run traded it for `whitening`
+    dtype: torch.dtype = torch.float64
     abs_sum: torch.Tensor = field(init=False)
     rows: int = 0
     whitening: Any = field(default=None, init=False)  # its Cholesky factor, when made in place of the Gram
 
     def __post_init__(self) -> None:
-        self.gram = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        self._sum: torch.Tensor | None = torch.zeros(self.in_features, self.in_features, dtype=self.dtype)
         self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
 
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """X^T X in float64, a new tensor (None once a memory-bound run traded it for `whitening`)."""
+        return None if self._sum is None else symmetric(self._sum)
+
+    @gram.setter
+    def gram(self, value: torch.Tensor | None) -> None:
+        self._sum = value if value is None else value.to(self.dtype, copy=True)
+
+    @staticmethod
+    def bytes(in_features: int, dtype: torch.dtype = torch.float64) -> int:
+        """What the sum of a target with `in_features` inputs holds."""
+        return (torch.finfo(dtype).bits // 8) * in_features * in_features
+
     def update(self, x: torch.Tensor) -> None:
-        if self.rows == 0 and self.gram.device != x.device:  # accumulate where the activations live
-            self.gram, self.abs_sum = self.gram.to(x.device), self.abs_sum.to(x.device)
+        if self.rows == 0 and self._sum.device != x.device:  # accumulate where the activations live
+            self._sum, self.abs_sum = self._sum.to(x.device), self.abs_sum.to(x.device)
         rows = x.detach().reshape(-1, self.in_features)
-        # one batch's product in (at least) float32, the running sum in float64: several times
+        # one batch's product in (at least) float32, the running sum in self.dtype: several times
         # faster than a float64 product, and a batch's few thousand rows lose nothing that matters
         rows = rows.to(torch.float32) if rows.dtype in (torch.float16, torch.bfloat16) else rows
-        self.gram.add_(rows.T @ rows)  # promoted to float64 element by element: no float64 copy of the product
+        add_products(self._sum, rows)  # promoted element by element: no float64 copy of the product
         self.abs_sum += rows.abs().sum(0, dtype=torch.float64)
         self.rows += rows.shape[0]
+
+    def release(self) -> None:
+        """Drop X^T X and its whitening (rows and mean |x| stay): for when no pass will read them."""
+        self._sum, self.whitening = None, None
+
+    def finite(self) -> bool:
+        """Whether every sum is finite (NaN or Inf inputs make them not)."""
+        return self._sum is None or bool(torch.isfinite(self._sum).all())
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -102,14 +158,18 @@ class GradStats:
     @property
     def gram(self) -> torch.Tensor:
         """G (out x out, float64); diagonal statistics give diag(G), made on demand."""
-        return torch.diag(self.sums) if self.diagonal else self.sums
+        return torch.diag(self.sums) if self.diagonal else symmetric(self.sums)
+
+    def diag(self) -> torch.Tensor:
+        """diag(G) (out, float64), without making G."""
+        return self.sums.clone() if self.diagonal else torch.diagonal(self.sums).clone()
 
     def update(self, g: torch.Tensor, scale: float = 1.0) -> None:
         rows = g.detach().reshape(-1, self.out_features).to(torch.float32)
         if self.diagonal:
-            self.sums += rows.pow(2).sum(0).to(torch.float64) * scale
+            self.sums.add_(rows.pow(2).sum(0), alpha=scale)
         else:
-            self.sums += (rows.T @ rows).to(torch.float64) * scale
+            add_products(self.sums, rows, scale)
 
     @staticmethod
     def bytes(out_features: int, diagonal: bool = False) -> int:

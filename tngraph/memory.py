@@ -5,18 +5,24 @@ The statistics that grow with the model are one X^T X per distinct target input 
 calibrate) and one output-gradient Gram per target (out x out, float64: fisher). On a 0.5 B
 LM the latter are the larger part (each MLP's gate and up projections: 4,864 x 4,864). The plan:
 
-- the input Grams must fit beside what the process holds already, or the run is refused before
+- the model's weights are brought in first (a safetensors checkpoint is mmapped: its pages count
+  only once touched), so what the process holds is known;
+- the input Grams are float64 while they take at most half the room left, else the widest are
+  summed in float32 until they do; when even float32 ones do not fit, the run is refused before
   the calibration forwards, with the number it needs and what would bring it down;
-- output-gradient Grams that do not fit are kept diagonal, widest outputs first, until the rest
-  fits (the output whitening of those targets then weighs each output channel by its mean squared
-  gradient, without the correlations between channels), said in the log; when even diagonal ones do
-  not fit, the run is refused likewise.
+- output-gradient Grams are kept diagonal, widest outputs first, until the rest take at most half
+  the room then left (the output whitening of those targets then weighs each output channel by its
+  mean squared gradient, without the correlations between channels), said in the log; when even
+  diagonal ones do not fit, the run is refused likewise;
+- the fisher forwards and backward passes run in micro-batches that fit in half of what is left.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+
+import torch
 
 from .calibration import GradStats
 from .errors import ConfigError
@@ -61,14 +67,26 @@ def check_fits(need: int, what: str, limit: int, fixes: str) -> None:
                           f"{size(held + need)}, over the memory limit of {size(limit)} (--max-memory)", fixes)
 
 
+def load_weights(module: torch.nn.Module) -> None:
+    """Bring every parameter and buffer of `module` into memory: a checkpoint read through mmap (as
+    safetensors are) comes in only as the forwards touch it, and the plans count what is resident."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type != "cpu" or not t.numel() or not t.is_contiguous() or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            t.view(-1)[:: max(1, 4096 // t.element_size())].sum()  # one read per page
+
+
 def diagonal_plan(widths: dict[str, int], limit: int) -> set[str]:
     """Which targets (name -> output width) keep diagonal output-gradient statistics so that all of
-    them fit within `limit` beside what the process holds: none when the full ones fit, else the
-    widest first."""
+    them fit within half the room `limit` leaves beside what the process holds (the forwards and
+    backward passes take the other half): none when the full ones fit, else the widest first."""
     element_bytes = GradStats.bytes
     if not limit:
         return set()
-    room = limit - resident_bytes()
+    room = (limit - resident_bytes()) / 2
     need = sum(element_bytes(w, False) for w in widths.values())
     diagonal: set[str] = set()
     for name in sorted(widths, key=lambda n: -widths[n]):

@@ -24,6 +24,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, passes: Sequence[PassFn] = 
     for instrument in instruments:
         instrument.begin(gm, ctx)
     base = _dump_base(ctx)
+    ctx.passes = tuple(p.__name__ for p in passes)
     for index, pass_fn in enumerate(passes, start=base + 1):
         gm = _run_one(gm, ctx, pass_fn, index, instruments)
     ctx.current_pass = ""

@@ -15,11 +15,16 @@ checkpoint and building the calibration batches, before the first pass.
     python tools/bench_compress_cost.py --models qwen2.5-0.5b --calibration-samples 256 --threads 2
 
 What each pass grows with (the default pipeline):
-- calibrate: one forward over the calibration tokens (tokens x parameters); the head runs reduced
-  to its input's width (tngraph.passes.head), so not tokens x vocabulary x hidden;
-- fisher: forward + backward over --fisher-batches batches; one out x out Gram per target;
+- calibrate: one forward over the calibration tokens (tokens x parameters) and one X^T X per
+  distinct target input (tokens x width^2: a 4,864-wide MLP input costs more than the forward); the
+  head runs reduced to its input's width (tngraph.passes.head), so not tokens x vocabulary x hidden.
+  When fisher reads every batch (--fisher-batches >= the batches), its backward passes run on these
+  forwards and the "fisher" row is near zero;
+- fisher: forward + backward over --fisher-batches batches; one out x out Gram per target (diagonal
+  for the widest under --max-memory);
 - sensitivity (measured): forwards over 4 batches per grid rank and target (targets x grid x tokens x
-  parameters); the head reduced again;
+  parameters); the head reduced again. Over --time-budget: fisher's curves, one whitened spectrum
+  per target (targets x width^3);
 - factorize: one whitened SVD per target (targets x width^3).
 """
 from __future__ import annotations

@@ -75,6 +75,8 @@ class PassContext:
     history: list[str] = field(default_factory=list)
     current_pass: str = ""
     produced: set[str] = field(default_factory=set)  # products of the passes run so far (see declare)
+    # the names of the passes this run runs (run_passes sets them): a pass may do a later one's work in its loop
+    passes: tuple[str, ...] = ()
     # control: targets only layers called as modules (the result is the user's module with them swapped)
     module_targets_only: bool = False
     # control: plans decided before (name -> (PlanInfo, TargetPlan)), put in place as they are

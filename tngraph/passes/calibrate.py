@@ -15,11 +15,12 @@ import torch
 import torch.fx as fx
 
 from .. import memory, meta
-from ..calibration import CountStats, GramStats, OutputStats
+from ..calibration import CountStats, GramStats, OutputStats, channels_last
 from ..errors import DataError
 from ..progress import progress
 from ..tn.formats import FORMATS
 from ..tn.whitening import whitening_from_gram
+from . import fisher
 from .base import PassContext, PassResult, declare
 from .head import head_targets, reduced_head
 from .targets import target_weight
@@ -30,9 +31,12 @@ OBSERVER_PREFIX = "tngraph_observer_"
 
 
 class Batch:
-    """The batch running now: its token mask (True = real token), if any, read by every observer."""
+    """The batch running now: its token mask (True = real token), if any, read by every observer,
+    and whether a calibration batch runs at all (other forwards, such as the output head's objective
+    check, leave the statistics alone)."""
 
     mask: torch.Tensor | None = None
+    active: bool = False
 
 
 class Observer(torch.nn.Module):
@@ -43,6 +47,8 @@ class Observer(torch.nn.Module):
         self.stats, self.batch, self.rows = stats, batch, rows
 
     def forward(self, x: torch.Tensor) -> None:
+        if not self.batch.active:
+            return
         if self.rows is not None:  # a convolution's: unfolded input patches, or output channels last
             x = self.rows(x)
         mask = self.batch.mask
@@ -72,14 +78,15 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     inputs: dict[str, list[fx.Node]] = {}  # a shared weight's Gram sums the inputs of all its uses
     for node in nodes:
         inputs.setdefault(meta.info(node).target.name, []).append(node)
-    _check_memory(gm, ctx, inputs)
+    narrow = _gram_plan(gm, ctx, inputs)
     for node in meta.targets(gm):
         t = meta.info(node).target
         key = _input_key(t, inputs)
         if key in shared:  # targets reading the same input (q, k, v) share one set of statistics
             stats[t.name] = shared[key]
             continue
-        stats[t.name] = shared[key] = CountStats(t.out_features) if t.kind == "embedding" else GramStats(t.in_features)
+        stats[t.name] = shared[key] = (CountStats(t.out_features) if t.kind == "embedding"
+                                       else GramStats(t.in_features, torch.float32 if key in narrow else torch.float64))
         rows = functools.partial(unfolded_rows, t.conv) if t.conv is not None else None
         for use in inputs[t.name]:
             observers.append(_insert(gm, use, False, use.args[_x_index(use)], Observer(stats[t.name], batch, rows), len(observers)))
@@ -91,10 +98,17 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             rows = channels_last if t.conv is not None else None
             observers.append(_insert(gm, node, True, node, Observer(out, batch, rows), len(observers)))
     gm.recompile()
-    try:
+
+    def forwards(batches: list) -> None:
         with torch.no_grad(), reduced_head(gm, ctx, objective=False, held=True):  # no logits: the statistics are taken upstream
-            for args, kwargs in progress(ctx.calibration, desc="calibrate", enabled=ctx.config.progress, unit="batch"):
+            for args, kwargs in progress(batches, desc="calibrate", enabled=ctx.config.progress, unit="batch"):
                 _run(gm, args, kwargs, batch)
+
+    try:
+        if fisher.with_calibration(ctx):  # the fisher pass's backward passes ride on these forwards
+            ctx.analysis["fisher_in_calibrate"] = fisher.collect(gm, ctx, before=functools.partial(_set_mask, batch), forwards=forwards)
+        else:
+            forwards(ctx.calibration)
     finally:
         for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in observers]:
             gm.graph.erase_node(node)
@@ -105,10 +119,11 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         t = meta.info(node).target
         if t.name in heads and isinstance(stats[t.name], GramStats):
             outputs[t.name] = _head_outputs(gm, t, stats[t.name])
+    finite: dict[int, bool] = {}  # per set of statistics (q, k, v share one)
     for node in nodes:
         name = meta.info(node).target.name
         s = stats[name]
-        if isinstance(s, GramStats) and not bool(torch.isfinite(s.gram).all()):
+        if isinstance(s, GramStats) and not finite.setdefault(id(s), s.finite()):
             raise DataError(f"the calibration inputs reaching {name} hold NaN or Inf values",
                             "check the calibration data (and, for fp16 models, whether activations overflow: calibrate in float32)")
         mean_abs = float(s.mean_abs.mean()) if isinstance(s, GramStats) else 0.0
@@ -129,17 +144,36 @@ def _input_key(t: meta.TargetInfo, inputs: dict[str, list[fx.Node]]) -> tuple:
     return tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv
 
 
-def _check_memory(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.Node]]) -> None:
-    """Refuse before allocating when the input Grams (one per distinct input, float64) would not fit
-    within Config.max_memory beside what the process holds (tngraph.memory)."""
-    need = {}
+def _gram_plan(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.Node]]) -> set[tuple]:
+    """Which inputs' Grams are summed in float32 (by _input_key): none while the float64 ones take at
+    most half the room Config.max_memory leaves beside what the process holds (the rest is for the
+    forwards and the later passes), else the widest first until they do. Refuses before allocating
+    when even float32 ones would not fit (tngraph.memory)."""
+    widths = {}
     for node in meta.targets(gm):
         t = meta.info(node).target
         if t.kind == "linear":
-            need[_input_key(t, inputs)] = 8 * (t.in_features**2 + 2 * t.in_features)
-    memory.check_fits(sum(need.values()), f"the calibration statistics (X^T X of {len(need)} distinct target inputs)",
-                      memory.limit_bytes(ctx.config.max_memory),
+            widths[_input_key(t, inputs)] = t.in_features
+    limit = memory.limit_bytes(ctx.config.max_memory)
+    if limit:
+        memory.load_weights(gm)  # the plans count the whole model as held
+    memory.check_fits(sum(GramStats.bytes(w, torch.float32) for w in widths.values()),
+                      f"the calibration statistics (X^T X of {len(widths)} distinct target inputs, float32)", limit,
                       "raise --max-memory, target fewer layers (--include/--exclude), or pass --blockwise for a causal LM")
+    if not limit:
+        return set()
+    room = (limit - memory.resident_bytes()) / 2
+    need = sum(GramStats.bytes(w) for w in widths.values())
+    narrow: set[tuple] = set()
+    for key in sorted(widths, key=lambda k: -widths[k]):
+        if need <= room:
+            break
+        need -= GramStats.bytes(widths[key]) - GramStats.bytes(widths[key], torch.float32)
+        narrow.add(key)
+    if narrow:
+        log.info("memory plan: %d of %d calibration Grams summed in float32 (the widest: %d inputs) to stay within %s (--max-memory)",
+                 len(narrow), len(widths), max(widths[k] for k in narrow), memory.size(limit))
+    return narrow
 
 
 def _head_outputs(gm: fx.GraphModule, t: meta.TargetInfo, stats: GramStats) -> OutputStats:
@@ -201,19 +235,19 @@ def unfolded_rows(conv: meta.Conv, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
-def channels_last(y: torch.Tensor) -> torch.Tensor:
-    """A convolution's output (N, C, ...) as rows of C channels."""
-    return y.movedim(1, -1).reshape(-1, y.shape[1])
-
-
 def _x_index(node: fx.Node) -> int:
     """Which argument carries the rows: addmm's second, embedding's indices, linear's / mm's first."""
     return 1 if node.target in (torch.ops.aten.addmm.default, torch.ops.aten.embedding.default) else 0
 
 
-def _run(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], batch: Batch) -> None:
+def _set_mask(batch: Batch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     mask = kwargs.get("attention_mask")
     batch.mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() >= 1 else None
+    batch.active = True
+
+
+def _run(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], batch: Batch) -> None:
+    _set_mask(batch, args, kwargs)
     try:
         gm(*args, **kwargs)
     except Exception as exc:

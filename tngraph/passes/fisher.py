@@ -20,12 +20,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .. import memory, meta
-from ..calibration import GradStats
+from ..batches import batch_shape, split_batch
+from ..calibration import GradStats, channels_last
 from ..errors import DataError
 from ..progress import progress
-from ..tn.whitening import Whitening, whitening_from_gram
+from ..tn.whitening import DiagonalWhitening, Whitening, diagonal_whitening, whitening_from_gram
 from .base import PassContext, PassResult, declare, spread
-from .calibrate import channels_last
 from .head import head_targets, reduced_head
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,12 @@ class Tap(torch.nn.Module):
 
 def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple[tuple, dict]],
                    objective=None, *, probes: int = 1, seed: int = 0, show: bool = False,
-                   max_memory: float | None = None) -> dict[str, GradStats]:
+                   max_memory: float | None = None, before=None) -> dict[str, GradStats]:
     """G = sum over batches and tokens of E_v[g g^T] (out x out, float64) for every target in `nodes`,
     g the gradient of <v, objective(output)> at the target's output, v ~ N(0, I), averaged over
     `probes` probes; padded positions (attention_mask) left out. `max_memory` (GB, 0: physical
     memory; None: no plan): targets whose Grams do not fit keep only the diagonal (tngraph.memory).
+    `before(args, kwargs)`, when given, is called ahead of each batch's forward.
 
     Taps are inserted after the targets for the duration of the call and removed after it."""
     taps, stats, seen = [], {}, {}
@@ -71,9 +72,12 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
         stats.setdefault(t.name, GradStats(t.out_features, diagonal=t.name in diagonal))
     gm.recompile()
     generator = torch.Generator().manual_seed(seed)
+    frozen = _freeze(gm)  # no parameter is tracked: the tape starts at the first tap, saving less
     try:
         for args, kwargs in progress(batches, desc="fisher", enabled=show, unit="batch"):
             seen.clear()
+            if before is not None:
+                before(args, kwargs)
             with torch.enable_grad():
                 try:
                     result = gm(*args, **kwargs)
@@ -112,12 +116,23 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
                                 stats[key].samples += samples
     finally:
         seen.clear()
+        for p in frozen:
+            p.requires_grad_(True)
         for k, (node, tap) in enumerate(zip(nodes, taps)):
             tap.replace_all_uses_with(node)
             gm.graph.erase_node(tap)
             gm.delete_submodule(f"{TAP_PREFIX}{k}")
         gm.recompile()
     return stats
+
+
+def _freeze(gm: fx.GraphModule) -> list[torch.nn.Parameter]:
+    """Stop gm's parameters from requiring gradients (the ones that did, returned to be restored):
+    autograd then keeps no layer input for a weight gradient nobody asks for."""
+    frozen = [p for p in gm.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
 
 
 ACTIVATION_BYTES = 24  # per target output value and token: about six float32 tensors (the output, its gradient, what autograd saves)
@@ -135,30 +150,13 @@ def _memory_plan(nodes: list[fx.Node], batches: list, max_memory: float) -> tupl
     held = sum(GradStats.bytes(w, name in diagonal) for name, w in widths.items())
     per_token = ACTIVATION_BYTES * sum(meta.info(n).target.out_features for n in nodes)
     room = (limit - memory.resident_bytes() - held) / 2
-    length = max(_shape(b)[1] for b in batches)  # calibration batches come sorted by length: the longest decides
+    length = max(batch_shape(b)[1] for b in batches)  # calibration batches come sorted by length: the longest decides
     fit = max(1, int(room // max(per_token * length, 1)))
-    if fit >= max(_shape(b)[0] for b in batches):
+    if fit >= max(batch_shape(b)[0] for b in batches):
         return diagonal, batches
     log.info("fisher: micro-batches of %d rows (about %s of activations each) to stay within %s (--max-memory)",
              fit, memory.size(fit * length * per_token), memory.size(limit))
-    return diagonal, [part for batch in batches for part in _split(batch, fit)]
-
-
-def _shape(batch: tuple[tuple, dict]) -> tuple[int, int]:
-    """(rows, tokens per row) of a batch: its first tensor's first two dimensions."""
-    first = next((x for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() >= 1), None)
-    if first is None:
-        return 1, 1
-    return int(first.shape[0]), int(first.shape[1]) if first.dim() >= 2 and first.dtype in (torch.long, torch.int) else 1
-
-
-def _split(batch: tuple[tuple, dict], rows: int) -> list[tuple[tuple, dict]]:
-    """The batch in parts of at most `rows` rows: every tensor with the batch's row count is cut."""
-    total = _shape(batch)[0]
-    if total <= rows:
-        return [batch]
-    return [pytree.tree_map(lambda x: x[i : i + rows] if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == total else x,
-                            batch) for i in range(0, total, rows)]
+    return diagonal, [part for batch in batches for part in split_batch(batch, fit)]
 
 
 def needed(ctx: PassContext) -> bool:
@@ -174,9 +172,26 @@ def needed(ctx: PassContext) -> bool:
 
 @declare(kind="analysis", requires=("targets", "calibration"), produces=("gradients",))
 def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    done = ctx.analysis.pop("fisher_in_calibrate", None)
+    if done is not None:  # calibrate's forwards took the backward passes too
+        return PassResult(gm, modified="skipped" not in done, summary=done)
+    return PassResult(gm, modified=True, summary=collect(gm, ctx)) if needed(ctx) else \
+        PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
+
+
+def with_calibration(ctx: PassContext) -> bool:
+    """Whether this run's fisher pass reads every calibration batch: calibrate's forwards then run
+    its backward passes too (one forward per batch instead of two)."""
+    return ("fisher" in ctx.passes and needed(ctx) and ctx.group is None
+            and len(spread(ctx.calibration, ctx.config.fisher_batches)) == len(ctx.calibration))
+
+
+def collect(gm: fx.GraphModule, ctx: PassContext, before=None, forwards=None) -> dict:
+    """The fisher pass's work: the output-gradient statistics of the linear targets into
+    ctx.grad_stats. From calibrate: `before(args, kwargs)` is called ahead of each forward (its
+    observers read the batch's mask), and `forwards(batches)` runs them where nothing is tapped.
+    Returns the pass's summary."""
     nodes = [n for n in meta.target_uses(gm) if meta.info(n).target.kind == "linear"]
-    if not nodes or not needed(ctx):
-        return PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
     batches = spread(ctx.calibration, ctx.config.fisher_batches)
     take = len(batches)
     # a language model's head runs reduced: the probes' gradients at its input have the same
@@ -187,23 +202,27 @@ def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if reduced and heads:
             ctx.analysis["head_targets"] = dict.fromkeys(heads, True)
             nodes = [n for n in nodes if meta.info(n).target.name not in heads]
-        if not nodes:  # the heads were the only targets: nothing to tap
-            return PassResult(gm, modified=False, summary={"skipped": "the only targets are output heads"})
+        if not nodes:  # the heads were the only targets: nothing to tap (calibrate's forwards still run)
+            if forwards is not None:
+                forwards(batches)
+            return {"skipped": "the only targets are output heads" if heads else "no linear targets"}
         stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress,
-                               max_memory=ctx.config.max_memory)
+                               max_memory=ctx.config.max_memory, before=before)
     memory.return_freed(collect=False)  # the backward passes' buffers go back to the system
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take
     log.info("fisher: output-gradient statistics of %d targets over %d batches", len(nodes), take)
-    return PassResult(gm, modified=True, summary={"targets": len(nodes), "batches": take})
+    return {"targets": len(nodes), "batches": take}
 
 
-def output_whitening(ctx: PassContext, name: str, rows: torch.Tensor | None = None) -> Whitening | None:
+def output_whitening(ctx: PassContext, name: str, rows: torch.Tensor | None = None) -> Whitening | DiagonalWhitening | None:
     """The output-side whitening of a target (Cholesky of its damped gradient Gram, restricted to
     output `rows` when given), when this run uses output whitening and the statistics exist."""
     cfg = ctx.config
     stats = ctx.grad_stats.get(name)
     if not (cfg.output_whiten and cfg.whiten and stats is not None and stats.rows > 0):
         return None
+    if stats.diagonal:  # a memory plan's diagonal statistics: scaled rows, no n x n factor
+        return diagonal_whitening(stats.sums if rows is None else stats.sums[rows], stats.damping(cfg.output_damping))
     gram = stats.gram if rows is None else stats.gram[rows][:, rows]
     return whitening_from_gram(gram, stats.damping(cfg.output_damping))

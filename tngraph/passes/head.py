@@ -38,6 +38,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .. import meta
+from ..batches import split_batch
 from ..calibration import GramStats
 from .base import PassContext
 from .targets import getattr_path, match_linear
@@ -240,7 +241,8 @@ def _counts_whole(gm: fx.GraphModule, ctx: PassContext) -> bool:
     if key not in cache:
         if not ctx.calibration:
             return False
-        args, kwargs = min(ctx.calibration, key=_batch_size)
+        # one row of the smallest batch: the check reads the output's structure, not its values
+        args, kwargs = split_batch(min(ctx.calibration, key=_batch_size), 1)[0]
         with torch.no_grad():
             result = gm(*args, **kwargs)
             picked = ctx.objective(result, args, kwargs)

@@ -257,7 +257,7 @@ def _row_spectra(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo, white
     residual = weight - a @ b
     gram = ctx.stats[t.name].gram.to(torch.float64)
     grads = ctx.grad_stats.get(t.name)
-    g_diag = torch.diagonal(grads.gram) if grads is not None and grads.rows > 0 else torch.ones(t.out_features, dtype=torch.float64)
+    g_diag = grads.diag() if grads is not None and grads.rows > 0 else torch.ones(t.out_features, dtype=torch.float64)
     score = g_diag * ((residual @ gram) * residual).sum(1)
     order = torch.argsort(score, descending=True)
     ctx.analysis.setdefault("row_order", {})[t.name] = order

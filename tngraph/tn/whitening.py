@@ -42,6 +42,40 @@ class Whitening:
         return torch.linalg.solve(self.s.T, factor)
 
 
+@dataclass(frozen=True)
+class DiagonalWhitening:
+    """S = diag(d): the whitening of a diagonal Gram matrix (a memory plan's diagonal output-gradient
+    statistics), applied by scaling instead of n x n products and solves."""
+
+    d: torch.Tensor  # (n,), float64
+
+    @property
+    def s(self) -> torch.Tensor:
+        return torch.diag(self.d)
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(torch.float64) * self.d
+
+    def unapply(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor / self.d
+
+    def apply_left(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.d[:, None] * weight.to(torch.float64)
+
+    def unapply_left(self, factor: torch.Tensor) -> torch.Tensor:
+        return factor / self.d[:, None]
+
+
+def diagonal_whitening(diagonal: torch.Tensor, damping: float = 1e-4) -> DiagonalWhitening:
+    """whitening_from_gram of diag(`diagonal`), in O(n): the square roots of the damped diagonal."""
+    g = diagonal.to(torch.float64)
+    scale = g.mean().item() if g.numel() else 0.0
+    if not (scale > 0) or not torch.isfinite(g).all():
+        log.warning("calibration Gram matrix is zero or not finite; decomposing without whitening")
+        return DiagonalWhitening(torch.ones_like(g))
+    return DiagonalWhitening((g.clamp_min(0) + damping * scale).sqrt())
+
+
 def whitening_from_gram(gram: torch.Tensor, damping: float = 1e-4) -> Whitening:
     """Cholesky factor of the damped Gram matrix; an eigen-decomposition when that fails."""
     g = gram.to(torch.float64)
