@@ -194,3 +194,9 @@ def test_the_plans_count_an_mmapped_checkpoints_weights_before_the_forwards_touc
     before = memory.resident_bytes()
     memory.load_weights(module)
     assert memory.resident_bytes() - before > 0.9 * 4 * n
+
+
+def test_the_input_grams_are_released_once_the_passes_have_run():
+    model, data = _Wide().eval(), _data()
+    result = tngraph.compress_with_result(model, data[0], [d[0] for d in data], budget=0.5, progress=False)
+    assert result.context.stats and all(s.gram is None and s.rows == 90 for s in result.context.stats.values())
