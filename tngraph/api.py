@@ -118,7 +118,7 @@ def _compress(model, example_inputs, batches, config, source, texts, healing, to
     for stats in ctx.stats.values():  # nothing after the passes reads the input Grams (2.7 GB at 0.5 B parameters)
         if isinstance(stats, GramStats):
             stats.release()
-    memory.return_freed()
+    memory.return_freed(collect=False)  # (no garbage collection: released by reference count; nothing below 1 GB)
     if not meta.targets(gm):
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         shown = ", ".join(linears[:3]) + (", ..." if len(linears) > 3 else "")
