@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Callable
 
 import torch
 
@@ -79,21 +80,28 @@ def load_weights(module: torch.nn.Module) -> None:
             t.view(-1)[:: max(1, 4096 // t.element_size())].sum()  # one read per page
 
 
+def widest_first(widths: dict, full: Callable[[int], int], reduced: Callable[[int], int], room: float) -> tuple[set, int]:
+    """The keys of `widths` (key -> width) whose statistics take their reduced form, widest first,
+    until all of them (full(width) bytes each, reduced(width) once reduced) fit in `room`; and the
+    bytes they then take (more than `room` when even all reduced do not fit)."""
+    need = sum(full(w) for w in widths.values())
+    chosen: set = set()
+    for key in sorted(widths, key=lambda k: -widths[k]):
+        if need <= room:
+            break
+        need -= full(widths[key]) - reduced(widths[key])
+        chosen.add(key)
+    return chosen, need
+
+
 def diagonal_plan(widths: dict[str, int], limit: int) -> set[str]:
     """Which targets (name -> output width) keep diagonal output-gradient statistics so that all of
     them fit within half the room `limit` leaves beside what the process holds (the forwards and
     backward passes take the other half): none when the full ones fit, else the widest first."""
-    element_bytes = GradStats.bytes
     if not limit:
         return set()
     room = (limit - resident_bytes()) / 2
-    need = sum(element_bytes(w, False) for w in widths.values())
-    diagonal: set[str] = set()
-    for name in sorted(widths, key=lambda n: -widths[n]):
-        if need <= room:
-            break
-        need -= element_bytes(widths[name], False) - element_bytes(widths[name], True)
-        diagonal.add(name)
+    diagonal, need = widest_first(widths, lambda w: GradStats.bytes(w, False), lambda w: GradStats.bytes(w, True), room)
     if need > room:
         raise ConfigError(f"the output-gradient statistics need {size(need)} even kept diagonal, beside the "
                           f"{size(resident_bytes())} this process holds: over the memory limit of {size(limit)} (--max-memory)",

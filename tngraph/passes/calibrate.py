@@ -105,7 +105,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 _run(gm, args, kwargs, batch)
 
     try:
-        if fisher.with_calibration(ctx):  # the fisher pass's backward passes ride on these forwards
+        if fisher.with_calibration(ctx, gm):  # the fisher pass's backward passes ride on these forwards
             ctx.analysis["fisher_in_calibrate"] = fisher.collect(gm, ctx, before=functools.partial(_set_mask, batch), forwards=forwards)
         else:
             forwards(ctx.calibration)
@@ -162,14 +162,8 @@ def _gram_plan(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.N
                       "raise --max-memory, target fewer layers (--include/--exclude), or pass --blockwise for a causal LM")
     if not limit:
         return set()
-    room = (limit - memory.resident_bytes()) / 2
-    need = sum(GramStats.bytes(w) for w in widths.values())
-    narrow: set[tuple] = set()
-    for key in sorted(widths, key=lambda k: -widths[k]):
-        if need <= room:
-            break
-        need -= GramStats.bytes(widths[key]) - GramStats.bytes(widths[key], torch.float32)
-        narrow.add(key)
+    narrow, _ = memory.widest_first(widths, GramStats.bytes, lambda w: GramStats.bytes(w, torch.float32),
+                                    (limit - memory.resident_bytes()) / 2)
     if narrow:
         log.info("memory plan: %d of %d calibration Grams summed in float32 (the widest: %d inputs) to stay within %s (--max-memory)",
                  len(narrow), len(widths), max(widths[k] for k in narrow), memory.size(limit))

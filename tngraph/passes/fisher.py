@@ -175,14 +175,20 @@ def fisher(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     done = ctx.analysis.pop("fisher_in_calibrate", None)
     if done is not None:  # calibrate's forwards took the backward passes too
         return PassResult(gm, modified="skipped" not in done, summary=done)
-    return PassResult(gm, modified=True, summary=collect(gm, ctx)) if needed(ctx) else \
-        PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
+    if not (_linear_uses(gm) and needed(ctx)):
+        return PassResult(gm, modified=False, summary={"skipped": "not used by this configuration"})
+    summary = collect(gm, ctx)
+    return PassResult(gm, modified="skipped" not in summary, summary=summary)
 
 
-def with_calibration(ctx: PassContext) -> bool:
+def _linear_uses(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in meta.target_uses(gm) if meta.info(n).target.kind == "linear"]
+
+
+def with_calibration(ctx: PassContext, gm: fx.GraphModule) -> bool:
     """Whether this run's fisher pass reads every calibration batch: calibrate's forwards then run
     its backward passes too (one forward per batch instead of two)."""
-    return ("fisher" in ctx.passes and needed(ctx) and ctx.group is None
+    return ("fisher" in ctx.passes and needed(ctx) and ctx.group is None and bool(_linear_uses(gm))
             and len(spread(ctx.calibration, ctx.config.fisher_batches)) == len(ctx.calibration))
 
 
@@ -191,7 +197,7 @@ def collect(gm: fx.GraphModule, ctx: PassContext, before=None, forwards=None) ->
     ctx.grad_stats. From calibrate: `before(args, kwargs)` is called ahead of each forward (its
     observers read the batch's mask), and `forwards(batches)` runs them where nothing is tapped.
     Returns the pass's summary."""
-    nodes = [n for n in meta.target_uses(gm) if meta.info(n).target.kind == "linear"]
+    nodes = _linear_uses(gm)
     batches = spread(ctx.calibration, ctx.config.fisher_batches)
     take = len(batches)
     # a language model's head runs reduced: the probes' gradients at its input have the same
@@ -205,7 +211,7 @@ def collect(gm: fx.GraphModule, ctx: PassContext, before=None, forwards=None) ->
         if not nodes:  # the heads were the only targets: nothing to tap (calibrate's forwards still run)
             if forwards is not None:
                 forwards(batches)
-            return {"skipped": "the only targets are output heads" if heads else "no linear targets"}
+            return {"skipped": "the only targets are output heads"}
         stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress,
                                max_memory=ctx.config.max_memory, before=before)
     memory.return_freed(collect=False)  # the backward passes' buffers go back to the system
