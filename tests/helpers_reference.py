@@ -155,3 +155,11 @@ def plan_weights(ctx) -> dict[str, torch.Tensor]:
         else:
             weights[name] = f["a"] @ f["b"]
     return weights
+
+
+def stats_sum(stats: Any) -> torch.Tensor | None:
+    """A target's calibration sum in float64, whichever side it was taken on: X^T X (GramStats) or
+    W X^T X W^T (OutputGramStats, a low-rank target narrower out than in)."""
+    from tngraph.calibration import OutputGramStats
+
+    return stats.output_gram if isinstance(stats, OutputGramStats) else stats.gram

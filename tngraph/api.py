@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from . import distributed, memory, meta
-from .calibration import GramStats
+from .calibration import GramStats, OutputGramStats
 from .capture import capture
 from .config import Config
 from .errors import ConfigError, DataError
@@ -116,7 +116,7 @@ def _compress(model, example_inputs, batches, config, source, texts, healing, to
     gm = run_passes(gm, ctx)
     timings.update(ctx.timings)
     for stats in ctx.stats.values():  # nothing after the passes reads the input Grams (2.7 GB at 0.5 B parameters)
-        if isinstance(stats, GramStats):
+        if isinstance(stats, (GramStats, OutputGramStats)):
             stats.release()
     memory.return_freed(collect=False)  # (no garbage collection: released by reference count; nothing below 1 GB)
     if not meta.targets(gm):

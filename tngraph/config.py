@@ -125,6 +125,12 @@ class Config:
         Gram matrix (tensor-network formats; low-rank's whitened SVD is already optimal).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
     damping: relative diagonal damping of the calibration Gram matrix before its Cholesky factor.
+    output_gram: calibrate a low-rank target with fewer outputs than inputs (an MLP's down
+        projection) through the Gram matrix of its outputs, W XᵀX Wᵀ, instead of XᵀX: the same
+        whitened decomposition, guard and spectra (tngraph.calibration.OutputGramStats) for out²
+        instead of in² work and memory per target. Used only where every candidate is whitened low
+        rank (no tensor-network format, mixture, dense rows, precisions or the predictor); False:
+        always XᵀX.
     output_whiten: also weight a low-rank target's output channels by the Gram matrix of the gradients
         of the model's end output there (Gauss-Newton / K-FAC: the decomposition minimises the
         predicted error of the model's output, not of the layer's); needs calibration data and one
@@ -209,6 +215,7 @@ class Config:
     refit: bool = option(True, "--no-refit", "skip the least-squares refit of one core on the calibration data", kind="const", const=False)
     whiten: bool = option(True, "--no-whiten", "plain (data-free) SVD instead of activation-whitened SVD", kind="const", const=False)
     damping: float = 1e-4
+    output_gram: bool = True
     output_whiten: bool = option(True, "--no-output-whiten", "whiten inputs only: skip the output-gradient (fisher) weighting of "
                                  "low-rank decompositions", kind="const", const=False)
     output_damping: float = 0.1

@@ -106,6 +106,13 @@ def test_a_decomposition_that_breaks_is_reverted_not_used(monkeypatch):
         return a * float("nan") if weight.shape[0] == 8 else a, b  # layers.1 is 64 -> 8
 
     monkeypatch.setattr(factorize, "decompose_lowrank", broken)
+    real_outputs = factorize.lowrank_from_outputs  # layers.1, narrowing, is calibrated through its outputs
+
+    def broken_outputs(weight, rank, *args, **kwargs):
+        a, b, left = real_outputs(weight, rank, *args, **kwargs)
+        return (a * float("nan"), b, left * float("nan")) if weight.shape[0] == 8 else (a, b, left)
+
+    monkeypatch.setattr(factorize, "lowrank_from_outputs", broken_outputs)
     model = _one_hard_layer()
     result = _compress(model)
     assert list(result.context.analysis["guard_reverted"]) == ["layers.1"]

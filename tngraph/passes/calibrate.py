@@ -15,15 +15,15 @@ import torch
 import torch.fx as fx
 
 from .. import memory, meta
-from ..calibration import CountStats, GramStats, OutputStats, channels_last
-from ..errors import DataError
+from ..calibration import CountStats, GramStats, OutputGramStats, OutputStats, channels_last
+from ..errors import DataError, PassError
 from ..progress import progress
 from ..tn.formats import FORMATS
-from ..tn.whitening import whitening_from_gram
+from ..tn.whitening import output_gram_whitening, whitening_from_gram
 from . import fisher
 from .base import PassContext, PassResult, declare
 from .head import head_targets, reduced_head
-from .targets import target_weight
+from .targets import getattr_path, target_weight
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,11 @@ class Batch:
 class Observer(torch.nn.Module):
     """Accumulates the rows reaching one point of the graph into `stats` (padding left out)."""
 
-    def __init__(self, stats: GramStats | CountStats | OutputStats, batch: Batch, rows: Any = None):
+    def __init__(self, stats: GramStats | CountStats | OutputStats | OutputGramStats, batch: Batch, rows: Any = None,
+                 inputs: bool = False):
         super().__init__()
         self.stats, self.batch, self.rows = stats, batch, rows
+        self.update = stats.update_inputs if inputs else stats.update  # output statistics see both sides of the target
 
     def forward(self, x: torch.Tensor) -> None:
         if not self.batch.active:
@@ -55,7 +57,7 @@ class Observer(torch.nn.Module):
         rows = x.shape if isinstance(self.stats, CountStats) else x.shape[:-1]
         if mask is not None and tuple(rows) == tuple(mask.shape):
             x = x[mask]  # padded positions are not data: leave them out of the statistics
-        self.stats.update(x)
+        self.update(x)
 
 
 def _insert(gm: fx.GraphModule, where: fx.Node, after: bool, x: fx.Node, observer: Observer, index: int) -> str:
@@ -78,10 +80,19 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     inputs: dict[str, list[fx.Node]] = {}  # a shared weight's Gram sums the inputs of all its uses
     for node in nodes:
         inputs.setdefault(meta.info(node).target.name, []).append(node)
-    narrow = _gram_plan(gm, ctx, inputs)
+    heads = head_targets(gm, ctx)  # a vocabulary head's output norms follow from its input's Gram
+    through_outputs = output_side(gm, ctx, inputs, heads)
+    narrow = _gram_plan(gm, ctx, inputs, through_outputs)
     for node in meta.targets(gm):
         t = meta.info(node).target
         key = _input_key(t, inputs)
+        if key in through_outputs:  # C = W X^T X W^T from its outputs, not X^T X
+            stats[t.name] = OutputGramStats(t.out_features, t.in_features, getattr_path(gm, t.bias) if t.bias else None,
+                                            torch.float32 if t.name in narrow else torch.float64)
+            for use in inputs[t.name]:
+                observers.append(_insert(gm, use, False, use.args[_x_index(use)], Observer(stats[t.name], batch, inputs=True), len(observers)))
+                observers.append(_insert(gm, use, True, use, Observer(stats[t.name], batch), len(observers)))
+            continue
         if key in shared:  # targets reading the same input (q, k, v) share one set of statistics
             stats[t.name] = shared[key]
             continue
@@ -90,7 +101,6 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         rows = functools.partial(unfolded_rows, t.conv) if t.conv is not None else None
         for use in inputs[t.name]:
             observers.append(_insert(gm, use, False, use.args[_x_index(use)], Observer(stats[t.name], batch, rows), len(observers)))
-    heads = head_targets(gm, ctx)  # a vocabulary head's output norms follow from its input's Gram
     for node in nodes:  # outputs: one set per target, fed by each of its uses
         t = meta.info(node).target
         if t.kind == "linear" and t.name not in heads:
@@ -123,10 +133,10 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for node in nodes:
         name = meta.info(node).target.name
         s = stats[name]
-        if isinstance(s, GramStats) and not finite.setdefault(id(s), s.finite()):
+        if isinstance(s, (GramStats, OutputGramStats)) and not finite.setdefault(id(s), s.finite()):
             raise DataError(f"the calibration inputs reaching {name} hold NaN or Inf values",
                             "check the calibration data (and, for fp16 models, whether activations overflow: calibrate in float32)")
-        mean_abs = float(s.mean_abs.mean()) if isinstance(s, GramStats) else 0.0
+        mean_abs = float(s.mean_abs.mean()) if isinstance(s, (GramStats, OutputGramStats)) else 0.0
         out = outputs.get(name)
         output_rms = float(out.rms.pow(2).mean().sqrt()) if out is not None else 0.0
         meta.update(node, calibration=meta.CalibrationInfo(rows=s.rows, mean_abs=mean_abs, output_rms=output_rms))
@@ -144,28 +154,51 @@ def _input_key(t: meta.TargetInfo, inputs: dict[str, list[fx.Node]]) -> tuple:
     return tuple(use.args[_x_index(use)] for use in inputs[t.name]), t.conv
 
 
-def _gram_plan(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.Node]]) -> set[tuple]:
-    """Which inputs' Grams are summed in float32 (by _input_key): none while the float64 ones take at
-    most half the room Config.max_memory leaves beside what the process holds (the rest is for the
-    forwards and the later passes), else the widest first until they do. Refuses before allocating
-    when even float32 ones would not fit (tngraph.memory)."""
+def output_side(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.Node]], heads: set[str]) -> set[tuple]:
+    """The inputs (by _input_key) whose targets are calibrated through their outputs
+    (calibration.OutputGramStats): where each target reading the input is a plain low-rank
+    candidate (no convolution, vocabulary head or tied table) and their output Grams together are
+    smaller than the input's X^T X (a down projection: yes; q, k, v sharing one input: no). Only
+    runs whose candidates are whitened low rank alone: the tensor-network formats, mixtures, dense
+    rows, precisions and the predictor read X^T X or the whitened weight itself."""
+    cfg = ctx.config
+    if not (cfg.output_gram and cfg.whiten and cfg.format == "lowrank" and not cfg.mixture and not cfg.dense_rows and not cfg.bits
+            and cfg.sensitivity != "predicted"):
+        return set()
+    groups: dict[tuple, list[meta.TargetInfo]] = {}
+    for node in meta.targets(gm):
+        t = meta.info(node).target
+        groups.setdefault(_input_key(t, inputs), []).append(t)
+    return {key for key, ts in groups.items()
+            if all(t.kind == "linear" and t.conv is None and not t.lookups and t.name not in heads for t in ts)
+            and sum(t.out_features**2 for t in ts) < ts[0].in_features**2}
+
+
+def _gram_plan(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.Node]], through_outputs: set[tuple]) -> set:
+    """Which inputs' Grams (by _input_key; an output Gram by its target's name) are summed in float32:
+    none while the float64 ones take at most half the room Config.max_memory leaves beside what the
+    process holds (the rest is for the forwards and the later passes), else the widest first until
+    they do. Refuses before allocating when even float32 ones would not fit (tngraph.memory)."""
     widths = {}
     for node in meta.targets(gm):
         t = meta.info(node).target
-        if t.kind == "linear":
-            widths[_input_key(t, inputs)] = t.in_features
+        key = _input_key(t, inputs)
+        if key in through_outputs:
+            widths[t.name] = t.out_features
+        elif t.kind == "linear":
+            widths[key] = t.in_features
     limit = memory.limit_bytes(ctx.config.max_memory)
     if limit:
         memory.load_weights(gm)  # the plans count the whole model as held
     memory.check_fits(sum(GramStats.bytes(w, torch.float32) for w in widths.values()),
-                      f"the calibration statistics (X^T X of {len(widths)} distinct target inputs, float32)", limit,
+                      f"the calibration statistics ({len(widths)} Gram matrices of target inputs or outputs, float32)", limit,
                       "raise --max-memory, target fewer layers (--include/--exclude), or pass --blockwise for a causal LM")
     if not limit:
         return set()
     narrow, _ = memory.widest_first(widths, GramStats.bytes, lambda w: GramStats.bytes(w, torch.float32),
                                     (limit - memory.resident_bytes()) / 2)
     if narrow:
-        log.info("memory plan: %d of %d calibration Grams summed in float32 (the widest: %d inputs) to stay within %s (--max-memory)",
+        log.info("memory plan: %d of %d calibration Grams summed in float32 (the widest: %d wide) to stay within %s (--max-memory)",
                  len(narrow), len(widths), max(widths[k] for k in narrow), memory.size(limit))
     return narrow
 
@@ -189,6 +222,15 @@ def input_whitening(ctx: PassContext, t: meta.TargetInfo, fmt_name: str = "svd",
     stats = ctx.stats.get(t.name)
     if not (ctx.config.whiten and stats is not None and getattr(stats, "rows", 0) > 0):
         return None
+    if isinstance(stats, OutputGramStats):
+        if fmt_name != "svd" or options:
+            raise PassError(f"{t.name} was calibrated through its outputs, which whiten low rank only, not {fmt_name}",
+                            "report this: calibrate.output_side should have kept its input Gram")
+        key = ("outputs", id(stats), stats.rows, ctx.config.damping)
+        cached = ctx.analysis.get("whitening", {}).get("last")
+        if cached is None or cached[0] != key:
+            ctx.analysis["whitening"] = {"last": (key, output_gram_whitening(stats.output_gram, stats.scale, ctx.config.damping))}
+        return ctx.analysis["whitening"]["last"][1]
     if trades_gram(ctx) and fmt_name == "svd" and not options:
         # memory-bound (ctx.lean), low-rank only: the Gram is replaced by its Cholesky factor, made
         # once per input; nothing later needs the Gram itself (the guard measures with the factor)

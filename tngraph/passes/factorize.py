@@ -18,10 +18,11 @@ from ..plan import TargetPlan
 from ..progress import progress
 from ..tn import conv as conv_formats
 from ..tn import decompose_lowrank
-from ..tn.lowrank import decompose_rows_weighted
+from ..tn.lowrank import decompose_rows_weighted, lowrank_from_outputs
 from ..tn.formats import FORMATS
 from ..tn.quant import Choice
 from ..tn.refit import refit_core
+from ..tn.whitening import OutputGram
 from .base import PassContext, PassResult, declare, recorded, replay
 from .calibrate import input_whitening
 from .fisher import output_whitening
@@ -328,8 +329,12 @@ def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
     out_whitening = output_whitening(ctx, t.name)
     if out_whitening is not None:
         ctx.counters["factorize.lowrank.output_whitened"] += 1
-    a, b = decompose_lowrank(weight, plan.rank, whitening, out_whitening, lean=ctx.lean)
-    if not accept(ctx, m.node, weight, a @ b):
+    if isinstance(whitening, OutputGram):  # calibrated through its outputs: the guard measures A B = Q W by Q
+        a, b, left = lowrank_from_outputs(weight, plan.rank, whitening, out_whitening)
+        ctx.counters["factorize.lowrank.through_outputs"] += 1
+    else:
+        (a, b), left = decompose_lowrank(weight, plan.rank, whitening, out_whitening, lean=ctx.lean), None
+    if not accept(ctx, m.node, weight, a @ b, left=left):
         return None
     return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b},
                       conv=t.conv.statics() if t.conv is not None else None, tied=t.lookups)

@@ -3,7 +3,8 @@ calibration data before it enters the graph.
 
 A target's error is its relative output error on the calibration inputs,
 sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) with G = Xᵀ X the inputs' Gram matrix (row frequencies for an
-embedding table; plain Frobenius norms without calibration data). One above
+embedding table; plain Frobenius norms without calibration data; for a target calibrated through
+its outputs, the same from C = W G Wᵀ). One above
 `Config.guard_tolerance`, or not finite, is reverted: the target stays dense, and the revert is
 logged, counted and listed in the report; with `Config.strict` it is an error instead.
 """
@@ -15,6 +16,7 @@ import math
 import torch
 
 from .. import meta
+from ..calibration import OutputGramStats
 from ..errors import PassError
 from .base import PassContext
 
@@ -71,11 +73,25 @@ def _ratio(num: float, den: float) -> float:
     return math.sqrt(max(num, 0.0) / den)
 
 
-def accept(ctx: PassContext, node, weight: torch.Tensor, approx: torch.Tensor) -> bool:
-    """Record the target's error; False (and the target planned dense) when it fails the guard."""
+def output_error(c: torch.Tensor, left: torch.Tensor) -> float:
+    """relative_error's sqrt(tr(ΔW G ΔWᵀ) / tr(W G Wᵀ)) for an approximation Q W, from C = W G Wᵀ
+    alone: ΔW = (Q - I) W makes the numerator tr((Q - I) C (Q - I)ᵀ)."""
+    d = left.to(torch.float64).clone()
+    d.diagonal().sub_(1.0)
+    return _ratio(float(((d @ c) * d).sum()), float(torch.trace(c)))
+
+
+def accept(ctx: PassContext, node, weight: torch.Tensor, approx: torch.Tensor, left: torch.Tensor | None = None) -> bool:
+    """Record the target's error; False (and the target planned dense) when it fails the guard.
+    A target calibrated through its outputs (OutputGramStats) needs `left`: the Q of approx = Q W."""
     t = meta.info(node).target
     stats = ctx.stats.get(t.name)
     gram = row_weights = None
+    if isinstance(stats, OutputGramStats) and stats.rows > 0:
+        if left is None:
+            raise PassError(f"{t.name} was calibrated through its outputs; its guard needs the approximation as Q W",
+                            "report this: calibrate.output_side should have kept its input Gram")
+        return _judge(ctx, node, output_error(stats.output_gram, left))
     if stats is not None and getattr(stats, "rows", 0) > 0:
         if t.kind == "embedding":
             row_weights = stats.row_weights()
@@ -85,6 +101,11 @@ def accept(ctx: PassContext, node, weight: torch.Tensor, approx: torch.Tensor) -
         error = whitened_error(weight, approx, stats.whitening)
     else:
         error = relative_error(weight, approx, gram, row_weights)
+    return _judge(ctx, node, error)
+
+
+def _judge(ctx: PassContext, node, error: float) -> bool:
+    t = meta.info(node).target
     ctx.analysis.setdefault("guard", {})[t.name] = error
     tolerance = ctx.config.guard_tolerance
     if tolerance is None or error <= tolerance:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .whitening import Whitening
+from .whitening import OutputGram, Whitening
 
 
 def lowrank_params(out_features: int, in_features: int, rank: int) -> int:
@@ -63,6 +63,9 @@ def decompose_lowrank(
     out_features, in_features = weight.shape
     if not 1 <= rank <= min(out_features, in_features):
         raise ValueError(f"rank {rank} out of range [1, {min(out_features, in_features)}] for a {tuple(weight.shape)} weight")
+    if isinstance(whitening, OutputGram):
+        a, b, _ = lowrank_from_outputs(weight, rank, whitening, out_whitening)
+        return a, b
     target = weight.detach().to(torch.float64)
     target = whitening.apply(target) if whitening is not None else target  # no second float64 copy kept (wide layers)
     target = out_whitening.apply_left(target) if out_whitening is not None else target
@@ -78,3 +81,26 @@ def decompose_lowrank(
     if out_whitening is not None:
         a = out_whitening.unapply_left(a)
     return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
+
+
+def lowrank_from_outputs(weight: torch.Tensor, rank: int, whitening: OutputGram, out_whitening=None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """decompose_lowrank through the target's output statistics: (A, B, Q) with A B = Q W.
+
+    With T = L^T W S = U Σ V^T (whitening.left_gram is T T^T), the factors decompose_lowrank makes
+    from T are A = L^-T U_r Σ_r^1/2 and B = Σ_r^1/2 V_r^T S^-1 = Σ_r^-1/2 U_r^T L^T W: S is never
+    needed. Q = A Σ_r^-1/2 U_r^T L^T (out x out, float64) is what the guard measures the error by.
+    Directions the weight does not reach (singular values at rounding level) get zero factors."""
+    w = weight.detach().to(torch.float64)
+    values, vectors = torch.linalg.eigh(whitening.left_gram(w, out_whitening))
+    s = values.flip(0)[:rank].clamp_min(0).sqrt()
+    u = vectors.flip(1)[:, :rank]
+    reached = s > s[0] * max(w.shape) * torch.finfo(torch.float64).eps
+    root = s.sqrt()
+    inverse = torch.where(reached, 1 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(root))
+    a = u * torch.where(reached, root, torch.zeros_like(root))
+    r = (out_whitening.times(u * inverse) if out_whitening is not None else u * inverse).T  # Σ^-1/2 U^T L^T
+    b = r @ w
+    if out_whitening is not None:
+        a = out_whitening.unapply_left(a)
+    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous(), a @ r

@@ -35,6 +35,10 @@ class Whitening:
         """Output side, for a Gram matrix G = S S^T of output gradients: W -> S^T W."""
         return self.s.T @ weight.to(torch.float64)
 
+    def times(self, m: torch.Tensor) -> torch.Tensor:
+        """M -> S M."""
+        return self.s @ m.to(torch.float64)
+
     def unapply_left(self, factor: torch.Tensor) -> torch.Tensor:
         """M -> S^-T M (maps a factor of S^T W back to one of W)."""
         if self.lower:
@@ -62,8 +66,44 @@ class DiagonalWhitening:
     def apply_left(self, weight: torch.Tensor) -> torch.Tensor:
         return self.d[:, None] * weight.to(torch.float64)
 
+    times = apply_left  # S M = S^T M: S is diagonal
+
     def unapply_left(self, factor: torch.Tensor) -> torch.Tensor:
         return factor / self.d[:, None]
+
+
+@dataclass(frozen=True)
+class OutputGram:
+    """An input whitening known through the target's outputs (calibration.OutputGramStats): C = W X^T X W^T
+    and the damping λ (X^T X + λI = S S^T). Low rank needs no more: the whitened weight L^T W S has
+    the left singular vectors and values of M = L^T (C + λ W W^T) L (out x out; L the output
+    whitening, if any), and its best rank-r truncation is U_r U_r^T L^T W S."""
+
+    c: torch.Tensor  # (out, out), float64, undamped
+    damping: float  # λ, absolute
+
+    def left_gram(self, weight: torch.Tensor, out_whitening=None) -> torch.Tensor:
+        """M = L^T (C + λ W W^T) L, float64 (out x out)."""
+        w = weight.detach().to(torch.float64)
+        m = self.c.to(w.device).clone()
+        if self.damping > 0:
+            m.addmm_(w, w.T, alpha=self.damping)
+        if out_whitening is not None:
+            m = out_whitening.apply_left(out_whitening.apply_left(m).T)  # L^T (L^T M)^T = L^T M L (M symmetric)
+        return (m + m.T) / 2
+
+    def spectrum(self, weight: torch.Tensor, out_whitening=None) -> torch.Tensor:
+        """The whitened weight's squared singular values, largest first."""
+        return torch.linalg.eigvalsh(self.left_gram(weight, out_whitening)).flip(0).clamp_min(0)
+
+
+def output_gram_whitening(c: torch.Tensor | None, scale: float, damping: float = 1e-4) -> OutputGram | None:
+    """The OutputGram of a target's output statistics (`scale`: the mean of X^T X's diagonal, as
+    whitening_from_gram damps relative to); None when they are zero or not finite."""
+    if c is None or not (scale > 0) or not torch.isfinite(c).all():
+        log.warning("calibration outputs are zero or not finite; decomposing without whitening")
+        return None
+    return OutputGram(c.to(torch.float64), damping * scale)
 
 
 def diagonal_whitening(diagonal: torch.Tensor, damping: float = 1e-4) -> DiagonalWhitening:
