@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import json
 import logging
 import pathlib
@@ -173,6 +174,18 @@ def _blocks(n: int, show: bool) -> Iterator[int]:
     yield from tqdm(range(n), desc="blocks", unit="block")
 
 
+@contextlib.contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """The objects alive before the blocks (the libraries, the model) left out of the garbage
+    collections after each block (gc.freeze): those then scan only what the block made, a
+    fraction of a second less per block."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def compress_causal_lm(folder: str | pathlib.Path, out: str | pathlib.Path, config: Config | None = None, *,
                        texts: Sequence[str] | None = None, tokenizer: Any = None, force: bool = False, **options: Any) -> BlockwiseResult:
     """Compress the causal LM in `folder` block by block into the artifact folder `out`.
@@ -204,7 +217,7 @@ def compress_causal_lm(folder: str | pathlib.Path, out: str | pathlib.Path, conf
     del embedded
     dense_path = [h.clone() for h in hidden] if config.heal_steps else None  # healing's targets, carried beside
     writing = atomic_dir(out, force, keep=[src]) if group.rank == 0 else contextlib.nullcontext(None)  # rank 0 writes
-    with writing as tmp, torch.no_grad():
+    with writing as tmp, torch.no_grad(), _frozen_gc():
         for i in _blocks(len(run.model.model.layers), config.progress):
             hidden, dense_path = run.block(i, hidden, dense_path, tmp)
         recipe = header({"kind": "hf-causal", "path": str(src)}, run.shards.files_hash(), run.config_record(int(ids.shape[0])),

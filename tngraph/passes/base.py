@@ -82,7 +82,8 @@ class PassContext:
     # control: plans decided before (name -> (PlanInfo, TargetPlan)), put in place as they are
     preset: dict[str, tuple[Any, TargetPlan]] = field(default_factory=dict)
     # control: low-rank factors from the eigen-decomposition of the smaller Gram matrix instead of a
-    # full SVD (less work memory, for drivers that bound it: block by block)
+    # full SVD, and the calibration sums in float32 (less work memory and time, for drivers that
+    # bound them: block by block)
     lean: bool = False
     # torch.distributed: the ranks sharing per-target work (tngraph.distributed.Group); None: this process alone
     group: Any = None

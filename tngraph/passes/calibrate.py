@@ -88,7 +88,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         key = _input_key(t, inputs)
         if key in through_outputs:  # C = W X^T X W^T from its outputs, not X^T X
             stats[t.name] = OutputGramStats(t.out_features, t.in_features, getattr_path(gm, t.bias) if t.bias else None,
-                                            torch.float32 if t.name in narrow else torch.float64)
+                                            torch.float32 if ctx.lean or t.name in narrow else torch.float64)
             for use in inputs[t.name]:
                 observers.append(_insert(gm, use, False, use.args[_x_index(use)], Observer(stats[t.name], batch, inputs=True), len(observers)))
                 observers.append(_insert(gm, use, True, use, Observer(stats[t.name], batch), len(observers)))
@@ -97,7 +97,7 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             stats[t.name] = shared[key]
             continue
         stats[t.name] = shared[key] = (CountStats(t.out_features) if t.kind == "embedding"
-                                       else GramStats(t.in_features, torch.float32 if key in narrow else torch.float64))
+                                       else GramStats(t.in_features, torch.float32 if ctx.lean or key in narrow else torch.float64))
         rows = functools.partial(unfolded_rows, t.conv) if t.conv is not None else None
         for use in inputs[t.name]:
             observers.append(_insert(gm, use, False, use.args[_x_index(use)], Observer(stats[t.name], batch, rows), len(observers)))
