@@ -7,45 +7,23 @@ from typing import Any
 
 import torch
 
-TRIANGLE_FROM = 1024  # without syrk, sums of products this wide or wider are made ...
-TRIANGLE_BLOCK = 512  # ... a lower-triangle block column at a time: about (1 + 1/k) / 2 of the full product's work
+TRIANGLE_FROM = 1024  # sums of products this wide or wider keep their lower triangle only
+TRIANGLE_BLOCK = 512  # ... made a block column at a time: about (1 + 1/k) / 2 of the full product's work
 
 
 def add_products(total: torch.Tensor, rows: torch.Tensor, scale: float = 1.0) -> None:
-    """total += scale * rows^T rows (rows: n x d, total: d x d), in total's lower triangle (read it
-    with `symmetric`): a symmetric sum needs half the product, and the product is the calibration's
-    largest cost after the forwards. On the CPU, into a sum of the rows' dtype, BLAS syrk makes
-    exactly the triangle in place; else a TRIANGLE_BLOCK-column block of it at a time from
-    TRIANGLE_FROM columns on, the full product below."""
+    """total += scale * rows^T rows (rows: n x d, total: d x d). From TRIANGLE_FROM columns on, only
+    the lower triangle's block columns are made (read them with `symmetric`): a symmetric sum needs
+    half the product, and the product is the calibration's largest cost after the forwards.
+    (scipy's BLAS syrk makes the triangle alone, but its threads, spinning after each call, halved
+    the speed of torch's products beside them: measured 2026-12-06.)"""
     d = rows.shape[-1]
-    if rows.device.type == "cpu" and rows.dtype in _SYRK and total.dtype == rows.dtype and total.is_contiguous():
-        _syrk(total, rows, scale)  # in place (into a float64 sum, a float32 product and the sum add up to more than the blocks)
-        return
     if d < TRIANGLE_FROM:
         total.add_(rows.T @ rows, alpha=scale)
         return
     for start in range(0, d, TRIANGLE_BLOCK):
         stop = min(start + TRIANGLE_BLOCK, d)
         total[start:, start:stop].add_(rows[:, start:].T @ rows[:, start:stop], alpha=scale)
-
-
-_SYRK = (torch.float32, torch.float64)
-
-
-def _syrk(total: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
-    """add_products on the CPU through scipy's BLAS ?syrk, in the rows' precision. The row-major
-    total seen in Fortran order is its transpose, so its lower triangle is the upper one there."""
-    from scipy.linalg import blas
-
-    syrk = blas.ssyrk if rows.dtype == torch.float32 else blas.dsyrk
-    a = rows.detach().contiguous().numpy().T  # Fortran order: rows^T, d x n
-    out = syrk(scale, a, beta=1.0, c=total.numpy().T, lower=0, overwrite_c=1)
-    if not _same_memory(out, total):  # (the wrapper wrote a copy: not expected for a contiguous total)
-        total.copy_(torch.from_numpy(out.T))
-
-
-def _same_memory(array: Any, tensor: torch.Tensor) -> bool:
-    return array.__array_interface__["data"][0] == tensor.data_ptr()
 
 
 def symmetric(total: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -87,8 +65,8 @@ class GramStats:
     """Running sums over the rows x (last dimension = in_features) that reach one target.
 
     The sum X^T X is kept in `dtype`: float64 by default, float32 where a memory plan needs the room
-    and block by block (half the bytes, and summed in place by BLAS syrk; each batch's product is
-    float32 either way). `gram` reads it in float64."""
+    and block by block (half the bytes; each batch's product is float32 either way). `gram` reads it
+    in float64."""
 
     in_features: int
     dtype: torch.dtype = torch.float64
@@ -122,7 +100,7 @@ class GramStats:
         # faster than a float64 product, and a batch's few thousand rows lose nothing that matters
         rows = rows.to(torch.float32) if rows.dtype in (torch.float16, torch.bfloat16) else rows
         add_products(self._sum, rows)  # promoted element by element: no float64 copy of the product
-        self.abs_sum += rows.abs().sum(0, dtype=torch.float64)
+        self.abs_sum += rows.abs().sum(0).to(torch.float64)  # (a float32 batch sum: half the time of one in float64)
         self.rows += rows.shape[0]
 
     def release(self) -> None:
@@ -181,8 +159,8 @@ class OutputGramStats:
         rows = x.detach().reshape(-1, self.in_features)
         if self.rows == 0 and self.abs_sum.device != rows.device:
             self.abs_sum = self.abs_sum.to(rows.device)
-        self.abs_sum += rows.abs().sum(0, dtype=torch.float64)
-        self.sq_total += float(rows.to(torch.float32).pow(2).sum(dtype=torch.float64))
+        self.abs_sum += rows.abs().sum(0).to(torch.float64)
+        self.sq_total += float(torch.linalg.vector_norm(rows.to(torch.float32))) ** 2
         self.rows += rows.shape[0]
 
     def update(self, y: torch.Tensor) -> None:

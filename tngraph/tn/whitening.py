@@ -22,11 +22,8 @@ class Whitening:
     lower: bool
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        """W -> W S (a triangular S on the CPU: BLAS trmm, half a product's work)."""
-        w = weight.to(torch.float64)
-        if self.lower and w.device.type == "cpu" and self.s.device.type == "cpu" and w.dim() == 2:
-            return _times_lower(w, self.s)
-        return w @ self.s
+        """W -> W S."""
+        return weight.to(torch.float64) @ self.s
 
     def unapply(self, factor: torch.Tensor) -> torch.Tensor:
         """M -> M S^-1 (maps a factor of W S back to one of W)."""
@@ -47,15 +44,6 @@ class Whitening:
         if self.lower:
             return torch.linalg.solve_triangular(self.s.T, factor, upper=True)
         return torch.linalg.solve(self.s.T, factor)
-
-
-def _times_lower(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """W S for a lower-triangular S, float64, through scipy's dtrmm. In Fortran order the row-major
-    W and S are W^T and S^T, so it computes (W S)^T = S^T W^T: S^T upper, from the left."""
-    from scipy.linalg import blas
-
-    out = blas.dtrmm(1.0, s.contiguous().numpy().T, w.contiguous().numpy().T, side=0, lower=0)
-    return torch.from_numpy(out.T)
 
 
 @dataclass(frozen=True)
