@@ -133,7 +133,6 @@ class OutputGramStats:
     abs_sum: torch.Tensor = field(init=False)
     sq_total: float = 0.0  # sum over rows of ||x||^2: trace(X^T X)
     rows: int = 0
-    whitening: Any = field(default=None, init=False)  # never traded (the sums are out x out already)
 
     def __post_init__(self) -> None:
         self._sum: torch.Tensor | None = torch.zeros(self.out_features, self.out_features, dtype=self.dtype)

@@ -37,7 +37,7 @@ from .. import latency, memory, meta, predictor
 from ..layers import QUANT_LAYERS
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
-from ..tn.lowrank import decompose_lowrank
+from ..tn.lowrank import decompose_lowrank, squared_singular_values
 from ..tn.quant import Choice, candidates, layer_weight, quantize_choice, tensor_bytes
 from ..tn.whitening import OutputGram
 from .allocate import budgeted_choice, budgeted_plans
@@ -243,14 +243,6 @@ def whitened_weight(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo):
         w = white.apply(w)
         w = out_white.apply_left(w) if out_white is not None else w
     return w, white, out_white
-
-
-def squared_singular_values(w: torch.Tensor) -> torch.Tensor:
-    """The squared singular values of w (float64), largest first: the eigenvalues of its smaller
-    Gram matrix, several times faster than an SVD of a tall or wide matrix and exact to rounding
-    relative to the largest (all an energy tail reads)."""
-    m = w if w.shape[0] <= w.shape[1] else w.T
-    return torch.linalg.eigvalsh(m @ m.T).flip(0).clamp_min(0)
 
 
 DENSE_ROWS = (1, 4, 16, 64)  # patch level: how many of a target's output rows may stay dense

@@ -35,11 +35,24 @@ def decompose_rows_weighted(
     return (a / root).to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()
 
 
+def _short_side(target: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(target or its transpose, whichever has no more rows than columns; whether it is target itself)."""
+    wide = target.shape[0] < target.shape[1]
+    return (target if wide else target.T), wide
+
+
+def squared_singular_values(target: torch.Tensor) -> torch.Tensor:
+    """The squared singular values of `target`, largest first: the eigenvalues of its smaller Gram
+    matrix, several times faster than an SVD of a tall or wide matrix and exact to rounding relative
+    to the largest (all an energy tail reads)."""
+    m, _ = _short_side(target)
+    return torch.linalg.eigvalsh(m @ m.T).flip(0).clamp_min(0)
+
+
 def _top_singular(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top `rank` singular triplets from the eigen-decomposition of the smaller Gram matrix: a
     fraction of the full SVD's work memory for tall or wide matrices (float64, top components only)."""
-    wide = target.shape[0] < target.shape[1]
-    m = target if wide else target.T  # rows <= columns
+    m, wide = _short_side(target)  # rows <= columns
     values, vectors = torch.linalg.eigh(m @ m.T)
     values, vectors = values.flip(0)[:rank].clamp_min(0), vectors.flip(1)[:, :rank]
     s = values.sqrt()
