@@ -130,17 +130,40 @@ def graph_ranks(gm: torch.fx.GraphModule) -> dict[str, int]:
     return {name.rsplit(".", 1)[0]: p.shape[1] for name, p in gm.named_parameters() if name.endswith(".weight_lowrank_a")}
 
 
-def output_factors(ctx) -> dict[str, torch.Tensor]:
+def output_factors(ctx, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """{target: L} of the output whitening (L L^T the damped output-gradient Gram matrix) that
-    tngraph's factorize applied to each low-rank target of a run's PassContext, where it applied one."""
+    tngraph's factorize applied to each low-rank target of a run's PassContext, where it applied one.
+    A target whose gradient statistics were kept projected onto its inputs (W^T G W) has no L in
+    the run: its G is summed again from `model` (the original), on the same batches and probes."""
     from tngraph.passes.fisher import output_whitening
+    from tngraph.tn.whitening import ProjectedGradGram, whitening_from_gram
 
-    factors = {}
+    factors, full = {}, None
     for name, plan in ctx.plan.items():
         white = output_whitening(ctx, name) if plan.format == "lowrank" else None
+        if isinstance(white, ProjectedGradGram):
+            if model is None:
+                raise ValueError(f"{name}'s output-gradient statistics are projected: pass the original model to output_factors")
+            full = full if full is not None else full_gradient_stats(ctx, model)
+            white = whitening_from_gram(full[name].gram, full[name].damping(ctx.config.output_damping))
         if white is not None:
             factors[name] = white.s
     return factors
+
+
+def full_gradient_stats(ctx, model: torch.nn.Module) -> dict:
+    """The output-gradient statistics (G, out x out) of every linear target of `model`, by the
+    fisher pass with Config.short_side off, on a run's batches, objective and seed."""
+    import tngraph
+    from tngraph.passes import PassContext, targets
+    from tngraph.passes.fisher import collect
+    from tngraph.pipeline import run_passes
+
+    gm = tngraph.capture(model, ctx.calibration[0])
+    full = PassContext(config=ctx.config.replace(short_side=False), calibration=ctx.calibration, objective=ctx.objective)
+    run_passes(gm, full, [targets])
+    collect(gm, full)
+    return full.grad_stats
 
 
 def plan_weights(ctx) -> dict[str, torch.Tensor]:

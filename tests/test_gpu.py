@@ -25,7 +25,7 @@ def test_compress_on_cuda(dtype):
     # device, at the ranks it chose), so its error is what that decomposition reaches; a model that
     # outputs zeros (1.0) is far outside
     ranks = lowrank_ranks(result.module)
-    reached = by_hand(model, ranks, linear_grams(model, data), result.context.config.damping, output_factors(result.context))
+    reached = by_hand(model, ranks, linear_grams(model, data), result.context.config.damping, output_factors(result.context, model))
     with torch.no_grad():
         ref, hand, out = model(x), reached(x), result.module(x)
     assert ranks and rel(out, hand) < tol

@@ -6,7 +6,7 @@ import torch
 import tngraph
 from tests.helpers_reference import stats_sum
 from tngraph import memory, meta
-from tngraph.calibration import GradStats
+from tngraph.calibration import GradStats, ProjectedGradStats
 from tngraph.capture import capture
 from tngraph.cli import main
 from tngraph.config import Config
@@ -67,6 +67,25 @@ def test_the_widest_output_statistics_go_diagonal_when_the_full_ones_do_not_fit(
         gradient_stats(gm, nodes, data, seed=0, max_memory=100 / memory.GB)
 
 
+def test_projected_gradient_statistics_count_as_held_and_are_never_made_diagonal(monkeypatch, caplog):
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
+    gm, nodes, data = _graph()
+    # the wide target (10 -> 40) projected: 8 * 10^2 bytes beside the narrow one's 8 * 10^2, both full
+    room = 2 * (GradStats.bytes(10) + ProjectedGradStats.bytes(10) + 100)
+    with caplog.at_level("INFO", logger="tngraph.memory"):
+        planned = gradient_stats(gm, nodes, data, seed=0, probes=4, max_memory=room / memory.GB, projected={"wide"})
+    assert "diagonal" not in caplog.text
+    assert isinstance(planned["wide"], ProjectedGradStats) and planned["wide"].gram.shape == (10, 10)
+    assert not planned["narrow"].diagonal
+    # with less room the narrow one goes diagonal, the projected one stays whole (its sums are the small side)
+    room = 2 * (GradStats.bytes(10, True) + ProjectedGradStats.bytes(10) + 50)
+    with caplog.at_level("INFO", logger="tngraph.memory"):
+        planned = gradient_stats(gm, nodes, data, seed=0, probes=4, max_memory=room / memory.GB, projected={"wide"})
+    assert planned["narrow"].diagonal and isinstance(planned["wide"], ProjectedGradStats)
+    with pytest.raises(ConfigError, match="even kept diagonal"):  # the projected sums alone do not fit
+        gradient_stats(gm, nodes, data, seed=0, max_memory=ProjectedGradStats.bytes(10) / memory.GB, projected={"wide"})
+
+
 def test_a_run_whose_statistics_would_not_fit_is_refused_before_the_forwards(tmp_path, monkeypatch, capsys):
     model, data = _Wide().eval(), _data()
     with pytest.raises(ConfigError, match=r"the calibration statistics \(2 Gram matrices of target inputs or outputs, float32\) need .* over the memory limit"):
@@ -90,7 +109,7 @@ def test_the_widest_calibration_grams_are_summed_in_float32_when_float64_ones_do
     for limit in (0.0, 2800 / memory.GB):
         model, data = _Wide().eval(), _data()
         gm = capture(model, data[0])
-        ctx = PassContext(config=Config(progress=False, max_memory=limit, output_gram=False), calibration=data)
+        ctx = PassContext(config=Config(progress=False, max_memory=limit, short_side=False), calibration=data)
         targets(gm, ctx)
         with caplog.at_level("INFO", logger="tngraph.passes.calibrate"):
             calibrate(gm, ctx)
@@ -104,7 +123,7 @@ def test_the_widest_calibration_grams_are_summed_in_float32_when_float64_ones_do
     # the refusal counts float32 Grams: 4 (144 + 100) = 976 bytes do not fit in 900
     with pytest.raises(ConfigError, match="float32"):
         model, data = _Wide().eval(), _data()
-        tngraph.compress(model, calibration=data, max_memory=900 / memory.GB, heal_steps=0, progress=False, output_gram=False)
+        tngraph.compress(model, calibration=data, max_memory=900 / memory.GB, heal_steps=0, progress=False, short_side=False)
 
 
 def test_fisher_cuts_its_batches_into_micro_batches_that_fit(monkeypatch, caplog):

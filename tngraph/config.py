@@ -125,12 +125,14 @@ class Config:
         Gram matrix (tensor-network formats; low-rank's whitened SVD is already optimal).
     whiten: activation-aware (SVD-LLM style) decomposition when calibration data exists.
     damping: relative diagonal damping of the calibration Gram matrix before its Cholesky factor.
-    output_gram: calibrate a low-rank target with fewer outputs than inputs (an MLP's down
-        projection) through the Gram matrix of its outputs, W XᵀX Wᵀ, instead of XᵀX: the same
-        whitened decomposition, guard and spectra (tngraph.calibration.OutputGramStats) for out²
-        instead of in² work and memory per target. Used only where every candidate is whitened low
-        rank (no tensor-network format, mixture, dense rows, precisions or the predictor); False:
-        always XᵀX.
+    short_side: calibrate each whitened low-rank target on its short side. A target with fewer
+        outputs than inputs (an MLP's down projection) keeps the Gram matrix of its outputs,
+        W XᵀX Wᵀ, instead of XᵀX (tngraph.calibration.OutputGramStats); one with more outputs than
+        inputs (gate and up projections) keeps its output-gradient statistics projected onto its
+        inputs, Wᵀ G W, instead of G (ProjectedGradStats). The same decompositions, guard errors and
+        spectra to rounding, for the smaller side's square in work and memory. Used only where
+        every candidate is whitened low rank (no tensor-network format, mixture, dense rows,
+        precisions or the predictor: see `short_side_used`); False: always XᵀX and G.
     output_whiten: also weight a low-rank target's output channels by the Gram matrix of the gradients
         of the model's end output there (Gauss-Newton / K-FAC: the decomposition minimises the
         predicted error of the model's output, not of the layer's); needs calibration data and one
@@ -215,7 +217,7 @@ class Config:
     refit: bool = option(True, "--no-refit", "skip the least-squares refit of one core on the calibration data", kind="const", const=False)
     whiten: bool = option(True, "--no-whiten", "plain (data-free) SVD instead of activation-whitened SVD", kind="const", const=False)
     damping: float = 1e-4
-    output_gram: bool = True
+    short_side: bool = True
     output_whiten: bool = option(True, "--no-output-whiten", "whiten inputs only: skip the output-gradient (fisher) weighting of "
                                  "low-rank decompositions", kind="const", const=False)
     output_damping: float = 0.1
@@ -345,6 +347,14 @@ class Config:
         if self.format != "lowrank" or self.allocation == "uniform":
             raise ConfigError("bits are chosen per target by the budgeted allocation of the low-rank format",
                               "use format='svd' with allocation='budgeted' (or auto) when passing bits")
+
+    @property
+    def short_side_used(self) -> bool:
+        """Whether this config calibrates targets on their short side (`short_side`): only where every
+        candidate is whitened low rank; the tensor-network formats, mixtures, dense rows, precisions
+        and the predictor read XᵀX, G or the whitened weight itself."""
+        return (self.short_side and self.whiten and self.format == "lowrank" and not self.mixture and not self.dense_rows
+                and not self.bits and self.sensitivity != "predicted")
 
     @property
     def allocation_kind(self) -> str:

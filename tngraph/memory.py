@@ -94,16 +94,17 @@ def widest_first(widths: dict, full: Callable[[int], int], reduced: Callable[[in
     return chosen, need
 
 
-def diagonal_plan(widths: dict[str, int], limit: int) -> set[str]:
+def diagonal_plan(widths: dict[str, int], limit: int, held: int = 0) -> set[str]:
     """Which targets (name -> output width) keep diagonal output-gradient statistics so that all of
-    them fit within half the room `limit` leaves beside what the process holds (the forwards and
-    backward passes take the other half): none when the full ones fit, else the widest first."""
+    them, beside `held` bytes of other gradient statistics, fit within half the room `limit` leaves
+    beside what the process holds (the forwards and backward passes take the other half): none
+    when the full ones fit, else the widest first."""
     if not limit:
         return set()
-    room = (limit - resident_bytes()) / 2
+    room = (limit - resident_bytes()) / 2 - held
     diagonal, need = widest_first(widths, lambda w: GradStats.bytes(w, False), lambda w: GradStats.bytes(w, True), room)
     if need > room:
-        raise ConfigError(f"the output-gradient statistics need {size(need)} even kept diagonal, beside the "
+        raise ConfigError(f"the output-gradient statistics need {size(need + held)} even kept diagonal, beside the "
                           f"{size(resident_bytes())} this process holds: over the memory limit of {size(limit)} (--max-memory)",
                           "raise --max-memory, pass --no-output-whiten with --sensitivity measured or spectral, or --blockwise for a causal LM")
     if diagonal:

@@ -135,7 +135,7 @@ def test_random_models_compress_close_to_the_original_or_are_refused_cleanly(wid
     # (X^T X by forward hooks), which the guard recorded and kept <= 1, is the least error of its
     # rank (low-rank: the truncated SVD whitened on both sides, by hand) or that of the format's
     # whitened decomposition and refit applied by hand (at most the decomposition's before the refit)
-    grams, guard, left = linear_grams(model, data), ctx.analysis.get("guard", {}), output_factors(ctx)
+    grams, guard, left = linear_grams(model, data), ctx.analysis.get("guard", {}), output_factors(ctx, model)
     assert all(e <= 1.0 for e in guard.values()) and set(ctx.plan) <= set(guard)
     for name, plan in ctx.plan.items():
         weight, gram = model.get_submodule(name).weight, grams[name]

@@ -160,10 +160,8 @@ def output_side(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.
     candidate (no convolution, vocabulary head or tied table) and their output Grams together are
     smaller than the input's X^T X (a down projection: yes; q, k, v sharing one input: no). Only
     runs whose candidates are whitened low rank alone: the tensor-network formats, mixtures, dense
-    rows, precisions and the predictor read X^T X or the whitened weight itself."""
-    cfg = ctx.config
-    if not (cfg.output_gram and cfg.whiten and cfg.format == "lowrank" and not cfg.mixture and not cfg.dense_rows and not cfg.bits
-            and cfg.sensitivity != "predicted"):
+    rows, precisions and the predictor read X^T X or the whitened weight itself (Config.short_side_used)."""
+    if not ctx.config.short_side_used:
         return set()
     groups: dict[tuple, list[meta.TargetInfo]] = {}
     for node in meta.targets(gm):

@@ -22,7 +22,7 @@ from ..tn.lowrank import decompose_rows_weighted, lowrank_from_outputs
 from ..tn.formats import FORMATS
 from ..tn.quant import Choice
 from ..tn.refit import refit_core
-from ..tn.whitening import OutputGram
+from ..tn.whitening import OutputGram, ProjectedGradGram
 from .base import PassContext, PassResult, declare, recorded, replay
 from .calibrate import input_whitening
 from .fisher import output_whitening
@@ -334,6 +334,8 @@ def _lowrank_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> Targe
         ctx.counters["factorize.lowrank.through_outputs"] += 1
     else:
         (a, b), left = decompose_lowrank(weight, plan.rank, whitening, out_whitening, lean=ctx.lean), None
+        if isinstance(out_whitening, ProjectedGradGram):
+            ctx.counters["factorize.lowrank.through_inputs"] += 1
     if not accept(ctx, m.node, weight, a @ b, left=left):
         return None
     return TargetPlan(t.name, "lowrank", plan.rank, t.in_features, t.out_features, t.bias is not None, {"a": a, "b": b},

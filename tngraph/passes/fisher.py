@@ -13,6 +13,7 @@ decompositions minimise.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -21,12 +22,14 @@ import torch.utils._pytree as pytree
 
 from .. import memory, meta
 from ..batches import batch_shape, split_batch
-from ..calibration import GradStats, channels_last
-from ..errors import DataError
+from ..calibration import GradStats, ProjectedGradStats, channels_last
+from ..errors import DataError, PassError
 from ..progress import progress
-from ..tn.whitening import DiagonalWhitening, Whitening, diagonal_whitening, whitening_from_gram
+from ..tn.whitening import (DiagonalWhitening, ProjectedGradGram, Whitening, diagonal_whitening, projected_gradient_whitening,
+                            whitening_from_gram)
 from .base import PassContext, PassResult, declare, spread
 from .head import head_targets, reduced_head
+from .targets import target_weight
 
 log = logging.getLogger(__name__)
 
@@ -50,44 +53,35 @@ class Tap(torch.nn.Module):
 
 def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple[tuple, dict]],
                    objective=None, *, probes: int = 1, seed: int = 0, show: bool = False,
-                   max_memory: float | None = None, before=None) -> dict[str, GradStats]:
+                   max_memory: float | None = None, before=None, projected: set[str] = frozenset()) -> dict[str, GradStats]:
     """G = sum over batches and tokens of E_v[g g^T] (out x out, float64) for every target in `nodes`,
     g the gradient of <v, objective(output)> at the target's output, v ~ N(0, I), averaged over
-    `probes` probes; padded positions (attention_mask) left out. `max_memory` (GB, 0: physical
-    memory; None: no plan): targets whose Grams do not fit keep only the diagonal (tngraph.memory).
-    `before(args, kwargs)`, when given, is called ahead of each batch's forward.
+    `probes` probes; padded positions (attention_mask) left out. Targets named in `projected` keep
+    W^T G W (in x in) instead (calibration.ProjectedGradStats). `max_memory` (GB, 0: physical
+    memory; None: no plan): targets whose Grams do not fit keep only the diagonal (tngraph.memory),
+    and batches are cut into micro-batches whose activations fit, and take no more than the model's
+    weights (at least a GB). `before(args, kwargs)`, when given, is called ahead of each batch's forward.
 
     Taps are inserted after the targets for the duration of the call and removed after it."""
-    taps, stats, seen = [], {}, {}
-    diagonal, batches = _memory_plan(nodes, batches, max_memory) if max_memory is not None else (set(), batches)
+    diagonal, seen = set(), {}
+    if max_memory is not None:
+        working = max(memory.GB, sum(p.numel() * p.element_size() for p in gm.parameters()))
+        diagonal, batches = _memory_plan(nodes, batches, max_memory, projected, working)
+    stats = {}
+    for t in (meta.info(n).target for n in nodes):
+        new = ProjectedGradStats(t.out_features, in_features=t.in_features) if t.name in projected else GradStats(t.out_features, diagonal=t.name in diagonal)
+        stats.setdefault(t.name, new)
     convs = {meta.info(n).target.name for n in nodes if meta.info(n).target.conv is not None}
     names = [meta.info(n).target.name for n in nodes]  # tap k -> its target (a shared weight's uses feed one)
-    for k, node in enumerate(nodes):
-        t = meta.info(node).target
-        gm.add_submodule(f"{TAP_PREFIX}{k}", Tap(k, seen))
-        with gm.graph.inserting_after(node):
-            tap = gm.graph.call_module(f"{TAP_PREFIX}{k}", (node,))
-        node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
-        taps.append(tap)
-        stats.setdefault(t.name, GradStats(t.out_features, diagonal=t.name in diagonal))
-    gm.recompile()
+    weights = {t.name: target_weight(gm, t) for t in (meta.info(n).target for n in nodes) if t.name in projected}
     generator = torch.Generator().manual_seed(seed)
-    frozen = _freeze(gm)  # no parameter is tracked: the tape starts at the first tap, saving less
-    try:
+    with _tapped(gm, nodes, seen):
         for args, kwargs in progress(batches, desc="fisher", enabled=show, unit="batch"):
             seen.clear()
             if before is not None:
                 before(args, kwargs)
             with torch.enable_grad():
-                try:
-                    result = gm(*args, **kwargs)
-                except Exception as exc:
-                    raise DataError(
-                        f"a calibration batch does not fit the captured model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
-                        "pass calibration samples with the same structure, dtypes and ranks as the example inputs",
-                    ) from exc
-                out = objective(result, args, kwargs) if objective is not None else result
-                leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+                leaves = _objective_leaves(gm, objective, args, kwargs)
                 if not leaves:
                     continue
                 energy = sum(float((x.detach().to(torch.float64) ** 2).sum()) for x in leaves)
@@ -103,17 +97,47 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
                         key = names[k]
                         if g is None:
                             continue
-                        if key in convs:  # output channels last
-                            g = channels_last(g)
+                        g = channels_last(g) if key in convs else g  # output channels last
                         if mask is not None and tuple(g.shape[:-1]) == tuple(mask.shape):
                             g = g[mask]
-                        stats[key].update(g, 1.0 / probes)
+                        stats[key].update(g, 1.0 / probes, **({"weight": weights[key]} if key in weights else {}))
                         if p == 0:
                             stats[key].rows += g.numel() // g.shape[-1]
                             if key not in counted:
                                 counted.add(key)
                                 stats[key].energy += energy
                                 stats[key].samples += samples
+    return stats
+
+
+def _objective_leaves(gm: fx.GraphModule, objective, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The float tensors of the objective on one batch that the taps' gradients flow from."""
+    try:
+        result = gm(*args, **kwargs)
+    except Exception as exc:
+        raise DataError(
+            f"a calibration batch does not fit the captured model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            "pass calibration samples with the same structure, dtypes and ranks as the example inputs",
+        ) from exc
+    out = objective(result, args, kwargs) if objective is not None else result
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+
+
+@contextlib.contextmanager
+def _tapped(gm: fx.GraphModule, nodes: list[fx.Node], seen: dict[int, torch.Tensor]):
+    """gm with a Tap after each of `nodes` (tap k keeps its output in seen[k]) and its parameters
+    frozen, for the duration of the block; both undone after it."""
+    taps = []
+    for k, node in enumerate(nodes):
+        gm.add_submodule(f"{TAP_PREFIX}{k}", Tap(k, seen))
+        with gm.graph.inserting_after(node):
+            tap = gm.graph.call_module(f"{TAP_PREFIX}{k}", (node,))
+        node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
+        taps.append(tap)
+    gm.recompile()
+    frozen = _freeze(gm)  # no parameter is tracked: the tape starts at the first tap, saving less
+    try:
+        yield
     finally:
         seen.clear()
         for p in frozen:
@@ -123,7 +147,6 @@ def gradient_stats(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[tuple
             gm.graph.erase_node(tap)
             gm.delete_submodule(f"{TAP_PREFIX}{k}")
         gm.recompile()
-    return stats
 
 
 def _freeze(gm: fx.GraphModule) -> list[torch.nn.Parameter]:
@@ -138,24 +161,28 @@ def _freeze(gm: fx.GraphModule) -> list[torch.nn.Parameter]:
 ACTIVATION_BYTES = 24  # per target output value and token: about six float32 tensors (the output, its gradient, what autograd saves)
 
 
-def _memory_plan(nodes: list[fx.Node], batches: list, max_memory: float) -> tuple[set[str], list]:
+def _memory_plan(nodes: list[fx.Node], batches: list, max_memory: float, projected: set[str] = frozenset(),
+                 working: int = memory.GB) -> tuple[set[str], list]:
     """Within Config.max_memory (tngraph.memory): which targets keep diagonal statistics, and the
-    batches cut into micro-batches whose forward and backward pass fit in half the room left (the
-    statistics are sums over rows: the same in distribution, other random probes)."""
+    batches cut into micro-batches whose forward and backward pass fit in half the room left, and
+    in `working` bytes whatever the limit (the statistics are sums over rows: the same in
+    distribution, other random probes)."""
     limit = memory.limit_bytes(max_memory)
-    widths = {meta.info(n).target.name: meta.info(n).target.out_features for n in nodes}
-    diagonal = memory.diagonal_plan(widths, limit)
-    if not limit or not batches:
+    targets = {meta.info(n).target.name: meta.info(n).target for n in nodes}
+    widths = {name: t.out_features for name, t in targets.items() if name not in projected}
+    fixed = sum(ProjectedGradStats.bytes(t.in_features) for name, t in targets.items() if name in projected)
+    diagonal = memory.diagonal_plan(widths, limit, held=fixed)
+    if not batches:
         return diagonal, batches
-    held = sum(GradStats.bytes(w, name in diagonal) for name, w in widths.items())
+    held = fixed + sum(GradStats.bytes(w, name in diagonal) for name, w in widths.items())
     per_token = ACTIVATION_BYTES * sum(meta.info(n).target.out_features for n in nodes)
-    room = (limit - memory.resident_bytes() - held) / 2
+    room = min(working, (limit - memory.resident_bytes() - held) / 2) if limit else working
     length = max(batch_shape(b)[1] for b in batches)  # calibration batches come sorted by length: the longest decides
     fit = max(1, int(room // max(per_token * length, 1)))
     if fit >= max(batch_shape(b)[0] for b in batches):
         return diagonal, batches
-    log.info("fisher: micro-batches of %d rows (about %s of activations each) to stay within %s (--max-memory)",
-             fit, memory.size(fit * length * per_token), memory.size(limit))
+    why = f"to stay within {memory.size(limit)} (--max-memory)" if room < working else "the model's size in activations at most"
+    log.info("fisher: micro-batches of %d rows (about %s of activations each): %s", fit, memory.size(fit * length * per_token), why)
     return diagonal, [part for batch in batches for part in split_batch(batch, fit)]
 
 
@@ -213,21 +240,42 @@ def collect(gm: fx.GraphModule, ctx: PassContext, before=None, forwards=None) ->
                 forwards(batches)
             return {"skipped": "the only targets are output heads"}
         stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress,
-                               max_memory=ctx.config.max_memory, before=before)
+                               max_memory=ctx.config.max_memory, before=before, projected=input_side(gm, ctx, nodes))
     memory.return_freed(collect=False)  # the backward passes' buffers go back to the system
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take
     log.info("fisher: output-gradient statistics of %d targets over %d batches", len(nodes), take)
-    return {"targets": len(nodes), "batches": take}
+    projected = sum(isinstance(s, ProjectedGradStats) for s in stats.values())
+    if projected:
+        ctx.counters["fisher.projected"] += projected
+    return {"targets": len(nodes), "batches": take, **({"projected": projected} if projected else {})}
 
 
-def output_whitening(ctx: PassContext, name: str, rows: torch.Tensor | None = None) -> Whitening | DiagonalWhitening | None:
+def input_side(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> set[str]:
+    """The targets whose output-gradient statistics are kept projected onto their inputs
+    (calibration.ProjectedGradStats): plain low-rank linear targets (no convolution or tied table)
+    with more outputs than inputs, in runs whose candidates are whitened low rank alone
+    (Config.short_side_used)."""
+    if not ctx.config.short_side_used:
+        return set()
+    ts = [meta.info(n).target for n in nodes]
+    return {t.name for t in ts if t.kind == "linear" and t.conv is None and not t.lookups and t.out_features > t.in_features}
+
+
+def output_whitening(ctx: PassContext, name: str, rows: torch.Tensor | None = None
+                     ) -> Whitening | DiagonalWhitening | ProjectedGradGram | None:
     """The output-side whitening of a target (Cholesky of its damped gradient Gram, restricted to
-    output `rows` when given), when this run uses output whitening and the statistics exist."""
+    output `rows` when given; for projected statistics, their ProjectedGradGram), when this run uses
+    output whitening and the statistics exist."""
     cfg = ctx.config
     stats = ctx.grad_stats.get(name)
     if not (cfg.output_whiten and cfg.whiten and stats is not None and stats.rows > 0):
         return None
+    if isinstance(stats, ProjectedGradStats):  # known through the inputs: W^T G W, no out x out factor
+        if rows is not None:
+            raise PassError(f"{name}'s output-gradient statistics were kept projected onto its inputs, which cannot be restricted to output rows",
+                            "report this: fisher.input_side should have kept its output-gradient Gram")
+        return projected_gradient_whitening(stats.gram, stats.scale, stats.damping(cfg.output_damping))
     if stats.diagonal:  # a memory plan's diagonal statistics: scaled rows, no n x n factor
         return diagonal_whitening(stats.sums if rows is None else stats.sums[rows], stats.damping(cfg.output_damping))
     gram = stats.gram if rows is None else stats.gram[rows][:, rows]

@@ -39,7 +39,7 @@ from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank, squared_singular_values
 from ..tn.quant import Choice, candidates, layer_weight, quantize_choice, tensor_bytes
-from ..tn.whitening import OutputGram
+from ..tn.whitening import OutputGram, ProjectedGradGram
 from .allocate import budgeted_choice, budgeted_plans
 from ..distributed import share_map
 from .base import PassContext, PassResult, declare, recorded, replay, spread
@@ -92,7 +92,7 @@ def _target_spectrum(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, keep: 
     predicted energy, and the patch-level and mixture points the configuration asks for (into ctx.analysis)."""
     cfg, t = ctx.config, meta.info(node).target
     w, white, out_white = whitened_weight(gm, ctx, t)
-    s2 = squared_singular_values(w) if w is not None else white.spectrum(target_weight(gm, t), out_white)
+    s2 = _spectrum(target_weight(gm, t), w, white, out_white)
     tail = (s2.sum() - torch.cumsum(s2, 0)) / s2.sum().clamp_min(1e-300)
     out = {"spectrum": torch.cat([torch.ones(1, dtype=torch.float64), tail]).clamp_min(0).tolist(),
            # kept only where measurement rounds decompose again; else they go as soon as the spectrum is known
@@ -232,17 +232,28 @@ def _measure_forwards(ctx: PassContext, t: meta.TargetInfo) -> int:
 def whitened_weight(gm: fx.GraphModule, ctx: PassContext, t: meta.TargetInfo):
     """(L^T W S in float64, the input whitening, the output whitening): the weight in the
     coordinates the low-rank decomposition truncates (either side None when not used). A target
-    calibrated through its outputs has no S: its whitened weight is None (its OutputGram gives the
-    spectrum and the factors)."""
+    calibrated through its outputs has no S, and one whose output gradients were kept projected
+    onto its inputs no L: their whitened weight is None (their OutputGram or ProjectedGradGram gives
+    the spectrum and the factors)."""
     w = target_weight(gm, t).detach().to(torch.float64)
     white, out_white = input_whitening(ctx, t), None
     if white is not None:
         out_white = output_whitening(ctx, t.name)
-        if isinstance(white, OutputGram):
+        if isinstance(white, OutputGram) or isinstance(out_white, ProjectedGradGram):
             return None, white, out_white
         w = white.apply(w)
         w = out_white.apply_left(w) if out_white is not None else w
     return w, white, out_white
+
+
+def _spectrum(weight: torch.Tensor, w: torch.Tensor | None, white, out_white) -> torch.Tensor:
+    """The squared singular values of the whitened weight `w`, or, where whitened_weight gave None,
+    from the Gram matrix of its short side."""
+    if w is not None:
+        return squared_singular_values(w)
+    if isinstance(out_white, ProjectedGradGram):
+        return out_white.spectrum(weight, white)
+    return white.spectrum(weight, out_white)
 
 
 DENSE_ROWS = (1, 4, 16, 64)  # patch level: how many of a target's output rows may stay dense

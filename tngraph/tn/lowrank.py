@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .whitening import OutputGram, Whitening
+from .whitening import OutputGram, ProjectedGradGram, Whitening
 
 
 def lowrank_params(out_features: int, in_features: int, rank: int) -> int:
@@ -79,6 +79,8 @@ def decompose_lowrank(
     if isinstance(whitening, OutputGram):
         a, b, _ = lowrank_from_outputs(weight, rank, whitening, out_whitening)
         return a, b
+    if isinstance(out_whitening, ProjectedGradGram):
+        return lowrank_from_gradients(weight, rank, whitening, out_whitening)
     target = weight.detach().to(torch.float64)
     target = whitening.apply(target) if whitening is not None else target  # no second float64 copy kept (wide layers)
     target = out_whitening.apply_left(target) if out_whitening is not None else target
@@ -106,14 +108,37 @@ def lowrank_from_outputs(weight: torch.Tensor, rank: int, whitening: OutputGram,
     Directions the weight does not reach (singular values at rounding level) get zero factors."""
     w = weight.detach().to(torch.float64)
     values, vectors = torch.linalg.eigh(whitening.left_gram(w, out_whitening))
-    s = values.flip(0)[:rank].clamp_min(0).sqrt()
+    root, inverse = _balanced_roots(values, rank, max(w.shape))
     u = vectors.flip(1)[:, :rank]
-    reached = s > s[0] * max(w.shape) * torch.finfo(torch.float64).eps
-    root = s.sqrt()
-    inverse = torch.where(reached, 1 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(root))
-    a = u * torch.where(reached, root, torch.zeros_like(root))
+    a = u * root
     r = (out_whitening.times(u * inverse) if out_whitening is not None else u * inverse).T  # Σ^-1/2 U^T L^T
     b = r @ w
     if out_whitening is not None:
         a = out_whitening.unapply_left(a)
     return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous(), a @ r
+
+
+def _balanced_roots(values: torch.Tensor, rank: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_r^1/2, Σ_r^-1/2) of the top `rank` of a Gram matrix's ascending eigenvalues, with zero for
+    directions the weight does not reach (singular values at rounding level of the largest)."""
+    s = values.flip(0)[:rank].clamp_min(0).sqrt()
+    reached = s > s[0] * size * torch.finfo(torch.float64).eps
+    root = torch.where(reached, s.sqrt(), torch.zeros_like(s))
+    return root, torch.where(reached, 1 / root.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(root))
+
+
+def lowrank_from_gradients(weight: torch.Tensor, rank: int, whitening, out_whitening: ProjectedGradGram
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """decompose_lowrank with the output whitening known through the inputs (a wide target's
+    ProjectedGradGram): with T = L^T W S = U Σ V^T (out_whitening.right_gram is T^T T), the factors
+    decompose_lowrank makes from T are A = L^-T U_r Σ_r^1/2 = W S V_r Σ_r^-1/2 and
+    B = Σ_r^1/2 V_r^T S^-1: L is never needed."""
+    w = weight.detach().to(torch.float64)
+    values, vectors = torch.linalg.eigh(out_whitening.right_gram(w, whitening))
+    root, inverse = _balanced_roots(values, rank, max(w.shape))
+    v = vectors.flip(1)[:, :rank]
+    a = (whitening.apply(w) if whitening is not None else w) @ (v * inverse)
+    b = (v * root).T
+    if whitening is not None:
+        b = whitening.unapply(b)
+    return a.to(weight.dtype).contiguous(), b.to(weight.dtype).contiguous()

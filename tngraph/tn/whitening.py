@@ -97,6 +97,40 @@ class OutputGram:
         return torch.linalg.eigvalsh(self.left_gram(weight, out_whitening)).flip(0).clamp_min(0)
 
 
+@dataclass(frozen=True)
+class ProjectedGradGram:
+    """An output whitening known through the target's inputs (calibration.ProjectedGradStats):
+    H = W^T G W and the damping μ (G + μI = L L^T). Low rank needs no more: the whitened weight
+    L^T W S has the right singular vectors and values of N = S^T (H + μ W^T W) S (in x in; S the
+    input whitening, if any), and its best rank-r truncation is L^T W S V_r V_r^T."""
+
+    h: torch.Tensor  # (in, in), float64, undamped
+    damping: float  # μ, absolute
+
+    def right_gram(self, weight: torch.Tensor, whitening=None) -> torch.Tensor:
+        """N = S^T (H + μ W^T W) S, float64 (in x in)."""
+        w = weight.detach().to(torch.float64)
+        n = self.h.to(w.device).clone()
+        if self.damping > 0:
+            n.addmm_(w.T, w, alpha=self.damping)
+        if whitening is not None:
+            n = whitening.apply(whitening.apply(n).T)  # ((N S)^T S) = S^T N S (N symmetric)
+        return (n + n.T) / 2
+
+    def spectrum(self, weight: torch.Tensor, whitening=None) -> torch.Tensor:
+        """The whitened weight's squared singular values, largest first."""
+        return torch.linalg.eigvalsh(self.right_gram(weight, whitening)).flip(0).clamp_min(0)
+
+
+def projected_gradient_whitening(h: torch.Tensor, scale: float, damping: float) -> ProjectedGradGram | None:
+    """The ProjectedGradGram of a target's projected gradient statistics (`scale`: the mean of G's
+    diagonal, as whitening_from_gram damps relative to); None when they are zero or not finite."""
+    if not (scale > 0) or not torch.isfinite(h).all():
+        log.warning("output gradients are zero or not finite; decomposing without output whitening")
+        return None
+    return ProjectedGradGram(h.to(torch.float64), damping * scale)
+
+
 def output_gram_whitening(c: torch.Tensor | None, scale: float, damping: float = 1e-4) -> OutputGram | None:
     """The OutputGram of a target's output statistics (`scale`: the mean of X^T X's diagonal, as
     whitening_from_gram damps relative to); None when they are zero or not finite."""
