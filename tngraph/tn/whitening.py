@@ -85,16 +85,13 @@ class OutputGram:
     def left_gram(self, weight: torch.Tensor, out_whitening=None) -> torch.Tensor:
         """M = L^T (C + λ W W^T) L, float64 (out x out)."""
         w = weight.detach().to(torch.float64)
-        m = self.c.to(w.device).clone()
-        if self.damping > 0:
-            m.addmm_(w, w.T, alpha=self.damping)
-        if out_whitening is not None:
-            m = out_whitening.apply_left(out_whitening.apply_left(m).T)  # L^T (L^T M)^T = L^T M L (M symmetric)
-        return (m + m.T) / 2
+        left = out_whitening
+        sandwich = None if left is None else (lambda m: left.apply_left(left.apply_left(m).T))  # L^T (L^T M)^T = L^T M L
+        return _damped_gram(self.c, w, self.damping, sandwich)
 
     def spectrum(self, weight: torch.Tensor, out_whitening=None) -> torch.Tensor:
         """The whitened weight's squared singular values, largest first."""
-        return torch.linalg.eigvalsh(self.left_gram(weight, out_whitening)).flip(0).clamp_min(0)
+        return _descending(self.left_gram(weight, out_whitening))
 
 
 @dataclass(frozen=True)
@@ -110,16 +107,28 @@ class ProjectedGradGram:
     def right_gram(self, weight: torch.Tensor, whitening=None) -> torch.Tensor:
         """N = S^T (H + μ W^T W) S, float64 (in x in)."""
         w = weight.detach().to(torch.float64)
-        n = self.h.to(w.device).clone()
-        if self.damping > 0:
-            n.addmm_(w.T, w, alpha=self.damping)
-        if whitening is not None:
-            n = whitening.apply(whitening.apply(n).T)  # ((N S)^T S) = S^T N S (N symmetric)
-        return (n + n.T) / 2
+        sandwich = None if whitening is None else (lambda n: whitening.apply(whitening.apply(n).T))  # ((N S)^T S) = S^T N S
+        return _damped_gram(self.h, w.T, self.damping, sandwich)
 
     def spectrum(self, weight: torch.Tensor, whitening=None) -> torch.Tensor:
         """The whitened weight's squared singular values, largest first."""
-        return torch.linalg.eigvalsh(self.right_gram(weight, whitening)).flip(0).clamp_min(0)
+        return _descending(self.right_gram(weight, whitening))
+
+
+def _damped_gram(gram: torch.Tensor, factor: torch.Tensor, damping: float, sandwich=None) -> torch.Tensor:
+    """gram + damping * factor factor^T, between a whitening's two sides (`sandwich`, when given),
+    symmetrised: the Gram matrix of a whitened weight's short side (float64)."""
+    m = gram.to(factor.device).clone()
+    if damping > 0:
+        m.addmm_(factor, factor.T, alpha=damping)
+    if sandwich is not None:
+        m = sandwich(m)
+    return (m + m.T) / 2
+
+
+def _descending(gram: torch.Tensor) -> torch.Tensor:
+    """A symmetric PSD matrix's eigenvalues, largest first, rounding below zero clipped."""
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 
 
 def projected_gradient_whitening(h: torch.Tensor, scale: float, damping: float) -> ProjectedGradGram | None:
