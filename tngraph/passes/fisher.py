@@ -240,7 +240,7 @@ def collect(gm: fx.GraphModule, ctx: PassContext, before=None, forwards=None) ->
                 forwards(batches)
             return {"skipped": "the only targets are output heads"}
         stats = gradient_stats(gm, nodes, batches, ctx.objective, seed=ctx.config.seed, show=ctx.config.progress,
-                               max_memory=ctx.config.max_memory, before=before, projected=input_side(gm, ctx, nodes))
+                               max_memory=ctx.config.max_memory, before=before, projected=input_side(ctx, nodes))
     memory.return_freed(collect=False)  # the backward passes' buffers go back to the system
     ctx.grad_stats.update(stats)
     ctx.counters["fisher.batches"] += take
@@ -251,7 +251,7 @@ def collect(gm: fx.GraphModule, ctx: PassContext, before=None, forwards=None) ->
     return {"targets": len(nodes), "batches": take, **({"projected": projected} if projected else {})}
 
 
-def input_side(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> set[str]:
+def input_side(ctx: PassContext, nodes: list[fx.Node]) -> set[str]:
     """The targets whose output-gradient statistics are kept projected onto their inputs
     (calibration.ProjectedGradStats): plain low-rank linear targets (no convolution or tied table)
     with more outputs than inputs, in runs whose candidates are whitened low rank alone

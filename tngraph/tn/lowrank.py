@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .whitening import OutputGram, ProjectedGradGram, Whitening
+from .whitening import OutputGram, ProjectedGradGram, Whitening, descending_eigenvalues
 
 
 def lowrank_params(out_features: int, in_features: int, rank: int) -> int:
@@ -46,7 +46,7 @@ def squared_singular_values(target: torch.Tensor) -> torch.Tensor:
     matrix, several times faster than an SVD of a tall or wide matrix and exact to rounding relative
     to the largest (all an energy tail reads)."""
     m, _ = _short_side(target)
-    return torch.linalg.eigvalsh(m @ m.T).flip(0).clamp_min(0)
+    return descending_eigenvalues(m @ m.T)
 
 
 def _top_singular(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ class OutputGram:
 
     def spectrum(self, weight: torch.Tensor, out_whitening=None) -> torch.Tensor:
         """The whitened weight's squared singular values, largest first."""
-        return _descending(self.left_gram(weight, out_whitening))
+        return descending_eigenvalues(self.left_gram(weight, out_whitening))
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class ProjectedGradGram:
 
     def spectrum(self, weight: torch.Tensor, whitening=None) -> torch.Tensor:
         """The whitened weight's squared singular values, largest first."""
-        return _descending(self.right_gram(weight, whitening))
+        return descending_eigenvalues(self.right_gram(weight, whitening))
 
 
 def _damped_gram(gram: torch.Tensor, factor: torch.Tensor, damping: float, sandwich=None) -> torch.Tensor:
@@ -126,7 +126,7 @@ def _damped_gram(gram: torch.Tensor, factor: torch.Tensor, damping: float, sandw
     return (m + m.T) / 2
 
 
-def _descending(gram: torch.Tensor) -> torch.Tensor:
+def descending_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
     """A symmetric PSD matrix's eigenvalues, largest first, rounding below zero clipped."""
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
 
