@@ -98,3 +98,20 @@ def test_text_calibration_needs_a_tokenizer(minilm):
         tngraph.compress(model, calibration=["some text here"])
     with pytest.raises(tngraph.DataError, match="empty"):
         tngraph.compress(model, calibration=[])
+
+
+def test_embeddings_batched_by_length_keep_the_callers_order(minilm, sentences):
+    model, tokenizer = minilm
+    texts = sentences.evaluation[:40]
+    texts = [texts[0] * 6] + texts[1:]  # one long text first: sorting must move it and put its row back
+    rows = sentence_embeddings(model, tokenizer, texts, batch_size=8)
+    with torch.no_grad():
+        one_by_one = []
+        for t in texts:
+            enc = tokenize(tokenizer, [t], 128)
+            hidden = model(**enc).last_hidden_state
+            one_by_one.append(torch.nn.functional.normalize(hidden.mean(1), dim=-1)[0])
+    assert rows.shape == (40, 384)
+    torch.testing.assert_close(rows, torch.stack(one_by_one), atol=2e-5, rtol=0)
+    with pytest.raises(tngraph.errors.DataError, match="no texts"):
+        sentence_embeddings(model, tokenizer, [])
