@@ -170,8 +170,34 @@ def test_a_dense_model_has_nothing_to_heal(tiny_pair, texts):
         heal(_copy(teacher), teacher, texts, tokenizer, HealConfig(train_norms=False, **FAST), show=False)
 
 
+def test_the_encoder_loss_weighs_pooled_cosines_and_sentence_similarities_as_asked(tiny_pair, texts):
+    from tngraph.evaluate import pooled
+    from tngraph.heal import _loss
+
+    teacher, student, tokenizer = tiny_pair
+    enc = tokenizer(texts[:6], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        so, to = student(**enc, output_hidden_states=True), teacher(**enc, output_hidden_states=True)
+        mask = enc["attention_mask"]
+        es, et = pooled(so.last_hidden_state, mask), pooled(to.last_hidden_state, mask)
+        cos_term = (1 - (es * et).sum(-1)).mean()
+        sim_term = ((es @ es.T - et @ et.T) ** 2).mean()
+        base = _loss("encoder", so, to, mask)
+        assert cos_term > 0 and sim_term > 0
+        torch.testing.assert_close(_loss("encoder", so, to, mask, 3.0), base + 2 * cos_term)
+        torch.testing.assert_close(_loss("encoder", so, to, mask, 1.0, 5.0), base + 5 * sim_term)
+        assert float(_loss("encoder", to, to, mask, 3.0, 5.0)) == pytest.approx(0.0, abs=1e-6)  # a perfect student costs nothing
+
+
+def test_sentence_weights_are_refused_for_a_causal_lm(lm_pair, texts):
+    teacher, student, tokenizer, _ = lm_pair
+    with pytest.raises(ConfigError, match="similarity_weight weigh sentence embeddings.*causal LM"):
+        heal(_copy(student), teacher, texts, tokenizer, HealConfig(steps=2, similarity_weight=1.0, **FAST), show=False)
+
+
 @pytest.mark.parametrize("options, match", [(dict(steps=-1), "non-negative"), (dict(lr=0.0), "lr"), (dict(batch_size=0), "positive"),
-                                            (dict(warmup=2.0), "warmup")])
+                                            (dict(warmup=2.0), "warmup"), (dict(pooled_weight=-1.0), "pooled_weight"),
+                                            (dict(similarity_weight=float("nan")), "similarity_weight")])
 def test_bad_heal_options_are_refused(options, match):
     with pytest.raises(ConfigError, match=match):
         HealConfig(**options)

@@ -56,7 +56,10 @@ class HealConfig:
     rate. warmup: fraction of the steps the rate ramps up over. clip: gradient-norm clipping.
     held_out: texts kept out of training and scored every eval_every steps; patience: scores without
     improvement before stopping. train_norms: every bias and LayerNorm trains too (else only the
-    factors). layers: match every block's output, not only the last. checkpoint_every: steps
+    factors). layers: match every block's output, not only the last. pooled_weight, similarity_weight
+    (sentence encoders): weights of 1 - cos of the pooled embeddings and of the squared error of the
+    batch's sentence-to-sentence cosines, beside the hidden states' relative error (docs/healing.md
+    says what each measured). checkpoint_every: steps
     between checkpoints (when a checkpoint folder is given)."""
 
     steps: int = 500
@@ -71,6 +74,8 @@ class HealConfig:
     patience: int = 4
     train_norms: bool = True
     layers: bool = True
+    pooled_weight: float = 1.0
+    similarity_weight: float = 0.0
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -79,7 +84,8 @@ class HealConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
                 raise ConfigError(f"heal {name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {value!r}")
-        for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 1.0), ("warmup", 0.0, 1.0), ("clip", 0.0, math.inf)):
+        for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 1.0), ("warmup", 0.0, 1.0), ("clip", 0.0, math.inf),
+                                ("pooled_weight", 0.0, math.inf), ("similarity_weight", 0.0, math.inf)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or (name in ("lr", "clip") and value == 0):
                 raise ConfigError(f"heal {name} must lie in ({low:g}, {high:g}], got {value!r}" if name in ("lr", "clip") else f"heal {name} must lie in [{low:g}, {high:g}], got {value!r}")
@@ -160,7 +166,8 @@ def _kind(outputs: Any, batch: dict[str, Any]) -> str:
                      "heal Hugging Face models (outputs with last_hidden_state or logits), or pass heal_steps=0")
 
 
-def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor | None, pooled_weight: float = 1.0,
+          similarity_weight: float = 0.0) -> torch.Tensor:
     if kind == "classifier":
         ones = torch.ones(student_out.logits.shape[:-1], device=student_out.logits.device)
         return _token_kl(student_out.logits, teacher_out.logits, ones) + _blocks(student_out, teacher_out, 1.0)
@@ -172,8 +179,11 @@ def _loss(kind: str, student_out: Any, teacher_out: Any, mask: torch.Tensor | No
         return _token_kl(student_out.logits, teacher_out.logits, mask) + (_blocks(student_out, teacher_out, m) if m is not None else 0.0)
     hs, ht = student_out.last_hidden_state, teacher_out.last_hidden_state
     m = mask.unsqueeze(-1).to(hs.dtype)
-    cos = (pooled(hs, mask) * pooled(ht, mask)).sum(-1)
-    return _relative_mse(hs, ht, m) + _blocks(student_out, teacher_out, m) + (1 - cos).mean()
+    es, et = pooled(hs, mask), pooled(ht, mask)
+    loss = _relative_mse(hs, ht, m) + _blocks(student_out, teacher_out, m) + pooled_weight * (1 - (es * et).sum(-1)).mean()
+    if similarity_weight:  # the batch's sentence-to-sentence cosines, which decide its neighbours
+        loss = loss + similarity_weight * ((es @ es.T - et @ et.T) ** 2).mean()
+    return loss
 
 
 def _vocabulary(model: torch.nn.Module) -> int:
@@ -324,6 +334,11 @@ class _Distillation:
         self.held = [self.encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
         with torch.no_grad():
             self.kind = _kind(teacher(**{k: v[:1] for k, v in self.held[0].items()}), self.held[0])
+        if self.kind != "encoder" and (cfg.pooled_weight != 1.0 or cfg.similarity_weight != 0.0):
+            outputs = {"lm": "a causal LM's logits", "classifier": "a classifier's logits"}.get(self.kind, "features, not sentence embeddings")
+            raise ConfigError(f"heal pooled_weight and similarity_weight weigh sentence embeddings; this model's outputs are {outputs}",
+                              "leave them at 1 and 0 for models that are not sentence encoders")
+        with torch.no_grad():
             # encoders: the teacher's sentence embeddings, kept; causal LMs: logits are recomputed when
             # scoring (a large vocabulary's logits for every held-out token would not fit)
             self.held_targets = ([pooled(teacher(**b).last_hidden_state, b["attention_mask"]) for b in self.held]
@@ -384,7 +399,8 @@ class _Distillation:
         else:
             with torch.no_grad():
                 target = self.teacher(**batch, output_hidden_states=cfg.layers)
-            loss = _loss(self.kind, self.student(**batch, output_hidden_states=cfg.layers), target, batch.get("attention_mask"))
+            loss = _loss(self.kind, self.student(**batch, output_hidden_states=cfg.layers), target, batch.get("attention_mask"),
+                         cfg.pooled_weight, cfg.similarity_weight)
         if not torch.isfinite(loss):
             log.warning("heal: the loss is %s at step %d; stopping with the best state so far", float(loss), step)
             return None

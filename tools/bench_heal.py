@@ -9,8 +9,11 @@ out-of-domain sentences (tngraph.data.outside_sentences: the part set aside for 
 on the default healing data (tngraph.data.healing_pool: the built-in sentences outside the
 evaluation set, interleaved with as many sentences of other packages' docstrings, neither the
 calibration's source nor the out-of-domain set's), except "stdlib-only": the built-in sentences alone.
+The other variants change one HealConfig option each (RUNS): steps, learning rate and warm-up, the
+weight of the pooled embeddings' 1 - cos (pooled-x10), the batch's sentence-to-sentence cosines
+(similarities), only the factors training, only the last hidden state matched.
 
-  python tools/bench_heal.py [--artifact DIR] [--runs default,stdlib-only,factors-only,last-layer] [--eval-samples 2000]
+  python tools/bench_heal.py [--artifact DIR] [--runs default,stdlib-only,factors-only,last-layer,...] [--eval-samples 2000]
                              [--outside-part report|tune]
 """
 from __future__ import annotations
@@ -41,6 +44,10 @@ RUNS = {
     "factors-only": dict(train_norms=False),
     "last-layer": dict(layers=False),
     "half-steps": dict(steps=250),
+    "steps-800": dict(steps=800),
+    "lr-2e-4": dict(lr=2e-4, warmup=0.2),
+    "pooled-x10": dict(pooled_weight=10.0),
+    "similarities": dict(similarity_weight=10.0),
 }
 
 
