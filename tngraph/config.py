@@ -149,8 +149,8 @@ class Config:
         default, is the error of replacing the layer by zeros; None turns the guard off.
     strict: make a guard failure an error instead of a revert.
     heal_steps: steps of the healing fine-tune that ends compress (distillation of the compressed
-        model against the original on text, tngraph.heal, docs/healing.md; 0 turns it off; 500 steps
-        take ~4 minutes for the MiniLM on 2 CPU cores). It needs texts: heal_data,
+        model against the original on text, tngraph.heal, docs/healing.md; 0 turns it off; 700 steps
+        take ~6 minutes for the MiniLM on 2 CPU cores). It needs texts: heal_data,
         else the text calibration data; without either it is skipped with a warning.
     heal_lr: peak AdamW learning rate of healing.
     heal_data: a UTF-8 text file, one sample per line, to heal on (default: the calibration texts;
@@ -227,7 +227,7 @@ class Config:
                                            "calibration data exceeds E (default 1.0)", type=float, metavar="E")
     strict: bool = option(False, "--strict", "make a target failing the numerical guard an error instead of keeping it dense",
                           kind="const", const=True)
-    heal_steps: int = option(500, "--heal-steps", "steps of the healing fine-tune (distillation against the original; default 500, "
+    heal_steps: int = option(700, "--heal-steps", "steps of the healing fine-tune (distillation against the original; default 700, "
                              "0 turns it off)", type=int, metavar="N")
     heal_lr: float = option(1e-4, "--heal-lr", "peak learning rate of healing (default 1e-4)", type=float, metavar="LR")
     heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: the built-in sentences "

@@ -62,7 +62,7 @@ class HealConfig:
     says what each measured). checkpoint_every: steps
     between checkpoints (when a checkpoint folder is given)."""
 
-    steps: int = 500
+    steps: int = 700
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup: float = 0.05

@@ -107,7 +107,7 @@ def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, s
          force: bool = False, resume: bool = False, progress: bool = True) -> HealRun:
     """`tngraph heal ARTIFACT [--out OUT] ...` as one call: heal the artifact (in place without `out`).
 
-    steps / lr / seed / eval_samples: healing's (default: the artifact's recipe, 500 steps); data:
+    steps / lr / seed / eval_samples: healing's (default: the artifact's recipe, 700 steps); data:
     a text file to heal on (default: the built-in text outside the evaluation set)."""
     from ..api import heal_config, heal_model
     from ..artifact import save
