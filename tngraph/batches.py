@@ -9,7 +9,7 @@ import torch.utils._pytree as pytree
 from .capture import normalize_inputs
 from .config import Config
 from .errors import DataError
-from .models import tokenize
+from .models import token_lengths, tokenize
 
 
 def calibration_batches(
@@ -45,7 +45,7 @@ def calibration_batches(
 def by_token_length(texts: list[str], tokenizer: Any, max_length: int) -> list[str]:
     """The texts ordered by token count (ties by position): batches of similar length pad little,
     and padded positions would distort the calibration statistics."""
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    lengths = token_lengths(tokenizer, texts, max_length)
     return [texts[i] for i in sorted(range(len(texts)), key=lambda i: (lengths[i], i))]
 
 

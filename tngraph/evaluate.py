@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .errors import DataError
-from .models import accepted_only, forward_names, tokenize
+from .models import accepted_only, forward_names, token_lengths, tokenize
 from .progress import progress
 
 
@@ -50,7 +50,7 @@ def sentence_embeddings(
     accepted = forward_names(model)
     if not texts:
         raise DataError("no texts to embed", "pass at least one text")
-    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    lengths = token_lengths(tokenizer, texts, max_length)
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     out = []
     for i in progress(range(0, len(texts), batch_size), desc="embed", enabled=show, unit="batch"):

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from . import lm
 from .errors import ArtifactError, ConfigError, DataError, ModelError
 from .evaluate import pooled
-from .models import forward_names
+from .models import forward_names, token_lengths
 from .layers import QUANT_LAYERS
 from .recipe import FACTORIZED
 from .progress import progress
@@ -299,8 +299,7 @@ def _split(texts: Sequence[str] | TensorSamples, tokenizer: Any, cfg: HealConfig
         return held, train, schedule([1] * len(train), cfg.steps, cfg.batch_size, gen)
     held = sorted((texts[i] for i in order[:n_held]), key=len)
     train = [texts[i] for i in order[n_held:]]
-    lengths = [len(ids) for ids in tokenizer(train, truncation=True, max_length=cfg.max_length)["input_ids"]]
-    return held, train, schedule(lengths, cfg.steps, cfg.batch_size, gen)
+    return held, train, schedule(token_lengths(tokenizer, train, cfg.max_length), cfg.steps, cfg.batch_size, gen)
 
 
 def _learning_rate(cfg: HealConfig, step: int) -> float:

@@ -162,6 +162,11 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, accepted: set[st
     return accepted_only(dict(enc), accepted)
 
 
+def token_lengths(tokenizer: Any, texts: list[str], max_length: int) -> list[int]:
+    """Each text's token count after truncation to `max_length`: what batching by length sorts on."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+
 def forward_names(model: Any) -> set[str] | None:
     """The inputs `model.forward` names (its explicit parameters; not what a **kwargs would swallow),
     or None when its signature cannot be read. A tokenizer's outputs are filtered by them: BERT's
