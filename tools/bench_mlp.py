@@ -10,8 +10,9 @@ Rows:
 - prune uniform: every block keeps the same number of hidden neurons;
 - prune allocated: the blocks' neuron counts chosen by tngraph's budget solver
   (tngraph.passes.allocate.solve_budget) on each block's predicted-error curve (one greedy sweep).
-The statistics (the hidden activations' Gram, the output-gradient Gram) come from tngraph's own
-calibrate and fisher passes on the same calibration sentences as the svd row.
+The blocks are the ones tngraph.passes.mlp finds in the captured graph; the statistics (the hidden
+activations' Gram, the output-gradient Gram) come from tngraph's own calibrate and fisher passes on
+the same calibration sentences as the svd row.
 
   python tools/bench_mlp.py [--budget 0.5] [--calibration-samples 2048] [--eval-samples 1000]
                             [--outside-part tune] [--damping 1e-6] [--threads 2]
@@ -37,6 +38,7 @@ from tngraph.evaluate import agreement, sentence_embeddings, sentence_objective 
 from tngraph.models import ModelSource, load_model  # noqa: E402
 from tngraph.passes import PassContext, calibrate, fisher, targets  # noqa: E402
 from tngraph.passes.allocate import solve_budget  # noqa: E402
+from tngraph.passes.mlp import mlp_pairs, prune_pair_modules  # noqa: E402
 from tngraph.pipeline import run_passes  # noqa: E402
 from tngraph.tn.prune import params_kept, prune_curve  # noqa: E402
 
@@ -45,37 +47,27 @@ GRID = 32  # neuron counts per block's curve: every hidden/GRID
 
 
 def statistics(model, tokenizer, texts, config):
-    """(down name -> hidden Gram C, damped output-gradient Gram G) from tngraph's calibrate and fisher passes."""
+    """The MLP blocks (tngraph.passes.mlp) by down name, and per down name (hidden Gram C, damped
+    output-gradient Gram G), from tngraph's targets, calibrate and fisher passes."""
     batches = calibration_batches(texts, config, tokenizer)
     gm = capture(model, batches[0])
     ctx = PassContext(config=config, calibration=batches, objective=sentence_objective)
-    run_passes(gm, ctx, [targets, calibrate, fisher])
+    gm = run_passes(gm, ctx, [targets, calibrate, fisher])
+    pairs = {pair.down: pair for pair in mlp_pairs(gm)[0]}
     out = {}
-    for name, stats in ctx.stats.items():
-        if name.endswith("output.dense"):
-            grad = ctx.grad_stats[name]
-            g = grad.gram
-            g = g + grad.damping(config.output_damping) * float(g.diagonal().mean()) * torch.eye(g.shape[0], dtype=g.dtype)
-            out[name] = (stats.gram, g)
-    return out
+    for name in pairs:
+        grad = ctx.grad_stats[name]
+        g = grad.gram
+        g = g + grad.damping(config.output_damping) * float(g.diagonal().mean()) * torch.eye(g.shape[0], dtype=g.dtype)
+        out[name] = (ctx.stats[name].gram, g)
+    return pairs, out
 
 
-def pruned(model, choice):
+def pruned(model, pairs, choice):
     """A copy of `model` whose blocks keep the chosen neurons: {down name: Selection}."""
     model = copy.deepcopy(model)
-    with torch.no_grad():
-        for down_name, sel in choice.items():
-            layer = model.get_submodule(down_name.rsplit(".output.dense", 1)[0])
-            up, down = layer.intermediate.dense, layer.output.dense
-            new_up = torch.nn.Linear(up.in_features, len(sel.keep), bias=up.bias is not None)
-            new_up.weight.copy_(up.weight[sel.keep])
-            if up.bias is not None:
-                new_up.bias.copy_(up.bias[sel.keep])
-            new_down = torch.nn.Linear(len(sel.keep), down.out_features, bias=down.bias is not None)
-            new_down.weight.copy_(sel.weight)
-            if down.bias is not None:
-                new_down.bias.copy_(down.bias)
-            layer.intermediate.dense, layer.output.dense = new_up, new_down
+    for down_name, sel in choice.items():
+        prune_pair_modules(model, pairs[down_name], sel.keep, sel.weight)
     return model
 
 
@@ -107,7 +99,7 @@ def main() -> int:
     row("svd", tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config), time.perf_counter() - start)
 
     start = time.perf_counter()
-    stats = statistics(model, tokenizer, sets.calibration, config)
+    pairs, stats = statistics(model, tokenizer, sets.calibration, config)
     names = sorted(stats)
     shapes = {n: model.get_submodule(n).weight.shape for n in names}  # (out, hidden)
     counts = {n: [shapes[n][1] * k // GRID for k in range(1, GRID + 1)] for n in names}
@@ -115,17 +107,17 @@ def main() -> int:
     setup = time.perf_counter() - start
 
     def cost(n, count):
-        up = model.get_submodule(n.replace("output.dense", "intermediate.dense"))
-        return params_kept(shapes[n][0], up.in_features, count, up_bias=up.bias is not None)
+        up = model.get_submodule(pairs[n].ups[0])
+        return params_kept(shapes[n][0], up.in_features, count, up_bias=up.bias is not None, projections=len(pairs[n].ups))
 
     dense = sum(cost(n, shapes[n][1]) for n in names)
     uniform = {}
     for n in names:  # the largest grid count within the budget
         fits = [k for k, c in enumerate(counts[n]) if cost(n, c) <= args.budget * cost(n, shapes[n][1])]
         uniform[n] = curves[n][fits[-1]]
-    row("prune uniform", pruned(model, uniform), setup)
+    row("prune uniform", pruned(model, pairs, uniform), setup)
     best = solve_budget([[cost(n, c) for c in counts[n]] for n in names], [[s.error for s in curves[n]] for n in names], args.budget * dense)
-    row("prune allocated", pruned(model, {n: curves[n][i] for n, i in zip(names, best)}), setup)
+    row("prune allocated", pruned(model, pairs, {n: curves[n][i] for n, i in zip(names, best)}), setup)
     print("allocated neurons per block: " + ", ".join(str(counts[n][i]) for n, i in zip(names, best)))
     return 0
 
