@@ -95,7 +95,7 @@ def test_block_by_block_refuses_by_name_what_it_cannot_honour(tmp_path):
     assert set(UNSUPPORTED) <= {f.name for f in flags()}
     write_synthetic_llama(tmp_path / "llama", hidden=32, intermediate=64, layers=1, heads=2, kv_heads=1, vocab=64, max_positions=32)
     for given, flag in (({"targets": ("linear", "embedding")}, "--targets"), ({"heal_data": "x.txt"}, "--heal-data"), ({"bits": "8,4"}, "--bits"),
-                        ({"resume": True}, "--resume")):
+                        ({"mlp": "prune"}, "--mlp"), ({"resume": True}, "--resume")):
         with pytest.raises(ConfigError, match="not available for block-by-block") as info:
             workflow.compress(str(tmp_path / "llama"), tmp_path / "out", blockwise=True, progress=False, **given)
         assert str(info.value).startswith(flag), str(info.value)

@@ -21,6 +21,7 @@ TARGET_KINDS = ("linear", "embedding")
 ALLOCATIONS = ("auto", "uniform", "budgeted")
 BUDGET_KINDS = ("params", "bytes", "latency")
 SENSITIVITIES = ("spectral", "fisher", "predicted", "measured")
+MLP_MODES = ("lowrank", "prune")
 
 
 FORMAT_CHOICES = tuple(_ALIASES) + FORMATS  # what --format accepts: the formats and their aliases
@@ -94,6 +95,12 @@ class Config:
     dense_rows: patch level for budgeted allocation: candidates that keep a target's most sensitive
         output rows (1, 4, 16 or 64 of them, by their share of the decomposition's Gauss-Newton
         error) dense and factorize the rest; chosen when that serves the budget better.
+    mlp: "lowrank" (default) or "prune": every MLP block the graph holds (tngraph.passes.mlp: up
+        projections -> elementwise ops -> down projection, nothing else reading the hidden values)
+        keeps `budget` of its parameters as whole hidden neurons, chosen greedily by their predicted
+        cost with the down projection refitted by least squares on the calibration activations
+        (tngraph.tn.prune); every other target is allocated as usual within `budget` of its own.
+        Needs calibration data; not combined with bits or a latency budget yet.
     mixture: tensor-network formats (e.g. ("tucker", "tt", "tr"), as in Minima) whose candidates join
         the low-rank ones in budgeted allocation: each decomposed at 4 ranks per target and its
         error measured, so that a target takes whichever format serves the budget best
@@ -237,6 +244,9 @@ class Config:
     exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",
                                       metavar="REGEX")
     calibration_samples: int = option(2048, "--calibration-samples", "calibration samples used (default 2048)", type=int)
+    mlp: str = option("lowrank", "--mlp", "how MLP blocks (up -> activation -> down, gated ones too) are compressed: lowrank "
+                      "(default: each linear a target of its own) or prune: each block keeps --budget of its parameters as whole "
+                      "hidden neurons, the down projection refitted; the other targets share the rest as usual", choices=MLP_MODES)
     eval_samples: int = option(2000, "--eval-samples", "held-out sentences for the agreement report (default 2000)", type=int,
                                cli_default=2000)
     batch_size: int = 32
@@ -293,6 +303,12 @@ class Config:
         bad = [f for f in mixture if f not in MIXABLE]
         if bad:
             raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(MIXABLE)}")
+        if self.mlp not in MLP_MODES:
+            raise ConfigError(f"unknown mlp mode {self.mlp!r}", f"choose one of {', '.join(MLP_MODES)}")
+        if self.mlp == "prune" and (self.bits or self.budget_kind == "latency" or not self.whiten):
+            what = "bits" if self.bits else "budget_kind='latency'" if self.budget_kind == "latency" else "whiten=False"
+            raise ConfigError(f"mlp='prune' does not combine with {what} yet (pruned blocks have no quantized, timed or "
+                              "data-free candidates)", f"pass mlp='lowrank', or drop {what}")
         if mixture and self.allocation_kind != "budgeted":
             raise ConfigError("mixture formats are chosen by the budgeted allocation", "pass allocation='budgeted' (and format='svd') with mixture")
         if mixture and self.budget_kind == "latency":

@@ -91,3 +91,28 @@ class NetworkLinear(LayerLinear):
     def extra_repr(self) -> str:
         shapes = ", ".join("x".join(map(str, c.shape)) for c in self.factors())
         return f"{self.spec['format']}: in_features={self.in_features}, out_features={self.out_features}, cores=[{shapes}]"
+
+
+class PrunedLinear(nn.Linear):
+    """A member of an MLP block pruned by whole hidden neurons (Config.mlp == "prune"): an up
+    projection that keeps the output rows `index` of the original (side "rows"), or the down
+    projection that reads only those neurons (side "columns", its weight refitted). A plain
+    nn.Linear of the smaller shape (export and kernels see a Linear); `index` says which neurons of
+    the original it holds, so the recipe can rebuild it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, side: str):
+        if side not in ("rows", "columns") or weight.dim() != 2 or index.dim() != 1 or index.is_floating_point():
+            raise ValueError(f"a pruned layer needs a 2-D weight, integer neuron indices and side rows or columns, got "
+                             f"{tuple(weight.shape)}, {tuple(index.shape)} {index.dtype}, {side!r}")
+        if weight.shape[0 if side == "rows" else 1] != index.numel():
+            raise ValueError(f"weight {tuple(weight.shape)} does not hold the {index.numel()} kept neurons on its {side}")
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            if bias is not None:
+                self.bias.copy_(bias)
+        self.register_buffer("index", index.to(torch.long))
+        self.side = side
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pruned {self.side}"

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 import torch
 
 
+INDEX_KEYS = ("order", "rows", "columns")  # factors that are indices (patch-level row order, a pruned layer's neurons)
+
+
 @dataclass
 class TargetPlan:
     name: str
@@ -31,14 +34,21 @@ class TargetPlan:
         if self.quant is not None:  # every weight kept, as codes, plus the compensating rank
             extra = sum(self.factors[k].numel() for k in ("a", "b") if k in self.factors)
             return self.in_features * self.out_features + extra + (self.out_features if self.has_bias else 0)
-        # integer factors (the row order of patch-level plans) are indices, not parameters
-        return sum(t.numel() for t in self.factors.values() if t.is_floating_point()) + (self.out_features if self.has_bias else 0)
+        # integer factors (the row order of patch-level plans, a pruned layer's neurons) are indices, not parameters
+        return sum(t.numel() for t in self.factors.values() if t.is_floating_point()) + self._bias_values
+
+    @property
+    def _bias_values(self) -> int:
+        """Bias entries the layer keeps: a pruned up projection keeps those of its kept rows."""
+        if not self.has_bias:
+            return 0
+        return self.factors["rows"].numel() if self.format == "prune" and "rows" in self.factors else self.out_features
 
     def bytes_after(self, bias_bytes: int = 4) -> int:
         """Bytes its factors store (codes packed as held, fp16 scales, factors in their dtype), plus
-        the bias at `bias_bytes` per value; row orders (indices) not counted."""
-        stored = sum(t.numel() * t.element_size() for k, t in self.factors.items() if k != "order")
-        return stored + (self.out_features * bias_bytes if self.has_bias else 0)
+        the bias at `bias_bytes` per value; row orders and kept-neuron lists (indices) not counted."""
+        stored = sum(t.numel() * t.element_size() for k, t in self.factors.items() if k not in INDEX_KEYS)
+        return stored + self._bias_values * bias_bytes
 
     def recipe(self) -> dict:
         return {

@@ -19,13 +19,13 @@ from .errors import ArtifactError, ModelError
 from .layers import CONV_LAYERS, LAYERS, QUANT_LAYERS, LayerLinear
 from .meta import Conv
 from .models import ModelSource, weights_hash
-from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear
+from .modules import LowRankEmbedding, LowRankLinear, NetworkLinear, PrunedLinear
 from .plan import TargetPlan
 from .tn.formats import FORMATS
 from .tn.quant import LAYER_BITS
 
 RECIPE_VERSION = 1
-FACTORIZED = (LowRankEmbedding, LayerLinear)  # LowRankLinear and NetworkLinear are LayerLinears
+FACTORIZED = (LowRankEmbedding, LayerLinear, PrunedLinear)  # LowRankLinear and NetworkLinear are LayerLinears
 
 
 def file_sha256(path: pathlib.Path) -> str:
@@ -72,6 +72,8 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
         raise ModelError(f"target {plan.name!r} is {shape[0]}x{shape[1]}, the recipe says "
                          f"{plan.out_features}x{plan.in_features}", "apply the recipe to the model it was made from")
     bias = owner.bias.detach().clone() if owner.bias is not None else None
+    if plan.format == "prune":
+        return _pruned_module(plan, bias)
     if plan.format == "lowrank":
         dense, order = plan.factors.get("dense"), plan.factors.get("order")
         return LowRankLinear(plan.factors["a"].detach().clone(), plan.factors["b"].detach().clone(), bias,
@@ -90,6 +92,22 @@ def module_for(plan: TargetPlan, owner: torch.nn.Module) -> torch.nn.Module:
         net.cores = [c.detach().clone() for c in net.cores]
         return NetworkLinear(net, bias)
     raise ModelError(f"unknown format {plan.format!r} for {plan.name!r}", "upgrade tngraph")
+
+
+def _pruned_module(plan: TargetPlan, bias: torch.Tensor | None) -> PrunedLinear:
+    """A pruned MLP block's member: an up projection's kept rows (its bias entries with them) or the
+    down projection's refitted columns."""
+    side = "rows" if "rows" in plan.factors else "columns"
+    index = plan.factors.get(side)
+    if index is None or "weight" not in plan.factors:
+        raise ArtifactError(f"{plan.name!r} (prune) lacks its weight or neuron indices", "write the artifact again with tngraph.save")
+    index = index.to(torch.long)
+    if bias is not None and side == "rows":
+        bias = bias[index]
+    try:
+        return PrunedLinear(plan.factors["weight"].detach().clone(), bias, index.clone(), side)
+    except ValueError as exc:
+        raise ArtifactError(f"{plan.name!r} (prune): {exc}", "write the artifact again with tngraph.save") from exc
 
 
 def _quant_module(plan: TargetPlan, bias: torch.Tensor | None) -> torch.nn.Module:
@@ -206,6 +224,8 @@ def factor_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if getattr(module, "dense", None) is not None:
             factors.update(dense=module.dense.detach(), order=module.order)
         return factors
+    if isinstance(module, PrunedLinear):
+        return {"weight": module.weight.detach(), module.side: module.index}
     if isinstance(module, LayerLinear):  # NetworkLinear too: core0, core1, ...
         return {k: t.detach() for k, t in module.factor_dict().items()}
     raise TypeError(type(module).__name__)

@@ -77,8 +77,10 @@ def format_table(report: dict[str, Any]) -> str:
     allocation = report.get("allocation", "uniform")
     if allocation == "budgeted":
         allocation += f" ({report.get('budget_kind', 'params')}, sensitivity {report.get('sensitivity')})"
+    pruned = report.get("mlp_blocks_pruned")
+    pruned = f", {pruned} MLP blocks pruned by neurons" if pruned else ""
     lines = [f"tngraph: {report['model']} at budget {report['budget']:g} ({report['targets']} targets, format {report['format']}, "
-             f"allocation {allocation})"]
+             f"allocation {allocation}{pruned})"]
     for i, r in enumerate(rows):
         lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
         if i == 0:

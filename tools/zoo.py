@@ -192,8 +192,9 @@ def _expect(condition: bool, what: str) -> None:
         raise StepFailed(what)
 
 
-def check(name: str, workdir: str | os.PathLike, *, steps: tuple[str, ...] = STEPS) -> Row:
-    """Run `name` through the steps; a step that raises records the error and skips those after it."""
+def check(name: str, workdir: str | os.PathLike, *, steps: tuple[str, ...] = STEPS, options: dict[str, Any] | None = None) -> Row:
+    """Run `name` through the steps; a step that raises records the error and skips those after it.
+    `options`: Config options every step passes on (e.g. {"mlp": "prune"})."""
     import tngraph
 
     arch = ARCHS[name]
@@ -210,13 +211,14 @@ def check(name: str, workdir: str | os.PathLike, *, steps: tuple[str, ...] = STE
         row.steps = {s: f"failed: building the model: {type(e).__name__}: {e}" for s in STEPS}
         return row
     state: dict[str, Any] = {}
+    extra = dict(options or {})
 
     def compress() -> None:
-        full = tngraph.compress_with_result(model, calibration=calibration, budget=1.0, heal_steps=0, progress=False)
+        full = tngraph.compress_with_result(model, calibration=calibration, budget=1.0, heal_steps=0, progress=False, **extra)
         with torch.no_grad():
             err = _relative(first_output(full.module(**probe)), dense)
         _expect(err < 1e-5, f"at budget 1.0 the output differs from the original by {err:.2e} (relative)")
-        result = tngraph.compress_with_result(model, calibration=calibration, budget=0.5, heal_steps=0, progress=False)
+        result = tngraph.compress_with_result(model, calibration=calibration, budget=0.5, heal_steps=0, progress=False, **extra)
         factorized = [p for p in result.context.plan.values() if p.format != "dense"]
         _expect(bool(factorized), "nothing was factorized at budget 0.5")
         with torch.no_grad():
@@ -245,7 +247,7 @@ def check(name: str, workdir: str | os.PathLike, *, steps: tuple[str, ...] = STE
             return run
 
         torch._dynamo.reset()
-        compiled = torch.compile(arch.build(), backend=spy, options={"budget": 0.5, "calibration": calibration, "fallback": "eager"})
+        compiled = torch.compile(arch.build(), backend=spy, options={"budget": 0.5, "calibration": calibration, "fallback": "eager", **extra})
         with torch.no_grad():
             out = first_output(compiled(**probe))
         ops = set(layers.OPS)

@@ -17,6 +17,8 @@ from ..errors import ConfigError
 from ..tn import conv as conv_formats
 from ..tn.formats import FORMATS, Format, rank_for_params
 from .base import PassContext, PassResult, declare
+from .mlp import marked_pairs, pair_members
+from .targets import target_weight
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +71,22 @@ def reallocate(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> set[str
 def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, tuple[meta.PlanInfo, str]]:
     """Every target's plan (and its counter name), the targets in `fixed` dense, the rest within the budget."""
     budget = ctx.config.budget
-    budgeted = budgeted_plans(gm, ctx, fixed) if ctx.config.allocation_kind == "budgeted" else {}
-    nodes = [n for n in meta.targets(gm) if meta.info(n).target.name not in budgeted]
+    pruned, spent = prune_plans(gm, ctx, fixed)
+    budgeted = {}
+    if ctx.config.allocation_kind == "budgeted":  # a byte budget counts the blocks' parameters at their weights' element size
+        downs = [n for n in meta.targets(gm) if meta.info(n).target.name in marked_pairs(gm, ctx)]
+        unit = target_weight(gm, meta.info(downs[0]).target).element_size() if downs and ctx.config.budget_kind == "bytes" else 1
+        budgeted = budgeted_plans(gm, ctx, fixed, spent * unit)
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.name not in budgeted and meta.info(n).target.name not in pruned]
     infos = [meta.info(n).target for n in nodes]
-    if fixed & {t.name for t in infos}:  # uniform: the others keep the fraction that brings the total back to the budget
-        left = budget * sum(t.dense_params for t in infos) - sum(t.dense_params for t in infos if t.name in fixed)
+    if fixed & {t.name for t in infos} or spent > 0:  # uniform: the others keep the fraction that brings the total back to the budget
+        left = budget * sum(t.dense_params for t in infos) - sum(t.dense_params for t in infos if t.name in fixed) - spent
         others = sum(t.dense_params for t in infos if t.name not in fixed)
         if others <= 0 or left <= 0:
             raise ConfigError(f"budget {budget:g} leaves nothing for the other targets", "raise the budget")
         budget = min(left / others, 1.0)
     plans = {name: (plan, f"budgeted.{plan.format}") for name, plan in budgeted.items()}
+    plans.update({name: (plan, plan.format) for name, plan in pruned.items()})
     for t in infos:
         if t.name in fixed:
             plans[t.name] = (meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="guard"), "dense.guard")
@@ -152,9 +160,11 @@ def _dense_only(curve):
                        curve.quant[-1:])
 
 
-def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> tuple[list[fx.Node], list[Any], list[int]]:
+def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset(), spent: float = 0.0
+                    ) -> tuple[list[fx.Node], list[Any], list[int]]:
     """The linear targets, their curves (ctx.curves; `fixed` ones reduced to dense) and per target the
     index of the candidate minimising the summed predicted loss with the total cost within the budget
+    less `spent` (what pruned MLP blocks took beyond their share; negative: left over by them)
     (`solve_budget`); the budget's errors are raised here."""
     cfg = ctx.config
     if cfg.format != "lowrank":
@@ -162,13 +172,14 @@ def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froz
             f"budgeted allocation chooses low-rank ranks; format {cfg.format!r} is allocated uniformly for now",
             "use format='svd' with allocation='budgeted', or allocation='uniform'",
         )
-    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
+    pruned = pair_members(gm, ctx)  # pruned MLP blocks keep the budget on their own (prune_plans)
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear" and meta.info(n).target.name not in pruned]
     curves = [ctx.curves[meta.info(n).target.name] for n in nodes]
     curves = [_dense_only(c) if c.name in fixed else c for c in curves]
     if not curves:
         return [], [], []
     # what the budget counts (Config.budget_kind); the last candidate of a curve is dense
-    limit = cfg.budget * sum(c.cost[-1] for c in curves)
+    limit = cfg.budget * sum(c.cost[-1] for c in curves) - spent
 
     def cost(choice: list[int]) -> float:
         return sum(c.cost[i] for c, i in zip(curves, choice))
@@ -190,16 +201,16 @@ def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froz
     return nodes, curves, solve_budget([c.cost for c in curves], [c.loss for c in curves], limit)
 
 
-def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
+def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset(), spent: float = 0.0) -> dict[str, meta.PlanInfo]:
     """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
     with their total cost within the budget: a Lagrangian relaxation (each target takes the
     candidate minimising loss + lambda * cost; lambda bisected to meet the budget), then the
     leftover budget spent greedily on the best loss reduction per unit of cost."""
     cfg = ctx.config
-    nodes, curves, best = budgeted_choice(gm, ctx, fixed)
+    nodes, curves, best = budgeted_choice(gm, ctx, fixed, spent)
     if not curves:
         return {}
-    limit = cfg.budget * sum(c.cost[-1] for c in curves)
+    limit = cfg.budget * sum(c.cost[-1] for c in curves) - spent
 
     def cost(choice: list[int]) -> float:
         return sum(c.cost[i] for c, i in zip(curves, choice))
@@ -222,3 +233,42 @@ def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froze
              cfg.budget_kind, sum(r is not None for r in (c.ranks[i] for c, i in zip(curves, best))), len(curves),
              cost(best) / (limit / cfg.budget), cfg.budget_kind, params_kept)
     return plans
+
+
+def prune_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> tuple[dict[str, meta.PlanInfo], float]:
+    """The plans of the pruned MLP blocks (Config.mlp == "prune"), every member of a block at the
+    largest neuron count whose parameters fit `budget` of the block's (a block with a member in
+    `fixed`, refused by the guard, dense), and the parameters they take beyond `budget` of theirs
+    (negative: left over for the other targets)."""
+    pairs = marked_pairs(gm, ctx)
+    if not pairs:
+        return {}, 0.0
+    infos = {meta.info(n).target.name: meta.info(n).target for n in meta.targets(gm)}
+    missing = [down for down in pairs if getattr(ctx.stats.get(down), "rows", 0) <= 0]
+    if missing:
+        raise ConfigError(f"mlp='prune' chooses neurons on calibration data, and {missing[0]} saw none",
+                          "pass calibration data (texts, inputs or --calibration FILE), or mlp='lowrank'")
+    plans: dict[str, meta.PlanInfo] = {}
+    spent = 0.0
+
+    for down, pair in pairs.items():
+        members = [infos[name] for name in (*pair.ups, down)]
+        dense = sum(t.dense_params for t in members)
+
+        def kept(n: int, ups=members[:-1], down=members[-1]) -> list[int]:  # each member's parameters at n neurons
+            return [n * (t.in_features + (1 if t.bias else 0)) for t in ups] + [down.out_features * (n + (1 if down.bias else 0))]
+
+        count = max((n for n in range(1, pair.hidden + 1) if sum(kept(n)) <= ctx.config.budget * dense), default=0)
+        if fixed & {t.name for t in members} or count in (0, pair.hidden):
+            if count == 0 and not fixed & {t.name for t in members}:
+                raise ConfigError(f"budget {ctx.config.budget:g} is too small for the MLP block of {down}: one neuron keeps "
+                                  f"{sum(kept(1)) / dense:.3f} of its parameters", "raise the budget, or mlp='lowrank'")
+            why = "guard" if fixed & {t.name for t in members} else "every neuron fits"
+            plans.update({t.name: meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason=f"pruned block: {why}") for t in members})
+            spent += dense - ctx.config.budget * dense
+            continue
+        for t, params in zip(members, kept(count)):
+            plans[t.name] = meta.PlanInfo("prune", count, t.dense_params, params, reason=f"pruned block: {count} of {pair.hidden} neurons")
+        spent += sum(kept(count)) - ctx.config.budget * dense
+    ctx.counters["allocate.pruned_blocks"] = sum(plans[d].format == "prune" for d in pairs)
+    return plans, spent

@@ -22,6 +22,7 @@ from ..tn.formats import FORMATS
 from ..tn.whitening import output_gram_whitening, whitening_from_gram
 from . import fisher
 from .base import PassContext, PassResult, declare
+from .mlp import marked_pairs
 from .head import head_targets, reduced_head
 from .targets import getattr_path, target_weight
 
@@ -163,12 +164,13 @@ def output_side(gm: fx.GraphModule, ctx: PassContext, inputs: dict[str, list[fx.
     rows, precisions and the predictor read X^T X or the whitened weight itself (Config.short_side_used)."""
     if not ctx.config.short_side_used:
         return set()
+    pruned = marked_pairs(gm, ctx)  # a pruned block's down projection needs its input Gram itself
     groups: dict[tuple, list[meta.TargetInfo]] = {}
     for node in meta.targets(gm):
         t = meta.info(node).target
         groups.setdefault(_input_key(t, inputs), []).append(t)
     return {key for key, ts in groups.items()
-            if all(t.kind == "linear" and t.conv is None and not t.lookups and t.name not in heads for t in ts)
+            if all(t.kind == "linear" and t.conv is None and not t.lookups and t.name not in heads and t.name not in pruned for t in ts)
             and sum(t.out_features**2 for t in ts) < ts[0].in_features**2}
 
 

@@ -21,6 +21,7 @@ from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted, lowrank_from_outputs
 from ..tn.formats import FORMATS
 from ..tn.quant import Choice
+from ..tn.prune import Selection, prune_neurons
 from ..tn.refit import refit_core
 from ..tn.whitening import OutputGram, ProjectedGradGram
 from .base import PassContext, PassResult, declare, recorded, replay
@@ -28,6 +29,7 @@ from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
+from .mlp import pair_members
 from .sensitivity import quant_tensors, quant_weight
 from .rewrite import RewriteRule, apply_rules
 from .targets import TRANSPOSES, EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
@@ -467,12 +469,100 @@ def preset_plans(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=False, summary={"preset": placed})
 
 
+def _check_prune(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    plan = meta.info(m.node).plan
+    if plan is None:
+        return "unplanned"
+    return None if plan.format == "prune" else "other_format"
+
+
+def _block_selection(gm: fx.GraphModule, ctx: PassContext, pair) -> Selection | None:
+    """The pruned block's kept neurons and refitted down projection (tngraph.tn.prune: greedy on the
+    down projection's input Gram, weighted by its output-gradient Gram when output whitening is on),
+    decided once per block and guarded on the down projection; None when the guard refused it."""
+    chosen = ctx.analysis.setdefault("pruned_blocks", {})
+    if pair.down in chosen:
+        return chosen[pair.down]
+    down = next(n for n in meta.targets(gm) if meta.info(n).target.name == pair.down)
+    t, count = meta.info(down).target, meta.info(down).plan.rank
+    stats, grads = ctx.stats[t.name], ctx.grad_stats.get(t.name)
+    gram = stats.gram if stats.gram is not None else stats.whitening.s @ stats.whitening.s.T  # a lean run kept the Cholesky factor
+    out_gram = None
+    if ctx.config.output_whiten and grads is not None and grads.rows > 0:
+        out_gram = grads.gram
+        out_gram = out_gram + grads.damping(ctx.config.output_damping) * float(out_gram.diagonal().mean().clamp_min(1e-300)) * \
+            torch.eye(out_gram.shape[0], dtype=out_gram.dtype)
+        ctx.counters["factorize.prune.output_weighted"] += 1
+    weight = target_weight(gm, t)
+    selection = prune_neurons(weight, gram, count, out_gram)
+    full = torch.zeros_like(weight)
+    full[:, selection.keep] = selection.weight
+    chosen[pair.down] = selection if accept(ctx, down, weight, full) else None
+    return chosen[pair.down]
+
+
+def _prune_plan(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> TargetPlan | None:
+    """A pruned block's member: an up projection's kept rows or the down projection's refitted
+    columns (its block's selection, `_block_selection`); None when the guard refused the block."""
+    t, plan = meta.info(m.node).target, meta.info(m.node).plan
+    pair = pair_members(gm, ctx)[t.name]
+    selection = _block_selection(gm, ctx, pair)
+    if selection is None:
+        return None
+    keep = selection.keep
+    if t.name == pair.down:
+        factors = {"weight": selection.weight.contiguous(), "columns": keep.clone()}
+    else:
+        factors = {"weight": target_weight(gm, t)[keep].detach().clone(), "rows": keep.clone()}
+    ctx.counters["factorize.prune.members"] += 1
+    return TargetPlan(t.name, "prune", plan.rank, t.in_features, t.out_features, t.bias is not None, factors)
+
+
+def _prune_replacement(m: LinearMatch, gm: fx.GraphModule, ctx: PassContext) -> fx.Node:
+    """linear(x, W, b) -> linear(x, W[keep], b[keep]) for an up projection, linear(h, W', b) for the
+    down projection (h: the block's hidden values, now of the kept neurons alone)."""
+    t = meta.info(m.node).target
+    decided = _decided(m, gm, ctx, _prune_plan)
+    if decided is None:
+        return None
+    fake_mode = detect_fake_mode([m.x.meta.get("val")])
+    if "columns" in decided.factors:
+        _refresh_values(m.x, fake_mode)  # the elementwise ops between now carry the kept neurons alone
+    with gm.graph.inserting_before(m.node):
+        weight = _add_factor(gm, t, "prune_weight", decided.factors["weight"])
+        bias = m.bias
+        if m.bias is not None and "rows" in decided.factors:
+            bias = _add_factor(gm, t, "prune_bias", getattr_path(gm, str(m.bias.target)).detach()[decided.factors["rows"]].clone())
+        out = gm.graph.call_function(aten.linear.default, (m.x, weight, bias))
+    created = [(weight, "factor_weight"), (out, "layer")] + ([(bias, "factor_bias")] if bias is not m.bias else [])
+    return _finish(m, created, out)
+
+
+def _refresh_values(node: fx.Node, fake_mode) -> None:
+    """The FakeTensor values of `node` and the elementwise nodes before it, recomputed in graph order
+    from their inputs' (the block's up projections have been rewritten already)."""
+    region, frontier = set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in region or n.op != "call_function" or meta.info(n).target is not None or meta.info(n).provenance is not None:
+            continue
+        region.add(n)
+        frontier.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    for n in sorted(region, key=order.__getitem__):
+        with fake_mode:
+            args = fx.node.map_arg(n.args, lambda a: _val(a, fake_mode))
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: _val(a, fake_mode))
+            n.meta["val"] = n.target(*args, **kwargs)
+
+
 LOWRANK_LINEAR = RewriteRule("lowrank_linear", _pattern, _check, _replacement)
 NETWORK_LINEAR = RewriteRule("network_linear", _pattern, _check_network, _network_replacement)
 LAYER_LINEAR = RewriteRule("layer_linear", _pattern, _check_layer, _layer_replacement)
 QUANT_LINEAR = RewriteRule("quant_linear", _pattern, _check_quant, _quant_replacement)
 LOWRANK_EMBEDDING = RewriteRule("lowrank_embedding", _embedding_pattern, _check_embedding, _embedding_replacement)
-RULES = [LOWRANK_LINEAR, NETWORK_LINEAR, LAYER_LINEAR, QUANT_LINEAR, LOWRANK_EMBEDDING]
+PRUNE_LINEAR = RewriteRule("prune_linear", _pattern, _check_prune, _prune_replacement)
+RULES = [PRUNE_LINEAR, LOWRANK_LINEAR, NETWORK_LINEAR, LAYER_LINEAR, QUANT_LINEAR, LOWRANK_EMBEDDING]
 
 
 def _planned(node: fx.Node) -> bool:
@@ -482,7 +572,7 @@ def _planned(node: fx.Node) -> bool:
 def _decide_one(gm: fx.GraphModule, ctx: PassContext, node: fx.Node) -> tuple[bool, TargetPlan | None, meta.PlanInfo | None]:
     """Decompose one node's plan and guard it (on the rank that owns it): (decided, the plan or None
     when the guard refused it, the node's plan after the guard)."""
-    for rule, plan_fn in ((LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LAYER_LINEAR, _layer_plan),
+    for rule, plan_fn in ((PRUNE_LINEAR, _prune_plan), (LOWRANK_LINEAR, _lowrank_plan), (NETWORK_LINEAR, _network_plan), (LAYER_LINEAR, _layer_plan),
                           (QUANT_LINEAR, _quant_plan), (LOWRANK_EMBEDDING, _embedding_plan)):
         match = rule.pattern(node)
         if match is not None and rule.check(match, gm, ctx) is None:
@@ -529,6 +619,9 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _decide(gm, ctx, [n for n in meta.targets(gm) if meta.info(n).target.name in changed])
     candidates = [n for n in meta.target_uses(gm) if _planned(n)]  # every use of a shared weight, one set of factors
     replaced = {meta.info(n).target.weight for n in candidates}
+    # a pruned up projection reads its kept bias entries: the whole bias goes with the weight
+    replaced |= {meta.info(n).target.bias for n in candidates if meta.info(n).plan.format == "prune" and meta.info(n).target.bias
+                 and meta.info(n).target.name not in ctx.analysis.get("mlp_pairs", {})}
     replaced |= _dead_aliases(gm, replaced)
     fired = apply_rules(gm, ctx, RULES, nodes=candidates)
     ctx.analysis.pop("decided", None)  # the factors now live in the graph and ctx.plan

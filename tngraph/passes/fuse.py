@@ -64,7 +64,9 @@ class LayerMatch:
 
 def _region(node: fx.Node, layer: Layer) -> LayerMatch | None:
     info = meta.info(node)
-    if info.target is None or info.plan is None or not _in_layer(node) or layer_for(info.plan.format, conv=info.target.conv is not None) is not layer:
+    if info.target is None or info.plan is None or info.plan.format == "prune" or not _in_layer(node):  # pruned: a plain linear
+        return None
+    if layer_for(info.plan.format, conv=info.target.conv is not None) is not layer:
         return None
     source = info.provenance.source
     region = tuple(n for n in node.graph.nodes if (p := meta.info(n).provenance) is not None and p.created_by == "factorize"

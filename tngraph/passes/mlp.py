@@ -11,6 +11,7 @@ operand such as a per-neuron scale, an intermediate value read elsewhere, a shar
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.fx as fx
 from .. import meta
 from .targets import match_linear
 
+log = logging.getLogger(__name__)
 aten = torch.ops.aten
 _ELEMENTWISE_EXTRA = (aten._to_copy.default,)  # dtype casts: elementwise, not tagged pointwise
 
@@ -170,3 +172,25 @@ def prune_pair_modules(model: torch.nn.Module, pair: MLPPair, keep: torch.Tensor
 def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     owner, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner) if owner else model, attr, module)
+
+
+def marked_pairs(gm: fx.GraphModule, ctx) -> dict[str, MLPPair]:
+    """The MLP blocks pruned in this run (Config.mlp == "prune"), by down name; found once, on the
+    first call, into ctx.analysis["mlp_pairs"] (with counters mlp.blocks and mlp.refused.<why>);
+    empty for the other MLP modes."""
+    if ctx.config.mlp != "prune":
+        return {}
+    if "mlp_pairs" not in ctx.analysis:
+        pairs, refused = mlp_pairs(gm)
+        ctx.analysis["mlp_pairs"] = {p.down: p for p in pairs}
+        ctx.counters["mlp.blocks"] += len(pairs)
+        for why, count in refused.items():
+            ctx.counters[f"mlp.refused.{why}"] += count
+        log.info("mlp: %d blocks pruned by neurons%s", len(pairs),
+                 "".join(f"; {n} refused ({why.replace('_', ' ')})" for why, n in sorted(refused.items())))
+    return ctx.analysis["mlp_pairs"]
+
+
+def pair_members(gm: fx.GraphModule, ctx) -> dict[str, MLPPair]:
+    """Every target of a pruned block (ups and down) -> its block."""
+    return {name: pair for pair in marked_pairs(gm, ctx).values() for name in (*pair.ups, pair.down)}

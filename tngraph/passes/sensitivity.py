@@ -46,6 +46,7 @@ from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
 from .head import head_targets, reduced_head
 from .fisher import output_whitening
+from .mlp import pair_members
 from .targets import target_weight
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     if cfg.allocation_kind == "uniform":
         return PassResult(gm, modified=False, summary={"skipped": "uniform allocation"})
-    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear"]
+    pruned = pair_members(gm, ctx)  # pruned MLP blocks: no curves, they keep the budget on their own
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear" and meta.info(n).target.name not in pruned]
     measures = cfg.sensitivity == "measured" or cfg.refine
     # the measurements compare outputs through their squared error: a language model's head runs
     # reduced; a head that is a target is held dense meanwhile, its share known without measuring

@@ -49,7 +49,7 @@ def _check(weight: torch.Tensor, gram: torch.Tensor, out_gram: torch.Tensor | No
 def _refit(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(W C[:, K] C_KK^-1, C_KK^-1) with C_KK damped by `damping` times its mean diagonal."""
     ckk = c[keep][:, keep]
-    ckk = ckk + damping * max(float(ckk.diagonal().mean()), 1e-300) * torch.eye(len(keep), dtype=c.dtype)
+    ckk = ckk + damping * max(float(ckk.diagonal().mean()), 1e-300) * torch.eye(len(keep), dtype=c.dtype, device=c.device)
     inverse = torch.linalg.inv(ckk)
     return w @ c[:, keep] @ inverse, inverse
 
