@@ -28,9 +28,9 @@ def _compress(name, **options):
     return arch, model, tngraph.compress_with_result(model, calibration=calibration, heal_steps=0, progress=False, **options)
 
 
-@pytest.mark.parametrize("name, ups", [("bert", 1), ("llama", 2)])
-def test_blocks_are_pruned_within_the_budget_and_the_graph_runs_them(name, ups):
-    arch, model, result = _compress(name, budget=0.5, mlp="prune")
+@pytest.mark.parametrize("name, ups, allocation", [("bert", 1, "uniform"), ("llama", 2, "budgeted")])
+def test_blocks_are_pruned_within_the_budget_and_the_graph_runs_them(name, ups, allocation):
+    arch, model, result = _compress(name, budget=0.5, mlp="prune", allocation=allocation)
     pruned = {n: m for n, m in result.module.named_modules() if isinstance(m, PrunedLinear)}
     assert len(pruned) == 2 * (ups + 1)  # two layers, each block's ups and down
     plans = result.context.plan
@@ -41,7 +41,8 @@ def test_blocks_are_pruned_within_the_budget_and_the_graph_runs_them(name, ups):
     for down, pair in blocks.items():
         members = [plans[n] for n in (*pair.ups, down)]
         assert len({p.rank for p in members}) == 1
-        assert sum(p.params_after for p in members) <= 0.5 * sum(p.params_before for p in members)
+        if allocation == "uniform":  # each block keeps the budget; budgeted: the blocks and the rest share it
+            assert sum(p.params_after for p in members) <= 0.5 * sum(p.params_before for p in members)
         assert torch.equal(pruned[down].index, pruned[pair.ups[0]].index)
     # the whole budget holds over every target, the pruned blocks and the low-rank rest (a target kept dense counts whole)
     def size(n):
@@ -56,6 +57,8 @@ def test_blocks_are_pruned_within_the_budget_and_the_graph_runs_them(name, ups):
     result.graph.graph.lint()
     shapes = [tuple(node.args[1].meta["val"].shape) for node in result.graph.graph.nodes if node.target == torch.ops.aten.linear.default]
     assert sum(s[0] == plans[next(iter(blocks))].rank for s in shapes) >= ups
+    if allocation == "budgeted":
+        assert result.context.counters["sensitivity.pruned_blocks"] == 2
     probe = zoo.batch(arch, 7)
     with torch.no_grad():
         out, graph_out = zoo.first_output(result.module(**probe)), zoo.first_output(result.graph(**probe))
@@ -112,7 +115,11 @@ def test_what_pruning_cannot_take_is_refused_by_name():
     with pytest.raises(ConfigError, match="mlp='prune' chooses neurons on calibration data"):
         tngraph.compress(arch.build(), zoo.batch(arch, 0), mlp="prune", heal_steps=0, progress=False)
     with pytest.raises(ConfigError, match="too small for the MLP block"):
+        _compress("bert", budget=0.01, mlp="prune", allocation="uniform")
+    with pytest.raises(ConfigError, match="below the cheapest factorization"):
         _compress("bert", budget=0.01, mlp="prune")
+    with pytest.raises(ConfigError, match="mlp='prune' does not combine with refine"):
+        tngraph.Config(mlp="prune", refine=2)
 
 
 def test_a_byte_budget_counts_the_pruned_blocks_in_bytes():

@@ -97,10 +97,12 @@ class Config:
         error) dense and factorize the rest; chosen when that serves the budget better.
     mlp: "lowrank" (default) or "prune": every MLP block the graph holds (tngraph.passes.mlp: up
         projections -> elementwise ops -> down projection, nothing else reading the hidden values)
-        keeps `budget` of its parameters as whole hidden neurons, chosen greedily by their predicted
-        cost with the down projection refitted by least squares on the calibration activations
-        (tngraph.tn.prune); every other target is allocated as usual within `budget` of its own.
-        Needs calibration data; not combined with bits or a latency budget yet.
+        is shrunk by whole hidden neurons, chosen greedily by their predicted cost with the down
+        projection refitted by least squares on the calibration activations (tngraph.tn.prune).
+        Budgeted allocation takes each block as one candidate curve (its neuron counts, the whole
+        block's parameters, the error measured like the other targets') beside the other targets'
+        ranks; uniform allocation keeps `budget` of every block and of every other target. Needs
+        calibration data; not combined with bits, a latency budget or refine yet.
     mixture: tensor-network formats (e.g. ("tucker", "tt", "tr"), as in Minima) whose candidates join
         the low-rank ones in budgeted allocation: each decomposed at 4 ranks per target and its
         error measured, so that a target takes whichever format serves the budget best
@@ -245,8 +247,9 @@ class Config:
                                       metavar="REGEX")
     calibration_samples: int = option(2048, "--calibration-samples", "calibration samples used (default 2048)", type=int)
     mlp: str = option("lowrank", "--mlp", "how MLP blocks (up -> activation -> down, gated ones too) are compressed: lowrank "
-                      "(default: each linear a target of its own) or prune: each block keeps --budget of its parameters as whole "
-                      "hidden neurons, the down projection refitted; the other targets share the rest as usual", choices=MLP_MODES)
+                      "(default: each linear a target of its own) or prune: whole hidden neurons dropped, the down projection "
+                      "refitted; budgeted allocation chooses each block's neuron count beside the other targets' ranks, uniform "
+                      "keeps --budget of every block", choices=MLP_MODES)
     eval_samples: int = option(2000, "--eval-samples", "held-out sentences for the agreement report (default 2000)", type=int,
                                cli_default=2000)
     batch_size: int = 32
@@ -305,10 +308,11 @@ class Config:
             raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(MIXABLE)}")
         if self.mlp not in MLP_MODES:
             raise ConfigError(f"unknown mlp mode {self.mlp!r}", f"choose one of {', '.join(MLP_MODES)}")
-        if self.mlp == "prune" and (self.bits or self.budget_kind == "latency" or not self.whiten):
-            what = "bits" if self.bits else "budget_kind='latency'" if self.budget_kind == "latency" else "whiten=False"
-            raise ConfigError(f"mlp='prune' does not combine with {what} yet (pruned blocks have no quantized, timed or "
-                              "data-free candidates)", f"pass mlp='lowrank', or drop {what}")
+        if self.mlp == "prune" and (self.bits or self.budget_kind == "latency" or not self.whiten or self.refine):
+            what = ("bits" if self.bits else "budget_kind='latency'" if self.budget_kind == "latency" else "whiten=False" if not self.whiten
+                    else "refine")
+            raise ConfigError(f"mlp='prune' does not combine with {what} yet (pruned blocks have no quantized, timed, data-free "
+                              "or refined candidates)", f"pass mlp='lowrank', or drop {what}")
         if mixture and self.allocation_kind != "budgeted":
             raise ConfigError("mixture formats are chosen by the budgeted allocation", "pass allocation='budgeted' (and format='svd') with mixture")
         if mixture and self.budget_kind == "latency":

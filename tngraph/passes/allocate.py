@@ -17,8 +17,7 @@ from ..errors import ConfigError
 from ..tn import conv as conv_formats
 from ..tn.formats import FORMATS, Format, rank_for_params
 from .base import PassContext, PassResult, declare
-from .mlp import marked_pairs, pair_members
-from .targets import target_weight
+from .mlp import marked_pairs, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +70,9 @@ def reallocate(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> set[str
 def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, tuple[meta.PlanInfo, str]]:
     """Every target's plan (and its counter name), the targets in `fixed` dense, the rest within the budget."""
     budget = ctx.config.budget
-    pruned, spent = prune_plans(gm, ctx, fixed)
-    budgeted = {}
-    if ctx.config.allocation_kind == "budgeted":  # a byte budget counts the blocks' parameters at their weights' element size
-        downs = [n for n in meta.targets(gm) if meta.info(n).target.name in marked_pairs(gm, ctx)]
-        unit = target_weight(gm, meta.info(downs[0]).target).element_size() if downs and ctx.config.budget_kind == "bytes" else 1
-        budgeted = budgeted_plans(gm, ctx, fixed, spent * unit)
+    # pruned MLP blocks: candidates of the budgeted allocation (their curves: sensitivity), else each at the budget
+    pruned, spent = prune_plans(gm, ctx, fixed) if ctx.config.allocation_kind != "budgeted" else ({}, 0.0)
+    budgeted = budgeted_plans(gm, ctx, fixed) if ctx.config.allocation_kind == "budgeted" else {}
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.name not in budgeted and meta.info(n).target.name not in pruned]
     infos = [meta.info(n).target for n in nodes]
     if fixed & {t.name for t in infos} or spent > 0:  # uniform: the others keep the fraction that brings the total back to the budget
@@ -87,6 +83,9 @@ def _plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str]) -> dict[str, t
         budget = min(left / others, 1.0)
     plans = {name: (plan, f"budgeted.{plan.format}") for name, plan in budgeted.items()}
     plans.update({name: (plan, plan.format) for name, plan in pruned.items()})
+    blocks = marked_pairs(gm, ctx)
+    if blocks:
+        ctx.counters["allocate.pruned_blocks"] = sum(plans[d][0].format == "prune" for d in blocks if d in plans)
     for t in infos:
         if t.name in fixed:
             plans[t.name] = (meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="guard"), "dense.guard")
@@ -160,26 +159,25 @@ def _dense_only(curve):
                        curve.quant[-1:])
 
 
-def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset(), spent: float = 0.0
-                    ) -> tuple[list[fx.Node], list[Any], list[int]]:
-    """The linear targets, their curves (ctx.curves; `fixed` ones reduced to dense) and per target the
-    index of the candidate minimising the summed predicted loss with the total cost within the budget
-    less `spent` (what pruned MLP blocks took beyond their share; negative: left over by them)
-    (`solve_budget`); the budget's errors are raised here."""
+def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> tuple[list[fx.Node], list[Any], list[int]]:
+    """The linear targets, their curves (ctx.curves; `fixed` ones reduced to dense; a pruned MLP block
+    is one, under its down projection's name) and per target the index of the candidate minimising
+    the summed predicted loss with the total cost within the budget (`solve_budget`); the budget's
+    errors are raised here."""
     cfg = ctx.config
     if cfg.format != "lowrank":
         raise ConfigError(
             f"budgeted allocation chooses low-rank ranks; format {cfg.format!r} is allocated uniformly for now",
             "use format='svd' with allocation='budgeted', or allocation='uniform'",
         )
-    pruned = pair_members(gm, ctx)  # pruned MLP blocks keep the budget on their own (prune_plans)
-    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear" and meta.info(n).target.name not in pruned]
+    ups = {up for pair in marked_pairs(gm, ctx).values() for up in pair.ups}  # a pruned block's curve is its down projection's
+    nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear" and meta.info(n).target.name not in ups]
     curves = [ctx.curves[meta.info(n).target.name] for n in nodes]
     curves = [_dense_only(c) if c.name in fixed else c for c in curves]
     if not curves:
         return [], [], []
     # what the budget counts (Config.budget_kind); the last candidate of a curve is dense
-    limit = cfg.budget * sum(c.cost[-1] for c in curves) - spent
+    limit = cfg.budget * sum(c.cost[-1] for c in curves)
 
     def cost(choice: list[int]) -> float:
         return sum(c.cost[i] for c, i in zip(curves, choice))
@@ -201,16 +199,16 @@ def budgeted_choice(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froz
     return nodes, curves, solve_budget([c.cost for c in curves], [c.loss for c in curves], limit)
 
 
-def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset(), spent: float = 0.0) -> dict[str, meta.PlanInfo]:
+def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozenset()) -> dict[str, meta.PlanInfo]:
     """Ranks (or dense) for the linear targets minimising the summed predicted loss of their curves
     with their total cost within the budget: a Lagrangian relaxation (each target takes the
     candidate minimising loss + lambda * cost; lambda bisected to meet the budget), then the
     leftover budget spent greedily on the best loss reduction per unit of cost."""
     cfg = ctx.config
-    nodes, curves, best = budgeted_choice(gm, ctx, fixed, spent)
+    nodes, curves, best = budgeted_choice(gm, ctx, fixed)
     if not curves:
         return {}
-    limit = cfg.budget * sum(c.cost[-1] for c in curves) - spent
+    limit = cfg.budget * sum(c.cost[-1] for c in curves)
 
     def cost(choice: list[int]) -> float:
         return sum(c.cost[i] for c, i in zip(curves, choice))
@@ -219,7 +217,9 @@ def budgeted_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = froze
     for node, c, i in zip(nodes, curves, best):
         t = meta.info(node).target
         rank = c.ranks[i]
-        if rank is None:
+        if t.name in marked_pairs(gm, ctx):  # a pruned block: its down projection's curve holds the whole block's
+            plans.update(_block_plans(gm, ctx, t.name, rank, c.loss[i]))
+        elif rank is None:
             plans[t.name] = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: kept dense")
         elif c.quant[i] is not None:
             choice = c.quant[i]
@@ -244,10 +244,7 @@ def prune_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozense
     if not pairs:
         return {}, 0.0
     infos = {meta.info(n).target.name: meta.info(n).target for n in meta.targets(gm)}
-    missing = [down for down in pairs if getattr(ctx.stats.get(down), "rows", 0) <= 0]
-    if missing:
-        raise ConfigError(f"mlp='prune' chooses neurons on calibration data, and {missing[0]} saw none",
-                          "pass calibration data (texts, inputs or --calibration FILE), or mlp='lowrank'")
+    require_calibration(ctx, pairs)
     plans: dict[str, meta.PlanInfo] = {}
     spent = 0.0
 
@@ -270,5 +267,19 @@ def prune_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozense
         for t, params in zip(members, kept(count)):
             plans[t.name] = meta.PlanInfo("prune", count, t.dense_params, params, reason=f"pruned block: {count} of {pair.hidden} neurons")
         spent += sum(kept(count)) - ctx.config.budget * dense
-    ctx.counters["allocate.pruned_blocks"] = sum(plans[d].format == "prune" for d in pairs)
     return plans, spent
+
+
+def _block_plans(gm: fx.GraphModule, ctx: PassContext, down: str, count: int | None, loss: float) -> dict[str, meta.PlanInfo]:
+    """The plans of every member of the pruned MLP block of `down` at `count` neurons (None: dense)."""
+    pair = marked_pairs(gm, ctx)[down]
+    infos = {meta.info(n).target.name: meta.info(n).target for n in meta.targets(gm)}
+    plans = {}
+    for name in (*pair.ups, down):
+        t = infos[name]
+        if count is None:
+            plans[name] = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: pruned block kept dense")
+            continue
+        params = count * (t.in_features + (1 if t.bias else 0)) if name != down else t.out_features * (count + (1 if t.bias else 0))
+        plans[name] = meta.PlanInfo("prune", count, t.dense_params, params, reason=f"budgeted: {count} of {pair.hidden} neurons, loss {loss:.3g}")
+    return plans

@@ -29,7 +29,7 @@ from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
-from .mlp import pair_members
+from .mlp import block_statistics, pair_members
 from .sensitivity import quant_tensors, quant_weight
 from .rewrite import RewriteRule, apply_rules
 from .targets import TRANSPOSES, EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
@@ -484,16 +484,10 @@ def _block_selection(gm: fx.GraphModule, ctx: PassContext, pair) -> Selection | 
     if pair.down in chosen:
         return chosen[pair.down]
     down = next(n for n in meta.targets(gm) if meta.info(n).target.name == pair.down)
-    t, count = meta.info(down).target, meta.info(down).plan.rank
-    stats, grads = ctx.stats[t.name], ctx.grad_stats.get(t.name)
-    gram = stats.gram if stats.gram is not None else stats.whitening.s @ stats.whitening.s.T  # a lean run kept the Cholesky factor
-    out_gram = None
-    if ctx.config.output_whiten and grads is not None and grads.rows > 0:
-        out_gram = grads.gram
-        out_gram = out_gram + grads.damping(ctx.config.output_damping) * float(out_gram.diagonal().mean().clamp_min(1e-300)) * \
-            torch.eye(out_gram.shape[0], dtype=out_gram.dtype)
+    weight, gram, out_gram = block_statistics(gm, ctx, pair)
+    count = meta.info(down).plan.rank
+    if out_gram is not None:
         ctx.counters["factorize.prune.output_weighted"] += 1
-    weight = target_weight(gm, t)
     selection = prune_neurons(weight, gram, count, out_gram)
     full = torch.zeros_like(weight)
     full[:, selection.keep] = selection.weight

@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 
 from .. import meta
-from .targets import match_linear
+from ..errors import ConfigError
+from .targets import match_linear, target_weight
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -194,3 +195,28 @@ def marked_pairs(gm: fx.GraphModule, ctx) -> dict[str, MLPPair]:
 def pair_members(gm: fx.GraphModule, ctx) -> dict[str, MLPPair]:
     """Every target of a pruned block (ups and down) -> its block."""
     return {name: pair for pair in marked_pairs(gm, ctx).values() for name in (*pair.ups, pair.down)}
+
+
+def block_statistics(gm: fx.GraphModule, ctx, pair: MLPPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(down weight, its input Gram C, its damped output-gradient Gram G or None) of a pruned block:
+    what tngraph.tn.prune chooses neurons on. G is damped as output whitening damps it, and used
+    only when output whitening is on."""
+    require_calibration(ctx, [pair.down])
+    down = next(n for n in meta.targets(gm) if meta.info(n).target.name == pair.down)
+    t = meta.info(down).target
+    stats, grads = ctx.stats[t.name], ctx.grad_stats.get(t.name)
+    gram = stats.gram if stats.gram is not None else stats.whitening.s @ stats.whitening.s.T  # a lean run kept the Cholesky factor
+    out_gram = None
+    if ctx.config.output_whiten and grads is not None and grads.rows > 0:
+        out_gram = grads.gram
+        floor = float(out_gram.diagonal().mean().clamp_min(1e-300))
+        out_gram = out_gram + grads.damping(ctx.config.output_damping) * floor * torch.eye(out_gram.shape[0], dtype=out_gram.dtype)
+    return target_weight(gm, t), gram, out_gram
+
+
+def require_calibration(ctx, downs) -> None:
+    """Refuse, by name, pruned blocks whose down projection saw no calibration rows."""
+    missing = [down for down in downs if getattr(ctx.stats.get(down), "rows", 0) <= 0]
+    if missing:
+        raise ConfigError(f"mlp='prune' chooses neurons on calibration data, and {missing[0]} saw none",
+                          "pass calibration data (texts, inputs or --calibration FILE), or mlp='lowrank'")

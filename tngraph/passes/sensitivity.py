@@ -38,6 +38,7 @@ from ..layers import QUANT_LAYERS
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank, squared_singular_values
+from ..tn.prune import prune_curve
 from ..tn.quant import Choice, candidates, layer_weight, quantize_choice, tensor_bytes
 from ..tn.whitening import OutputGram, ProjectedGradGram
 from .allocate import budgeted_choice, budgeted_plans
@@ -46,7 +47,7 @@ from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
 from .head import head_targets, reduced_head
 from .fisher import output_whitening
-from .mlp import pair_members
+from .mlp import block_statistics, marked_pairs, pair_members
 from .targets import target_weight
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # the measured search is timed and counted first (its grid; then with the candidates the
         # spectra add): over Config.time_budget, the whitenings it would keep are never made twice
         error = _probe(gm, ctx) if cfg.sensitivity == "measured" and ctx.calibration else None
+        if marked_pairs(gm, ctx):  # pruned MLP blocks: their curves, measured against a dense background
+            _block_curves(gm, ctx, error)
         over = _over_time_budget(ctx, nodes, held, error)
         spectra, whitenings, energy, scale = _spectra(gm, ctx, nodes, keep=error is not None and over is None)
         over = over or _over_time_budget(ctx, nodes, held, error)
@@ -147,6 +150,62 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.counters[f"sensitivity.{kind}"] += len(nodes)
     log.info("sensitivity (%s): %d targets", kind, len(nodes))
     return PassResult(gm, modified=bool(nodes), summary={"targets": len(nodes), "kind": kind})
+
+
+BLOCK_GRID = 32  # a pruned block's candidates: every hidden/BLOCK_GRID neurons
+
+
+def _block_curves(gm: fx.GraphModule, ctx: PassContext, error: Any = None) -> None:
+    """Each pruned MLP block's curve (Config.mlp == "prune", budgeted allocation), kept under its down
+    projection's name: every hidden/BLOCK_GRID neurons, the whole block's parameters, and the
+    predicted error of one greedy sweep (tngraph.tn.prune) as a fraction of the block's output
+    energy, scaled like the other targets' curves: by the fisher energy ("fisher", "predicted"), or
+    by the share of the model's output error measured at the GRID fractions with every other target
+    dense ("measured": `error`, the probe; a pruned candidate is its refitted down projection with the
+    dropped columns zeroed, shapes unchanged)."""
+    infos = {meta.info(n).target.name: meta.info(n).target for n in meta.targets(gm)}
+    for down, pair in progress(list(marked_pairs(gm, ctx).items()), desc="blocks", enabled=ctx.config.progress, unit="block"):
+        weight, gram, out_gram = block_statistics(gm, ctx, pair)
+        counts = sorted({max(1, pair.hidden * k // BLOCK_GRID) for k in range(1, BLOCK_GRID)})
+        sweep = prune_curve(weight, gram, counts, out_gram)
+        w = weight.detach().to(torch.float64)
+        total = float((((w if out_gram is None else out_gram @ w) @ gram.to(torch.float64)) * w).sum())
+        rel = [s.error / max(total, 1e-300) for s in sweep]
+        scale = _block_scale(gm, ctx, pair, counts, sweep, rel, total, error)
+        members = [infos[name] for name in (*pair.ups, down)]
+        params = [sum(n * (t.in_features + (1 if t.bias else 0)) for t in members[:-1]) + n * members[-1].out_features
+                  + (members[-1].out_features if members[-1].bias else 0) for n in counts]
+        dense = sum(t.dense_params for t in members)
+        unit = weight.element_size() if ctx.config.budget_kind == "bytes" else 1
+        ctx.curves[down] = Curve(down, [*counts, None], [*params, dense], [r * scale(n) for r, n in zip(rel, counts)] + [0.0],
+                                 [float(p * unit) for p in params] + [float(dense * unit)], formats=["prune"] * len(counts) + ["dense"])
+        ctx.counters["sensitivity.pruned_blocks"] += 1
+
+
+def _block_scale(gm: fx.GraphModule, ctx: PassContext, pair, counts: list[int], sweep, rel: list[float], total: float, error: Any):
+    """count -> what turns a block's relative error into the curves' loss (see _block_curves)."""
+    stats, grads = ctx.stats.get(pair.down), ctx.grad_stats.get(pair.down)
+    if error is not None:
+        weight = target_weight(gm, meta.info(next(n for n in meta.targets(gm) if meta.info(n).target.name == pair.down)).target)
+        original, points = weight.detach().clone(), []
+        try:
+            with torch.no_grad():
+                for kept in GRID:
+                    i = min(range(len(counts)), key=lambda j: abs(counts[j] - kept * pair.hidden))
+                    candidate = torch.zeros_like(weight)
+                    candidate[:, sweep[i].keep] = sweep[i].weight.to(weight.dtype)
+                    weight.copy_(candidate)
+                    share = error()
+                    points.append((counts[i], share / rel[i] if rel[i] > 1e-12 else 1.0))
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+        positive = [p for p in points if p[1] > 0]
+        return _interpolator(positive or [(n, 1e-12) for n, _ in points])
+    if ctx.config.sensitivity in ("fisher", "predicted", "measured") and grads is not None and grads.energy > 0 and stats.rows > 0:
+        energy = total / stats.rows / grads.energy
+        return lambda n: energy
+    return lambda n: 1.0
 
 
 def _spectra(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], keep: bool) -> tuple[dict, dict, dict, dict]:
