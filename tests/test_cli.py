@@ -71,6 +71,18 @@ def test_compress_a_local_hugging_face_folder(tiny_hf, tmp_path, capsys):
     assert loaded.encoder.layer[0].attention.self.query.rank == recipe["targets"][0]["rank"]
 
 
+def test_compress_with_pruned_mlp_blocks_reports_the_plain_svd_baseline_too(tiny_hf, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["compress", "--heal-steps", "0", "--model", str(tiny_hf), "--out", str(out), "--mlp", "prune", *SMALL]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mlp_blocks_pruned"] == 2 and report["counters"]["allocate.pruned_blocks"] == 2
+    assert "plain_svd" in json.dumps(report)  # the data-free baseline is plain SVD everywhere, blocks included
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert sum(t["format"] == "prune" for t in recipe["targets"]) == 4
+    loaded = tngraph.load(out)
+    assert type(loaded.encoder.layer[0].intermediate.dense).__name__ == "PrunedLinear"
+
+
 def test_calibration_file(tiny_hf, tmp_path, capsys):
     data = tmp_path / "calib.txt"
     data.write_text("\n".join(f"calibration sentence number {i} about things." for i in range(20)), encoding="utf-8")

@@ -113,7 +113,8 @@ def plain_svd(model: Any, tokenizer: Any, config: Config, example_inputs: Any = 
     captured on `example_inputs` (default: random tokens)."""
     from ..api import compress_with_result
 
-    baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, mixture=(), bits=(), act_bits=0, heal_steps=0, dump_dir=None)
+    baseline = config.replace(whiten=False, allocation="uniform", budget_kind="params", dense_rows=False, mixture=(), bits=(), act_bits=0, heal_steps=0,
+                              dump_dir=None, mlp="lowrank")  # plain SVD everywhere: pruned blocks need calibration data
     example = example_inputs if example_inputs is not None else model_inputs(model, tokenizer.vocab_size, 2, 16, 0)
     return compress_with_result(model, example_inputs=example, config=baseline).module
 
