@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..tn import conv as conv_formats
 from ..tn.formats import FORMATS, Format, rank_for_params
 from .base import PassContext, PassResult, declare
-from .mlp import marked_pairs, require_calibration
+from .mlp import block_params, marked_pairs, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -247,26 +247,22 @@ def prune_plans(gm: fx.GraphModule, ctx: PassContext, fixed: set[str] = frozense
     require_calibration(ctx, pairs)
     plans: dict[str, meta.PlanInfo] = {}
     spent = 0.0
-
     for down, pair in pairs.items():
         members = [infos[name] for name in (*pair.ups, down)]
         dense = sum(t.dense_params for t in members)
 
-        def kept(n: int, ups=members[:-1], down=members[-1]) -> list[int]:  # each member's parameters at n neurons
-            return [n * (t.in_features + (1 if t.bias else 0)) for t in ups] + [down.out_features * (n + (1 if down.bias else 0))]
-
-        count = max((n for n in range(1, pair.hidden + 1) if sum(kept(n)) <= ctx.config.budget * dense), default=0)
+        count = max((n for n in range(1, pair.hidden + 1) if sum(block_params(members, n)) <= ctx.config.budget * dense), default=0)
         if fixed & {t.name for t in members} or count in (0, pair.hidden):
             if count == 0 and not fixed & {t.name for t in members}:
                 raise ConfigError(f"budget {ctx.config.budget:g} is too small for the MLP block of {down}: one neuron keeps "
-                                  f"{sum(kept(1)) / dense:.3f} of its parameters", "raise the budget, or mlp='lowrank'")
+                                  f"{sum(block_params(members, 1)) / dense:.3f} of its parameters", "raise the budget, or mlp='lowrank'")
             why = "guard" if fixed & {t.name for t in members} else "every neuron fits"
             plans.update({t.name: meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason=f"pruned block: {why}") for t in members})
             spent += dense - ctx.config.budget * dense
             continue
-        for t, params in zip(members, kept(count)):
+        for t, params in zip(members, block_params(members, count)):
             plans[t.name] = meta.PlanInfo("prune", count, t.dense_params, params, reason=f"pruned block: {count} of {pair.hidden} neurons")
-        spent += sum(kept(count)) - ctx.config.budget * dense
+        spent += sum(block_params(members, count)) - ctx.config.budget * dense
     return plans, spent
 
 
@@ -274,12 +270,8 @@ def _block_plans(gm: fx.GraphModule, ctx: PassContext, down: str, count: int | N
     """The plans of every member of the pruned MLP block of `down` at `count` neurons (None: dense)."""
     pair = marked_pairs(gm, ctx)[down]
     infos = {meta.info(n).target.name: meta.info(n).target for n in meta.targets(gm)}
-    plans = {}
-    for name in (*pair.ups, down):
-        t = infos[name]
-        if count is None:
-            plans[name] = meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: pruned block kept dense")
-            continue
-        params = count * (t.in_features + (1 if t.bias else 0)) if name != down else t.out_features * (count + (1 if t.bias else 0))
-        plans[name] = meta.PlanInfo("prune", count, t.dense_params, params, reason=f"budgeted: {count} of {pair.hidden} neurons, loss {loss:.3g}")
-    return plans
+    members = [infos[name] for name in (*pair.ups, down)]
+    if count is None:
+        return {t.name: meta.PlanInfo("dense", None, t.dense_params, t.dense_params, reason="budgeted: pruned block kept dense") for t in members}
+    return {t.name: meta.PlanInfo("prune", count, t.dense_params, params, reason=f"budgeted: {count} of {pair.hidden} neurons, loss {loss:.3g}")
+            for t, params in zip(members, block_params(members, count))}

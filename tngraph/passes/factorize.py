@@ -29,7 +29,7 @@ from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
-from .mlp import block_statistics, pair_members
+from .mlp import block_statistics, marked_pairs, pair_members
 from .sensitivity import quant_tensors, quant_weight
 from .rewrite import RewriteRule, apply_rules
 from .targets import TRANSPOSES, EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
@@ -615,7 +615,7 @@ def factorize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     replaced = {meta.info(n).target.weight for n in candidates}
     # a pruned up projection reads its kept bias entries: the whole bias goes with the weight
     replaced |= {meta.info(n).target.bias for n in candidates if meta.info(n).plan.format == "prune" and meta.info(n).target.bias
-                 and meta.info(n).target.name not in ctx.analysis.get("mlp_pairs", {})}
+                 and meta.info(n).target.name not in marked_pairs(gm, ctx)}
     replaced |= _dead_aliases(gm, replaced)
     fired = apply_rules(gm, ctx, RULES, nodes=candidates)
     ctx.analysis.pop("decided", None)  # the factors now live in the graph and ctx.plan

@@ -19,6 +19,8 @@ import torch
 import torch.fx as fx
 
 from .. import meta
+from ..modules import PrunedLinear
+from ..recipe import swap_module
 from ..errors import ConfigError
 from .targets import match_linear, target_weight
 
@@ -64,7 +66,7 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def _plain_target(node: fx.Node) -> meta.TargetInfo | None:
-    """The node's target when it is a plain linear one (not a convolution, not an embedding, not transposed)."""
+    """The node's target when it is a plain linear one (not a convolution, not an embedding)."""
     t = meta.info(node).target
     if t is None or t.kind != "linear" or t.conv is not None or match_linear(node) is None:
         return None
@@ -144,7 +146,8 @@ def mlp_pairs(gm: fx.GraphModule) -> tuple[list[MLPPair], Counter]:
 def prune_pair_modules(model: torch.nn.Module, pair: MLPPair, keep: torch.Tensor, down_weight: torch.Tensor | None = None) -> None:
     """Make `pair`'s block in `model` keep the hidden neurons `keep` (in place): each up projection
     keeps those rows (and bias entries), the down projection those columns, or `down_weight`
-    (out x len(keep): a refitted one, tngraph.tn.prune) instead. Its modules must be nn.Linear."""
+    (out x len(keep): a refitted one, tngraph.tn.prune) instead, each a tngraph.modules.PrunedLinear
+    as the pipeline's pruned blocks are. Its modules must be nn.Linear."""
     keep = torch.as_tensor(keep, dtype=torch.long)
     if keep.dim() != 1 or len(keep) == 0 or int(keep.min()) < 0 or int(keep.max()) >= pair.hidden or len(set(keep.tolist())) != len(keep):
         raise ValueError(f"neurons to keep must be distinct indices in [0, {pair.hidden}), got {keep.tolist()[:8]}...")
@@ -155,24 +158,18 @@ def prune_pair_modules(model: torch.nn.Module, pair: MLPPair, keep: torch.Tensor
     down = layers[pair.down]
     if down_weight is not None and tuple(down_weight.shape) != (down.out_features, len(keep)):
         raise ValueError(f"the down weight must be {down.out_features}x{len(keep)}, got {tuple(down_weight.shape)}")
-    with torch.no_grad():
-        for name in pair.ups:
-            up = layers[name]
-            small = torch.nn.Linear(up.in_features, len(keep), bias=up.bias is not None, device=up.weight.device, dtype=up.weight.dtype)
-            small.weight.copy_(up.weight[keep])
-            if up.bias is not None:
-                small.bias.copy_(up.bias[keep])
-            _swap(model, name, small)
-        small = torch.nn.Linear(len(keep), down.out_features, bias=down.bias is not None, device=down.weight.device, dtype=down.weight.dtype)
-        small.weight.copy_(down.weight[:, keep] if down_weight is None else down_weight)
-        if down.bias is not None:
-            small.bias.copy_(down.bias)
-        _swap(model, pair.down, small)
+    for name in pair.ups:
+        up = layers[name]
+        swap_module(model, name, PrunedLinear(up.weight.detach()[keep], up.bias.detach()[keep] if up.bias is not None else None, keep, "rows"))
+    weight = down.weight.detach()[:, keep] if down_weight is None else down_weight.to(down.weight.dtype)
+    swap_module(model, pair.down, PrunedLinear(weight, down.bias.detach() if down.bias is not None else None, keep, "columns"))
 
 
-def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, attr, module)
+def block_params(members: list[meta.TargetInfo], count: int) -> list[int]:
+    """Each member's parameters when its block keeps `count` neurons: the ups' rows and their bias
+    entries, the down projection's columns and its whole bias (`members`: the ups, then the down)."""
+    *ups, down = members
+    return [count * (t.in_features + (1 if t.bias else 0)) for t in ups] + [down.out_features * (count + (1 if down.bias else 0))]
 
 
 def marked_pairs(gm: fx.GraphModule, ctx) -> dict[str, MLPPair]:

@@ -47,7 +47,7 @@ from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
 from .head import head_targets, reduced_head
 from .fisher import output_whitening
-from .mlp import block_statistics, marked_pairs, pair_members
+from .mlp import block_params, block_statistics, marked_pairs, pair_members
 from .targets import target_weight
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def sensitivity(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     cfg = ctx.config
     if cfg.allocation_kind == "uniform":
         return PassResult(gm, modified=False, summary={"skipped": "uniform allocation"})
-    pruned = pair_members(gm, ctx)  # pruned MLP blocks: no curves, they keep the budget on their own
+    pruned = pair_members(gm, ctx)  # pruned MLP blocks: one curve each, under the down projection's name (_block_curves)
     nodes = [n for n in meta.targets(gm) if meta.info(n).target.kind == "linear" and meta.info(n).target.name not in pruned]
     measures = cfg.sensitivity == "measured" or cfg.refine
     # the measurements compare outputs through their squared error: a language model's head runs
@@ -171,10 +171,9 @@ def _block_curves(gm: fx.GraphModule, ctx: PassContext, error: Any = None) -> No
         w = weight.detach().to(torch.float64)
         total = float((((w if out_gram is None else out_gram @ w) @ gram.to(torch.float64)) * w).sum())
         rel = [s.error / max(total, 1e-300) for s in sweep]
-        scale = _block_scale(gm, ctx, pair, counts, sweep, rel, total, error)
+        scale = _block_scale(ctx, pair, weight, counts, sweep, rel, total, error)
         members = [infos[name] for name in (*pair.ups, down)]
-        params = [sum(n * (t.in_features + (1 if t.bias else 0)) for t in members[:-1]) + n * members[-1].out_features
-                  + (members[-1].out_features if members[-1].bias else 0) for n in counts]
+        params = [sum(block_params(members, n)) for n in counts]
         dense = sum(t.dense_params for t in members)
         unit = weight.element_size() if ctx.config.budget_kind == "bytes" else 1
         ctx.curves[down] = Curve(down, [*counts, None], [*params, dense], [r * scale(n) for r, n in zip(rel, counts)] + [0.0],
@@ -182,11 +181,11 @@ def _block_curves(gm: fx.GraphModule, ctx: PassContext, error: Any = None) -> No
         ctx.counters["sensitivity.pruned_blocks"] += 1
 
 
-def _block_scale(gm: fx.GraphModule, ctx: PassContext, pair, counts: list[int], sweep, rel: list[float], total: float, error: Any):
-    """count -> what turns a block's relative error into the curves' loss (see _block_curves)."""
+def _block_scale(ctx: PassContext, pair, weight: torch.Tensor, counts: list[int], sweep, rel: list[float], total: float, error: Any):
+    """count -> what turns a block's relative error into the curves' loss (see _block_curves); `weight`
+    is the down projection's, swapped in place while measuring."""
     stats, grads = ctx.stats.get(pair.down), ctx.grad_stats.get(pair.down)
     if error is not None:
-        weight = target_weight(gm, meta.info(next(n for n in meta.targets(gm) if meta.info(n).target.name == pair.down)).target)
         original, points = weight.detach().clone(), []
         try:
             with torch.no_grad():
