@@ -1,5 +1,6 @@
 """tngraph.workflow: one Python call per command, the same report the command line writes; the
 compress flags come from Config's field metadata; the block-by-block decision and refusals."""
+import importlib
 import json
 import os
 
@@ -141,3 +142,49 @@ def test_the_report_prints_both_evaluation_sets_side_by_side():
     assert row.split() == ["tngraph", "63.000", "(1.050x)", "88.000", "(1.100x)"]
     report.pop("perplexity_outside")  # one set: one column
     assert "other domain" not in format_table(report)
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("the scorer broke"), KeyboardInterrupt()])
+def test_a_failure_while_scoring_keeps_the_compressed_and_healed_model(tiny_hf, tmp_path, monkeypatch, stop):
+    """compress and heal save the model, its report naming the error, before the error goes on: a
+    failure (or Ctrl-C) in the scores after minutes of compressing and healing loses nothing."""
+    import tngraph
+    from tngraph.workflow import measure
+
+    def broken(*args, **kwargs):
+        raise stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(measure, "score_report", broken)
+        with pytest.raises(type(stop)):
+            workflow.compress(str(tiny_hf), tmp_path / "a", progress=False, **SMALL)
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["error"].startswith(f"scoring stopped by {type(stop).__name__}") and "agreement" not in report
+    assert report["params"]["targets_after"] < report["params"]["targets_before"]
+    model = tngraph.load(tmp_path / "a")
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    assert model(input_ids=ids).last_hidden_state.isfinite().all()
+
+    heal_flow = importlib.import_module("tngraph.workflow.heal")  # the package exports a function of that name
+
+    real_scorer, calls = heal_flow.heal_scorer, []
+
+    def scorer(*args, **kwargs):
+        key, scores, texts = real_scorer(*args, **kwargs)
+
+        def failing(score):
+            def wrapped(model):
+                calls.append(model)
+                if len(calls) > len(scores):  # the scores before healing pass, the first after it fails
+                    raise stop
+                return score(model)
+            return wrapped
+
+        return key, {suffix: failing(score) for suffix, score in scores.items()}, texts
+
+    monkeypatch.setattr(heal_flow, "heal_scorer", scorer)
+    with pytest.raises(type(stop)):
+        workflow.heal(tmp_path / "a", tmp_path / "b", steps=2, progress=False)
+    healed = json.loads((tmp_path / "b" / "heal.json").read_text())
+    assert healed["heal"]["steps"] == 2 and healed["error"].startswith("scoring stopped by")
+    assert tngraph.load(tmp_path / "b")(input_ids=ids).last_hidden_state.isfinite().all()

@@ -2,13 +2,14 @@
 tokenizer, and the data policy (which texts calibrate, heal and evaluate an encoder or a causal LM)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..config import Config
 from ..errors import ConfigError, TngraphError
@@ -49,6 +50,26 @@ def uses_threads(fn: Callable) -> Callable:
 def checkpoint_dir(out: str | os.PathLike) -> str:
     """Healing checkpoints live beside the artifact (the artifact folder is replaced in one rename)."""
     return os.path.abspath(out).rstrip(os.sep) + ".heal-checkpoint"
+
+
+@contextlib.contextmanager
+def saved_on_failure(module: Any, out: str | os.PathLike, force: bool, name: str, report: dict[str, Any]) -> Iterator[None]:
+    """Scoring runs inside. When it fails or is interrupted, the compressed (and healed) `module` is
+    saved to `out` first, with `report` (under the file `name`) carrying the error, and the error goes
+    on: the minutes of compressing and healing are not lost to a failure in the scores."""
+    try:
+        yield
+    except BaseException as exc:
+        from ..artifact import save
+
+        report["error"] = f"scoring stopped by {type(exc).__name__}: {exc}"
+        try:
+            save(module, out, force=force, extra={name: report})
+        except Exception as failed:  # the first error is the one to report
+            log.error("the model could not be saved to %s either: %s", out, failed)
+        else:
+            log.error("scoring failed (%s: %s); the model is saved to %s without its scores", type(exc).__name__, exc, out)
+        raise
 
 
 def fit_length(config: Config, model: Any) -> Config:

@@ -13,8 +13,9 @@ from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
 from ..samples import TensorSamples, read_calibration
-from .common import checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, uses_threads, whole_graph_config
-from .measure import build_report
+from .common import (checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, saved_on_failure, uses_threads,
+                     whole_graph_config)
+from .measure import add_scores, size_report
 
 log = logging.getLogger("tngraph.workflow")
 
@@ -128,9 +129,10 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
     if not lead:  # the other ranks' part ends with the passes (the factors are the same on every rank)
         report = {"rank": group.rank, "world": group.world, "written_by": 0, "timings": {"total": time.perf_counter() - started}}
         return WorkflowResult(pathlib.Path(out), report, "graph", result, config, group.rank, group.world)
-    with no_kv_cache(model, result.module):  # scored and timed without a KV cache
-        report = build_report(spec, model, tokenizer, result, texts.evaluation, config, evaluate=evaluate, baseline=baseline,
-                              outside=texts.outside)
+    report = size_report(spec, model, result, config)
+    if evaluate:
+        with saved_on_failure(result.module, out, force, "report.json", report), no_kv_cache(model, result.module):
+            add_scores(report, model, tokenizer, result, texts.evaluation, config, baseline=baseline, outside=texts.outside)
     report["timings"]["total"] = time.perf_counter() - started
     save(result.module, out, force=force, extra={"report.json": report})
     report["out"] = os.path.abspath(out)
@@ -145,7 +147,7 @@ def compress_tensors(spec: str, source: Any, out: str | os.PathLike, config: Con
     from ..api import compress_with_result
     from ..artifact import save
     from ..models import load_model
-    from .measure import size_report, tensor_latency, tensor_report
+    from .measure import tensor_latency, tensor_report
 
     if distributed.init_from_env().world > 1:
         raise ConfigError("calibration on input tensors runs in one process", "run it without torchrun")
@@ -159,10 +161,11 @@ def compress_tensors(spec: str, source: Any, out: str | os.PathLike, config: Con
     report = size_report(spec, model, result, config)
     report["calibration"] = {"origin": data.origin, "samples": len(calibration), "inputs": sorted(data.inputs)}
     if held is not None:
-        start = time.perf_counter()
-        report["outputs"] = tensor_report(model, result, held, config, baseline=baseline)
-        report["timings"]["evaluate"] = time.perf_counter() - start
-        report["latency"] = tensor_latency(model, result.module, held)
+        with saved_on_failure(result.module, out, force, "report.json", report):
+            start = time.perf_counter()
+            report["outputs"] = tensor_report(model, result, held, config, baseline=baseline)
+            report["timings"]["evaluate"] = time.perf_counter() - start
+            report["latency"] = tensor_latency(model, result.module, held)
     report["timings"]["total"] = time.perf_counter() - started
     save(result.module, out, force=force, extra={"report.json": report})
     report["out"] = os.path.abspath(out)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import ConfigError, TngraphError
 from ..report import SETS
-from .common import builtin_texts, checkpoint_dir, uses_threads
+from .common import builtin_texts, checkpoint_dir, saved_on_failure, uses_threads
 
 # the compress options an artifact's recipe carries over into its healing
 CARRIED = ("heal_lr", "max_length", "batch_size", "seed", "calibration_samples", "eval_samples")
@@ -127,10 +127,11 @@ def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, s
         outcome, _ = heal_model(module, teacher, texts, tokenizer, heal_config(config), show=progress,
                                 checkpoint=checkpoint_dir(out), resume=resume)
         report: dict[str, Any] = {"heal": outcome.to_json()}
-        after = {suffix: score(module) for suffix, score in scores.items()}
-        for suffix, score in scores.items():
-            report[key + suffix] = {"before": before[suffix].to_json(), "after": after[suffix].to_json()}
-            if causal:
-                report[key + suffix]["dense"] = score(teacher).to_json()
+        with saved_on_failure(module, out, force or in_place, "heal.json", report):
+            after = {suffix: score(module) for suffix, score in scores.items()}
+            for suffix, score in scores.items():
+                report[key + suffix] = {"before": before[suffix].to_json(), "after": after[suffix].to_json()}
+                if causal:
+                    report[key + suffix]["dense"] = score(teacher).to_json()
     save(module, out, force=force or in_place, extra={"heal.json": report})
     return HealRun(pathlib.Path(out), report, outcome, causal, before or None, after or None, str(artifact))

@@ -159,12 +159,18 @@ def latency_report(model: Any, tokenizer: Any, compressed: Any, config: Config) 
 
 def build_report(spec: str, model: Any, tokenizer: Any, result: Any, evaluation: Any, config: Config, *,
                  evaluate: bool = True, baseline: bool = True, outside: Any = None) -> dict[str, Any]:
-    """The report.json of `tngraph compress`: size_report, then (`evaluate`) the scores and latency,
-    timed. The scores on the `evaluation` set go under "agreement" / "perplexity", those on the
-    out-of-domain set `outside` (when given) under "agreement_outside" / "perplexity_outside"."""
+    """The report.json of `tngraph compress`: size_report, then (`evaluate`) add_scores."""
     report = size_report(spec, model, result, config)
-    if not evaluate:
-        return report
+    if evaluate:
+        add_scores(report, model, tokenizer, result, evaluation, config, baseline=baseline, outside=outside)
+    return report
+
+
+def add_scores(report: dict[str, Any], model: Any, tokenizer: Any, result: Any, evaluation: Any, config: Config, *,
+               baseline: bool = True, outside: Any = None) -> None:
+    """The scores and latency of a size_report, timed, added in place. The scores on the `evaluation`
+    set go under "agreement" / "perplexity", those on the out-of-domain set `outside` (when given)
+    under "agreement_outside" / "perplexity_outside"."""
     start = time.perf_counter()
     key, scored = score_report(model, tokenizer, result, {"": evaluation, "_outside": outside}, config, baseline=baseline)
     for suffix, scores in scored.items():
@@ -173,7 +179,6 @@ def build_report(spec: str, model: Any, tokenizer: Any, result: Any, evaluation:
     start = time.perf_counter()
     report["latency"] = latency_report(model, tokenizer, result.module, config)
     report["timings"]["latency"] = time.perf_counter() - start
-    return report
 
 
 def main_output(outputs: Any) -> Any:
