@@ -51,12 +51,15 @@ def sentences():
 @pytest.fixture(scope="session")
 def minilm_compressed(minilm, sentences):
     """The bundled MiniLM compressed at budget 0.5 (96 calibration sentences) by the default
-    pipeline with the fisher sensitivity (the default "measured" takes minutes), without healing."""
+    pipeline with the fisher sensitivity (the default "measured" takes minutes), without healing,
+    every linear low rank (mlp="lowrank": the tests on it check the low-rank ops, fusion and
+    export; the default's pruned blocks are checked end to end in test_cli and in test_mlp_prune)."""
     import tngraph
     from tngraph.models import MINILM_INCLUDE, ModelSource
 
     model, tokenizer = minilm
-    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, sensitivity="fisher", heal_steps=0, progress=False)
+    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, sensitivity="fisher", heal_steps=0, progress=False,
+                            mlp="lowrank")
     return tngraph.compress_with_result(
         model, calibration=sentences.calibration, config=config, tokenizer=tokenizer, source=ModelSource("minilm")
     )

@@ -49,7 +49,8 @@ def test_budgeted_beats_uniform_whitened_and_plain_svd(minilm):
 
     model, tokenizer = minilm
     sets = sentence_sets(calibration=512, evaluation=200, seed=0)  # budgeted allocation needs data: 96 sentences are too few
-    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, heal_steps=0, progress=False)
+    # every linear low rank: the allocations of the low-rank format compared (pruned blocks: test_mlp_prune, test_cli)
+    config = tngraph.Config(budget=0.5, include=MINILM_INCLUDE, heal_steps=0, progress=False, mlp="lowrank")
     plain = tngraph.compress(model, example_inputs=tokenize(tokenizer, ["an example"], 16), config=config.replace(whiten=False, allocation="uniform"))
     uniform = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config.replace(allocation="uniform", output_whiten=False))
     budgeted = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config.replace(sensitivity="fisher"))

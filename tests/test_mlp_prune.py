@@ -134,3 +134,31 @@ def test_a_byte_budget_counts_the_pruned_blocks_in_bytes():
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     kept = sum(p.bytes_after() for p in plans.values()) + sum(size(n) for n in targets if n not in plans)
     assert kept <= 0.5 * sum(size(n) for n in targets) * 1.001
+
+
+def test_auto_prunes_a_text_encoder_and_keeps_the_rest_low_rank(minilm, tmp_path):
+    """mlp="auto" (the default) is made concrete before the passes and written to the recipe: a text
+    encoder calibrated on texts prunes its blocks; tensor inputs, a causal LM, another format and
+    the options pruning cannot take keep every linear low rank; the compile backend takes "auto"."""
+    from tngraph.backend import parse_options
+    from tngraph.blockwise import blockwise_config
+    from tests.conftest import write_tiny_bert
+
+    _, tokenizer = minilm
+    assert tngraph.Config().mlp == "auto"
+    texts = ["a short sentence about lists and tuples", "the dictionary maps keys to values", "open the file and read it"] * 8
+    from transformers import BertModel
+
+    encoder = BertModel.from_pretrained(write_tiny_bert(tmp_path, tokenizer)).eval()
+    result = tngraph.compress_with_result(encoder, calibration=texts, tokenizer=tokenizer, budget=0.5, heal_steps=0, progress=False)
+    assert result.recipe["config"]["mlp"] == "prune" and result.context.counters["allocate.pruned_blocks"] == 2
+    assert sum(isinstance(m, PrunedLinear) for m in result.module.modules()) == 4
+    for name, options in (("bert", {}), ("llama", {}), ("bert", {"format": "tt"})):  # tensor inputs; a causal LM; another format
+        _, _, result = _compress(name, budget=0.5, **options)
+        assert result.recipe["config"]["mlp"] == "lowrank" and not any(isinstance(m, PrunedLinear) for m in result.module.modules())
+    config = tngraph.Config()
+    assert config.resolve_mlp(True).mlp == "prune" and config.resolve_mlp(False).mlp == "lowrank"
+    for options in ({"bits": (8,)}, {"whiten": False}, {"refine": 2}, {"mixture": ("tt",)}, {"mlp": "lowrank"}):
+        assert tngraph.Config(**options).resolve_mlp(True).mlp == "lowrank", options
+    assert tngraph.Config(mlp="prune").resolve_mlp(False).mlp == "prune"  # chosen by hand, kept
+    assert parse_options({"budget": 0.5}).config.mlp == "lowrank" and blockwise_config().mlp == "lowrank"

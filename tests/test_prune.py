@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tngraph.tn.prune import params_kept, prune_curve, prune_neurons
+from tngraph.tn.prune import params_kept, prune_curve, prune_neurons, refit_damping
 
 
 def _mlp(hidden=48, width=12, out=10, tokens=600, seed=0):
@@ -111,3 +111,20 @@ def test_float32_weights_come_back_float32():
 def test_params_kept_counts_up_rows_biases_and_down_columns():
     assert params_kept(384, 384, 768) == 768 * (385 + 384)
     assert params_kept(5120, 5120, 100, up_bias=False, projections=2) == 100 * (2 * 5120 + 5120)
+
+
+def test_fewer_calibration_rows_than_neurons_damp_the_refit_and_it_generalizes():
+    """With fewer rows than hidden neurons the Gram is singular: the refit of refit_damping's damping
+    keeps its error on rows it never saw near the calibration's, an undamped one does not."""
+    x, up, down = _mlp(hidden=64, width=24, tokens=2000, seed=3)
+    seen, unseen = x[:40], x[40:]
+    h = torch.nn.functional.gelu(seen @ up.T)
+    damping = refit_damping(len(seen), 64)
+    assert damping == pytest.approx(0.01 * 1.6**3) and refit_damping(400, 1536) == 0.1 and refit_damping(48_000, 1536) == 1e-6 and refit_damping(5_500, 1536) < 1e-3
+    errors = {}
+    for d in (1e-9, damping):
+        sel = prune_neurons(down, h.T @ h, 32, damping=d)
+        errors[d] = float((_outputs(unseen, up, down) - _outputs(unseen, up, down, sel.keep, sel.weight)).square().mean())
+    assert errors[damping] < 0.5 * errors[1e-9]
+    with pytest.raises(ValueError, match="positive rows"):
+        refit_damping(0, 64)

@@ -16,7 +16,7 @@ from .capture import capture
 from .config import Config
 from .errors import ConfigError, DataError
 from .evaluate import sentence_objective
-from .lm import no_kv_cache
+from .lm import is_causal_lm, no_kv_cache
 from .batches import calibration_batches
 from .data import read_lines
 from .heal import HealConfig, heal, trainable
@@ -88,6 +88,7 @@ def compress_with_result(
         calibration = tensors.batches(config.batch_size, limit=config.calibration_samples)
     batches = calibration_batches(calibration, config, tokenizer, forward_names(model))
     texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
+    config = config.resolve_mlp(bool(texts) and not is_causal_lm(model))  # mlp="auto" made concrete, in the recipe too
     # healing data is checked before the long work
     healing = _heal_texts(config, heal_texts, calibration if texts else tensors) if config.heal_steps > 0 else None
     if healing is not None and tokenizer is None and not isinstance(healing, TensorSamples):

@@ -97,10 +97,11 @@ def parse_options(options: dict | None) -> BackendOptions:
                         "pass options={'calibration': [text, ...]} or a list of example-input tuples")
     options.setdefault("progress", False)
     config = Config.from_options(options, heal_steps=0)
-    if config.mlp != "lowrank":
+    if config.mlp == "prune":
         raise ConfigError(f"mlp={config.mlp!r} is not available through torch.compile yet: dynamo's graphs do not show the MLP "
                           "blocks the way torch.export's do", "compress with tngraph.compress(..., mlp='prune') (or tngraph "
                           "compress --mlp prune) and compile the result, or leave mlp out")
+    config = config.replace(mlp="lowrank")  # what mlp="auto" is through torch.compile
     return BackendOptions(config, calibration, tokenizer, fallback, frozenset(options))
 
 

@@ -53,7 +53,7 @@ UNSUPPORTED = {
     "bits": (lambda c: bool(c.bits), "precision candidates are allocated over the whole graph's byte budget; the sharded "
              "block-by-block layout stores low-rank factors only so far",
              "leave --bits out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
-    "mlp": (lambda c: c.mlp != "lowrank", "the sharded block-by-block layout stores low-rank factors of unchanged shapes; a pruned "
+    "mlp": (lambda c: c.mlp == "prune", "the sharded block-by-block layout stores low-rank factors of unchanged shapes; a pruned "
             "MLP block changes its layers' shapes", "leave --mlp out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
     "heal_data": (lambda c: c.heal_data is not None, "blocks are healed on their calibration inputs, not on text",
                   "leave --heal-data out (--heal-steps heals each block), or pass --no-blockwise when the model fits in memory"),
@@ -68,7 +68,7 @@ def blockwise_config(config: Config | None = None, **options: Any) -> Config:
     for name, (refused, why, fix) in UNSUPPORTED.items():
         if refused(config):
             raise ConfigError(f"{flag_of(name)} ({name}) is not available for block-by-block compression: {why}", fix)
-    return config
+    return config.resolve_mlp(text_encoder=False)  # decoder blocks: mlp="auto" is low rank
 
 
 @dataclass

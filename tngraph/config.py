@@ -21,7 +21,7 @@ TARGET_KINDS = ("linear", "embedding")
 ALLOCATIONS = ("auto", "uniform", "budgeted")
 BUDGET_KINDS = ("params", "bytes", "latency")
 SENSITIVITIES = ("spectral", "fisher", "predicted", "measured")
-MLP_MODES = ("lowrank", "prune")
+MLP_MODES = ("auto", "lowrank", "prune")
 
 
 FORMAT_CHOICES = tuple(_ALIASES) + FORMATS  # what --format accepts: the formats and their aliases
@@ -95,14 +95,17 @@ class Config:
     dense_rows: patch level for budgeted allocation: candidates that keep a target's most sensitive
         output rows (1, 4, 16 or 64 of them, by their share of the decomposition's Gauss-Newton
         error) dense and factorize the rest; chosen when that serves the budget better.
-    mlp: "lowrank" (default) or "prune": every MLP block the graph holds (tngraph.passes.mlp: up
+    mlp: "auto", "lowrank" or "prune": with "prune", every MLP block the graph holds (tngraph.passes.mlp: up
         projections -> elementwise ops -> down projection, nothing else reading the hidden values)
         is shrunk by whole hidden neurons, chosen greedily by their predicted cost with the down
         projection refitted by least squares on the calibration activations (tngraph.tn.prune).
         Budgeted allocation takes each block as one candidate curve (its neuron counts, the whole
         block's parameters, the error measured like the other targets') beside the other targets'
         ranks; uniform allocation keeps `budget` of every block and of every other target. Needs
-        calibration data; not combined with bits, a latency budget or refine yet.
+        calibration data; not combined with bits, a latency budget or refine yet. "auto" (the
+        default) is "prune" for a text encoder calibrated on texts with the low-rank format (measured
+        better on the MiniLM, docs/formats.md) and "lowrank" otherwise (resolve_mlp; a causal LM
+        measured better low rank).
     mixture: tensor-network formats (e.g. ("tucker", "tt", "tr"), as in Minima) whose candidates join
         the low-rank ones in budgeted allocation: each decomposed at 4 ranks per target and its
         error measured, so that a target takes whichever format serves the budget best
@@ -246,10 +249,11 @@ class Config:
     exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",
                                       metavar="REGEX")
     calibration_samples: int = option(2048, "--calibration-samples", "calibration samples used (default 2048)", type=int)
-    mlp: str = option("lowrank", "--mlp", "how MLP blocks (up -> activation -> down, gated ones too) are compressed: lowrank "
-                      "(default: each linear a target of its own) or prune: whole hidden neurons dropped, the down projection "
-                      "refitted; budgeted allocation chooses each block's neuron count beside the other targets' ranks, uniform "
-                      "keeps --budget of every block", choices=MLP_MODES)
+    mlp: str = option("auto", "--mlp", "how MLP blocks (up -> activation -> down, gated ones too) are compressed: lowrank "
+                      "(each linear a target of its own), prune (whole hidden neurons dropped, the down projection refitted; "
+                      "budgeted allocation chooses each block's neuron count beside the other targets' ranks, uniform keeps "
+                      "--budget of every block) or auto (default: prune for a text encoder calibrated on texts with the low-rank "
+                      "format, lowrank otherwise; docs/formats.md)", choices=MLP_MODES)
     eval_samples: int = option(2000, "--eval-samples", "held-out sentences for the agreement report (default 2000)", type=int,
                                cli_default=2000)
     batch_size: int = 32
@@ -308,9 +312,8 @@ class Config:
             raise ConfigError(f"unknown mixture format {bad[0]!r}", f"mixture lists tensor-network formats: {', '.join(MIXABLE)}")
         if self.mlp not in MLP_MODES:
             raise ConfigError(f"unknown mlp mode {self.mlp!r}", f"choose one of {', '.join(MLP_MODES)}")
-        if self.mlp == "prune" and (self.bits or self.budget_kind == "latency" or not self.whiten or self.refine):
-            what = ("bits" if self.bits else "budget_kind='latency'" if self.budget_kind == "latency" else "whiten=False" if not self.whiten
-                    else "refine")
+        what = self.prune_excluded_by
+        if self.mlp == "prune" and what:
             raise ConfigError(f"mlp='prune' does not combine with {what} yet (pruned blocks have no quantized, timed, data-free "
                               "or refined candidates)", f"pass mlp='lowrank', or drop {what}")
         if mixture and self.allocation_kind != "budgeted":
@@ -375,6 +378,23 @@ class Config:
         and the predictor read XᵀX, G or the whitened weight itself."""
         return (self.short_side and self.whiten and self.format == "lowrank" and not self.mixture and not self.dense_rows
                 and not self.bits and self.sensitivity != "predicted")
+
+    @property
+    def prune_excluded_by(self) -> str | None:
+        """The option that rules out pruned MLP blocks (they have no quantized, timed, data-free or
+        refined candidates yet), or None."""
+        return ("bits" if self.bits else "budget_kind='latency'" if self.budget_kind == "latency" else "whiten=False" if not self.whiten
+                else "refine" if self.refine else None)
+
+    def resolve_mlp(self, text_encoder: bool) -> "Config":
+        """This config with mlp='auto' made concrete: "prune" for a text encoder (a sentence encoder or
+        classifier, not a causal LM) calibrated on texts, when the format is the low-rank one without
+        a mixture and no other option rules pruning out (prune_excluded_by); "lowrank" otherwise
+        (causal LMs, where pruning measured worse; models of tensor inputs, not measured yet)."""
+        if self.mlp != "auto":
+            return self
+        prune = text_encoder and self.format == "lowrank" and not self.mixture and self.prune_excluded_by is None
+        return self.replace(mlp="prune" if prune else "lowrank")
 
     @property
     def allocation_kind(self) -> str:

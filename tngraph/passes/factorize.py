@@ -484,11 +484,11 @@ def _block_selection(gm: fx.GraphModule, ctx: PassContext, pair) -> Selection | 
     if pair.down in chosen:
         return chosen[pair.down]
     down = next(n for n in meta.targets(gm) if meta.info(n).target.name == pair.down)
-    weight, gram, out_gram = block_statistics(gm, ctx, pair)
+    weight, gram, out_gram, damping = block_statistics(gm, ctx, pair)
     count = meta.info(down).plan.rank
     if out_gram is not None:
         ctx.counters["factorize.prune.output_weighted"] += 1
-    selection = prune_neurons(weight, gram, count, out_gram)
+    selection = prune_neurons(weight, gram, count, out_gram, damping=damping)
     full = torch.zeros_like(weight)
     full[:, selection.keep] = selection.weight
     chosen[pair.down] = selection if accept(ctx, down, weight, full) else None

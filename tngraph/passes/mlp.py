@@ -22,6 +22,7 @@ from .. import meta
 from ..modules import PrunedLinear
 from ..recipe import swap_module
 from ..errors import ConfigError
+from ..tn.prune import refit_damping
 from .targets import match_linear, target_weight
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,11 @@ def pair_members(gm: fx.GraphModule, ctx) -> dict[str, MLPPair]:
     return {name: pair for pair in marked_pairs(gm, ctx).values() for name in (*pair.ups, pair.down)}
 
 
-def block_statistics(gm: fx.GraphModule, ctx, pair: MLPPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(down weight, its input Gram C, its damped output-gradient Gram G or None) of a pruned block:
-    what tngraph.tn.prune chooses neurons on. G is damped as output whitening damps it, and used
-    only when output whitening is on."""
+def block_statistics(gm: fx.GraphModule, ctx, pair: MLPPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """(down weight, its input Gram C, its damped output-gradient Gram G or None, the refit's damping
+    for C's row count: tngraph.tn.prune.refit_damping) of a pruned block: what tngraph.tn.prune
+    chooses neurons on. G is damped as output whitening damps it, and used only when output
+    whitening is on."""
     require_calibration(ctx, [pair.down])
     down = next(n for n in meta.targets(gm) if meta.info(n).target.name == pair.down)
     t = meta.info(down).target
@@ -208,7 +210,7 @@ def block_statistics(gm: fx.GraphModule, ctx, pair: MLPPair) -> tuple[torch.Tens
         out_gram = grads.gram
         floor = float(out_gram.diagonal().mean().clamp_min(1e-300))
         out_gram = out_gram + grads.damping(ctx.config.output_damping) * floor * torch.eye(out_gram.shape[0], dtype=out_gram.dtype)
-    return target_weight(gm, t), gram, out_gram
+    return target_weight(gm, t), gram, out_gram, refit_damping(stats.rows, gram.shape[0])
 
 
 def require_calibration(ctx, downs) -> None:

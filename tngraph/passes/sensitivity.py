@@ -165,9 +165,9 @@ def _block_curves(gm: fx.GraphModule, ctx: PassContext, error: Any = None) -> No
     dropped columns zeroed, shapes unchanged)."""
     infos = {meta.info(n).target.name: meta.info(n).target for n in meta.targets(gm)}
     for down, pair in progress(list(marked_pairs(gm, ctx).items()), desc="blocks", enabled=ctx.config.progress, unit="block"):
-        weight, gram, out_gram = block_statistics(gm, ctx, pair)
+        weight, gram, out_gram, damping = block_statistics(gm, ctx, pair)
         counts = sorted({max(1, pair.hidden * k // BLOCK_GRID) for k in range(1, BLOCK_GRID)})
-        sweep = prune_curve(weight, gram, counts, out_gram)
+        sweep = prune_curve(weight, gram, counts, out_gram, damping=damping)
         w = weight.detach().to(torch.float64)
         total = float((((w if out_gram is None else out_gram @ w) @ gram.to(torch.float64)) * w).sum())
         rel = [s.error / max(total, 1e-300) for s in sweep]

@@ -46,12 +46,21 @@ def _check(weight: torch.Tensor, gram: torch.Tensor, out_gram: torch.Tensor | No
         raise ValueError(f"neurons to keep must lie in [1, {hidden}], got {list(counts) if counts else 'none'}")
 
 
-def _refit(w: torch.Tensor, c: torch.Tensor, keep: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W C[:, K] C_KK^-1, C_KK^-1) with C_KK damped by `damping` times its mean diagonal."""
-    ckk = c[keep][:, keep]
-    ckk = ckk + damping * max(float(ckk.diagonal().mean()), 1e-300) * torch.eye(len(keep), dtype=c.dtype, device=c.device)
-    inverse = torch.linalg.inv(ckk)
-    return w @ c[:, keep] @ inverse, inverse
+def _downdate(inverse: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The inverse of C_KK restricted to the `kept` rows and columns (a boolean mask) from the
+    inverse of C_KK itself: P_aa - P_ab P_bb^-1 P_ba, O(k^2 d) for d dropped instead of O(k^3)."""
+    dropped = ~kept
+    p_ab = inverse[kept][:, dropped]
+    return inverse[kept][:, kept] - p_ab @ torch.linalg.solve(inverse[dropped][:, dropped], p_ab.T)
+
+
+def _solve(rhs: torch.Tensor, ckk: torch.Tensor) -> torch.Tensor:
+    """rhs C_KK^-1 from C_KK itself (Cholesky; LU when rounding left it indefinite): the refit a
+    selection returns, exact however the running inverse that chose it drifted."""
+    factor, info = torch.linalg.cholesky_ex(ckk)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.T, factor).T
+    return torch.linalg.solve(ckk, rhs.T).T
 
 
 def _error(w: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None, keep: torch.Tensor, refit: torch.Tensor) -> float:
@@ -59,6 +68,18 @@ def _error(w: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None, keep: torch
     delta[:, keep] -= refit
     weighted = delta if g is None else g @ delta
     return float(((weighted @ c) * delta).sum())
+
+
+def refit_damping(rows: int, hidden: int) -> float:
+    """The ridge damping of the down projection's refit (relative to C_KK's mean diagonal) for a Gram
+    summed over `rows` hidden vectors of width `hidden`: 0.01 (hidden / rows)^3, within [1e-6, 0.1].
+    With fewer rows than neurons C is singular and an undamped refit overfits the calibration (the
+    MiniLM at 0.5, 32 calibration sentences, 683 rows: mean cos 0.01 at 1e-6, 0.79 at 0.1); with many
+    rows damping only loses (2,048 sentences, 48,156 rows: 0.884 at 1e-6, 0.848 at 0.1). Measured at
+    683, about 5,500 and 48,156 rows (docs/formats.md); the rule is the best of those three."""
+    if rows <= 0 or hidden <= 0:
+        raise ValueError(f"refit_damping needs positive rows and hidden, got {rows} and {hidden}")
+    return min(0.1, max(1e-6, 0.01 * (hidden / rows) ** 3))
 
 
 def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int], out_gram: torch.Tensor | None = None, *,
@@ -76,21 +97,29 @@ def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
     hidden = w.shape[1]
     step = max(1, int(chunk) if chunk else hidden // 48)
     wanted = sorted({int(n) for n in counts}, reverse=True)
+    ridge = damping * max(float(c.diagonal().mean()), 1e-300)
+    inverse = torch.linalg.inv(c + ridge * torch.eye(hidden, dtype=c.dtype, device=c.device))  # of C_KK, K shrinking
+    wc = w @ c  # the refit of K is (W C)[:, K] C_KK^-1
     keep = torch.arange(hidden)
     found: dict[int, Selection] = {}
     for target in wanted:
         while len(keep) > target:
-            refit, inverse = _refit(w, c, keep, damping)
+            refit = wc[:, keep] @ inverse
             columns = refit if g is None else g @ refit
             cost = (columns * refit).sum(0) / inverse.diagonal()
             drop = torch.topk(cost, min(step, len(keep) - target), largest=False).indices
             mask = torch.ones(len(keep), dtype=torch.bool)
             mask[drop] = False
+            diagonal = inverse.diagonal()
             keep = keep[mask]
+            if float(diagonal[drop].max()) > 1e6 * float(diagonal.min()):  # near-null directions: the downdate would cancel
+                inverse = torch.linalg.inv(c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=c.dtype, device=c.device))
+            else:
+                inverse = _downdate(inverse, mask)
         if target == hidden:  # nothing dropped: the weight itself, not a damped refit of it
             found[target] = Selection(keep.clone(), weight.detach().clone(), 0.0)
             continue
-        refit, _ = _refit(w, c, keep, damping)
+        refit = _solve(wc[:, keep], c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=c.dtype, device=c.device))
         found[target] = Selection(keep.clone(), refit.to(weight.dtype), _error(w, c, g, keep, refit))
     return [found[int(n)] for n in counts]
 
