@@ -128,3 +128,24 @@ def test_fewer_calibration_rows_than_neurons_damp_the_refit_and_it_generalizes()
     assert errors[damping] < 0.5 * errors[1e-9]
     with pytest.raises(ValueError, match="positive rows"):
         refit_damping(0, 64)
+
+
+def test_the_downdated_sweep_chooses_what_fresh_inverses_choose():
+    """The sweep keeps C_KK^-1 up to date by downdating; every round's choice and the refit it
+    returns match a greedy that inverts C_KK afresh each round."""
+    x, up, down = _mlp(hidden=96, width=40, tokens=3000, seed=5)
+    h = torch.nn.functional.gelu(x @ up.T)
+    c, g = h.T @ h, torch.eye(10, dtype=torch.float64) + 0.1
+    ridge = 1e-6 * float(c.diagonal().mean())
+    keep = torch.arange(96)
+    while len(keep) > 30:  # the reference: chunks of 96 // 48 = 2, a fresh inverse every round
+        inverse = torch.linalg.inv(c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=torch.float64))
+        refit = down @ c[:, keep] @ inverse
+        cost = ((g @ refit) * refit).sum(0) / inverse.diagonal()
+        mask = torch.ones(len(keep), dtype=torch.bool)
+        mask[torch.topk(cost, min(2, len(keep) - 30), largest=False).indices] = False
+        keep = keep[mask]
+    sel = prune_neurons(down, c, 30, g)
+    assert sel.keep.tolist() == keep.tolist()
+    reference = down @ c[:, keep] @ torch.linalg.inv(c[keep][:, keep] + ridge * torch.eye(30, dtype=torch.float64))
+    torch.testing.assert_close(sel.weight, reference, rtol=1e-7, atol=1e-9)

@@ -71,7 +71,7 @@ def _error(w: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None, keep: torch
 
 
 def refit_damping(rows: int, hidden: int) -> float:
-    """The ridge damping of the down projection's refit (relative to C_KK's mean diagonal) for a Gram
+    """The ridge damping of the down projection's refit (relative to C's mean diagonal) for a Gram
     summed over `rows` hidden vectors of width `hidden`: 0.01 (hidden / rows)^3, within [1e-6, 0.1].
     With fewer rows than neurons C is singular and an undamped refit overfits the calibration (the
     MiniLM at 0.5, 32 calibration sentences, 683 rows: mean cos 0.01 at 1e-6, 0.79 at 0.1); with many
@@ -89,7 +89,8 @@ def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
     weight: the down projection (out x hidden); gram: sum of h h^T of its inputs (hidden x hidden);
     out_gram: sum of g g^T of the objective's gradients at its output (out x out), or None for the
     plain output error. `chunk`: neurons dropped per round before refitting (default hidden / 48,
-    at least 1: 48 rounds to prune everything; 1 is the exact one-at-a-time greedy). Computed in
+    at least 1: 48 rounds to prune everything; 1 is the exact one-at-a-time greedy). `damping`:
+    the ridge added to C, relative to its mean diagonal (refit_damping chooses it). Computed in
     float64; the refitted weights come back in the weight's dtype."""
     _check(weight, gram, out_gram, counts)
     w, c = weight.detach().to(torch.float64), gram.detach().to(torch.float64)
