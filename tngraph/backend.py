@@ -101,7 +101,7 @@ def parse_options(options: dict | None) -> BackendOptions:
         raise ConfigError(f"mlp={config.mlp!r} is not available through torch.compile yet: dynamo's graphs do not show the MLP "
                           "blocks the way torch.export's do", "compress with tngraph.compress(..., mlp='prune') (or tngraph "
                           "compress --mlp prune) and compile the result, or leave mlp out")
-    config = config.replace(mlp="lowrank")  # what mlp="auto" is through torch.compile
+    config = config.resolve_mlp(text_encoder=False)  # dynamo's graphs show no blocks: mlp="auto" is low rank here
     return BackendOptions(config, calibration, tokenizer, fallback, frozenset(options))
 
 

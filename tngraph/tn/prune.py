@@ -99,7 +99,11 @@ def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
     step = max(1, int(chunk) if chunk else hidden // 48)
     wanted = sorted({int(n) for n in counts}, reverse=True)
     ridge = damping * max(float(c.diagonal().mean()), 1e-300)
-    inverse = torch.linalg.inv(c + ridge * torch.eye(hidden, dtype=c.dtype, device=c.device))  # of C_KK, K shrinking
+
+    def damped(k: torch.Tensor) -> torch.Tensor:  # C_KK with the ridge
+        return c[k][:, k] + ridge * torch.eye(len(k), dtype=c.dtype, device=c.device)
+
+    inverse = torch.linalg.inv(damped(torch.arange(hidden)))  # of C_KK, K shrinking
     wc = w @ c  # the refit of K is (W C)[:, K] C_KK^-1
     keep = torch.arange(hidden)
     found: dict[int, Selection] = {}
@@ -114,13 +118,13 @@ def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
             diagonal = inverse.diagonal()
             keep = keep[mask]
             if float(diagonal[drop].max()) > 1e6 * float(diagonal.min()):  # near-null directions: the downdate would cancel
-                inverse = torch.linalg.inv(c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=c.dtype, device=c.device))
+                inverse = torch.linalg.inv(damped(keep))
             else:
                 inverse = _downdate(inverse, mask)
         if target == hidden:  # nothing dropped: the weight itself, not a damped refit of it
             found[target] = Selection(keep.clone(), weight.detach().clone(), 0.0)
             continue
-        refit = _solve(wc[:, keep], c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=c.dtype, device=c.device))
+        refit = _solve(wc[:, keep], damped(keep))
         found[target] = Selection(keep.clone(), refit.to(weight.dtype), _error(w, c, g, keep, refit))
     return [found[int(n)] for n in counts]
 
