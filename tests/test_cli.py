@@ -35,9 +35,10 @@ def test_compress_minilm_end_to_end(tmp_path):
     """The installed console script, as a user runs it."""
     out = tmp_path / "art"
     exe = os.path.join(os.path.dirname(sys.executable), "tngraph")
-    # fisher sensitivity: the default (measured) costs a minute more here; the demo runs it, test_workflow checks it is the default
+    # fisher sensitivity: the default (measured) costs a minute more here; the demo runs it, test_workflow checks it is the default.
+    # One thread: beside the other pytest-xdist worker, two would oversubscribe the CPU (3x slower in CI)
     proc = subprocess.run([exe, "compress", "--model", "minilm", "--budget", "0.5", "--out", str(out), "--heal-steps", "20",
-                           "--sensitivity", "fisher", *SMALL],
+                           "--sensitivity", "fisher", "--threads", "1", *SMALL],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for row in ("parameters, targets", "weight bytes, model", "CPU latency (32x128", "mean cos", "plain SVD, uniform ranks", "time per step",
@@ -48,7 +49,7 @@ def test_compress_minilm_end_to_end(tmp_path):
     assert report["agreement"]["compressed"]["mean_cos"] >= report["agreement"]["unhealed"]["mean_cos"] - 0.01
     assert report["targets"] == 36 and report["params"]["targets_kept"] <= 0.505
     assert report["agreement"]["compressed"]["mean_cos"] > report["agreement"]["plain_svd"]["mean_cos"]
-    assert report["latency"]["ratio"] > 0 and report["latency"]["threads"] == 2
+    assert report["latency"]["ratio"] > 0 and report["latency"]["threads"] == 1  # --threads is honoured
     assert set(report["timings"]) >= {"capture", "targets", "calibrate", "allocate", "factorize", "heal", "evaluate", "latency", "total"}
     # the default budgeted allocation may keep some targets dense (8 attention linears here); the recipe lists the factorized ones
     factorized = [name for name, row in report["per_target"].items() if row["format"] != "dense"]

@@ -57,8 +57,10 @@ def test_blocks_are_pruned_within_the_budget_and_the_graph_runs_them(name, ups, 
     result.graph.graph.lint()
     shapes = [tuple(node.args[1].meta["val"].shape) for node in result.graph.graph.nodes if node.target == torch.ops.aten.linear.default]
     assert sum(s[0] == plans[next(iter(blocks))].rank for s in shapes) >= ups
-    if allocation == "budgeted":
-        assert result.context.counters["sensitivity.pruned_blocks"] == 2
+    if allocation == "budgeted":  # the curves' sweeps chose the neurons; factorize read them back without sweeping again
+        assert result.context.counters["sensitivity.pruned_blocks"] == 2 and result.context.counters["factorize.prune.from_sweep"] == 2
+    else:
+        assert result.context.counters["factorize.prune.from_sweep"] == 0
     probe = zoo.batch(arch, 7)
     with torch.no_grad():
         out, graph_out = zoo.first_output(result.module(**probe)), zoo.first_output(result.graph(**probe))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tngraph.tn.prune import params_kept, prune_curve, prune_neurons, refit_damping
+from tngraph.tn.prune import params_kept, prune_curve, prune_neurons, prune_sweep, refit_damping, refit_kept
 
 
 def _mlp(hidden=48, width=12, out=10, tokens=600, seed=0):
@@ -149,3 +149,26 @@ def test_the_downdated_sweep_chooses_what_fresh_inverses_choose():
     assert sel.keep.tolist() == keep.tolist()
     reference = down @ c[:, keep] @ torch.linalg.inv(c[keep][:, keep] + ridge * torch.eye(30, dtype=torch.float64))
     torch.testing.assert_close(sel.weight, reference, rtol=1e-7, atol=1e-9)
+
+
+def test_a_sweep_gives_back_each_counts_neurons_and_refit_without_sweeping_again():
+    """Factorize reads a pruned block's neurons back from the allocation's sweep (Sweep.kept) and
+    refits them (refit_kept): the same selection, weight and error the sweep returned at that count."""
+    x, up, down = _mlp(hidden=96, width=40, tokens=3000, seed=3)
+    h = torch.nn.functional.gelu(x @ up.T)
+    c, g = h.T @ h, torch.eye(10, dtype=torch.float64) + 0.1
+    counts = [90, 72, 48, 30, 9, 96]
+    sweep = prune_sweep(down, c, counts, g, damping=1e-4)
+    assert sorted(sweep.removal.tolist()) == list(range(96)) and sweep.counts == (96, 90, 72, 48, 30, 9)
+    for n, sel in zip(counts, sweep.selections):
+        kept = sweep.kept(n)
+        assert kept.tolist() == sel.keep.tolist()
+        again = refit_kept(down, c, kept, g, damping=1e-4)
+        torch.testing.assert_close(again.weight, sel.weight, rtol=1e-9, atol=1e-12)
+        assert again.error == pytest.approx(sel.error, rel=1e-9, abs=1e-12)
+    # nested: a smaller count keeps a subset of a larger one's neurons
+    assert set(sweep.kept(30).tolist()) <= set(sweep.kept(48).tolist())
+    with pytest.raises(ValueError, match="the sweep stopped at .* neurons, not 50"):
+        sweep.kept(50)
+    with pytest.raises(ValueError, match="sorted, unique indices in \\[0, 96\\)"):
+        refit_kept(down, c, torch.tensor([3, 1, 200]))

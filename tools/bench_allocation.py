@@ -46,6 +46,9 @@ RUNS = [
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--mlp", default="lowrank", choices=("auto", "lowrank", "prune"),
+                   help="the feed-forward blocks: low rank like every other target (default: what docs/allocation.md measured), "
+                        "or pruned by neurons (auto, the product default for a text encoder; docs/formats.md)")
     p.add_argument("--calibration-samples", type=int, default=2048)
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
@@ -60,7 +63,7 @@ def main() -> int:
     uniform_err = None
     chosen = sorted({1, *(int(v) for v in args.runs.split(","))}) if args.runs else range(1, len(RUNS) + 1)
     for label, overrides in (RUNS[i - 1] for i in chosen):
-        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, **overrides,
+        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, mlp=args.mlp, **overrides,
                                 calibration_samples=args.calibration_samples, progress=False)
         start = time.perf_counter()
         try:

@@ -150,7 +150,8 @@ def main() -> int:
         for label in args.variants:
             options = VARIANTS[label][0]
             for kept in args.kept:
-                config = tngraph.Config(budget=kept, include=MINILM_INCLUDE, heal_steps=0, progress=False, calibration_samples=args.calibration_samples, **options)
+                config = tngraph.Config(budget=kept, include=MINILM_INCLUDE, heal_steps=0, progress=False, calibration_samples=args.calibration_samples,
+                                        **{"mlp": "lowrank", **options})  # the formats compared on every target, blocks included
                 start = time.perf_counter()
                 try:
                     result = tngraph.compress_with_result(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)

@@ -59,6 +59,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", help="a compressed MiniLM artifact (default: compress one now, ~3 min)")
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--mlp", default="auto", choices=("auto", "lowrank", "prune"),
+                   help="the feed-forward blocks: auto (the default pipeline: a text encoder's pruned by neurons), or lowrank "
+                        "(what the results measured before 2026-12-07 used; docs/formats.md)")
     p.add_argument("--runs", default="default,factors-only,last-layer", help=f"comma-separated, from {', '.join(RUNS)}")
     p.add_argument("--eval-samples", type=int, default=2000)
     p.add_argument("--outside-part", choices=("report", "tune"), default="report",
@@ -72,7 +75,8 @@ def main() -> int:
         p.error(f"unknown run {unknown[0]!r}; choose from {', '.join(RUNS)}")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(ModelSource("minilm"))
-    config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, eval_samples=args.eval_samples, progress=False)
+    config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, eval_samples=args.eval_samples, progress=False,
+                            mlp=args.mlp)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
     if args.artifact:
         student = tngraph.load(args.artifact, model=model)  # onto a copy: `model` stays the dense teacher
@@ -80,7 +84,7 @@ def main() -> int:
     else:
         start = time.perf_counter()
         student = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
-        label = f"default pipeline, budget {args.budget:g}, compressed in {time.perf_counter() - start:.0f}s"
+        label = f"default pipeline, budget {args.budget:g}, mlp {args.mlp}, compressed in {time.perf_counter() - start:.0f}s"
     texts = {mixed: healing_pool(sets.evaluation, mixed=mixed, seed=config.seed) for mixed in (True, False)}
     held = {"in domain": sets.evaluation, "out of domain": outside_sentences(args.eval_samples, seed=0, part=args.outside_part)}
     refs = {k: sentence_embeddings(model, tokenizer, v) for k, v in held.items()}

@@ -26,6 +26,9 @@ from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--mlp", default="auto", choices=("auto", "lowrank", "prune"),
+                   help="the feed-forward blocks: auto (the default pipeline: a text encoder's pruned by neurons), or lowrank "
+                        "(what the results measured before 2026-12-07 used; docs/formats.md)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--calibration-samples", type=int, default=128)
@@ -36,12 +39,12 @@ def main() -> int:
     calib = sentence_sets(args.calibration_samples, 10).calibration
     compressed = tngraph.compress(
         model, calibration=calib, tokenizer=tokenizer,
-        config=tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, progress=False),  # healing leaves shapes as they are
+        config=tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, progress=False, mlp=args.mlp),  # healing leaves shapes as they are
     )
     variants = {"eager": (model, compressed)}
     if not args.no_compile:
         variants["inductor"] = (torch.compile(model, dynamic=False), torch.compile(compressed, dynamic=False))
-    print(f"MiniLM, budget {args.budget}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"MiniLM, budget {args.budget}, mlp {args.mlp}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'mode':>9} {'batch':>8} {'dense ms':>9} {'compressed ms':>14} {'ratio':>6}")
     for mode, (dense, comp) in variants.items():
         for batch, length in ((32, 128), (1, 128)):

@@ -36,6 +36,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", help="a `tngraph compress` folder of the MiniLM (default: compress one now)")
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--mlp", default="auto", choices=("auto", "lowrank", "prune"),
+                   help="the feed-forward blocks: auto (the default pipeline: a text encoder's pruned by neurons), or lowrank "
+                        "(what the results measured before 2026-12-07 used; docs/formats.md)")
     p.add_argument("--calibration", type=int, default=512, help="calibration sentences when compressing here")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="precision of both files (default fp32)")
     p.add_argument("--threads", type=int, default=2)
@@ -56,7 +59,7 @@ def main() -> int:
     if args.artifact:
         compressed = tngraph.load(args.artifact)
     else:
-        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, progress=False)
+        config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, progress=False, mlp=args.mlp)
         calibration = sentence_sets(calibration=args.calibration, evaluation=10).calibration
         compressed = tngraph.compress(dense, calibration=calibration, tokenizer=tokenizer, config=config)
     folder = args.out or tempfile.mkdtemp(prefix="tngraph-onnx-")

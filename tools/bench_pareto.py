@@ -136,7 +136,7 @@ def minilm_rows(args, budgets: list[float]) -> tuple[list[dict], dict]:
     common = dict(calibration=sets.calibration, tokenizer=tok, source=ModelSource("minilm"))
     for budget in budgets:
         cfg = tngraph.Config(budget=budget, budget_kind="bytes", include=MINILM_INCLUDE, sensitivity=args.sensitivity, heal_steps=0,
-                             progress=False)
+                             progress=False, mlp="lowrank")  # low rank on every target, the feed-forward blocks too
         low = tngraph.compress(model, config=cfg, **common)
         models[f"low rank alone @{budget:g}"] = (low, target_bytes(low, names) / fp32)
     for budget, name in plan_budgets(budgets, models, args):

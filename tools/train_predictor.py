@@ -67,7 +67,7 @@ def warped(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def collect(model, tokenizer, texts, budget: float, samples: int) -> tuple[list[dict], float]:
     config = tngraph.Config(budget=budget, include=MINILM_INCLUDE, allocation="budgeted", sensitivity="measured", heal_steps=0,
                             sensitivity_rounds=1, calibration_samples=samples, progress=False,
-                            short_side=False)  # the features read every target's whitened weight
+                            short_side=False, mlp="lowrank")  # the features read every target's whitened weight
     batches = calibration_batches(texts, config, tokenizer)
     gm = capture(model, batches[0])
     ctx = PassContext(config=config, calibration=batches, objective=sentence_objective)

@@ -21,7 +21,7 @@ from ..tn import decompose_lowrank
 from ..tn.lowrank import decompose_rows_weighted, lowrank_from_outputs
 from ..tn.formats import FORMATS
 from ..tn.quant import Choice
-from ..tn.prune import Selection, prune_neurons
+from ..tn.prune import Selection, prune_neurons, refit_kept
 from ..tn.refit import refit_core
 from ..tn.whitening import OutputGram, ProjectedGradGram
 from .base import PassContext, PassResult, declare, recorded, replay
@@ -488,7 +488,14 @@ def _block_selection(gm: fx.GraphModule, ctx: PassContext, pair) -> Selection | 
     count = meta.info(down).plan.rank
     if out_gram is not None:
         ctx.counters["factorize.prune.output_weighted"] += 1
-    selection = prune_neurons(weight, gram, count, out_gram, damping=damping)
+    swept = ctx.analysis.get("block_sweeps", {}).get(pair.down)
+    same = swept is not None and all(a is b for a, b in zip(swept[0], (ctx.stats[pair.down], ctx.grad_stats.get(pair.down))))
+    if same and count in swept[1].counts:
+        # the allocation's curve swept these statistics: its neurons at this count, refitted, not a second sweep
+        selection = refit_kept(weight, gram, swept[1].kept(count), out_gram, damping=damping)
+        ctx.counters["factorize.prune.from_sweep"] += 1
+    else:
+        selection = prune_neurons(weight, gram, count, out_gram, damping=damping)
     full = torch.zeros_like(weight)
     full[:, selection.keep] = selection.weight
     chosen[pair.down] = selection if accept(ctx, down, weight, full) else None

@@ -38,7 +38,7 @@ from ..layers import QUANT_LAYERS
 from ..progress import progress
 from ..tn.formats import FORMATS, rank_for_params
 from ..tn.lowrank import decompose_lowrank, squared_singular_values
-from ..tn.prune import prune_curve
+from ..tn.prune import prune_sweep
 from ..tn.quant import Choice, candidates, layer_weight, quantize_choice, tensor_bytes
 from ..tn.whitening import OutputGram, ProjectedGradGram
 from .allocate import budgeted_choice, budgeted_plans
@@ -167,7 +167,10 @@ def _block_curves(gm: fx.GraphModule, ctx: PassContext, error: Any = None) -> No
     for down, pair in progress(list(marked_pairs(gm, ctx).items()), desc="blocks", enabled=ctx.config.progress, unit="block"):
         weight, gram, out_gram, damping = block_statistics(gm, ctx, pair)
         counts = sorted({max(1, pair.hidden * k // BLOCK_GRID) for k in range(1, BLOCK_GRID)})
-        sweep = prune_curve(weight, gram, counts, out_gram, damping=damping)
+        swept = prune_sweep(weight, gram, counts, out_gram, damping=damping)
+        sweep = swept.selections
+        # factorize reads the chosen count's neurons back from the order they left in, on these same statistics
+        ctx.analysis.setdefault("block_sweeps", {})[down] = ((ctx.stats[down], ctx.grad_stats.get(down)), replace(swept, selections=[]))
         w = weight.detach().to(torch.float64)
         total = float((((w if out_gram is None else out_gram @ w) @ gram.to(torch.float64)) * w).sum())
         rel = [s.error / max(total, 1e-300) for s in sweep]

@@ -82,8 +82,33 @@ def refit_damping(rows: int, hidden: int) -> float:
     return min(0.1, max(1e-6, 0.01 * (hidden / rows) ** 3))
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One greedy sweep: the selection at each count asked, and `removal`, every hidden neuron in the
+    order the sweep dropped it (those it never dropped last), from which the kept neurons at any of
+    the swept `counts` can be read again without sweeping (`kept`)."""
+
+    selections: list[Selection]
+    removal: torch.Tensor
+    counts: tuple[int, ...]
+
+    def kept(self, count: int) -> torch.Tensor:
+        """The sorted neurons the sweep kept at `count`, one of its counts (elsewhere a round of
+        several neurons may have straddled the count: not a state the sweep was in)."""
+        if count not in self.counts:
+            raise ValueError(f"the sweep stopped at {sorted(self.counts)} neurons, not {count}")
+        return self.removal[len(self.removal) - count:].sort().values
+
+
 def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int], out_gram: torch.Tensor | None = None, *,
                 chunk: int | None = None, damping: float = 1e-6) -> list[Selection]:
+    """The greedy selection at each of `counts` (neurons kept), in the order given, from one sweep
+    (prune_sweep, which also says in which order the neurons left)."""
+    return prune_sweep(weight, gram, counts, out_gram, chunk=chunk, damping=damping).selections
+
+
+def prune_sweep(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int], out_gram: torch.Tensor | None = None, *,
+                chunk: int | None = None, damping: float = 1e-6) -> Sweep:
     """The greedy selection at each of `counts` (neurons kept), in the order given, from one sweep.
 
     weight: the down projection (out x hidden); gram: sum of h h^T of its inputs (hidden x hidden);
@@ -107,6 +132,7 @@ def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
     wc = w @ c  # the refit of K is (W C)[:, K] C_KK^-1
     keep = torch.arange(hidden)
     found: dict[int, Selection] = {}
+    removed: list[torch.Tensor] = []
     for target in wanted:
         while len(keep) > target:
             refit = wc[:, keep] @ inverse
@@ -116,17 +142,40 @@ def prune_curve(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
             mask = torch.ones(len(keep), dtype=torch.bool)
             mask[drop] = False
             diagonal = inverse.diagonal()
+            removed.append(keep[drop])
             keep = keep[mask]
             if float(diagonal[drop].max()) > 1e6 * float(diagonal.min()):  # near-null directions: the downdate would cancel
                 inverse = torch.linalg.inv(damped(keep))
             else:
                 inverse = _downdate(inverse, mask)
-        if target == hidden:  # nothing dropped: the weight itself, not a damped refit of it
-            found[target] = Selection(keep.clone(), weight.detach().clone(), 0.0)
-            continue
-        refit = _solve(wc[:, keep], damped(keep))
-        found[target] = Selection(keep.clone(), refit.to(weight.dtype), _error(w, c, g, keep, refit))
-    return [found[int(n)] for n in counts]
+        found[target] = _refit(weight, w, c, g, keep, wc[:, keep], damped(keep))
+    removal = torch.cat([*removed, keep])
+    return Sweep([found[int(n)] for n in counts], removal, tuple(wanted))
+
+
+def _refit(weight: torch.Tensor, w: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None, keep: torch.Tensor,
+           wc_keep: torch.Tensor, ckk: torch.Tensor) -> Selection:
+    """The selection of the sorted neurons `keep`: the down projection refitted on them (float64 `w`,
+    `c`, `g`; wc_keep = (W C)[:, K], ckk = C_KK with the ridge), with its predicted error."""
+    if len(keep) == w.shape[1]:  # nothing dropped: the weight itself, not a damped refit of it
+        return Selection(keep.clone(), weight.detach().clone(), 0.0)
+    refit = _solve(wc_keep, ckk)
+    return Selection(keep.clone(), refit.to(weight.dtype), _error(w, c, g, keep, refit))
+
+
+def refit_kept(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, out_gram: torch.Tensor | None = None, *,
+               damping: float = 1e-6) -> Selection:
+    """The selection of given kept neurons (`keep`, sorted; e.g. Sweep.kept of an earlier sweep): the
+    down projection refitted on them, as prune_sweep refits its own, without choosing again."""
+    _check(weight, gram, out_gram, [len(keep)])
+    keep = keep.to(torch.long)
+    if keep.dim() != 1 or bool((keep[1:] <= keep[:-1]).any()) or int(keep.min()) < 0 or int(keep.max()) >= weight.shape[1]:
+        raise ValueError(f"the kept neurons must be sorted, unique indices in [0, {weight.shape[1]})")
+    w, c = weight.detach().to(torch.float64), gram.detach().to(torch.float64)
+    g = out_gram.detach().to(torch.float64) if out_gram is not None else None
+    ridge = damping * max(float(c.diagonal().mean()), 1e-300)
+    ckk = c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=c.dtype, device=c.device)
+    return _refit(weight, w, c, g, keep, w @ c[:, keep], ckk)
 
 
 def prune_neurons(weight: torch.Tensor, gram: torch.Tensor, count: int, out_gram: torch.Tensor | None = None, *,
