@@ -105,3 +105,50 @@ def test_healing_mixes_other_packages_and_never_reads_what_is_scored(monkeypatch
     short = healing_pool(evaluation, most=41)
     assert len(short) == 42 and set(short[0::2]) < set(own) and set(short[1::2]) == set(healing_sentences(21, seed=0))
     assert healing_pool(evaluation, most=10**6) == mixed and len(healing_pool(evaluation, mixed=False, most=30)) == 30
+
+
+def test_calibration_mixes_other_packages_evenly_and_keeps_the_evaluation_set():
+    """sentence_sets(mix=): that share of the calibration sentences comes from other packages'
+    docstrings (healing_sentences), spread evenly among the corpus's; the evaluation set is the same,
+    and none of the calibration sentences is scored in or out of domain."""
+    from tngraph.data import corpus, healing_sentences, outside_sentences, package_sentences
+
+    plain, mixed = sentence_sets(400, 300, seed=0), sentence_sets(400, 300, seed=0, mix=0.25)
+    assert mixed.evaluation == plain.evaluation and len(mixed.calibration) == len(set(mixed.calibration)) == 400
+    own = set(corpus())
+    source = [s in own for s in mixed.calibration]
+    assert sum(source) == 300 and [s for s in mixed.calibration if s in own] == plain.calibration[:300]
+    assert set(s for s in mixed.calibration if s not in own) == set(healing_sentences(100, seed=0))
+    assert all(sum(source[i : i + 8]) == 6 for i in range(0, 400, 8))  # every batch draws from both
+    assert not set(mixed.calibration) & (set(mixed.evaluation) | set(package_sentences()) | set(outside_sentences(10**6, part="tune")))
+    assert sentence_sets(400, 300, seed=0, mix=0.25) == mixed and sentence_sets(400, 300, seed=0, mix=0.0) == plain
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="mix is a share in"):
+            sentence_sets(10, 10, mix=bad)
+
+
+def test_calibration_mix_is_refused_where_nothing_built_in_calibrates(tmp_path):
+    import tngraph
+    from tngraph.errors import ConfigError
+    from tngraph.workflow.common import calibration_only, compress_texts
+
+    lines = tmp_path / "c.txt"
+    lines.write_text("one calibration sentence about parsing files.\nanother one about sockets and threads.\n", encoding="utf-8")
+    assert calibration_only(tngraph.Config(), str(lines)) == read_lines(lines)  # the default: the file alone
+    assert calibration_only(tngraph.Config(calibration_mix=0.0), str(lines)) == read_lines(lines)
+    with pytest.raises(ConfigError, match="--calibration-mix 0.3 mixes the built-in sentences.*--calibration FILE"):
+        calibration_only(tngraph.Config(calibration_mix=0.3), str(lines))
+    with pytest.raises(ConfigError, match="a causal LM calibrates on the built-in documents"):
+        compress_texts(True, tngraph.Config(calibration_mix=0.3, heal_steps=0), outside=False)
+    with pytest.raises(ConfigError, match=r"calibration_mix must lie in \[0, 1\]"):
+        tngraph.Config(calibration_mix=2)
+    assert len(calibration_only(tngraph.Config(calibration_mix=0.5, calibration_samples=64))) == 64
+    # the library and the backend calibrate on what they are given
+    import torch
+
+    from tngraph.backend import parse_options
+
+    with pytest.raises(ConfigError, match="compress\\(\\) calibrates on the `calibration` given"):
+        tngraph.compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), calibration=[(torch.randn(2, 4),)], calibration_mix=0.5)
+    with pytest.raises(ConfigError, match="the backend calibrates on options\\['calibration'\\] alone"):
+        parse_options({"calibration_mix": 0.0})

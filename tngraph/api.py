@@ -81,6 +81,9 @@ def compress_with_result(
     heal_texts: texts (or TensorSamples) to heal on (default: Config.heal_data's file, else the calibration data);
     heal_checkpoint / resume: a folder for healing checkpoints, and whether to continue from one.
     """
+    if "calibration_mix" in options:
+        raise ConfigError("calibration_mix mixes the built-in sentences of tngraph's commands; compress() calibrates on the "
+                          "`calibration` given", "mix the sources in the calibration list yourself, and leave calibration_mix out")
     config = (config or Config()).replace(**options) if options else (config or Config())
     tensors = calibration if isinstance(calibration, TensorSamples) else None  # named input tensors, one sample a row
     if tensors is not None:

@@ -92,6 +92,9 @@ def parse_options(options: dict | None) -> BackendOptions:
     if options.get("heal_steps", 0):
         raise ConfigError("the torch.compile backend does not heal (a graph is not a model to fine-tune)",
                           "heal with tngraph.compress(model, ...) and torch.compile its result, or leave heal_steps out")
+    if "calibration_mix" in options:
+        raise ConfigError("calibration_mix mixes the built-in sentences of tngraph's commands; the backend calibrates on "
+                          "options['calibration'] alone", "mix the sources in the calibration list yourself, and leave calibration_mix out")
     if calibration is not None and (isinstance(calibration, (str, bytes)) or not isinstance(calibration, Sequence)):
         raise DataError(f"calibration must be a list of samples, got {type(calibration).__name__}",
                         "pass options={'calibration': [text, ...]} or a list of example-input tuples")

@@ -145,17 +145,31 @@ def corpus() -> tuple[str, ...]:
     return tuple(sorted(sentences))
 
 
-def sentence_sets(calibration: int = 512, evaluation: int = 2000, seed: int = 0) -> SentenceSets:
-    """Disjoint calibration and evaluation sets, the same for the same seed on the same Python."""
+def sentence_sets(calibration: int = 512, evaluation: int = 2000, seed: int = 0, *, mix: float = 0.0) -> SentenceSets:
+    """Disjoint calibration and evaluation sets, the same for the same seed on the same Python.
+
+    `mix`: the share of the calibration sentences taken from other packages' docstrings
+    (healing_sentences: HEALING_PACKAGES, none of the out-of-domain set's), spread evenly among the
+    standard library's; the rest, and all of the evaluation set, are the built-in corpus. Statistics
+    from one source fit the decompositions to it; from several they hold better outside it
+    (docs/healing.md). Fewer when the packages hold fewer (the corpus gives the rest)."""
+    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix is a share in [0, 1], got {mix!r}")
+    other = healing_sentences(round(calibration * mix), seed) if mix and calibration else []
     pool = list(corpus())
-    if calibration + evaluation > len(pool):
+    own = calibration - len(other)
+    if own + evaluation > len(pool):
         raise DataError(
-            f"asked for {calibration} calibration + {evaluation} evaluation sentences, "
+            f"asked for {own} calibration + {evaluation} evaluation sentences, "
             f"but the built-in corpus has only {len(pool)}",
             "ask for fewer or pass your own with --calibration FILE",
         )
     random.Random(seed).shuffle(pool)
-    return SentenceSets(calibration=pool[evaluation : evaluation + calibration], evaluation=pool[:evaluation])
+    mine = pool[evaluation : evaluation + own]
+    # the two sources spread evenly: each sentence at its fractional place in its own list
+    placed = sorted([((i + 0.5) / len(mine), 0, i) for i in range(len(mine))] + [((j + 0.5) / len(other), 1, j) for j in range(len(other))])
+    mixed = [mine[i] if source == 0 else other[i] for _, source, i in placed]
+    return SentenceSets(calibration=mixed, evaluation=pool[:evaluation])
 
 
 def healing_pool(evaluation: list[str], *, mixed: bool = True, seed: int = 0, most: int | None = None) -> list[str]:

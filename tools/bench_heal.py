@@ -77,7 +77,7 @@ def main() -> int:
     model, tokenizer = load_model(ModelSource("minilm"))
     config = tngraph.Config(budget=args.budget, include=MINILM_INCLUDE, heal_steps=0, eval_samples=args.eval_samples, progress=False,
                             mlp=args.mlp)
-    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=config.calibration_mix)  # as `tngraph compress`
     if args.artifact:
         student = tngraph.load(args.artifact, model=model)  # onto a copy: `model` stays the dense teacher
         label = args.artifact

@@ -135,7 +135,7 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
             random.Random(config.seed).shuffle(pool)
         heldout, other = lm_heldout_texts(config.seed, outside=outside)
         return TextSets(pool[: config.calibration_samples], pool, heldout, other)
-    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed)
+    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=config.calibration_mix)
     healing = None  # other packages are read only to heal, and no more of them than the steps can use
     if config.heal_steps:
         healing = healing_pool(sets.evaluation, seed=config.seed, most=config.heal_steps * config.batch_size + HealConfig.held_out)
@@ -148,10 +148,22 @@ def compress_texts(causal: bool, config: Config, calibration: str | None = None,
     (which then heal too, unless Config.heal_data names another file)."""
     from ..data import read_lines
 
+    refuse_mix(config, calibration, causal)
     texts = builtin_texts(causal, config, outside=outside)
     if calibration:
         return TextSets(read_lines(calibration), None, texts.evaluation, texts.outside)
     return texts
+
+
+def refuse_mix(config: Config, calibration: str | None, causal: bool = False) -> None:
+    """Config.calibration_mix mixes a sentence encoder's built-in calibration sentences: a share other
+    than the default (or 0) is refused by name where nothing built-in calibrates (a calibration
+    file, a causal LM's documents)."""
+    if config.calibration_mix in (0.0, Config.calibration_mix) or not (calibration or causal):
+        return
+    where = "the lines of --calibration FILE calibrate" if calibration else "a causal LM calibrates on the built-in documents"
+    raise ConfigError(f"--calibration-mix {config.calibration_mix:g} mixes the built-in sentences of a sentence encoder, but {where}",
+                      "leave --calibration-mix out (or 0), and mix the sources in the file yourself")
 
 
 def calibration_only(config: Config, calibration: str | None = None, count: int | None = None) -> list[str]:
@@ -159,6 +171,7 @@ def calibration_only(config: Config, calibration: str | None = None, count: int 
     (default calibration_samples) built-in sentences."""
     from ..data import read_lines, sentence_sets
 
+    refuse_mix(config, calibration)
     if calibration:
         return read_lines(calibration)
-    return sentence_sets(count or config.calibration_samples, 1, config.seed).calibration
+    return sentence_sets(count or config.calibration_samples, 1, config.seed, mix=config.calibration_mix).calibration
