@@ -38,7 +38,8 @@ def test_compress_call_reproduces_the_command_lines_report(tiny_hf, tmp_path, ca
     # the out-of-domain sentences scored beside the built-in held-out ones, as many, and printed side by side
     inside, outside = cli["agreement"], cli["agreement_outside"]
     assert set(outside) == set(inside) and outside["compressed"]["sentences"] == inside["compressed"]["sentences"] == 40
-    assert outside["compressed"]["mean_cos"] != inside["compressed"]["mean_cos"]
+    # other sentences, other scores: the lossy plain-SVD baseline's (the tiny model's compressed one can be 0.999996 on both)
+    assert outside["plain_svd"]["mean_cos"] != inside["plain_svd"]["mean_cos"]
     assert json.loads(json.dumps(run.report["agreement_outside"])) == outside
     table = next(line for line in printed.splitlines() if "held-out stdlib text" in line)
     assert "other domain: package docs" in table
