@@ -29,7 +29,7 @@ from .calibrate import input_whitening
 from .fisher import output_whitening
 from .allocate import reallocate
 from .guard import accept
-from .mlp import block_statistics, marked_pairs, pair_members
+from .mlp import block_statistics, marked_pairs, pair_members, swept_neurons
 from .sensitivity import quant_tensors, quant_weight
 from .rewrite import RewriteRule, apply_rules
 from .targets import TRANSPOSES, EmbeddingMatch, LinearMatch, getattr_path, match_embedding, match_linear, target_weight
@@ -488,11 +488,9 @@ def _block_selection(gm: fx.GraphModule, ctx: PassContext, pair) -> Selection | 
     count = meta.info(down).plan.rank
     if out_gram is not None:
         ctx.counters["factorize.prune.output_weighted"] += 1
-    swept = ctx.analysis.get("block_sweeps", {}).get(pair.down)
-    same = swept is not None and all(a is b for a, b in zip(swept[0], (ctx.stats[pair.down], ctx.grad_stats.get(pair.down))))
-    if same and count in swept[1].counts:
-        # the allocation's curve swept these statistics: its neurons at this count, refitted, not a second sweep
-        selection = refit_kept(weight, gram, swept[1].kept(count), out_gram, damping=damping)
+    kept = swept_neurons(ctx, pair.down, count)
+    if kept is not None:  # the allocation's curve swept these statistics: its neurons at this count, refitted
+        selection = refit_kept(weight, gram, kept, out_gram, damping=damping)
         ctx.counters["factorize.prune.from_sweep"] += 1
     else:
         selection = prune_neurons(weight, gram, count, out_gram, damping=damping)

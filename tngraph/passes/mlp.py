@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -22,7 +22,7 @@ from .. import meta
 from ..modules import PrunedLinear
 from ..recipe import swap_module
 from ..errors import ConfigError
-from ..tn.prune import refit_damping
+from ..tn.prune import Sweep, refit_damping
 from .targets import match_linear, target_weight
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,22 @@ def block_statistics(gm: fx.GraphModule, ctx, pair: MLPPair) -> tuple[torch.Tens
         floor = float(out_gram.diagonal().mean().clamp_min(1e-300))
         out_gram = out_gram + grads.damping(ctx.config.output_damping) * floor * torch.eye(out_gram.shape[0], dtype=out_gram.dtype)
     return target_weight(gm, t), gram, out_gram, refit_damping(stats.rows, gram.shape[0])
+
+
+def record_sweep(ctx, down: str, sweep: Sweep) -> None:
+    """Keep a block's sweep (its neurons' removal order, not its refits) for factorize, with the
+    statistics it swept (swept_neurons)."""
+    ctx.analysis.setdefault("block_sweeps", {})[down] = ((ctx.stats[down], ctx.grad_stats.get(down)), replace(sweep, selections=[]))
+
+
+def swept_neurons(ctx, down: str, count: int) -> torch.Tensor | None:
+    """The neurons the allocation's sweep of this block kept at `count` (record_sweep), or None when
+    it did not stop there or swept other statistics than the block's current ones."""
+    found = ctx.analysis.get("block_sweeps", {}).get(down)
+    if found is None or count not in found[1].counts:
+        return None
+    same = all(a is b for a, b in zip(found[0], (ctx.stats[down], ctx.grad_stats.get(down))))
+    return found[1].kept(count) if same else None
 
 
 def require_calibration(ctx, downs) -> None:

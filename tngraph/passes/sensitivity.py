@@ -47,7 +47,7 @@ from .base import PassContext, PassResult, declare, recorded, replay, spread
 from .calibrate import input_whitening
 from .head import head_targets, reduced_head
 from .fisher import output_whitening
-from .mlp import block_params, block_statistics, marked_pairs, pair_members
+from .mlp import block_params, block_statistics, marked_pairs, pair_members, record_sweep
 from .targets import target_weight
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,8 @@ def _block_curves(gm: fx.GraphModule, ctx: PassContext, error: Any = None) -> No
         weight, gram, out_gram, damping = block_statistics(gm, ctx, pair)
         counts = sorted({max(1, pair.hidden * k // BLOCK_GRID) for k in range(1, BLOCK_GRID)})
         swept = prune_sweep(weight, gram, counts, out_gram, damping=damping)
+        record_sweep(ctx, down, swept)  # factorize reads the chosen count's neurons back instead of sweeping again
         sweep = swept.selections
-        # factorize reads the chosen count's neurons back from the order they left in, on these same statistics
-        ctx.analysis.setdefault("block_sweeps", {})[down] = ((ctx.stats[down], ctx.grad_stats.get(down)), replace(swept, selections=[]))
         w = weight.detach().to(torch.float64)
         total = float((((w if out_gram is None else out_gram @ w) @ gram.to(torch.float64)) * w).sum())
         rel = [s.error / max(total, 1e-300) for s in sweep]

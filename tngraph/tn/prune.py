@@ -63,6 +63,18 @@ def _solve(rhs: torch.Tensor, ckk: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(ckk, rhs.T).T
 
 
+def _float64(weight: torch.Tensor, gram: torch.Tensor, out_gram: torch.Tensor | None, damping: float):
+    """(W, C, G or None) in float64 and the ridge added to C_KK: `damping` times C's mean diagonal."""
+    w, c = weight.detach().to(torch.float64), gram.detach().to(torch.float64)
+    g = out_gram.detach().to(torch.float64) if out_gram is not None else None
+    return w, c, g, damping * max(float(c.diagonal().mean()), 1e-300)
+
+
+def _damped(c: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C_KK with the ridge on its diagonal."""
+    return c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=c.dtype, device=c.device)
+
+
 def _error(w: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None, keep: torch.Tensor, refit: torch.Tensor) -> float:
     delta = w.clone()
     delta[:, keep] -= refit
@@ -118,17 +130,11 @@ def prune_sweep(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
     the ridge added to C, relative to its mean diagonal (refit_damping chooses it). Computed in
     float64; the refitted weights come back in the weight's dtype."""
     _check(weight, gram, out_gram, counts)
-    w, c = weight.detach().to(torch.float64), gram.detach().to(torch.float64)
-    g = out_gram.detach().to(torch.float64) if out_gram is not None else None
+    w, c, g, ridge = _float64(weight, gram, out_gram, damping)
     hidden = w.shape[1]
     step = max(1, int(chunk) if chunk else hidden // 48)
     wanted = sorted({int(n) for n in counts}, reverse=True)
-    ridge = damping * max(float(c.diagonal().mean()), 1e-300)
-
-    def damped(k: torch.Tensor) -> torch.Tensor:  # C_KK with the ridge
-        return c[k][:, k] + ridge * torch.eye(len(k), dtype=c.dtype, device=c.device)
-
-    inverse = torch.linalg.inv(damped(torch.arange(hidden)))  # of C_KK, K shrinking
+    inverse = torch.linalg.inv(_damped(c, torch.arange(hidden), ridge))  # of C_KK, K shrinking
     wc = w @ c  # the refit of K is (W C)[:, K] C_KK^-1
     keep = torch.arange(hidden)
     found: dict[int, Selection] = {}
@@ -145,10 +151,10 @@ def prune_sweep(weight: torch.Tensor, gram: torch.Tensor, counts: Sequence[int],
             removed.append(keep[drop])
             keep = keep[mask]
             if float(diagonal[drop].max()) > 1e6 * float(diagonal.min()):  # near-null directions: the downdate would cancel
-                inverse = torch.linalg.inv(damped(keep))
+                inverse = torch.linalg.inv(_damped(c, keep, ridge))
             else:
                 inverse = _downdate(inverse, mask)
-        found[target] = _refit(weight, w, c, g, keep, wc[:, keep], damped(keep))
+        found[target] = _refit(weight, w, c, g, keep, wc[:, keep], _damped(c, keep, ridge))
     removal = torch.cat([*removed, keep])
     return Sweep([found[int(n)] for n in counts], removal, tuple(wanted))
 
@@ -171,11 +177,8 @@ def refit_kept(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, out
     keep = keep.to(torch.long)
     if keep.dim() != 1 or bool((keep[1:] <= keep[:-1]).any()) or int(keep.min()) < 0 or int(keep.max()) >= weight.shape[1]:
         raise ValueError(f"the kept neurons must be sorted, unique indices in [0, {weight.shape[1]})")
-    w, c = weight.detach().to(torch.float64), gram.detach().to(torch.float64)
-    g = out_gram.detach().to(torch.float64) if out_gram is not None else None
-    ridge = damping * max(float(c.diagonal().mean()), 1e-300)
-    ckk = c[keep][:, keep] + ridge * torch.eye(len(keep), dtype=c.dtype, device=c.device)
-    return _refit(weight, w, c, g, keep, w @ c[:, keep], ckk)
+    w, c, g, ridge = _float64(weight, gram, out_gram, damping)
+    return _refit(weight, w, c, g, keep, w @ c[:, keep], _damped(c, keep, ridge))
 
 
 def prune_neurons(weight: torch.Tensor, gram: torch.Tensor, count: int, out_gram: torch.Tensor | None = None, *,

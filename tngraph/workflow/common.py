@@ -115,7 +115,7 @@ class TextSets:
     outside: Any = None  # the same kind of set from another domain (tngraph.data.OUTSIDE_PACKAGES' docstrings)
 
 
-def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside: bool = True) -> TextSets:
+def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside: bool = True, calibrate: bool = True) -> TextSets:
     """The data policy of the built-in text, in one place.
 
     A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
@@ -125,7 +125,9 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     packages' docstrings (tngraph.data.healing_pool; none when Config.heal_steps is 0). Out of
     domain, scored beside them: as many sentences (an encoder), or as many characters of documents
     (a causal LM), of the third-party docstrings set aside for reports (tngraph.data.outside_sentences,
-    outside_text); None with `outside` False (nothing will be scored: the packages are not read)."""
+    outside_text); None with `outside` False (nothing will be scored: the packages are not read).
+    An encoder's calibration sentences are mixed with Config.calibration_mix of other packages'
+    (sentence_sets); with `calibrate` False (they go unused) they are not, and nothing is read for them."""
     from ..data import healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets
     from ..heal import HealConfig
 
@@ -135,7 +137,7 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
             random.Random(config.seed).shuffle(pool)
         heldout, other = lm_heldout_texts(config.seed, outside=outside)
         return TextSets(pool[: config.calibration_samples], pool, heldout, other)
-    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=config.calibration_mix)
+    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=config.calibration_mix if calibrate else 0.0)
     healing = None  # other packages are read only to heal, and no more of them than the steps can use
     if config.heal_steps:
         healing = healing_pool(sets.evaluation, seed=config.seed, most=config.heal_steps * config.batch_size + HealConfig.held_out)
@@ -149,7 +151,7 @@ def compress_texts(causal: bool, config: Config, calibration: str | None = None,
     from ..data import read_lines
 
     refuse_mix(config, calibration, causal)
-    texts = builtin_texts(causal, config, outside=outside)
+    texts = builtin_texts(causal, config, outside=outside, calibrate=not calibration)
     if calibration:
         return TextSets(read_lines(calibration), None, texts.evaluation, texts.outside)
     return texts

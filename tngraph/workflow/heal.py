@@ -95,8 +95,7 @@ def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, eval
     scores with evaluate False)."""
     from .measure import scorer
 
-    # its calibration sentences go unused here: unmixed, the healing packages are not read for them
-    texts = builtin_texts(causal, config.replace(calibration_mix=0.0), shuffle=False, outside=evaluate)
+    texts = builtin_texts(causal, config, shuffle=False, outside=evaluate, calibrate=False)
     held = {"": texts.evaluation, "_outside": texts.outside} if evaluate else {}
     scores = {suffix: scorer(teacher, tokenizer, t, config)[1] for suffix, t in held.items() if t}
     return ("perplexity" if causal else "agreement"), scores, texts.heal
