@@ -165,7 +165,7 @@ def refuse_mix(config: Config, calibration: str | None, causal: bool = False) ->
         return
     where = "the lines of --calibration FILE calibrate" if calibration else "a causal LM calibrates on the built-in documents"
     raise ConfigError(f"--calibration-mix {config.calibration_mix:g} mixes the built-in sentences of a sentence encoder, but {where}",
-                      "leave --calibration-mix out (or 0), and mix the sources in the file yourself")
+                      "leave --calibration-mix out (or 0); to calibrate on several sources, put them in one --calibration file")
 
 
 def calibration_only(config: Config, calibration: str | None = None, count: int | None = None) -> list[str]:
