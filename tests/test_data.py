@@ -127,6 +127,33 @@ def test_calibration_mixes_other_packages_evenly_and_keeps_the_evaluation_set():
             sentence_sets(10, 10, mix=bad)
 
 
+def test_a_causal_lms_calibration_mixes_passages_of_other_packages():
+    """A causal LM's built-in calibration: Config.calibration_mix of its passages come from other
+    packages' docstrings (healing_passages), spread evenly among the built-in documents' passages;
+    none of them is in a built-in document (held out or not) or an out-of-domain one, and healing
+    and the scored texts are the same as unmixed."""
+    import tngraph
+    from tngraph.data import healing_passages, lm_documents, outside_documents, passages
+    from tngraph.workflow.common import compress_texts
+
+    small = ("pip", "numpy")
+    other = healing_passages(60, seed=0, packages=small)
+    assert len(other) == len(set(other)) == 60 and all(50 <= len(t) <= 1200 for t in other)
+    assert healing_passages(60, seed=0, packages=small) == other and healing_passages(60, seed=1, packages=small) != other
+    known = set(passages(lm_documents().train + lm_documents().heldout)) | set(passages(outside_documents(part="report") + outside_documents(part="tune")))
+    assert not set(other) & known
+    assert healing_passages(5, packages=("no_such_package_here",)) == []
+    plain = compress_texts(True, tngraph.Config(calibration_mix=0.0, calibration_samples=40, heal_steps=0), outside=False)
+    mixed = compress_texts(True, tngraph.Config(calibration_mix=0.25, calibration_samples=40, heal_steps=0), outside=False)
+    assert len(plain.calibration) == len(mixed.calibration) == 40 and set(plain.calibration) <= set(passages(lm_documents().train))
+    own = set(plain.heal)
+    source = [t in own for t in mixed.calibration]
+    assert [t for t in mixed.calibration if t in own] == plain.calibration[:30]
+    assert set(t for t in mixed.calibration if t not in own) == set(healing_passages(10, seed=0))
+    assert all(sum(source[i : i + 4]) == 3 for i in range(0, 40, 4))  # every batch draws from both
+    assert mixed.heal == plain.heal and mixed.evaluation == plain.evaluation
+
+
 def test_calibration_mix_is_refused_where_nothing_built_in_calibrates(tmp_path):
     import tngraph
     from tngraph.errors import ConfigError
@@ -136,10 +163,11 @@ def test_calibration_mix_is_refused_where_nothing_built_in_calibrates(tmp_path):
     lines.write_text("one calibration sentence about parsing files.\nanother one about sockets and threads.\n", encoding="utf-8")
     assert calibration_only(tngraph.Config(), str(lines)) == read_lines(lines)  # the default: the file alone
     assert calibration_only(tngraph.Config(calibration_mix=0.0), str(lines)) == read_lines(lines)
-    with pytest.raises(ConfigError, match="--calibration-mix 0.3 mixes the built-in sentences.*--calibration FILE"):
+    with pytest.raises(ConfigError, match="--calibration-mix 0.3 mixes tngraph's built-in calibration texts.*--calibration FILE"):
         calibration_only(tngraph.Config(calibration_mix=0.3), str(lines))
-    with pytest.raises(ConfigError, match="a causal LM calibrates on the built-in documents"):
-        compress_texts(True, tngraph.Config(calibration_mix=0.3, heal_steps=0), outside=False)
+    for causal in (True, False):
+        with pytest.raises(ConfigError, match="but the lines of --calibration FILE calibrate"):
+            compress_texts(causal, tngraph.Config(calibration_mix=0.3, heal_steps=0), str(lines), outside=False)
     with pytest.raises(ConfigError, match=r"calibration_mix must lie in \[0, 1\]"):
         tngraph.Config(calibration_mix=2)
     assert len(calibration_only(tngraph.Config(calibration_mix=0.5, calibration_samples=64))) == 64

@@ -170,8 +170,9 @@ class Config:
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
         a target must match one `include` pattern (when any are given) and no `exclude` pattern.
     calibration_samples / eval_samples: sizes of the built-in sentence sets (bundled MiniLM).
-    calibration_mix: the share of the built-in calibration sentences (a sentence encoder's) drawn from
-        other packages' docstrings (tngraph.data.sentence_sets); with a calibration file, only its lines.
+    calibration_mix: the share of the built-in calibration texts drawn from other packages' docstrings:
+        a sentence encoder's sentences (tngraph.data.sentence_sets), a causal LM's passages
+        (tngraph.data.healing_passages); with a calibration file, only its lines.
     batch_size / max_length: calibration batching and tokenisation.
     seed: seed of every random choice (data sets, latency inputs).
     dump_dir: write the readable graph after each pass that changed it (also TNGRAPH_DUMP=dir).
@@ -251,9 +252,9 @@ class Config:
     exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",
                                       metavar="REGEX")
     calibration_samples: int = option(2048, "--calibration-samples", "calibration samples used (default 2048)", type=int)
-    calibration_mix: float = option(0.5, "--calibration-mix", "share of a sentence encoder's built-in calibration sentences taken "
-                                    "from other packages' docstrings, spread among the standard library's (default 0.5; 0: the "
-                                    "standard library's alone; docs/healing.md)", type=float, metavar="SHARE")
+    calibration_mix: float = option(0.5, "--calibration-mix", "share of the built-in calibration texts (an encoder's sentences, a "
+                                    "causal LM's passages) taken from other packages' docstrings, spread among the standard "
+                                    "library's (default 0.5; 0: the standard library's alone; docs/healing.md)", type=float, metavar="SHARE")
     mlp: str = option("auto", "--mlp", "how MLP blocks (up -> activation -> down, gated ones too) are compressed: lowrank "
                       "(each linear a target of its own), prune (whole hidden neurons dropped, the down projection refitted; "
                       "budgeted allocation chooses each block's neuron count beside the other targets' ranks, uniform keeps "

@@ -165,11 +165,14 @@ def sentence_sets(calibration: int = 512, evaluation: int = 2000, seed: int = 0,
             "ask for fewer or pass your own with --calibration FILE",
         )
     random.Random(seed).shuffle(pool)
-    mine = pool[evaluation : evaluation + own]
-    # the two sources spread evenly: each sentence at its fractional place in its own list
+    return SentenceSets(calibration=spread(pool[evaluation : evaluation + own], other), evaluation=pool[:evaluation])
+
+
+def spread(mine: list[str], other: list[str]) -> list[str]:
+    """The texts of two sources spread evenly through one list (each at its fractional place in its
+    own list), so every batch of the result holds both in their proportion."""
     placed = sorted([((i + 0.5) / len(mine), 0, i) for i in range(len(mine))] + [((j + 0.5) / len(other), 1, j) for j in range(len(other))])
-    mixed = [mine[i] if source == 0 else other[i] for _, source, i in placed]
-    return SentenceSets(calibration=mixed, evaluation=pool[:evaluation])
+    return [mine[i] if source == 0 else other[i] for _, source, i in placed]
 
 
 def healing_pool(evaluation: list[str], *, mixed: bool = True, seed: int = 0, most: int | None = None) -> list[str]:
@@ -200,28 +203,40 @@ def healing_sentences(count: int, seed: int = 0, packages: tuple[str, ...] = HEA
     from each (the files of a package read in an order drawn from `seed` until its share is met, so
     a large package is not read whole; what one cannot give, the later ones do), shuffled; none of
     the out-of-domain set's sentences (package_sentences) nor of the built-in corpus."""
-    return list(_healing_sentences(count, seed, tuple(packages)))
+    return list(_package_texts(count, seed, tuple(packages), "sentences"))
 
 
-@functools.lru_cache(maxsize=4)
-def _healing_sentences(count: int, seed: int, packages: tuple[str, ...]) -> tuple[str, ...]:
+def healing_passages(count: int, seed: int = 0, packages: tuple[str, ...] = HEALING_PACKAGES) -> list[str]:
+    """`count` passages (tngraph.data.passages) of `packages`' docstrings of at least 200 characters,
+    drawn as healing_sentences draws sentences: a causal LM's text from other sources than the
+    built-in documents; none from a docstring the built-in documents or the out-of-domain
+    documents (both halves) hold."""
+    return list(_package_texts(count, seed, tuple(packages), "passages"))
+
+
+@functools.lru_cache(maxsize=8)
+def _package_texts(count: int, seed: int, packages: tuple[str, ...], unit: str) -> tuple[str, ...]:
     files = {name: _package_files(name, seed) for name in packages}  # each package's tree walked once
     present = [name for name in packages if files[name]]
     if not present or count <= 0:
         return ()
-    skip = set(package_sentences()) | set(corpus())
+    if unit == "sentences":
+        skip, split = set(package_sentences()) | set(corpus()), _sentences
+    else:
+        skip = set(_documents()) | set(outside_documents(part="report")) | set(outside_documents(part="tune"))
+        split = lambda doc: passages([doc]) if len(doc.strip()) >= 200 and doc.strip() not in skip else []  # noqa: E731
     taken: list[str] = []
     for i, name in enumerate(present):
         share = -(-(count - len(taken)) // (len(present) - i))  # what a package before it could not give passes on
         found: dict[str, None] = {}  # insertion-ordered and unique
         for path in files[name]:
             for doc in _file_docstrings(path):
-                found.update((x, None) for x in _sentences(doc) if x not in skip)
+                found.update((x, None) for x in split(doc) if x not in skip)
             if len(found) >= share:
                 break
         kept = list(found)[:share]
         taken += kept
-        skip.update(kept)  # a sentence two packages share is taken once
+        skip.update(kept)  # a text two packages share is taken once
     random.Random(seed).shuffle(taken)
     return tuple(taken[:count])
 

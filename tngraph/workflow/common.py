@@ -126,18 +126,21 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     domain, scored beside them: as many sentences (an encoder), or as many characters of documents
     (a causal LM), of the third-party docstrings set aside for reports (tngraph.data.outside_sentences,
     outside_text); None with `outside` False (nothing will be scored: the packages are not read).
-    An encoder's calibration sentences are mixed with Config.calibration_mix of other packages'
-    (sentence_sets); with `calibrate` False (they go unused) they are not, and nothing is read for them."""
-    from ..data import healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets
+    Config.calibration_mix of the calibration texts come from other packages' docstrings, spread evenly:
+    sentences for an encoder (sentence_sets), passages for a causal LM (healing_passages); with
+    `calibrate` False (they go unused) nothing is mixed, and nothing is read for them."""
+    from ..data import healing_passages, healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets, spread
     from ..heal import HealConfig
 
+    share = config.calibration_mix if calibrate else 0.0
     if causal:
         pool = passages(lm_documents().train)
         if shuffle:
             random.Random(config.seed).shuffle(pool)
-        heldout, other = lm_heldout_texts(config.seed, outside=outside)
-        return TextSets(pool[: config.calibration_samples], pool, heldout, other)
-    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=config.calibration_mix if calibrate else 0.0)
+        other = healing_passages(round(config.calibration_samples * share), config.seed) if share else []
+        heldout, outside_text = lm_heldout_texts(config.seed, outside=outside)
+        return TextSets(spread(pool[: config.calibration_samples - len(other)], other), pool, heldout, outside_text)
+    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=share)
     healing = None  # other packages are read only to heal, and no more of them than the steps can use
     if config.heal_steps:
         healing = healing_pool(sets.evaluation, seed=config.seed, most=config.heal_steps * config.batch_size + HealConfig.held_out)
@@ -150,22 +153,20 @@ def compress_texts(causal: bool, config: Config, calibration: str | None = None,
     (which then heal too, unless Config.heal_data names another file)."""
     from ..data import read_lines
 
-    refuse_mix(config, calibration, causal)
+    refuse_mix(config, calibration)
     texts = builtin_texts(causal, config, outside=outside, calibrate=not calibration)
     if calibration:
         return TextSets(read_lines(calibration), None, texts.evaluation, texts.outside)
     return texts
 
 
-def refuse_mix(config: Config, calibration: str | None, causal: bool = False) -> None:
-    """Config.calibration_mix mixes a sentence encoder's built-in calibration sentences: a share other
-    than the default (or 0) is refused by name where nothing built-in calibrates (a calibration
-    file, a causal LM's documents)."""
-    if config.calibration_mix in (0.0, Config.calibration_mix) or not (calibration or causal):
+def refuse_mix(config: Config, calibration: str | None) -> None:
+    """Config.calibration_mix mixes the built-in calibration texts: a share other than the default
+    (or 0) is refused by name with a calibration file, whose lines alone calibrate."""
+    if config.calibration_mix in (0.0, Config.calibration_mix) or not calibration:
         return
-    where = "the lines of --calibration FILE calibrate" if calibration else "a causal LM calibrates on the built-in documents"
-    raise ConfigError(f"--calibration-mix {config.calibration_mix:g} mixes the built-in sentences of a sentence encoder, but {where}",
-                      "leave --calibration-mix out (or 0); to calibrate on several sources, put them in one --calibration file")
+    raise ConfigError(f"--calibration-mix {config.calibration_mix:g} mixes tngraph's built-in calibration texts, but the lines of "
+                      "--calibration FILE calibrate", "leave --calibration-mix out (or 0); to calibrate on several sources, put them in one --calibration file")
 
 
 def calibration_only(config: Config, calibration: str | None = None, count: int | None = None) -> list[str]:
