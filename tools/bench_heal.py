@@ -9,8 +9,8 @@ out-of-domain sentences (tngraph.data.outside_sentences: the part set aside for 
 on the default healing data (tngraph.data.healing_pool: the built-in sentences outside the
 evaluation set, interleaved with as many sentences of other packages' docstrings, neither the
 calibration's source nor the out-of-domain set's), except "stdlib-only": the built-in sentences alone.
-The other variants change one HealConfig option each (RUNS): steps, learning rate and warm-up, the
-weight of the pooled embeddings' 1 - cos (pooled-x10), the batch's sentence-to-sentence cosines
+The other variants change one HealConfig option each (RUNS): steps, batch size (as many texts in
+twice the steps), learning rate and warm-up, the weight of the pooled embeddings' 1 - cos (pooled-x10), the batch's sentence-to-sentence cosines
 (similarities), only the factors training, only the last hidden state matched.
 
   python tools/bench_heal.py [--artifact DIR] [--runs default,stdlib-only,factors-only,last-layer,...] [--eval-samples 2000]
@@ -45,6 +45,8 @@ RUNS = {
     "last-layer": dict(layers=False),
     "half-steps": dict(steps=250),
     "steps-800": dict(steps=800),
+    "steps-2400": dict(steps=2400),
+    "batch-16": dict(batch_size=16, steps=1400, eval_every=100),  # the default's texts, in half-size batches
     "lr-2e-4": dict(lr=2e-4, warmup=0.2),
     "pooled-x10": dict(pooled_weight=10.0),
     "similarities": dict(similarity_weight=10.0),
