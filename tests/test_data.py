@@ -69,11 +69,12 @@ def test_out_of_domain_sets_split_into_a_reported_half_and_a_tuning_half():
 
 
 def test_healing_mixes_other_packages_and_never_reads_what_is_scored(monkeypatch):
-    """The default healing data: the built-in sentences outside the evaluation set, interleaved with
-    as many sentences of other installed packages' docstrings; none of them is in either half of the
-    out-of-domain set, in the evaluation set or in the corpus; seeded and deterministic."""
+    """The default healing data: built-in sentences outside the evaluation set, spread evenly among
+    three times as many sentences of other installed packages' docstrings (HEALING_SHARE); none of
+    the latter is in either half of the out-of-domain set, in the evaluation set or in the corpus;
+    seeded and deterministic; a short run reads only what its steps can use."""
     import tngraph.data
-    from tngraph.data import HEALING_PACKAGES, OUTSIDE_PACKAGES, corpus, healing_pool, healing_sentences, package_sentences
+    from tngraph.data import HEALING_PACKAGES, HEALING_SHARE, OUTSIDE_PACKAGES, corpus, healing_pool, healing_sentences, package_sentences
 
     assert not set(HEALING_PACKAGES) & set(OUTSIDE_PACKAGES)
     small = ("pip", "numpy")  # quick to read
@@ -97,14 +98,23 @@ def test_healing_mixes_other_packages_and_never_reads_what_is_scored(monkeypatch
     builtin = corpus()[:300]
     monkeypatch.setattr(tngraph.data, "corpus", lambda: builtin)
     evaluation = list(builtin[::3])
-    own, mixed = healing_pool(evaluation, mixed=False), healing_pool(evaluation)
-    assert own == [s for s in builtin if s not in evaluation]
-    assert len(mixed) == 2 * len(own) and mixed[0::2] == own  # interleaved: every batch draws from both
-    assert set(mixed[1::2]) == set(healing_sentences(len(own), seed=0)) and not set(mixed[1::2]) & set(package_sentences())
-    # a short run reads no more than its steps can use: half of it built-in, half the packages'
-    short = healing_pool(evaluation, most=41)
-    assert len(short) == 42 and set(short[0::2]) < set(own) and set(short[1::2]) == set(healing_sentences(21, seed=0))
-    assert healing_pool(evaluation, most=10**6) == mixed and len(healing_pool(evaluation, mixed=False, most=30)) == 30
+    own = [s for s in builtin if s not in evaluation]
+    assert healing_pool(evaluation, share=0.0) == own
+    even = healing_pool(evaluation, share=0.5)
+    assert len(even) == 2 * len(own) and even[0::2] == own  # spread evenly: every batch draws from both
+    assert set(even[1::2]) == set(healing_sentences(len(own), seed=0)) and not set(even[1::2]) & set(package_sentences())
+    # the default share: three package sentences to each built-in one, every built-in sentence kept
+    mixed = healing_pool(evaluation)
+    assert HEALING_SHARE == 0.75 and len(mixed) == 4 * len(own) and mixed[1::4] == own
+    assert set(mixed) - set(own) == set(healing_sentences(3 * len(own), seed=0))
+    # a short run reads no more than its steps can use: a quarter of it built-in, the rest the packages'
+    short = healing_pool(evaluation, most=40)
+    assert len(short) == 40 and set(short[1::4]) < set(own) and set(short) - set(own) == set(healing_sentences(30, seed=0))
+    assert healing_pool(evaluation, most=10**6, share=0.0) == own and len(healing_pool(evaluation, share=0.0, most=30)) == 30
+    assert len(healing_pool(evaluation, share=1.0, most=30)) == 30 and not set(healing_pool(evaluation, share=1.0, most=30)) & set(own)
+    for bad in (-0.5, 2, True):
+        with pytest.raises(ValueError, match="share is a share in"):
+            healing_pool(evaluation, share=bad)
 
 
 def test_calibration_mixes_other_packages_evenly_and_keeps_the_evaluation_set():
@@ -130,8 +140,8 @@ def test_calibration_mixes_other_packages_evenly_and_keeps_the_evaluation_set():
 def test_a_causal_lms_calibration_mixes_passages_of_other_packages():
     """A causal LM's built-in calibration: Config.calibration_mix of its passages come from other
     packages' docstrings (healing_passages), spread evenly among the built-in documents' passages;
-    none of them is in a built-in document (held out or not) or an out-of-domain one, and healing
-    and the scored texts are the same as unmixed."""
+    none of them is in a built-in document (held out or not) or an out-of-domain one; the scored
+    texts are the same as unmixed. Healing spreads every training passage among as many of theirs."""
     import tngraph
     from tngraph.data import healing_passages, lm_documents, outside_documents, passages
     from tngraph.workflow.common import compress_texts
@@ -151,7 +161,10 @@ def test_a_causal_lms_calibration_mixes_passages_of_other_packages():
     assert [t for t in mixed.calibration if t in own] == plain.calibration[:30]
     assert set(t for t in mixed.calibration if t not in own) == set(healing_passages(10, seed=0))
     assert all(sum(source[i : i + 4]) == 3 for i in range(0, 40, 4))  # every batch draws from both
-    assert mixed.heal == plain.heal and mixed.evaluation == plain.evaluation
+    assert mixed.heal == plain.heal and mixed.evaluation == plain.evaluation  # nothing heals: the packages are not read
+    # healing: every training passage, spread evenly among as many of the packages'
+    healing = compress_texts(True, tngraph.Config(calibration_samples=40, heal_steps=5), outside=False).heal
+    assert len(healing) == 2 * len(plain.heal) and healing[0::2] == plain.heal and not set(healing[1::2]) & known
 
 
 def test_calibration_mix_is_refused_where_nothing_built_in_calibrates(tmp_path):

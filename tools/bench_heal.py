@@ -6,9 +6,10 @@ each variant heals a fresh copy against the original and prints, before and afte
 agreement on held-out standard-library sentences (the calibration's domain) and on as many
 out-of-domain sentences (tngraph.data.outside_sentences: the part set aside for reports), the cut in
 1 - mean cos, the steps taken and the healing time (this machine, --threads threads). Variants heal
-on the default healing data (tngraph.data.healing_pool: the built-in sentences outside the
-evaluation set, interleaved with as many sentences of other packages' docstrings, neither the
-calibration's source nor the out-of-domain set's), except "stdlib-only": the built-in sentences alone.
+on the default healing data (tngraph.data.healing_pool: built-in sentences outside the evaluation
+set spread among three times as many sentences of other packages' docstrings, neither the
+calibration's source nor the out-of-domain set's; as many texts as the longest run can use), except
+"stdlib-only": the built-in sentences alone.
 The other variants change one HealConfig option each (RUNS): steps, batch size (as many texts in
 twice the steps), learning rate and warm-up, the weight of the pooled embeddings' 1 - cos (pooled-x10), the batch's sentence-to-sentence cosines
 (similarities), only the factors training, only the last hidden state matched.
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 
 import tngraph  # noqa: E402
 from tngraph.api import heal_config  # noqa: E402
-from tngraph.data import healing_pool, outside_sentences, sentence_sets  # noqa: E402
+from tngraph.data import HEALING_SHARE, healing_pool, outside_sentences, sentence_sets  # noqa: E402
 from tngraph.evaluate import agreement, sentence_embeddings  # noqa: E402
 from tngraph.heal import heal  # noqa: E402
 from tngraph.models import MINILM_INCLUDE, ModelSource, load_model  # noqa: E402
@@ -87,15 +88,17 @@ def main() -> int:
         start = time.perf_counter()
         student = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
         label = f"default pipeline, budget {args.budget:g}, mlp {args.mlp}, compressed in {time.perf_counter() - start:.0f}s"
-    texts = {mixed: healing_pool(sets.evaluation, mixed=mixed, seed=config.seed) for mixed in (True, False)}
+    base = heal_config(config.replace(heal_steps=tngraph.Config().heal_steps))
+    most = max(RUNS[r].get("steps", base.steps) * RUNS[r].get("batch_size", base.batch_size) for r in runs) + base.held_out
+    texts = {mixed: healing_pool(sets.evaluation, share=None if mixed else 0.0, seed=config.seed, most=most) for mixed in (True, False)}
     held = {"in domain": sets.evaluation, "out of domain": outside_sentences(args.eval_samples, seed=0, part=args.outside_part)}
     refs = {k: sentence_embeddings(model, tokenizer, v) for k, v in held.items()}
     before = scores(student, tokenizer, held, refs)
-    print(f"MiniLM ({label}); healing on {len(texts[True])} sentences ({len(texts[False])} built-in; stdlib-only: those alone), agreement on "
+    print(f"MiniLM ({label}); healing on {len(texts[True])} sentences, {HEALING_SHARE:g} of them from other packages (stdlib-only: "
+          f"{len(texts[False])} built-in ones), agreement on "
           f"{before['in domain'].sentences} held-out stdlib and {before['out of domain'].sentences} out-of-domain sentences; "
           f"{torch.get_num_threads()} threads")
     print(f"{'run':14} {'steps':>5} {'best':>5} {'seconds':>7}" + "".join(f" {k + ': mean cos':>24} {'cut':>6} {'top-10':>17}" for k in held))
-    base = heal_config(config.replace(heal_steps=tngraph.Config().heal_steps))
     for run in runs:
         cfg = base.__class__(**{**base.__dict__, **RUNS[run]})
         healed = copy.deepcopy(student)

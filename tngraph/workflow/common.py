@@ -119,10 +119,12 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     """The data policy of the built-in text, in one place.
 
     A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
-    the first calibration_samples of them calibrate, all of them heal, the held-out documents
-    (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
-    healing on every built-in sentence outside the evaluation set and as many sentences of other
-    packages' docstrings (tngraph.data.healing_pool; none when Config.heal_steps is 0). Out of
+    the first calibration_samples of them calibrate, all of them heal, spread evenly among as many
+    passages of other packages' docstrings (tngraph.data.healing_passages; not read when
+    Config.heal_steps is 0), the held-out documents (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
+    healing on built-in sentences outside the evaluation set spread among three times as many
+    sentences of other packages' docstrings, as many as the steps use (tngraph.data.healing_pool;
+    none when Config.heal_steps is 0). Out of
     domain, scored beside them: as many sentences (an encoder), or as many characters of documents
     (a causal LM), of the third-party docstrings set aside for reports (tngraph.data.outside_sentences,
     outside_text); None with `outside` False (nothing will be scored: the packages are not read).
@@ -139,7 +141,9 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
             random.Random(config.seed).shuffle(pool)
         other = healing_passages(round(config.calibration_samples * share), config.seed) if share else []
         heldout, outside_text = lm_heldout_texts(config.seed, outside=outside)
-        return TextSets(spread(pool[: config.calibration_samples - len(other)], other), pool, heldout, outside_text)
+        # healing: every training passage, spread evenly among as many of the packages' (none read when nothing heals)
+        healing = spread(pool, healing_passages(len(pool), config.seed)) if config.heal_steps else pool
+        return TextSets(spread(pool[: config.calibration_samples - len(other)], other), healing, heldout, outside_text)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=share)
     healing = None  # other packages are read only to heal, and no more of them than the steps can use
     if config.heal_steps:
