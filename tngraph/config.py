@@ -166,7 +166,8 @@ class Config:
         else the text calibration data; without either it is skipped with a warning.
     heal_lr: peak AdamW learning rate of healing.
     heal_data: a UTF-8 text file, one sample per line, to heal on (default: the calibration texts;
-        the CLI's built-in set uses every built-in sentence outside the evaluation set).
+        the CLI's built-in set heals on built-in texts outside the evaluation set mixed with other
+        packages' docstrings, tngraph.data.healing_pool / healing_passages).
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
         a target must match one `include` pattern (when any are given) and no `exclude` pattern.
     calibration_samples / eval_samples: sizes of the built-in sentence sets (bundled MiniLM).
@@ -245,8 +246,8 @@ class Config:
     heal_steps: int = option(700, "--heal-steps", "steps of the healing fine-tune (distillation against the original; default 700, "
                              "0 turns it off)", type=int, metavar="N")
     heal_lr: float = option(1e-4, "--heal-lr", "peak learning rate of healing (default 1e-4)", type=float, metavar="LR")
-    heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: the built-in sentences "
-                                   "outside the evaluation set, or the --calibration file)", metavar="FILE")
+    heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: built-in texts outside "
+                                   "the evaluation set mixed with other packages' docstrings, or the --calibration file)", metavar="FILE")
     include: tuple[str, ...] = option((), "--include", "target only module paths matching REGEX (repeatable)", kind="append",
                                       metavar="REGEX")
     exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",
