@@ -193,3 +193,28 @@ def test_calibration_mix_is_refused_where_nothing_built_in_calibrates(tmp_path):
         tngraph.compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), calibration=[(torch.randn(2, 4),)], calibration_mix=0.5)
     with pytest.raises(ConfigError, match="the backend calibrates on options\\['calibration'\\] alone"):
         parse_options({"calibration_mix": 0.0})
+
+
+def test_no_package_is_read_for_healing_texts_that_go_unused(tmp_path, monkeypatch):
+    """With a --calibration file (its lines heal) or --heal-data, the built-in healing texts are not
+    built: the packages' docstrings are not read for them."""
+    import tngraph
+    import tngraph.data
+    from tngraph.workflow.common import compress_texts
+
+    lines = tmp_path / "c.txt"
+    lines.write_text("one calibration sentence about parsing files.\nanother one about sockets and threads.\n", encoding="utf-8")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("read for texts nothing uses")
+
+    monkeypatch.setattr(tngraph.data, "healing_pool", unread)
+    monkeypatch.setattr(tngraph.data, "healing_passages", unread)
+    for causal in (True, False):
+        texts = compress_texts(causal, tngraph.Config(heal_steps=5, calibration_samples=64), str(lines), outside=False)
+        assert texts.calibration == read_lines(lines) and texts.heal is None
+        texts = compress_texts(causal, tngraph.Config(heal_steps=5, calibration_samples=64, calibration_mix=0.0, heal_data=str(lines)),
+                               outside=False)
+        assert len(texts.calibration) == 64
+    with pytest.raises(AssertionError, match="read for texts nothing uses"):  # the check itself bites
+        compress_texts(False, tngraph.Config(heal_steps=5, calibration_samples=64), outside=False)

@@ -115,22 +115,25 @@ class TextSets:
     outside: Any = None  # the same kind of set from another domain (tngraph.data.OUTSIDE_PACKAGES' docstrings)
 
 
-def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside: bool = True, calibrate: bool = True) -> TextSets:
+def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside: bool = True, calibrate: bool = True,
+                  heal: bool = True) -> TextSets:
     """The data policy of the built-in text, in one place.
 
     A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
     the first calibration_samples of them calibrate, all of them heal, spread evenly among as many
-    passages of other packages' docstrings (tngraph.data.healing_passages; not read when
-    Config.heal_steps is 0), the held-out documents (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
+    passages of other packages' docstrings (tngraph.data.healing_passages), the held-out documents
+    (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
     healing on built-in sentences outside the evaluation set spread among three times as many
-    sentences of other packages' docstrings, as many as the steps use (tngraph.data.healing_pool;
-    none when Config.heal_steps is 0). Out of
-    domain, scored beside them: as many sentences (an encoder), or as many characters of documents
-    (a causal LM), of the third-party docstrings set aside for reports (tngraph.data.outside_sentences,
-    outside_text); None with `outside` False (nothing will be scored: the packages are not read).
-    Config.calibration_mix of the calibration texts come from other packages' docstrings, spread evenly:
-    sentences for an encoder (sentence_sets), passages for a causal LM (healing_passages); with
-    `calibrate` False (they go unused) nothing is mixed, and nothing is read for them."""
+    sentences of other packages' docstrings, as many as the steps use (tngraph.data.healing_pool).
+    No healing texts (heal None for an encoder, the training passages unmixed for a causal LM, the
+    packages not read for them) when Config.heal_steps is 0 or with `heal` False (they would go
+    unused). Out of domain, scored beside them: as many sentences (an encoder), or as many
+    characters of documents (a causal LM), of the third-party docstrings set aside for reports
+    (tngraph.data.outside_sentences, outside_text); None with `outside` False (nothing will be
+    scored: the packages are not read). Config.calibration_mix of the calibration texts come from
+    other packages' docstrings, spread evenly: sentences for an encoder (sentence_sets), passages for
+    a causal LM (healing_passages); with `calibrate` False (they go unused) nothing is mixed, and
+    nothing is read for them."""
     from ..data import healing_passages, healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets, spread
     from ..heal import HealConfig
 
@@ -142,11 +145,11 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
         other = healing_passages(round(config.calibration_samples * share), config.seed) if share else []
         heldout, outside_text = lm_heldout_texts(config.seed, outside=outside)
         # healing: every training passage, spread evenly among as many of the packages' (none read when nothing heals)
-        healing = spread(pool, healing_passages(len(pool), config.seed)) if config.heal_steps else pool
+        healing = spread(pool, healing_passages(len(pool), config.seed)) if heal and config.heal_steps else pool
         return TextSets(spread(pool[: config.calibration_samples - len(other)], other), healing, heldout, outside_text)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=share)
     healing = None  # other packages are read only to heal, and no more of them than the steps can use
-    if config.heal_steps:
+    if heal and config.heal_steps:
         healing = healing_pool(sets.evaluation, seed=config.seed, most=config.heal_steps * config.batch_size + HealConfig.held_out)
     return TextSets(sets.calibration, healing, sets.evaluation,
                     outside_sentences(config.eval_samples, config.seed) if outside else None)
@@ -158,7 +161,7 @@ def compress_texts(causal: bool, config: Config, calibration: str | None = None,
     from ..data import read_lines
 
     refuse_mix(config, calibration)
-    texts = builtin_texts(causal, config, outside=outside, calibrate=not calibration)
+    texts = builtin_texts(causal, config, outside=outside, calibrate=not calibration, heal=not (calibration or config.heal_data))
     if calibration:
         return TextSets(read_lines(calibration), None, texts.evaluation, texts.outside)
     return texts
