@@ -110,6 +110,7 @@ def test_healing_mixes_other_packages_and_never_reads_what_is_scored(monkeypatch
     # a short run reads no more than its steps can use: a quarter of it built-in, the rest the packages'
     short = healing_pool(evaluation, most=40)
     assert len(short) == 40 and set(short[1::4]) < set(own) and set(short) - set(own) == set(healing_sentences(30, seed=0))
+    assert healing_pool(evaluation, most=10**6) == mixed  # the built-in ones run out: the packages give no more than their share
     assert healing_pool(evaluation, most=10**6, share=0.0) == own and len(healing_pool(evaluation, share=0.0, most=30)) == 30
     assert len(healing_pool(evaluation, share=1.0, most=30)) == 30 and not set(healing_pool(evaluation, share=1.0, most=30)) & set(own)
     for bad in (-0.5, 2, True):
@@ -162,9 +163,13 @@ def test_a_causal_lms_calibration_mixes_passages_of_other_packages():
     assert set(t for t in mixed.calibration if t not in own) == set(healing_passages(10, seed=0))
     assert all(sum(source[i : i + 4]) == 3 for i in range(0, 40, 4))  # every batch draws from both
     assert mixed.heal == plain.heal and mixed.evaluation == plain.evaluation  # nothing heals: the packages are not read
-    # healing: every training passage, spread evenly among as many of the packages'
-    healing = compress_texts(True, tngraph.Config(calibration_samples=40, heal_steps=5), outside=False).heal
+    # healing: every training passage, spread evenly among as many of the packages' (300 steps use them all)
+    healing = compress_texts(True, tngraph.Config(calibration_samples=40, heal_steps=300), outside=False).heal
     assert len(healing) == 2 * len(plain.heal) and healing[0::2] == plain.heal and not set(healing[1::2]) & known
+    # a short run reads no more than its steps use (5 x 32 + 256 held out): half of them passages of the packages
+    short = compress_texts(True, tngraph.Config(calibration_samples=40, heal_steps=5), outside=False).heal
+    assert len(short) == 416 and len(set(short[0::2])) == 208 and set(short[0::2]) <= own
+    assert set(short[1::2]) == set(healing_passages(208, seed=0)) and not set(short[1::2]) & known
 
 
 def test_calibration_mix_is_refused_where_nothing_built_in_calibrates(tmp_path):

@@ -176,25 +176,31 @@ def spread(mine: list[str], other: list[str]) -> list[str]:
 
 
 def healing_pool(evaluation: list[str], *, share: float | None = None, seed: int = 0, most: int | None = None) -> list[str]:
-    """The default healing data: built-in sentences outside `evaluation` (none of the sentences the
-    report scores) and sentences of HEALING_PACKAGES' docstrings (healing_sentences), `share` of
-    the texts from the packages (default HEALING_SHARE; 0: the built-in sentences alone), the two
-    spread evenly (every batch draws from both). Healing on one source fits the model to that
-    source: text from several raises the out-of-domain agreement (docs/healing.md).
-    `most`: the texts a healing run can use (steps x batch + held out); a seeded sample of the
-    built-in sentences gives their share of it, the packages the rest, so that little is read.
-    Without it, every built-in sentence and as many of the packages' as the share asks for."""
-    share = HEALING_SHARE if share is None else share
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-        raise ValueError(f"share is a share in [0, 1], got {share!r}")
+    """The default healing data of a sentence encoder: built-in sentences outside `evaluation` (none
+    of the sentences the report scores) mixed with sentences of HEALING_PACKAGES' docstrings
+    (healing_sentences), `share` of the texts from the packages (default HEALING_SHARE; 0: the
+    built-in sentences alone; mixed_pool says how `most` bounds them). Healing on one source fits
+    the model to that source: text from several raises the out-of-domain agreement (docs/healing.md)."""
     held = set(evaluation)
     own = [s for s in corpus() if s not in held]
+    return mixed_pool(own, healing_sentences, HEALING_SHARE if share is None else share, seed=seed, most=most)
+
+
+def mixed_pool(own: list[str], draw, share: float, *, seed: int = 0, most: int | None = None) -> list[str]:
+    """`own` texts and texts of other packages (`draw(count, seed)`: healing_sentences or
+    healing_passages), `share` of them the latter, spread evenly (every batch draws from both).
+    `most`: the texts a healing run can use (steps x batch + held out); a seeded sample of `own`
+    gives their share of it, the packages the rest, so that little is read; when `own` runs out the
+    packages give no more than the share asks for (fewer texts, taken again in later epochs).
+    Without it, every one of `own` and as many of the packages' as the share asks for."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"share is a share in [0, 1], got {share!r}")
     total = most if most is not None else len(own) if share in (0.0, 1.0) else round(len(own) / (1 - share))
     keep = min(len(own), round(total * (1 - share)))
     if keep < len(own):
         own = random.Random(seed).sample(own, keep)
-    other = healing_sentences(total - len(own), seed) if share else []
-    return spread(own, other)
+    count = total - len(own) if share == 1.0 else min(total - len(own), round(len(own) * share / (1 - share)))
+    return spread(own, draw(count, seed) if share else [])
 
 
 # Healing text from other sources than the calibration's: docstrings of packages every tngraph install has
@@ -205,6 +211,8 @@ HEALING_PACKAGES = ("setuptools", "pip", "numpy", "sympy", "transformers", "torc
 # tuning half of the out-of-domain set (docs/healing.md, "How much of the healing text comes from other
 # packages"): 0.75 kept nearly all of the out-of-domain gain of 1.0 and half of the in-domain loss.
 HEALING_SHARE = 0.75
+# A causal LM's: every training passage beside as many of theirs (docs/healing.md, "Causal LMs").
+LM_HEALING_SHARE = 0.5
 
 
 def healing_sentences(count: int, seed: int = 0, packages: tuple[str, ...] = HEALING_PACKAGES) -> list[str]:

@@ -11,8 +11,9 @@ set spread among three times as many sentences of other packages' docstrings, ne
 calibration's source nor the out-of-domain set's; as many texts as the longest run can use), except
 "stdlib-only": the built-in sentences alone.
 The other variants change one HealConfig option each (RUNS): steps, batch size (as many texts in
-twice the steps), learning rate and warm-up, the weight of the pooled embeddings' 1 - cos (pooled-x10), the batch's sentence-to-sentence cosines
-(similarities), only the factors training, only the last hidden state matched.
+twice the steps), learning rate and warm-up, the weight of the pooled embeddings' 1 - cos
+(pooled-x10), the batch's sentence-to-sentence cosines (similarities), only the factors training,
+only the last hidden state matched.
 
   python tools/bench_heal.py [--artifact DIR] [--runs default,stdlib-only,factors-only,last-layer,...] [--eval-samples 2000]
                              [--outside-part report|tune]

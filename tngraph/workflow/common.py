@@ -120,9 +120,9 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     """The data policy of the built-in text, in one place.
 
     A causal LM: passages of the built-in training documents (shuffled with the seed when `shuffle`),
-    the first calibration_samples of them calibrate, all of them heal, spread evenly among as many
-    passages of other packages' docstrings (tngraph.data.healing_passages), the held-out documents
-    (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
+    the first calibration_samples of them calibrate, they heal spread evenly among as many passages
+    of other packages' docstrings (tngraph.data.mixed_pool with healing_passages; a seeded sample of
+    both when the steps use fewer), the held-out documents (joined) are scored. An encoder: the seeded disjoint sentence sets (tngraph.data.sentence_sets),
     healing on built-in sentences outside the evaluation set spread among three times as many
     sentences of other packages' docstrings, as many as the steps use (tngraph.data.healing_pool).
     No healing texts (heal None for an encoder, the training passages unmixed for a causal LM, the
@@ -134,7 +134,8 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     other packages' docstrings, spread evenly: sentences for an encoder (sentence_sets), passages for
     a causal LM (healing_passages); with `calibrate` False (they go unused) nothing is mixed, and
     nothing is read for them."""
-    from ..data import healing_passages, healing_pool, lm_documents, lm_heldout_texts, outside_sentences, passages, sentence_sets, spread
+    from ..data import (LM_HEALING_SHARE, healing_passages, healing_pool, lm_documents, lm_heldout_texts, mixed_pool, outside_sentences,
+                        passages, sentence_sets, spread)
     from ..heal import HealConfig
 
     share = config.calibration_mix if calibrate else 0.0
@@ -144,8 +145,10 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
             random.Random(config.seed).shuffle(pool)
         other = healing_passages(round(config.calibration_samples * share), config.seed) if share else []
         heldout, outside_text = lm_heldout_texts(config.seed, outside=outside)
-        # healing: every training passage, spread evenly among as many of the packages' (none read when nothing heals)
-        healing = spread(pool, healing_passages(len(pool), config.seed)) if heal and config.heal_steps else pool
+        healing = pool  # none of the packages' passages read when nothing heals
+        if heal and config.heal_steps:
+            used = config.heal_steps * config.batch_size + HealConfig.held_out
+            healing = mixed_pool(pool, healing_passages, LM_HEALING_SHARE, seed=config.seed, most=used)
         return TextSets(spread(pool[: config.calibration_samples - len(other)], other), healing, heldout, outside_text)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=share)
     healing = None  # other packages are read only to heal, and no more of them than the steps can use
