@@ -231,6 +231,11 @@ def test_heal_command_heals_an_artifact_in_place_or_into_a_new_folder(tiny_hf, t
     # healing again continues from the healed artifact, in place
     assert main(["heal", str(healed), "--steps", "4", "--no-eval", "--quiet"]) == 0
     assert json.loads((healed / "recipe.json").read_text())["heal"]["held_out_start"] == recipe["heal"]["held_out_start"]
+    assert json.loads((healed / "heal.json").read_text())["heal"]["scope"] == "model"
+    # one block at a time: --scope blocks reaches healing, and only the blocks' parameters train
+    assert main(["heal", str(healed), "--steps", "6", "--scope", "blocks", "--no-eval", "--quiet"]) == 0
+    summary = json.loads((healed / "heal.json").read_text())["heal"]
+    assert summary["scope"] == "blocks" and summary["history"][-1][0] == 6
 
 
 def test_heal_command_errors_are_one_line(tiny_hf, tmp_path, capsys):
@@ -240,6 +245,8 @@ def test_heal_command_errors_are_one_line(tiny_hf, tmp_path, capsys):
     assert "--steps 0 heals nothing" in _fail(capsys, ["heal", str(out), "--steps", "0"])
     assert "does not exist" in _fail(capsys, ["heal", str(out), "--data", str(tmp_path / "none.txt")])
     assert "heal_lr must lie in (0, 1]" in _fail(capsys, ["heal", str(out), "--lr", "-1"])
+    assert "invalid choice: 'layers'" in _fail(capsys, ["heal", str(out), "--scope", "layers"])
+    assert "no checkpoint to resume" in _fail(capsys, ["heal", str(out), "--scope", "blocks", "--resume", "--no-eval"])
     assert "heal_steps must be" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--heal-steps", "-2"])
 
 

@@ -334,3 +334,63 @@ def test_a_model_whose_logits_are_not_its_head_keeps_them_whole(lm_pair):
     scaled = _copy(teacher)
     scaled.register_forward_hook(lambda m, i, out: out.__class__(**{**out, "logits": out.logits * 2}))  # a logit scale outside the head
     assert lm.headless(scaled, batches[0]) is None and lm.headless(teacher, batches[0]) is not None
+
+
+def _block_errors(student, teacher, tokenizer, texts):
+    """Each block's relative output error against the teacher's block on the teacher's input to it."""
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hs = student(**batch, output_hidden_states=True).hidden_states
+        ht = teacher(**batch, output_hidden_states=True).hidden_states
+    return [float(((a - b) ** 2).sum() / (b**2).sum()) for a, b in zip(hs[1:], ht[1:])]
+
+
+def test_healing_block_by_block_trains_each_block_on_the_teachers_block_outputs(tiny_pair, texts):
+    from tngraph.heal import RATES, repeated_blocks
+
+    teacher, student, tokenizer = tiny_pair
+    student = _copy(student)
+    assert repeated_blocks(student)[0] == "encoder.layer" and repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    before = _block_errors(student, teacher, tokenizer, texts[-32:])
+    embedding_norm = student.embeddings.LayerNorm.weight.detach().clone()
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = HealConfig(scope="blocks", steps=30, lr=3e-3, **FAST)
+    assert HealConfig(scope="blocks").rate == RATES["blocks"] == 3e-4 and HealConfig().rate == RATES["model"] and cfg.rate == 3e-3
+    result = heal(student, teacher, texts, tokenizer, cfg, show=False)
+    after = _block_errors(student, teacher, tokenizer, texts[-32:])
+    assert result.best_loss < result.start_loss * 0.5 and result.best_step == 30 and result.history == [(0, result.start_loss), (30, result.best_loss)]
+    assert all(a < b * 0.8 for a, b in zip(after, before)), (before, after)  # every block, the later ones from healed inputs
+    # only what sits inside the blocks trains: the embeddings' LayerNorm, outside them, does not
+    assert torch.equal(student.embeddings.LayerNorm.weight, embedding_norm)
+    assert result.trained and all(n.startswith("encoder.layer.") for n in result.trained)
+    assert "encoder.layer.1.attention.self.query.a" in result.trained and "encoder.layer.0.output.LayerNorm.weight" in result.trained
+    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_a_causal_lm_heals_block_by_block(lm_pair, texts):
+    teacher, student, tokenizer, _ = lm_pair
+    student = _copy(student)
+    result = heal(student, teacher, texts, tokenizer, HealConfig(scope="blocks", steps=20, lr=3e-3, **FAST), show=False)
+    assert result.metric == "KL" and result.best_loss < result.start_loss * 0.9 and result.best_step == 20
+    assert all(n.startswith("model.layers.") for n in result.trained)
+
+
+def test_healing_block_by_block_never_returns_a_worse_model_and_refuses_what_it_cannot_do(tiny_pair, texts, tmp_path, monkeypatch):
+    import tngraph.heal as heal_module
+
+    teacher, student, tokenizer = tiny_pair
+    student = _copy(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    result = heal(student, teacher, texts, tokenizer, HealConfig(scope="blocks", steps=10, lr=1.0, clip=1e6, **FAST), show=False)
+    assert result.best_step == 0 and result.best_loss == result.start_loss
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    with pytest.raises(ConfigError, match="no checkpoint to resume"):
+        heal(student, teacher, texts, tokenizer, HealConfig(scope="blocks", steps=2, **FAST), checkpoint=tmp_path, resume=True, show=False)
+    with pytest.raises(ConfigError, match="scope"):
+        HealConfig(scope="layers")
+    with pytest.raises(ConfigError, match="heal_scope"):
+        tngraph.Config(heal_scope="layers")
+    monkeypatch.setattr(heal_module, "repeated_blocks", lambda model: None)
+    with pytest.raises(ModelError, match="repeated blocks"):
+        heal(student, teacher, texts, tokenizer, HealConfig(scope="blocks", steps=2, **FAST), show=False)

@@ -184,7 +184,9 @@ def _heal_texts(config: Config, given: Sequence[str] | None, calibration: Sequen
 
 def heal_config(config: Config) -> Any:
     """The HealConfig a compress Config asks for."""
-    return HealConfig(steps=config.heal_steps, lr=config.heal_lr, max_length=config.max_length, batch_size=config.batch_size, seed=config.seed)
+    scope = "model" if config.heal_scope == "auto" else config.heal_scope  # block by block heals in tngraph.blockwise
+    return HealConfig(steps=config.heal_steps, lr=config.heal_lr, scope=scope, max_length=config.max_length, batch_size=config.batch_size,
+                      seed=config.seed)
 
 
 def heal_model(module: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str], tokenizer: Any, config: Any, *,

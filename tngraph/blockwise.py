@@ -30,6 +30,7 @@ from . import distributed, memory
 from .capture import capture
 from .config import Config, flag_of
 from .errors import ConfigError, DataError, ModelError, TngraphError
+from .heal import RATES
 from .ownership import atomic_dir, check_output_dir
 from .passes import PIPELINE, PassContext
 from .passes.targets import is_selected
@@ -55,6 +56,8 @@ UNSUPPORTED = {
              "leave --bits out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
     "mlp": (lambda c: c.mlp == "prune", "the sharded block-by-block layout stores low-rank factors of unchanged shapes; a pruned "
             "MLP block changes its layers' shapes", "leave --mlp out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
+    "heal_scope": (lambda c: c.heal_scope == "model", "each block heals on its own, as it is compressed: the whole model is "
+                   "never in memory at once", "leave --heal-scope out, or pass --no-blockwise when the model fits in memory"),
     "heal_data": (lambda c: c.heal_data is not None, "blocks are healed on their calibration inputs, not on text",
                   "leave --heal-data out (--heal-steps heals each block), or pass --no-blockwise when the model fits in memory"),
 }
@@ -247,6 +250,7 @@ class _Run:
 
     def __init__(self, src: pathlib.Path, config: Config, group: distributed.Group):
         self.config, self.group = config, group
+        self.heal_lr = RATES["model"] if config.heal_lr is None else config.heal_lr  # each block heals at the whole model's rate
         self.shards = Shards(src)
         self.model = meta_model(src)
         self.rotary = rotary_embedding(self.model)
@@ -263,7 +267,7 @@ class _Run:
 
     def config_record(self, windows: int) -> dict[str, Any]:
         record = config_record(self.config) | {"calibration_samples": windows, "allocation": self.config.allocation_kind}
-        record["heal"] = {"steps": self.config.heal_steps, "lr": self.config.heal_lr, "scope": "block"} if self.config.heal_steps else None
+        record["heal"] = {"steps": self.config.heal_steps, "lr": self.heal_lr, "scope": "block"} if self.config.heal_steps else None
         return record
 
     def load_block(self, i: int) -> torch.nn.Module:
@@ -326,7 +330,7 @@ class _Run:
             self.after += after
 
     def heal(self, i: int, block: torch.nn.Module, hidden: list[torch.Tensor], dense_path: list[torch.Tensor]) -> None:
-        errors = heal_block(block, hidden, dense_path, self.rotary, self.config.heal_steps, self.config.heal_lr, self.config.seed + i)
+        errors = heal_block(block, hidden, dense_path, self.rotary, self.config.heal_steps, self.heal_lr, self.config.seed + i)
         self.healed.append(errors)
         log.info("block %d healed: relative output error %.4g -> %.4g (held-out batch)", i, *errors)
         for module in (m for m in block.modules() if isinstance(m, FACTORIZED)):  # every rank keeps rank 0's factors

@@ -22,6 +22,7 @@ ALLOCATIONS = ("auto", "uniform", "budgeted")
 BUDGET_KINDS = ("params", "bytes", "latency")
 SENSITIVITIES = ("spectral", "fisher", "predicted", "measured")
 MLP_MODES = ("auto", "lowrank", "prune")
+HEAL_SCOPES = ("auto", "model", "blocks")
 
 
 FORMAT_CHOICES = tuple(_ALIASES) + FORMATS  # what --format accepts: the formats and their aliases
@@ -164,7 +165,12 @@ class Config:
         model against the original on text, tngraph.heal, docs/healing.md; 0 turns it off; 700 steps
         take ~6 minutes for the MiniLM on 2 CPU cores). It needs texts: heal_data,
         else the text calibration data; without either it is skipped with a warning.
-    heal_lr: peak AdamW learning rate of healing.
+    heal_lr: peak AdamW learning rate of healing (None: 1e-4 for the whole model, 3e-4 block by block;
+        tngraph.heal.HealConfig.rate).
+    heal_scope: "model" (every block trains at once against the original's outputs) or "blocks"
+        (each block trains on its own, in order, on the original block's outputs from the healed
+        blocks' outputs; heal_steps steps per block); "auto": model in the whole-graph pipeline,
+        blocks block by block (where only that is possible).
     heal_data: a UTF-8 text file, one sample per line, to heal on (default: the calibration texts;
         the CLI's built-in set heals on built-in texts outside the evaluation set mixed with other
         packages' docstrings, tngraph.data.healing_pool / healing_passages).
@@ -245,7 +251,13 @@ class Config:
                           kind="const", const=True)
     heal_steps: int = option(700, "--heal-steps", "steps of the healing fine-tune (distillation against the original; default 700, "
                              "0 turns it off)", type=int, metavar="N")
-    heal_lr: float = option(1e-4, "--heal-lr", "peak learning rate of healing (default 1e-4)", type=float, metavar="LR")
+    heal_lr: float | None = option(None, "--heal-lr", "peak learning rate of healing (default 1e-4 for the whole model, 3e-4 "
+                                   "block by block)", type=float, metavar="LR")
+    heal_scope: str = option("auto", "--heal-scope", "what each healing step trains against the original: the whole model "
+                             "(model: --heal-steps steps of every block at once, matched at every block's output and the "
+                             "embedding) or one block at a time (blocks: --heal-steps steps per block, from the healed blocks' "
+                             "outputs, on the teacher's block outputs); auto (default): model, and blocks in the block-by-block "
+                             "path (docs/healing.md)", choices=HEAL_SCOPES)
     heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: built-in texts outside "
                                    "the evaluation set mixed with other packages' docstrings, or the --calibration file)", metavar="FILE")
     include: tuple[str, ...] = option((), "--include", "target only module paths matching REGEX (repeatable)", kind="append",
@@ -288,11 +300,8 @@ class Config:
             _check_number("guard_tolerance", self.guard_tolerance, low=0.0, high=1e6, low_open=True)
         if not isinstance(self.strict, bool):
             raise ConfigError(f"strict must be True or False, got {self.strict!r}")
-        _check_number("heal_lr", self.heal_lr, low=0.0, high=1.0, low_open=True)
         _check_number("calibration_mix", self.calibration_mix, low=0.0, high=1.0)
-        if self.heal_data is not None and not isinstance(self.heal_data, str):
-            raise ConfigError(f"heal_data must be the path of a text file, got {type(self.heal_data).__name__}",
-                              "pass a path, or the texts themselves to compress(..., heal_texts=[...])")
+        self._check_healing()
         self._check_precision()
         for name, allowed in (("allocation", ALLOCATIONS), ("sensitivity", SENSITIVITIES), ("budget_kind", BUDGET_KINDS)):
             if getattr(self, name) not in allowed:
@@ -386,6 +395,15 @@ class Config:
         and the predictor read XᵀX, G or the whitened weight itself."""
         return (self.short_side and self.whiten and self.format == "lowrank" and not self.mixture and not self.dense_rows
                 and not self.bits and self.sensitivity != "predicted")
+
+    def _check_healing(self) -> None:
+        if self.heal_lr is not None:
+            _check_number("heal_lr", self.heal_lr, low=0.0, high=1.0, low_open=True)
+        if self.heal_scope not in HEAL_SCOPES:
+            raise ConfigError(f"unknown heal_scope {self.heal_scope!r}", f"choose one of {', '.join(HEAL_SCOPES)}")
+        if self.heal_data is not None and not isinstance(self.heal_data, str):
+            raise ConfigError(f"heal_data must be the path of a text file, got {type(self.heal_data).__name__}",
+                              "pass a path, or the texts themselves to compress(..., heal_texts=[...])")
 
     @property
     def prune_excluded_by(self) -> str | None:

@@ -14,6 +14,10 @@ Texts heal through the tokenizer; named input tensors (tngraph.samples.TensorSam
 AdamW, linear warm-up then cosine decay, gradient-norm clipping. Batches are drawn from a fixed seed
 and grouped by length (little padding); the whole schedule is a function of the seed, so a run
 resumed from a checkpoint takes the same steps as an uninterrupted one and ends bit-identical.
+Block by block (HealConfig scope "blocks"), each transformer block instead trains alone on the
+teacher block's outputs from its own inputs (the healed blocks' outputs before it), relative MSE over
+real tokens, on up to BLOCK_BATCHES batches kept in memory (their teacher targets computed once per
+block): about a sixth of a whole-model step's work per step, and no teacher pass per step.
 A held-out split is scored every `eval_every` steps; training stops early when it stops improving,
 and the best state seen (the start included) is what comes back: healing never returns a model
 worse than its start on that split.
@@ -48,12 +52,19 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "heal-checkpoint.safetensors"
 _BUCKET = 16  # batches whose texts are sorted by length together
+# peak learning rates by scope (docs/healing.md: one block at a time learns fastest at 3e-4)
+RATES = {"model": 1e-4, "blocks": 3e-4}
+BLOCK_BATCHES = 256  # batches block-by-block healing keeps (their inputs to the current block) at most
+BLOCK_MEMORY = 1 << 30  # bytes of those inputs, the student's and the teacher's, at most
 
 
 @dataclass(frozen=True)
 class HealConfig:
-    """steps: optimizer steps (at most; early stopping may end sooner). lr: peak AdamW learning
-    rate. warmup: fraction of the steps the rate ramps up over. clip: gradient-norm clipping.
+    """steps: optimizer steps (at most; early stopping may end sooner), of every block at once
+    (scope "model": matched at the teacher's outputs) or of each block in turn (scope "blocks": on
+    the teacher block's outputs, from the outputs of the blocks healed before it; no early stopping
+    or checkpoints, the held-out score at the end decides). lr: peak AdamW learning rate (None: the
+    scope's, RATES). warmup: fraction of the steps the rate ramps up over. clip: gradient-norm clipping.
     held_out: texts kept out of training and scored every eval_every steps; patience: scores without
     improvement before stopping. train_norms: every bias and LayerNorm trains too (else only the
     factors). layers: match every block's output, not only the last. pooled_weight, similarity_weight
@@ -63,7 +74,8 @@ class HealConfig:
     between checkpoints (when a checkpoint folder is given)."""
 
     steps: int = 700
-    lr: float = 1e-4
+    lr: float | None = None  # None: RATES[scope]
+    scope: str = "model"
     weight_decay: float = 0.0
     warmup: float = 0.05
     clip: float = 1.0
@@ -84,11 +96,25 @@ class HealConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
                 raise ConfigError(f"heal {name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {value!r}")
+        if self.scope not in RATES:
+            raise ConfigError(f"heal scope must be one of {', '.join(RATES)}, got {self.scope!r}")
         for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 1.0), ("warmup", 0.0, 1.0), ("clip", 0.0, math.inf),
                                 ("pooled_weight", 0.0, math.inf), ("similarity_weight", 0.0, math.inf)):
-            value = getattr(self, name)
+            value = self.rate if name == "lr" else getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high or (name in ("lr", "clip") and value == 0):
                 raise ConfigError(f"heal {name} must lie in ({low:g}, {high:g}], got {value!r}" if name in ("lr", "clip") else f"heal {name} must lie in [{low:g}, {high:g}], got {value!r}")
+
+
+    @property
+    def texts_used(self) -> int:
+        """How many texts the steps can use: the held-out ones and every step's batch (the whole
+        model's steps; block by block, BLOCK_BATCHES batches at most, every block taking them again)."""
+        return (self.steps if self.scope == "model" else min(self.steps, BLOCK_BATCHES)) * self.batch_size + self.held_out
+
+    @property
+    def rate(self) -> float:
+        """The peak learning rate: lr, or the scope's default (RATES)."""
+        return RATES.get(self.scope, RATES["model"]) if self.lr is None else self.lr
 
 
 @dataclass
@@ -102,6 +128,7 @@ class HealResult:
     history: list[tuple[int, float]] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)  # names of the parameters that trained
     resumed_from: int = 0
+    scope: str = "model"  # HealConfig.scope: steps of the whole model, or of each block in turn
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -290,24 +317,26 @@ def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, t
 
 
 def _split(texts: Sequence[str] | TensorSamples, tokenizer: Any, cfg: HealConfig, gen: torch.Generator) -> tuple[list, list, list[list[int]]]:
-    """(held-out texts, shortest first; training texts; the batches of each step) from one seeded
-    order; of tensor samples, their row numbers (all of one length)."""
+    """(held-out texts, shortest first; training texts; the batches of each step: of every step of
+    the whole model, or the BLOCK_BATCHES batches every block trains on) from one seeded order; of
+    tensor samples, their row numbers (all of one length)."""
     order = torch.randperm(len(texts), generator=gen).tolist()
     n_held = min(cfg.held_out, len(texts) // 4)
+    batches = cfg.steps if cfg.scope == "model" else min(cfg.steps, BLOCK_BATCHES)
     if isinstance(texts, TensorSamples):
         held, train = sorted(order[:n_held]), order[n_held:]
-        return held, train, schedule([1] * len(train), cfg.steps, cfg.batch_size, gen)
+        return held, train, schedule([1] * len(train), batches, cfg.batch_size, gen)
     held = sorted((texts[i] for i in order[:n_held]), key=len)
     train = [texts[i] for i in order[n_held:]]
-    return held, train, schedule(token_lengths(tokenizer, train, cfg.max_length), cfg.steps, cfg.batch_size, gen)
+    return held, train, schedule(token_lengths(tokenizer, train, cfg.max_length), batches, cfg.batch_size, gen)
 
 
 def _learning_rate(cfg: HealConfig, step: int) -> float:
     """Linear warm-up, then cosine decay, at step 1..cfg.steps."""
     warm = max(1, int(cfg.warmup * cfg.steps))
     if step <= warm:
-        return cfg.lr * step / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+        return cfg.rate * step / warm
+    return cfg.rate * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
 class _Distillation:
@@ -329,7 +358,7 @@ class _Distillation:
         # the student stays in eval mode: dropout would train it to match a function the teacher,
         # evaluated without dropout, does not compute
         student.eval()
-        self.opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(list(params.values()), lr=cfg.rate, weight_decay=cfg.weight_decay)
         self.held = [self.encode(held[i : i + cfg.batch_size]) for i in range(0, len(held), cfg.batch_size)]
         with torch.no_grad():
             self.kind = _kind(teacher(**{k: v[:1] for k, v in self.held[0].items()}), self.held[0])
@@ -470,6 +499,134 @@ def _train(run: _Distillation, state: _State, train: list[str], plan: list[list[
             bar.close()
 
 
+def repeated_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """(name, modules) of the model's stack of blocks: the ModuleList of two or more modules of one
+    class that holds the most parameters (a transformer's layers); None when it has none."""
+    best: tuple[int, str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size and (best is None or size > best[0]):
+                best = (size, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the hooks have what they need."""
+
+
+def _call(block: torch.nn.Module, hidden: torch.Tensor, call: tuple[str | None, tuple, dict]) -> torch.Tensor:
+    """A block's hidden output on `hidden`, with the other arguments one forward pass gave it."""
+    key, rest, kwargs = call
+    out = block(hidden, *rest, **kwargs) if key is None else block(*rest, **{key: hidden}, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _block_calls(run: _Distillation, blocks: torch.nn.ModuleList, teacher_first: torch.nn.Module,
+                 batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    """(the student's input to its first block, the teacher's, each block's call: where the hidden
+    states go and the other arguments) from one no-grad forward pass of each model, cut short."""
+    calls: list[tuple] = []
+    firsts: list[torch.Tensor] = []
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        key = None if args else "hidden_states"
+        hidden, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
+        calls.append((key, rest, {k: v for k, v in kwargs.items() if k != key}))
+        if len(calls) == 1:
+            firsts.append(hidden.detach())
+        if len(calls) == len(blocks):
+            raise _Stop
+
+    def first(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        firsts.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Stop
+
+    handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
+    handles.append(teacher_first.register_forward_pre_hook(first, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for model in (run.student, run.teacher):
+                try:
+                    model(**batch)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(calls) != len(blocks) or len(firsts) != 2:
+        raise ModelError(f"healing block by block saw {len(calls)} of the {len(blocks)} blocks called in one forward pass",
+                         "heal this model with scope 'model' (--heal-scope model)")
+    return firsts[0], firsts[1], calls
+
+
+def _heal_blocks(run: _Distillation, state: _State, train: list, plan: list[list[int]], show: bool) -> list[str]:
+    """cfg.steps AdamW steps of each block in turn (HealConfig scope "blocks"): its trainable
+    parameters learn the teacher block's output from the student's input to it (the outputs of the
+    blocks before it, already healed), on the plan's batches (as many as BLOCK_MEMORY holds), relative
+    squared error over real tokens; then the held-out score decides, as for the whole model.
+    Returns the names of the parameters that trained (those outside the blocks do not)."""
+    cfg = run.cfg
+    found, mine = repeated_blocks(run.student), set(map(id, run.params.values()))
+    if found is None:
+        raise ModelError(f"healing block by block needs a stack of repeated blocks (a transformer's layers); "
+                         f"{type(run.student).__name__} has none", "heal with scope 'model' (--heal-scope model)")
+    name, blocks = found
+    teacher_blocks = run.teacher.get_submodule(name)
+    inputs, targets, calls, masks, size = [], [], [], [], 0
+    for rows in plan:
+        batch = run.encode([train[i] for i in rows])
+        x, t, call = _block_calls(run, blocks, teacher_blocks[0], batch)
+        mask = batch.get("attention_mask")
+        masks.append(mask.unsqueeze(-1).to(x.dtype) if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2] else 1.0)
+        inputs.append(x), targets.append(t), calls.append(call)
+        size += x.numel() * x.element_size() * 2
+        if size > BLOCK_MEMORY and len(inputs) >= 2:
+            break
+    bar = progress(range(len(blocks) * cfg.steps), desc="heal blocks", enabled=show, unit="step")
+    steps = iter(bar)
+    for i, (block, teacher_block) in enumerate(zip(blocks, teacher_blocks)):
+        with torch.no_grad():
+            targets = [_call(teacher_block, t, c[i]) for t, c in zip(targets, calls)]
+        params = [p for p in block.parameters() if id(p) in mine]
+        losses = _train_block(block, params, inputs, targets, [c[i] for c in calls], masks, cfg, i, steps) if params else []
+        if losses:
+            log.info("heal: block %d of %s: relative error %.4g -> %.4g (first and last tenth of the steps)", i, name,
+                     sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses) // 10), sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10))
+        with torch.no_grad():
+            inputs = [_call(block, x, c[i]) for x, c in zip(inputs, calls)]
+    if hasattr(bar, "close"):
+        bar.close()
+    state.step = cfg.steps
+    run.evaluate(state, cfg.steps)
+    inside = {id(p) for p in blocks.parameters()}
+    return [n for n, p in run.params.items() if id(p) in inside]
+
+
+def _train_block(block: torch.nn.Module, params: list[torch.nn.Parameter], inputs: list[torch.Tensor], targets: list[torch.Tensor],
+                 calls: list[tuple], masks: list, cfg: HealConfig, index: int, bar: Any) -> list[float]:
+    """One block's steps (warm-up then cosine decay, clipping); the losses of the steps taken."""
+    opt = torch.optim.AdamW(params, lr=cfg.rate, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    losses: list[float] = []
+    for step in range(1, cfg.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = _learning_rate(cfg, step)
+        j = int(torch.randint(len(inputs), (1,), generator=gen))
+        loss = _relative_mse(_call(block, inputs[j], calls[j]), targets[j], masks[j])
+        if not torch.isfinite(loss):
+            log.warning("heal: the loss of block %d is %s at step %d; the held-out score decides whether its steps are kept",
+                        index, float(loss), step)
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        losses.append(loss.item())
+        next(bar, None)
+    return losses
+
+
 class _Checkpointer:
     """Saves the healing state into a checkpoint folder (a no-op without one)."""
 
@@ -499,6 +656,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     come from the same options, data and student). The checkpoint is removed when healing ends.
     """
     cfg = config or HealConfig()
+    if resume and cfg.scope == "blocks":
+        raise ConfigError("healing block by block keeps no checkpoint to resume from", "heal again without --resume (resume=False)")
     texts = _check_texts(texts, 2 * cfg.batch_size)
     params = trainable(student, cfg.train_norms)
     if not params:
@@ -510,12 +669,16 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     save = _Checkpointer(folder, _fingerprint(cfg, texts, params) if folder is not None else "", run)
     state = save.state = _start(run, folder, save.fingerprint, resume)
     resumed_from = state.step
-    _train(run, state, train, plan, save, show)
+    trained = list(params)
+    if cfg.scope == "blocks":
+        trained = _heal_blocks(run, state, train, plan, show)
+    else:
+        _train(run, state, train, plan, save, show)
     run.finish(state)
     save.remove()
     seconds = time.perf_counter() - start
     metric = METRICS[run.kind]
     log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step,
              state.step, seconds)
-    return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history),
-                      list(params), resumed_from)
+    return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history), trained,
+                      resumed_from, cfg.scope)

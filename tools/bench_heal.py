@@ -11,7 +11,8 @@ set spread among three times as many sentences of other packages' docstrings, ne
 calibration's source nor the out-of-domain set's; as many texts as the longest run can use), except
 "stdlib-only": the built-in sentences alone.
 The other variants change one HealConfig option each (RUNS): steps, batch size (as many texts in
-twice the steps), learning rate and warm-up, the weight of the pooled embeddings' 1 - cos
+twice the steps), healing one block at a time (`blocks`: 1,000 steps per block, about the default's
+time; `blocks-500`), learning rate and warm-up, the weight of the pooled embeddings' 1 - cos
 (pooled-x10), the batch's sentence-to-sentence cosines (similarities), only the factors training,
 only the last hidden state matched.
 
@@ -50,6 +51,8 @@ RUNS = {
     "steps-2400": dict(steps=2400),
     "batch-16": dict(batch_size=16, steps=1400, eval_every=100),  # the default's texts, in half-size batches
     "lr-2e-4": dict(lr=2e-4, warmup=0.2),
+    "blocks": dict(scope="blocks", steps=1000),  # one block at a time (--heal-scope blocks), 1,000 steps each
+    "blocks-500": dict(scope="blocks", steps=500),
     "pooled-x10": dict(pooled_weight=10.0),
     "similarities": dict(similarity_weight=10.0),
 }
@@ -90,7 +93,7 @@ def main() -> int:
         student = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
         label = f"default pipeline, budget {args.budget:g}, mlp {args.mlp}, compressed in {time.perf_counter() - start:.0f}s"
     base = heal_config(config.replace(heal_steps=tngraph.Config().heal_steps))
-    most = max(RUNS[r].get("steps", base.steps) * RUNS[r].get("batch_size", base.batch_size) for r in runs) + base.held_out
+    most = max(base.__class__(**{**base.__dict__, **RUNS[r]}).texts_used for r in runs)
     texts = {mixed: healing_pool(sets.evaluation, share=None if mixed else 0.0, seed=config.seed, most=most) for mixed in (True, False)}
     held = {"in domain": sets.evaluation, "out of domain": outside_sentences(args.eval_samples, seed=0, part=args.outside_part)}
     refs = {k: sentence_embeddings(model, tokenizer, v) for k, v in held.items()}

@@ -136,7 +136,7 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
     nothing is read for them."""
     from ..data import (LM_HEALING_SHARE, healing_passages, healing_pool, lm_documents, lm_heldout_texts, mixed_pool, outside_sentences,
                         passages, sentence_sets, spread)
-    from ..heal import HealConfig
+    from ..api import heal_config
 
     share = config.calibration_mix if calibrate else 0.0
     if causal:
@@ -147,13 +147,13 @@ def builtin_texts(causal: bool, config: Config, *, shuffle: bool = True, outside
         heldout, outside_text = lm_heldout_texts(config.seed, outside=outside)
         healing = pool  # none of the packages' passages read when nothing heals
         if heal and config.heal_steps:
-            used = config.heal_steps * config.batch_size + HealConfig.held_out
+            used = heal_config(config).texts_used
             healing = mixed_pool(pool, healing_passages, LM_HEALING_SHARE, seed=config.seed, most=used)
         return TextSets(spread(pool[: config.calibration_samples - len(other)], other), healing, heldout, outside_text)
     sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=share)
     healing = None  # other packages are read only to heal, and no more of them than the steps can use
     if heal and config.heal_steps:
-        healing = healing_pool(sets.evaluation, seed=config.seed, most=config.heal_steps * config.batch_size + HealConfig.held_out)
+        healing = healing_pool(sets.evaluation, seed=config.seed, most=heal_config(config).texts_used)
     return TextSets(sets.calibration, healing, sets.evaluation,
                     outside_sentences(config.eval_samples, config.seed) if outside else None)
 

@@ -14,7 +14,7 @@ from ..report import SETS
 from .common import builtin_texts, checkpoint_dir, saved_on_failure, uses_threads
 
 # the compress options an artifact's recipe carries over into its healing
-CARRIED = ("heal_lr", "max_length", "batch_size", "seed", "calibration_samples", "eval_samples")
+CARRIED = ("heal_lr", "heal_scope", "max_length", "batch_size", "seed", "calibration_samples", "eval_samples")
 
 
 @dataclass
@@ -103,11 +103,11 @@ def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, eval
 
 @uses_threads
 def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
-         data: str | None = None, eval_samples: int | None = None, evaluate: bool = True, seed: int | None = None, threads: int = 2,
+         scope: str | None = None, data: str | None = None, eval_samples: int | None = None, evaluate: bool = True, seed: int | None = None, threads: int = 2,
          force: bool = False, resume: bool = False, progress: bool = True) -> HealRun:
     """`tngraph heal ARTIFACT [--out OUT] ...` as one call: heal the artifact (in place without `out`).
 
-    steps / lr / seed / eval_samples: healing's (default: the artifact's recipe, 700 steps); data:
+    steps / lr / scope / seed / eval_samples: healing's (default: the artifact's recipe, 700 steps); data:
     a text file to heal on (default: the built-in text outside the evaluation set)."""
     from ..api import heal_config, heal_model
     from ..artifact import save
@@ -116,7 +116,7 @@ def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, s
 
     out = out or artifact
     module, teacher, tokenizer, in_place = heal_source(artifact, out, force, data)
-    config = healing_config(module.tngraph_recipe, heal_steps=steps, heal_lr=lr, seed=seed, eval_samples=eval_samples).replace(
+    config = healing_config(module.tngraph_recipe, heal_steps=steps, heal_lr=lr, heal_scope=scope, seed=seed, eval_samples=eval_samples).replace(
         progress=progress)
     causal = is_causal_lm(teacher)
     texts = read_lines(data, what="healing data") if data else None
