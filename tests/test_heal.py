@@ -368,10 +368,24 @@ def test_healing_block_by_block_trains_each_block_on_the_teachers_block_outputs(
     assert not any(p.requires_grad for p in student.parameters())
 
 
-def test_a_causal_lm_heals_block_by_block(lm_pair, texts):
+def test_a_causal_lm_heals_block_by_block(lm_pair, texts, monkeypatch):
     teacher, student, tokenizer, _ = lm_pair
     student = _copy(student)
+    # with the KV cache on (a model's usual setting) the replayed blocks must not append to one
+    monkeypatch.setattr(teacher.config, "use_cache", True)
+    monkeypatch.setattr(student.config, "use_cache", True)
+    import tngraph.heal as heal_module
+
+    replayed = []
+    call = heal_module._call
+
+    def spy(block, hidden, arguments):
+        replayed.append(arguments[2].get("cache", "absent"))
+        return call(block, hidden, arguments)
+
+    monkeypatch.setattr(heal_module, "_call", spy)
     result = heal(student, teacher, texts, tokenizer, HealConfig(scope="blocks", steps=20, lr=3e-3, **FAST), show=False)
+    assert replayed and all(c is None for c in replayed)
     assert result.metric == "KL" and result.best_loss < result.start_loss * 0.9 and result.best_step == 20
     assert all(n.startswith("model.layers.") for n in result.trained)
 

@@ -511,6 +511,11 @@ def repeated_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] |
     return None if best is None else (best[1], best[2])
 
 
+def _is_cache(value: Any) -> bool:
+    """A transformers KV cache (by its class's name and module: no import of transformers here)."""
+    return type(value).__module__.startswith("transformers.cache_utils") or type(value).__name__.endswith("Cache")
+
+
 class _Stop(Exception):
     """Ends a forward pass once the hooks have what they need."""
 
@@ -532,7 +537,8 @@ def _block_calls(run: _Distillation, blocks: torch.nn.ModuleList, teacher_first:
     def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         key = None if args else "hidden_states"
         hidden, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
-        calls.append((key, rest, {k: v for k, v in kwargs.items() if k != key}))
+        # a KV cache would grow with every replayed call: blocks run without one
+        calls.append((key, rest, {k: (None if _is_cache(v) else v) for k, v in kwargs.items() if k != key}))
         if len(calls) == 1:
             firsts.append(hidden.detach())
         if len(calls) == len(blocks):
@@ -542,6 +548,8 @@ def _block_calls(run: _Distillation, blocks: torch.nn.ModuleList, teacher_first:
         firsts.append((args[0] if args else kwargs["hidden_states"]).detach())
         raise _Stop
 
+    if run.accepted is None or "use_cache" in run.accepted:
+        batch = {**batch, "use_cache": False}
     handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
     handles.append(teacher_first.register_forward_pre_hook(first, with_kwargs=True))
     try:
