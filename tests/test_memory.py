@@ -53,7 +53,8 @@ def test_the_widest_output_statistics_go_diagonal_when_the_full_ones_do_not_fit(
     gm, nodes, data = _graph()
     full = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=0)  # the physical memory: all full, one pass per batch
     assert not any(s.diagonal for s in full.values())
-    room = 2 * (GradStats.bytes(10) + GradStats.bytes(40, True) + 100)  # half of it: the narrow one full, the wide one diagonal
+    # half of it: the narrow one full (with room for its whitening's copies after the passes), the wide one diagonal
+    room = 2 * (memory.WHITENING_COPIES * GradStats.bytes(10) + GradStats.bytes(40, True) + 100)
     with caplog.at_level("INFO", logger="tngraph.memory"), caplog.at_level("INFO", logger="tngraph.passes.fisher"):
         planned = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=room / memory.GB)
     assert "1 of 2 targets keep diagonal output-gradient statistics (the widest: wide, 40 outputs)" in caplog.text
@@ -65,6 +66,18 @@ def test_the_widest_output_statistics_go_diagonal_when_the_full_ones_do_not_fit(
     assert (planned["wide"].gram - expected).norm() / expected.norm() < 0.2
     with pytest.raises(ConfigError, match="even kept diagonal.*--max-memory"):
         gradient_stats(gm, nodes, data, seed=0, max_memory=100 / memory.GB)
+
+
+def test_a_gram_whose_whitening_would_not_fit_is_kept_diagonal_even_when_its_sums_fit(monkeypatch):
+    """A tied LM head's vocabulary x vocabulary Gram fits as sums, then whitening makes two more
+    copies of it: the plan keeps it diagonal (the rest as before)."""
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
+    head, narrow = GradStats.bytes(100), GradStats.bytes(10)
+    # the head's sums and the narrow one's fit in half the limit; two more copies of the head's do not fit the other half
+    limit = int(2 * (head + narrow + 10))
+    assert memory.diagonal_plan({"head": 100, "narrow": 10}, limit) == {"head"}
+    # room for the copies too: nothing is diagonal
+    assert memory.diagonal_plan({"head": 100, "narrow": 10}, int(2 * (memory.WHITENING_COPIES * head + narrow))) == set()
 
 
 def test_projected_gradient_statistics_count_as_held_and_are_never_made_diagonal(monkeypatch, caplog):
@@ -130,11 +143,13 @@ def test_fisher_cuts_its_batches_into_micro_batches_that_fit(monkeypatch, caplog
     monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
     gm, nodes, data = _graph()
     whole = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=0)
-    # full statistics (13,600 bytes) and 24 bytes per output value and row (50 outputs): room for 10 of 30 rows
-    limit = GradStats.bytes(10) + GradStats.bytes(40) + 2 * 24 * 50 * 10
+    # full statistics (13,600 bytes) and 24 bytes per output value and row (50 outputs): room for 20 of 30 rows
+    # (and half the limit holds two copies of the wide Gram, for its whitening after the passes)
+    limit = GradStats.bytes(10) + GradStats.bytes(40) + 2 * 24 * 50 * 20
+    assert limit / 2 >= memory.WHITENING_COPIES * GradStats.bytes(40)
     with caplog.at_level("INFO", logger="tngraph.passes.fisher"):
         parts = gradient_stats(gm, nodes, data, seed=0, probes=64, max_memory=limit / memory.GB)
-    assert "micro-batches of 10 rows" in caplog.text
+    assert "micro-batches of 20 rows" in caplog.text
     for name in ("narrow", "wide"):
         assert not parts[name].diagonal and parts[name].rows == whole[name].rows == 90
         assert parts[name].energy == pytest.approx(whole[name].energy, rel=1e-6)

@@ -94,15 +94,27 @@ def widest_first(widths: dict, full: Callable[[int], int], reduced: Callable[[in
     return chosen, need
 
 
+WHITENING_COPIES = 2  # full Grams whitening makes beside the statistics' own sums, at its peak
+
+
 def diagonal_plan(widths: dict[str, int], limit: int, held: int = 0) -> set[str]:
     """Which targets (name -> output width) keep diagonal output-gradient statistics so that all of
     them, beside `held` bytes of other gradient statistics, fit within half the room `limit` leaves
-    beside what the process holds (the forwards and backward passes take the other half): none
-    when the full ones fit, else the widest first."""
+    beside what the process holds (the forwards and backward passes take the other half, and
+    whitening after them): none when the full ones fit, else the widest first; and any whose
+    whitening's copies (WHITENING_COPIES) would not fit in that other half."""
     if not limit:
         return set()
-    room = (limit - resident_bytes()) / 2 - held
-    diagonal, need = widest_first(widths, lambda w: GradStats.bytes(w, False), lambda w: GradStats.bytes(w, True), room)
+    half = (limit - resident_bytes()) / 2
+    # whitening a full Gram makes WHITENING_COPIES more of it (its symmetric copy, the damped one factored in
+    # place) once the passes' activations are gone: a Gram whose copies would not fit that half is kept diagonal
+    # (a tied LM head's vocabulary x vocabulary Gram: 7.5 GB at 30,522 tokens)
+    forced = {name for name, w in widths.items() if WHITENING_COPIES * GradStats.bytes(w, False) > half}
+    rest = {name: w for name, w in widths.items() if name not in forced}
+    held += sum(GradStats.bytes(widths[n], True) for n in forced)
+    room = half - held
+    diagonal, need = widest_first(rest, lambda w: GradStats.bytes(w, False), lambda w: GradStats.bytes(w, True), room)
+    diagonal |= forced
     if need > room:
         raise ConfigError(f"the output-gradient statistics need {size(need + held)} even kept diagonal, beside the "
                           f"{size(resident_bytes())} this process holds: over the memory limit of {size(limit)} (--max-memory)",
