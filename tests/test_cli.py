@@ -233,9 +233,11 @@ def test_heal_command_heals_an_artifact_in_place_or_into_a_new_folder(tiny_hf, t
     assert json.loads((healed / "recipe.json").read_text())["heal"]["held_out_start"] == recipe["heal"]["held_out_start"]
     assert json.loads((healed / "heal.json").read_text())["heal"]["scope"] == "model"
     # one block at a time: --scope blocks reaches healing, and only the blocks' parameters train
+    capsys.readouterr()
     assert main(["heal", str(healed), "--steps", "6", "--scope", "blocks", "--no-eval", "--quiet"]) == 0
     summary = json.loads((healed / "heal.json").read_text())["heal"]
     assert summary["scope"] == "blocks" and summary["history"][-1][0] == 6
+    assert "of 6, per block, one block at a time" in capsys.readouterr().out
 
 
 def test_heal_command_errors_are_one_line(tiny_hf, tmp_path, capsys):

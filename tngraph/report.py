@@ -20,6 +20,11 @@ def _variants(scores: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 # The evaluation sets a report scores, side by side: its key suffix and the column's title.
+def heal_scope_words(heal: dict) -> str:
+    """What follows a healing line's step count: ", per block, one block at a time" when it healed block by block."""
+    return ", per block, one block at a time" if heal.get("scope") == "blocks" else ""
+
+
 SETS = (("", "held-out stdlib text"), ("_outside", "other domain: package docs"))
 
 
@@ -105,7 +110,7 @@ def format_table(report: dict[str, Any]) -> str:
     if heal:
         lines.append("")
         lines.append(f"healing: held-out {heal['metric']} {heal['start_loss']:.4f} -> {heal['best_loss']:.4f} "
-                     f"(best at step {heal['best_step']} of {heal['steps']}, {heal['seconds']:.0f}s)")
+                     f"(best at step {heal['best_step']} of {heal['steps']}{heal_scope_words(heal)}, {heal['seconds']:.0f}s)")
     per_target = report.get("per_target")
     if per_target:
         lines.append("")

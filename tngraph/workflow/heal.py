@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..config import Config
 from ..errors import ConfigError, TngraphError
-from ..report import SETS
+from ..report import SETS, heal_scope_words
 from .common import builtin_texts, checkpoint_dir, saved_on_failure, uses_threads
 
 # the compress options an artifact's recipe carries over into its healing
@@ -35,7 +35,7 @@ class HealRun:
         """What `tngraph heal` prints: the healing loss, then each evaluation set's scores before and after."""
         h = self.outcome
         lines = [f"healed {self.artifact}: held-out {h.metric} {h.start_loss:.4f} -> {h.best_loss:.4f} "
-                 f"(best at step {h.best_step} of {h.steps}, {h.seconds:.0f}s)"]
+                 f"(best at step {h.best_step} of {h.steps}{heal_scope_words(h.to_json())}, {h.seconds:.0f}s)"]
         for suffix, title in SETS:
             before, after = (self.before or {}).get(suffix), (self.after or {}).get(suffix)
             if before is None:
