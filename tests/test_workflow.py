@@ -10,6 +10,7 @@ import torch
 from tngraph import workflow
 from tngraph.cli import build_parser, main
 from tngraph.config import Config, flags
+from tngraph.data import OUTSIDE_PACKAGES
 from tngraph.errors import ConfigError
 
 SMALL = dict(heal_steps=0, allocation="uniform", calibration_samples=32, eval_samples=40)
@@ -41,6 +42,11 @@ def test_compress_call_reproduces_the_command_lines_report(tiny_hf, tmp_path, ca
     # other sentences, other scores: the lossy plain-SVD baseline's (the tiny model's compressed one can be 0.999996 on both)
     assert outside["plain_svd"]["mean_cos"] != inside["plain_svd"]["mean_cos"]
     assert json.loads(json.dumps(run.report["agreement_outside"])) == outside
+    # which sets were scored: their sizes, digests, and the versions of the packages the out-of-domain one came from
+    sets = run.report["evaluation_sets"]
+    assert sets[""]["items"] == sets["_outside"]["items"] == outside["compressed"]["sentences"]
+    assert len(sets["_outside"]["sha256"]) == 16 and sets["_outside"]["sha256"] != sets[""]["sha256"] and "packages" not in sets[""]
+    assert sets["_outside"]["packages"]["networkx"] and set(sets["_outside"]["packages"]) == set(OUTSIDE_PACKAGES)
     table = next(line for line in printed.splitlines() if "held-out stdlib text" in line)
     assert "other domain: package docs" in table
     row = next(line for line in printed.splitlines() if line.startswith("  tngraph "))

@@ -93,6 +93,25 @@ def _in_part(texts, part: str) -> list[str]:
     return [t for t in texts if (int(hashlib.sha1(t.encode()).hexdigest()[:8], 16) % 2 == 0) == (part == "report")]
 
 
+def set_record(texts, packages: tuple[str, ...] = ()) -> dict:
+    """What identifies an evaluation set in a report: its size, a digest of its texts (texts only:
+    a str, or a list of them), and the installed versions of the packages it was read from (their
+    docstrings change with them, and so would the scores)."""
+    from importlib import metadata
+
+    items = [texts] if isinstance(texts, str) else texts
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        return {"items": len(items)} if hasattr(items, "__len__") else {}
+    digest = hashlib.sha256("\0".join(items).encode("utf-8")).hexdigest()[:16]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"items": len(items), "sha256": digest, **({"packages": versions} if packages else {})}
+
+
 def outside_sentences(count: int, seed: int = 0, *, part: str = "report") -> list[str]:
     """`count` out-of-domain sentences (package_sentences), shuffled with `seed`: from the half set
     aside for reports (`part` "report"), or from the half that may tune ("tune"). Fewer when the

@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from ..config import Config
+from ..data import OUTSIDE_PACKAGES, set_record
 
 LATENCY_BATCH, LATENCY_LENGTH = 32, 128  # the report's latency shape (the length at most max_length)
 
@@ -175,6 +176,8 @@ def add_scores(report: dict[str, Any], model: Any, tokenizer: Any, result: Any, 
     key, scored = score_report(model, tokenizer, result, {"": evaluation, "_outside": outside}, config, baseline=baseline)
     for suffix, scores in scored.items():
         report[key + suffix] = scores
+    report["evaluation_sets"] = {name: set_record(texts, OUTSIDE_PACKAGES if name else ())
+                                 for name, texts in (("", evaluation), ("_outside", outside)) if texts}
     report["timings"]["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     report["latency"] = latency_report(model, tokenizer, result.module, config)
