@@ -30,7 +30,7 @@ from . import distributed, memory
 from .capture import capture
 from .config import Config, flag_of
 from .errors import ConfigError, DataError, ModelError, TngraphError
-from .heal import RATES
+from .heal import peak_rate
 from .ownership import atomic_dir, check_output_dir
 from .passes import PIPELINE, PassContext
 from .passes.targets import is_selected
@@ -250,7 +250,7 @@ class _Run:
 
     def __init__(self, src: pathlib.Path, config: Config, group: distributed.Group):
         self.config, self.group = config, group
-        self.heal_lr = RATES["model"] if config.heal_lr is None else config.heal_lr  # each block heals at the whole model's rate
+        self.heal_lr = peak_rate(config.heal_lr)  # each block heals at the whole model's rate
         self.shards = Shards(src)
         self.model = meta_model(src)
         self.rotary = rotary_embedding(self.model)

@@ -106,15 +106,25 @@ class HealConfig:
 
 
     @property
+    def batches(self) -> int:
+        """The distinct batches the steps train on: one per step of the whole model; block by block,
+        BLOCK_BATCHES at most, every block taking them again."""
+        return self.steps if self.scope == "model" else min(self.steps, BLOCK_BATCHES)
+
+    @property
     def texts_used(self) -> int:
-        """How many texts the steps can use: the held-out ones and every step's batch (the whole
-        model's steps; block by block, BLOCK_BATCHES batches at most, every block taking them again)."""
-        return (self.steps if self.scope == "model" else min(self.steps, BLOCK_BATCHES)) * self.batch_size + self.held_out
+        """How many texts the steps can use: the held-out ones and every batch's."""
+        return self.batches * self.batch_size + self.held_out
 
     @property
     def rate(self) -> float:
-        """The peak learning rate: lr, or the scope's default (RATES)."""
-        return RATES.get(self.scope, RATES["model"]) if self.lr is None else self.lr
+        """The peak learning rate: lr, or the scope's default (peak_rate)."""
+        return peak_rate(self.lr, self.scope)
+
+
+def peak_rate(lr: float | None, scope: str = "model") -> float:
+    """A healing run's peak learning rate: `lr`, or the scope's default (RATES) when it is None."""
+    return RATES[scope] if lr is None else lr
 
 
 @dataclass
@@ -322,13 +332,12 @@ def _split(texts: Sequence[str] | TensorSamples, tokenizer: Any, cfg: HealConfig
     tensor samples, their row numbers (all of one length)."""
     order = torch.randperm(len(texts), generator=gen).tolist()
     n_held = min(cfg.held_out, len(texts) // 4)
-    batches = cfg.steps if cfg.scope == "model" else min(cfg.steps, BLOCK_BATCHES)
     if isinstance(texts, TensorSamples):
         held, train = sorted(order[:n_held]), order[n_held:]
-        return held, train, schedule([1] * len(train), batches, cfg.batch_size, gen)
+        return held, train, schedule([1] * len(train), cfg.batches, cfg.batch_size, gen)
     held = sorted((texts[i] for i in order[:n_held]), key=len)
     train = [texts[i] for i in order[n_held:]]
-    return held, train, schedule(token_lengths(tokenizer, train, cfg.max_length), batches, cfg.batch_size, gen)
+    return held, train, schedule(token_lengths(tokenizer, train, cfg.max_length), cfg.batches, cfg.batch_size, gen)
 
 
 def _learning_rate(cfg: HealConfig, step: int) -> float:
@@ -512,8 +521,13 @@ def repeated_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] |
 
 
 def _is_cache(value: Any) -> bool:
-    """A transformers KV cache (by its class's name and module: no import of transformers here)."""
-    return type(value).__module__.startswith("transformers.cache_utils") or type(value).__name__.endswith("Cache")
+    """A transformers KV cache (transformers.cache_utils.Cache; imported here only when a block was
+    given an argument from that module)."""
+    if not type(value).__module__.startswith("transformers."):
+        return False
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
 
 
 class _Stop(Exception):
@@ -599,8 +613,9 @@ def _heal_blocks(run: _Distillation, state: _State, train: list, plan: list[list
         params = [p for p in block.parameters() if id(p) in mine]
         losses = _train_block(block, params, inputs, targets, [c[i] for c in calls], masks, cfg, i, steps) if params else []
         if losses:
+            tenth = max(1, len(losses) // 10)
             log.info("heal: block %d of %s: relative error %.4g -> %.4g (first and last tenth of the steps)", i, name,
-                     sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses) // 10), sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses) // 10))
+                     sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth)
         with torch.no_grad():
             inputs = [_call(block, x, c[i]) for x, c in zip(inputs, calls)]
     if hasattr(bar, "close"):
@@ -674,7 +689,8 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     run = _Distillation(student, teacher, tokenizer, cfg, params, held, texts if isinstance(texts, TensorSamples) else None)
     start = time.perf_counter()
     folder = pathlib.Path(checkpoint) if checkpoint is not None else None
-    save = _Checkpointer(folder, _fingerprint(cfg, texts, params) if folder is not None else "", run)
+    # block by block writes no checkpoint: nothing to fingerprint (its folder is still cleared at the end)
+    save = _Checkpointer(folder, _fingerprint(cfg, texts, params) if folder is not None and cfg.scope == "model" else "", run)
     state = save.state = _start(run, folder, save.fingerprint, resume)
     resumed_from = state.step
     trained = list(params)

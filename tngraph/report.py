@@ -19,12 +19,12 @@ def _variants(scores: dict[str, Any]) -> list[tuple[str, str]]:
     return [(key, label) for key, label in labels if key in scores]
 
 
-# The evaluation sets a report scores, side by side: its key suffix and the column's title.
 def heal_scope_words(heal: dict) -> str:
     """What follows a healing line's step count: ", per block, one block at a time" when it healed block by block."""
     return ", per block, one block at a time" if heal.get("scope") == "blocks" else ""
 
 
+# The evaluation sets a report scores, side by side: its key suffix and the column's title.
 SETS = (("", "held-out stdlib text"), ("_outside", "other domain: package docs"))
 
 
