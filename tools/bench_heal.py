@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -93,7 +94,8 @@ def main() -> int:
         student = tngraph.compress(model, calibration=sets.calibration, tokenizer=tokenizer, config=config)
         label = f"default pipeline, budget {args.budget:g}, mlp {args.mlp}, compressed in {time.perf_counter() - start:.0f}s"
     base = heal_config(config.replace(heal_steps=tngraph.Config().heal_steps))
-    most = max(base.__class__(**{**base.__dict__, **RUNS[r]}).texts_used for r in runs)
+    configs = {r: dataclasses.replace(base, **RUNS[r]) for r in runs}
+    most = max(c.texts_used for c in configs.values())
     texts = {mixed: healing_pool(sets.evaluation, share=None if mixed else 0.0, seed=config.seed, most=most) for mixed in (True, False)}
     held = {"in domain": sets.evaluation, "out of domain": outside_sentences(args.eval_samples, seed=0, part=args.outside_part)}
     refs = {k: sentence_embeddings(model, tokenizer, v) for k, v in held.items()}
@@ -104,7 +106,7 @@ def main() -> int:
           f"{torch.get_num_threads()} threads")
     print(f"{'run':14} {'steps':>5} {'best':>5} {'seconds':>7}" + "".join(f" {k + ': mean cos':>24} {'cut':>6} {'top-10':>17}" for k in held))
     for run in runs:
-        cfg = base.__class__(**{**base.__dict__, **RUNS[run]})
+        cfg = configs[run]
         healed = copy.deepcopy(student)
         result = heal(healed, model, texts[run != "stdlib-only"], tokenizer, cfg, show=sys.stderr.isatty())
         after = scores(healed, tokenizer, held, refs)
