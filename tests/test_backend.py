@@ -70,6 +70,10 @@ def test_options_are_config_keys_and_unknown_ones_list_the_valid_ones():
         backend.parse_options({"fallback": "tensorrt"})
     with pytest.raises(ConfigError, match="does not heal"):
         backend.parse_options({"heal_steps": 100})
+    for option, value in (("heal_lr", 1e-4), ("heal_scope", "blocks"), ("heal_device", "cpu")):  # nothing to set: refused by name
+        with pytest.raises(ConfigError, match=f"does not heal.*'{option}'"):
+            backend.parse_options({option: value})
+    assert backend.parse_options({"heal_steps": 0}).config.heal_steps == 0
     with pytest.raises(DataError, match="list of samples"):
         backend.parse_options({"calibration": "some text"})
 

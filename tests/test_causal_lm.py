@@ -256,6 +256,11 @@ def test_heal_command_heals_a_causal_lm_artifact_and_reports_perplexity(compress
     assert outside["dense"]["perplexity"] > inside["dense"]["perplexity"]  # text the tiny LM was not trained on
     assert abs(outside["after"]["tokens"] - inside["after"]["tokens"]) < 0.5 * inside["after"]["tokens"]
     assert tngraph.load(out).tngraph_recipe["heal"]["steps"] >= json.loads((compressed / "recipe.json").read_text())["heal"]["steps"]
+    assert report["heal"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+    # a device the machine lacks, or none at all: refused by name, nothing written
+    for device, says in [("tpu", "unknown heal_device 'tpu'")] + [("cuda", "heal device 'cuda' is not on this machine")] * (not torch.cuda.is_available()):
+        assert main(["heal", str(compressed), "--out", str(tmp_path / device), "--steps", "2", "--device", device, "--quiet"]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / device).exists()
 
 
 def test_blockwise_is_chosen_by_flag_for_a_small_model(tiny_lm, tmp_path, capsys):

@@ -46,6 +46,7 @@ def test_compress_minilm_end_to_end(tmp_path):
         assert row in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["heal"]["steps"] == 20 and report["heal"]["best_loss"] <= report["heal"]["start_loss"]
+    assert report["heal"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --heal-device auto
     assert report["agreement"]["compressed"]["mean_cos"] >= report["agreement"]["unhealed"]["mean_cos"] - 0.01
     assert report["targets"] == 36 and report["params"]["targets_kept"] <= 0.505
     assert report["agreement"]["compressed"]["mean_cos"] > report["agreement"]["plain_svd"]["mean_cos"]
@@ -312,3 +313,14 @@ def test_export_errors_are_one_line(tiny_hf, tmp_path, capsys):
         line = _fail(capsys, ["export", "tensorrt", "--onnx", str(good), "--out", str(tmp_path / "m.plan"), "--quiet"])
         assert "not installed" in line and "pip install" in line
     assert not (tmp_path / "m.plan").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a GPU this machine lacks")
+def test_a_heal_device_the_machine_lacks_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["compress", "--model", "minilm", "--out", str(out), "--heal-device", "cuda:1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "heal device 'cuda:1' is not on this machine (torch sees no CUDA GPU here)" in err and "--heal-device auto or cpu" in err
+    assert not out.exists()
+    assert main(["compress", "--model", "minilm", "--out", str(out), "--heal-device", "gpu", "--quiet"]) == 2
+    assert "unknown heal_device 'gpu'" in capsys.readouterr().err

@@ -207,6 +207,57 @@ def test_bad_heal_options_are_refused(options, match):
         tngraph.Config(heal_steps=-3)
 
 
+def test_auto_heals_on_a_gpu_when_torch_sees_one_and_a_missing_device_is_refused_before_any_step(tiny_pair, texts, monkeypatch):
+    from tngraph.heal import resolve_device
+
+    teacher, student, tokenizer = tiny_pair
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", cpu) == cpu and resolve_device("cpu", cpu) == cpu
+    student = _copy(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"heal device '{spec}' is not on this machine .torch sees no CUDA GPU here.*--heal-device auto or cpu"):
+            heal(student, teacher, texts, tokenizer, HealConfig(steps=2, device=spec, **FAST), show=False)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())  # refused before anything trained
+    assert heal(student, teacher, texts, tokenizer, HealConfig(steps=2, **FAST), show=False).device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto", cpu) == torch.device("cuda")  # a GPU when torch sees one
+    assert resolve_device("auto", torch.device("cuda", 1)) == torch.device("cuda", 1)  # a student on a GPU stays there
+    assert resolve_device("cuda:1", cpu) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="'cuda:2' is not on this machine .torch sees 2 CUDA GPU"):
+        resolve_device("cuda:2", cpu)
+    with pytest.raises(ConfigError, match="'meta'.*CPU or a CUDA GPU"):
+        resolve_device("meta", cpu)
+    for bad in ("gpu", "cuda:x", 3):
+        with pytest.raises(ConfigError, match=f"unknown heal device {bad!r}.*auto, cpu, cuda or cuda:N"):
+            HealConfig(device=bad)
+    with pytest.raises(ConfigError, match="unknown heal_device 'tpu'"):
+        tngraph.Config(heal_device="tpu")
+
+
+@pytest.mark.gpu
+def test_healing_on_the_gpu_trains_there_and_brings_everything_back(tiny_pair, texts):
+    teacher, student, tokenizer = tiny_pair
+    student = _copy(student)
+    homes = {n: p.data_ptr() for n, p in student.named_parameters()}
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    cfg = HealConfig(steps=40, lr=1e-3, eval_every=10, patience=10, device="cuda", **FAST)
+    result = heal(student, teacher, texts, tokenizer, cfg, show=False)
+    assert result.device == "cuda" and result.best_loss < result.start_loss * 0.9
+    # the student's own tensors, on the CPU, hold what trained; the teacher is back and untouched; the GPU keeps nothing
+    assert all(p.device.type == "cpu" and p.data_ptr() == homes[n] for n, p in student.named_parameters())
+    assert all(v.device.type == "cpu" and torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= allocated
+    again = _copy(student)  # the healed student scores on the CPU as healing scored it on the GPU
+    rescored = heal(again, teacher, texts, tokenizer, HealConfig(steps=0, device="cpu", **FAST), show=False)
+    assert rescored.start_loss == pytest.approx(result.best_loss, rel=1e-3, abs=1e-6)
+
+
 def test_compress_heals_by_default_and_the_artifact_keeps_what_healing_trained(minilm, texts, tmp_path):
     from transformers import BertConfig, BertModel
 

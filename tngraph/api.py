@@ -19,7 +19,7 @@ from .evaluate import sentence_objective
 from .lm import is_causal_lm, no_kv_cache
 from .batches import calibration_batches
 from .data import read_lines
-from .heal import HealConfig, heal, trainable
+from .heal import HealConfig, heal, resolve_device, trainable
 from .models import ModelSource, forward_names
 from .passes import PassContext
 from .pipeline import run_passes
@@ -109,6 +109,8 @@ def compress_with_result(
 
 
 def _compress(model, example_inputs, batches, config, source, texts, healing, tokenizer, heal_checkpoint, resume) -> CompressResult:
+    if config.heal_steps:  # a GPU the machine lacks is refused before the passes' minutes, not after them
+        resolve_device(config.heal_device, next(iter(model.parameters()), torch.empty(0)).device)
     start = time.perf_counter()
     gm = capture(model, example_inputs)
     timings = {"capture": time.perf_counter() - start}
@@ -186,7 +188,7 @@ def heal_config(config: Config) -> Any:
     """The HealConfig a compress Config asks for."""
     scope = "model" if config.heal_scope == "auto" else config.heal_scope  # block by block heals in tngraph.blockwise
     return HealConfig(steps=config.heal_steps, lr=config.heal_lr, scope=scope, max_length=config.max_length, batch_size=config.batch_size,
-                      seed=config.seed)
+                      seed=config.seed, device=config.heal_device)
 
 
 def heal_model(module: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str], tokenizer: Any, config: Any, *,

@@ -89,9 +89,10 @@ def parse_options(options: dict | None) -> BackendOptions:
     fallback = options.pop("fallback", "inductor")
     if fallback not in FALLBACKS:
         raise ConfigError(f"unknown fallback {fallback!r}", f"choose one of {', '.join(FALLBACKS)}")
-    if options.get("heal_steps", 0):
-        raise ConfigError("the torch.compile backend does not heal (a graph is not a model to fine-tune)",
-                          "heal with tngraph.compress(model, ...) and torch.compile its result, or leave heal_steps out")
+    healing = [k for k in options if k.startswith("heal_") and not (k == "heal_steps" and not options[k])]
+    if healing:
+        raise ConfigError(f"the torch.compile backend does not heal (a graph is not a model to fine-tune), so {healing[0]!r} has nothing to set",
+                          f"heal with tngraph.compress(model, ...) and torch.compile its result, or leave {healing[0]} out")
     if "calibration_mix" in options:
         raise ConfigError("calibration_mix mixes the built-in sentences of tngraph's commands; the backend calibrates on "
                           "options['calibration'] alone", "mix the sources in the calibration list yourself, and leave calibration_mix out")

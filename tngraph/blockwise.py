@@ -58,6 +58,8 @@ UNSUPPORTED = {
             "MLP block changes its layers' shapes", "leave --mlp out, or pass --no-blockwise (the whole-graph pipeline) when the model fits in memory"),
     "heal_scope": (lambda c: c.heal_scope == "model", "each block heals on its own, as it is compressed: the whole model is "
                    "never in memory at once", "leave --heal-scope out, or pass --no-blockwise when the model fits in memory"),
+    "heal_device": (lambda c: c.heal_device not in ("auto", "cpu"), "each block heals on the CPU, beside its compression",
+                    "leave --heal-device out, or pass --no-blockwise when the model fits in memory"),
     "heal_data": (lambda c: c.heal_data is not None, "blocks are healed on their calibration inputs, not on text",
                   "leave --heal-data out (--heal-steps heals each block), or pass --no-blockwise when the model fits in memory"),
 }

@@ -13,7 +13,7 @@ from . import workflow
 from .config import flags
 from .errors import ConfigError, TngraphError
 
-HEAL_FLAGS = {"heal_steps": "steps", "heal_lr": "lr", "heal_scope": "scope", "heal_data": "data"}  # `tngraph heal` takes them without the prefix
+HEAL_FLAGS = {"heal_steps": "steps", "heal_lr": "lr", "heal_scope": "scope", "heal_data": "data", "heal_device": "device"}  # `tngraph heal` takes them without the prefix
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,7 +186,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _heal(args: argparse.Namespace) -> int:
     print(workflow.heal(args.artifact, args.out, steps=args.steps, lr=args.lr, scope=args.scope, data=args.data, eval_samples=args.eval_samples,
                         evaluate=not args.no_eval, seed=args.seed, threads=args.threads, force=args.force, resume=args.resume,
-                        progress=not args.quiet).summary())
+                        progress=not args.quiet, device=args.device).summary())
     return 0
 
 

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
+
 from .errors import ConfigError
 from .tn import formats as format_registry
 
@@ -59,6 +61,18 @@ def option(default: Any, flag: str, help: str, *, kind: str = "value", type: Any
     if factory is not None:
         return field(default_factory=factory, metadata={"cli": cli})
     return field(default=default, metadata={"cli": cli})
+
+
+def check_device(spec: Any, what: str = "heal device") -> str:
+    """`spec` if it names a device healing can ask for ("auto", or what torch.device parses: "cpu",
+    "cuda", "cuda:1"); a ConfigError naming it otherwise. Whether the machine has it is resolve_device's."""
+    if spec == "auto":
+        return spec
+    try:
+        torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown {what} {spec!r}", "pass auto, cpu, cuda or cuda:N") from None
+    return spec
 
 
 def parse_budget(text: str) -> float:
@@ -174,6 +188,9 @@ class Config:
     heal_data: a UTF-8 text file, one sample per line, to heal on (default: the calibration texts;
         the CLI's built-in set heals on built-in texts outside the evaluation set mixed with other
         packages' docstrings, tngraph.data.healing_pool / healing_passages).
+    heal_device: where the healing steps run (tngraph.heal.HealConfig.device): "auto" (a CUDA GPU
+        when torch sees one, else the CPU), "cpu", "cuda", "cuda:N". Student and teacher go there for
+        the steps and come back; the passes, evaluation and latency stay where the model is.
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
         a target must match one `include` pattern (when any are given) and no `exclude` pattern.
     calibration_samples / eval_samples: sizes of the built-in sentence sets (bundled MiniLM).
@@ -260,6 +277,8 @@ class Config:
                              "path (docs/healing.md)", choices=HEAL_SCOPES)
     heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: built-in texts outside "
                                    "the evaluation set mixed with other packages' docstrings, or the --calibration file)", metavar="FILE")
+    heal_device: str = option("auto", "--heal-device", "where the healing steps run: auto (default: a CUDA GPU when torch sees one, "
+                              "else the CPU), cpu, cuda or cuda:N; the passes and the report's timings stay on the CPU", metavar="DEVICE")
     include: tuple[str, ...] = option((), "--include", "target only module paths matching REGEX (repeatable)", kind="append",
                                       metavar="REGEX")
     exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",
@@ -401,6 +420,7 @@ class Config:
             _check_number("heal_lr", self.heal_lr, low=0.0, high=1.0, low_open=True)
         if self.heal_scope not in HEAL_SCOPES:
             raise ConfigError(f"unknown heal_scope {self.heal_scope!r}", f"choose one of {', '.join(HEAL_SCOPES)}")
+        check_device(self.heal_device, "heal_device")
         if self.heal_data is not None and not isinstance(self.heal_data, str):
             raise ConfigError(f"heal_data must be the path of a text file, got {type(self.heal_data).__name__}",
                               "pass a path, or the texts themselves to compress(..., heal_texts=[...])")

@@ -21,6 +21,9 @@ block): about a sixth of a whole-model step's work per step, and no teacher pass
 A held-out split is scored every `eval_every` steps; training stops early when it stops improving,
 and the best state seen (the start included) is what comes back: healing never returns a model
 worse than its start on that split.
+Healing runs on HealConfig.device ("auto": a CUDA GPU when torch sees one and the student is on the
+CPU): student and teacher move there for the run and come back into their own tensors afterwards,
+trained values copied in, so tensors the two share stay shared and nothing is left on the GPU.
 """
 from __future__ import annotations
 
@@ -31,15 +34,17 @@ import math
 import os
 import pathlib
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import lm
+from .config import check_device
 from .errors import ArtifactError, ConfigError, DataError, ModelError
 from .evaluate import pooled
 from .models import forward_names, token_lengths
@@ -71,7 +76,9 @@ class HealConfig:
     (sentence encoders): weights of 1 - cos of the pooled embeddings and of the squared error of the
     batch's sentence-to-sentence cosines, beside the hidden states' relative error (docs/healing.md
     says what each measured). checkpoint_every: steps
-    between checkpoints (when a checkpoint folder is given)."""
+    between checkpoints (when a checkpoint folder is given). device: where the steps run ("auto": the
+    student's device when it is not the CPU, else a CUDA GPU when torch sees one, else the CPU; or
+    "cpu", "cuda", "cuda:1", ...: resolve_device)."""
 
     steps: int = 700
     lr: float | None = None  # None: RATES[scope]
@@ -90,6 +97,7 @@ class HealConfig:
     similarity_weight: float = 0.0
     checkpoint_every: int = 50
     seed: int = 0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "held_out", "eval_every", "patience", "checkpoint_every"):
@@ -98,6 +106,7 @@ class HealConfig:
                 raise ConfigError(f"heal {name} must be a {'non-negative' if name == 'steps' else 'positive'} integer, got {value!r}")
         if self.scope not in RATES:
             raise ConfigError(f"heal scope must be one of {', '.join(RATES)}, got {self.scope!r}")
+        check_device(self.device)
         for name, low, high in (("lr", 0.0, 1.0), ("weight_decay", 0.0, 1.0), ("warmup", 0.0, 1.0), ("clip", 0.0, math.inf),
                                 ("pooled_weight", 0.0, math.inf), ("similarity_weight", 0.0, math.inf)):
             value = self.rate if name == "lr" else getattr(self, name)
@@ -122,6 +131,55 @@ class HealConfig:
         return peak_rate(self.lr, self.scope)
 
 
+def resolve_device(spec: str, current: torch.device) -> torch.device:
+    """The device a run asked for with `spec` (check_device) takes, for a student now on `current`:
+    "auto" keeps a student already off the CPU where it is and otherwise takes the first CUDA GPU when
+    torch sees one. A GPU the machine does not have is a ConfigError with the fix."""
+    if check_device(spec) == "auto":
+        return current if current.type != "cpu" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        seen = f"torch sees {torch.cuda.device_count()} CUDA GPU(s)" if torch.cuda.is_available() else "torch sees no CUDA GPU here"
+        raise ConfigError(f"heal device {spec!r} is not on this machine ({seen})", "pass --heal-device auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"heal device {spec!r}: healing runs on the CPU or a CUDA GPU", "pass --heal-device auto, cpu or cuda")
+    return device
+
+
+@contextmanager
+def on_device(modules: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Every parameter and buffer of `modules` on `device` inside the block, then back in the very
+    tensors they had before, holding the values they ended with (what trained, trained): tensors the
+    modules share stay shared, the caller's references stay valid, and the device keeps nothing. A
+    failure inside still brings everything back."""
+    params: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}  # a tied parameter is one object: moved once
+    buffers: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    moved: dict[int, torch.Tensor] = {}  # one copy on the device per buffer object, however many modules hold it
+    for module in modules:
+        for sub in module.modules():
+            for p in sub._parameters.values():
+                if p is not None and id(p) not in params and p.device != device:
+                    params[id(p)] = (p, p.data)
+                    p.data = p.data.to(device)
+            for name, b in sub._buffers.items():
+                if b is not None and b.device != device:
+                    buffers.append((sub, name, b))
+                    if id(b) not in moved:
+                        moved[id(b)] = b.to(device)
+                    sub._buffers[name] = moved[id(b)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, home in params.values():
+                home.copy_(p.data)
+                p.grad = None  # a gradient on the device would not fit the tensor back home
+                p.data = home
+            for sub, name, home in buffers:
+                home.copy_(sub._buffers[name])
+                sub._buffers[name] = home
+
+
 def peak_rate(lr: float | None, scope: str = "model") -> float:
     """A healing run's peak learning rate: `lr`, or the scope's default (RATES) when it is None."""
     return RATES[scope] if lr is None else lr
@@ -139,6 +197,7 @@ class HealResult:
     trained: list[str] = field(default_factory=list)  # names of the parameters that trained
     resumed_from: int = 0
     scope: str = "model"  # HealConfig.scope: steps of the whole model, or of each block in turn
+    device: str = "cpu"  # where the steps ran
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -259,7 +318,7 @@ def schedule(lengths: Sequence[int], steps: int, batch_size: int, generator: tor
 
 def _fingerprint(cfg: HealConfig, texts: Sequence[str], params: dict[str, torch.nn.Parameter]) -> str:
     """What a checkpoint must match to be resumed: the options, the data and the student's start."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "device")}, sort_keys=True).encode())
     if isinstance(texts, TensorSamples):
         for name, t in sorted(texts.inputs.items()):
             digest.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().to(torch.float64).sum().numpy().tobytes())
@@ -281,6 +340,7 @@ class _State:
     start_loss: float
     history: list[tuple[int, float]]
     best_params: dict[str, torch.Tensor]
+    resumed_from: int = 0  # the step a checkpoint gave the run
 
 
 def _write_checkpoint(folder: pathlib.Path, fingerprint: str, state: _State, params: dict[str, torch.nn.Parameter],
@@ -321,9 +381,11 @@ def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, t
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
             if f"opt.exp_avg.{name}" in tensors:
-                opt.state[p] = {key: tensors[f"opt.{key}.{name}"].clone() for key in ("exp_avg", "exp_avg_sq", "step")}
+                # the moments where the parameter is (a run may resume on another device); AdamW keeps its step count on the CPU
+                opt.state[p] = {key: tensors[f"opt.{key}.{name}"].to(p.device if key != "step" else "cpu", copy=True)
+                                for key in ("exp_avg", "exp_avg_sq", "step")}
     saved["history"] = [tuple(h) for h in saved["history"]]
-    return _State(best_params={n: tensors[f"best.{n}"].clone() for n in params}, **saved)
+    return _State(best_params={n: tensors[f"best.{n}"].to(p.device, copy=True) for n, p in params.items()}, **saved)
 
 
 def _split(texts: Sequence[str] | TensorSamples, tokenizer: Any, cfg: HealConfig, gen: torch.Generator) -> tuple[list, list, list[list[int]]]:
@@ -686,13 +748,29 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     if not params:
         raise ModelError("the student has no tngraph factorized layers to heal", "heal a model returned by tngraph.compress")
     held, train, plan = _split(texts, tokenizer, cfg, torch.Generator().manual_seed(cfg.seed))
-    run = _Distillation(student, teacher, tokenizer, cfg, params, held, texts if isinstance(texts, TensorSamples) else None)
+    device = resolve_device(cfg.device, next(iter(params.values())).device)
     start = time.perf_counter()
-    folder = pathlib.Path(checkpoint) if checkpoint is not None else None
+    with on_device((student, teacher), device):
+        run, state, trained = _run(student, teacher, texts, tokenizer, cfg, params, held, train, plan,
+                                   pathlib.Path(checkpoint) if checkpoint is not None else None, resume, show)
+    seconds = time.perf_counter() - start
+    metric = METRICS[run.kind]
+    log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step,
+             state.step, seconds)
+    return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history), trained,
+                      state.resumed_from, cfg.scope, str(device))
+
+
+def _run(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str] | TensorSamples, tokenizer: Any, cfg: HealConfig,
+         params: dict[str, torch.nn.Parameter], held: list, train: list, plan: list[list[int]], folder: pathlib.Path | None,
+         resume: bool, show: bool) -> tuple[_Distillation, _State, list[str]]:
+    """heal's steps, on the device the student and teacher are on: the run, its final state (the best
+    parameters back in the student) and the names of the parameters that trained."""
+    run = _Distillation(student, teacher, tokenizer, cfg, params, held, texts if isinstance(texts, TensorSamples) else None)
     # block by block writes no checkpoint: nothing to fingerprint (its folder is still cleared at the end)
     save = _Checkpointer(folder, _fingerprint(cfg, texts, params) if folder is not None and cfg.scope == "model" else "", run)
     state = save.state = _start(run, folder, save.fingerprint, resume)
-    resumed_from = state.step
+    state.resumed_from = state.step
     trained = list(params)
     if cfg.scope == "blocks":
         trained = _heal_blocks(run, state, train, plan, show)
@@ -700,9 +778,4 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
         _train(run, state, train, plan, save, show)
     run.finish(state)
     save.remove()
-    seconds = time.perf_counter() - start
-    metric = METRICS[run.kind]
-    log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step,
-             state.step, seconds)
-    return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history), trained,
-                      resumed_from, cfg.scope)
+    return run, state, trained

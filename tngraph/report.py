@@ -20,8 +20,10 @@ def _variants(scores: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def heal_scope_words(heal: dict) -> str:
-    """What follows a healing line's step count: ", per block, one block at a time" when it healed block by block."""
-    return ", per block, one block at a time" if heal.get("scope") == "blocks" else ""
+    """What follows a healing line's step count: ", per block, one block at a time" when it healed block
+    by block, and ", on cuda:0" when its steps ran anywhere but the CPU."""
+    device = heal.get("device", "cpu")
+    return (", per block, one block at a time" if heal.get("scope") == "blocks" else "") + (f", on {device}" if device != "cpu" else "")
 
 
 # The evaluation sets a report scores, side by side: its key suffix and the column's title.

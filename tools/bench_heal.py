@@ -50,6 +50,7 @@ RUNS = {
     "half-steps": dict(steps=250),
     "steps-800": dict(steps=800),
     "steps-2400": dict(steps=2400),
+    "steps-6000": dict(steps=6000),  # how far healing goes (docs/healing.md, "How far healing goes")
     "batch-16": dict(batch_size=16, steps=1400, eval_every=100),  # the default's texts, in half-size batches
     "lr-2e-4": dict(lr=2e-4, warmup=0.2),
     "blocks": dict(scope="blocks", steps=1000),  # one block at a time (--heal-scope blocks), 1,000 steps each

@@ -99,6 +99,12 @@ def compress(model: str, out: str | os.PathLike, config: Config | None = None, *
     if use_blockwise(model, source, blockwise):
         return compress_blockwise(source, out, given_options(config, options), calibration=calibration, force=force, resume=resume)
     config = whole_graph_config(source, config, options)
+    if config.heal_steps:  # a GPU the machine lacks: refused before the texts and the passes, not after them
+        import torch
+
+        from ..heal import resolve_device
+
+        resolve_device(config.heal_device, torch.device("cpu"))
     return compress_graph(model, source, out, config, calibration=calibration, force=force, resume=resume, evaluate=evaluate,
                           baseline=baseline)
 

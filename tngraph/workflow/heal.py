@@ -104,20 +104,25 @@ def heal_scorer(causal: bool, teacher: Any, tokenizer: Any, config: Config, eval
 @uses_threads
 def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, steps: int | None = None, lr: float | None = None,
          scope: str | None = None, data: str | None = None, eval_samples: int | None = None, evaluate: bool = True, seed: int | None = None, threads: int = 2,
-         force: bool = False, resume: bool = False, progress: bool = True) -> HealRun:
+         force: bool = False, resume: bool = False, progress: bool = True, device: str | None = None) -> HealRun:
     """`tngraph heal ARTIFACT [--out OUT] ...` as one call: heal the artifact (in place without `out`).
 
     steps / lr / scope / seed / eval_samples: healing's (default: the artifact's recipe, 700 steps); data:
-    a text file to heal on (default: the built-in text outside the evaluation set)."""
+    a text file to heal on (default: the built-in text outside the evaluation set); device: where the
+    steps run (tngraph.heal.HealConfig.device; default auto, not the recipe's: a machine's)."""
+    import torch
+
     from ..api import heal_config, heal_model
     from ..artifact import save
+    from ..heal import resolve_device
     from ..data import read_lines
     from ..lm import is_causal_lm, no_kv_cache
 
     out = out or artifact
     module, teacher, tokenizer, in_place = heal_source(artifact, out, force, data)
     config = healing_config(module.tngraph_recipe, heal_steps=steps, heal_lr=lr, heal_scope=scope, seed=seed, eval_samples=eval_samples).replace(
-        progress=progress)
+        progress=progress, heal_device=device or "auto")
+    resolve_device(config.heal_device, next(iter(module.parameters()), torch.empty(0)).device)  # before the scoring, not after it
     causal = is_causal_lm(teacher)
     texts = read_lines(data, what="healing data") if data else None
     key, scores, builtin = heal_scorer(causal, teacher, tokenizer, config, evaluate)
