@@ -102,6 +102,21 @@ def test_heal_never_returns_a_worse_model(tiny_pair, texts):
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
 
 
+def test_early_stopping_waits_for_the_second_half_of_the_steps(tiny_pair, texts, monkeypatch):
+    """At the rate's peak a long run's held-out score wanders (6,000 MiniLM steps stopped at 1,800):
+    patience runs out only in the decay, the second half of the steps."""
+    from tngraph import heal as heal_module
+
+    teacher, student, tokenizer = tiny_pair
+    scores = iter([0.5] + [0.6] * 100)  # the start, then never better
+    monkeypatch.setattr(heal_module._Distillation, "score", lambda self: next(scores))
+    result = heal(_copy(student), teacher, texts, tokenizer, HealConfig(steps=40, eval_every=5, patience=2, **FAST), show=False)
+    assert result.steps == 20 and result.best_step == 0  # not at step 10, where two scores had not improved
+    scores = iter([0.5] + [0.6] * 100)
+    result = heal(_copy(student), teacher, texts, tokenizer, HealConfig(steps=40, eval_every=5, patience=6, **FAST), show=False)
+    assert result.steps == 30  # the sixth score without improvement, past the midpoint
+
+
 def test_schedule_is_seeded_covers_the_data_and_groups_by_length():
     lengths = [i % 37 for i in range(400)]
     a = schedule(lengths, 60, 8, torch.Generator().manual_seed(3))
