@@ -252,6 +252,28 @@ def test_auto_heals_on_a_gpu_when_torch_sees_one_and_a_missing_device_is_refused
         tngraph.Config(heal_device="tpu")
 
 
+def test_auto_stays_on_the_cpu_when_the_models_do_not_fit_the_gpu_and_a_named_gpu_says_why(tiny_pair, texts, monkeypatch, caplog):
+    from tngraph.heal import GPU_HEADROOM, device_bytes, fitting_device
+
+    teacher, student, tokenizer = tiny_pair
+    student = _copy(student)
+    trained = list(tngraph.heal.trainable(student).values())
+    need = device_bytes((student, teacher), trained)
+    weights = sum(t.numel() * t.element_size() for m in (student, teacher) for t in [*m.parameters(), *m.buffers()])
+    assert need == weights + 3 * sum(p.numel() * 4 for p in trained)  # gradients and two AdamW moments of what trains
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(need / GPU_HEADROOM) + 1, 1 << 40))
+    assert fitting_device("auto", cpu, (student, teacher), trained) == torch.device("cuda")  # room: the GPU
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 1 << 40))  # too little beside the activations
+    with caplog.at_level("WARNING", logger="tngraph.heal"):
+        result = heal(student, teacher, texts, tokenizer, HealConfig(steps=2, **FAST), show=False)
+    assert result.device == "cpu" and "on the CPU: the models and the optimizer's state take" in caplog.text
+    with pytest.raises(ConfigError, match="healing does not fit on cuda.*GiB free.*--heal-device cpu"):
+        heal(student, teacher, texts, tokenizer, HealConfig(steps=2, device="cuda", **FAST), show=False)
+
+
 @pytest.mark.gpu
 def test_healing_on_the_gpu_trains_there_and_brings_everything_back(tiny_pair, texts):
     teacher, student, tokenizer = tiny_pair

@@ -189,7 +189,7 @@ class Config:
         the CLI's built-in set heals on built-in texts outside the evaluation set mixed with other
         packages' docstrings, tngraph.data.healing_pool / healing_passages).
     heal_device: where the healing steps run (tngraph.heal.HealConfig.device): "auto" (a CUDA GPU
-        when torch sees one, else the CPU), "cpu", "cuda", "cuda:N". Student and teacher go there for
+        when torch sees one and both models fit in its free memory, else the CPU), "cpu", "cuda", "cuda:N". Student and teacher go there for
         the steps and come back; the passes, evaluation and latency stay where the model is.
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
         a target must match one `include` pattern (when any are given) and no `exclude` pattern.
@@ -277,8 +277,8 @@ class Config:
                              "path (docs/healing.md)", choices=HEAL_SCOPES)
     heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: built-in texts outside "
                                    "the evaluation set mixed with other packages' docstrings, or the --calibration file)", metavar="FILE")
-    heal_device: str = option("auto", "--heal-device", "where the healing steps run: auto (default: a CUDA GPU when torch sees one, "
-                              "else the CPU), cpu, cuda or cuda:N; the passes and the report's timings stay on the CPU", metavar="DEVICE")
+    heal_device: str = option("auto", "--heal-device", "where the healing steps run: auto (default: a CUDA GPU when torch sees one "
+                              "and the models fit in its free memory, else the CPU), cpu, cuda or cuda:N; the passes and the report's timings stay on the CPU", metavar="DEVICE")
     include: tuple[str, ...] = option((), "--include", "target only module paths matching REGEX (repeatable)", kind="append",
                                       metavar="REGEX")
     exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",

@@ -22,8 +22,9 @@ A held-out split is scored every `eval_every` steps; training stops early when i
 and the best state seen (the start included) is what comes back: healing never returns a model
 worse than its start on that split.
 Healing runs on HealConfig.device ("auto": a CUDA GPU when torch sees one and the student is on the
-CPU): student and teacher move there for the run and come back into their own tensors afterwards,
-trained values copied in, so tensors the two share stay shared and nothing is left on the GPU.
+CPU and the two fit in its free memory): student and teacher move there for the run and come back
+into their own tensors afterwards, trained values copied in, so tied weights stay tied and nothing is
+left on the GPU.
 """
 from __future__ import annotations
 
@@ -145,6 +146,36 @@ def resolve_device(spec: str, current: torch.device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"heal device {spec!r}: healing runs on the CPU or a CUDA GPU", "pass --heal-device auto, cpu or cuda")
     return device
+
+
+GPU_HEADROOM = 0.8  # of a GPU's free memory, what the two models and the optimizer's state may take (the rest: activations)
+
+
+def device_bytes(modules: Sequence[torch.nn.Module], trained: Sequence[torch.nn.Parameter]) -> int:
+    """Bytes a healing run holds on its device: every parameter and buffer of `modules` once, and for
+    each trained parameter its gradient and AdamW's two moments."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values()) + 3 * sum(p.numel() * p.element_size() for p in trained)
+
+
+def fitting_device(spec: str, current: torch.device, modules: Sequence[torch.nn.Module], trained: Sequence[torch.nn.Parameter]) -> torch.device:
+    """resolve_device, then the room on a GPU the models would move to: "auto" stays where it is (with
+    a warning) when the models and the optimizer's state (device_bytes) would pass GPU_HEADROOM of its
+    free memory; a GPU asked for by name is then a ConfigError with the sizes and the fix."""
+    device = resolve_device(spec, current)
+    if device.type != "cuda" or device == current:
+        return device
+    need, free = device_bytes(modules, trained), torch.cuda.mem_get_info(device)[0]
+    if need <= GPU_HEADROOM * free:
+        return device
+    sizes = f"the models and the optimizer's state take {need / 2**30:.1f} GiB, {device} has {free / 2**30:.1f} GiB free"
+    if spec != "auto":
+        raise ConfigError(f"healing does not fit on {device}: {sizes}", "pass --heal-device cpu, or free the GPU")
+    log.warning("heal: on the CPU: %s (--heal-device cpu says so without this warning)", sizes)
+    return current
 
 
 @contextmanager
@@ -756,7 +787,7 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     if not params:
         raise ModelError("the student has no tngraph factorized layers to heal", "heal a model returned by tngraph.compress")
     held, train, plan = _split(texts, tokenizer, cfg, torch.Generator().manual_seed(cfg.seed))
-    device = resolve_device(cfg.device, next(iter(params.values())).device)
+    device = fitting_device(cfg.device, next(iter(params.values())).device, (student, teacher), list(params.values()))
     start = time.perf_counter()
     with on_device((student, teacher), device):
         run, state, trained = _run(student, teacher, texts, tokenizer, cfg, params, held, train, plan,
