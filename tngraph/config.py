@@ -189,8 +189,9 @@ class Config:
         the CLI's built-in set heals on built-in texts outside the evaluation set mixed with other
         packages' docstrings, tngraph.data.healing_pool / healing_passages).
     heal_device: where the healing steps run (tngraph.heal.HealConfig.device): "auto" (a CUDA GPU
-        when torch sees one and both models fit in its free memory, else the CPU), "cpu", "cuda", "cuda:N". Student and teacher go there for
-        the steps and come back; the passes, evaluation and latency stay where the model is.
+        when torch sees one and both models fit in its free memory, else the CPU), "cpu", "cuda",
+        "cuda:N". Student and teacher go there for the steps and come back; the passes, evaluation
+        and latency stay where the model is.
     include / exclude: regular expressions on target module paths (e.g. "encoder.layer.3.output.dense");
         a target must match one `include` pattern (when any are given) and no `exclude` pattern.
     calibration_samples / eval_samples: sizes of the built-in sentence sets (bundled MiniLM).

@@ -79,7 +79,8 @@ class HealConfig:
     batch's sentence-to-sentence cosines, beside the hidden states' relative error (docs/healing.md
     says what each measured). checkpoint_every: steps
     between checkpoints (when a checkpoint folder is given). device: where the steps run ("auto": the
-    student's device when it is not the CPU, else a CUDA GPU when torch sees one, else the CPU; or
+    student's device when it is not the CPU, else a CUDA GPU when torch sees one and the models fit
+    in it, fitting_device, else the CPU; or
     "cpu", "cuda", "cuda:1", ...: resolve_device)."""
 
     steps: int = 700

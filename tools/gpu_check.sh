@@ -3,6 +3,7 @@
 # (on the CPU those run in triton's interpreter; here on the GPU), then the fused-kernel benchmark
 # on Qwen3-32B shapes (dense cuBLAS, unfused chain, split-rank, tiled, dispatching op; two-mode TT/TR/CP/Tucker
 # kernel path vs einsum) in fp16, the low-rank table again in bf16, the quantized GEMM against dense. Results land in ${OUT:-gpu-out}/.
+# Issue 26's healing measurement is a call of its own: tools/gpu_heal.py (prepare a bundle here, carry it, run it there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
