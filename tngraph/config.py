@@ -279,7 +279,8 @@ class Config:
     heal_data: str | None = option(None, "--heal-data", "text to heal on, one sample per line (default: built-in texts outside "
                                    "the evaluation set mixed with other packages' docstrings, or the --calibration file)", metavar="FILE")
     heal_device: str = option("auto", "--heal-device", "where the healing steps run: auto (default: a CUDA GPU when torch sees one "
-                              "and the models fit in its free memory, else the CPU), cpu, cuda or cuda:N; the passes and the report's timings stay on the CPU", metavar="DEVICE")
+                              "and the models fit in its free memory, else the CPU), cpu, cuda or cuda:N; the passes and the "
+                              "report's timings stay on the CPU", metavar="DEVICE")
     include: tuple[str, ...] = option((), "--include", "target only module paths matching REGEX (repeatable)", kind="append",
                                       metavar="REGEX")
     exclude: tuple[str, ...] = option((), "--exclude", "never target module paths matching REGEX (repeatable)", kind="append",

@@ -73,15 +73,14 @@ class HealConfig:
     scope's, RATES). warmup: fraction of the steps the rate ramps up over. clip: gradient-norm clipping.
     held_out: texts kept out of training and scored every eval_every steps; patience: scores without
     improvement before stopping, in the second half of the steps (the rate's decay: at its peak a long
-    run's score wanders for hundreds of steps before the decay brings it down; _exhausted). train_norms: every bias and LayerNorm trains too (else only the
-    factors). layers: match every block's output, not only the last. pooled_weight, similarity_weight
-    (sentence encoders): weights of 1 - cos of the pooled embeddings and of the squared error of the
-    batch's sentence-to-sentence cosines, beside the hidden states' relative error (docs/healing.md
-    says what each measured). checkpoint_every: steps
-    between checkpoints (when a checkpoint folder is given). device: where the steps run ("auto": the
+    run's score wanders for hundreds of steps before the decay brings it down; _exhausted).
+    train_norms: every bias and LayerNorm trains too (else only the factors). layers: match every
+    block's output, not only the last. pooled_weight, similarity_weight (sentence encoders): weights
+    of 1 - cos of the pooled embeddings and of the squared error of the batch's sentence-to-sentence
+    cosines, beside the hidden states' relative error (docs/healing.md says what each measured).
+    checkpoint_every: steps between checkpoints (when a checkpoint folder is given). device: where the steps run ("auto": the
     student's device when it is not the CPU, else a CUDA GPU when torch sees one and the models fit
-    in it, fitting_device, else the CPU; or
-    "cpu", "cuda", "cuda:1", ...: resolve_device)."""
+    in it, else the CPU: fitting_device; or "cpu", "cuda", "cuda:1", ...: resolve_device)."""
 
     steps: int = 700
     lr: float | None = None  # None: RATES[scope]
@@ -373,7 +372,6 @@ class _State:
     start_loss: float
     history: list[tuple[int, float]]
     best_params: dict[str, torch.Tensor]
-    resumed_from: int = 0  # the step a checkpoint gave the run
 
 
 def _write_checkpoint(folder: pathlib.Path, fingerprint: str, state: _State, params: dict[str, torch.nn.Parameter],
@@ -791,26 +789,27 @@ def heal(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
     device = fitting_device(cfg.device, next(iter(params.values())).device, (student, teacher), list(params.values()))
     start = time.perf_counter()
     with on_device((student, teacher), device):
-        run, state, trained = _run(student, teacher, texts, tokenizer, cfg, params, held, train, plan,
-                                   pathlib.Path(checkpoint) if checkpoint is not None else None, resume, show)
+        run, state, trained, resumed_from = _run(student, teacher, texts, tokenizer, cfg, params, held, train, plan,
+                                                 pathlib.Path(checkpoint) if checkpoint is not None else None, resume, show)
     seconds = time.perf_counter() - start
     metric = METRICS[run.kind]
     log.info("heal: held-out %s %.4g -> %.4g (best at step %d, %d steps) in %.1fs", metric, state.start_loss, state.best, state.best_step,
              state.step, seconds)
     return HealResult(state.step, state.start_loss, state.best, state.best_step, seconds, metric, list(state.history), trained,
-                      state.resumed_from, cfg.scope, str(device))
+                      resumed_from, cfg.scope, str(device))
 
 
 def _run(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str] | TensorSamples, tokenizer: Any, cfg: HealConfig,
          params: dict[str, torch.nn.Parameter], held: list, train: list, plan: list[list[int]], folder: pathlib.Path | None,
-         resume: bool, show: bool) -> tuple[_Distillation, _State, list[str]]:
+         resume: bool, show: bool) -> tuple[_Distillation, _State, list[str], int]:
     """heal's steps, on the device the student and teacher are on: the run, its final state (the best
-    parameters back in the student) and the names of the parameters that trained."""
+    parameters back in the student), the names of the parameters that trained and the step a
+    checkpoint resumed it from (0: none)."""
     run = _Distillation(student, teacher, tokenizer, cfg, params, held, texts if isinstance(texts, TensorSamples) else None)
     # block by block writes no checkpoint: nothing to fingerprint (its folder is still cleared at the end)
     save = _Checkpointer(folder, _fingerprint(cfg, texts, params) if folder is not None and cfg.scope == "model" else "", run)
     state = save.state = _start(run, folder, save.fingerprint, resume)
-    state.resumed_from = state.step
+    resumed_from = state.step
     trained = list(params)
     if cfg.scope == "blocks":
         trained = _heal_blocks(run, state, train, plan, show)
@@ -818,4 +817,4 @@ def _run(student: torch.nn.Module, teacher: torch.nn.Module, texts: Sequence[str
         _train(run, state, train, plan, save, show)
     run.finish(state)
     save.remove()
-    return run, state, trained
+    return run, state, trained, resumed_from
