@@ -9,6 +9,7 @@ machine has neither the MiniLM package nor this machine's text sources, so there
   python tools/gpu_heal.py prepare gpu-bundle
       here: the MiniLM (fp16 weights, 45 MB), the calibration, healing and scored texts as tngraph
       builds them (tngraph.data; the scored out-of-domain sentences from both halves of the set),
+      written as tngraph writes its folders (an existing one only with --force, and only its own),
       and opt_einsum's source, into gpu-bundle/ (git-ignored; carry it to the device machine)
   python3 tools/gpu_heal.py run gpu-bundle --steps 700,2400,6000,20000 --time-limit 420 --json $OUT/gpu_heal.json
       there: the default pipeline at --budget without healing (on the CPU), then, from that one start,
@@ -40,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 SCORED = 1000  # sentences of each scored set
 
 
-def prepare(bundle: pathlib.Path, steps: int) -> int:
+def prepare(bundle: pathlib.Path, steps: int, force: bool) -> int:
     import opt_einsum
     import torch
 
@@ -48,22 +49,21 @@ def prepare(bundle: pathlib.Path, steps: int) -> int:
     from tngraph.api import heal_config
     from tngraph.data import healing_pool, outside_sentences, sentence_sets
     from tngraph.models import ModelSource, load_model
+    from tngraph.ownership import atomic_dir
 
-    if bundle.exists() and not (bundle / "texts.json").is_file():
-        sys.exit(f"gpu_heal: {bundle} exists and is not a bundle this script wrote; pass another folder")
-    shutil.rmtree(bundle, ignore_errors=True)
-    bundle.mkdir(parents=True)
-    model, tokenizer = load_model(ModelSource("minilm"))
-    model.to(torch.float16).save_pretrained(bundle / "minilm", safe_serialization=True)
-    tokenizer.save_pretrained(bundle / "minilm")
-    config = Config()
-    sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=config.calibration_mix)
-    most = heal_config(config.replace(heal_steps=steps)).texts_used
-    texts = {"calibration": sets.calibration, "healing": healing_pool(sets.evaluation, seed=config.seed, most=most),
-             "in domain": sets.evaluation[:SCORED], "out of domain (tune)": outside_sentences(SCORED, part="tune"),
-             "out of domain (report)": outside_sentences(SCORED, part="report")}
-    (bundle / "texts.json").write_text(json.dumps(texts))
-    shutil.copytree(pathlib.Path(opt_einsum.__file__).parent, bundle / "site" / "opt_einsum")
+    # the project's output folders: an existing one only with --force, and only when tngraph wrote it; built aside, swapped in
+    with atomic_dir(bundle, force, kind="gpu-bundle") as tmp:
+        model, tokenizer = load_model(ModelSource("minilm"))
+        model.to(torch.float16).save_pretrained(tmp / "minilm", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "minilm")
+        config = Config()
+        sets = sentence_sets(config.calibration_samples, config.eval_samples, config.seed, mix=config.calibration_mix)
+        most = heal_config(config.replace(heal_steps=steps)).texts_used
+        texts = {"calibration": sets.calibration, "healing": healing_pool(sets.evaluation, seed=config.seed, most=most),
+                 "in domain": sets.evaluation[:SCORED], "out of domain (tune)": outside_sentences(SCORED, part="tune"),
+                 "out of domain (report)": outside_sentences(SCORED, part="report")}
+        (tmp / "texts.json").write_text(json.dumps(texts))
+        shutil.copytree(pathlib.Path(opt_einsum.__file__).parent, tmp / "site" / "opt_einsum")
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     print(f"wrote {bundle}: {', '.join(f'{len(v)} {k}' for k, v in texts.items())} texts; {size / 2**20:.0f} MiB")
     return 0
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     pp = sub.add_parser("prepare", help="write the bundle (here)")
     pp.add_argument("bundle", type=pathlib.Path)
     pp.add_argument("--most-steps", type=int, default=20000, help="healing texts for this many steps (default 20000)")
+    pp.add_argument("--force", action="store_true", help="replace a bundle this script wrote before")
     r = sub.add_parser("run", help="compress, heal per step count and score (on the GPU machine)")
     r.add_argument("bundle", type=pathlib.Path)
     r.add_argument("--steps", default="700,2400,6000", help="comma-separated step counts (default 700,2400,6000)")
@@ -132,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="CPU threads of the compression and scoring")
     r.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
+    from tngraph.errors import TngraphError
+
     if args.command == "prepare":
-        return prepare(args.bundle, args.most_steps)
+        try:
+            return prepare(args.bundle, args.most_steps, args.force)
+        except TngraphError as exc:
+            p.exit(2, f"gpu_heal: {exc}\n")
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     if not (args.bundle / "texts.json").is_file():
         p.error(f"{args.bundle} holds no bundle: write one with `python tools/gpu_heal.py prepare {args.bundle}` and carry it")
