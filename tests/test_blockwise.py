@@ -308,7 +308,7 @@ def test_include_exclude_and_plain_svd_block_by_block(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("flag", [["--targets", "linear,embedding"], ["--resume"], ["--heal-data", "x.txt"], ["--mlp", "prune"], ["--heal-scope", "model"],
-                                  ["--heal-device", "cuda"]])
+                                  ["--heal-device", "cuda"], ["--heal-steps", "auto"]])
 def test_what_block_by_block_cannot_honour_is_refused_by_name(tiny_llama, tmp_path, capsys, flag):
     assert main(["compress", "--model", str(tiny_llama), "--out", str(tmp_path / "o"), "--blockwise", *flag, "--quiet"]) == 2
     err = capsys.readouterr().err

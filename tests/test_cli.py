@@ -251,6 +251,25 @@ def test_heal_command_errors_are_one_line(tiny_hf, tmp_path, capsys):
     assert "invalid choice: 'layers'" in _fail(capsys, ["heal", str(out), "--scope", "layers"])
     assert "no checkpoint to resume" in _fail(capsys, ["heal", str(out), "--scope", "blocks", "--resume", "--no-eval"])
     assert "heal_steps must be" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out", str(tmp_path / "x"), "--heal-steps", "-2"])
+    assert "heal steps must be auto or a whole number, got 'many'" in _fail(capsys, ["heal", str(out), "--steps", "many"])
+    assert "heal steps must be auto or a whole number, got 'all'" in _fail(capsys, ["compress", "--model", str(tiny_hf), "--out",
+                                                                                    str(tmp_path / "x"), "--heal-steps", "all"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_heal_steps_auto_from_the_command_line_is_timed_and_recorded(tiny_hf, tmp_path, capsys, monkeypatch):
+    """--heal-steps auto (the default of compress and of heal): the number the probe chose is what the
+    report, the recipe and heal.json record."""
+    monkeypatch.setattr(tngraph.heal, "AUTO_STEPS", (4, 8))  # the bounds, small enough for a test
+    monkeypatch.setattr(tngraph.heal, "step_seconds", lambda *a, **k: 1e-9)  # a fast device: the most
+    out = tmp_path / "art"
+    assert main(["compress", "--model", str(tiny_hf), "--out", str(out), "--no-eval", "--no-whiten", "--allocation", "uniform",
+                 "--heal-steps", "auto", "--quiet"]) == 0
+    assert json.loads((out / "report.json").read_text())["heal"]["steps"] == 8
+    assert json.loads((out / "recipe.json").read_text())["config"]["heal_steps"] == 8
+    monkeypatch.setattr(tngraph.heal, "step_seconds", lambda *a, **k: 1e9)  # a slow one: the fewest
+    assert main(["heal", str(out), "--no-eval", "--quiet"]) == 0
+    assert json.loads((out / "heal.json").read_text())["heal"]["steps"] == 4
 
 
 def test_export_onnx_of_an_artifact_and_the_tensorrt_check(tiny_hf, tmp_path, capsys):

@@ -496,3 +496,87 @@ def test_healing_block_by_block_never_returns_a_worse_model_and_refuses_what_it_
     monkeypatch.setattr(heal_module, "repeated_blocks", lambda model: None)
     with pytest.raises(ModelError, match="repeated blocks"):
         heal(student, teacher, texts, tokenizer, HealConfig(scope="blocks", steps=2, **FAST), show=False)
+
+
+def test_auto_steps_are_timed_on_the_dense_model_rounded_and_bounded(tiny_pair, texts, monkeypatch):
+    from tngraph.heal import AUTO_SECONDS, AUTO_STEPS, auto_steps, step_seconds
+
+    teacher, _, tokenizer = tiny_pair
+    batch = ((), dict(tokenizer(texts[:8], padding=True, return_tensors="pt")))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    took = step_seconds(teacher, batch, torch.device("cpu"))
+    assert 0 < took < 10
+    # the probe leaves the model as it was: weights, no gradients, its requires_grad flags, eval mode
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None and p.requires_grad == flags[n] for n, p in teacher.named_parameters()) and not teacher.training
+    steps, measured, device = auto_steps(teacher, batch)
+    assert device == torch.device("cpu") and AUTO_STEPS[0] <= steps <= AUTO_STEPS[1] and steps % 100 == 0
+    for seconds, want in [(AUTO_SECONDS / 3000, 3000), (AUTO_SECONDS / 3050, 3000), (1e-6, AUTO_STEPS[1]), (10.0, AUTO_STEPS[0])]:
+        monkeypatch.setattr(tngraph.heal, "step_seconds", lambda *a, s=seconds, **k: s)
+        assert auto_steps(teacher, batch)[:2] == (want, seconds)
+    with pytest.raises(ConfigError, match="heal device 'cuda' is not on this machine"):
+        auto_steps(teacher, batch, "cuda") if not torch.cuda.is_available() else auto_steps(teacher, batch, "cuda:99")
+
+
+def test_a_slow_first_probe_step_is_enough(tiny_pair, texts, monkeypatch):
+    """A model whose first (warm-up) step alone is too slow for more than the fewest steps is not timed again."""
+    from tngraph.heal import auto_steps
+
+    teacher, _, tokenizer = tiny_pair
+    batch = ((), dict(tokenizer(texts[:8], padding=True, return_tensors="pt")))
+    calls = []
+    real = teacher.forward
+    monkeypatch.setattr(teacher, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert auto_steps(teacher, batch, seconds=1e-9)[0] == tngraph.heal.AUTO_STEPS[0]
+    assert len(calls) == 2  # one step: the teacher's forward and the student's
+    calls.clear()
+    auto_steps(teacher, batch, seconds=1e9)
+    assert len(calls) == 8  # the warm-up and three timed steps
+
+
+def test_heal_steps_auto_is_the_default_and_the_recipe_records_the_number_it_chose(minilm, texts, monkeypatch):
+    from transformers import BertConfig, BertModel
+
+    from tngraph.config import parse_steps
+
+    assert tngraph.Config().heal_steps == "auto" and HealConfig().steps == 700
+    assert parse_steps("auto") == "auto" and parse_steps("12") == 12
+    for bad in ("many", "1.5"):
+        with pytest.raises(ConfigError, match=f"heal steps must be auto or a whole number, got '{bad}'"):
+            parse_steps(bad)
+    for bad in ("many", 1.5, True, -1):
+        with pytest.raises(ConfigError, match="heal_steps must be auto or a whole number"):
+            tngraph.Config(heal_steps=bad)
+    _, tokenizer = minilm
+    torch.manual_seed(1)
+    teacher = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=128)).eval()
+    monkeypatch.setattr(tngraph.heal, "AUTO_STEPS", (3, 6))  # the bounds, small enough for a test
+    config = tngraph.Config(budget=0.15, allocation="uniform", whiten=False, include=(r"^encoder\.",), heal_lr=1e-3, batch_size=16,
+                            max_length=32, progress=False)
+    for seconds, want in [(1e-9, 6), (1e9, 3)]:
+        monkeypatch.setattr(tngraph.heal, "step_seconds", lambda *a, s=seconds, **k: s)
+        result = tngraph.compress_with_result(teacher, calibration=texts[:96], tokenizer=tokenizer, config=config)
+        assert result.recipe["config"]["heal_steps"] == want and result.heal.steps == want
+
+
+def test_auto_steps_resume_with_the_steps_of_the_checkpoint(tiny_pair, texts, tmp_path, monkeypatch):
+    """heal_steps "auto" resuming an interrupted run takes the steps that run had, not a new timing's
+    (which the checkpoint's fingerprint would refuse); without a checkpoint it times as usual."""
+    from tngraph.api import resolve_heal_steps
+    from tngraph.heal import checkpoint_steps
+
+    teacher, student, tokenizer = tiny_pair
+    cfg = HealConfig(steps=12, lr=1e-3, eval_every=3, patience=10, checkpoint_every=4, **FAST)
+    with _ctrl_c_at_step(monkeypatch, 7):
+        heal(_copy(student), teacher, texts, tokenizer, cfg, checkpoint=tmp_path / "ckpt", show=False)
+    assert checkpoint_steps(tmp_path / "ckpt") == 12 and checkpoint_steps(tmp_path / "none") is None
+    monkeypatch.setattr(tngraph.heal, "step_seconds", lambda *a, **k: 1e-9)  # a new timing would choose the most
+    batch = dict(tokenizer(texts[:8], padding=True, return_tensors="pt"))
+    config = tngraph.Config(progress=False)
+    assert resolve_heal_steps(config, teacher, batch, tmp_path / "ckpt").heal_steps == 12
+    assert resolve_heal_steps(config, teacher, batch).heal_steps == tngraph.heal.AUTO_STEPS[1]
+    assert resolve_heal_steps(config.replace(heal_steps=5), teacher, batch, tmp_path / "ckpt").heal_steps == 5  # a number is kept
+    (tmp_path / "ckpt" / CHECKPOINT).write_bytes(b"not a checkpoint")
+    assert checkpoint_steps(tmp_path / "ckpt") is None  # resuming it says what is wrong

@@ -19,7 +19,7 @@ from .evaluate import sentence_objective
 from .lm import is_causal_lm, no_kv_cache
 from .batches import calibration_batches
 from .data import read_lines
-from .heal import HealConfig, heal, resolve_device, trainable
+from .heal import AUTO_STEPS, HealConfig, auto_steps, checkpoint_steps, heal, resolve_device, trainable
 from .models import ModelSource, forward_names
 from .passes import PassContext
 from .pipeline import run_passes
@@ -92,6 +92,7 @@ def compress_with_result(
     batches = calibration_batches(calibration, config, tokenizer, forward_names(model))
     texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
     config = config.resolve_mlp(bool(texts) and not is_causal_lm(model))  # mlp="auto" made concrete, in the recipe too
+    config = resolve_heal_steps(config, model, batches[0] if batches else example_inputs, heal_checkpoint if resume else None)
     # healing data is checked before the long work
     healing = _heal_texts(config, heal_texts, calibration if texts else tensors) if config.heal_steps > 0 else None
     if healing is not None and tokenizer is None and not isinstance(healing, TensorSamples):
@@ -182,6 +183,26 @@ def _heal_texts(config: Config, given: Sequence[str] | None, calibration: Sequen
     if config.heal_data is not None:
         return read_lines(config.heal_data, what="healing data")
     return given if given is not None else calibration
+
+
+def resolve_heal_steps(config: Config, model: torch.nn.Module, batch: Any, resume_from: Any = None) -> Config:
+    """`config` with heal_steps "auto" made a number (as mlp "auto" is: the recipe records it):
+    tngraph.heal.auto_steps timed on the dense `model` with `batch` (a dict of its input tensors, a
+    calibration batch, or (args, kwargs) of its forward) on the device healing would take; the fewest auto steps without such a batch
+    (healing then has no texts either, and is skipped); `resume_from`, a heal checkpoint folder to
+    resume: the steps of the run that wrote it, when it holds one. Unchanged otherwise."""
+    if config.heal_steps != "auto":
+        return config
+    resumed = checkpoint_steps(resume_from)
+    if resumed is not None:
+        return config.replace(heal_steps=resumed)
+    if isinstance(batch, dict):
+        batch = ((), batch)
+    if not (isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict) and (batch[0] or batch[1])):
+        return config.replace(heal_steps=AUTO_STEPS[0])
+    steps, took, device = auto_steps(model, (tuple(batch[0]), batch[1]), config.heal_device)
+    log.info("heal: %d steps (auto: a probe step took %.3fs on %s, so about %.0fs at most)", steps, took, device, steps * took)
+    return config.replace(heal_steps=steps)
 
 
 def heal_config(config: Config) -> Any:

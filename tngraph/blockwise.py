@@ -60,6 +60,9 @@ UNSUPPORTED = {
                    "never in memory at once", "leave --heal-scope out, or pass --no-blockwise when the model fits in memory"),
     "heal_device": (lambda c: c.heal_device not in ("auto", "cpu"), "each block heals on the CPU, beside its compression",
                     "leave --heal-device out, or pass --no-blockwise when the model fits in memory"),
+    "heal_steps": (lambda c: c.heal_steps == "auto", "each block heals the number of steps given, on the CPU beside its "
+                   "compression: auto times the whole model's steps", "pass --heal-steps N (steps per block), leave it out "
+                   "(no healing), or pass --no-blockwise when the model fits in memory"),
     "heal_data": (lambda c: c.heal_data is not None, "blocks are healed on their calibration inputs, not on text",
                   "leave --heal-data out (--heal-steps heals each block), or pass --no-blockwise when the model fits in memory"),
 }

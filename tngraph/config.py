@@ -83,6 +83,16 @@ def parse_budget(text: str) -> float:
         raise ConfigError(f"budget must be a number in (0, 1], got {text!r}") from None
 
 
+def parse_steps(text: str) -> int | str:
+    """The --heal-steps (tngraph heal --steps) value: "auto" or a whole number (its range is Config's check)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"heal steps must be auto or a whole number, got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class Config:
     """Options of a tngraph run.
@@ -176,9 +186,12 @@ class Config:
         default, is the error of replacing the layer by zeros; None turns the guard off.
     strict: make a guard failure an error instead of a revert.
     heal_steps: steps of the healing fine-tune that ends compress (distillation of the compressed
-        model against the original on text, tngraph.heal, docs/healing.md; 0 turns it off; 700 steps
-        take ~6 minutes for the MiniLM on 2 CPU cores). It needs texts: heal_data,
-        else the text calibration data; without either it is skipped with a warning.
+        model against the original on text, tngraph.heal, docs/healing.md; 0 turns it off). "auto"
+        (the default): as many whole hundreds as about 5 minutes hold on the healing device, timed on
+        the source model before the passes, at least 700 and at most 10,000 (tngraph.heal.auto_steps;
+        the MiniLM on 2 CPU cores: 700, about 6 minutes); the number chosen is what the recipe and the
+        report record. It needs texts: heal_data, else the text calibration data; without either it
+        is skipped with a warning.
     heal_lr: peak AdamW learning rate of healing (None: 1e-4 for the whole model, 3e-4 block by block;
         tngraph.heal.HealConfig.rate).
     heal_scope: "model" (every block trains at once against the original's outputs) or "blocks"
@@ -267,8 +280,10 @@ class Config:
                                            "calibration data exceeds E (default 1.0)", type=float, metavar="E")
     strict: bool = option(False, "--strict", "make a target failing the numerical guard an error instead of keeping it dense",
                           kind="const", const=True)
-    heal_steps: int = option(700, "--heal-steps", "steps of the healing fine-tune (distillation against the original; default 700, "
-                             "0 turns it off)", type=int, metavar="N")
+    heal_steps: int | str = option("auto", "--heal-steps", "steps of the healing fine-tune (distillation against the original; 0 "
+                                   "turns it off); auto (default): as many hundreds as about 5 minutes hold on the healing device, "
+                                   "timed before the passes, 700 to 10,000 (700 for the MiniLM on 2 CPU cores; docs/healing.md)",
+                                   type=parse_steps, metavar="N|auto")
     heal_lr: float | None = option(None, "--heal-lr", "peak learning rate of healing (default 1e-4 for the whole model, 3e-4 "
                                    "block by block)", type=float, metavar="LR")
     heal_scope: str = option("auto", "--heal-scope", "what each healing step trains against the original: the whole model "
@@ -314,7 +329,7 @@ class Config:
         _check_number("damping", self.damping, low=0.0, high=1.0)
         _check_number("output_damping", self.output_damping, low=0.0, high=100.0)
         for name, low, high in (("tt_cores", 2, 6), ("tucker_modes", 1, 6), ("tr_cores", 2, 6), ("cp_modes", 1, 6),
-                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("refine", 0, 64), ("fisher_batches", 1, 1 << 20), ("heal_steps", 0, 1 << 30)):
+                                ("tucker_iters", 0, 100), ("tr_ring", 1, 64), ("tr_als", 0, 100), ("cp_max_iter", 1, 10_000), ("sensitivity_rounds", 1, 10), ("refine", 0, 64), ("fisher_batches", 1, 1 << 20)):
             _check_int(name, getattr(self, name), low, high)
         _check_number("cp_tol", self.cp_tol, low=0.0, high=1.0)
         if self.guard_tolerance is not None:
@@ -418,6 +433,9 @@ class Config:
                 and not self.bits and self.sensitivity != "predicted")
 
     def _check_healing(self) -> None:
+        steps = self.heal_steps
+        if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 1 << 30):
+            raise ConfigError(f"heal_steps must be auto or a whole number in [0, {1 << 30}], got {steps!r}")
         if self.heal_lr is not None:
             _check_number("heal_lr", self.heal_lr, low=0.0, high=1.0, low_open=True)
         if self.heal_scope not in HEAL_SCOPES:

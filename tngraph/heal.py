@@ -212,6 +212,92 @@ def on_device(modules: Sequence[torch.nn.Module], device: torch.device) -> Itera
                 sub._buffers[name] = home
 
 
+AUTO_SECONDS = 300.0  # what heal_steps "auto" gives the steps, as the timed probe predicts them (auto_steps)
+AUTO_STEPS = (700, 10_000)  # the fewest and the most steps "auto" chooses (docs/healing.md, "How many steps")
+
+
+def _probe_output(out: Any) -> torch.Tensor | None:
+    """The tensor a probe step's loss is taken from: the last hidden state, the logits, or the first tensor."""
+    for name in ("last_hidden_state", "logits"):
+        t = getattr(out, name, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_seconds(model: torch.nn.Module, batch: tuple[tuple, dict[str, Any]], device: torch.device, *, repeats: int = 3,
+                 enough: float = math.inf) -> float:
+    """Seconds a healing step of `model` on `batch` ((args, kwargs) of its forward) takes on `device`, timed there: a no-grad forward
+    (the teacher's), then a forward and a backward to every 1-D parameter (biases and norms, which heal
+    too: the backward then runs through every layer without a weight's gradient held), the median of
+    `repeats` after a warm-up; just the warm-up when it alone takes `enough` seconds or more. The model
+    is the dense source, so the estimate errs long for a compressed student, short for the factors'
+    own gradients. The model comes back as it was: its device, no gradients, its requires_grad flags."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    accepted = forward_names(model)
+    args, inputs = batch
+    inputs = {k: v for k, v in inputs.items() if accepted is None or k in accepted}
+    if accepted is not None and "logits_to_keep" in accepted:  # a causal LM: the head's cost is one token's
+        inputs["logits_to_keep"] = 1
+    times: list[float] = []
+    try:
+        with on_device((model,), device):
+            args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            for p in model.parameters():
+                p.requires_grad_(p.dim() == 1 and p.is_floating_point())
+            was = model.training
+            model.eval()
+            try:
+                for _ in range(repeats + 1):
+                    _sync(device)
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        model(*args, **inputs)
+                    out = _probe_output(model(*args, **inputs))
+                    if out is not None and out.requires_grad:
+                        out.float().square().mean().backward()
+                    _sync(device)
+                    times.append(time.perf_counter() - start)
+                    if len(times) == 1 and times[0] >= enough:
+                        return times[0]
+            finally:
+                model.train(was)
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def auto_steps(model: torch.nn.Module, batch: tuple[tuple, dict[str, Any]], spec: str = "auto", *, seconds: float | None = None,
+               bounds: tuple[int, int] | None = None) -> tuple[int, float, torch.device]:
+    """(steps, seconds a step takes, device) of heal_steps "auto": as many whole hundreds of steps as
+    `seconds` (default AUTO_SECONDS) hold at the step time step_seconds measures for `model` (the
+    dense source) on `batch`, within `bounds` (default AUTO_STEPS), on the device healing with
+    device `spec` would take (resolve_device; a GPU that two copies of the model and the optimizer
+    state of one would not fit counts as the CPU, where auto then heals). On this project's 2-core
+    CPU the MiniLM's probe step takes about a second: the fewest steps."""
+    seconds = AUTO_SECONDS if seconds is None else seconds
+    least, most = bounds or AUTO_STEPS
+    current = next(iter(model.parameters()), torch.empty(0)).device
+    device = resolve_device(spec, current)
+    if device.type == "cuda" and device != current:
+        need = device_bytes((model,), list(model.parameters())) + sum(p.numel() * p.element_size() for p in model.parameters())
+        if need > GPU_HEADROOM * torch.cuda.mem_get_info(device)[0]:
+            device = current
+    took = step_seconds(model, batch, device, enough=seconds / least)
+    steps = int(seconds / max(took, 1e-9) // 100 * 100)
+    return min(most, max(least, steps)), took, device
+
+
 def peak_rate(lr: float | None, scope: str = "model") -> float:
     """A healing run's peak learning rate: `lr`, or the scope's default (RATES) when it is None."""
     return RATES[scope] if lr is None else lr
@@ -375,7 +461,7 @@ class _State:
 
 
 def _write_checkpoint(folder: pathlib.Path, fingerprint: str, state: _State, params: dict[str, torch.nn.Parameter],
-                      opt: torch.optim.Optimizer) -> None:
+                      opt: torch.optim.Optimizer, steps: int) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         tensors[f"param.{name}"] = p.detach().cpu().contiguous()
@@ -384,11 +470,28 @@ def _write_checkpoint(folder: pathlib.Path, fingerprint: str, state: _State, par
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in slot:
                 tensors[f"opt.{key}.{name}"] = torch.as_tensor(slot[key]).detach().cpu().contiguous()
-    meta = {"fingerprint": fingerprint, "state": json.dumps({k: v for k, v in asdict(state).items() if k != "best_params"})}
+    meta = {"fingerprint": fingerprint, "state": json.dumps({k: v for k, v in asdict(state).items() if k != "best_params"}),
+            "steps": str(steps)}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{CHECKPOINT}.tmp"
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, folder / CHECKPOINT)  # a crash mid-write leaves the previous checkpoint whole
+
+
+def checkpoint_steps(folder: str | os.PathLike | None) -> int | None:
+    """The steps of the run that wrote the heal checkpoint in `folder` (what heal_steps "auto" resumes
+    with: another timing could choose another number, which the checkpoint's fingerprint would refuse);
+    None without a readable one (resuming then reports what is wrong with it)."""
+    path = pathlib.Path(folder) / CHECKPOINT if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})["steps"])
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
 
 
 def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, torch.nn.Parameter],
@@ -759,7 +862,7 @@ class _Checkpointer:
 
     def __call__(self) -> None:
         if self.folder is not None:
-            _write_checkpoint(self.folder, self.fingerprint, self.state, self.run.params, self.run.opt)
+            _write_checkpoint(self.folder, self.fingerprint, self.state, self.run.params, self.run.opt, self.run.cfg.steps)
 
     def remove(self) -> None:
         if self.folder is not None:

@@ -75,7 +75,7 @@ def run(bundle: pathlib.Path, steps: list[int], budget: float, time_limit: float
     from transformers import AutoModel, AutoTokenizer
 
     import tngraph
-    from tngraph.api import heal_config
+    from tngraph.api import heal_config, resolve_heal_steps
     from tngraph.evaluate import agreement, sentence_embeddings
     from tngraph.heal import heal
     from tngraph.models import MINILM_INCLUDE
@@ -97,6 +97,9 @@ def run(bundle: pathlib.Path, steps: list[int], budget: float, time_limit: float
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"budget {budget:g}, compressed in {rows[0]['seconds']:.0f}s on {threads} CPU threads; {len(texts['healing'])} healing texts")
     _print(rows[0])
+    probe = resolve_heal_steps(config.replace(heal_steps="auto"), model, dict(tokenizer(
+        texts["calibration"][: config.batch_size], padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")))
+    print(f"heal_steps auto (the default) chooses {probe.heal_steps} steps here (tngraph.heal.auto_steps)")
     spent, per_step = 0.0, None
     for n in sorted(steps):
         if per_step is not None and spent + per_step * n > time_limit:
@@ -109,7 +112,7 @@ def run(bundle: pathlib.Path, steps: list[int], budget: float, time_limit: float
         rows.append({"steps": n, "best_step": result.best_step, "seconds": result.seconds, "device": result.device, "scores": scores(healed)})
         _print(rows[-1])
     if out:
-        pathlib.Path(out).write_text(json.dumps({"budget": budget, "rows": rows}, indent=1))
+        pathlib.Path(out).write_text(json.dumps({"budget": budget, "auto_steps": probe.heal_steps, "rows": rows}, indent=1))
     return 0
 
 

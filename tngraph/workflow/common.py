@@ -170,6 +170,21 @@ def compress_texts(causal: bool, config: Config, calibration: str | None = None,
     return texts
 
 
+def timed_steps(config: Config, model: Any, tokenizer: Any, texts: list[str], resume_from: Any = None) -> Config:
+    """`config` with heal_steps "auto" made a number (tngraph.api.resolve_heal_steps), timed on the
+    dense `model` with a batch of the first `texts` (the calibration's: healing's own are not built
+    yet, their number depends on the steps), or those of the checkpoint `resume_from` when it holds
+    one; unchanged when the steps are a number already."""
+    if config.heal_steps != "auto":
+        return config
+    from ..api import resolve_heal_steps
+    from ..batches import calibration_batches
+    from ..models import forward_names
+
+    batches = calibration_batches(texts[: config.batch_size], config, tokenizer, forward_names(model)) if texts else []
+    return resolve_heal_steps(config, model, batches[0] if batches else None, resume_from)
+
+
 def refuse_mix(config: Config, calibration: str | None) -> None:
     """Config.calibration_mix mixes the built-in calibration texts: a share other than the default
     (or 0) is refused by name with a calibration file, whose lines alone calibrate."""

@@ -13,7 +13,7 @@ from .. import distributed
 from ..config import Config
 from ..errors import ConfigError
 from ..samples import TensorSamples, read_calibration
-from .common import (checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, saved_on_failure, uses_threads,
+from .common import (checkpoint_dir, calibration_only, compress_texts, fit_length, load_with_tokenizer, saved_on_failure, timed_steps, uses_threads,
                      whole_graph_config)
 from .measure import add_scores, size_report
 
@@ -128,8 +128,14 @@ def compress_graph(spec: str, source: Any, out: str | os.PathLike, config: Confi
         return compress_tensors(spec, source, out, config, data, force=force, resume=resume, evaluate=evaluate, baseline=baseline)
     model, tokenizer = load_with_tokenizer(source, spec)
     config = fit_length(config, model)
-    texts = compress_texts(is_causal_lm(model), config, calibration, outside=evaluate)
-    result = compress_with_result(model, calibration=texts.calibration, config=config if lead else config.replace(heal_steps=0),
+    causal = is_causal_lm(model)
+    if not lead:
+        config = config.replace(heal_steps=0)  # rank 0 alone heals
+    elif config.heal_steps == "auto":  # timed before healing's texts are built: how many follows from it
+        probe = compress_texts(causal, config.replace(heal_steps=0), calibration, outside=False).calibration
+        config = timed_steps(config, model, tokenizer, probe, checkpoint_dir(out) if resume else None)
+    texts = compress_texts(causal, config, calibration, outside=evaluate)
+    result = compress_with_result(model, calibration=texts.calibration, config=config,
                                   tokenizer=tokenizer, source=source, heal_texts=texts.heal if lead else None,
                                   heal_checkpoint=checkpoint_dir(out) if lead else None, resume=resume and lead)
     if not lead:  # the other ranks' part ends with the passes (the factors are the same on every rank)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import ConfigError, TngraphError
 from ..report import SETS, heal_scope_words
-from .common import builtin_texts, checkpoint_dir, saved_on_failure, uses_threads
+from .common import builtin_texts, checkpoint_dir, saved_on_failure, timed_steps, uses_threads
 
 # the compress options an artifact's recipe carries over into its healing
 CARRIED = ("heal_lr", "heal_scope", "max_length", "batch_size", "seed", "calibration_samples", "eval_samples")
@@ -107,7 +107,8 @@ def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, s
          force: bool = False, resume: bool = False, progress: bool = True, device: str | None = None) -> HealRun:
     """`tngraph heal ARTIFACT [--out OUT] ...` as one call: heal the artifact (in place without `out`).
 
-    steps / lr / scope / seed / eval_samples: healing's (default: the artifact's recipe, 700 steps); data:
+    steps / lr / scope / seed / eval_samples: healing's (default: the artifact's recipe; steps "auto",
+    tngraph.api.resolve_heal_steps, timed on the source model); data:
     a text file to heal on (default: the built-in text outside the evaluation set); device: where the
     steps run (tngraph.heal.HealConfig.device; default auto, not the recipe's: a machine's)."""
     import torch
@@ -125,6 +126,9 @@ def heal(artifact: str | os.PathLike, out: str | os.PathLike | None = None, *, s
     resolve_device(config.heal_device, next(iter(module.parameters()), torch.empty(0)).device)  # before the scoring, not after it
     causal = is_causal_lm(teacher)
     texts = read_lines(data, what="healing data") if data else None
+    if config.heal_steps == "auto":  # timed before the built-in healing texts, whose number follows from it
+        probe = texts or builtin_texts(causal, config.replace(heal_steps=0), shuffle=False, outside=False, calibrate=False).calibration
+        config = timed_steps(config, teacher, tokenizer, probe, checkpoint_dir(out) if resume else None)
     key, scores, builtin = heal_scorer(causal, teacher, tokenizer, config, evaluate)
     texts = texts or builtin
     with no_kv_cache(module, teacher) if causal else contextlib.nullcontext():
