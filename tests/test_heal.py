@@ -519,6 +519,17 @@ def test_auto_steps_are_timed_on_the_dense_model_rounded_and_bounded(tiny_pair, 
         auto_steps(teacher, batch, "cuda") if not torch.cuda.is_available() else auto_steps(teacher, batch, "cuda:99")
 
 
+def test_a_step_that_cannot_be_timed_is_a_warning_and_the_fewest_steps(tiny_pair, caplog):
+    from tngraph.heal import AUTO_STEPS, auto_steps
+
+    teacher, _, _ = tiny_pair
+    flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    with caplog.at_level("WARNING", logger="tngraph.heal"):
+        steps, took, _ = auto_steps(teacher, ((), {"input_ids": torch.randn(2, 4)}))  # float ids: the embedding refuses them
+    assert steps == AUTO_STEPS[0] and took == float("inf") and "a step could not be timed (RuntimeError" in caplog.text
+    assert all(p.grad is None and p.requires_grad == flags[n] for n, p in teacher.named_parameters())
+
+
 def test_a_slow_first_probe_step_is_enough(tiny_pair, texts, monkeypatch):
     """A model whose first (warm-up) step alone is too slow for more than the fewest steps is not timed again."""
     from tngraph.heal import auto_steps

@@ -281,8 +281,8 @@ class Config:
     strict: bool = option(False, "--strict", "make a target failing the numerical guard an error instead of keeping it dense",
                           kind="const", const=True)
     heal_steps: int | str = option("auto", "--heal-steps", "steps of the healing fine-tune (distillation against the original; 0 "
-                                   "turns it off); auto (default): as many hundreds as about 5 minutes hold on the healing device, "
-                                   "timed before the passes, 700 to 10,000 (700 for the MiniLM on 2 CPU cores; docs/healing.md)",
+                                   "turns it off in compress); auto (default): as many hundreds as about 5 minutes hold on the healing device, "
+                                   "timed on the source model, 700 to 10,000 (700 for the MiniLM on 2 CPU cores; docs/healing.md)",
                                    type=parse_steps, metavar="N|auto")
     heal_lr: float | None = option(None, "--heal-lr", "peak learning rate of healing (default 1e-4 for the whole model, 3e-4 "
                                    "block by block)", type=float, metavar="LR")

@@ -234,12 +234,13 @@ def _sync(device: torch.device) -> None:
 
 def step_seconds(model: torch.nn.Module, batch: tuple[tuple, dict[str, Any]], device: torch.device, *, repeats: int = 3,
                  enough: float = math.inf) -> float:
-    """Seconds a healing step of `model` on `batch` ((args, kwargs) of its forward) takes on `device`, timed there: a no-grad forward
-    (the teacher's), then a forward and a backward to every 1-D parameter (biases and norms, which heal
-    too: the backward then runs through every layer without a weight's gradient held), the median of
-    `repeats` after a warm-up; just the warm-up when it alone takes `enough` seconds or more. The model
-    is the dense source, so the estimate errs long for a compressed student, short for the factors'
-    own gradients. The model comes back as it was: its device, no gradients, its requires_grad flags."""
+    """Seconds a healing step of `model` on `batch` ((args, kwargs) of its forward) takes on `device`,
+    timed there: a no-grad forward (the teacher's), then a forward and a backward to every 1-D
+    parameter (biases and norms, which heal too: the backward then runs through every layer without a
+    weight's gradient held), the median of `repeats` after a warm-up; just the warm-up when it alone
+    takes `enough` seconds or more. The model is the dense source, so the estimate errs long for a
+    compressed student, short for the factors' own gradients. The model comes back as it was: its
+    device, no gradients, its requires_grad flags."""
     flags = {p: p.requires_grad for p in model.parameters()}
     accepted = forward_names(model)
     args, inputs = batch
@@ -284,7 +285,8 @@ def auto_steps(model: torch.nn.Module, batch: tuple[tuple, dict[str, Any]], spec
     dense source) on `batch`, within `bounds` (default AUTO_STEPS), on the device healing with
     device `spec` would take (resolve_device; a GPU that two copies of the model and the optimizer
     state of one would not fit counts as the CPU, where auto then heals). On this project's 2-core
-    CPU the MiniLM's probe step takes about a second: the fewest steps."""
+    CPU the MiniLM's probe step takes about a second: the fewest steps. A step that fails (a batch
+    the model cannot take, which the capture then names) is a warning and the fewest steps."""
     seconds = AUTO_SECONDS if seconds is None else seconds
     least, most = bounds or AUTO_STEPS
     current = next(iter(model.parameters()), torch.empty(0)).device
@@ -293,7 +295,11 @@ def auto_steps(model: torch.nn.Module, batch: tuple[tuple, dict[str, Any]], spec
         need = device_bytes((model,), list(model.parameters())) + sum(p.numel() * p.element_size() for p in model.parameters())
         if need > GPU_HEADROOM * torch.cuda.mem_get_info(device)[0]:
             device = current
-    took = step_seconds(model, batch, device, enough=seconds / least)
+    try:
+        took = step_seconds(model, batch, device, enough=seconds / least)
+    except (RuntimeError, TypeError, ValueError) as exc:  # the capture that follows names a batch the model cannot take
+        log.warning("heal: a step could not be timed (%s: %s); auto takes the fewest steps, %d", type(exc).__name__, exc, least)
+        return least, math.inf, device
     steps = int(seconds / max(took, 1e-9) // 100 * 100)
     return min(most, max(least, steps)), took, device
 
