@@ -117,6 +117,23 @@ def test_early_stopping_waits_for_the_second_half_of_the_steps(tiny_pair, texts,
     assert result.steps == 30  # the sixth score without improvement, past the midpoint
 
 
+def test_a_long_run_waits_a_tenth_of_its_steps_before_stopping(tiny_pair, texts, monkeypatch):
+    """10,000 MiniLM steps stopped at 5,450 with patience 4: a long run's patience is a tenth of its steps."""
+    from tngraph import heal as heal_module
+    from tngraph.heal import patience_scores
+
+    assert patience_scores(HealConfig(steps=700)) == 4 and patience_scores(HealConfig(steps=10_000)) == 20
+    assert patience_scores(HealConfig(steps=6_000, patience=30)) == 30
+    teacher, student, tokenizer = tiny_pair
+    scores = iter([0.5] + [0.6] * 100)  # the start, then never better
+    monkeypatch.setattr(heal_module._Distillation, "score", lambda self: next(scores))
+    result = heal(_copy(student), teacher, texts, tokenizer, HealConfig(steps=200, eval_every=2, patience=2, **FAST), show=False)
+    assert result.steps == 100 and result.best_step == 0  # ten scores (20 steps), but not before the midpoint
+    scores = iter([0.5] + [0.5 - 0.001 * i for i in range(1, 61)] + [0.6] * 100)  # better until step 120, then no better
+    result = heal(_copy(student), teacher, texts, tokenizer, HealConfig(steps=200, eval_every=2, patience=2, **FAST), show=False)
+    assert result.best_step == 120 and result.steps == 140  # the tenth score without improvement
+
+
 def test_schedule_is_seeded_covers_the_data_and_groups_by_length():
     lengths = [i % 37 for i in range(400)]
     a = schedule(lengths, 60, 8, torch.Generator().manual_seed(3))
