@@ -140,7 +140,7 @@ def test_nan_weights(capsys, tmp_path, tiny_hf):
     for name in os.listdir(tiny_hf):
         if "token" in name or name == "vocab.txt":
             (bad / name).write_bytes((tiny_hf / name).read_bytes())
-    line = _fail(capsys, ["compress", "--model", str(bad), "--out", str(tmp_path / "o"), "--no-eval"])
+    line = _fail(capsys, ["compress", "--model", str(bad), "--out", str(tmp_path / "o"), "--no-eval", "--heal-steps", "0"])  # found in the passes: nothing heals
     assert "encoder.layer.1.output.dense.weight" in line and "NaN/Inf" in line
     assert not (tmp_path / "o").exists()
 
