@@ -92,9 +92,10 @@ def compress_with_result(
     batches = calibration_batches(calibration, config, tokenizer, forward_names(model))
     texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
     config = config.resolve_mlp(bool(texts) and not is_causal_lm(model))  # mlp="auto" made concrete, in the recipe too
-    config = resolve_heal_steps(config, model, batches[0] if batches else example_inputs, heal_checkpoint if resume else None)
-    # healing data is checked before the long work
-    healing = _heal_texts(config, heal_texts, calibration if texts else tensors) if config.heal_steps > 0 else None
+    # healing data is checked before the long work; heal_steps "auto" is timed only when something will heal
+    healing = _heal_texts(config, heal_texts, calibration if texts else tensors) if config.heal_steps != 0 else None
+    probe = (batches[0] if batches else example_inputs) if healing is not None else None
+    config = resolve_heal_steps(config, model, probe, heal_checkpoint if resume else None)
     if healing is not None and tokenizer is None and not isinstance(healing, TensorSamples):
         raise DataError("healing texts need a tokenizer", "pass tokenizer=, or heal_steps=0")
     if example_inputs is None:
@@ -188,9 +189,10 @@ def _heal_texts(config: Config, given: Sequence[str] | None, calibration: Sequen
 def resolve_heal_steps(config: Config, model: torch.nn.Module, batch: Any, resume_from: Any = None) -> Config:
     """`config` with heal_steps "auto" made a number (as mlp "auto" is: the recipe records it):
     tngraph.heal.auto_steps timed on the dense `model` with `batch` (a dict of its input tensors, a
-    calibration batch, or (args, kwargs) of its forward) on the device healing would take; the fewest auto steps without such a batch
-    (healing then has no texts either, and is skipped); `resume_from`, a heal checkpoint folder to
-    resume: the steps of the run that wrote it, when it holds one. Unchanged otherwise."""
+    calibration batch, or (args, kwargs) of its forward) on the device healing would take; the
+    fewest auto steps without such a batch (nothing to heal on: healing is skipped). With
+    `resume_from`, a heal checkpoint folder to resume, the steps of the run that wrote it, when it
+    holds one. Unchanged when the steps are a number."""
     if config.heal_steps != "auto":
         return config
     resumed = checkpoint_steps(resume_from)
