@@ -11,7 +11,7 @@ machine has neither the MiniLM package nor this machine's text sources, so there
       builds them (tngraph.data; the scored out-of-domain sentences from both halves of the set),
       written as tngraph writes its folders (an existing one only with --force, and only its own),
       and opt_einsum's source, into gpu-bundle/ (git-ignored; carry it to the device machine)
-  python3 tools/gpu_heal.py run gpu-bundle --steps 700,2400,6000,20000 --time-limit 420 --json $OUT/gpu_heal.json
+  python3 tools/gpu_heal.py run gpu-bundle --steps 700,2400,6000,10000,20000 --time-limit 420 --json $OUT/gpu_heal.json
       there: the default pipeline at --budget without healing (on the CPU), then, from that one start,
       a healing run per step count (--heal-device auto: the GPU), each scored on the held-out stdlib
       sentences and on both parts of the out-of-domain set (mean / min cos, top-10). A run whose
