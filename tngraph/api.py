@@ -20,7 +20,7 @@ from .lm import is_causal_lm, no_kv_cache
 from .batches import calibration_batches
 from .data import read_lines
 from .heal import AUTO_STEPS, HealConfig, auto_steps, checkpoint_steps, heal, resolve_device, trainable
-from .models import ModelSource, forward_names
+from .models import ModelSource, forward_names, token_lengths
 from .passes import PassContext
 from .pipeline import run_passes
 from .recipe import apply_plan, attach, factorized_parameters, make_recipe
@@ -92,12 +92,14 @@ def compress_with_result(
     batches = calibration_batches(calibration, config, tokenizer, forward_names(model))
     texts = calibration is not None and len(calibration) > 0 and all(isinstance(s, str) for s in calibration)
     config = config.resolve_mlp(bool(texts) and not is_causal_lm(model))  # mlp="auto" made concrete, in the recipe too
-    # healing data is checked before the long work; heal_steps "auto" is timed only when something will heal
+    # healing data is checked before the long work
     healing = _heal_texts(config, heal_texts, calibration if texts else tensors) if config.heal_steps != 0 else None
-    probe = (batches[0] if batches else example_inputs) if healing is not None else None
-    config = resolve_heal_steps(config, model, probe, heal_checkpoint if resume else None)
     if healing is not None and tokenizer is None and not isinstance(healing, TensorSamples):
         raise DataError("healing texts need a tokenizer", "pass tokenizer=, or heal_steps=0")
+    probe = None  # heal_steps "auto" is timed only when something will heal
+    if healing is not None and config.heal_steps == "auto":
+        probe = text_probe(calibration, config, tokenizer, model) if texts else batches[0] if batches else example_inputs
+    config = resolve_heal_steps(config, model, probe, heal_checkpoint if resume else None)
     if example_inputs is None:
         if not batches:
             raise DataError("compress needs example inputs to capture the model", "pass example_inputs= or calibration=")
@@ -184,6 +186,15 @@ def _heal_texts(config: Config, given: Sequence[str] | None, calibration: Sequen
     if config.heal_data is not None:
         return read_lines(config.heal_data, what="healing data")
     return given if given is not None else calibration
+
+
+def text_probe(texts: Sequence[str], config: Config, tokenizer: Any, model: torch.nn.Module) -> tuple[tuple, dict[str, Any]]:
+    """The batch heal_steps "auto" times a step on: the first config.batch_size `texts`, cut to the
+    mean token length of the first eight batches' worth (healing's batches group texts by length:
+    they pad to about the mean length, not the longest), as (args, kwargs) of the model's forward."""
+    lengths = token_lengths(tokenizer, list(texts[: 8 * config.batch_size]), config.max_length)
+    cut = config.replace(max_length=max(1, round(sum(lengths) / len(lengths))))
+    return calibration_batches(list(texts[: config.batch_size]), cut, tokenizer, forward_names(model))[0]
 
 
 def resolve_heal_steps(config: Config, model: torch.nn.Module, batch: Any, resume_from: Any = None) -> Config:

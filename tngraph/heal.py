@@ -493,12 +493,17 @@ def checkpoint_steps(folder: str | os.PathLike | None) -> int | None:
     if path is None or not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return int((f.metadata() or {})["steps"])
+        return int(_checkpoint_metadata(path)["steps"])
     except (SafetensorError, OSError, ValueError, KeyError):
         return None
+
+
+def _checkpoint_metadata(path: pathlib.Path) -> dict[str, str]:
+    """The metadata of the heal checkpoint at `path` (safetensors' header; its errors raised)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, torch.nn.Parameter],
@@ -507,10 +512,7 @@ def _read_checkpoint(folder: pathlib.Path, fingerprint: str, params: dict[str, t
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = _checkpoint_metadata(path)
         tensors = load_file(str(path))
         saved = json.loads(meta["state"])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:

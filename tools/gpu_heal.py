@@ -75,10 +75,11 @@ def run(bundle: pathlib.Path, steps: list[int], budget: float, time_limit: float
     from transformers import AutoModel, AutoTokenizer
 
     import tngraph
-    from tngraph.api import heal_config, resolve_heal_steps
+    from tngraph.api import heal_config
     from tngraph.evaluate import agreement, sentence_embeddings
     from tngraph.heal import heal
     from tngraph.models import MINILM_INCLUDE
+    from tngraph.workflow.common import timed_steps
 
     torch.set_num_threads(threads)
     texts = json.loads((bundle / "texts.json").read_text())
@@ -97,8 +98,7 @@ def run(bundle: pathlib.Path, steps: list[int], budget: float, time_limit: float
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
           f"budget {budget:g}, compressed in {rows[0]['seconds']:.0f}s on {threads} CPU threads; {len(texts['healing'])} healing texts")
     _print(rows[0])
-    probe = resolve_heal_steps(config.replace(heal_steps="auto"), model, dict(tokenizer(
-        texts["calibration"][: config.batch_size], padding=True, truncation=True, max_length=config.max_length, return_tensors="pt")))
+    probe = timed_steps(config.replace(heal_steps="auto"), model, tokenizer, texts["calibration"])  # as tngraph compress times it
     print(f"heal_steps auto (the default) chooses {probe.heal_steps} steps here (tngraph.heal.auto_steps)")
     spent, per_step = 0.0, None
     for n in sorted(steps):

@@ -173,20 +173,13 @@ def compress_texts(causal: bool, config: Config, calibration: str | None = None,
 def timed_steps(config: Config, model: Any, tokenizer: Any, texts: list[str], resume_from: Any = None) -> Config:
     """`config` with heal_steps "auto" made a number (tngraph.api.resolve_heal_steps), timed on the
     dense `model` with a batch of the first `texts` (the calibration's: healing's own are not built
-    yet, their number depends on the steps) cut to their mean token length, or the steps of the
+    yet, their number depends on the steps; tngraph.api.text_probe), or the steps of the
     checkpoint `resume_from` when it holds one; unchanged when the steps are a number already."""
     if config.heal_steps != "auto":
         return config
-    from ..api import resolve_heal_steps
-    from ..batches import calibration_batches
-    from ..models import forward_names, token_lengths
+    from ..api import resolve_heal_steps, text_probe
 
-    batches = []
-    if texts:  # healing batches group texts by length: they pad to about the mean length, not the longest
-        lengths = token_lengths(tokenizer, texts[: 8 * config.batch_size], config.max_length)
-        probe = config.replace(max_length=max(1, round(sum(lengths) / len(lengths))))
-        batches = calibration_batches(texts[: config.batch_size], probe, tokenizer, forward_names(model))
-    return resolve_heal_steps(config, model, batches[0] if batches else None, resume_from)
+    return resolve_heal_steps(config, model, text_probe(texts, config, tokenizer, model) if texts else None, resume_from)
 
 
 def refuse_mix(config: Config, calibration: str | None) -> None:
